@@ -1,0 +1,149 @@
+"""``PluginContext``: what the training loop shows its plugins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class DeviceSum:
+    """A sum of per-batch device scalars that reaches the host only when read.
+
+    The loop appends each batch's detached loss (no host sync); reading ``value()``
+    folds everything pending into one device tensor and converts it once.
+    """
+
+    __slots__ = ("_folded", "_pending")
+
+    def __init__(self, initial: float = 0.0) -> None:
+        self._pending: list[torch.Tensor] = []
+        self._folded: torch.Tensor | float = initial
+
+    def add(self, value: torch.Tensor) -> None:
+        """Record one device scalar; never synchronises."""
+        self._pending.append(value)
+
+    def value(self) -> float:
+        """The sum so far, as a Python float (one device-to-host read)."""
+        if self._pending:
+            import torch
+
+            self._folded = self._folded + torch.stack(self._pending).sum()
+            self._pending.clear()
+        return float(self._folded)
+
+    def clear(self) -> None:
+        """Forget everything recorded."""
+        self._pending.clear()
+        self._folded = 0.0
+
+
+class PluginContext:
+    """The state of the run as plugins see it.
+
+    The training loop owns the real state and refreshes this object from it before
+    calling hooks, so a plugin that overwrites ``epoch`` or a loss total changes only
+    what other plugins read, never what the loop does. Plugins talk back through
+    ``should_stop_training``, by adding entries to ``training_metrics`` /
+    ``validation_metrics``, and through ``extra`` (data shared between plugins).
+
+    ``PluginContext()`` with no arguments is valid, which is handy in plugin tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        device: torch.device | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        epochs: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.epoch: int = 0
+        """Zero-based index of the current epoch."""
+        self.epochs: int = epochs
+        """Number of epochs the run is configured for."""
+        self.global_step: int = 0
+        """Optimizer steps taken since the run began (survives resume)."""
+        self.batch_index: int = 0
+        """Zero-based index of the current batch within its loop."""
+        self.training_batch_count: int = 0
+        """Training batches seen so far in this epoch."""
+        self.validation_batch_count: int = 0
+        """Validation batches seen so far in this epoch."""
+        self.training_batches_per_epoch: int | None = None
+        """``len(train_loader)`` when the loader has a length."""
+        self.validation_batches_per_epoch: int | None = None
+        """``len(val_loader)`` when there is one and it has a length."""
+        self.training_metrics: dict[str, float] = {}
+        """Training metrics of this epoch, filled after the training loop."""
+        self.validation_metrics: dict[str, float] = {}
+        """Validation metrics of this epoch, filled after the validation loop."""
+        self.hyperparameters: dict[str, Any] = dict(hyperparameters or {})
+        """The ``hyperparameters`` table of the configuration."""
+        self.extra: dict[str, Any] = {}
+        """Free-form data shared between plugins (``active_plugins`` lists them)."""
+        self.should_stop_training: bool = False
+        """Set to True to ask the loop to stop at the end of this epoch."""
+        self.model = model
+        """The model being trained (acting on it is allowed; breaking it is not)."""
+        self.optimizer = optimizer
+        """The optimizer."""
+        self.scheduler: object | None = None
+        """The learning-rate scheduler, if ``train.py`` returned one."""
+        self.device = device
+        """The device training runs on."""
+        self.rank: int = rank
+        """This process's rank (0 when not distributed)."""
+        self.world_size: int = world_size
+        """Number of training processes (1 when not distributed)."""
+        self.checkpoint_path: Path | None = None
+        """The checkpoint just saved or loaded, during the checkpoint hooks."""
+        self.exception: BaseException | None = None
+        """The error that is ending training, during ``on_exception``."""
+        self.last_loss: torch.Tensor | None = None
+        """The latest batch loss as a device tensor (reading it syncs; avoid per batch)."""
+        self._training_loss = DeviceSum()
+        self._validation_loss = DeviceSum()
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on rank 0, where logging and checkpointing plugins run."""
+        return self.rank == 0
+
+    @property
+    def training_loss_total(self) -> float:
+        """Sum of training batch losses this epoch (one device read when accessed)."""
+        return self._training_loss.value()
+
+    @training_loss_total.setter
+    def training_loss_total(self, value: float) -> None:
+        self._training_loss = DeviceSum(float(value))
+
+    @property
+    def validation_loss_total(self) -> float:
+        """Sum of validation batch losses this epoch (one device read when accessed)."""
+        return self._validation_loss.value()
+
+    @validation_loss_total.setter
+    def validation_loss_total(self, value: float) -> None:
+        self._validation_loss = DeviceSum(float(value))
+
+    @property
+    def training_loss(self) -> float:
+        """Mean training batch loss this epoch (``nan`` before the first batch)."""
+        return _mean(self.training_loss_total, self.training_batch_count)
+
+    @property
+    def validation_loss(self) -> float:
+        """Mean validation batch loss this epoch (``nan`` before the first batch)."""
+        return _mean(self.validation_loss_total, self.validation_batch_count)
+
+
+def _mean(total: float, count: int) -> float:
+    return total / count if count else float("nan")

@@ -1,0 +1,141 @@
+"""The plugin protocols."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import structlog
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from structlog.typing import FilteringBoundLogger
+
+    from bz._context import PluginContext
+
+
+class Plugin(Protocol):
+    """A bz plugin: a ``name`` and any subset of the hook methods.
+
+    Implement it structurally (any class with ``name: str`` and some hooks, no base
+    class at all) or subclass it explicitly, as the plugin guide does::
+
+        class MyPlugin(Plugin):
+            name = "my_plugin"
+
+            def __init__(self, log_interval: int = 10):
+                super().__init__(name=self.name)
+                self.log_interval = log_interval
+
+    Explicit subclasses inherit a no-op for every hook they do not define, and a
+    structlog ``logger`` bound to the plugin's name. Only hooks a plugin defines
+    itself are ever called by the loop.
+    """
+
+    name: str
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name
+
+    @property
+    def logger(self) -> FilteringBoundLogger:
+        """A structlog logger bound to ``plugin=<name>``."""
+        bound: FilteringBoundLogger = structlog.get_logger("bz.plugin").bind(
+            plugin=getattr(self, "name", type(self).__name__)
+        )
+        return bound
+
+    def start_training_session(self, context: PluginContext) -> None:
+        """Once, before the first epoch."""
+        return None
+
+    def load_checkpoint(self, context: PluginContext) -> None:
+        """After a checkpoint was restored."""
+        return None
+
+    def start_epoch(self, context: PluginContext) -> None:
+        """At the start of every epoch."""
+        return None
+
+    def start_training_loop(self, context: PluginContext) -> None:
+        """Before the first training batch of an epoch."""
+        return None
+
+    def start_training_batch(self, context: PluginContext) -> None:
+        """Before the forward pass of each training batch."""
+        return None
+
+    def after_backward(self, context: PluginContext) -> None:
+        """After ``loss.backward()``."""
+        return None
+
+    def before_optimizer_step(self, context: PluginContext) -> None:
+        """Just before ``optimizer.step()``."""
+        return None
+
+    def end_training_batch(self, context: PluginContext) -> None:
+        """After the optimizer step of each training batch."""
+        return None
+
+    def end_training_loop(self, context: PluginContext) -> None:
+        """After the last training batch of an epoch."""
+        return None
+
+    def start_validation_loop(self, context: PluginContext) -> None:
+        """Before the first validation batch."""
+        return None
+
+    def start_validation_batch(self, context: PluginContext) -> None:
+        """Before the forward pass of each validation batch."""
+        return None
+
+    def end_validation_batch(self, context: PluginContext) -> None:
+        """After the forward pass of each validation batch."""
+        return None
+
+    def end_validation_loop(self, context: PluginContext) -> None:
+        """After the last validation batch."""
+        return None
+
+    def save_checkpoint(self, context: PluginContext) -> None:
+        """After a checkpoint was written."""
+        return None
+
+    def end_epoch(self, context: PluginContext) -> None:
+        """At the end of every epoch."""
+        return None
+
+    def end_training_session(self, context: PluginContext) -> None:
+        """Once, after the last epoch."""
+        return None
+
+    def on_exception(self, context: PluginContext) -> None:
+        """Training is failing; flush what you hold."""
+        return None
+
+
+@runtime_checkable
+class NamedPlugin(Protocol):
+    """The least a plugin must be: an object with a ``name``.
+
+    This is what ``Trainer`` accepts, so structural plugins that implement only the
+    hooks they need type-check without inheriting anything.
+    """
+
+    name: str
+
+
+@runtime_checkable
+class StatefulPlugin(Protocol):
+    """A plugin whose state is saved in checkpoints and restored on resume."""
+
+    name: str
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plugin's state, made of tensors and plain Python values."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        ...

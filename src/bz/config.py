@@ -1,0 +1,397 @@
+"""The run configuration (``bzconfig.json``) and the one converter that reads it.
+
+Everything that comes from JSON is structured here, once, by a single strict
+``cattrs`` converter: unknown keys, wrong types and out-of-range values become a
+:class:`~bz.ConfigError` whose lines name the JSON path and suggest the nearest valid
+name. Inside bz, code trusts these types.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    BaseValidationError,
+    ForbiddenExtraKeysError,
+)
+
+from bz._errors import ConfigError
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "DEFAULT_CONFIG_FILE",
+    "ConfigError",
+    "ConfigValueError",
+    "MetricSpec",
+    "PluginSpec",
+    "RunConfig",
+    "at_least",
+    "between",
+    "config_fields",
+    "converter",
+    "find_config_file",
+    "load_config",
+    "nearest",
+    "structure",
+    "unstructure",
+]
+
+DEFAULT_CONFIG_FILE = "bzconfig.json"
+CONFIG_ENV_VAR = "BZ_CONFIG"
+
+T = TypeVar("T")
+
+
+class ConfigValueError(ValueError):
+    """A value that has the right type but is not allowed, raised by a validator.
+
+    ``field`` names the attribute so the error can carry the full JSON path.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+# -- validators -------------------------------------------------------------------
+
+
+def at_least(minimum: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """An attrs validator: the value (when not None) is ``>= minimum``."""
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and value < minimum:
+            raise ConfigValueError(attribute.name, f"must be >= {minimum}, got {value!r}")
+
+    return check
+
+
+def between(low: float, high: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """An attrs validator: the value (when not None) lies in ``[low, high]``."""
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and not low <= value <= high:
+            raise ConfigValueError(
+                attribute.name, f"must be between {low} and {high}, got {value!r}"
+            )
+
+    return check
+
+
+_DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _check_device(_instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not _DEVICE_PATTERN.fullmatch(value):
+        raise ConfigValueError(
+            attribute.name,
+            f'expected "auto", "cpu", "cuda", "cuda:N" or "mps", got {_show(value)}',
+        )
+
+
+# -- the configuration --------------------------------------------------------------
+
+
+@attrs.frozen
+class PluginSpec:
+    """One entry of the ``plugins`` list: a name and the JSON options given for it."""
+
+    name: str
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    path: str = ""
+    """Where the entry sits in the file, e.g. ``plugins[1].my_plugin``."""
+
+    @property
+    def enabled(self) -> bool:
+        """False when the options say ``"enabled": false``."""
+        return self.options.get("enabled", True) is not False
+
+
+@attrs.frozen
+class MetricSpec:
+    """One entry of the ``metrics`` list: a metric name and its options."""
+
+    name: str
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    path: str = ""
+
+
+@attrs.frozen
+class RunConfig:
+    """Everything ``bzconfig.json`` can say about a run."""
+
+    epochs: int = attrs.field(default=10, validator=at_least(1))
+    """Number of epochs to train."""
+    device: str = attrs.field(default="auto", validator=_check_device)
+    """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    seed: int | None = 0
+    """Seed for Python, NumPy and torch; ``null`` leaves the generators alone."""
+    hyperparameters: dict[str, Any] = attrs.field(factory=dict)
+    """Free-form values handed to ``train.py`` and shown to plugins."""
+    metrics: tuple[MetricSpec, ...] = ()
+    """Metrics computed on training and validation data each epoch."""
+    plugins: tuple[PluginSpec, ...] = (PluginSpec("console_out", path="plugins[0]"),)
+    """Plugins to load: ``"name"`` or ``{"name": {options}}``."""
+    plugin_errors: Literal["isolate", "raise"] = "isolate"
+    """``isolate`` quarantines a failing plugin and trains on; ``raise`` stops."""
+    train_script: str = "train.py"
+    """The file defining ``setup(config) -> TrainingSetup``, relative to the config."""
+
+    def with_overrides(self, **changes: Any) -> RunConfig:
+        """A copy with some keys replaced (values are validated like JSON input)."""
+        data = unstructure(self)
+        data.update(changes)
+        return structure(data, RunConfig)
+
+
+# -- the converter -------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _type_name(value: Any) -> str:
+    return {
+        bool: "boolean",
+        int: "int",
+        float: "float",
+        str: "string",
+        list: "list",
+        dict: "object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _strict_scalar(kind: type, label: str, accepts: tuple[type, ...]) -> Callable[[Any, Any], Any]:
+    def hook(value: Any, _type: Any) -> Any:
+        if isinstance(value, bool) and bool not in accepts:
+            raise TypeError(f"expected {label}, got {_show(value)}")
+        if not isinstance(value, accepts):
+            raise TypeError(f"expected {label}, got {_show(value)}")
+        return kind(value)
+
+    return hook
+
+
+def _literal_hook(value: Any, literal: Any) -> Any:
+    allowed = typing.get_args(literal)
+    if value in allowed and type(value) in {type(a) for a in allowed}:
+        return value
+    choices = ", ".join(_show(a) for a in allowed)
+    message = f"expected one of {choices}, got {_show(value)}"
+    if isinstance(value, str):
+        hint = nearest(value, [a for a in allowed if isinstance(a, str)])
+        if hint:
+            message += f' (did you mean "{hint}"?)'
+    raise ValueError(message)
+
+
+def _entries(value: Any, key: str, kind: str) -> Iterator[tuple[str, Mapping[str, Any], str]]:
+    if not isinstance(value, list):
+        raise ConfigError([("", f"expected a list, got {_show(value)}")])
+    # Problems carry paths relative to the list (the error walker prefixes the key);
+    # specs carry absolute paths so later errors (plugin options) can name them.
+    problems: list[tuple[str, str]] = []
+    for index, item in enumerate(value):
+        path = f"{key}[{index}]"
+        if isinstance(item, str):
+            yield item, {}, path
+        elif isinstance(item, dict) and len(item) == 1:
+            ((name, options),) = item.items()
+            if options is None:
+                options = {}
+            if not isinstance(options, dict):
+                problems.append(
+                    (f"[{index}].{name}", f"expected an object of options, got {_show(options)}")
+                )
+                continue
+            yield name, options, f"{path}.{name}"
+        else:
+            problems.append(
+                (f"[{index}]", f'expected "{kind}" or {{"{kind}": {{...options}}}}, got {_show(item)}')
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _structure_plugins(value: Any, _type: Any) -> tuple[PluginSpec, ...]:
+    return tuple(
+        PluginSpec(name, options, path) for name, options, path in _entries(value, "plugins", "name")
+    )
+
+
+def _structure_metrics(value: Any, _type: Any) -> tuple[MetricSpec, ...]:
+    return tuple(
+        MetricSpec(name, options, path) for name, options, path in _entries(value, "metrics", "name")
+    )
+
+
+def _unstructure_specs(specs: tuple[PluginSpec | MetricSpec, ...]) -> list[Any]:
+    return [{spec.name: dict(spec.options)} if spec.options else spec.name for spec in specs]
+
+
+def _json_object(value: Any, _type: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {_show(value)}")
+    return dict(value)
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(bool, _strict_scalar(bool, "boolean", (bool,)))
+    conv.register_structure_hook(int, _strict_scalar(int, "int", (int,)))
+    conv.register_structure_hook(float, _strict_scalar(float, "number", (int, float)))
+    conv.register_structure_hook(str, _strict_scalar(str, "string", (str,)))
+    conv.register_structure_hook_func(
+        lambda t: typing.get_origin(t) is Literal, _literal_hook
+    )
+    conv.register_structure_hook_func(lambda t: t == dict[str, Any], _json_object)
+    conv.register_structure_hook_func(
+        lambda t: t == tuple[PluginSpec, ...], _structure_plugins
+    )
+    conv.register_structure_hook_func(
+        lambda t: t == tuple[MetricSpec, ...], _structure_metrics
+    )
+    conv.register_unstructure_hook_func(
+        lambda t: t in (tuple[PluginSpec, ...], tuple[MetricSpec, ...]), _unstructure_specs
+    )
+    return conv
+
+
+converter: cattrs.Converter = _make_converter()
+"""The one converter bz structures JSON with (strict types, no unknown keys)."""
+
+
+# -- errors with JSON paths -----------------------------------------------------------
+
+
+def nearest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to ``word``, if any is close enough to suggest."""
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _join(path: str, segment: str | int) -> str:
+    if isinstance(segment, int):
+        return f"{path}[{segment}]"
+    if segment.startswith("[") or not path:
+        return f"{path}{segment}"
+    return f"{path}.{segment}"
+
+
+def _note_segment(exc: BaseException) -> str | int | None:
+    for note in getattr(exc, "__notes__", ()):
+        name = getattr(note, "name", None)
+        if isinstance(name, str):
+            return name
+        index = getattr(note, "index", None)
+        if isinstance(index, int):
+            return index
+    return None
+
+
+def config_fields(cls: type) -> list[str]:
+    """The JSON keys an attrs config class accepts."""
+    return [field.name for field in attrs.fields(cls)]
+
+
+def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
+    if isinstance(exc, ForbiddenExtraKeysError):
+        allowed = config_fields(exc.cl) if attrs.has(exc.cl) else []
+        for key in sorted(exc.extra_fields):
+            message = "unknown key"
+            hint = nearest(key, allowed)
+            if hint:
+                message += f' (did you mean "{hint}"?)'
+            elif allowed:
+                message += f" (valid keys: {', '.join(allowed)})"
+            yield _join(path, key), message
+    elif isinstance(exc, BaseValidationError):
+        for sub in exc.exceptions:
+            segment = _note_segment(sub)
+            subpath = path if segment is None else _join(path, segment)
+            if isinstance(sub, KeyError) and segment is not None:
+                yield subpath, "missing required key"
+            else:
+                yield from _problems(sub, subpath)
+    elif isinstance(exc, ConfigError):
+        for sub_path, message in exc.problems:
+            yield (_join(path, sub_path) if sub_path else path), message
+    elif isinstance(exc, ConfigValueError):
+        yield _join(path, exc.field), exc.message
+    else:
+        yield path, str(exc)
+
+
+def structure(data: Any, cls: type[T], path: str = "") -> T:
+    """Structure JSON ``data`` into ``cls``; raise :class:`ConfigError` with JSON paths."""
+    if attrs.has(cls) and not isinstance(data, dict):
+        raise ConfigError([(path, f"expected an object, got {_show(data)}")])
+    try:
+        return converter.structure(data, cls)
+    except ConfigError as exc:
+        raise ConfigError(list(_problems(exc, path))) from None
+    except (BaseValidationError, ConfigValueError, ValueError, TypeError) as exc:
+        raise ConfigError(list(_problems(exc, path))) from None
+
+
+def unstructure(value: Any) -> Any:
+    """The JSON form of a config object (``structure`` reads it back unchanged)."""
+    return converter.unstructure(value)
+
+
+# -- files ---------------------------------------------------------------------------
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file to use: ``explicit``, then ``$BZ_CONFIG``, then ``bzconfig.json``."""
+    if explicit is not None:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV_VAR)
+    if from_env:
+        return Path(from_env)
+    return Path(DEFAULT_CONFIG_FILE)
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file, turning every failure into a one-line ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([("", "file not found")], str(path)) from None
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read: {exc.strerror}")], str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError([("", "not UTF-8 text")], str(path)) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            [("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")],
+            str(path),
+        ) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> RunConfig:
+    """Read and validate a ``bzconfig.json`` (see :func:`find_config_file`)."""
+    file = find_config_file(path)
+    try:
+        return structure(read_json(file), RunConfig)
+    except ConfigError as exc:
+        raise exc.with_source(str(file)) from None
