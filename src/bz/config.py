@@ -224,7 +224,10 @@ def _entries(value: Any, key: str, kind: str) -> Iterator[tuple[str, Mapping[str
             yield name, options, f"{path}.{name}"
         else:
             problems.append(
-                (f"[{index}]", f'expected "{kind}" or {{"{kind}": {{...options}}}}, got {_show(item)}')
+                (
+                    f"[{index}]",
+                    f'expected "{kind}" or {{"{kind}": {{...options}}}}, got {_show(item)}',
+                )
             )
     if problems:
         raise ConfigError(problems)
@@ -232,13 +235,15 @@ def _entries(value: Any, key: str, kind: str) -> Iterator[tuple[str, Mapping[str
 
 def _structure_plugins(value: Any, _type: Any) -> tuple[PluginSpec, ...]:
     return tuple(
-        PluginSpec(name, options, path) for name, options, path in _entries(value, "plugins", "name")
+        PluginSpec(name, options, path)
+        for name, options, path in _entries(value, "plugins", "name")
     )
 
 
 def _structure_metrics(value: Any, _type: Any) -> tuple[MetricSpec, ...]:
     return tuple(
-        MetricSpec(name, options, path) for name, options, path in _entries(value, "metrics", "name")
+        MetricSpec(name, options, path)
+        for name, options, path in _entries(value, "metrics", "name")
     )
 
 
@@ -252,22 +257,21 @@ def _json_object(value: Any, _type: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _is_literal(annotation: Any) -> bool:
+    origin: object = typing.get_origin(annotation)
+    return origin is Literal
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     conv.register_structure_hook(bool, _strict_scalar(bool, "boolean", (bool,)))
     conv.register_structure_hook(int, _strict_scalar(int, "int", (int,)))
     conv.register_structure_hook(float, _strict_scalar(float, "number", (int, float)))
     conv.register_structure_hook(str, _strict_scalar(str, "string", (str,)))
-    conv.register_structure_hook_func(
-        lambda t: typing.get_origin(t) is Literal, _literal_hook
-    )
+    conv.register_structure_hook_func(_is_literal, _literal_hook)
     conv.register_structure_hook_func(lambda t: t == dict[str, Any], _json_object)
-    conv.register_structure_hook_func(
-        lambda t: t == tuple[PluginSpec, ...], _structure_plugins
-    )
-    conv.register_structure_hook_func(
-        lambda t: t == tuple[MetricSpec, ...], _structure_metrics
-    )
+    conv.register_structure_hook_func(lambda t: t == tuple[PluginSpec, ...], _structure_plugins)
+    conv.register_structure_hook_func(lambda t: t == tuple[MetricSpec, ...], _structure_metrics)
     conv.register_unstructure_hook_func(
         lambda t: t in (tuple[PluginSpec, ...], tuple[MetricSpec, ...]), _unstructure_specs
     )

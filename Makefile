@@ -1,0 +1,48 @@
+# The two set-up commands of the README:
+#   make demo   - create .venv, install bz, train the digits example
+#   make check  - create/update .venv, run ruff, mypy --strict and pytest
+#
+# torch is installed first, pinned, so that pip does not pull a multi-GB CUDA build
+# when a CPU build is at hand. Choose another build with e.g. `make TORCH="torch==2.5.1"`.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+
+.PHONY: demo check lint typecheck test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamp files make repeated runs cheap; they are redone when pyproject.toml changes.
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	touch $@
+
+$(VENV)/.examples: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e ".[examples]"
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.examples
+
+demo: $(VENV)/.examples
+	cd examples/digits && ../../$(BIN)/bz train
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
+
+test: $(VENV)/.dev
+	$(BIN)/pytest
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,68 @@
+"""bz: a strictly typed PyTorch training loop with sandboxed plugins.
+
+Importing ``bz`` is cheap and silent: torch is imported when training starts, and
+logging is left to the application (``bz train`` configures it for the command line).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bz._errors import BzError, ConfigError, TrainingError, UsageError
+from bz.config import RunConfig, load_config
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from bz._run import run
+    from bz._sandbox import PluginFault, PluginReport, PluginSet
+    from bz._setup import TrainingSetup
+    from bz._trainer import EpochRecord, FitResult, Trainer, seed_everything
+
+# Names whose modules import torch: loaded on first access.
+_LAZY = {
+    "Trainer": "bz._trainer",
+    "FitResult": "bz._trainer",
+    "EpochRecord": "bz._trainer",
+    "seed_everything": "bz._trainer",
+    "TrainingSetup": "bz._setup",
+    "PluginSet": "bz._sandbox",
+    "PluginFault": "bz._sandbox",
+    "PluginReport": "bz._sandbox",
+    "run": "bz._run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bz' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+__all__ = [
+    "BzError",
+    "ConfigError",
+    "EpochRecord",
+    "FitResult",
+    "PluginFault",
+    "PluginReport",
+    "PluginSet",
+    "RunConfig",
+    "Trainer",
+    "TrainingError",
+    "TrainingSetup",
+    "UsageError",
+    "__version__",
+    "load_config",
+    "run",
+    "seed_everything",
+]

@@ -1,0 +1,319 @@
+"""Finding plugins (entry points ``bz.plugins``), checking them, and creating them.
+
+Discovery reads entry-point metadata only; a plugin's module is imported when the
+plugin is used (or listed verbosely). Everything that runs plugin code — import,
+config structuring, ``create`` — runs inside the sandbox boundary.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from typing import Any
+
+import attrs
+import structlog
+
+from bz._errors import ConfigError, UsageError
+from bz._hooks import HOOK_NAMES
+from bz._plugin import NamedPlugin, Plugin, StatefulPlugin
+from bz._sandbox import ErrorPolicy, PluginFault, PluginSet, boundary
+from bz.config import PluginSpec, RunConfig, nearest, structure
+
+ENTRY_POINT_GROUP = "bz.plugins"
+BUILTIN_DISTRIBUTION = "bz-cli"
+
+_log = structlog.get_logger("bz")
+
+# Attributes a plugin class may have that are not hooks (never "near misses").
+_NOT_HOOKS = frozenset(
+    {"name", "logger", "state_dict", "load_state_dict", "Config", "config", "create"}
+    | {"load_config", "rank_zero_only"}
+)
+
+
+@attrs.frozen
+class PluginSource:
+    """Where a plugin comes from: its entry point and the distribution that ships it."""
+
+    name: str
+    value: str
+    """``module:attribute``."""
+    distribution: str | None
+    version: str | None
+    entry_point: metadata.EntryPoint | None = attrs.field(eq=False, repr=False, default=None)
+
+    @property
+    def module(self) -> str:
+        """The module the entry point imports."""
+        return self.value.partition(":")[0]
+
+
+@attrs.frozen
+class Discovery:
+    """Every installed plugin by name, plus duplicated names (with the loser(s))."""
+
+    sources: dict[str, PluginSource]
+    duplicates: dict[str, tuple[PluginSource, ...]]
+    """name -> sources that were *not* chosen (the chosen one is in ``sources``)."""
+
+
+def _precedence(source: PluginSource) -> tuple[int, str]:
+    # bz's own plugins win, so a third-party package cannot silently replace
+    # console_out; among others, the distribution name decides (stable, explainable).
+    return (0 if source.distribution == BUILTIN_DISTRIBUTION else 1, source.distribution or "")
+
+
+def discover() -> Discovery:
+    """Installed plugins, read from entry-point metadata (nothing is imported)."""
+    found: dict[str, list[PluginSource]] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist
+        source = PluginSource(
+            ep.name,
+            ep.value,
+            dist.metadata["Name"] if dist is not None else None,
+            dist.version if dist is not None else None,
+            ep,
+        )
+        known = found.setdefault(ep.name, [])
+        # The same distribution can be visible twice (e.g. an editable install next to
+        # a build tree); that is not a conflict.
+        if all(s.value != source.value or s.distribution != source.distribution for s in known):
+            known.append(source)
+    sources: dict[str, PluginSource] = {}
+    duplicates: dict[str, tuple[PluginSource, ...]] = {}
+    for name, candidates in sorted(found.items()):
+        ordered = sorted(candidates, key=_precedence)
+        sources[name] = ordered[0]
+        if len(ordered) > 1:
+            duplicates[name] = tuple(ordered[1:])
+    return Discovery(sources, duplicates)
+
+
+def duplicate_message(name: str, chosen: PluginSource, others: Sequence[PluginSource]) -> str:
+    """Why one of several plugins with the same name is used."""
+    losers = ", ".join(f"{s.distribution} ({s.value})" for s in others)
+    reason = (
+        "bz's own plugins take precedence"
+        if chosen.distribution == BUILTIN_DISTRIBUTION
+        else ("the first distribution in alphabetical order is used")
+    )
+    return (
+        f"plugin name {name!r} is provided by {chosen.distribution} ({chosen.value}) "
+        f"and by {losers}; using {chosen.distribution}: {reason}"
+    )
+
+
+# -- inspecting a plugin -------------------------------------------------------------
+
+
+def implemented_hooks(plugin: object) -> tuple[str, ...]:
+    """The hooks ``plugin`` really implements, in table order.
+
+    A hook inherited unchanged from :class:`bz.plugins.Plugin` is a no-op and does not
+    count, so explicit subclasses cost nothing for the hooks they leave alone.
+    """
+    cls = type(plugin)
+    hooks = []
+    for hook in HOOK_NAMES:
+        method = getattr(cls, hook, None)
+        if method is None and callable(getattr(plugin, hook, None)):
+            hooks.append(hook)  # set on the instance
+        elif method is not None and method is not getattr(Plugin, hook):
+            hooks.append(hook)
+    return tuple(hooks)
+
+
+def signature_problem(plugin: object, hook: str) -> str | None:
+    """Why ``plugin.<hook>`` cannot be called as ``hook(context)``, or None if it can."""
+    method = getattr(plugin, hook)
+    if not callable(method):
+        return f"{hook} is not callable (it is {type(method).__name__})"
+    if inspect.iscoroutinefunction(method):
+        return f"{hook} is async; hooks are called synchronously and must be plain methods"
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):
+        return None  # builtins and C callables: nothing to check
+    try:
+        signature.bind(object())
+    except TypeError:
+        return f"{hook}{signature} cannot be called as {hook}(context)"
+    return None
+
+
+def near_miss_hooks(plugin: object) -> list[tuple[str, str]]:
+    """Public methods that look like misspelled hooks: ``(method, hook)`` pairs."""
+    misses = []
+    for attribute in dir(type(plugin)):
+        if attribute.startswith("_") or attribute in HOOK_NAMES or attribute in _NOT_HOOKS:
+            continue
+        if not callable(getattr(type(plugin), attribute, None)):
+            continue
+        hint = nearest(attribute, HOOK_NAMES)
+        if hint is not None:
+            misses.append((attribute, hint))
+    return misses
+
+
+def config_class(factory: object) -> type | None:
+    """The attrs class a plugin declares for its options (``Config``), if any."""
+    candidate = getattr(factory, "Config", None)
+    return candidate if isinstance(candidate, type) and attrs.has(candidate) else None
+
+
+def is_stateful(plugin: object) -> bool:
+    """Whether the plugin's state goes into checkpoints."""
+    return isinstance(plugin, StatefulPlugin)
+
+
+def check_plugin(name: str, plugin: object) -> tuple[str, ...]:
+    """Validate a created plugin; return its hooks. Raises ``TypeError`` on a bad plugin."""
+    if not isinstance(plugin, NamedPlugin) or not isinstance(getattr(plugin, "name", None), str):
+        raise TypeError(
+            f"{type(plugin).__name__} is not a plugin: a plugin needs a `name: str` attribute"
+        )
+    hooks = implemented_hooks(plugin)
+    problems = [p for hook in hooks if (p := signature_problem(plugin, hook)) is not None]
+    if problems:
+        raise TypeError("; ".join(problems))
+    for method, hook in near_miss_hooks(plugin):
+        _log.warning(
+            "plugin_method_not_a_hook",
+            plugin=name,
+            method=method,
+            hint=f"{method} is not a hook; did you mean {hook}?",
+        )
+    if plugin.name != name:
+        _log.warning(
+            "plugin_name_mismatch",
+            plugin=name,
+            hint=f"configured as {name!r} but its name attribute is {plugin.name!r}",
+        )
+    return hooks
+
+
+# -- creating a plugin ---------------------------------------------------------------
+
+
+def _create(
+    factory: Any,
+    spec: PluginSpec,
+    run_config: RunConfig,
+    faults: list[PluginFault],
+    policy: ErrorPolicy,
+) -> NamedPlugin | None:
+    options = dict(spec.options)
+    create = getattr(factory, "create", None)
+    if callable(create):
+        # The plugin guide's style: create(config_data, training_config) -> plugin | None.
+        with boundary(spec.name, "create", policy, faults):
+            created: NamedPlugin | None = create(options, run_config)
+            return created
+        return None
+    options.pop("enabled", None)
+    config_cls = config_class(factory)
+    if config_cls is not None:
+        with boundary(spec.name, "config", policy, faults):
+            config: object = structure(options, config_cls, spec.path)
+            with boundary(spec.name, "create", policy, faults):
+                plugin: NamedPlugin = factory(config)
+                return plugin
+        return None
+    if options:
+        keys = ", ".join(sorted(options))
+        raise ConfigError([(spec.path, f"plugin {spec.name!r} takes no options (got {keys})")])
+    with boundary(spec.name, "create", policy, faults):
+        made: NamedPlugin = factory()
+        return made
+    return None
+
+
+def load_plugins(
+    specs: Sequence[PluginSpec],
+    run_config: RunConfig,
+    *,
+    policy: ErrorPolicy | None = None,
+    discovery: Discovery | None = None,
+    registry: Mapping[str, Callable[..., Any]] | None = None,
+) -> PluginSet:
+    """Create the configured plugins and wrap them in a :class:`PluginSet`.
+
+    Unknown names and bad options are the user's mistakes: a :class:`ConfigError` (exit
+    2) naming every problem. Faults in plugin code (import, config class, ``create``,
+    a hook with a wrong signature) follow ``policy``: quarantined and reported, or
+    raised. ``registry`` maps extra names to factories (handy in tests and embedders).
+    """
+    policy = policy or run_config.plugin_errors
+    discovery = discovery or discover()
+    registry = registry or {}
+    known = sorted({*discovery.sources, *registry})
+    unknown = [s for s in specs if s.name not in discovery.sources and s.name not in registry]
+    if unknown:
+        raise ConfigError([(s.path, _unknown_message(s.name, known)) for s in unknown])
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(
+                [(spec.path, f"plugin {spec.name!r} is already listed at {seen[spec.name]}")]
+            )
+        seen[spec.name] = spec.path
+
+    faults: list[PluginFault] = []
+    loaded: list[tuple[NamedPlugin, tuple[str, ...]]] = []
+    for spec in specs:
+        if not spec.enabled:
+            continue
+        if spec.name in discovery.duplicates:
+            chosen = discovery.sources[spec.name]
+            _log.warning(
+                "plugin_name_duplicated",
+                plugin=spec.name,
+                hint=duplicate_message(spec.name, chosen, discovery.duplicates[spec.name]),
+            )
+        factory = registry.get(spec.name)
+        if factory is None:
+            factory = _import(discovery.sources[spec.name], policy, faults)
+            if factory is None:
+                continue
+        plugin = _create(factory, spec, run_config, faults, policy)
+        if plugin is None:
+            continue
+        with boundary(spec.name, "load", policy, faults):
+            loaded.append((plugin, check_plugin(spec.name, plugin)))
+    return PluginSet(loaded, policy, faults)
+
+
+def _import(source: PluginSource, policy: ErrorPolicy, faults: list[PluginFault]) -> Any:
+    with boundary(source.name, "import", policy, faults):
+        if source.entry_point is None:
+            raise ImportError(f"no entry point for {source.value}")
+        return source.entry_point.load()
+    return None
+
+
+def _unknown_message(name: str, known: Sequence[str]) -> str:
+    message = f"unknown plugin {name!r}"
+    hint = nearest(name, known)
+    if hint:
+        return f'{message} (did you mean "{hint}"?)'
+    installed = ", ".join(known) if known else "none"
+    return f"{message} (installed: {installed}; see `bz list-plugins`)"
+
+
+def plugin_set(plugins: Sequence[NamedPlugin], policy: ErrorPolicy = "isolate") -> PluginSet:
+    """Wrap plugin objects built in code (``Trainer`` users) with the same checks."""
+    faults: list[PluginFault] = []
+    loaded = []
+    for plugin in plugins:
+        name = str(getattr(plugin, "name", type(plugin).__name__))
+        with boundary(name, "load", policy, faults):
+            loaded.append((plugin, check_plugin(name, plugin)))
+    names = [p.name for p, _ in loaded]
+    if len(set(names)) != len(names):
+        raise UsageError(
+            f"two plugins share a name: {sorted(n for n in names if names.count(n) > 1)}"
+        )
+    return PluginSet(loaded, policy, faults)

@@ -1,0 +1,23 @@
+"""``bz init``: write a project that trains offline as it is."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from bz._errors import UsageError
+
+TEMPLATE_FILES = ("train.py", "bzconfig.json")
+
+
+def write_project(directory: Path, *, overwrite: bool = False) -> list[Path]:
+    """Copy the template into ``directory``; refuse to overwrite unless asked."""
+    targets = [directory / name for name in TEMPLATE_FILES]
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{', '.join(existing)} already exist(s); use --force to overwrite")
+    directory.mkdir(parents=True, exist_ok=True)
+    template = resources.files("bz._project_template")
+    for name, target in zip(TEMPLATE_FILES, targets, strict=True):
+        target.write_text(template.joinpath(name).read_text(encoding="utf-8"), encoding="utf-8")
+    return targets

@@ -1,0 +1,1 @@
+"""The project ``bz init`` writes (kept as real files so they are linted and type-checked)."""

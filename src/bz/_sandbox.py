@@ -1,0 +1,238 @@
+"""The sandbox: one error boundary around every plugin call, and the hook dispatch table.
+
+Every hook call of every plugin goes through :meth:`PluginSet.call`. With the
+``isolate`` policy a plugin that raises is logged once (with its traceback), quarantined
+and never called again, and training goes on; with ``raise`` the fault ends the run.
+``KeyboardInterrupt`` and ``SystemExit`` are never caught.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import attrs
+import structlog
+
+from bz._errors import BzError, TrainingError
+from bz._hooks import HOOK_NAMES
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from bz._context import PluginContext
+    from bz._plugin import NamedPlugin
+
+ErrorPolicy = Literal["isolate", "raise"]
+
+_log = structlog.get_logger("bz")
+_perf_counter = time.perf_counter
+
+
+class PluginFailure(TrainingError):
+    """A plugin raised while the policy was ``raise`` (exit 1)."""
+
+
+@attrs.frozen
+class PluginFault:
+    """What went wrong with a plugin, where, and when."""
+
+    plugin: str
+    stage: str
+    """The hook name, or ``import`` / ``config`` / ``create`` / ``load`` while loading."""
+    error: str
+    """``ExceptionType: message``."""
+    epoch: int | None = None
+    step: int | None = None
+
+    def describe(self) -> str:
+        """One line for people."""
+        where = f" (epoch {self.epoch}, step {self.step})" if self.epoch is not None else ""
+        return f"plugin {self.plugin!r} failed in {self.stage}{where}: {self.error}"
+
+
+@attrs.frozen
+class PluginReport:
+    """End-of-run numbers for one plugin."""
+
+    name: str
+    hooks: tuple[str, ...]
+    calls: int
+    seconds: float
+    fault: PluginFault | None
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``ExceptionType: message`` (the message may be empty)."""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class _Slot:
+    """A plugin's bookkeeping: mutated in place on the hot path, so no allocation."""
+
+    __slots__ = ("calls", "fault", "hooks", "name", "plugin", "seconds")
+
+    def __init__(self, name: str, plugin: NamedPlugin, hooks: tuple[str, ...]) -> None:
+        self.name = name
+        self.plugin = plugin
+        self.hooks = hooks
+        self.calls = 0
+        self.seconds = 0.0
+        self.fault: PluginFault | None = None
+
+
+_Entry = tuple[_Slot, Callable[["PluginContext"], object]]
+
+
+class PluginSet:
+    """Loaded plugins, the hooks each implements, and the boundary every call goes through.
+
+    ``plugins`` pairs each plugin object with the hooks it really implements (the loader
+    works that out; :func:`bz._loader.implemented_hooks` does it for objects built in
+    code). Faults found while loading (``load_faults``) are part of the end-of-run report.
+    """
+
+    def __init__(
+        self,
+        plugins: Sequence[tuple[NamedPlugin, tuple[str, ...]]] = (),
+        policy: ErrorPolicy = "isolate",
+        load_faults: Sequence[PluginFault] = (),
+    ) -> None:
+        self.policy: ErrorPolicy = policy
+        self._slots = [_Slot(plugin.name, plugin, hooks) for plugin, hooks in plugins]
+        self._load_faults = list(load_faults)
+        self._table: dict[str, tuple[_Entry, ...]] = {}
+        self._rebuild()
+
+    # -- what is loaded --------------------------------------------------------------
+
+    @property
+    def active(self) -> list[NamedPlugin]:
+        """Plugins that are still being called (not quarantined), in call order."""
+        return [slot.plugin for slot in self._slots if slot.fault is None]
+
+    @property
+    def active_names(self) -> list[str]:
+        """Names of the active plugins (what ``context.extra["active_plugins"]`` holds)."""
+        return [slot.name for slot in self._slots if slot.fault is None]
+
+    @property
+    def faults(self) -> list[PluginFault]:
+        """Every fault so far, loading faults first."""
+        return self._load_faults + [slot.fault for slot in self._slots if slot.fault]
+
+    def implements(self, hook: str) -> bool:
+        """Whether any active plugin implements ``hook``."""
+        return bool(self._table[hook])
+
+    def _rebuild(self) -> None:
+        # Precomputed per hook: a hook nobody implements is an empty tuple, so calling
+        # it costs a dict lookup and nothing else.
+        self._table = {
+            hook: tuple(
+                (slot, getattr(slot.plugin, hook))
+                for slot in self._slots
+                if slot.fault is None and hook in slot.hooks
+            )
+            for hook in HOOK_NAMES
+        }
+
+    # -- the hot path ----------------------------------------------------------------
+
+    def call(self, hook: str, context: PluginContext) -> None:
+        """Call ``hook`` on every active plugin that implements it, inside the boundary."""
+        for slot, method in self._table[hook]:
+            start = _perf_counter()
+            try:
+                method(context)
+            except Exception as exc:
+                self._fail(slot, hook, exc, context)
+            finally:
+                slot.seconds += _perf_counter() - start
+                slot.calls += 1
+
+    # -- the slow path ---------------------------------------------------------------
+
+    def _fail(self, slot: _Slot, hook: str, exc: Exception, context: PluginContext) -> None:
+        fault = PluginFault(
+            slot.name, hook, describe_exception(exc), context.epoch, context.global_step
+        )
+        if self.policy == "raise":
+            raise PluginFailure(fault.describe()) from exc
+        slot.fault = fault
+        self._rebuild()
+        log_fault(fault, exc)
+
+    def report(self) -> list[PluginReport]:
+        """Time spent and faults, per plugin (loading faults included)."""
+        reports = [
+            PluginReport(slot.name, slot.hooks, slot.calls, slot.seconds, slot.fault)
+            for slot in self._slots
+        ]
+        reports.extend(PluginReport(f.plugin, (), 0, 0.0, f) for f in self._load_faults)
+        return reports
+
+    def log_summary(self) -> None:
+        """Emit the end-of-run summary as one structured event."""
+        _log.info(
+            "plugin_summary",
+            plugins={
+                report.name: {
+                    "calls": report.calls,
+                    "seconds": round(report.seconds, 6),
+                    "status": "quarantined" if report.fault else "ok",
+                    "fault": report.fault.describe() if report.fault else None,
+                }
+                for report in self.report()
+            },
+        )
+
+
+def log_fault(fault: PluginFault, exc: BaseException) -> None:
+    """The one structured event a fault produces, traceback included."""
+    _log.error(
+        "plugin_failed",
+        plugin=fault.plugin,
+        hook=fault.stage,
+        epoch=fault.epoch,
+        step=fault.step,
+        error=fault.error,
+        exc_info=exc,
+    )
+
+
+class boundary:  # used like a function: `with boundary(...):`
+    """The same boundary for loading: import, config structuring, ``create``.
+
+    A fault is appended to ``faults`` and logged (``isolate``), and the ``with`` block
+    is left as if it had finished, so code after it runs; under ``raise`` it becomes a
+    :class:`PluginFailure`. bz's own errors (a bad option in ``bzconfig.json``, a
+    nested boundary's verdict) pass through untouched.
+    """
+
+    __slots__ = ("_faults", "_plugin", "_policy", "_stage")
+
+    def __init__(
+        self, plugin: str, stage: str, policy: ErrorPolicy, faults: list[PluginFault]
+    ) -> None:
+        self._plugin, self._stage, self._policy, self._faults = plugin, stage, policy, faults
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, BzError):
+            return False
+        fault = PluginFault(self._plugin, self._stage, describe_exception(exc))
+        if self._policy == "raise":
+            raise PluginFailure(fault.describe()) from exc
+        self._faults.append(fault)
+        log_fault(fault, exc)
+        return True

@@ -1,0 +1,145 @@
+"""``TrainingSetup`` and the ``train.py`` contract.
+
+A project's ``train.py`` defines::
+
+    def setup(config: bz.RunConfig) -> bz.TrainingSetup: ...
+
+bz imports the file, calls ``setup`` once (after seeding), and trains what it returns.
+A ``train.py`` that is missing, does not parse, or has no usable ``setup`` is bad input
+(exit 2); an exception raised by the user's code is a failed run (exit 1), reported
+with the file and line where it happened.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from bz._errors import TrainingError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from bz.config import RunConfig
+    from bz.metrics import Metric
+
+Batch = Any
+"""A batch from a loader: ``(inputs, targets)``; tensors are moved to the device."""
+
+
+def _is_module(_instance: Any, _attribute: Any, value: Any) -> None:
+    import torch
+
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
+
+
+def _is_optimizer(_instance: Any, _attribute: Any, value: Any) -> None:
+    import torch
+
+    if not isinstance(value, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(value).__name__}")
+
+
+def _is_callable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not callable(value):
+        raise TypeError(f"{attribute.name} must be callable, got {type(value).__name__}")
+
+
+def _is_iterable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, Iterable):
+        raise TypeError(f"{attribute.name} must be iterable, got {type(value).__name__}")
+
+
+@attrs.frozen(kw_only=True)
+class TrainingSetup:
+    """What ``train.py`` hands bz: the model and everything needed to train it.
+
+    Loaders yield ``(inputs, targets)`` pairs. ``loss_fn(outputs, targets)`` returns a
+    scalar tensor. ``scheduler`` (optional) is stepped once per epoch, after the
+    training loop (``ReduceLROnPlateau`` receives the validation loss). ``metrics``
+    adds metric objects of your own (anything with ``update``/``compute``/``reset``,
+    torchmetrics included) to those named in ``bzconfig.json``.
+    """
+
+    model: torch.nn.Module = attrs.field(validator=_is_module)
+    loss_fn: Callable[[Any, Any], torch.Tensor] = attrs.field(validator=_is_callable)
+    optimizer: torch.optim.Optimizer = attrs.field(validator=_is_optimizer)
+    train_loader: Iterable[Batch] = attrs.field(validator=_is_iterable)
+    val_loader: Iterable[Batch] | None = attrs.field(default=None, validator=_is_iterable)
+    scheduler: Any = None
+    metrics: Mapping[str, Metric] = attrs.field(factory=dict)
+
+
+SetupFunction = Callable[["RunConfig"], TrainingSetup]
+
+
+def load_setup_function(path: Path) -> SetupFunction:
+    """Import ``path`` and return its ``setup`` function."""
+    if not path.is_file():
+        raise UsageError(
+            f"{path}: file not found (bz looks for train.py next to bzconfig.json; "
+            "set train_script in bzconfig.json or run `bz init`)"
+        )
+    module_name = f"_bz_train_script_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    # The script may import its neighbours (a models.py beside it).
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise UsageError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
+    except Exception as exc:
+        raise TrainingError(f"{path} failed while importing: {user_frame(exc, path)}") from exc
+    setup = getattr(module, "setup", None)
+    if setup is None:
+        raise UsageError(
+            f"{path}: no setup function (define `def setup(config: bz.RunConfig) -> "
+            "bz.TrainingSetup`)"
+        )
+    if not callable(setup):
+        raise UsageError(f"{path}: setup is {type(setup).__name__}, not a function")
+    checked: SetupFunction = setup
+    return checked
+
+
+def call_setup(setup: SetupFunction, config: RunConfig, path: Path | None = None) -> TrainingSetup:
+    """Run the user's ``setup`` and check what it returns."""
+    where = str(path) if path else "setup"
+    try:
+        result = setup(config)
+    except Exception as exc:
+        raise TrainingError(f"{where}: setup failed: {user_frame(exc, path)}") from exc
+    if not isinstance(result, TrainingSetup):
+        raise UsageError(
+            f"{where}: setup returned {type(result).__name__}; it must return bz.TrainingSetup"
+        )
+    return result
+
+
+def user_frame(exc: BaseException, path: Path | None = None) -> str:
+    """``file:line: Type: message`` for the deepest frame in the user's file (or anywhere)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    target = str(path.resolve()) if path else None
+    chosen = None
+    for frame in frames:
+        if target is None or str(Path(frame.filename).resolve()) == target:
+            chosen = frame
+    if chosen is None and frames:
+        chosen = frames[-1]
+    from bz._sandbox import describe_exception
+
+    location = f"{chosen.filename}:{chosen.lineno}: " if chosen else ""
+    return f"{location}{describe_exception(exc)}"

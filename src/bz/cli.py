@@ -1,0 +1,324 @@
+"""The ``bz`` command line. Commands parse options, call one library function, render.
+
+Exit codes: 0 success, 1 training failed, 2 bad usage or configuration, 130
+interrupted. Errors are one line on stderr, never a traceback (``--traceback`` on
+``bz train`` shows one for failures inside training).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from bz import __version__
+from bz._errors import BzError, ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from bz._catalog import PluginDescription
+    from bz._sandbox import PluginReport
+
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str) -> None:
+    click.echo(f"bz: error: {message}", err=True)
+
+
+def _parse_assignment(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="--set")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word is a string: --set device=cpu
+    return key, value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="bz")
+def cli() -> None:
+    """bz: train PyTorch models with sandboxed plugins.
+
+    Put a model and data in train.py, settings in bzconfig.json, and run `bz train`.
+    """
+
+
+# -- train -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file (default: $BZ_CONFIG, then ./bzconfig.json).",
+)
+@click.option("--epochs", type=int, help="Override `epochs`.")
+@click.option("--device", help="Override `device` (auto, cpu, cuda, cuda:N, mps).")
+@click.option("--seed", type=int, help="Override `seed`.")
+@click.option(
+    "--compile/--no-compile",
+    "compile_model",
+    default=None,
+    help="Override `compile` (torch.compile the model).",
+)
+@click.option(
+    "--strict-plugins",
+    is_flag=True,
+    help="Make plugin faults fatal (plugin_errors: raise) instead of isolating them.",
+)
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any key; VALUE is JSON or a bare string. "
+    "Dotted keys reach into tables: --set hyperparameters.lr=0.01",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+    help="json: one JSON event per line on stdout.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="Print the full traceback when training fails.",
+)
+def train(
+    config_path: str | None,
+    epochs: int | None,
+    device: str | None,
+    seed: int | None,
+    compile_model: bool | None,
+    strict_plugins: bool,
+    assignments: Sequence[str],
+    log_format: str,
+    log_level: str,
+    show_traceback: bool,
+) -> None:
+    """Train the model that train.py sets up, with the plugins bzconfig.json lists."""
+    from bz import _logging
+    from bz._run import run
+
+    _logging.configure("json" if log_format == "json" else "console", log_level)
+    overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
+    named = {"epochs": epochs, "device": device, "seed": seed, "compile": compile_model}
+    overrides.update({key: value for key, value in named.items() if value is not None})
+    if strict_plugins:
+        overrides["plugin_errors"] = "raise"
+    try:
+        result = run(config_path, overrides=overrides)
+    except BzError as exc:
+        if show_traceback and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        raise
+    if log_format == "console":
+        _print_plugin_summary(result.plugins)
+        final = result.final
+        stopped = " (stopped early)" if result.stopped_early else ""
+        if final is not None:
+            click.echo(
+                f"bz: trained {result.epochs_completed} epoch(s), {result.global_step} steps "
+                f"in {result.seconds:.1f}s{stopped}",
+                err=True,
+            )
+
+
+def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
+    if not reports:
+        return
+    click.echo("bz: plugin time in hooks:", err=True)
+    for report in reports:
+        status = f"  QUARANTINED: {report.fault.describe()}" if report.fault else ""
+        click.echo(
+            f"  {report.name:<20} {report.seconds * 1000:9.1f} ms"
+            f"  {report.calls:>8} calls{status}",
+            err=True,
+        )
+
+
+# -- check-config ------------------------------------------------------------------------
+
+
+@cli.command("check-config")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file (default: $BZ_CONFIG, then ./bzconfig.json).",
+)
+def check_config(config_path: str | None) -> None:
+    """Validate bzconfig.json, including every plugin's and metric's options."""
+    from bz._loader import load_plugins
+    from bz.config import find_config_file, load_config
+    from bz.metrics import build_metrics
+
+    file = find_config_file(config_path)
+    config = load_config(file)
+    try:
+        build_metrics(config.metrics)
+        plugins = load_plugins(config.plugins, config)
+    except ConfigError as exc:
+        raise exc.with_source(str(file)) from None
+    for fault in plugins.faults:
+        click.echo(f"bz: warning: {fault.describe()}", err=True)
+    click.echo(
+        f"{file}: OK ({len(plugins.active_names)} plugin(s), {len(config.metrics)} metric(s))"
+    )
+
+
+# -- list-plugins ------------------------------------------------------------------------
+
+
+@cli.command("list-plugins")
+@click.argument("name", required=False)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Import each plugin: hooks, options, state, load errors."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (implies verbose).")
+def list_plugins(name: str | None, verbose: bool, as_json: bool) -> None:
+    """List installed plugins (entry-point group bz.plugins)."""
+    from bz._catalog import describe_all
+    from bz.config import nearest
+
+    described = describe_all(load=verbose or as_json or name is not None)
+    if name is not None:
+        chosen = [d for d in described if d.name == name]
+        if not chosen:
+            hint = nearest(name, [d.name for d in described])
+            suffix = f' (did you mean "{hint}"?)' if hint else ""
+            raise UsageError(f"no plugin named {name!r}{suffix}")
+        described = chosen
+    if as_json:
+        click.echo(json.dumps([d.to_json() for d in described], indent=2, default=str))
+        return
+    if not verbose and name is None:
+        for d in described:
+            origin = f"{d.distribution} {d.version}" if d.distribution else "unknown distribution"
+            click.echo(f"{d.name:<20} {origin:<28} {d.entry_point}")
+        return
+    for index, d in enumerate(described):
+        if index:
+            click.echo()
+        _print_plugin(d)
+
+
+def _print_plugin(d: PluginDescription) -> None:
+    click.secho(d.name, bold=True)
+    if d.summary:
+        click.echo(f"  {d.summary}")
+    click.echo(f"  distribution: {d.distribution or '?'} {d.version or ''}".rstrip())
+    click.echo(f"  entry point:  {d.entry_point}")
+    if d.duplicate_of:
+        click.echo(f"  NOT USED:     {d.duplicate_of}")
+    if d.error:
+        click.echo(f"  LOAD ERROR:   {d.error}")
+        return
+    click.echo(f"  hooks:        {', '.join(d.hooks) if d.hooks else '(none)'}")
+    click.echo(f"  stateful:     {'yes (saved in checkpoints)' if d.stateful else 'no'}")
+    if d.options is None:
+        click.echo("  options:      free-form (the plugin reads them itself)")
+    elif not d.options:
+        click.echo("  options:      none")
+    else:
+        click.echo("  options:")
+        for field in d.options:
+            default = "required" if field.required else f"default {json.dumps(field.default)}"
+            click.echo(f"    {field.name}: {field.type} ({default})")
+            if field.doc:
+                click.echo(f"        {field.doc}")
+
+
+# -- init --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def init(directory: str, force: bool) -> None:
+    """Write a runnable project (train.py, bzconfig.json) into DIRECTORY."""
+    from bz._project import write_project
+
+    written = write_project(Path(directory), overwrite=force)
+    for path in written:
+        click.echo(f"wrote {path}")
+    where = "" if Path(directory) == Path(".") else f"cd {directory} && "
+    click.echo(f"next: {where}bz train")
+
+
+# -- health ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def health(as_json: bool) -> None:
+    """Report versions and the devices torch can use."""
+    import platform
+
+    import torch
+
+    report: dict[str, Any] = {
+        "bz": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "mps_available": torch.backends.mps.is_available(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    from bz._trainer import resolve_device
+
+    report["auto_device"] = str(resolve_device("auto"))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        click.echo(f"{key:<16} {value}")
+
+
+# -- entry point -------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; map bz errors to one line and an exit code."""
+    try:
+        cli.main(
+            args=list(argv) if argv is not None else None, prog_name="bz", standalone_mode=False
+        )
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("bz: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        click.echo("bz: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except BzError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            _fail(line)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":  # python -m bz.cli
+    sys.exit(main())

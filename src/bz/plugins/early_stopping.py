@@ -1,0 +1,194 @@
+"""``early_stopping``: ask the loop to stop when a monitored value stops improving.
+
+The monitored value is read once per epoch, in ``end_epoch``: ``validation_loss``,
+``training_loss``, any metric by name (validation first: ``accuracy`` means the
+validation accuracy when there is validation data), or ``training_<metric>`` /
+``validation_<metric>`` explicitly.
+
+Strategies:
+
+* ``patience``: stop after ``patience`` epochs in a row without an improvement of at
+  least ``min_delta`` over the best value seen.
+* ``plateau``: stop when the last ``patience`` + 1 values all lie within ``min_delta``
+  of each other, whether or not they beat the best (the curve has gone flat).
+
+With ``restore_best_weights`` the model's weights from the best epoch are copied back
+when training ends (the copy stays on the model's device; no host transfer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+
+from bz.config import at_least
+
+if TYPE_CHECKING:
+    import torch
+
+    from bz._context import PluginContext
+
+
+@attrs.frozen
+class EarlyStoppingConfig:
+    """Options of ``early_stopping``."""
+
+    monitor: str = "validation_loss"
+    """What to watch: ``validation_loss``, ``training_loss`` or a metric name."""
+    mode: Literal["min", "max"] = "min"
+    """Whether smaller (``min``) or larger (``max``) is better."""
+    patience: int = attrs.field(default=10, validator=at_least(1))
+    """Epochs without improvement (or on a plateau) before stopping."""
+    min_delta: float = attrs.field(default=0.001, validator=at_least(0.0))
+    """The smallest change that counts as an improvement."""
+    strategy: Literal["patience", "plateau"] = "patience"
+    """``patience``: no new best for a while; ``plateau``: the curve went flat."""
+    restore_best_weights: bool = True
+    """Put the best epoch's weights back into the model when training ends."""
+    baseline: float | None = None
+    """A value the monitored quantity must beat before it counts as improving at all."""
+    verbose: bool = True
+    """Log improvements and the stop decision."""
+
+
+class EarlyStopping:
+    """Requests a stop when ``monitor`` stops improving; stateful across resumes."""
+
+    Config = EarlyStoppingConfig
+
+    def __init__(self, config: EarlyStoppingConfig | None = None) -> None:
+        self.name = "early_stopping"
+        self.config = config or EarlyStoppingConfig()
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self.history: list[float] = []
+        self.stopped_epoch: int | None = None
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self._warned_missing = False
+
+    # -- reading the monitored value ---------------------------------------------------
+
+    def monitored_value(self, context: PluginContext) -> float | None:
+        """The current value of ``monitor``, or None when the run does not produce it."""
+        key = self.config.monitor
+        if key == "validation_loss":
+            return context.validation_loss if context.validation_batch_count else None
+        if key == "training_loss":
+            return context.training_loss if context.training_batch_count else None
+        for prefix, table in (
+            ("validation_", context.validation_metrics),
+            ("training_", context.training_metrics),
+        ):
+            if key.startswith(prefix) and key[len(prefix) :] in table:
+                return float(table[key[len(prefix) :]])
+        for table in (context.validation_metrics, context.training_metrics):
+            if key in table:
+                return float(table[key])
+        return None
+
+    def _improves(self, value: float, reference: float | None) -> bool:
+        if reference is None:
+            return True
+        delta = self.config.min_delta
+        if self.config.mode == "min":
+            return value < reference - delta
+        return value > reference + delta
+
+    # -- hooks --------------------------------------------------------------------------
+
+    def end_epoch(self, context: PluginContext) -> None:
+        """Update the best value and counters; request a stop when it is time."""
+        value = self.monitored_value(context)
+        if value is None or math.isnan(value):
+            if not self._warned_missing:
+                self._warned_missing = True
+                self._logger().warning(
+                    "early_stopping_monitor_missing",
+                    monitor=self.config.monitor,
+                    available=[
+                        "training_loss",
+                        "validation_loss",
+                        *context.validation_metrics,
+                        *context.training_metrics,
+                    ],
+                )
+            return
+        self.history.append(value)
+        beats_baseline = self.config.baseline is None or self._improves(
+            value, self.config.baseline
+        )
+        if beats_baseline and self._improves(value, self.best):
+            self.best, self.best_epoch, self.wait = value, context.epoch, 0
+            if self.config.restore_best_weights and context.model is not None:
+                self._best_weights = {
+                    key: tensor.detach().clone()
+                    for key, tensor in context.model.state_dict().items()
+                }
+            if self.config.verbose:
+                self._logger().debug(
+                    "early_stopping_improved",
+                    monitor=self.config.monitor,
+                    value=value,
+                    epoch=context.epoch,
+                )
+        else:
+            self.wait += 1
+        if self._should_stop():
+            self.stopped_epoch = context.epoch
+            context.should_stop_training = True
+            if self.config.verbose:
+                self._logger().info(
+                    "early_stopping_stop",
+                    monitor=self.config.monitor,
+                    best=self.best,
+                    best_epoch=self.best_epoch,
+                    epoch=context.epoch,
+                )
+
+    def _should_stop(self) -> bool:
+        patience = self.config.patience
+        if self.config.strategy == "patience":
+            return self.wait >= patience
+        window = self.history[-(patience + 1) :]
+        return len(window) == patience + 1 and max(window) - min(window) <= self.config.min_delta
+
+    def end_training_session(self, context: PluginContext) -> None:
+        """Restore the best weights, if asked to and if they are not the current ones."""
+        if not self.config.restore_best_weights or self._best_weights is None:
+            return
+        if context.model is None or self.best_epoch == context.epoch:
+            return
+        context.model.load_state_dict(self._best_weights)
+        if self.config.verbose:
+            self._logger().info("early_stopping_restored", epoch=self.best_epoch, best=self.best)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, best value and (when kept) the best weights."""
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "history": list(self.history),
+            "stopped_epoch": self.stopped_epoch,
+            "best_weights": self._best_weights,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume exactly where :meth:`state_dict` left off."""
+        self.best = state["best"]
+        self.best_epoch = state["best_epoch"]
+        self.wait = int(state["wait"])
+        self.history = [float(v) for v in state["history"]]
+        self.stopped_epoch = state["stopped_epoch"]
+        self._best_weights = state["best_weights"]
+
+    def _logger(self) -> Any:
+        import structlog
+
+        return structlog.get_logger("bz.plugin").bind(plugin=self.name)
