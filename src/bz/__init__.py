@@ -17,7 +17,13 @@ if TYPE_CHECKING:
     from bz._run import run
     from bz._sandbox import PluginFault, PluginReport, PluginSet
     from bz._setup import TrainingSetup
-    from bz._trainer import EpochRecord, FitResult, Trainer, seed_everything
+    from bz._trainer import (
+        EpochRecord,
+        FitResult,
+        Trainer,
+        TrainingInterrupted,
+        seed_everything,
+    )
 
 # Names whose modules import torch: loaded on first access.
 _LAZY = {
@@ -25,6 +31,7 @@ _LAZY = {
     "FitResult": "bz._trainer",
     "EpochRecord": "bz._trainer",
     "seed_everything": "bz._trainer",
+    "TrainingInterrupted": "bz._trainer",
     "TrainingSetup": "bz._setup",
     "PluginSet": "bz._sandbox",
     "PluginFault": "bz._sandbox",
@@ -59,6 +66,7 @@ __all__ = [
     "RunConfig",
     "Trainer",
     "TrainingError",
+    "TrainingInterrupted",
     "TrainingSetup",
     "UsageError",
     "__version__",

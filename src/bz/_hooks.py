@@ -94,16 +94,17 @@ HOOKS: Final[tuple[HookSpec, ...]] = (
         "After the last validation batch; `validation_metrics` are computed.",
     ),
     HookSpec(
-        "save_checkpoint",
-        "checkpoint",
-        False,
-        "After a checkpoint was written; `context.checkpoint_path` names it.",
-    ),
-    HookSpec(
         "end_epoch",
         "epoch",
         False,
         "At the end of every epoch, after validation. Set `should_stop_training` here.",
+    ),
+    HookSpec(
+        "save_checkpoint",
+        "checkpoint",
+        False,
+        "After a checkpoint was written (after `end_epoch`, every `checkpoint_interval` "
+        "epochs, the last epoch, and on Ctrl-C); `context.checkpoint_path` names it.",
     ),
     HookSpec(
         "end_training_session",

@@ -22,7 +22,7 @@ from bz.config import (
 
 if TYPE_CHECKING:
     from bz._sandbox import ErrorPolicy
-    from bz._trainer import FitResult
+    from bz._trainer import Evaluation, FitResult
 
 _log = structlog.get_logger("bz")
 
@@ -109,7 +109,78 @@ def run(
         epochs=run_config.epochs,
         plugins=plugins.active_names,
     )
-    return Trainer().fit(setup, run_config, plugins, metrics=metrics)
+    return Trainer().fit(
+        setup,
+        run_config,
+        plugins,
+        metrics=metrics,
+        checkpoint_dir=base / run_config.checkpoint_dir,
+    )
 
 
-__all__ = ["UsageError", "apply_overrides", "resolve_config", "run"]
+def validate(
+    config: RunConfig | str | os.PathLike[str] | None = None,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Path, Mapping[str, Any], Evaluation]:
+    """Evaluate a checkpoint on the validation data: what ``bz validate`` does.
+
+    ``checkpoint`` names a file; without it, the newest readable checkpoint of the run
+    the configuration describes is used. Returns the file, its contents (``epoch``,
+    ``global_step``, ...) and the :class:`~bz._trainer.Evaluation`.
+    """
+    import torch
+
+    from bz._checkpoint import UnreadableCheckpoint, read_checkpoint, read_latest, run_signature
+    from bz._setup import call_setup, load_setup_function
+    from bz._trainer import evaluate, seed_everything
+    from bz.metrics import build_metrics
+
+    if isinstance(config, RunConfig):
+        run_config = apply_overrides(config, overrides) if overrides else config
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+    else:
+        run_config, base = resolve_config(config, overrides)
+        base = Path(base_dir) if base_dir is not None else base
+    metrics = build_metrics(run_config.metrics)
+    script = base / run_config.train_script
+    setup_function = load_setup_function(script)
+    if run_config.seed is not None:
+        seed_everything(run_config.seed)
+    setup = call_setup(setup_function, run_config, script)
+    signature = run_signature(setup, run_config)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        try:
+            payload = read_checkpoint(path)
+        except UnreadableCheckpoint as exc:
+            raise UsageError(f"{path}: cannot be used as a checkpoint: {exc}") from None
+        if payload["signature"] != signature:
+            _log.warning(
+                "checkpoint_signature_differs",
+                path=str(path),
+                hint="it was written by a run with another model, optimizer or "
+                "hyperparameters; evaluating it anyway",
+            )
+    else:
+        folder = base / run_config.checkpoint_dir / signature
+        found = read_latest(folder, signature)
+        if found is None:
+            raise UsageError(
+                f"no checkpoint of this run in {folder} (train first, or pass --checkpoint)"
+            )
+        path, payload = found
+    try:
+        setup.model.load_state_dict(payload["model"])
+        if payload.get("loss") is not None and isinstance(setup.loss_fn, torch.nn.Module):
+            setup.loss_fn.load_state_dict(payload["loss"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{path}: does not fit the model train.py builds: {message}") from None
+    _log.info("validating", path=str(path), epoch=payload["epoch"], step=payload["global_step"])
+    return path, payload, evaluate(setup, run_config, metrics)
+
+
+__all__ = ["UsageError", "apply_overrides", "resolve_config", "run", "validate"]

@@ -13,8 +13,13 @@ Hook order for one run (``[...]`` only when there is validation data)::
          for each batch: start_validation_batch, (forward, loss), end_validation_batch
          end_validation_loop]        # validation_metrics are set
         end_epoch                    # stop requests are read after this hook
+        [save_checkpoint]            # every checkpoint_interval epochs, and the last
     end_training_session
     on_exception                     # instead of the rest, when training fails
+
+When resuming, ``load_checkpoint`` follows ``start_training_session``. On Ctrl-C the
+loop finishes the step, writes a checkpoint (``save_checkpoint``), then calls
+``on_exception`` and ``end_training_session`` and raises :class:`TrainingInterrupted`.
 
 The loop owns every counter and the loss sums. Before hooks run it copies them into
 the context, so what a plugin writes there never changes what the loop does next.
@@ -23,24 +28,49 @@ Nothing here reads a device value back to the host per batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import structlog
 import torch
 
+from bz._checkpoint import (
+    FORMAT as CHECKPOINT_FORMAT,
+)
+from bz._checkpoint import (
+    CheckpointStore,
+    capture_rng,
+    checkpoint_name,
+    guarded,
+    list_checkpoints,
+    loadable_problem,
+    loader_generators,
+    read_latest,
+    remove_stray_files,
+    restore_rng,
+    run_signature,
+)
 from bz._context import DeviceSum, PluginContext
-from bz._errors import TrainingError, UsageError
+from bz._errors import BzError, TrainingError, UsageError
 from bz._loader import plugin_set
-from bz._sandbox import PluginFailure, PluginReport, PluginSet
+from bz._plugin import StatefulPlugin
+from bz._sandbox import PluginFailure, PluginReport, PluginSet, describe_exception
 from bz._setup import user_frame
 from bz.config import RunConfig
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from bz._plugin import NamedPlugin
     from bz._setup import TrainingSetup
     from bz.metrics import Metric
@@ -62,7 +92,11 @@ class EpochRecord:
 
 @attrs.frozen
 class FitResult:
-    """The outcome of :meth:`Trainer.fit`."""
+    """The outcome of :meth:`Trainer.fit`.
+
+    ``epochs_completed`` counts the run's epochs, resumed ones included; ``history``
+    holds only the epochs this call trained.
+    """
 
     epochs_completed: int
     global_step: int
@@ -70,6 +104,12 @@ class FitResult:
     history: tuple[EpochRecord, ...]
     plugins: tuple[PluginReport, ...]
     seconds: float
+    resumed_from: Path | None = None
+    """The checkpoint this call resumed from (None for a fresh start)."""
+    checkpoint: Path | None = None
+    """The newest checkpoint written (or, when already complete, read) by this call."""
+    already_complete: bool = False
+    """The run had already finished when this call resumed it; nothing was trained."""
 
     @property
     def final(self) -> EpochRecord | None:
@@ -167,6 +207,68 @@ class _Metrics:
                 move(device)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training cleanly: the step finished and a checkpoint was written.
+
+    ``checkpoint`` is the file training resumes from (None when checkpoints are off or
+    the write failed). It is a ``KeyboardInterrupt``, so code that handles Ctrl-C
+    handles it.
+    """
+
+    def __init__(self, checkpoint: Path | None) -> None:
+        super().__init__("training interrupted")
+        self.checkpoint = checkpoint
+
+
+class _InterruptGuard:
+    """Turns the first Ctrl-C (SIGINT) into a request the loop honours after the step.
+
+    Installed only while ``fit`` runs and only in the main thread (the one Python
+    delivers signals to); the previous handler is put back afterwards. A second Ctrl-C
+    raises ``KeyboardInterrupt`` at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGINT, previous)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _log.warning(
+            "interrupt_requested",
+            hint="finishing the current step and writing a checkpoint; "
+            "press Ctrl-C again to stop at once",
+        )
+
+
+@attrs.define
+class _Pending:
+    """How the next training loop starts: random states and batches already done."""
+
+    epoch_start: dict[str, Any]
+    """Random states right before the loop's ``iter(train_loader)``."""
+    now: dict[str, Any]
+    """Random states after the last finished step (differs only mid-epoch)."""
+    batch: int = 0
+    loss_total: float = 0.0
+
+
 class Trainer:
     """Trains a :class:`~bz.TrainingSetup` with plugins; what ``bz train`` runs.
 
@@ -185,11 +287,19 @@ class Trainer:
         plugins: Sequence[NamedPlugin] | PluginSet = (),
         *,
         metrics: Mapping[str, Metric] | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
     ) -> FitResult:
         """Train for ``config.epochs`` epochs (or until a plugin asks to stop).
 
         ``metrics`` overrides the metrics built from ``config.metrics``; the setup's own
         ``metrics`` are always added.
+
+        ``checkpoint_dir`` turns checkpoints on: the run's files go to
+        ``<checkpoint_dir>/<signature>/`` every ``config.checkpoint_interval`` epochs,
+        and with ``config.resume`` training continues from the newest one (``bz train``
+        passes ``checkpoint_dir`` from the config; in code it is off unless given).
+        Ctrl-C finishes the current step, writes a checkpoint and raises
+        :class:`TrainingInterrupted`.
         """
         config = config or RunConfig()
         if not isinstance(plugins, PluginSet):
@@ -200,7 +310,8 @@ class Trainer:
             metrics = build_metrics(config.metrics)
         if config.seed is not None:
             seed_everything(config.seed)
-        run = _Run(setup, config, plugins, {**metrics, **setup.metrics})
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        run = _Run(setup, config, plugins, {**metrics, **setup.metrics}, folder)
         return run.fit()
 
 
@@ -213,11 +324,22 @@ class _Run:
         config: RunConfig,
         plugins: PluginSet,
         metrics: Mapping[str, Metric],
+        checkpoint_root: Path | None = None,
     ) -> None:
         self.setup = setup
         self.config = config
         self.plugins = plugins
         self.device = resolve_device(config.device)
+        # The signature describes the run as train.py built it, before any training.
+        uses_checkpoints = checkpoint_root is not None and (
+            config.checkpoint_interval > 0 or config.resume
+        )
+        self.signature = run_signature(setup, config) if uses_checkpoints else ""
+        self.store = (
+            CheckpointStore(checkpoint_root / self.signature, config.keep_last)
+            if checkpoint_root is not None and uses_checkpoints
+            else None
+        )
         self.model = setup.model.to(self.device)
         self.forward = self._compile(self.model) if config.compile else self.model
         self.train_metrics = _Metrics(metrics)
@@ -225,7 +347,10 @@ class _Run:
         self.train_metrics.to(self.device)
         self.val_metrics.to(self.device)
         self.move_batches = self.device.type != "cpu"
+        self.generators = loader_generators(setup.train_loader)
+        self.interrupt = _InterruptGuard()
         # Loop state (the context only ever shows copies of these).
+        self.start_epoch = 0
         self.epoch = 0
         self.global_step = 0
         self.batch_index = 0
@@ -233,6 +358,13 @@ class _Run:
         self.val_batches = 0
         self.train_loss = DeviceSum()
         self.val_loss = DeviceSum()
+        self.pending: _Pending | None = None
+        self.epoch_rng: dict[str, Any] | None = None
+        self.resumed_from: Path | None = None
+        self.last_checkpoint: Path | None = None
+        # A run started over (resume: false) replaces the old checkpoints of the same
+        # signature once it has one of its own; until then they stay.
+        self.discard_old_checkpoints = not config.resume
         self.context = PluginContext(
             model=setup.model,
             optimizer=setup.optimizer,
@@ -268,58 +400,108 @@ class _Run:
         if self.plugins.implements(hook):
             self.plugins.call(hook, self._show())
 
+    def _checkpoint_hook(self, hook: str, path: Path) -> None:
+        self.context.checkpoint_path = path
+        try:
+            self._hook(hook)
+        finally:
+            self.context.checkpoint_path = None
+
     # -- the run ---------------------------------------------------------------------
 
     def fit(self) -> FitResult:
         started = time.perf_counter()
+        found = self._find_checkpoint()
+        if found is not None and self._is_complete(found[1]):
+            return self._already_complete(*found, started)
         history: list[EpochRecord] = []
         stopped_early = False
         self.context.extra["active_plugins"] = self.plugins.active_names
-        try:
-            self._hook("start_training_session")
-            for epoch in range(self.config.epochs):
-                self.epoch = epoch
-                history.append(self._epoch())
-                if self.context.should_stop_training:
-                    stopped_early = epoch + 1 < self.config.epochs
-                    _log.info("stop_requested", epoch=epoch, step=self.global_step)
-                    break
-            self._hook("end_training_session")
-        except PluginFailure:
-            self._fail_session()
-            raise
-        except (KeyboardInterrupt, UsageError) as exc:
-            self._fail_session(exc)
-            raise
-        except Exception as exc:
-            self._fail_session(exc)
-            raise TrainingError(
-                f"training failed at epoch {self.epoch}, step {self.global_step}: "
-                f"{user_frame(exc)}"
-            ) from exc
+        with self.interrupt:
+            try:
+                self._hook("start_training_session")
+                if found is not None:
+                    self._resume(*found)
+                for epoch in range(self.start_epoch, self.config.epochs):
+                    self.epoch = epoch
+                    record = self._epoch()
+                    if record is None:  # Ctrl-C in the middle of the epoch
+                        self._save(epoch, self.train_batches)
+                        self._stop_interrupted()
+                    history.append(record)
+                    stop = self.context.should_stop_training
+                    done = epoch + 1
+                    if stop or done == self.config.epochs or self._due(done):
+                        self._save(done, 0, stopped=stop)
+                    elif self.interrupt.requested:
+                        self._save(done, 0)
+                    if self.interrupt.requested:
+                        self._stop_interrupted()
+                    if stop:
+                        stopped_early = done < self.config.epochs
+                        _log.info("stop_requested", epoch=epoch, step=self.global_step)
+                        break
+                self._hook("end_training_session")
+            except TrainingInterrupted:
+                raise
+            except PluginFailure as exc:
+                self._fail_session(exc)
+                raise
+            except (KeyboardInterrupt, BzError) as exc:
+                self._fail_session(exc)
+                raise
+            except Exception as exc:
+                self._fail_session(exc)
+                raise TrainingError(
+                    f"training failed at epoch {self.epoch}, step {self.global_step}: "
+                    f"{user_frame(exc)}"
+                ) from exc
         self.plugins.log_summary()
         return FitResult(
-            epochs_completed=len(history),
+            epochs_completed=self.start_epoch + len(history),
             global_step=self.global_step,
             stopped_early=stopped_early,
             history=tuple(history),
             plugins=tuple(self.plugins.report()),
             seconds=time.perf_counter() - started,
+            resumed_from=self.resumed_from,
+            checkpoint=self.last_checkpoint,
         )
 
     def _fail_session(self, exc: BaseException | None = None) -> None:
         self.context.exception = exc
         # Plugins get to flush what they hold; the sandbox still guards them, but with
         # "raise" a second plugin fault must not hide the first error.
+        with self._isolated():
+            self._hook("on_exception")
+        self.plugins.log_summary()
+
+    def _stop_interrupted(self) -> NoReturn:
+        interrupted = TrainingInterrupted(self.last_checkpoint)
+        self.context.exception = interrupted
+        with self._isolated():
+            self._hook("on_exception")
+            self._hook("end_training_session")
+        self.plugins.log_summary()
+        _log.warning(
+            "training_interrupted",
+            epoch=self.epoch,
+            step=self.global_step,
+            checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+        )
+        raise interrupted
+
+    @contextlib.contextmanager
+    def _isolated(self) -> Iterator[None]:
         policy = self.plugins.policy
         self.plugins.policy = "isolate"
         try:
-            self._hook("on_exception")
+            yield
         finally:
             self.plugins.policy = policy
-        self.plugins.log_summary()
 
-    def _epoch(self) -> EpochRecord:
+    def _epoch(self) -> EpochRecord | None:
+        """One epoch; None when Ctrl-C stopped it after a training step."""
         started = time.perf_counter()
         ctx = self.context
         ctx.extra["active_plugins"] = self.plugins.active_names
@@ -329,12 +511,18 @@ class _Run:
         self.train_loss = DeviceSum()
         self.val_loss = DeviceSum()
         self._hook("start_epoch")
-        self._train_loop()
+        if not self._train_loop():
+            return None
         validated = self.setup.val_loader is not None
         if validated:
             self._validation_loop()
         self._step_scheduler(validated)
         self._hook("end_epoch")
+        # The next epoch starts from the random state of this moment, whether or not a
+        # checkpoint records it, so what plugins draw between epochs, and whether the
+        # run was resumed here, never changes the batches or dropout masks that follow.
+        now = capture_rng(self.generators)
+        self.pending = _Pending(now, now)
         return EpochRecord(
             epoch=self.epoch,
             training_loss=_mean(self.train_loss, self.train_batches),
@@ -344,18 +532,45 @@ class _Run:
             seconds=time.perf_counter() - started,
         )
 
-    def _train_loop(self) -> None:
+    def _train_loop(self) -> bool:
+        """The training batches of one epoch; False when Ctrl-C stopped it early."""
         metrics, hook, step = self.train_metrics, self._hook, self._step
+        interrupt, batches = self.interrupt, self.context.training_batches_per_epoch
         self.model.train()
         metrics.reset()
         self._hook("start_training_loop")
-        for index, batch in enumerate(self.setup.train_loader):
+        iterator, skipped = self._batches()
+        for index, batch in enumerate(iterator, start=skipped):
             self.batch_index = index
             hook("start_training_batch")
             step(batch)
             hook("end_training_batch")
+            # After the last batch the epoch finishes normally and stops at its end.
+            if interrupt.requested and index + 1 != batches:
+                return False
         self.context.training_metrics = metrics.compute()
         self._hook("end_training_loop")
+        return True
+
+    def _batches(self) -> tuple[Iterator[Any], int]:
+        """The training iterator, positioned where a resumed epoch left off."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            restore_rng(pending.epoch_start, self.generators)
+        # Needed only to write a checkpoint in the middle of this epoch.
+        self.epoch_rng = capture_rng(self.generators) if self.store is not None else None
+        iterator = iter(self.setup.train_loader)
+        if pending is None or pending.batch == 0:
+            return iterator, 0
+        # Creating the iterator and drawing the batches already trained on consumes
+        # the loader's random state exactly as the interrupted run did; the step's
+        # own random state (dropout, augmentation) is then put back as it was.
+        for _ in range(pending.batch):
+            next(iterator, None)
+        restore_rng(pending.now, self.generators)
+        self.train_batches = pending.batch
+        self.train_loss = DeviceSum(pending.loss_total)
+        return iterator, pending.batch
 
     def _step(self, batch: Any) -> None:
         # A method of its own so that the batch, outputs and graph die when it returns
@@ -413,6 +628,197 @@ class _Run:
             scheduler.step(_mean(loss, count))
         else:
             scheduler.step()
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def _due(self, epochs_done: int) -> bool:
+        interval = self.config.checkpoint_interval
+        return interval > 0 and epochs_done % interval == 0
+
+    def _find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        store = self.store
+        if store is None:
+            return None
+        remove_stray_files(store.folder)
+        if not self.config.resume:
+            return None
+        found = read_latest(store.folder, self.signature)
+        if found is None and list_checkpoints(store.folder):
+            _log.warning(
+                "resume_failed",
+                folder=str(store.folder),
+                hint="no checkpoint there could be read; training starts from scratch",
+            )
+        return found
+
+    def _is_complete(self, payload: Mapping[str, Any]) -> bool:
+        return bool(payload.get("stopped")) or (
+            payload["epoch"] >= self.config.epochs
+            and (payload["batch"] == 0 or payload["epoch"] > self.config.epochs)
+        )
+
+    def _already_complete(
+        self, path: Path, payload: Mapping[str, Any], started: float
+    ) -> FitResult:
+        # The caller still gets the trained model, as if this run had just trained it.
+        self._restore_training_state(path, payload)
+        _log.info(
+            "already_complete",
+            path=str(path),
+            epoch=payload["epoch"],
+            step=payload["global_step"],
+            hint="this run has finished; raise epochs to train longer, "
+            "or start over with --no-resume",
+        )
+        return FitResult(
+            epochs_completed=payload["epoch"],
+            global_step=payload["global_step"],
+            stopped_early=bool(payload.get("stopped")) and payload["epoch"] < self.config.epochs,
+            history=(),
+            plugins=tuple(self.plugins.report()),
+            seconds=time.perf_counter() - started,
+            resumed_from=path,
+            checkpoint=path,
+            already_complete=True,
+        )
+
+    def _restore_training_state(self, path: Path, payload: Mapping[str, Any]) -> None:
+        setup = self.setup
+        try:
+            self.model.load_state_dict(payload["model"])
+            setup.optimizer.load_state_dict(payload["optimizer"])
+            if payload.get("scheduler") is not None and hasattr(setup.scheduler, "state_dict"):
+                setup.scheduler.load_state_dict(payload["scheduler"])
+            if payload.get("loss") is not None and isinstance(setup.loss_fn, torch.nn.Module):
+                setup.loss_fn.load_state_dict(payload["loss"])
+        except Exception as exc:
+            raise TrainingError(
+                f"cannot resume from {path}: {describe_exception(exc)} "
+                "(start over with --no-resume)"
+            ) from exc
+
+    def _resume(self, path: Path, payload: Mapping[str, Any]) -> None:
+        self._restore_training_state(path, payload)
+        self.start_epoch = self.epoch = int(payload["epoch"])
+        self.global_step = int(payload["global_step"])
+        rng = payload["rng"]
+        self.pending = _Pending(
+            rng["epoch_start"], rng["now"], int(payload["batch"]), float(payload["loss_total"])
+        )
+        states: Mapping[str, Any] = payload.get("plugins") or {}
+        for plugin in self.plugins.active:
+            if isinstance(plugin, StatefulPlugin) and plugin.name in states:
+                restore = functools.partial(plugin.load_state_dict, states[plugin.name])
+                guarded(self.plugins, plugin, "load_state_dict", self._show(), restore)
+        self.resumed_from = path
+        _log.info(
+            "resumed",
+            path=str(path),
+            epoch=self.epoch,
+            batch=int(payload["batch"]),
+            step=self.global_step,
+        )
+        self._checkpoint_hook("load_checkpoint", path)
+
+    def _save(self, epoch: int, batch: int, *, stopped: bool = False) -> None:
+        """Write a checkpoint of ``epoch`` completed epochs plus ``batch`` batches."""
+        store = self.store
+        if store is None or self.config.checkpoint_interval == 0:
+            return
+        setup = self.setup
+        now = capture_rng(self.generators)
+        payload: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "signature": self.signature,
+            "epoch": epoch,
+            "batch": batch,
+            "global_step": self.global_step,
+            "stopped": stopped,
+            "loss_total": self.train_loss.value() if batch else 0.0,
+            "model": self.model.state_dict(),
+            "optimizer": setup.optimizer.state_dict(),
+            "scheduler": (
+                setup.scheduler.state_dict() if hasattr(setup.scheduler, "state_dict") else None
+            ),
+            "loss": (
+                setup.loss_fn.state_dict() if isinstance(setup.loss_fn, torch.nn.Module) else None
+            ),
+            "rng": {"epoch_start": self.epoch_rng if batch else now, "now": now},
+        }
+        problem = loadable_problem(payload, "checkpoint")
+        if problem is not None:
+            _log.error("checkpoint_skipped", epoch=epoch, step=self.global_step, error=problem)
+            return
+        payload["plugins"] = self._plugin_states()
+        try:
+            path = store.save(payload, epoch, batch)
+        except OSError as exc:
+            # A full disk must not end a run that is otherwise fine; the previous
+            # checkpoints are intact, and the next interval tries again.
+            _log.error(
+                "checkpoint_write_failed",
+                path=str(store.folder / checkpoint_name(epoch, batch)),
+                error=describe_exception(exc),
+            )
+            return
+        if self.discard_old_checkpoints:
+            self.discard_old_checkpoints = False
+            discarded = store.discard_all_but(path)
+            if discarded:
+                _log.info("checkpoints_discarded", folder=str(store.folder), count=discarded)
+        self.last_checkpoint = path
+        _log.info("checkpoint_saved", path=str(path), epoch=epoch, step=self.global_step)
+        self._checkpoint_hook("save_checkpoint", path)
+
+    def _plugin_states(self) -> dict[str, Any]:
+        states: dict[str, Any] = {}
+        context = self._show()
+        for plugin in self.plugins.active:
+            if not isinstance(plugin, StatefulPlugin):
+                continue
+            read = functools.partial(_checked_state, plugin)
+            state = guarded(self.plugins, plugin, "state_dict", context, read)
+            if state is not None:
+                states[plugin.name] = state
+        return states
+
+
+def _checked_state(plugin: StatefulPlugin) -> dict[str, Any]:
+    state = plugin.state_dict()
+    problem = loadable_problem(state, "state_dict()")
+    if problem is not None:
+        raise TypeError(problem)
+    return state
+
+
+@attrs.frozen
+class Evaluation:
+    """What ``bz validate`` reports: the validation loss and metrics of a model."""
+
+    loss: float
+    metrics: dict[str, float]
+    batches: int
+
+
+def evaluate(setup: TrainingSetup, config: RunConfig, metrics: Mapping[str, Metric]) -> Evaluation:
+    """Run ``setup.model`` over ``setup.val_loader`` once, as the loop's validation does."""
+    if setup.val_loader is None:
+        raise UsageError("setup() returned no val_loader; there is nothing to validate on")
+    device = resolve_device(config.device)
+    model = setup.model.to(device)
+    tracked = _Metrics({**metrics, **setup.metrics})
+    tracked.to(device)
+    tracked.reset()
+    total, batches = DeviceSum(), 0
+    model.eval()
+    with torch.no_grad():
+        for batch in setup.val_loader:
+            inputs, targets = _unpack(_to_device(batch, device), "val_loader")
+            outputs = model(inputs)
+            total.add(setup.loss_fn(outputs, targets).detach())
+            tracked.update(outputs, targets)
+            batches += 1
+    return Evaluation(_mean(total, batches), tracked.compute(), batches)
 
 
 def _mean(total: DeviceSum, count: int) -> float:

@@ -8,6 +8,7 @@ interrupted. Errors are one line on stderr, never a traceback (``--traceback`` o
 from __future__ import annotations
 
 import json
+import textwrap
 import sys
 import traceback
 from collections.abc import Sequence
@@ -41,7 +42,25 @@ def _parse_assignment(text: str) -> tuple[str, Any]:
     return key, value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _BzGroup(click.Group):
+    """Turns bz's errors into one line on stderr and their exit code (for every command)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BzError as exc:
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                _fail(line)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("bz: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@click.group(
+    cls=_BzGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="bz")
 def cli() -> None:
     """bz: train PyTorch models with sandboxed plugins.
@@ -73,6 +92,22 @@ def cli() -> None:
     "--strict-plugins",
     is_flag=True,
     help="Make plugin faults fatal (plugin_errors: raise) instead of isolating them.",
+)
+@click.option(
+    "--checkpoint-interval",
+    type=click.IntRange(min=0),
+    help="Override `checkpoint_interval` (epochs between checkpoints; 0: none).",
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    help="Override `checkpoint_dir` (relative to the current folder).",
+)
+@click.option(
+    "--resume/--no-resume",
+    default=None,
+    help="Override `resume`: --no-resume starts the run over (its old checkpoints are "
+    "replaced once it writes its first one).",
 )
 @click.option(
     "--set",
@@ -108,18 +143,35 @@ def train(
     seed: int | None,
     compile_model: bool | None,
     strict_plugins: bool,
+    checkpoint_interval: int | None,
+    checkpoint_dir: str | None,
+    resume: bool | None,
     assignments: Sequence[str],
     log_format: str,
     log_level: str,
     show_traceback: bool,
 ) -> None:
-    """Train the model that train.py sets up, with the plugins bzconfig.json lists."""
+    """Train the model that train.py sets up, with the plugins bzconfig.json lists.
+
+    Resumes from the newest checkpoint of the same run when there is one; Ctrl-C
+    finishes the current step, writes a checkpoint and exits with 130.
+    """
     from bz import _logging
     from bz._run import run
+    from bz._trainer import TrainingInterrupted
 
     _logging.configure("json" if log_format == "json" else "console", log_level)
     overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
-    named = {"epochs": epochs, "device": device, "seed": seed, "compile": compile_model}
+    named = {
+        "epochs": epochs,
+        "device": device,
+        "seed": seed,
+        "compile": compile_model,
+        "checkpoint_interval": checkpoint_interval,
+        # A folder typed on the command line is relative to where the user is.
+        "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
+        "resume": resume,
+    }
     overrides.update({key: value for key, value in named.items() if value is not None})
     if strict_plugins:
         overrides["plugin_errors"] = "raise"
@@ -129,6 +181,18 @@ def train(
         if show_traceback and exc.__cause__ is not None:
             traceback.print_exception(exc.__cause__, file=sys.stderr)
         raise
+    except TrainingInterrupted as exc:
+        saved = f"; checkpoint {exc.checkpoint} written, `bz train` resumes from it"
+        click.echo(f"bz: interrupted{saved if exc.checkpoint else ''}", err=True)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    if result.already_complete:
+        click.echo(
+            f"bz: nothing to train: this run already finished {result.epochs_completed} "
+            f"epoch(s) ({result.checkpoint}); raise --epochs to train longer or pass "
+            "--no-resume to start over",
+            err=True,
+        )
+        return
     if log_format == "console":
         _print_plugin_summary(result.plugins)
         final = result.final
@@ -139,6 +203,8 @@ def train(
                 f"in {result.seconds:.1f}s{stopped}",
                 err=True,
             )
+        if result.resumed_from is not None:
+            click.echo(f"bz: resumed from {result.resumed_from}", err=True)
 
 
 def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
@@ -152,6 +218,55 @@ def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
             f"  {report.calls:>8} calls{status}",
             err=True,
         )
+
+
+# -- validate ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file (default: $BZ_CONFIG, then ./bzconfig.json).",
+)
+@click.option(
+    "--checkpoint",
+    "checkpoint_path",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Checkpoint file to evaluate (default: the run's newest).",
+)
+@click.option("--device", help="Override `device` (auto, cpu, cuda, cuda:N, mps).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def validate(
+    config_path: str | None, checkpoint_path: str | None, device: str | None, as_json: bool
+) -> None:
+    """Evaluate a checkpoint on the validation data: loss and configured metrics."""
+    from bz import _logging
+    from bz._run import validate as run_validation
+
+    # Warnings (a damaged checkpoint skipped) go to stderr; stdout holds the report.
+    _logging.configure("console", "warning", stream=sys.stderr)
+    overrides = {"device": device} if device is not None else None
+    path, payload, result = run_validation(
+        config_path, checkpoint=checkpoint_path, overrides=overrides
+    )
+    report: dict[str, Any] = {
+        "checkpoint": str(path),
+        "epoch": payload["epoch"],
+        "step": payload["global_step"],
+        "batches": result.batches,
+        "validation_loss": result.loss,
+        "metrics": result.metrics,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    where = f"epoch {payload['epoch']}, step {payload['global_step']}"
+    click.echo(f"checkpoint       {path} ({where})")
+    click.echo(f"validation_loss  {result.loss:.6g}")
+    for name, value in result.metrics.items():
+        click.echo(f"{name:<16} {value:.6g}")
 
 
 # -- check-config ------------------------------------------------------------------------
@@ -237,6 +352,8 @@ def _print_plugin(d: PluginDescription) -> None:
         click.echo("  options:      free-form (the plugin reads them itself)")
     elif not d.options:
         click.echo("  options:      none")
+    elif d.options_from == "load_config":
+        click.echo("  options (defaults from load_config; bz does not check them):")
     else:
         click.echo("  options:")
         for field in d.options:
@@ -244,6 +361,51 @@ def _print_plugin(d: PluginDescription) -> None:
             click.echo(f"    {field.name}: {field.type} ({default})")
             if field.doc:
                 click.echo(f"        {field.doc}")
+
+
+# -- list-metrics ------------------------------------------------------------------------
+
+
+@cli.command("list-metrics")
+@click.option("-v", "--verbose", is_flag=True, help="Show each metric's options.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_metrics(verbose: bool, as_json: bool) -> None:
+    """List available metrics (built in, and entry-point group bz.metrics)."""
+    from bz.metrics import available_metrics
+
+    metrics = available_metrics()
+    if as_json:
+        listing = [
+            {
+                "name": info.name,
+                "source": info.source,
+                "distribution": info.distribution,
+                "version": info.version,
+                "summary": info.summary,
+                "options": [
+                    {"name": o.name, "type": o.type, "default": o.default, "doc": o.doc}
+                    for o in info.options
+                ],
+                "error": info.error,
+            }
+            for info in metrics.values()
+        ]
+        click.echo(json.dumps(listing, indent=2))
+        return
+    for info in metrics.values():
+        if info.error:
+            click.echo(f"{info.name:<22} LOAD ERROR: {info.error}")
+            continue
+        click.echo(f"{info.name:<22} {info.summary}")
+        if not verbose:
+            continue
+        origin = f"{info.distribution} {info.version or ''}".strip() if info.distribution else "?"
+        click.echo(f"    from: {origin} ({info.source})")
+        for option in info.options:
+            default = "required" if option.required else f"default {option.default}"
+            click.echo(f"    {option.name}: {option.type} ({default})")
+            if option.doc:
+                click.echo(textwrap.indent(option.doc, " " * 8))
 
 
 # -- init --------------------------------------------------------------------------------
@@ -296,29 +458,10 @@ def health(as_json: bool) -> None:
 # -- entry point -------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; map bz errors to one line and an exit code."""
-    try:
-        cli.main(
-            args=list(argv) if argv is not None else None, prog_name="bz", standalone_mode=False
-        )
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("bz: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        click.echo("bz: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except BzError as exc:
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            _fail(line)
-        return exc.exit_code
-    return 0
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``bz`` console script (exits with the command's exit code)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="bz")
 
 
 if __name__ == "__main__":  # python -m bz.cli
-    sys.exit(main())
+    main()

@@ -108,8 +108,8 @@ class PluginSpec:
 
     name: str
     options: Mapping[str, Any] = attrs.field(factory=dict)
-    path: str = ""
-    """Where the entry sits in the file, e.g. ``plugins[1].my_plugin``."""
+    path: str = attrs.field(default="", eq=False)
+    """Where the entry sits in the file, e.g. ``plugins[1].my_plugin`` (not compared)."""
 
     @property
     def enabled(self) -> bool:
@@ -123,7 +123,7 @@ class MetricSpec:
 
     name: str
     options: Mapping[str, Any] = attrs.field(factory=dict)
-    path: str = ""
+    path: str = attrs.field(default="", eq=False)
 
 
 @attrs.frozen
@@ -148,6 +148,14 @@ class RunConfig:
     """``isolate`` quarantines a failing plugin and trains on; ``raise`` stops."""
     train_script: str = "train.py"
     """The file defining ``setup(config) -> TrainingSetup``, relative to the config."""
+    checkpoint_interval: int = attrs.field(default=1, validator=at_least(0))
+    """Write a checkpoint every this many epochs (and at the last one); 0 writes none."""
+    checkpoint_dir: str = ".bz/checkpoints"
+    """Where run folders (``<signature>/epoch-0003.pt``) go, relative to the config."""
+    keep_last: int = attrs.field(default=3, validator=at_least(1))
+    """How many checkpoints of a run to keep (the newest ones)."""
+    resume: bool = True
+    """Resume from the newest checkpoint of the same run, if there is one."""
 
     def with_overrides(self, **changes: Any) -> RunConfig:
         """A copy with some keys replaced (values are validated like JSON input)."""
@@ -339,8 +347,14 @@ def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
             yield (_join(path, sub_path) if sub_path else path), message
     elif isinstance(exc, ConfigValueError):
         yield _join(path, exc.field), exc.message
+    elif isinstance(exc, ValueError) and (match := _ATTRS_VALIDATOR.match(str(exc))):
+        # attrs.validators word their errors "'field' must be ...": give the field a path.
+        yield _join(path, match["field"]), match["message"]
     else:
         yield path, str(exc)
+
+
+_ATTRS_VALIDATOR = re.compile(r"^'(?P<field>\w+)' (?P<message>.+)$", re.DOTALL)
 
 
 def structure(data: Any, cls: type[T], path: str = "") -> T:
@@ -352,7 +366,33 @@ def structure(data: Any, cls: type[T], path: str = "") -> T:
     except ConfigError as exc:
         raise ConfigError(list(_problems(exc, path))) from None
     except (BaseValidationError, ConfigValueError, ValueError, TypeError) as exc:
+        crash = _code_fault(exc)
+        if crash is not None:
+            raise crash from None
         raise ConfigError(list(_problems(exc, path))) from None
+
+
+# What bad input raises; anything else inside structuring is a bug in someone's code
+# (a config class's validator, say) and must not be reported as the user's mistake.
+_INPUT_ERRORS = (
+    ConfigError,
+    ConfigValueError,
+    ForbiddenExtraKeysError,
+    ValueError,
+    TypeError,
+    KeyError,
+)
+
+
+def _code_fault(exc: BaseException) -> BaseException | None:
+    """The first exception in ``exc`` (a cattrs error group) that is not about input."""
+    if isinstance(exc, BaseValidationError):
+        for sub in exc.exceptions:
+            found = _code_fault(sub)
+            if found is not None:
+                return found
+        return None
+    return None if isinstance(exc, _INPUT_ERRORS) else exc
 
 
 def unstructure(value: Any) -> Any:

@@ -1,0 +1,240 @@
+"""Helpers for the checkpoint and fault-injection tests.
+
+* :class:`FaultPlugin`: a plugin that fails where its options say (any hook, ``create``,
+  config validation, ``state_dict`` / ``load_state_dict``), returns garbage from every
+  hook, or scribbles over the context's counters.
+* :func:`install_fake_distribution`: a folder with a ``*.dist-info`` whose entry points
+  register ``faulty`` and ``broken_import`` (a module that raises when imported), so
+  ``bz train`` discovers them exactly as it discovers installed packages.
+* :func:`resume_setup` (and :data:`RESUME_TRAIN_PY`, a ``train.py`` using it): a setup
+  that draws from every random generator a real run does.
+* :func:`child_main`: the entry of the subprocesses the kill tests start; it arranges
+  for the process to kill itself at a chosen step or inside a checkpoint write.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import numpy
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bz
+from bz.plugins import HOOK_NAMES, PluginContext
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def jitter(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate, scaling the inputs by a factor drawn from Python's and NumPy's generators."""
+    inputs = torch.stack([x for x, _ in batch])
+    targets = torch.stack([y for _, y in batch])
+    scale = 1.0 + 0.01 * random.random() + 0.01 * float(numpy.random.rand())
+    return inputs * scale, targets
+
+
+def resume_setup(config: bz.RunConfig) -> bz.TrainingSetup:
+    """Six shuffled batches per epoch, dropout, Adam and a StepLR schedule.
+
+    It draws from every random generator a real run does (the shuffle, dropout, and
+    Python's and NumPy's generators in the collate function), so a resume that misses
+    one of them cannot be bit-identical.
+    """
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(48, 6, generator=generator)
+    targets = (inputs[:, 0] + inputs[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=float(config.hyperparameters.get("lr", 0.01))
+    )
+    data = TensorDataset(inputs, targets)
+    return bz.TrainingSetup(
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9),
+        train_loader=DataLoader(data, batch_size=8, shuffle=True, collate_fn=jitter),
+        val_loader=DataLoader(data, batch_size=24),
+    )
+
+
+RESUME_TRAIN_PY = "from tests._fault_support import resume_setup as setup\n"
+"""A ``train.py`` for :func:`resume_setup` (the repository root must be importable)."""
+
+BATCHES_PER_EPOCH = 6
+
+FAULT_DISTRIBUTION = "bz-fault-plugins"
+
+
+# -- the fault plugin ------------------------------------------------------------------------
+
+
+def _fail_in_config(_instance: object, _attribute: object, value: str) -> None:
+    if value == "config":
+        raise RuntimeError("injected fault in config validation")
+
+
+@attrs.frozen
+class FaultConfig:
+    """Options of the ``faulty`` plugin."""
+
+    fail_in: str = attrs.field(default="", validator=_fail_in_config)
+    """A hook name, ``create``, ``config``, ``state_dict`` or ``load_state_dict``."""
+    mode: Literal["raise", "garbage", "garbage_state", "mutate"] = "raise"
+    """``raise`` in ``fail_in``; return ``garbage`` from every hook; return a state a
+    checkpoint cannot hold (``garbage_state``); ``mutate`` the context's counters."""
+
+
+class FaultPlugin:
+    """A plugin that misbehaves on purpose (see :class:`FaultConfig`)."""
+
+    Config = FaultConfig
+
+    def __init__(self, config: FaultConfig) -> None:
+        if config.fail_in == "create":
+            raise RuntimeError("injected fault in create")
+        self.name = "faulty"
+        self.config = config
+        self.calls = 0
+
+    def _act(self, hook: str, context: PluginContext) -> object:
+        self.calls += 1
+        if self.config.mode == "garbage":
+            return {"garbage": object(), "hook": hook, "tensor": torch.ones(3)}
+        if self.config.mode == "mutate":
+            context.epoch = 10_000
+            context.epochs = 1
+            context.global_step = -7
+            context.batch_index = 12345
+            context.training_batch_count = 0
+            context.validation_batch_count = 999
+            context.training_loss_total = 1e9
+            context.validation_loss_total = -1e9
+            return None
+        if hook == self.config.fail_in:
+            raise RuntimeError(f"injected fault in {hook}")
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"calls": n}``, or something a checkpoint cannot hold (``garbage_state``)."""
+        if self.config.fail_in == "state_dict":
+            raise RuntimeError("injected fault in state_dict")
+        if self.config.mode == "garbage_state":
+            return {"calls": self.calls, "handle": object()}
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``calls``."""
+        if self.config.fail_in == "load_state_dict":
+            raise RuntimeError("injected fault in load_state_dict")
+        self.calls = int(state["calls"])
+
+
+def _hook_method(hook: str) -> Any:
+    def method(self: FaultPlugin, context: PluginContext) -> object:
+        return self._act(hook, context)
+
+    method.__name__ = hook
+    return method
+
+
+for _hook in HOOK_NAMES:
+    setattr(FaultPlugin, _hook, _hook_method(_hook))
+
+
+# -- a distribution that bz discovers --------------------------------------------------------
+
+
+def install_fake_distribution(folder: Path) -> Path:
+    """Write a ``*.dist-info`` registering ``faulty`` and ``broken_import`` into ``folder``.
+
+    Put ``folder`` on ``sys.path`` (``monkeypatch.syspath_prepend``) or ``PYTHONPATH``
+    and ``importlib.metadata`` finds it like any installed package.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    info = folder / "bz_fault_plugins-0.0.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {FAULT_DISTRIBUTION}\nVersion: 0.0.0\n", encoding="utf-8"
+    )
+    (info / "entry_points.txt").write_text(
+        "[bz.plugins]\n"
+        "faulty = tests._fault_support:FaultPlugin\n"
+        "broken_import = bz_fault_broken_module:Plugin\n",
+        encoding="utf-8",
+    )
+    (folder / "bz_fault_broken_module.py").write_text(
+        'raise RuntimeError("injected fault at import")\n', encoding="utf-8"
+    )
+    return folder
+
+
+def final_model_state(project: Path) -> dict[str, torch.Tensor]:
+    """The model weights in the newest checkpoint under ``project/.bz/checkpoints``."""
+    files = sorted((project / ".bz" / "checkpoints").glob("*/epoch-*.pt"))
+    assert files, f"no checkpoint under {project}"
+    newest = max(files, key=lambda path: path.name)
+    payload = torch.load(newest, map_location="cpu", weights_only=True)
+    model: dict[str, torch.Tensor] = payload["model"]
+    return model
+
+
+# -- subprocesses that die on cue ------------------------------------------------------------
+
+
+def child_main() -> None:
+    """Run ``bz`` with ``sys.argv[1:]``, dying where the environment says.
+
+    ``BZ_TEST_SIGNAL_AT_STEP=N`` and ``BZ_TEST_SIGNAL=KILL|INT``: send the signal to
+    this process right after optimizer step N. ``BZ_TEST_KILL_IN_WRITE=N``: during the
+    N-th checkpoint write, write half of the file and die with SIGKILL (the state a
+    crash leaves behind).
+    """
+    from bz import _trainer, cli
+
+    at_step = int(os.environ.get("BZ_TEST_SIGNAL_AT_STEP", "0"))
+    chosen = getattr(signal, "SIG" + os.environ.get("BZ_TEST_SIGNAL", "KILL"))
+    if at_step:
+        original_step = _trainer._Run._step
+
+        def step(self: _trainer._Run, batch: Any) -> None:
+            original_step(self, batch)
+            if self.global_step == at_step:
+                os.kill(os.getpid(), chosen)
+
+        _trainer._Run._step = step  # type: ignore[method-assign]  # the test's fault injection
+
+    kill_in_write = int(os.environ.get("BZ_TEST_KILL_IN_WRITE", "0"))
+    if kill_in_write:
+        real_save = torch.save
+        writes = [0]
+
+        def save(obj: object, file: Any, *args: Any, **kwargs: Any) -> None:
+            writes[0] += 1
+            if writes[0] != kill_in_write:
+                real_save(obj, file, *args, **kwargs)
+                return
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            data = buffer.getvalue()
+            file.write(data[: len(data) // 2])
+            file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save  # type: ignore[assignment]  # the test's fault injection
+
+    cli.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    child_main()

@@ -1,0 +1,70 @@
+"""Helpers shared by the tests: a tiny deterministic setup and weight comparison."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+from torch import nn
+
+import bz
+
+TINY_TRAIN_PY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import bz
+
+
+    def setup(config: bz.RunConfig) -> bz.TrainingSetup:
+        generator = torch.Generator().manual_seed(1)
+        inputs = torch.randn(64, 4, generator=generator)
+        targets = (inputs.sum(dim=1) > 0).long()
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        data = TensorDataset(inputs, targets)
+        return bz.TrainingSetup(
+            model=model,
+            loss_fn=nn.CrossEntropyLoss(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            train_loader=DataLoader(data, batch_size=16, shuffle=True),
+            val_loader=DataLoader(data, batch_size=32),
+        )
+    """
+)
+
+
+def tiny_setup(seed: int = 0, *, validation: bool = True, batches: int = 4) -> bz.TrainingSetup:
+    """A two-layer classifier on 16 * ``batches`` random points; same seed, same setup."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(16 * batches, 4, generator=generator)
+    targets = (inputs.sum(dim=1) > 0).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    train = [(inputs[i : i + 16], targets[i : i + 16]) for i in range(0, len(inputs), 16)]
+    return bz.TrainingSetup(
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_loader=train,
+        val_loader=train[:2] if validation else None,
+    )
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every tensor in the model's state."""
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    """Bit-identical: same keys, same dtypes, equal tensors."""
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), f"{key} differs"
+
+
+Events = list[MutableMapping[str, Any]]
+"""What the ``events`` fixture yields: structlog's captured event dicts."""

@@ -1,0 +1,402 @@
+"""Checkpoints and resume, in process: what a user sees when a run stops and restarts."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+from tests._fault_support import BATCHES_PER_EPOCH, RESUME_TRAIN_PY, resume_setup
+from tests._support import assert_same_weights, weights
+
+import bz
+from bz import _checkpoint
+from bz._checkpoint import list_checkpoints, read_checkpoint, run_signature
+from bz._trainer import TrainingInterrupted
+from bz.cli import cli
+from bz.config import RunConfig, structure
+from bz.plugins import PluginContext
+
+CONFIG = RunConfig(epochs=4, device="cpu", plugins=(), seed=5)
+
+
+def fit(
+    folder: Path | None, config: RunConfig = CONFIG, plugins: list[Any] | None = None
+) -> tuple[bz.FitResult, dict[str, torch.Tensor]]:
+    bz.seed_everything(5)  # as `bz train` does before calling setup()
+    setup = resume_setup(config)
+    result = bz.Trainer().fit(setup, config, plugins or [], checkpoint_dir=folder)
+    return result, weights(setup.model)
+
+
+@pytest.fixture(scope="module")
+def clean() -> dict[str, torch.Tensor]:
+    """Final weights of the uninterrupted four-epoch run (no checkpoints at all)."""
+    return fit(None)[1]
+
+
+class Interrupter:
+    """Presses Ctrl-C (a real SIGINT) right after optimizer step ``at_step``."""
+
+    name = "interrupter"
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+        self.calls: list[str] = []
+
+    def end_training_batch(self, context: PluginContext) -> None:
+        if context.global_step == self.at_step:
+            signal.raise_signal(signal.SIGINT)
+
+    def on_exception(self, context: PluginContext) -> None:
+        self.calls.append(f"on_exception:{type(context.exception).__name__}")
+
+    def end_training_session(self, context: PluginContext) -> None:
+        self.calls.append("end_training_session")
+
+
+class Counter:
+    """A stateful plugin: counts epochs, and sees the checkpoint hooks' paths."""
+
+    name = "counter"
+
+    def __init__(self) -> None:
+        self.epochs = 0
+        self.paths: list[tuple[str, Path | None]] = []
+
+    def end_epoch(self, context: PluginContext) -> None:
+        self.epochs += 1
+
+    def save_checkpoint(self, context: PluginContext) -> None:
+        self.paths.append(("save", context.checkpoint_path))
+
+    def load_checkpoint(self, context: PluginContext) -> None:
+        self.paths.append(("load", context.checkpoint_path))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epochs = int(state["epochs"])
+
+
+def test_extending_epochs_resumes_and_ends_bit_identical(
+    tmp_path: Path, clean: dict[str, torch.Tensor], events: list[dict[str, Any]]
+) -> None:
+    first, _ = fit(tmp_path, CONFIG.with_overrides(epochs=2))
+    assert first.checkpoint is not None
+    assert first.checkpoint.name == "epoch-0002.pt"
+    counter = Counter()
+    result, final = fit(tmp_path, plugins=[counter])
+    assert_same_weights(final, clean)
+    assert result.resumed_from == first.checkpoint
+    assert result.epochs_completed == 4
+    assert len(result.history) == 2
+    assert counter.epochs == 2  # a plugin that was not there before starts fresh
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed == [
+        {
+            "event": "resumed",
+            "log_level": "info",
+            "path": str(first.checkpoint),
+            "epoch": 2,
+            "batch": 0,
+            "step": 2 * BATCHES_PER_EPOCH,
+        }
+    ]
+    assert counter.paths[0] == ("load", first.checkpoint)
+    assert all(path is not None and path.exists() for _, path in counter.paths)
+
+
+@pytest.mark.parametrize("at_step", [3, BATCHES_PER_EPOCH + 4, BATCHES_PER_EPOCH])
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_bit_identical(
+    tmp_path: Path, clean: dict[str, torch.Tensor], at_step: int
+) -> None:
+    previous = signal.getsignal(signal.SIGINT)
+    interrupter, counter = Interrupter(at_step), Counter()
+    with pytest.raises(TrainingInterrupted) as caught:
+        fit(tmp_path, plugins=[interrupter, counter])
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert interrupter.calls == ["on_exception:TrainingInterrupted", "end_training_session"]
+    saved = caught.value.checkpoint
+    assert saved is not None
+    payload = read_checkpoint(saved)
+    assert payload["global_step"] == at_step
+    epochs, batch = divmod(at_step, BATCHES_PER_EPOCH)
+    if batch == 0:  # the last batch of an epoch: that epoch completes first
+        assert saved.name == f"epoch-{epochs:04d}.pt"
+    else:
+        assert saved.name == f"epoch-{epochs:04d}-batch-{batch:05d}.pt"
+    assert payload["plugins"] == {"counter": {"epochs": epochs}}
+    resumed_counter = Counter()
+    result, final = fit(tmp_path, plugins=[resumed_counter])
+    assert_same_weights(final, clean)
+    assert resumed_counter.epochs == CONFIG.epochs
+    assert result.global_step == CONFIG.epochs * BATCHES_PER_EPOCH
+
+
+def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(
+    tmp_path: Path, clean: dict[str, torch.Tensor], events: list[dict[str, Any]]
+) -> None:
+    fit(tmp_path, CONFIG.with_overrides(epochs=3))
+    newest, previous = list_checkpoints(next(tmp_path.iterdir()))[:2]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as a lying disk leaves it
+    result, final = fit(tmp_path)
+    assert_same_weights(final, clean)
+    assert result.resumed_from == previous
+    warnings = [e for e in events if e["event"] == "checkpoint_unreadable"]
+    assert len(warnings) == 1
+    assert warnings[0]["path"] == str(newest)
+
+
+def test_keep_last_prunes_old_checkpoints_and_stray_temporary_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / run_signature(resume_setup(CONFIG), CONFIG)
+    run_dir.mkdir()
+    stray = run_dir / ".epoch-0001.pt.4242.tmp"
+    stray.write_bytes(b"half a checkpoint")
+    fit(tmp_path, CONFIG.with_overrides(keep_last=2))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["epoch-0003.pt", "epoch-0004.pt"]
+
+
+def test_checkpoint_interval_and_the_final_epoch(tmp_path: Path) -> None:
+    fit(tmp_path, CONFIG.with_overrides(epochs=5, checkpoint_interval=2, keep_last=10))
+    (run_dir,) = tmp_path.iterdir()
+    names = [p.name for p in list_checkpoints(run_dir)]
+    assert names == ["epoch-0005.pt", "epoch-0004.pt", "epoch-0002.pt"]
+
+
+def test_interval_zero_writes_nothing(tmp_path: Path) -> None:
+    result, _ = fit(tmp_path, CONFIG.with_overrides(checkpoint_interval=0))
+    assert result.checkpoint is None
+    assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_signature_ignores_epochs_but_not_hyperparameters_or_seed() -> None:
+    base = run_signature(resume_setup(CONFIG), CONFIG)
+    longer = CONFIG.with_overrides(epochs=40)
+    assert run_signature(resume_setup(longer), longer) == base
+    for changed in (
+        CONFIG.with_overrides(seed=6),
+        CONFIG.with_overrides(hyperparameters={"lr": 0.02}),
+    ):
+        assert run_signature(resume_setup(changed), changed) != base
+
+
+def test_a_changed_model_does_not_resume_from_another_run(tmp_path: Path) -> None:
+    fit(tmp_path, CONFIG.with_overrides(epochs=1))
+    other = CONFIG.with_overrides(hyperparameters={"lr": 0.05})
+    result, _ = fit(tmp_path, other)
+    assert result.resumed_from is None
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_finished_run_reports_it_trains_nothing_and_returns_the_trained_model(
+    tmp_path: Path, clean: dict[str, torch.Tensor], events: list[dict[str, Any]]
+) -> None:
+    fit(tmp_path)
+    counter = Counter()
+    result, final = fit(tmp_path, plugins=[counter])
+    assert result.already_complete
+    assert result.history == ()
+    assert counter.paths == []
+    assert result.epochs_completed == CONFIG.epochs
+    assert_same_weights(final, clean)
+    assert [e["event"] for e in events].count("already_complete") == 1
+
+
+def test_no_resume_starts_over_and_replaces_the_old_checkpoints(
+    tmp_path: Path, clean: dict[str, torch.Tensor]
+) -> None:
+    fit(tmp_path)
+    result, final = fit(tmp_path, CONFIG.with_overrides(resume=False, epochs=2))
+    assert result.resumed_from is None
+    assert result.epochs_completed == 2
+    (run_dir,) = tmp_path.iterdir()
+    # The old run's epochs 3 and 4 are gone: they would otherwise look newer.
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0002.pt", "epoch-0001.pt"]
+    result, final = fit(tmp_path)  # and resuming that fresh run still ends identically
+    assert_same_weights(final, clean)
+
+
+def test_a_failed_write_is_reported_and_training_goes_on(
+    tmp_path: Path,
+    clean: dict[str, torch.Tensor],
+    events: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def disk_full(payload: object, path: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_checkpoint, "atomic_save", disk_full)
+    result, final = fit(tmp_path)
+    assert_same_weights(final, clean)
+    assert result.checkpoint is None
+    failures = [e for e in events if e["event"] == "checkpoint_write_failed"]
+    assert len(failures) == CONFIG.epochs
+    assert "No space left on device" in failures[0]["error"]
+
+
+def test_atomic_save_leaves_nothing_behind_when_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "epoch-0001.pt"
+    target.write_bytes(b"previous good file")
+
+    def replace_crashes(src: str, dst: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", replace_crashes)
+    with pytest.raises(KeyboardInterrupt):
+        _checkpoint.atomic_save({"x": torch.ones(2)}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch-0001.pt"]
+    assert target.read_bytes() == b"previous good file"
+
+
+def test_checkpoints_cannot_run_code(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (print, ("pwned",))
+
+    path = tmp_path / "epoch-0001.pt"
+    torch.save({"evil": Payload()}, path)
+    with pytest.raises(_checkpoint.UnreadableCheckpoint, match=r"Unpickl|[Ww]eights only"):
+        read_checkpoint(path)
+
+
+def test_plugin_state_that_a_checkpoint_cannot_hold_quarantines_only_that_plugin(
+    tmp_path: Path, clean: dict[str, torch.Tensor], events: list[dict[str, Any]]
+) -> None:
+    class Hoarder(Counter):
+        name = "hoarder"
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"socket": object()}
+
+    counter = Counter()
+    result, final = fit(tmp_path, plugins=[Hoarder(), counter])
+    assert_same_weights(final, clean)
+    failed = [e for e in events if e["event"] == "plugin_failed"]
+    assert [(e["plugin"], e["hook"]) for e in failed] == [("hoarder", "state_dict")]
+    assert result.checkpoint is not None
+    assert read_checkpoint(result.checkpoint)["plugins"] == {"counter": {"epochs": 4}}
+
+
+def test_early_stopping_resumes_with_its_counters(tmp_path: Path) -> None:
+    from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
+
+    def plugin() -> EarlyStopping:
+        return EarlyStopping(EarlyStoppingConfig(patience=2, min_delta=10.0, verbose=False))
+
+    config = CONFIG.with_overrides(epochs=8)
+    uninterrupted = plugin()
+    straight, _ = fit(None, config, [uninterrupted])
+    fit(tmp_path, config.with_overrides(epochs=2), [plugin()])
+    resumed = plugin()
+    result, _ = fit(tmp_path, config, [resumed])
+    assert result.epochs_completed == straight.epochs_completed < 8
+    assert resumed.stopped_epoch == uninterrupted.stopped_epoch
+    assert resumed.history == uninterrupted.history
+
+
+# -- configuration and command line -----------------------------------------------------------
+
+
+@given(st.integers(max_value=-1))
+def test_negative_checkpoint_interval_is_rejected_with_its_path(value: int) -> None:
+    with pytest.raises(bz.ConfigError, match=r"^checkpoint_interval: must be >= 0"):
+        structure({"checkpoint_interval": value}, RunConfig)
+
+
+@given(st.integers(max_value=0))
+def test_keep_last_below_one_is_rejected_with_its_path(value: int) -> None:
+    with pytest.raises(bz.ConfigError, match=r"^keep_last: must be >= 1"):
+        structure({"keep_last": value}, RunConfig)
+
+
+@given(
+    st.integers(min_value=0, max_value=1000),
+    st.integers(min_value=1, max_value=1000),
+    st.booleans(),
+    st.text(min_size=1, max_size=20),
+)
+def test_checkpoint_options_round_trip(
+    interval: int, keep: int, resume: bool, folder: str
+) -> None:
+    data = {
+        "checkpoint_interval": interval,
+        "keep_last": keep,
+        "resume": resume,
+        "checkpoint_dir": folder,
+    }
+    config = structure(data, RunConfig)
+    assert (config.checkpoint_interval, config.keep_last, config.resume) == (
+        interval,
+        keep,
+        resume,
+    )
+    assert structure(bz.config.unstructure(config), RunConfig) == config
+
+
+def _project(folder: Path, **config: Any) -> Path:
+    (folder / "train.py").write_text(RESUME_TRAIN_PY, encoding="utf-8")
+    data = {"epochs": 2, "device": "cpu", "seed": 1, "plugins": [], "metrics": ["accuracy"]}
+    (folder / "bzconfig.json").write_text(json.dumps({**data, **config}), encoding="utf-8")
+    return folder / "bzconfig.json"
+
+
+def test_cli_resumes_by_default_and_validate_reports_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    config = str(_project(tmp_path))
+    runner = CliRunner()
+    first = runner.invoke(cli, ["train", "--config", config, "--log-format", "json"])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(cli, ["train", "--config", config])
+    assert again.exit_code == 0
+    assert "nothing to train: this run already finished 2 epoch(s)" in again.stderr
+    longer = runner.invoke(cli, ["train", "--config", config, "--epochs", "3"])
+    assert longer.exit_code == 0
+    assert "resumed from" in longer.stderr
+    assert "epoch-0002.pt" in longer.stderr
+    shown = runner.invoke(cli, ["validate", "--config", config, "--json"])
+    assert shown.exit_code == 0, shown.output
+    report = json.loads(shown.stdout)
+    assert report["epoch"] == 3
+    assert report["checkpoint"].endswith("epoch-0003.pt")
+    assert set(report["metrics"]) == {"accuracy"}
+    assert report["validation_loss"] > 0
+
+
+def test_cli_no_resume_and_checkpoint_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    monkeypatch.chdir(tmp_path)
+    config = str(_project(tmp_path))
+    args = ["train", "--config", config, "--checkpoint-dir", "ckpt", "--checkpoint-interval", "2"]
+    runner = CliRunner()
+    assert runner.invoke(cli, [*args, "--epochs", "3"]).exit_code == 0
+    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0003.pt", "epoch-0002.pt"]
+    fresh = runner.invoke(cli, [*args, "--epochs", "2", "--no-resume"])
+    assert fresh.exit_code == 0
+    assert "resumed" not in fresh.stderr
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0002.pt"]
+
+
+def test_validate_without_a_checkpoint_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    config = str(_project(tmp_path))
+    result = CliRunner().invoke(cli, ["validate", "--config", config])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert "no checkpoint of this run" in result.stderr

@@ -1,0 +1,205 @@
+"""The bzconfig.json contract: what is accepted, what is refused, and how it is reported."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bz.config import (
+    ConfigError,
+    PluginSpec,
+    RunConfig,
+    find_config_file,
+    load_config,
+    structure,
+    unstructure,
+)
+
+# -- strategies ------------------------------------------------------------------------
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+options = st.dictionaries(names, json_scalars, max_size=3)
+entries = st.one_of(names, st.builds(lambda n, o: {n: o}, names, options))
+devices = st.one_of(
+    st.sampled_from(["auto", "cpu", "cuda", "mps"]),
+    st.integers(min_value=0, max_value=15).map(lambda i: f"cuda:{i}"),
+)
+
+valid_configs = st.fixed_dictionaries(
+    {},
+    optional={
+        "epochs": st.integers(min_value=1, max_value=10_000),
+        "device": devices,
+        "compile": st.booleans(),
+        "seed": st.none() | st.integers(min_value=0, max_value=2**31),
+        "hyperparameters": st.dictionaries(names, json_values, max_size=4),
+        "metrics": st.lists(entries, max_size=3),
+        "plugins": st.lists(entries, max_size=4),
+        "plugin_errors": st.sampled_from(["isolate", "raise"]),
+        "train_script": st.text(min_size=1, max_size=20),
+    },
+)
+
+
+# -- properties ------------------------------------------------------------------------
+
+
+@given(valid_configs)
+@settings(max_examples=200, deadline=None)
+def test_valid_json_round_trips(data: dict[str, Any]) -> None:
+    config = structure(data, RunConfig)
+    again = structure(json.loads(json.dumps(unstructure(config))), RunConfig)
+    assert again == config
+
+
+@given(valid_configs)
+@settings(max_examples=100, deadline=None)
+def test_given_keys_are_kept(data: dict[str, Any]) -> None:
+    config = structure(data, RunConfig)
+    for key in ("epochs", "device", "compile", "seed", "plugin_errors", "train_script"):
+        if key in data:
+            assert getattr(config, key) == data[key]
+    if "plugins" in data:
+        assert [spec.name for spec in config.plugins] == [
+            entry if isinstance(entry, str) else next(iter(entry)) for entry in data["plugins"]
+        ]
+
+
+@given(st.dictionaries(st.text(max_size=10), json_values, max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_any_json_object_gives_a_config_or_a_config_error(data: dict[str, Any]) -> None:
+    try:
+        structure(data, RunConfig)
+    except ConfigError as exc:
+        problems = exc.problems
+    else:
+        return
+    assert problems, "a config error names at least one problem"
+    assert all(isinstance(path, str) and message for path, message in problems)
+
+
+@given(json_values)
+@settings(max_examples=200, deadline=None)
+def test_any_json_document_gives_a_config_or_a_config_error(data: Any) -> None:
+    with contextlib.suppress(ConfigError):
+        structure(data, RunConfig)
+
+
+@given(valid_configs, names.filter(lambda n: n not in RunConfig.__annotations__), json_values)
+@settings(max_examples=100, deadline=None)
+def test_an_unknown_key_is_named(data: dict[str, Any], key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as caught:
+        structure({**data, key: value}, RunConfig)
+    assert (key, "unknown key") in [(p, m.split(" (")[0]) for p, m in caught.value.problems]
+
+
+@given(valid_configs, st.sampled_from(["epochs", "seed"]), st.text(min_size=1, max_size=5))
+@settings(max_examples=100, deadline=None)
+def test_a_string_where_an_int_belongs_is_named(data: dict[str, Any], key: str, bad: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        structure({**data, key: bad}, RunConfig)
+    assert [path for path, _ in caught.value.problems] == [key]
+
+
+# -- messages --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"epochs": "5x"}, 'epochs: expected int, got "5x"'),
+        ({"epochs": 0}, "epochs: must be >= 1, got 0"),
+        ({"epochs": True}, "epochs: expected int, got true"),
+        ({"epoch": 3}, 'epoch: unknown key (did you mean "epochs"?)'),
+        ({"device": "gpu"}, "device"),
+        ({"plugin_errors": "isolat"}, 'did you mean "isolate"?'),
+        ({"plugins": "console_out"}, 'plugins: expected a list, got "console_out"'),
+        ({"plugins": ["console_out", 3]}, "plugins[1]: expected"),
+        ({"plugins": [{"a": 1, "b": 2}]}, "plugins[0]: expected"),
+        ({"plugins": [{"my_plugin": 5}]}, "plugins[0].my_plugin: expected an object of options"),
+        ({"hyperparameters": []}, "hyperparameters: expected an object, got []"),
+    ],
+)
+def test_errors_name_the_path(data: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        structure(data, RunConfig)
+    assert expected in caught.value.render()
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        structure({"epochs": "x", "device": 3, "colour": "red"}, RunConfig)
+    paths = sorted(path for path, _ in caught.value.problems)
+    assert paths == ["colour", "device", "epochs"]
+
+
+def test_plugin_specs_keep_their_json_path() -> None:
+    config = structure({"plugins": ["console_out", {"my_plugin": {"log_interval": 5}}]}, RunConfig)
+    assert config.plugins == (
+        PluginSpec("console_out", {}, "plugins[0]"),
+        PluginSpec("my_plugin", {"log_interval": 5}, "plugins[1].my_plugin"),
+    )
+
+
+def test_enabled_false_marks_a_plugin_disabled() -> None:
+    config = structure({"plugins": [{"early_stopping": {"enabled": False}}]}, RunConfig)
+    assert not config.plugins[0].enabled
+
+
+def test_defaults_are_documented_values() -> None:
+    config = RunConfig()
+    assert (config.epochs, config.device, config.compile, config.seed) == (10, "auto", False, 0)
+    assert [spec.name for spec in config.plugins] == ["console_out"]
+    assert config.plugin_errors == "isolate"
+
+
+# -- files -----------------------------------------------------------------------------
+
+
+def test_config_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BZ_CONFIG", raising=False)
+    assert find_config_file() == Path("bzconfig.json")
+    monkeypatch.setenv("BZ_CONFIG", "from_env.json")
+    assert find_config_file() == Path("from_env.json")
+    assert find_config_file("explicit.json") == Path("explicit.json")
+
+
+def test_load_config_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bzconfig.json"
+    path.write_text('{"epochs": "many"}', encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.render() == f'{path}: epochs: expected int, got "many"'
+
+
+def test_invalid_json_gives_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bzconfig.json"
+    path.write_text('{\n  "epochs": 3,\n}', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"invalid JSON at line 3, column 1"):
+        load_config(path)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.json")
