@@ -22,9 +22,11 @@ from bz._loader import (
     config_class,
     discover,
     duplicate_message,
+    load_factory,
 )
 from bz._plugin import Plugin
 from bz._sandbox import describe_exception
+from bz.config import unstructure
 
 
 @attrs.frozen
@@ -50,7 +52,10 @@ class PluginDescription:
     summary: str = ""
     hooks: tuple[str, ...] = ()
     options: tuple[ConfigField, ...] | None = None
-    """None when the plugin has no attrs config class (options are free-form)."""
+    """None when bz cannot tell which options the plugin takes (free-form)."""
+    options_from: str | None = None
+    """``Config`` (an attrs class: checked by bz), ``load_config`` (the defaults the
+    plugin's own ``load_config({})`` returns: not checked by bz), or None."""
     stateful: bool = False
     error: str | None = None
     duplicate_of: str | None = None
@@ -74,6 +79,8 @@ def class_hooks(cls: type) -> tuple[str, ...]:
 def _type_name(annotation: Any) -> str:
     if isinstance(annotation, str):
         return annotation
+    if annotation is Ellipsis:
+        return "..."
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return "|".join(str(a) for a in typing.get_args(annotation))
@@ -124,7 +131,7 @@ def config_schema(cls: type) -> tuple[ConfigField, ...]:
             ConfigField(
                 name=field.name,
                 type=_type_name(hints.get(field.name, field.type)),
-                default=None if required else default,
+                default=None if required else _json_value(default),
                 required=required,
                 doc=docs.get(field.name, ""),
             )
@@ -132,8 +139,48 @@ def config_schema(cls: type) -> tuple[ConfigField, ...]:
     return tuple(fields)
 
 
+def _json_value(value: Any) -> Any:
+    try:
+        return unstructure(value)
+    except Exception:
+        return repr(value)
+
+
+_JSON_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}
+
+
+def loaded_config_schema(factory: object) -> tuple[ConfigField, ...] | None:
+    """Options of a guide-style plugin, read from what ``load_config({})`` returns.
+
+    The guide's ``load_config`` fills in a default for every option it knows, so its
+    answer to an empty object lists them. Anything else (it raises, or returns a
+    non-dict) means the options cannot be told.
+    """
+    load_config = getattr(factory, "load_config", None)
+    if not callable(load_config):
+        return None
+    try:
+        defaults = load_config({})
+    except Exception:
+        return None
+    if not isinstance(defaults, dict):
+        return None
+    return tuple(
+        ConfigField(
+            name=str(key),
+            type=_JSON_TYPE_NAMES.get(type(value), type(value).__name__),
+            default=_json_value(value),
+            required=False,
+            doc="",
+        )
+        for key, value in defaults.items()
+    )
+
+
 def _summary(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
+    # The class's own docstring only: inspect.getdoc would show Plugin's for subclasses.
+    own = vars(obj).get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+    doc = inspect.cleandoc(own) if isinstance(own, str) else ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
@@ -149,20 +196,24 @@ def describe(source: PluginSource, *, load: bool) -> PluginDescription:
     if not load:
         return base
     try:
-        if source.entry_point is None:
-            raise ImportError(f"no entry point for {source.value}")
-        factory = source.entry_point.load()
+        factory = load_factory(source)
     except Exception as exc:
-        return attrs.evolve(base, error=f"import failed: {describe_exception(exc)}")
-    if not callable(factory):
-        return attrs.evolve(base, error=f"{source.value} is not a class or factory")
+        return attrs.evolve(base, error=describe_exception(exc))
     cls = factory if isinstance(factory, type) else type(factory)
     config_cls = config_class(factory)
+    options: tuple[ConfigField, ...] | None
+    options_from: str | None
+    if config_cls is not None:
+        options, options_from = config_schema(config_cls), "Config"
+    else:
+        options = loaded_config_schema(factory)
+        options_from = "load_config" if options is not None else None
     return attrs.evolve(
         base,
         summary=_summary(factory),
         hooks=class_hooks(cls) if isinstance(factory, type) else (),
-        options=config_schema(config_cls) if config_cls is not None else None,
+        options=options,
+        options_from=options_from,
         stateful=callable(getattr(cls, "state_dict", None))
         and callable(getattr(cls, "load_state_dict", None)),
     )

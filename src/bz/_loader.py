@@ -18,7 +18,8 @@ import structlog
 from bz._errors import ConfigError, UsageError
 from bz._hooks import HOOK_NAMES
 from bz._plugin import NamedPlugin, Plugin, StatefulPlugin
-from bz._sandbox import ErrorPolicy, PluginFault, PluginSet, boundary
+from bz._sandbox import ErrorPolicy, PluginFault, PluginSet, boundary, describe_exception
+from bz._typing import HOOK_MARKER
 from bz.config import PluginSpec, RunConfig, nearest, structure
 
 ENTRY_POINT_GROUP = "bz.plugins"
@@ -152,10 +153,69 @@ def near_miss_hooks(plugin: object) -> list[tuple[str, str]]:
             continue
         if not callable(getattr(type(plugin), attribute, None)):
             continue
+        if getattr(getattr(type(plugin), attribute), HOOK_MARKER, False) is True:
+            continue  # reported as an error by misplaced_hook_marks
         hint = nearest(attribute, HOOK_NAMES)
         if hint is not None:
             misses.append((attribute, hint))
     return misses
+
+
+def misplaced_hook_marks(plugin_or_class: object) -> list[str]:
+    """Methods marked ``@hook`` whose name is not a hook, with the nearest hook named."""
+    cls = plugin_or_class if isinstance(plugin_or_class, type) else type(plugin_or_class)
+    problems = []
+    for attribute in dir(cls):
+        if attribute in HOOK_NAMES:
+            continue
+        value = inspect.getattr_static(cls, attribute, None)
+        function = getattr(value, "__func__", value)  # staticmethod / classmethod
+        if getattr(function, HOOK_MARKER, False) is True:
+            hint = nearest(attribute, HOOK_NAMES)
+            suggestion = f" (did you mean {hint}?)" if hint else ""
+            problems.append(f"{attribute} is marked @hook but bz has no such hook{suggestion}")
+    return problems
+
+
+def class_problems(cls: type) -> list[str]:
+    """What the loader would refuse in a plugin class, found without creating it.
+
+    Used by ``bz list-plugins --verbose``: a ``name`` that is not a string, hooks that
+    cannot be called as ``hook(context)``, and ``@hook`` marks on non-hooks.
+    """
+    problems = []
+    name = inspect.getattr_static(cls, "name", None)
+    if name is not None and not isinstance(name, (str, property)):
+        problems.append(f"name is {type(name).__name__}, not str")
+    for hook in HOOK_NAMES:
+        problem = _class_signature_problem(cls, hook)
+        if problem is not None:
+            problems.append(problem)
+    problems.extend(misplaced_hook_marks(cls))
+    return problems
+
+
+def _class_signature_problem(cls: type, hook: str) -> str | None:
+    value = inspect.getattr_static(cls, hook, None)
+    if value is None or value is inspect.getattr_static(Plugin, hook, None):
+        return None
+    if isinstance(value, (staticmethod, classmethod)):
+        # Bound through the class, both are called with the context alone.
+        return signature_problem(cls, hook)
+    if not callable(value):
+        return f"{hook} is not callable (it is {type(value).__name__})"
+    if inspect.iscoroutinefunction(value):
+        return f"{hook} is async; hooks are called synchronously and must be plain methods"
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(object(), object())  # (self, context)
+    except TypeError:
+        shown = str(signature)
+        return f"{hook}{shown} cannot be called as {hook}(self, context)"
+    return None
 
 
 def config_class(factory: object) -> type | None:
@@ -177,6 +237,7 @@ def check_plugin(name: str, plugin: object) -> tuple[str, ...]:
         )
     hooks = implemented_hooks(plugin)
     problems = [p for hook in hooks if (p := signature_problem(plugin, hook)) is not None]
+    problems.extend(misplaced_hook_marks(plugin))
     if problems:
         raise TypeError("; ".join(problems))
     for method, hook in near_miss_hooks(plugin):
@@ -286,11 +347,59 @@ def load_plugins(
     return PluginSet(loaded, policy, faults)
 
 
+class PluginImportError(ImportError):
+    """An entry point that could not be imported, named with the distribution shipping it."""
+
+
+class NotAPluginError(TypeError):
+    """An entry point that imports, but names something that cannot make a plugin."""
+
+
+def load_factory(source: PluginSource) -> Any:
+    """Import what an entry point names and check that it can make plugins.
+
+    Raises :class:`PluginImportError` (the import failed; the message names the
+    distribution and the original error) or :class:`NotAPluginError`.
+    """
+    if source.entry_point is None:
+        raise PluginImportError(f"no entry point for {source.value}")
+    try:
+        factory = source.entry_point.load()
+    except Exception as exc:
+        raise PluginImportError(
+            f"{source.value} (from {_origin(source)}) failed to import: {describe_exception(exc)}"
+        ) from exc
+    problem = factory_problem(factory)
+    if problem is not None:
+        raise NotAPluginError(f"{source.value} (from {_origin(source)}) {problem}")
+    return factory
+
+
+def factory_problem(factory: object) -> str | None:
+    """Why an entry point's object cannot make plugins, or None if it can."""
+    if isinstance(factory, type):
+        if issubclass(factory, BaseException):
+            return f"is an exception class ({factory.__name__}), not a plugin class"
+        problems = class_problems(factory)
+        return "; ".join(problems) if problems else None
+    if callable(factory):
+        return None  # a function returning a plugin
+    kind = "a module" if inspect.ismodule(factory) else f"a {type(factory).__name__}"
+    return (
+        f"is {kind}, not a plugin: an entry point must name a plugin class "
+        "(or a function that returns a plugin)"
+    )
+
+
+def _origin(source: PluginSource) -> str:
+    if source.distribution is None:
+        return "an unknown distribution"
+    return f"{source.distribution} {source.version}" if source.version else source.distribution
+
+
 def _import(source: PluginSource, policy: ErrorPolicy, faults: list[PluginFault]) -> Any:
     with boundary(source.name, "import", policy, faults):
-        if source.entry_point is None:
-            raise ImportError(f"no entry point for {source.value}")
-        return source.entry_point.load()
+        return load_factory(source)
     return None
 
 

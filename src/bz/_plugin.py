@@ -48,71 +48,71 @@ class Plugin(Protocol):
 
     def start_training_session(self, context: PluginContext) -> None:
         """Once, before the first epoch."""
-        return None
+        return
 
     def load_checkpoint(self, context: PluginContext) -> None:
         """After a checkpoint was restored."""
-        return None
+        return
 
     def start_epoch(self, context: PluginContext) -> None:
         """At the start of every epoch."""
-        return None
+        return
 
     def start_training_loop(self, context: PluginContext) -> None:
         """Before the first training batch of an epoch."""
-        return None
+        return
 
     def start_training_batch(self, context: PluginContext) -> None:
         """Before the forward pass of each training batch."""
-        return None
+        return
 
     def after_backward(self, context: PluginContext) -> None:
         """After ``loss.backward()``."""
-        return None
+        return
 
     def before_optimizer_step(self, context: PluginContext) -> None:
         """Just before ``optimizer.step()``."""
-        return None
+        return
 
     def end_training_batch(self, context: PluginContext) -> None:
         """After the optimizer step of each training batch."""
-        return None
+        return
 
     def end_training_loop(self, context: PluginContext) -> None:
         """After the last training batch of an epoch."""
-        return None
+        return
 
     def start_validation_loop(self, context: PluginContext) -> None:
         """Before the first validation batch."""
-        return None
+        return
 
     def start_validation_batch(self, context: PluginContext) -> None:
         """Before the forward pass of each validation batch."""
-        return None
+        return
 
     def end_validation_batch(self, context: PluginContext) -> None:
         """After the forward pass of each validation batch."""
-        return None
+        return
 
     def end_validation_loop(self, context: PluginContext) -> None:
         """After the last validation batch."""
-        return None
+        return
 
     def save_checkpoint(self, context: PluginContext) -> None:
         """After a checkpoint was written."""
-        return None
+        return
 
     def end_epoch(self, context: PluginContext) -> None:
         """At the end of every epoch."""
-        return None
+        return
 
     def end_training_session(self, context: PluginContext) -> None:
         """Once, after the last epoch."""
-        return None
+        return
 
     def on_exception(self, context: PluginContext) -> None:
         """Training is failing; flush what you hold."""
-        return None
+        return
 
 
 @runtime_checkable

@@ -10,13 +10,18 @@ from __future__ import annotations
 from bz._context import PluginContext
 from bz._hooks import HOOK_NAMES, HOOKS, HookSpec
 from bz._plugin import NamedPlugin, Plugin, StatefulPlugin
+from bz._typing import ConfiguredPluginClass, CreatingPluginClass, HookMethod, hook
 
 __all__ = [
     "HOOKS",
     "HOOK_NAMES",
+    "ConfiguredPluginClass",
+    "CreatingPluginClass",
+    "HookMethod",
     "HookSpec",
     "NamedPlugin",
     "Plugin",
     "PluginContext",
     "StatefulPlugin",
+    "hook",
 ]

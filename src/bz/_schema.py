@@ -1,0 +1,290 @@
+"""The JSON Schema of ``bzconfig.json`` (``bz config-schema``), for editors and CI.
+
+Generated, never written by hand: the top-level keys come from the attrs fields of
+:class:`~bz.RunConfig`, and each installed plugin and metric contributes the schema of
+its options (its attrs ``Config`` class; for a guide-style plugin, the defaults its
+``load_config({})`` returns). Point an editor at the output (VS Code:
+``"json.schemas"``) to complete and validate ``bzconfig.json`` as you type.
+
+The schema says what bz's converter accepts, not more: unknown keys are refused where
+bz refuses them. Plugins with ``create``-style options accept any further key, because
+bz hands those options to the plugin unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import attrs
+import click
+
+from bz._catalog import field_docs
+from bz.config import MetricSpec, PluginSpec, RunConfig, unstructure
+
+__all__ = ["SCHEMA_DIALECT", "bzconfig_schema", "config_schema", "type_schema"]
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+_SCALARS: dict[object, dict[str, Any]] = {
+    bool: {"type": "boolean"},
+    int: {"type": "integer"},
+    float: {"type": "number"},
+    str: {"type": "string"},
+    type(None): {"type": "null"},
+}
+
+
+def type_schema(annotation: Any) -> dict[str, Any]:
+    """The JSON Schema of one annotated type, as bz's converter reads JSON into it."""
+    if annotation in _SCALARS:
+        return dict(_SCALARS[annotation])
+    if annotation is Any or annotation is object:
+        return {}
+    origin = typing.get_origin(annotation)
+    arguments = typing.get_args(annotation)
+    if origin is Literal:
+        return {"enum": list(arguments)}
+    if origin is Union or origin is types.UnionType:
+        return {"anyOf": [type_schema(argument) for argument in arguments]}
+    if origin in (list, tuple, typing.Sequence, _abc("Sequence")):
+        items = arguments[0] if arguments else Any
+        if origin is tuple and not (len(arguments) == 2 and arguments[1] is Ellipsis):
+            return {
+                "type": "array",
+                "prefixItems": [type_schema(a) for a in arguments],
+                "items": False,
+            }
+        return {"type": "array", "items": type_schema(items)}
+    if origin in (dict, typing.Mapping, _abc("Mapping")):
+        value = arguments[1] if len(arguments) == 2 else Any
+        return {"type": "object", "additionalProperties": type_schema(value)}
+    if isinstance(annotation, type) and attrs.has(annotation):
+        return attrs_schema(annotation)
+    return {}  # a type bz cannot describe: accept anything rather than refuse valid input
+
+
+def _abc(name: str) -> object:
+    import collections.abc
+
+    return getattr(collections.abc, name)
+
+
+def attrs_schema(
+    cls: type, *, extra: Mapping[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """An object schema for an attrs class: one property per field, nothing else."""
+    hints = _type_hints(cls)
+    docs = field_docs(cls)
+    properties: dict[str, dict[str, Any]] = dict(extra or {})
+    required = []
+    for field in attrs.fields(cls):
+        schema = type_schema(hints.get(field.name, field.type))
+        schema.update(_bounds(field.validator))
+        if docs.get(field.name):
+            schema["description"] = docs[field.name]
+        if field.default is attrs.NOTHING:
+            required.append(field.name)
+        else:
+            default = _default(field.default)
+            if default is not _UNKNOWN:
+                schema["default"] = default
+        properties[field.name] = schema
+    result: dict[str, Any] = {
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if required:
+        result["required"] = required
+    summary = (cls.__doc__ or "").strip().splitlines()
+    if summary:
+        result["description"] = summary[0]
+    return result
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: fall back to attrs' view
+        return {}
+
+
+_UNKNOWN = object()
+
+
+def _default(default: Any) -> Any:
+    factory = getattr(default, "factory", None)
+    if callable(factory):
+        if getattr(default, "takes_self", False):
+            return _UNKNOWN
+        default = factory()
+    try:
+        value = unstructure(default)
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return _UNKNOWN
+    return value
+
+
+_BOUND = re.compile(r"(at_least|between)\.<locals>\.check")
+
+
+def _bounds(validator: object) -> dict[str, Any]:
+    """``minimum`` / ``maximum`` from bz's own range validators (``at_least``, ``between``)."""
+    validators = getattr(validator, "_validators", None) or [validator]
+    found: dict[str, Any] = {}
+    for candidate in validators:
+        match = _BOUND.fullmatch(getattr(candidate, "__qualname__", ""))
+        cells = getattr(candidate, "__closure__", None)
+        if match is None or not cells:
+            continue
+        free = dict(
+            zip(candidate.__code__.co_freevars, (c.cell_contents for c in cells), strict=True)
+        )
+        if match.group(1) == "at_least":
+            found["minimum"] = free["minimum"]
+        else:
+            found["minimum"], found["maximum"] = free["low"], free["high"]
+    return found
+
+
+# -- plugins and metrics -------------------------------------------------------------------
+
+_ENABLED = {"enabled": {"type": "boolean", "description": "false: the plugin is not created."}}
+
+
+def _plugin_options() -> dict[str, dict[str, Any]]:
+    """name -> schema of the options object, for every installed plugin."""
+    from bz._catalog import describe
+    from bz._loader import config_class, discover, load_factory
+
+    schemas: dict[str, dict[str, Any]] = {}
+    for name, source in discover().sources.items():
+        try:
+            factory = load_factory(source)
+        except Exception as exc:
+            # bz train reports (and skips) such a plugin; naming it is not a config error.
+            schemas[name] = {"type": "object", "description": f"could not be loaded: {exc}"}
+            continue
+        config_cls = config_class(factory)
+        if config_cls is not None:
+            schemas[name] = attrs_schema(config_cls, extra=_ENABLED)
+        elif callable(getattr(factory, "create", None)):
+            description = describe(source, load=True)
+            properties = {
+                option.name: {**_json_type(option.default), "default": option.default}
+                for option in description.options or ()
+            }
+            schemas[name] = {
+                "type": "object",
+                "properties": {**_ENABLED, **properties},
+                "description": "options are read by the plugin's own create()",
+            }
+        else:
+            schemas[name] = {
+                "type": "object",
+                "properties": dict(_ENABLED),
+                "additionalProperties": False,
+            }
+        summary = (getattr(factory, "__doc__", None) or "").strip().splitlines()
+        if summary and "description" not in schemas[name]:
+            schemas[name]["description"] = summary[0]
+    return schemas
+
+
+def _json_type(value: Any) -> dict[str, Any]:
+    return dict(_SCALARS.get(type(value), {}))
+
+
+def _metric_options() -> dict[str, dict[str, Any]]:
+    from bz.metrics import available_metrics
+
+    schemas: dict[str, dict[str, Any]] = {}
+    for name, info in available_metrics().items():
+        if info.error is not None:
+            schemas[name] = {"type": "object", "description": f"could not be loaded: {info.error}"}
+        elif info.config is None:
+            schemas[name] = {"type": "object", "additionalProperties": False}
+        else:
+            schemas[name] = attrs_schema(info.config)
+        if info.summary and "description" not in schemas[name]:
+            schemas[name]["description"] = info.summary
+    return schemas
+
+
+def _entries_schema(kind: str, options: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """A list of ``"name"`` or ``{"name": {options}}`` (or ``{"name": null}``)."""
+    prefix = f"{kind}."
+    return {
+        "type": "array",
+        "items": {
+            "anyOf": [
+                {"enum": sorted(options)},
+                {
+                    "type": "object",
+                    "minProperties": 1,
+                    "maxProperties": 1,
+                    "properties": {
+                        name: {"anyOf": [{"$ref": f"#/$defs/{prefix}{name}"}, {"type": "null"}]}
+                        for name in sorted(options)
+                    },
+                    "additionalProperties": False,
+                },
+            ]
+        },
+    }
+
+
+def bzconfig_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``bzconfig.json`` with what is installed now."""
+    plugins, metrics = _plugin_options(), _metric_options()
+    entries = {
+        tuple[PluginSpec, ...]: _entries_schema("plugin", plugins),
+        tuple[MetricSpec, ...]: _entries_schema("metric", metrics),
+    }
+    hints = _type_hints(RunConfig)
+    schema = attrs_schema(RunConfig)
+    for field in attrs.fields(RunConfig):
+        kind = hints.get(field.name)
+        if kind in entries:
+            # The list itself replaces the generic (empty) item schema; keep the docs.
+            schema["properties"][field.name] = {
+                **entries[kind],
+                **{
+                    key: value
+                    for key, value in schema["properties"][field.name].items()
+                    if key in ("description", "default")
+                },
+            }
+    defs = {f"plugin.{name}": option for name, option in plugins.items()}
+    defs.update({f"metric.{name}": option for name, option in metrics.items()})
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": "https://bz.invalid/bzconfig.schema.json",
+        "title": "bzconfig.json",
+        **schema,
+        "$defs": defs,
+    }
+
+
+@click.command("config-schema")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the schema to this file instead of stdout.",
+)
+def config_schema(output: str | None) -> None:
+    """Print the JSON Schema of bzconfig.json, installed plugins and metrics included."""
+    text = json.dumps(bzconfig_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    Path(output).write_text(text, encoding="utf-8")
+    click.echo(f"wrote {output}", err=True)

@@ -1,0 +1,19 @@
+# Minimal stubs for the parts of jsonschema the tests use (jsonschema ships no types).
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+class ValidationError(Exception):
+    message: str
+    json_path: str
+
+class SchemaError(Exception):
+    message: str
+
+class Draft202012Validator:
+    def __init__(self, schema: Mapping[str, Any]) -> None: ...
+    @classmethod
+    def check_schema(cls, schema: Mapping[str, Any]) -> None: ...
+    def iter_errors(self, instance: object) -> Iterator[ValidationError]: ...
+    def validate(self, instance: object) -> None: ...
+
+def validate(instance: object, schema: Mapping[str, Any]) -> None: ...
