@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 LogFormat = Literal["console", "json"]
 
 # Events the command line renders itself in console mode (as a table, not a log line).
-_RENDERED_BY_CLI = frozenset({"plugin_summary"})
+# (console_out shows epochs; the plugin summary is printed as a table.)
+_RENDERED_BY_CLI = frozenset({"plugin_summary", "epoch_finished"})
 
 
 def _drop_rendered_by_cli(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:

@@ -72,7 +72,7 @@ def describe_exception(exc: BaseException) -> str:
 class _Slot:
     """A plugin's bookkeeping: mutated in place on the hot path, so no allocation."""
 
-    __slots__ = ("calls", "fault", "hooks", "name", "plugin", "seconds")
+    __slots__ = ("calls", "dormant", "fault", "hooks", "name", "plugin", "seconds")
 
     def __init__(self, name: str, plugin: NamedPlugin, hooks: tuple[str, ...]) -> None:
         self.name = name
@@ -81,6 +81,8 @@ class _Slot:
         self.calls = 0
         self.seconds = 0.0
         self.fault: PluginFault | None = None
+        self.dormant = False
+        """True on ranks where the plugin does not run (see ``PluginSet.for_rank``)."""
 
 
 _Entry = tuple[_Slot, Callable[["PluginContext"], object]]
@@ -111,17 +113,21 @@ class PluginSet:
     @property
     def active(self) -> list[NamedPlugin]:
         """Plugins that are still being called (not quarantined), in call order."""
-        return [slot.plugin for slot in self._slots if slot.fault is None]
+        return [slot.plugin for slot in self._slots if slot.fault is None and not slot.dormant]
 
     @property
     def active_names(self) -> list[str]:
         """Names of the active plugins (what ``context.extra["active_plugins"]`` holds)."""
-        return [slot.name for slot in self._slots if slot.fault is None]
+        return [slot.name for slot in self._slots if slot.fault is None and not slot.dormant]
 
     @property
     def faults(self) -> list[PluginFault]:
         """Every fault so far, loading faults first."""
         return self._load_faults + [slot.fault for slot in self._slots if slot.fault]
+
+    def __len__(self) -> int:
+        """Number of plugins, quarantined and dormant ones included."""
+        return len(self._slots)
 
     def implements(self, hook: str) -> bool:
         """Whether any active plugin implements ``hook``."""
@@ -134,7 +140,7 @@ class PluginSet:
             hook: tuple(
                 (slot, getattr(slot.plugin, hook))
                 for slot in self._slots
-                if slot.fault is None and hook in slot.hooks
+                if slot.fault is None and not slot.dormant and hook in slot.hooks
             )
             for hook in HOOK_NAMES
         }
@@ -182,6 +188,41 @@ class PluginSet:
             if slot.plugin is plugin and slot.fault is None:
                 self._fail(slot, stage, exc, context)
                 return
+
+    # -- several processes --------------------------------------------------------------
+
+    def for_rank(self, rank: int) -> None:
+        """Keep, on ranks other than 0, only plugins that declare ``every_rank = True``.
+
+        Logging, progress and checkpoint plugins run on rank 0 alone by default. The
+        slots stay (dormant), so slot indices mean the same plugin on every rank.
+        """
+        if rank == 0:
+            return
+        for slot in self._slots:
+            slot.dormant = getattr(slot.plugin, "every_rank", False) is not True
+        self._rebuild()
+
+    def faulted_slots(self) -> set[int]:
+        """Indices of the plugins quarantined on this process."""
+        return {index for index, slot in enumerate(self._slots) if slot.fault is not None}
+
+    def quarantine_slots(self, indices: set[int], context: PluginContext) -> None:
+        """Quarantine plugins another process quarantined, so every rank runs the same hooks."""
+        changed = False
+        for index in sorted(indices):
+            slot = self._slots[index]
+            if slot.fault is None:
+                slot.fault = PluginFault(
+                    slot.name,
+                    "another process",
+                    "quarantined because it failed on another rank",
+                    context.epoch,
+                    context.global_step,
+                )
+                changed = True
+        if changed:
+            self._rebuild()
 
     def report(self) -> list[PluginReport]:
         """Time spent and faults, per plugin (loading faults included)."""

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import attrs
 import structlog
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from bz._checkpoint import (
     FORMAT as CHECKPOINT_FORMAT,
@@ -61,6 +62,16 @@ from bz._checkpoint import (
     run_signature,
 )
 from bz._context import DeviceSum, PluginContext
+from bz._distributed import (
+    choose_backend,
+    join,
+    leave,
+    local_device,
+    set_epoch,
+    shard_loader,
+    sum_across,
+    topology_from_env,
+)
 from bz._errors import BzError, TrainingError, UsageError
 from bz._loader import plugin_set
 from bz._plugin import StatefulPlugin
@@ -189,11 +200,13 @@ class _Metrics:
             metric.update(outputs, targets)
 
     def compute(self) -> dict[str, float]:
-        """One host read for all metrics together."""
+        """One host read for all metrics together (merged over processes first)."""
         if not self._metrics:
             return {}
-        from bz.metrics import compute_all
+        from bz.metrics import compute_all, reduce_across_processes
 
+        for metric in self._items:
+            reduce_across_processes(metric)
         return compute_all(self._metrics)
 
     def reset(self) -> None:
@@ -329,7 +342,23 @@ class _Run:
         self.setup = setup
         self.config = config
         self.plugins = plugins
-        self.device = resolve_device(config.device)
+        self.topology = topology_from_env()
+        self.device = local_device(resolve_device(config.device), self.topology)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.owns_process_group = join(
+            self.topology,
+            choose_backend(config.distributed.backend, self.device),
+            config.distributed.timeout,
+        )
+        plugins.for_rank(self.topology.rank)
+        seed = config.seed or 0
+        self.train_loader = shard_loader(setup.train_loader, self.topology, seed, training=True)
+        self.val_loader = (
+            None
+            if setup.val_loader is None
+            else shard_loader(setup.val_loader, self.topology, seed, training=False)
+        )
         # The signature describes the run as train.py built it, before any training.
         uses_checkpoints = checkpoint_root is not None and (
             config.checkpoint_interval > 0 or config.resume
@@ -341,14 +370,23 @@ class _Run:
             else None
         )
         self.model = setup.model.to(self.device)
-        self.forward = self._compile(self.model) if config.compile else self.model
+        self.forward: torch.nn.Module = self.model
+        if self.topology.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.compile:
+            self.forward = self._compile(self.forward)
         self.train_metrics = _Metrics(metrics)
         self.val_metrics = _Metrics({name: copy.deepcopy(m) for name, m in metrics.items()})
         self.train_metrics.to(self.device)
         self.val_metrics.to(self.device)
         self.move_batches = self.device.type != "cpu"
-        self.generators = loader_generators(setup.train_loader)
+        self.generators = loader_generators(self.train_loader)
         self.interrupt = _InterruptGuard()
+        # Alone, Ctrl-C stops after the current step. With several processes every
+        # rank must stop at the same step, which would take a collective per step; they
+        # agree at the end of the epoch instead.
+        self.stop_mid_epoch = not self.topology.distributed
         # Loop state (the context only ever shows copies of these).
         self.start_epoch = 0
         self.epoch = 0
@@ -371,10 +409,12 @@ class _Run:
             device=self.device,
             hyperparameters=config.hyperparameters,
             epochs=config.epochs,
+            rank=self.topology.rank,
+            world_size=self.topology.world_size,
         )
         self.context.scheduler = setup.scheduler
-        self.context.training_batches_per_epoch = _length(setup.train_loader)
-        self.context.validation_batches_per_epoch = _length(setup.val_loader)
+        self.context.training_batches_per_epoch = _length(self.train_loader)
+        self.context.validation_batches_per_epoch = _length(self.val_loader)
 
     @staticmethod
     def _compile(model: torch.nn.Module) -> torch.nn.Module:
@@ -410,6 +450,12 @@ class _Run:
     # -- the run ---------------------------------------------------------------------
 
     def fit(self) -> FitResult:
+        try:
+            return self._fit()
+        finally:
+            leave(self.owns_process_group)
+
+    def _fit(self) -> FitResult:
         started = time.perf_counter()
         found = self._find_checkpoint()
         if found is not None and self._is_complete(found[1]):
@@ -429,13 +475,16 @@ class _Run:
                         self._save(epoch, self.train_batches)
                         self._stop_interrupted()
                     history.append(record)
-                    stop = self.context.should_stop_training
+                    self._log_epoch(record)
+                    stop, interrupted = self._agree(
+                        self.context.should_stop_training, self.interrupt.requested
+                    )
                     done = epoch + 1
                     if stop or done == self.config.epochs or self._due(done):
                         self._save(done, 0, stopped=stop)
-                    elif self.interrupt.requested:
+                    elif interrupted:
                         self._save(done, 0)
-                    if self.interrupt.requested:
+                    if interrupted:
                         self._stop_interrupted()
                     if stop:
                         stopped_early = done < self.config.epochs
@@ -466,6 +515,31 @@ class _Run:
             seconds=time.perf_counter() - started,
             resumed_from=self.resumed_from,
             checkpoint=self.last_checkpoint,
+        )
+
+    def _agree(self, stop: bool, interrupted: bool) -> tuple[bool, bool]:
+        """Every process's verdict at the end of an epoch: stop if any rank asks to, and
+        quarantine on every rank the plugins any rank quarantined (one collective)."""
+        if not self.topology.distributed:
+            return stop, interrupted
+        plugins = self.plugins
+        mask = [0.0] * len(plugins)
+        for index in plugins.faulted_slots():
+            mask[index] = 1.0
+        summed = sum_across([float(stop), float(interrupted), *mask], self.device)
+        plugins.quarantine_slots({i for i, v in enumerate(summed[2:]) if v > 0}, self._show())
+        return summed[0] > 0, summed[1] > 0
+
+    def _log_epoch(self, record: EpochRecord) -> None:
+        _log.info(
+            "epoch_finished",
+            epoch=record.epoch,
+            step=self.global_step,
+            training_loss=record.training_loss,
+            validation_loss=record.validation_loss,
+            training_metrics=record.training_metrics,
+            validation_metrics=record.validation_metrics,
+            seconds=round(record.seconds, 6),
         )
 
     def _fail_session(self, exc: BaseException | None = None) -> None:
@@ -513,7 +587,7 @@ class _Run:
         self._hook("start_epoch")
         if not self._train_loop():
             return None
-        validated = self.setup.val_loader is not None
+        validated = self.val_loader is not None
         if validated:
             self._validation_loop()
         self._step_scheduler(validated)
@@ -546,8 +620,9 @@ class _Run:
             step(batch)
             hook("end_training_batch")
             # After the last batch the epoch finishes normally and stops at its end.
-            if interrupt.requested and index + 1 != batches:
+            if interrupt.requested and index + 1 != batches and self.stop_mid_epoch:
                 return False
+        self.train_loss, self.train_batches = self._global(self.train_loss, self.train_batches)
         self.context.training_metrics = metrics.compute()
         self._hook("end_training_loop")
         return True
@@ -559,7 +634,8 @@ class _Run:
             restore_rng(pending.epoch_start, self.generators)
         # Needed only to write a checkpoint in the middle of this epoch.
         self.epoch_rng = capture_rng(self.generators) if self.store is not None else None
-        iterator = iter(self.setup.train_loader)
+        set_epoch(self.train_loader, self.epoch)
+        iterator = iter(self.train_loader)
         if pending is None or pending.batch == 0:
             return iterator, 0
         # Creating the iterator and drawing the batches already trained on consumes
@@ -595,7 +671,7 @@ class _Run:
         self.context.last_loss = detached
 
     def _validation_loop(self) -> None:
-        assert self.setup.val_loader is not None
+        assert self.val_loader is not None
         forward, loss_fn = self.forward, self.setup.loss_fn
         metrics, hook = self.val_metrics, self._hook
         self.model.eval()
@@ -603,7 +679,7 @@ class _Run:
         self.batch_index = 0
         self._hook("start_validation_loop")
         with torch.no_grad():
-            for index, batch in enumerate(self.setup.val_loader):
+            for index, batch in enumerate(self.val_loader):
                 self.batch_index = index
                 hook("start_validation_batch")
                 if self.move_batches:
@@ -615,8 +691,17 @@ class _Run:
                 metrics.update(outputs, targets)
                 self.val_batches += 1
                 hook("end_validation_batch")
+        self.val_loss, self.val_batches = self._global(self.val_loss, self.val_batches)
         self.context.validation_metrics = metrics.compute()
         self._hook("end_validation_loop")
+
+    def _global(self, total: DeviceSum, count: int) -> tuple[DeviceSum, int]:
+        """A loop's loss sum and batch count over all processes (so plugins see global
+        numbers); unchanged when training alone."""
+        if not self.topology.distributed:
+            return total, count
+        summed, batches = sum_across([total.value(), float(count)], self.device)
+        return DeviceSum(summed), int(batches)
 
     def _step_scheduler(self, validated: bool) -> None:
         scheduler = self.setup.scheduler
@@ -639,7 +724,8 @@ class _Run:
         store = self.store
         if store is None:
             return None
-        remove_stray_files(store.folder)
+        if self.topology.is_main:  # the only writer; others must not race it
+            remove_stray_files(store.folder)
         if not self.config.resume:
             return None
         found = read_latest(store.folder, self.signature)
@@ -702,8 +788,21 @@ class _Run:
         self.start_epoch = self.epoch = int(payload["epoch"])
         self.global_step = int(payload["global_step"])
         rng = payload["rng"]
+        batch = int(payload["batch"])
+        saved_world = int(payload.get("world_size", 1))
+        if batch and saved_world != self.topology.world_size:
+            # Mid-epoch positions are per-process batch counts; with another number of
+            # processes the interrupted epoch is run again in full from its start.
+            _log.warning(
+                "resume_world_size_changed",
+                path=str(path),
+                saved=saved_world,
+                now=self.topology.world_size,
+                hint="the interrupted epoch is trained again from its first batch",
+            )
+            batch = 0
         self.pending = _Pending(
-            rng["epoch_start"], rng["now"], int(payload["batch"]), float(payload["loss_total"])
+            rng["epoch_start"], rng["now"], batch, float(payload["loss_total"]) if batch else 0.0
         )
         states: Mapping[str, Any] = payload.get("plugins") or {}
         for plugin in self.plugins.active:
@@ -723,7 +822,7 @@ class _Run:
     def _save(self, epoch: int, batch: int, *, stopped: bool = False) -> None:
         """Write a checkpoint of ``epoch`` completed epochs plus ``batch`` batches."""
         store = self.store
-        if store is None or self.config.checkpoint_interval == 0:
+        if store is None or self.config.checkpoint_interval == 0 or not self.topology.is_main:
             return
         setup = self.setup
         now = capture_rng(self.generators)
@@ -733,6 +832,7 @@ class _Run:
             "epoch": epoch,
             "batch": batch,
             "global_step": self.global_step,
+            "world_size": self.topology.world_size,
             "stopped": stopped,
             "loss_total": self.train_loss.value() if batch else 0.0,
             "model": self.model.state_dict(),

@@ -7,9 +7,12 @@ interrupted. Errors are one line on stderr, never a traceback (``--traceback`` o
 
 from __future__ import annotations
 
+import contextlib
 import json
-import textwrap
+import os
+import signal
 import sys
+import textwrap
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,6 +139,12 @@ def cli() -> None:
     is_flag=True,
     help="Print the full traceback when training fails.",
 )
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    help="Train in N processes on this machine (torch.distributed's elastic launcher; "
+    "for several machines run `torchrun ... -m bz train`).",
+)
 def train(
     config_path: str | None,
     epochs: int | None,
@@ -150,6 +159,7 @@ def train(
     log_format: str,
     log_level: str,
     show_traceback: bool,
+    nproc_per_node: int | None,
 ) -> None:
     """Train the model that train.py sets up, with the plugins bzconfig.json lists.
 
@@ -160,7 +170,17 @@ def train(
     from bz._run import run
     from bz._trainer import TrainingInterrupted
 
+    if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
+        return
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank:  # other ranks speak up only when something is wrong
+        log_level = "warning" if log_level in ("debug", "info") else log_level
     _logging.configure("json" if log_format == "json" else "console", log_level)
+    if "WORLD_SIZE" in os.environ:
+        import structlog
+
+        structlog.contextvars.bind_contextvars(rank=rank)
     overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
     named = {
         "epochs": epochs,
@@ -193,7 +213,7 @@ def train(
             err=True,
         )
         return
-    if log_format == "console":
+    if log_format == "console" and rank == 0:
         _print_plugin_summary(result.plugins)
         final = result.final
         stopped = " (stopped early)" if result.stopped_early else ""
@@ -205,6 +225,50 @@ def train(
             )
         if result.resumed_from is not None:
             click.echo(f"bz: resumed from {result.resumed_from}", err=True)
+
+
+def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
+    """The command's own arguments again (``drop`` left out), to start it elsewhere."""
+    assert ctx.info_name is not None
+    args = [ctx.info_name]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in drop or param.name is None:
+            continue
+        value = ctx.params.get(param.name)
+        if ctx.get_parameter_source(param.name) is not click.core.ParameterSource.COMMANDLINE:
+            continue
+        if param.is_flag and param.secondary_opts:  # --x/--no-x
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            args.append(param.opts[0])
+        elif param.multiple:
+            for item in value or ():
+                args += [param.opts[0], str(item)]
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _launch(nproc_per_node: int, args: list[str]) -> None:
+    """Run ``bz <args>`` in several processes; a failed process fails the command."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from bz._distributed import launch
+
+    try:
+        launch(nproc_per_node, args)
+    except ChildFailedError as exc:
+        # The first process to fail is the cause; the launcher stops the others.
+        rank, first = exc.get_first_failure()
+        message = f"process rank {rank} exited with code {first.exitcode}"
+        if first.exitcode < 0:
+            with contextlib.suppress(ValueError):
+                message += f" (killed by {signal.Signals(-first.exitcode).name})"
+        if len(exc.failures) > 1:
+            message += "; the other processes were stopped"
+        if first.exitcode == UsageError.exit_code:
+            raise UsageError(message) from None
+        raise BzError(message) from None
 
 
 def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
@@ -453,6 +517,16 @@ def health(as_json: bool) -> None:
         return
     for key, value in report.items():
         click.echo(f"{key:<16} {value}")
+
+
+def _register_commands() -> None:
+    # Commands whose code lives beside the library function they call.
+    from bz._schema import config_schema
+
+    cli.add_command(config_schema)
+
+
+_register_commands()
 
 
 # -- entry point -------------------------------------------------------------------------

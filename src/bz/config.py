@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "ConfigError",
     "ConfigValueError",
+    "DistributedConfig",
     "MetricSpec",
     "PluginSpec",
     "RunConfig",
@@ -127,6 +128,16 @@ class MetricSpec:
 
 
 @attrs.frozen
+class DistributedConfig:
+    """How several processes train together (``torchrun`` or ``--nproc-per-node``)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``auto``: ``nccl`` on CUDA, ``gloo`` otherwise."""
+    timeout: float = attrs.field(default=300.0, validator=at_least(1.0))
+    """Seconds a collective waits for the other processes before failing."""
+
+
+@attrs.frozen
 class RunConfig:
     """Everything ``bzconfig.json`` can say about a run."""
 
@@ -156,6 +167,8 @@ class RunConfig:
     """How many checkpoints of a run to keep (the newest ones)."""
     resume: bool = True
     """Resume from the newest checkpoint of the same run, if there is one."""
+    distributed: DistributedConfig = attrs.field(factory=DistributedConfig)
+    """Multi-process settings (used only when launched with several processes)."""
 
     def with_overrides(self, **changes: Any) -> RunConfig:
         """A copy with some keys replaced (values are validated like JSON input)."""

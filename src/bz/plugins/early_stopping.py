@@ -58,6 +58,8 @@ class EarlyStopping:
     """Requests a stop when ``monitor`` stops improving; stateful across resumes."""
 
     Config = EarlyStoppingConfig
+    every_rank = True
+    """Runs in every process, so each restores the same best weights."""
 
     def __init__(self, config: EarlyStoppingConfig | None = None) -> None:
         self.name = "early_stopping"

@@ -1,0 +1,237 @@
+"""Multi-process training on torch.distributed: process group, DDP, sampling, reductions.
+
+bz never builds its own process group machinery: processes are started by ``torchrun``
+(or by ``bz train --nproc-per-node N``, which calls the same elastic launcher), and this
+module reads the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``...), joins the group, and provides the few collective operations the
+loop needs. A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) uses none of it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import attrs
+import structlog
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from bz._errors import UsageError
+
+Backend = Literal["auto", "gloo", "nccl"]
+
+_log = structlog.get_logger("bz")
+
+
+@attrs.frozen
+class Topology:
+    """Where this process sits: rank, world size and local rank (0 / 1 / 0 alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process trains."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def topology_from_env() -> Topology:
+    """The topology torchrun describes in the environment (a single process if none)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"invalid RANK={rank} / WORLD_SIZE={world_size} in the environment")
+    return Topology(rank=rank, world_size=world_size, local_rank=_env_int("LOCAL_RANK", 0))
+
+
+def choose_backend(requested: Backend, device: torch.device) -> str:
+    """``nccl`` for CUDA devices and ``gloo`` otherwise, unless a backend was requested."""
+    if requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def local_device(device: torch.device, topology: Topology) -> torch.device:
+    """Each process on a node takes its own GPU (``cuda:LOCAL_RANK``)."""
+    index: int | None = device.index  # None for a bare "cuda"
+    if device.type == "cuda" and topology.distributed and index is None:
+        return torch.device("cuda", topology.local_rank)
+    return device
+
+
+def join(topology: Topology, backend: str, timeout_s: float) -> bool:
+    """Join the process group torchrun prepared; False when there is nothing to join.
+
+    Returns True when this call created the group (and so must destroy it).
+    """
+    if not topology.distributed or dist.is_initialized():
+        return False
+    if not dist.is_available():
+        raise UsageError("this torch build has no torch.distributed support")
+    dist.init_process_group(
+        backend=backend,
+        rank=topology.rank,
+        world_size=topology.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    _log.info(
+        "process_group_joined",
+        rank=topology.rank,
+        world_size=topology.world_size,
+        backend=backend,
+    )
+    return True
+
+
+def leave(created: bool) -> None:
+    """Destroy the process group if :func:`join` created it."""
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+class _Shard:
+    """Every ``world_size``-th batch of a plain iterable, the same count on every rank."""
+
+    def __init__(self, batches: Sequence[Any], topology: Topology) -> None:
+        usable = len(batches) - len(batches) % topology.world_size
+        self._batches = batches[topology.rank : usable : topology.world_size]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def shard_loader(
+    loader: Iterable[Any], topology: Topology, seed: int, *, training: bool
+) -> Iterable[Any]:
+    """This rank's share of ``loader``.
+
+    A ``DataLoader`` is rebuilt around a :class:`DistributedSampler` (shuffled when the
+    original shuffled, with the run's seed; ``set_epoch`` is called every epoch), keeping
+    its batch size, workers, collate function and pinning. A plain sequence of batches
+    (a list) is dealt out round-robin, truncated so that every rank has as many batches.
+    """
+    if not topology.distributed:
+        return loader
+    if isinstance(loader, DataLoader):
+        if loader.batch_size is None:
+            raise UsageError(
+                "a DataLoader with a batch_sampler cannot be sharded automatically; "
+                "give it a DistributedSampler yourself"
+            )
+        if isinstance(loader.sampler, DistributedSampler):
+            return loader
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            loader.dataset,
+            num_replicas=topology.world_size,
+            rank=topology.rank,
+            shuffle=isinstance(loader.sampler, RandomSampler),
+            seed=seed,
+            drop_last=loader.drop_last if training else False,
+        )
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            persistent_workers=loader.persistent_workers,
+        )
+    if isinstance(loader, Sequence):
+        return _Shard(loader, topology)
+    raise UsageError(
+        f"cannot split a {type(loader).__name__} between processes; return a DataLoader "
+        "or a list of batches from setup(), or shard the data yourself"
+    )
+
+
+def set_epoch(loader: Iterable[Any] | None, epoch: int) -> None:
+    """Reshuffle a distributed sampler for ``epoch`` (same order on resume)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+# -- collectives -----------------------------------------------------------------------
+
+
+def sum_across(values: Sequence[float], device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (one collective, one host read)."""
+    if not dist.is_initialized():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    result: list[float] = tensor.tolist()
+    return result
+
+
+def any_across(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if not dist.is_initialized():
+        return flag
+    return sum_across([1.0 if flag else 0.0], device)[0] > 0
+
+
+def union_across(indices: Iterable[int], size: int, device: torch.device) -> set[int]:
+    """The union over ranks of sets of small integers (plugin slots, say)."""
+    mask = [0.0] * size
+    for index in indices:
+        mask[index] = 1.0
+    return {i for i, value in enumerate(sum_across(mask, device)) if value > 0}
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op alone)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -- launching -------------------------------------------------------------------------
+
+
+def launch(nproc_per_node: int, bz_args: Sequence[str]) -> None:
+    """Start ``python -m bz <bz_args>`` in ``nproc_per_node`` processes with torchrun's
+    elastic launcher (single node; use ``torchrun`` itself for several nodes)."""
+    from torch.distributed.run import main as torchrun
+
+    torchrun(
+        [
+            "--standalone",
+            "--nnodes=1",
+            f"--nproc-per-node={nproc_per_node}",
+            "--max-restarts=0",
+            "--module",
+            "bz",
+            *bz_args,
+        ]
+    )

@@ -1,0 +1,258 @@
+"""Several processes on torch.distributed (gloo on CPU), started the way users start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import bz
+from bz._distributed import Topology, choose_backend, shard_loader, topology_from_env
+
+# -- units -----------------------------------------------------------------------------
+
+
+def test_topology_comes_from_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert topology_from_env() == Topology(0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert topology_from_env() == Topology(3, 4, 1)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(bz.UsageError, match="invalid RANK=4 / WORLD_SIZE=4"):
+        topology_from_env()
+
+
+def test_backend_follows_the_device() -> None:
+    assert choose_backend("auto", torch.device("cpu")) == "gloo"
+    assert choose_backend("auto", torch.device("cuda", 0)) == "nccl"
+    assert choose_backend("gloo", torch.device("cuda", 0)) == "gloo"
+
+
+def test_a_data_loader_gets_a_distributed_sampler_that_keeps_its_settings() -> None:
+    data = TensorDataset(torch.arange(20.0))
+    loader = DataLoader(data, batch_size=4, shuffle=True, drop_last=True)
+    shards = [
+        shard_loader(loader, Topology(rank, 2, rank), seed=5, training=True) for rank in (0, 1)
+    ]
+    for shard in shards:
+        assert isinstance(shard, DataLoader)
+        assert isinstance(shard.sampler, DistributedSampler)
+        assert shard.batch_size == 4
+        assert shard.drop_last
+    seen = [torch.cat([b[0] for b in shard]).tolist() for shard in shards]
+    assert not set(seen[0]) & set(seen[1]), "ranks see disjoint samples"
+    assert sorted(seen[0] + seen[1]) == sorted(set(seen[0] + seen[1]))
+
+
+def test_a_list_of_batches_is_dealt_out_evenly() -> None:
+    batches = list(range(7))
+    shards = [list(shard_loader(batches, Topology(r, 3, r), 0, training=True)) for r in range(3)]
+    assert shards == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_alone_nothing_changes() -> None:
+    loader = DataLoader(TensorDataset(torch.zeros(4)), batch_size=2)
+    assert shard_loader(loader, Topology(), 0, training=True) is loader
+
+
+def test_distributed_settings_are_validated() -> None:
+    with pytest.raises(bz.ConfigError, match='did you mean "gloo"'):
+        bz.config.structure({"distributed": {"backend": "glo"}}, bz.RunConfig)
+
+
+# -- two processes -----------------------------------------------------------------------
+
+TRAIN_PY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import bz
+
+
+    def setup(config: bz.RunConfig) -> bz.TrainingSetup:
+        generator = torch.Generator().manual_seed(1)
+        inputs = torch.randn(96, 4, generator=generator)
+        targets = (inputs.sum(dim=1) > 0).long()
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        batch = config.hyperparameters["batch_size"]
+        data = TensorDataset(inputs, targets)
+        return bz.TrainingSetup(
+            model=model,
+            loss_fn=nn.CrossEntropyLoss(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            train_loader=DataLoader(data, batch_size=batch, shuffle=False),
+            val_loader=DataLoader(data, batch_size=batch),
+        )
+    """
+)
+
+PROBES = textwrap.dedent(
+    """
+    import os
+    from pathlib import Path
+
+
+    class RankZeroProbe:
+        name = "rank_zero_probe"
+
+        def end_training_session(self, context):
+            Path(f"rank_zero_probe-{context.rank}").write_text(str(context.world_size))
+
+
+    class EveryRankProbe:
+        name = "every_rank_probe"
+        every_rank = True
+
+        def end_training_session(self, context):
+            Path(f"every_rank_probe-{context.rank}").write_text(str(context.world_size))
+
+
+    class FailsOnRankOne:
+        name = "fails_on_rank_one"
+        every_rank = True
+
+        def __init__(self):
+            self.calls = 0
+
+        def end_epoch(self, context):
+            self.calls += 1
+            Path(f"fails_on_rank_one-{context.rank}-{context.epoch}").write_text("")
+            if context.rank == 1:
+                raise RuntimeError("only rank 1 breaks")
+
+
+    class StopsOnRankOne:
+        name = "stops_on_rank_one"
+        every_rank = True
+
+        def end_epoch(self, context):
+            if context.rank == 1:
+                context.should_stop_training = True
+
+
+    class KillsRankOne:
+        name = "kills_rank_one"
+        every_rank = True
+
+        def end_epoch(self, context):
+            if context.rank == 1 and context.epoch == 1:
+                os.kill(os.getpid(), 9)
+    """
+)
+
+
+def make_project(folder: Path, config: dict[str, Any]) -> dict[str, str]:
+    """A project plus a fake distribution registering the probe plugins; its env."""
+    (folder / "train.py").write_text(TRAIN_PY, encoding="utf-8")
+    base = {"epochs": 2, "device": "cpu", "checkpoint_interval": 1}
+    (folder / "bzconfig.json").write_text(json.dumps({**base, **config}), encoding="utf-8")
+    site = folder / "site"
+    site.mkdir()
+    (site / "bz_probes.py").write_text(PROBES, encoding="utf-8")
+    info = site / "bz_probes-0.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bz-probes\nVersion: 0.0.0\n")
+    names = ["RankZeroProbe", "EveryRankProbe", "FailsOnRankOne", "StopsOnRankOne", "KillsRankOne"]
+    lines = [f"{_snake(n)} = bz_probes:{n}" for n in names]
+    (info / "entry_points.txt").write_text("[bz.plugins]\n" + "\n".join(lines) + "\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env.pop("BZ_CONFIG", None)
+    return env
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def launch(folder: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2", *args]
+    return subprocess.run(
+        command, cwd=folder, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+
+
+def events(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    plugins = ["rank_zero_probe", "every_rank_probe", "fails_on_rank_one"]
+    env = make_project(
+        tmp_path,
+        {"hyperparameters": {"batch_size": 8}, "plugins": plugins, "metrics": ["accuracy"]},
+    )
+    done = launch(tmp_path, env, "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    ddp = [e for e in events(done.stdout) if e["event"] == "epoch_finished"]
+    assert [e["rank"] for e in ddp] == [0, 0], "only rank 0 logs at info level"
+
+    # The same run alone, with the global batch (2 processes x 8 = 16).
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "train.py").write_text(TRAIN_PY, encoding="utf-8")
+    config = bz.RunConfig(
+        epochs=2,
+        device="cpu",
+        plugins=(),
+        hyperparameters={"batch_size": 16},
+        metrics=(bz.config.MetricSpec("accuracy"),),
+        checkpoint_interval=0,
+    )
+    alone = bz.run(config, base_dir=tmp_path / "single")
+    for record, event in zip(alone.history, ddp, strict=True):
+        assert event["training_loss"] == pytest.approx(record.training_loss, rel=1e-5)
+        assert event["validation_loss"] == pytest.approx(record.validation_loss, rel=1e-5)
+        assert event["validation_metrics"] == pytest.approx(record.validation_metrics)
+
+    # Plugins run on rank 0 unless they opt in; checkpoints come from rank 0 alone.
+    assert sorted(p.name for p in tmp_path.glob("rank_zero_probe-*")) == ["rank_zero_probe-0"]
+    assert sorted(p.name for p in tmp_path.glob("every_rank_probe-*")) == [
+        "every_rank_probe-0",
+        "every_rank_probe-1",
+    ]
+    (folder,) = (tmp_path / ".bz" / "checkpoints").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
+
+    # A plugin that failed on rank 1 is quarantined on rank 0 too, from the next epoch.
+    ran = sorted(p.name for p in tmp_path.glob("fails_on_rank_one-*"))
+    assert ran == ["fails_on_rank_one-0-0", "fails_on_rank_one-1-0"]
+    (summary,) = [e for e in events(done.stdout) if e["event"] == "plugin_summary"]
+    assert summary["plugins"]["fails_on_rank_one"]["status"] == "quarantined"
+
+
+@pytest.mark.slow
+def test_a_stop_request_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    env = make_project(
+        tmp_path,
+        {"epochs": 4, "hyperparameters": {"batch_size": 8}, "plugins": ["stops_on_rank_one"]},
+    )
+    done = launch(tmp_path, env, "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    finished = [e for e in events(done.stdout) if e["event"] == "epoch_finished"]
+    assert [e["epoch"] for e in finished] == [0]
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_job_with_a_clear_message(tmp_path: Path) -> None:
+    env = make_project(
+        tmp_path,
+        {"epochs": 50, "hyperparameters": {"batch_size": 8}, "plugins": ["kills_rank_one"]},
+    )
+    done = launch(tmp_path, env)
+    assert done.returncode == 1
+    assert "bz: error: process rank 1 exited with code -9 (killed by SIGKILL)" in done.stderr
+    assert "Traceback" not in done.stderr.split("bz: error:")[-1]
