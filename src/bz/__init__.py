@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         TrainingInterrupted,
         seed_everything,
     )
+    from bz._tune import tune
 
 # Names whose modules import torch: loaded on first access.
 _LAZY = {
@@ -37,6 +38,7 @@ _LAZY = {
     "PluginFault": "bz._sandbox",
     "PluginReport": "bz._sandbox",
     "run": "bz._run",
+    "tune": "bz._tune",
 }
 
 
@@ -73,4 +75,5 @@ __all__ = [
     "load_config",
     "run",
     "seed_everything",
+    "tune",
 ]

@@ -8,12 +8,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from bz.config import RunConfig
+
+
+FOLD_EVERY = 256
+"""Pending scalars a :class:`DeviceSum` keeps before folding them into its total."""
+
 
 class DeviceSum:
     """A sum of per-batch device scalars that reaches the host only when read.
 
     The loop appends each batch's detached loss (no host sync); reading ``value()``
-    folds everything pending into one device tensor and converts it once.
+    folds everything pending into one device tensor and converts it once. Every
+    :data:`FOLD_EVERY` additions the pending scalars are folded on the device (one
+    kernel, no sync), so a long epoch holds a bounded number of tensors. The total is
+    kept in float64 (float32 on MPS, which has no float64).
     """
 
     __slots__ = ("_folded", "_pending")
@@ -24,15 +33,23 @@ class DeviceSum:
 
     def add(self, value: torch.Tensor) -> None:
         """Record one device scalar; never synchronises."""
-        self._pending.append(value)
+        pending = self._pending
+        pending.append(value)
+        if len(pending) >= FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        import torch
+
+        pending = torch.stack(self._pending)
+        dtype = torch.float32 if pending.device.type == "mps" else torch.float64
+        self._folded = self._folded + pending.sum(dtype=dtype)
+        self._pending.clear()
 
     def value(self) -> float:
         """The sum so far, as a Python float (one device-to-host read)."""
         if self._pending:
-            import torch
-
-            self._folded = self._folded + torch.stack(self._pending).sum()
-            self._pending.clear()
+            self._fold()
         return float(self._folded)
 
     def clear(self) -> None:
@@ -74,6 +91,8 @@ class PluginContext:
         """Zero-based index of the current batch within its loop."""
         self.training_batch_count: int = 0
         """Training batches seen so far in this epoch."""
+        self.training_sample_count: int = 0
+        """Training samples seen so far in this epoch (first dimension of the inputs)."""
         self.validation_batch_count: int = 0
         """Validation batches seen so far in this epoch."""
         self.training_batches_per_epoch: int | None = None
@@ -84,6 +103,8 @@ class PluginContext:
         """Training metrics of this epoch, filled after the training loop."""
         self.validation_metrics: dict[str, float] = {}
         """Validation metrics of this epoch, filled after the validation loop."""
+        self.run_config: RunConfig | None = None
+        """The whole configuration of the run (None outside a run)."""
         self.hyperparameters: dict[str, Any] = dict(hyperparameters or {})
         """The ``hyperparameters`` table of the configuration."""
         self.extra: dict[str, Any] = {}

@@ -181,6 +181,17 @@ def _unpack(batch: Any, loader: str) -> tuple[Any, Any]:
     )
 
 
+def _batch_size(inputs: Any) -> int:
+    """Samples in a batch's inputs: the first dimension (shape metadata, no sync)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.ndim else 1
+    if isinstance(inputs, Mapping):
+        return next((_batch_size(v) for v in inputs.values()), 0)
+    if isinstance(inputs, (list, tuple)) and inputs:
+        return _batch_size(inputs[0])
+    return 0
+
+
 def _length(loader: Iterable[Any] | None) -> int | None:
     try:
         return len(loader)  # type: ignore[arg-type]  # loaders may or may not have a length
@@ -393,6 +404,7 @@ class _Run:
         self.global_step = 0
         self.batch_index = 0
         self.train_batches = 0
+        self.train_samples = 0
         self.val_batches = 0
         self.train_loss = DeviceSum()
         self.val_loss = DeviceSum()
@@ -413,6 +425,7 @@ class _Run:
             world_size=self.topology.world_size,
         )
         self.context.scheduler = setup.scheduler
+        self.context.run_config = config
         self.context.training_batches_per_epoch = _length(self.train_loader)
         self.context.validation_batches_per_epoch = _length(self.val_loader)
 
@@ -430,6 +443,7 @@ class _Run:
         ctx.global_step = self.global_step
         ctx.batch_index = self.batch_index
         ctx.training_batch_count = self.train_batches
+        ctx.training_sample_count = self.train_samples
         ctx.validation_batch_count = self.val_batches
         ctx._training_loss = self.train_loss
         ctx._validation_loss = self.val_loss
@@ -490,6 +504,7 @@ class _Run:
                         stopped_early = done < self.config.epochs
                         _log.info("stop_requested", epoch=epoch, step=self.global_step)
                         break
+                self.context.extra["plugin_reports"] = self._plugin_reports()
                 self._hook("end_training_session")
             except TrainingInterrupted:
                 raise
@@ -516,6 +531,17 @@ class _Run:
             resumed_from=self.resumed_from,
             checkpoint=self.last_checkpoint,
         )
+
+    def _plugin_reports(self) -> dict[str, dict[str, Any]]:
+        """Time and faults per plugin so far, for plugins that summarise the run."""
+        return {
+            report.name: {
+                "calls": report.calls,
+                "seconds": report.seconds,
+                "fault": report.fault.describe() if report.fault else None,
+            }
+            for report in self.plugins.report()
+        }
 
     def _agree(self, stop: bool, interrupted: bool) -> tuple[bool, bool]:
         """Every process's verdict at the end of an epoch: stop if any rank asks to, and
@@ -581,7 +607,7 @@ class _Run:
         ctx.extra["active_plugins"] = self.plugins.active_names
         ctx.training_metrics = {}
         ctx.validation_metrics = {}
-        self.train_batches = self.val_batches = self.batch_index = 0
+        self.train_batches = self.val_batches = self.batch_index = self.train_samples = 0
         self.train_loss = DeviceSum()
         self.val_loss = DeviceSum()
         self._hook("start_epoch")
@@ -622,7 +648,13 @@ class _Run:
             # After the last batch the epoch finishes normally and stops at its end.
             if interrupt.requested and index + 1 != batches and self.stop_mid_epoch:
                 return False
-        self.train_loss, self.train_batches = self._global(self.train_loss, self.train_batches)
+        if self.topology.distributed:
+            total, batch_count, samples = sum_across(
+                [self.train_loss.value(), float(self.train_batches), float(self.train_samples)],
+                self.device,
+            )
+            self.train_loss = DeviceSum(total)
+            self.train_batches, self.train_samples = int(batch_count), int(samples)
         self.context.training_metrics = metrics.compute()
         self._hook("end_training_loop")
         return True
@@ -655,6 +687,7 @@ class _Run:
         if self.move_batches:
             batch = _to_device(batch, self.device)
         inputs, targets = _unpack(batch, "train_loader")
+        self.train_samples += _batch_size(inputs)
         setup.optimizer.zero_grad(set_to_none=True)
         outputs = self.forward(inputs)
         loss = setup.loss_fn(outputs, targets)

@@ -521,9 +521,13 @@ def health(as_json: bool) -> None:
 
 def _register_commands() -> None:
     # Commands whose code lives beside the library function they call.
+    from bz._report import report_command
     from bz._schema import config_schema
+    from bz._tune import tune_command
 
     cli.add_command(config_schema)
+    cli.add_command(report_command)
+    cli.add_command(tune_command)
 
 
 _register_commands()

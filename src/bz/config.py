@@ -23,6 +23,7 @@ from cattrs.errors import (
     BaseValidationError,
     ForbiddenExtraKeysError,
 )
+from cattrs.gen import make_dict_structure_fn
 
 from bz._errors import ConfigError
 
@@ -283,8 +284,27 @@ def _is_literal(annotation: Any) -> bool:
     return origin is Literal
 
 
+def _objects_only(conv: cattrs.Converter) -> Callable[[type], Callable[[Any, Any], Any]]:
+    """Attrs classes are structured from JSON objects only (cattrs would crash on a list)."""
+
+    def factory(cls: type) -> Callable[[Any, Any], Any]:
+        structure_fields: Callable[[Any, Any], Any] = make_dict_structure_fn(
+            cls, conv, _cattrs_forbid_extra_keys=True
+        )
+
+        def hook(value: Any, _type: Any) -> Any:
+            if not isinstance(value, dict):
+                raise TypeError(f"expected an object, got {_show(value)}")
+            return structure_fields(value, cls)
+
+        return hook
+
+    return factory
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook_factory(attrs.has, _objects_only(conv))
     conv.register_structure_hook(bool, _strict_scalar(bool, "boolean", (bool,)))
     conv.register_structure_hook(int, _strict_scalar(int, "int", (int,)))
     conv.register_structure_hook(float, _strict_scalar(float, "number", (int, float)))
@@ -326,7 +346,7 @@ def _note_segment(exc: BaseException) -> str | int | None:
         if isinstance(name, str):
             return name
         index = getattr(note, "index", None)
-        if isinstance(index, int):
+        if isinstance(index, (int, str)):  # list positions and dict keys
             return index
     return None
 

@@ -1,0 +1,219 @@
+"""``run_log``: the run as JSON lines, one per epoch, that ``bz report`` turns into plots.
+
+Built in (no extra). Writes ``run_log.jsonl`` into the run directory
+(``runs/<timestamp>`` unless ``log_dir`` is given). Every line is a JSON object whose
+``event`` says what it is:
+
+* ``start``: time, configured epochs, hyperparameters, device, world size, plugins.
+* ``step`` (only with ``step_interval``): epoch, global step, that batch's loss.
+* ``epoch``: losses, training and validation metrics, learning rates, seconds, the
+  global step, and the scalars other plugins published in ``context.extra["scalars"]``.
+* ``end``: epochs completed, whether training stopped early, total seconds, the active
+  plugins and what plugins left in ``context.extra`` (their summaries).
+* ``failed`` instead of ``end`` when training fails, with the error.
+
+Lines are written as they happen (line-buffered), so a crashed run keeps its history.
+Numbers that are not finite (a diverged loss) are written as ``null``.
+
+``step_interval`` reads the batch loss back to the host every that many steps: one
+device synchronisation each time. Leave it off on GPUs unless you need it; every 50 or
+100 steps costs little.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+import attrs
+
+from bz.config import at_least
+from bz.plugins._run_dir import run_directory
+from bz.plugins._scalars import EXTRA_SCALARS_KEY, extra_scalars, learning_rates
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from bz._context import PluginContext
+
+RUN_LOG_FILE = "run_log.jsonl"
+"""The file name ``bz report`` looks for inside a run directory."""
+
+# Keys of context.extra written elsewhere in the log (or not worth writing).
+_EXTRA_SKIPPED = frozenset({"active_plugins", EXTRA_SCALARS_KEY, "run_dir"})
+
+
+@attrs.frozen
+class RunLogConfig:
+    """Options of ``run_log``."""
+
+    log_dir: str | None = None
+    """Folder for ``run_log.jsonl``; default: the run directory (``runs/<timestamp>``)."""
+    step_interval: int | None = attrs.field(default=None, validator=at_least(1))
+    """Also log the batch loss every this many steps (one host sync each; null: never)."""
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` made JSON-writable: non-finite floats become None, unknowns strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return json_safe(item())  # a 0-d tensor or numpy scalar someone left in extra
+    return str(value)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class RunLog:
+    """One JSON line per epoch (and optionally per N steps); rank 0 only.
+
+    Other ranks of a distributed run write nothing. Read the result with
+    ``bz report RUN_DIR``.
+    """
+
+    Config = RunLogConfig
+
+    def __init__(self, config: RunLogConfig | None = None) -> None:
+        self.name = "run_log"
+        self.config = config or RunLogConfig()
+        self.path: Path | None = None
+        """The ``run_log.jsonl`` being written (set when training starts, on rank 0)."""
+        self._file: TextIO | None = None
+        self._started = 0.0
+        self._epoch_started = 0.0
+        self._rates: list[float] = []
+        self._epochs_done = 0
+        # The per-batch hook exists only when asked for, so that by default the loop
+        # makes no call into this plugin per batch.
+        if self.config.step_interval is not None:
+            self.end_training_batch = self._log_step
+
+    end_training_batch: Callable[[PluginContext], None]
+    """The step line; present only with ``step_interval``."""
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(json_safe(record), separators=(",", ":")) + "\n")
+
+    def start_training_session(self, context: PluginContext) -> None:
+        """Open the log and write the ``start`` line (rank 0 only)."""
+        if not context.is_main_process:
+            return
+        self.path = run_directory(context, self.config.log_dir) / RUN_LOG_FILE
+        # Line-buffered: each record reaches the file as soon as it is written.
+        self._file = self.path.open("a", encoding="utf-8", buffering=1)
+        self._started = time.perf_counter()
+        self._write(
+            {
+                "event": "start",
+                "time": _now(),
+                "epochs": context.epochs,
+                "hyperparameters": context.hyperparameters,
+                "device": str(context.device) if context.device is not None else None,
+                "world_size": context.world_size,
+                "plugins": context.extra.get("active_plugins", []),
+                "training_batches_per_epoch": context.training_batches_per_epoch,
+                "validation_batches_per_epoch": context.validation_batches_per_epoch,
+            }
+        )
+
+    def start_epoch(self, context: PluginContext) -> None:
+        """Start the epoch's clock; note the learning rate the epoch trains with."""
+        if self._file is None:
+            return
+        self._epoch_started = time.perf_counter()
+        self._rates = learning_rates(context.optimizer)
+
+    def _log_step(self, context: PluginContext) -> None:
+        """Every ``step_interval`` steps, the batch loss (one host read)."""
+        interval = self.config.step_interval
+        if interval is None or self._file is None or context.global_step % interval:
+            return
+        loss = context.last_loss
+        self._write(
+            {
+                "event": "step",
+                "epoch": context.epoch,
+                "step": context.global_step,
+                "batch": context.batch_index,
+                "loss": float(loss) if loss is not None else None,
+            }
+        )
+
+    def end_epoch(self, context: PluginContext) -> None:
+        """The epoch's line."""
+        if self._file is None:
+            return
+        validated = context.validation_batch_count > 0
+        self._epochs_done = context.epoch + 1
+        self._write(
+            {
+                "event": "epoch",
+                "epoch": context.epoch,
+                "step": context.global_step,
+                "time": _now(),
+                "seconds": time.perf_counter() - self._epoch_started,
+                "training_loss": context.training_loss,
+                "validation_loss": context.validation_loss if validated else None,
+                "training_metrics": context.training_metrics,
+                "validation_metrics": context.validation_metrics,
+                "lr": self._rates,
+                "scalars": extra_scalars(context),
+            }
+        )
+
+    def end_training_session(self, context: PluginContext) -> None:
+        """The ``end`` line, with the plugins' summaries; close the file."""
+        if self._file is None:
+            return
+        self._write(
+            {
+                "event": "end",
+                "time": _now(),
+                "epochs_completed": self._epochs_done,
+                "stopped_early": context.should_stop_training
+                and self._epochs_done < context.epochs,
+                "seconds": time.perf_counter() - self._started,
+                "plugins": context.extra.get("active_plugins", []),
+                "extra": {
+                    key: value for key, value in context.extra.items() if key not in _EXTRA_SKIPPED
+                },
+            }
+        )
+        self._close()
+
+    def on_exception(self, context: PluginContext) -> None:
+        """The ``failed`` line; close the file."""
+        if self._file is None:
+            return
+        error = context.exception
+        self._write(
+            {
+                "event": "failed",
+                "time": _now(),
+                "epoch": context.epoch,
+                "step": context.global_step,
+                "error": f"{type(error).__name__}: {error}" if error is not None else None,
+                "seconds": time.perf_counter() - self._started,
+            }
+        )
+        self._close()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,119 @@
+"""``tensorboard``: losses, metrics, learning rate and epoch time as TensorBoard scalars.
+
+Needs the ``tensorboard`` extra (``pip install 'bz-cli[tensorboard]'``); the events are
+written by ``torch.utils.tensorboard.SummaryWriter``. Tags are those of
+:mod:`bz.plugins._scalars` (``loss/training``, ``accuracy/validation``, ``lr``, ...),
+one point per epoch, on an x-axis that counts epochs from 1 as the console does.
+
+With ``histogram_interval`` the weights and gradients of every parameter are logged as
+histograms every that many epochs (the gradients are those of the epoch's last batch,
+still held by the model at ``end_epoch``; copying them to the host costs one transfer
+per parameter, which is why it is off by default).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+
+from bz.config import at_least
+from bz.plugins._run_dir import run_directory
+from bz.plugins._scalars import epoch_scalars, learning_rates
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from bz._context import PluginContext
+
+
+@attrs.frozen
+class TensorBoardConfig:
+    """Options of ``tensorboard``."""
+
+    log_dir: str | None = None
+    """Folder for the event files; default: the run directory (``runs/<timestamp>``)."""
+    histogram_interval: int | None = attrs.field(default=None, validator=at_least(1))
+    """Log weight and gradient histograms every this many epochs (null: never)."""
+    flush_secs: float = attrs.field(default=30.0, validator=at_least(0.0))
+    """Seconds between flushes of pending events to disk (always flushed at the end)."""
+
+
+class TensorBoard:
+    """Writes per-epoch scalars (and optional histograms) for TensorBoard; rank 0 only.
+
+    On other ranks of a distributed run it writes nothing. Open the result with
+    ``tensorboard --logdir runs``.
+    """
+
+    Config = TensorBoardConfig
+
+    def __init__(self, config: TensorBoardConfig | None = None) -> None:
+        # Checked here (cheaply: no import) so that a missing extra is reported when the
+        # plugins are loaded, by `bz check-config` too, rather than once training runs.
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ImportError(
+                "the tensorboard plugin needs TensorBoard: pip install 'bz-cli[tensorboard]'"
+            )
+        self.name = "tensorboard"
+        self.config = config or TensorBoardConfig()
+        self.log_dir: str | None = None
+        """Where the event files go (set when training starts, on rank 0)."""
+        self._writer: SummaryWriter | None = None
+        self._epoch_started = 0.0
+        self._rates: list[float] = []
+
+    def start_training_session(self, context: PluginContext) -> None:
+        """Open the event file (rank 0 only)."""
+        if not context.is_main_process:
+            return
+        # Imported here: importing tensorboard takes seconds, and a missing extra then
+        # quarantines this plugin with a clear ImportError instead of breaking `bz`.
+        from torch.utils.tensorboard import SummaryWriter
+
+        path = run_directory(context, self.config.log_dir)
+        self.log_dir = str(path)
+        self._writer = SummaryWriter(log_dir=str(path), flush_secs=self.config.flush_secs)
+
+    def start_epoch(self, context: PluginContext) -> None:
+        """Start the epoch's clock; note the learning rate the epoch trains with."""
+        if self._writer is None:
+            return
+        self._epoch_started = time.perf_counter()
+        self._rates = learning_rates(context.optimizer)
+
+    def end_epoch(self, context: PluginContext) -> None:
+        """Write the epoch's scalars (and histograms when due)."""
+        writer = self._writer
+        if writer is None:
+            return
+        seconds = time.perf_counter() - self._epoch_started
+        step = context.epoch + 1
+        for tag, value in epoch_scalars(context, seconds=seconds, rates=self._rates).items():
+            writer.add_scalar(tag, value, global_step=step)
+        interval = self.config.histogram_interval
+        if interval is not None and step % interval == 0 and context.model is not None:
+            self._histograms(writer, context.model, step)
+
+    @staticmethod
+    def _histograms(writer: SummaryWriter, model: torch.nn.Module, step: int) -> None:
+        for name, parameter in model.named_parameters():
+            writer.add_histogram(f"weights/{name}", parameter.detach(), global_step=step)
+            if parameter.grad is not None:
+                writer.add_histogram(f"gradients/{name}", parameter.grad, global_step=step)
+
+    def end_training_session(self, context: PluginContext) -> None:
+        """Flush and close the event file."""
+        self._close()
+
+    def on_exception(self, context: PluginContext) -> None:
+        """Keep what was logged before the failure."""
+        self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

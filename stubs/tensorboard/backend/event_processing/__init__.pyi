@@ -1,0 +1,1 @@
+# Package marker for the stub of tensorboard.backend.event_processing.
