@@ -44,5 +44,9 @@ test: $(VENV)/.dev
 
 check: lint typecheck test
 
+bench: $(VENV)/.dev
+	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/startup.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import structlog
-
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -41,6 +39,8 @@ class Plugin(Protocol):
     @property
     def logger(self) -> FilteringBoundLogger:
         """A structlog logger bound to ``plugin=<name>``."""
+        import structlog  # here, not at the top: `bz --help` should not pay for it
+
         bound: FilteringBoundLogger = structlog.get_logger("bz.plugin").bind(
             plugin=getattr(self, "name", type(self).__name__)
         )

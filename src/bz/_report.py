@@ -20,7 +20,14 @@ import attrs
 import click
 
 from bz._errors import UsageError
-from bz.plugins.run_log import RUN_LOG_FILE
+
+
+def _run_log_file() -> str:
+    # Imported late: `bz --help` registers this command without loading plugins.
+    from bz.plugins.run_log import RUN_LOG_FILE
+
+    return RUN_LOG_FILE
+
 
 PLOTS_HINT = "plots need matplotlib: pip install 'bz-cli[plots]'"
 
@@ -81,7 +88,7 @@ def read_run_log(path: Path) -> RunHistory:
         return found[-1] if found else None
 
     return RunHistory(
-        path=path.parent if path.name == RUN_LOG_FILE else path,
+        path=path.parent if path.name == _run_log_file() else path,
         start=last("start"),
         epochs=tuple(records.get("epoch", [])),
         steps=tuple(records.get("step", [])),
@@ -97,13 +104,13 @@ def find_run_logs(path: Path) -> list[Path]:
         return [path]
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
-    own = path / RUN_LOG_FILE
+    own = path / _run_log_file()
     if own.is_file():
         return [own]
-    inside = sorted(path.glob(f"**/{RUN_LOG_FILE}"))
+    inside = sorted(path.glob(f"**/{_run_log_file()}"))
     if not inside:
         raise UsageError(
-            f"{path}: no {RUN_LOG_FILE} here or below; add the run_log plugin to "
+            f"{path}: no {_run_log_file()} here or below; add the run_log plugin to "
             'bzconfig.json ("plugins": [..., "run_log"]) and train again'
         )
     return inside

@@ -205,6 +205,7 @@ class _Metrics:
     def __init__(self, metrics: Mapping[str, Metric]) -> None:
         self._metrics = dict(metrics)
         self._items = tuple(self._metrics.values())
+        self.active = bool(self._items)
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         for metric in self._items:
@@ -698,15 +699,15 @@ class _Run:
         setup.optimizer.step()
         detached = loss.detach()
         self.train_loss.add(detached)
-        self.train_metrics.update(outputs.detach(), targets)
+        if self.train_metrics.active:
+            self.train_metrics.update(outputs.detach(), targets)
         self.global_step += 1
         self.train_batches += 1
         self.context.last_loss = detached
 
     def _validation_loop(self) -> None:
         assert self.val_loader is not None
-        forward, loss_fn = self.forward, self.setup.loss_fn
-        metrics, hook = self.val_metrics, self._hook
+        metrics, hook, step = self.val_metrics, self._hook, self._validation_step
         self.model.eval()
         metrics.reset()
         self.batch_index = 0
@@ -715,18 +716,22 @@ class _Run:
             for index, batch in enumerate(self.val_loader):
                 self.batch_index = index
                 hook("start_validation_batch")
-                if self.move_batches:
-                    batch = _to_device(batch, self.device)
-                inputs, targets = _unpack(batch, "val_loader")
-                outputs = forward(inputs)
-                loss = loss_fn(outputs, targets)
-                self.val_loss.add(loss.detach())
-                metrics.update(outputs, targets)
-                self.val_batches += 1
+                step(batch)
                 hook("end_validation_batch")
         self.val_loss, self.val_batches = self._global(self.val_loss, self.val_batches)
         self.context.validation_metrics = metrics.compute()
         self._hook("end_validation_loop")
+
+    def _validation_step(self, batch: Any) -> None:
+        # Its own frame, like _step: outputs die before the next batch is fetched.
+        if self.move_batches:
+            batch = _to_device(batch, self.device)
+        inputs, targets = _unpack(batch, "val_loader")
+        outputs = self.forward(inputs)
+        loss = self.setup.loss_fn(outputs, targets)
+        self.val_loss.add(loss.detach())
+        self.val_metrics.update(outputs, targets)
+        self.val_batches += 1
 
     def _global(self, total: DeviceSum, count: int) -> tuple[DeviceSum, int]:
         """A loop's loss sum and batch count over all processes (so plugins see global

@@ -23,8 +23,11 @@ this module imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from unittest.mock import patch
 
 import torch
 from structlog.testing import capture_logs
@@ -41,8 +44,10 @@ if TYPE_CHECKING:
     from bz._sandbox import ErrorPolicy
 
 __all__ = [
+    "HOST_READS",
     "capture_logs",
     "check_plugin",
+    "count_host_reads",
     "load_plugin",
     "make_context",
     "run_plugin",
@@ -167,3 +172,59 @@ def load_plugin(
     plugins = load_plugins(specs, run_config, policy="raise", registry={name: factory})
     active = plugins.active
     return active[0] if active else None
+
+
+HOST_READS: tuple[str, ...] = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__array__",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "__format__",
+    "__repr__",
+    "nonzero",
+)
+"""Every way a tensor's value reaches Python; on a GPU each one stalls the pipeline."""
+
+
+@contextlib.contextmanager
+def count_host_reads(counter: Counter[str]) -> Iterator[None]:
+    """Count, by kind, every read of a tensor's value back to the host inside the block.
+
+    Only outermost calls count (``f"{t}"`` calling ``item`` is one read). Use it to
+    show that a plugin's per-batch hooks never stall the device::
+
+        counter: Counter[str] = Counter()
+        with count_host_reads(counter):
+            run_plugin(MyPlugin())
+        assert counter["item"] == 0
+    """
+    depth = [0]
+
+    def wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if depth[0] == 0:
+                counter[name] += 1
+            depth[0] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return counted
+
+    with contextlib.ExitStack() as stack:
+        for name in HOST_READS:
+            original = getattr(torch.Tensor, name)
+            stack.enter_context(patch.object(torch.Tensor, name, wrap(name, original)))
+        if torch.cuda.is_available():
+            stack.enter_context(
+                patch.object(
+                    torch.cuda, "synchronize", wrap("synchronize", torch.cuda.synchronize)
+                )
+            )
+        yield
