@@ -254,3 +254,38 @@ def test_a_list_is_a_categorical_choice(choices: list[Any]) -> None:
     assert dimension == SearchDimension(type="categorical", choices=tuple(choices))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     assert dimension.suggest(study.ask(), "x") in choices
+
+
+@pytest.mark.slow
+def test_tune_searches_the_digits_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shipped example, unchanged, searched over its learning rate and width.
+    example = Path(__file__).resolve().parents[1] / "examples" / "digits"
+    shipped = json.loads((example / "bzconfig.json").read_text(encoding="utf-8"))
+    search = {
+        "n_trials": 3,
+        "sampler": "random",
+        "seed": 0,
+        "monitor": "accuracy",
+        "direction": "maximize",
+        "hyperparameters": {
+            "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+            "hidden": [32, 128],
+        },
+    }
+    config = {
+        **shipped,
+        "epochs": 3,
+        "train_script": str(example / "train.py"),
+        "plugins": ["console_out", {"optuna": search}],
+    }
+    path = tmp_path / "bzconfig.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+
+    outcome = CliRunner().invoke(tune_command, ["--config", str(path)])
+
+    assert outcome.exit_code == 0, outcome.output
+    best = json.loads((tmp_path / "best_params.json").read_text(encoding="utf-8"))
+    assert set(best["params"]) == {"lr", "hidden"}
+    assert 0.8 < best["value"] <= 1.0, "three epochs on digits reach over 80% accuracy"
+    assert load_config(tmp_path / "bzconfig.best.json").hyperparameters["hidden"] in (32, 128)

@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 LogFormat = Literal["console", "json"]
 
 # Events the command line renders itself in console mode (as a table, not a log line).
-# (console_out shows epochs; the plugin summary is printed as a table.)
-_RENDERED_BY_CLI = frozenset({"plugin_summary", "epoch_finished"})
+# (console_out shows epochs; the plugin summary is printed as a table; the last
+# checkpoint is named once at the end instead of after every epoch.)
+_RENDERED_BY_CLI = frozenset({"plugin_summary", "epoch_finished", "checkpoint_saved"})
 
 
 def _drop_rendered_by_cli(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:

@@ -225,6 +225,8 @@ def train(
             )
         if result.resumed_from is not None:
             click.echo(f"bz: resumed from {result.resumed_from}", err=True)
+        if result.checkpoint is not None:
+            click.echo(f"bz: last checkpoint {result.checkpoint}", err=True)
 
 
 def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:

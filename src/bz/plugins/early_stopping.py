@@ -13,7 +13,10 @@ Strategies:
   of each other, whether or not they beat the best (the curve has gone flat).
 
 With ``restore_best_weights`` the model's weights from the best epoch are copied back
-when training ends (the copy stays on the model's device; no host transfer).
+at the end of the epoch that stops the run (before its checkpoint is written, so the
+checkpoint holds the weights the run ends with), or, when the run used all its epochs,
+at the end of the session (the last checkpoint then keeps the last epoch's weights, so
+that raising ``epochs`` resumes exactly). The copy stays on the model's device.
 """
 
 from __future__ import annotations
@@ -139,7 +142,8 @@ class EarlyStopping:
                 )
         else:
             self.wait += 1
-        if self._should_stop():
+        stopping = self._should_stop()
+        if stopping:
             self.stopped_epoch = context.epoch
             context.should_stop_training = True
             if self.config.verbose:
@@ -150,6 +154,10 @@ class EarlyStopping:
                     best_epoch=self.best_epoch,
                     epoch=context.epoch,
                 )
+        if stopping:
+            # Restored here rather than at the end of the session, so the checkpoint
+            # written after this hook (the run's last) holds the weights it ends with.
+            self._restore_best(context)
 
     def _should_stop(self) -> bool:
         patience = self.config.patience
@@ -159,7 +167,16 @@ class EarlyStopping:
         return len(window) == patience + 1 and max(window) - min(window) <= self.config.min_delta
 
     def end_training_session(self, context: PluginContext) -> None:
-        """Restore the best weights, if asked to and if they are not the current ones."""
+        """A run that used all its epochs ends with the best weights too.
+
+        Not written into the last checkpoint: that one keeps the last epoch's weights,
+        so that raising ``epochs`` continues exactly where an uninterrupted run would.
+        """
+        if context.exception is None:
+            self._restore_best(context)
+
+    def _restore_best(self, context: PluginContext) -> None:
+        """Put the best weights back, if asked to and if they are not the current ones."""
         if not self.config.restore_best_weights or self._best_weights is None:
             return
         if context.model is None or self.best_epoch == context.epoch:
