@@ -6,15 +6,13 @@ module — inside a boundary, so a broken package becomes a reported load error.
 
 from __future__ import annotations
 
-import ast
 import inspect
-import itertools
-import textwrap
 import typing
 from typing import Any
 
 import attrs
 
+from bz._docstrings import attribute_docs
 from bz._hooks import HOOK_NAMES
 from bz._loader import (
     Discovery,
@@ -94,33 +92,13 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (a string literal right after a field) of a class."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    docs: dict[str, str] = {}
-    for statement, following in itertools.pairwise(body):
-        if (
-            isinstance(statement, ast.AnnAssign)
-            and isinstance(statement.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[statement.target.id] = inspect.cleandoc(following.value.value)
-    return docs
-
-
 def config_schema(cls: type) -> tuple[ConfigField, ...]:
     """The fields of an attrs config class, with types, defaults and docs."""
     try:
         hints = typing.get_type_hints(cls)
     except Exception:
         hints = {}
-    docs = field_docs(cls)
+    docs = attribute_docs(cls)
     fields = []
     for field in attrs.fields(cls):
         required = field.default is attrs.NOTHING

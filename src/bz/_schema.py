@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 import attrs
 import click
 
-from bz._catalog import field_docs
+from bz._docstrings import attribute_docs
 from bz.config import MetricSpec, PluginSpec, RunConfig, unstructure
 
 __all__ = ["SCHEMA_DIALECT", "bzconfig_schema", "config_schema", "type_schema"]
@@ -80,7 +80,7 @@ def attrs_schema(
 ) -> dict[str, Any]:
     """An object schema for an attrs class: one property per field, nothing else."""
     hints = _type_hints(cls)
-    docs = field_docs(cls)
+    docs = attribute_docs(cls)
     properties: dict[str, dict[str, Any]] = dict(extra or {})
     required = []
     for field in attrs.fields(cls):

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
-import itertools
 import json
-import textwrap
 import types
 import typing
 from typing import Any, Literal, Union
 
 import attrs
 
+from bz._docstrings import attribute_docs
 from bz.config import unstructure
 
 __all__ = ["MetricOption", "describe_options", "describe_type"]
@@ -47,7 +44,7 @@ class MetricOption:
 
 def describe_options(config: type) -> tuple[MetricOption, ...]:
     """The options of an attrs config class, in declaration order."""
-    docs = _attribute_docs(config)
+    docs = attribute_docs(config)
     return tuple(
         MetricOption(
             name=field.name,
@@ -95,29 +92,3 @@ def _json(value: Any) -> str:
         return json.dumps(value)
     except (TypeError, ValueError):
         return repr(value)
-
-
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under annotated class attributes (as Sphinx reads them).
-
-    Best effort: a class whose source is unavailable (built in a REPL, or shipped
-    without sources) simply has no option docs.
-    """
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    if not tree.body or not isinstance(tree.body[0], ast.ClassDef):
-        return {}
-    body = tree.body[0].body
-    docs: dict[str, str] = {}
-    for statement, following in itertools.pairwise(body):
-        if (
-            isinstance(statement, ast.AnnAssign)
-            and isinstance(statement.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[statement.target.id] = inspect.cleandoc(following.value.value)
-    return docs
