@@ -68,6 +68,24 @@ def apply_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfi
         raise exc.with_source("command line") from None
 
 
+def config_and_base(
+    config: RunConfig | str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None,
+    base_dir: str | os.PathLike[str] | None,
+) -> tuple[RunConfig, Path]:
+    """The run's configuration (overrides applied) and the folder its paths start from.
+
+    ``config`` is a :class:`RunConfig` (paths then start from ``base_dir`` or the current
+    folder) or a config file to look up as :func:`resolve_config` does.
+    """
+    if isinstance(config, RunConfig):
+        run_config = apply_overrides(config, overrides) if overrides else config
+        base = Path.cwd()
+    else:
+        run_config, base = resolve_config(config, overrides)
+    return run_config, Path(base_dir) if base_dir is not None else base
+
+
 def run(
     config: RunConfig | str | os.PathLike[str] | None = None,
     *,
@@ -86,12 +104,7 @@ def run(
     from bz._trainer import Trainer, seed_everything
     from bz.metrics import build_metrics
 
-    if isinstance(config, RunConfig):
-        run_config = apply_overrides(config, overrides) if overrides else config
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
-    else:
-        run_config, base = resolve_config(config, overrides)
-        base = Path(base_dir) if base_dir is not None else base
+    run_config, base = config_and_base(config, overrides, base_dir)
     if plugin_errors is not None:
         run_config = run_config.with_overrides(plugin_errors=plugin_errors)
 
@@ -138,12 +151,7 @@ def validate(
     from bz._trainer import evaluate, seed_everything
     from bz.metrics import build_metrics
 
-    if isinstance(config, RunConfig):
-        run_config = apply_overrides(config, overrides) if overrides else config
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
-    else:
-        run_config, base = resolve_config(config, overrides)
-        base = Path(base_dir) if base_dir is not None else base
+    run_config, base = config_and_base(config, overrides, base_dir)
     metrics = build_metrics(run_config.metrics)
     script = base / run_config.train_script
     setup_function = load_setup_function(script)

@@ -198,16 +198,10 @@ def tune(
     Trials whose training fails are recorded as failed and the search goes on; if no
     trial finishes, the first failure is raised. Bad configuration raises at once.
     """
-    from bz._run import apply_overrides, resolve_config, run
+    from bz._run import config_and_base, run
 
-    source: str | None = None
-    if isinstance(config, RunConfig):
-        run_config = apply_overrides(config, overrides) if overrides else config
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
-    else:
-        run_config, base = resolve_config(config, overrides)
-        base = Path(base_dir) if base_dir is not None else base
-        source = str(find_config_file(config))
+    run_config, base = config_and_base(config, overrides, base_dir)
+    source = None if isinstance(config, RunConfig) else str(find_config_file(config))
     settings, space, _ = search_settings(run_config, source)
     settings = attrs.evolve(
         settings,
