@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PACKAGE = REPO / "examples" / "custom-plugin"
