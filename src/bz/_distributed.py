@@ -195,27 +195,6 @@ def sum_across(values: Sequence[float], device: torch.device) -> list[float]:
     return result
 
 
-def any_across(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank."""
-    if not dist.is_initialized():
-        return flag
-    return sum_across([1.0 if flag else 0.0], device)[0] > 0
-
-
-def union_across(indices: Iterable[int], size: int, device: torch.device) -> set[int]:
-    """The union over ranks of sets of small integers (plugin slots, say)."""
-    mask = [0.0] * size
-    for index in indices:
-        mask[index] = 1.0
-    return {i for i, value in enumerate(sum_across(mask, device)) if value > 0}
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op alone)."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # -- launching -------------------------------------------------------------------------
 
 

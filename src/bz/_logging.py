@@ -59,6 +59,8 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(output),
+        # One write per line (message and newline together), so lines from several
+        # processes sharing a pipe (torchrun) do not interleave.
+        logger_factory=structlog.WriteLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
