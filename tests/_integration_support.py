@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -88,3 +89,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip()
     ]
+
+
+def fails_in_second_epoch() -> bz.TrainingSetup:
+    """:func:`tiny_setup` whose loss raises after the first epoch (4 + 2 batches)."""
+    setup = tiny_setup()
+    calls = 0
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > 6:
+            raise RuntimeError("boom")
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    return attrs.evolve(setup, loss_fn=loss_fn)

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from click.testing import CliRunner
-from tests._integration_support import read_jsonl, run_config, tiny_setup
+from tests._integration_support import fails_in_second_epoch, read_jsonl, run_config, tiny_setup
 
 import bz
 from bz._loader import implemented_hooks
@@ -60,23 +59,7 @@ def test_step_lines_every_n_steps_only_when_asked(tmp_path: Path) -> None:
 
 
 def test_failed_run_ends_with_a_failed_line(tmp_path: Path) -> None:
-    setup = tiny_setup()
-    calls = 0
-
-    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        if calls > 6:  # fails in the second epoch's training
-            raise RuntimeError("boom")
-        return torch.nn.functional.cross_entropy(outputs, targets)
-
-    setup = bz.TrainingSetup(
-        model=setup.model,
-        loss_fn=loss_fn,
-        optimizer=setup.optimizer,
-        train_loader=setup.train_loader,
-        val_loader=setup.val_loader,
-    )
+    setup = fails_in_second_epoch()
     plugin = RunLog(RunLogConfig(log_dir=str(tmp_path)))
     with pytest.raises(bz.TrainingError):
         bz.Trainer().fit(setup, run_config(epochs=3), [plugin])

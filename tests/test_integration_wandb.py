@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from tests._integration_support import run_config, tiny_setup
+from tests._integration_support import fails_in_second_epoch, run_config, tiny_setup
 
 import bz
 from bz.plugins.wandb_logger import Wandb, WandbConfig
@@ -116,23 +115,7 @@ def test_offline_run_holds_the_scalars_and_the_config(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_failed_run_is_finished_and_keeps_what_was_logged(tmp_path: Path) -> None:
-    setup = tiny_setup()
-    calls = 0
-
-    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        if calls > 6:  # 4 training + 2 validation batches, then the second epoch fails
-            raise RuntimeError("boom")
-        return torch.nn.functional.cross_entropy(outputs, targets)
-
-    setup = bz.TrainingSetup(
-        model=setup.model,
-        loss_fn=loss_fn,
-        optimizer=setup.optimizer,
-        train_loader=setup.train_loader,
-        val_loader=setup.val_loader,
-    )
+    setup = fails_in_second_epoch()
     plugin = Wandb(WandbConfig(mode="offline", dir=str(tmp_path / "w")))
     with pytest.raises(bz.TrainingError):
         bz.Trainer().fit(setup, run_config(epochs=3), [plugin])

@@ -129,19 +129,23 @@ def implemented_hooks(plugin: object) -> tuple[str, ...]:
 
 def signature_problem(plugin: object, hook: str) -> str | None:
     """Why ``plugin.<hook>`` cannot be called as ``hook(context)``, or None if it can."""
-    method = getattr(plugin, hook)
-    if not callable(method):
-        return f"{hook} is not callable (it is {type(method).__name__})"
-    if inspect.iscoroutinefunction(method):
+    return _call_problem(hook, getattr(plugin, hook), 1, "context")
+
+
+def _call_problem(hook: str, function: object, arguments: int, call: str) -> str | None:
+    """Why ``function`` cannot be a hook called with ``arguments`` positional arguments."""
+    if not callable(function):
+        return f"{hook} is not callable (it is {type(function).__name__})"
+    if inspect.iscoroutinefunction(function):
         return f"{hook} is async; hooks are called synchronously and must be plain methods"
     try:
-        signature = inspect.signature(method)
+        signature = inspect.signature(function)
     except (TypeError, ValueError):
         return None  # builtins and C callables: nothing to check
     try:
-        signature.bind(object())
+        signature.bind(*[object()] * arguments)
     except TypeError:
-        return f"{hook}{signature} cannot be called as {hook}(context)"
+        return f"{hook}{signature} cannot be called as {hook}({call})"
     return None
 
 
@@ -202,20 +206,7 @@ def _class_signature_problem(cls: type, hook: str) -> str | None:
     if isinstance(value, (staticmethod, classmethod)):
         # Bound through the class, both are called with the context alone.
         return signature_problem(cls, hook)
-    if not callable(value):
-        return f"{hook} is not callable (it is {type(value).__name__})"
-    if inspect.iscoroutinefunction(value):
-        return f"{hook} is async; hooks are called synchronously and must be plain methods"
-    try:
-        signature = inspect.signature(value)
-    except (TypeError, ValueError):
-        return None
-    try:
-        signature.bind(object(), object())  # (self, context)
-    except TypeError:
-        shown = str(signature)
-        return f"{hook}{shown} cannot be called as {hook}(self, context)"
-    return None
+    return _call_problem(hook, value, 2, "self, context")
 
 
 def config_class(factory: object) -> type | None:
