@@ -114,6 +114,48 @@ def test_extending_epochs_resumes_and_ends_bit_identical(
     assert all(path is not None and path.exists() for _, path in counter.paths)
 
 
+class EpochNumbers:
+    """Records what plugins see at the end of each epoch."""
+
+    name = "epoch_numbers"
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[int, int, float, dict[str, float]]] = {}
+
+    def end_epoch(self, context: PluginContext) -> None:
+        self.seen[context.epoch] = (
+            context.training_batch_count,
+            context.training_sample_count,
+            context.training_loss_total,
+            dict(context.training_metrics),
+        )
+
+
+@pytest.mark.parametrize("at_step", [3, BATCHES_PER_EPOCH + 4])
+def test_the_epoch_interrupted_by_ctrl_c_reports_the_numbers_of_the_whole_epoch(
+    tmp_path: Path, at_step: int
+) -> None:
+    metrics = [
+        "accuracy",
+        {"f1_score": {"average": "macro"}},
+        {"precision": {"average": "weighted"}},
+    ]
+    config = CONFIG.with_overrides(metrics=metrics)
+    uninterrupted = EpochNumbers()
+    fit(None, config, plugins=[uninterrupted])
+    with pytest.raises(TrainingInterrupted):
+        fit(tmp_path, config, plugins=[Interrupter(at_step)])
+    resumed = EpochNumbers()
+    fit(tmp_path, config, plugins=[resumed])
+    epoch = at_step // BATCHES_PER_EPOCH
+    batches, samples, loss, values = resumed.seen[epoch]
+    expected = uninterrupted.seen[epoch]
+    assert (batches, samples) == expected[:2]
+    assert loss == pytest.approx(expected[2], rel=1e-6)
+    assert set(values) == {"accuracy", "f1_score", "precision"}
+    assert values == pytest.approx(expected[3], rel=1e-6)
+
+
 @pytest.mark.parametrize("at_step", [3, BATCHES_PER_EPOCH + 4, BATCHES_PER_EPOCH])
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_bit_identical(
     tmp_path: Path, clean: dict[str, torch.Tensor], at_step: int

@@ -207,6 +207,7 @@ class _Metrics:
         self._metrics = dict(metrics)
         self._items = tuple(self._metrics.values())
         self.active = bool(self._items)
+        self._carried: dict[str, list[torch.Tensor]] = {}
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         for metric in self._items:
@@ -218,13 +219,55 @@ class _Metrics:
             return {}
         from bz.metrics import compute_all, reduce_across_processes
 
+        self._merge_carried()
         for metric in self._items:
             reduce_across_processes(metric)
         return compute_all(self._metrics)
 
     def reset(self) -> None:
+        self._carried = {}
         for metric in self._items:
             metric.reset()
+
+    def state(self) -> dict[str, list[torch.Tensor]]:
+        """Copies (on the host) of the state of every mergeable metric, for a checkpoint."""
+        from bz.metrics import MergeableMetric
+
+        return {
+            name: [tensor.detach().cpu().clone() for tensor in metric.state_tensors()]
+            for name, metric in self._metrics.items()
+            if isinstance(metric, MergeableMetric)
+        }
+
+    def carry(self, saved: Mapping[str, Sequence[torch.Tensor]]) -> None:
+        """Add ``saved`` (from :meth:`state`) into the state before the next ``compute``.
+
+        Mergeable state merges by element-wise sum, so the batches of an interrupted
+        epoch and those after its resume add up to what the whole epoch would have.
+        """
+        self._carried = {name: list(tensors) for name, tensors in saved.items() if tensors}
+
+    def _merge_carried(self) -> None:
+        from bz.metrics import MergeableMetric
+
+        carried, self._carried = self._carried, {}
+        for name, saved in carried.items():
+            metric = self._metrics.get(name)
+            if not isinstance(metric, MergeableMetric):
+                continue
+            state = metric.state_tensors()
+            if not state:  # no batch since the resume: the metric starts from nothing
+                continue
+            if [t.shape for t in state] != [t.shape for t in saved]:
+                _log.warning(
+                    "metric_state_not_resumed",
+                    metric=name,
+                    hint="its state changed shape; the epoch's value covers the batches "
+                    "after the resume only",
+                )
+                continue
+            for tensor, part in zip(state, saved, strict=True):
+                tensor.add_(part.to(device=tensor.device, dtype=tensor.dtype))
 
     def to(self, device: torch.device) -> None:
         for metric in self._items:
@@ -293,6 +336,9 @@ class _Pending:
     """Random states after the last finished step (differs only mid-epoch)."""
     batch: int = 0
     loss_total: float = 0.0
+    samples: int = 0
+    metrics: Mapping[str, Sequence[torch.Tensor]] = attrs.Factory(dict)
+    """Training-metric state of the batches already done (see ``_Metrics.carry``)."""
 
 
 class Trainer:
@@ -694,7 +740,9 @@ class _Run:
             next(iterator, None)
         restore_rng(pending.now, self.generators)
         self.train_batches = pending.batch
+        self.train_samples = pending.samples
         self.train_loss = DeviceSum(pending.loss_total)
+        self.train_metrics.carry(pending.metrics)
         return iterator, pending.batch
 
     def _step(self, batch: Any) -> None:
@@ -855,8 +903,18 @@ class _Run:
                 hint="the interrupted epoch is trained again from its first batch",
             )
             batch = 0
-        self.pending = _Pending(
-            rng["epoch_start"], rng["now"], batch, float(payload["loss_total"]) if batch else 0.0
+        self.pending = (
+            _Pending(
+                rng["epoch_start"],
+                rng["now"],
+                batch,
+                float(payload["loss_total"]),
+                # Checkpoints written before these were kept hold neither.
+                int(payload.get("samples", 0)),
+                payload.get("metrics") or {},
+            )
+            if batch
+            else _Pending(rng["epoch_start"], rng["now"])
         )
         states: Mapping[str, Any] = payload.get("plugins") or {}
         for plugin in self.plugins.active:
@@ -889,6 +947,8 @@ class _Run:
             "world_size": self.topology.world_size,
             "stopped": stopped,
             "loss_total": self.train_loss.value() if batch else 0.0,
+            "samples": self.train_samples if batch else 0,
+            "metrics": self.train_metrics.state() if batch else {},
             "model": self.model.state_dict(),
             "optimizer": setup.optimizer.state_dict(),
             "scheduler": (
