@@ -195,7 +195,7 @@ def final_model_state(project: Path) -> dict[str, torch.Tensor]:
 def child_main() -> None:
     """Run ``bz`` with ``sys.argv[1:]``, dying where the environment says.
 
-    ``BZ_TEST_SIGNAL_AT_STEP=N`` and ``BZ_TEST_SIGNAL=KILL|INT``: send the signal to
+    ``BZ_TEST_SIGNAL_AT_STEP=N`` and ``BZ_TEST_SIGNAL=KILL|INT|TERM``: send the signal to
     this process right after optimizer step N. ``BZ_TEST_KILL_IN_WRITE=N``: during the
     N-th checkpoint write, write half of the file and die with SIGKILL (the state a
     crash leaves behind).

@@ -160,11 +160,12 @@ def test_the_epoch_interrupted_by_ctrl_c_reports_the_numbers_of_the_whole_epoch(
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_bit_identical(
     tmp_path: Path, clean: dict[str, torch.Tensor], at_step: int
 ) -> None:
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     interrupter, counter = Interrupter(at_step), Counter()
     with pytest.raises(TrainingInterrupted) as caught:
         fit(tmp_path, plugins=[interrupter, counter])
-    assert signal.getsignal(signal.SIGINT) is previous
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
+    assert caught.value.signal is signal.SIGINT
     assert interrupter.calls == ["on_exception:TrainingInterrupted", "end_training_session"]
     saved = caught.value.checkpoint
     assert saved is not None

@@ -1,8 +1,9 @@
 """``kill -9`` and Ctrl-C in real subprocesses: resuming ends bit-identical to a clean run.
 
-One seeded run is interrupted three times, each time somewhere else (points drawn from
+One seeded run is interrupted four times, each time somewhere else (points drawn from
 a seeded generator): SIGKILL in the middle of an epoch, SIGKILL halfway through writing
-a checkpoint file, and Ctrl-C (SIGINT) after a step. Each restart resumes by itself.
+a checkpoint file, SIGTERM (what a job scheduler sends) and Ctrl-C (SIGINT) after a
+step. Each restart resumes by itself.
 The final weights and optimizer state must equal those of a run never interrupted.
 """
 
@@ -82,7 +83,8 @@ def _events(output: str, name: str) -> list[dict[str, object]]:
 def test_killed_three_ways_and_resumed_ends_bit_identical(tmp_path: Path) -> None:
     points = random.Random(2024)
     kill_step = points.randint(BATCHES_PER_EPOCH + 1, 2 * BATCHES_PER_EPOCH - 1)
-    interrupt_step = points.randint(2 * BATCHES_PER_EPOCH + 1, EPOCHS * BATCHES_PER_EPOCH - 1)
+    term_step = points.randint(2 * BATCHES_PER_EPOCH + 1, 3 * BATCHES_PER_EPOCH - 1)
+    interrupt_step = points.randint(3 * BATCHES_PER_EPOCH + 1, EPOCHS * BATCHES_PER_EPOCH - 1)
     clean_folder, folder = _project(tmp_path / "clean"), _project(tmp_path / "interrupted")
     clean = _start(clean_folder)  # runs alongside the interrupted chain
 
@@ -95,16 +97,24 @@ def test_killed_three_ways_and_resumed_ends_bit_identical(tmp_path: Path) -> Non
     (run_dir,) = (folder / ".bz" / "checkpoints").iterdir()
     assert any(p.name.endswith(".tmp") for p in run_dir.iterdir())
     assert not (run_dir / "epoch-0003.pt").exists()
-    # 3. Resumes from epoch 2; Ctrl-C after a step: checkpoint, exit 130.
+    # 3. Resumes from epoch 2; SIGTERM after a step: checkpoint, exit 143 (128 + 15).
+    output = _finish(
+        _start(folder, BZ_TEST_SIGNAL="TERM", BZ_TEST_SIGNAL_AT_STEP=str(term_step)), 143
+    )
+    assert _events(output, "resumed")[0]["epoch"] == 2
+    assert _events(output, "checkpoint_saved")[-1]["step"] == term_step
+    assert _events(output, "interrupt_requested")[0]["signal"] == "SIGTERM"
+    # 4. Resumes there; Ctrl-C after a later step: checkpoint, exit 130.
     output = _finish(
         _start(folder, BZ_TEST_SIGNAL="INT", BZ_TEST_SIGNAL_AT_STEP=str(interrupt_step)), 130
     )
-    assert _events(output, "resumed")[0]["epoch"] == 2
+    assert _events(output, "resumed")[0]["step"] == term_step
     assert _events(output, "checkpoint_saved")[-1]["step"] == interrupt_step
-    # 4. Resumes where Ctrl-C stopped it and finishes.
+    assert "bz: interrupted; checkpoint" in output
+    # 5. Resumes where Ctrl-C stopped it and finishes.
     output = _finish(_start(folder), 0)
     resumed = _events(output, "resumed")[0]
-    assert resumed["step"] == interrupt_step, (kill_step, interrupt_step)
+    assert resumed["step"] == interrupt_step, (kill_step, term_step, interrupt_step)
     assert not any(p.name.endswith(".tmp") for p in run_dir.iterdir())
 
     _finish(clean, 0)

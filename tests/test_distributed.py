@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,7 @@ TRAIN_PY = textwrap.dedent(
 PROBES = textwrap.dedent(
     """
     import os
+    import time
     from pathlib import Path
 
 
@@ -143,6 +146,16 @@ PROBES = textwrap.dedent(
                 context.should_stop_training = True
 
 
+    class SlowSteps:
+        name = "slow_steps"
+        every_rank = True
+
+        def end_training_batch(self, context):
+            if context.rank == 0 and context.global_step == 7:
+                Path("slow_steps-marker").write_text("")
+            time.sleep(0.2)
+
+
     class KillsRankOne:
         name = "kills_rank_one"
         every_rank = True
@@ -165,7 +178,14 @@ def make_project(folder: Path, config: dict[str, Any]) -> dict[str, str]:
     info = site / "bz_probes-0.0.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bz-probes\nVersion: 0.0.0\n")
-    names = ["RankZeroProbe", "EveryRankProbe", "FailsOnRankOne", "StopsOnRankOne", "KillsRankOne"]
+    names = [
+        "RankZeroProbe",
+        "EveryRankProbe",
+        "FailsOnRankOne",
+        "StopsOnRankOne",
+        "SlowSteps",
+        "KillsRankOne",
+    ]
     lines = [f"{_snake(n)} = bz_probes:{n}" for n in names]
     (info / "entry_points.txt").write_text("[bz.plugins]\n" + "\n".join(lines) + "\n")
     env = dict(os.environ)
@@ -179,10 +199,19 @@ def _snake(name: str) -> str:
 
 
 def launch(folder: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2", *args]
     return subprocess.run(
-        command, cwd=folder, env=env, capture_output=True, text=True, timeout=240, check=False
+        launch_command(*args),
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
+
+
+def launch_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2", *args]
 
 
 def events(stdout: str) -> list[dict[str, Any]]:
@@ -256,3 +285,81 @@ def test_a_killed_process_ends_the_job_with_a_clear_message(tmp_path: Path) -> N
     assert done.returncode == 1
     assert "bz: error: process rank 1 exited with code -9 (killed by SIGKILL)" in done.stderr
     assert "Traceback" not in done.stderr.split("bz: error:")[-1]
+
+
+def _final_model(folder: Path, epochs: int) -> dict[str, torch.Tensor]:
+    (run_dir,) = (folder / ".bz" / "checkpoints").iterdir()
+    payload = torch.load(run_dir / f"epoch-{epochs:04d}.pt", map_location="cpu", weights_only=True)
+    model: dict[str, torch.Tensor] = payload["model"]
+    return model
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_after_the_same_step_and_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    config = {
+        "epochs": 3,
+        "hyperparameters": {"batch_size": 8},  # 6 steps per epoch on each process
+        "plugins": ["slow_steps"],
+        "metrics": ["accuracy"],
+    }
+    clean_folder, folder = tmp_path / "clean", tmp_path / "interrupted"
+    clean_folder.mkdir()
+    folder.mkdir()
+    clean_env, env = make_project(clean_folder, config), make_project(folder, config)
+    args = ("--log-format", "json")
+
+    # Ctrl-C in a terminal reaches the launcher, which passes SIGINT on to the processes.
+    process = subprocess.Popen(
+        launch_command(*args),
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        marker = folder / "slow_steps-marker"  # written after step 7, early in epoch 1
+        for _ in range(2400):
+            if marker.exists() or process.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert marker.exists(), "the run never reached step 7"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("bz: ")]
+    assert len(lines) == 1, "rank 0 alone says where the checkpoint is"
+    assert lines[0].startswith("bz: interrupted; checkpoint ")
+    interrupted = [e for e in events(stdout) if e["event"] == "training_interrupted"]
+    assert sorted(e["rank"] for e in interrupted) == [0, 1]
+    (where,) = {(e["epoch"], e["step"]) for e in interrupted}  # the same step everywhere
+    assert where[0] == 1
+    (checkpoint,) = [Path(e["checkpoint"]) for e in interrupted if e["rank"] == 0]
+    assert "-batch-" in checkpoint.name, "stopped in the middle of epoch 1"
+
+    resumed = launch(folder, env, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    (event,) = [e for e in events(resumed.stdout) if e["event"] == "resumed"]
+    assert event["path"] == str(checkpoint)
+    clean = launch(clean_folder, clean_env, *args)
+    assert clean.returncode == 0, clean.stderr
+
+    # The interrupted epoch reports the numbers of the whole epoch, and training ends
+    # with exactly the weights of the run that was never interrupted.
+    finished = {e["epoch"]: e for e in events(resumed.stdout) if e["event"] == "epoch_finished"}
+    reference = {e["epoch"]: e for e in events(clean.stdout) if e["event"] == "epoch_finished"}
+    assert sorted(finished) == [1, 2]
+    for epoch in (1, 2):
+        got, expected = finished[epoch], reference[epoch]
+        assert got["training_loss"] == pytest.approx(expected["training_loss"], rel=1e-6)
+        assert got["training_metrics"] == pytest.approx(expected["training_metrics"])
+        assert got["validation_loss"] == expected["validation_loss"]
+    final, reference_final = _final_model(folder, 3), _final_model(clean_folder, 3)
+    assert all(torch.equal(final[name], reference_final[name]) for name in reference_final)

@@ -195,6 +195,23 @@ def sum_across(values: Sequence[float], device: torch.device) -> list[float]:
     return result
 
 
+def control_group(backend: str) -> Any:
+    """The group for the loop's own small agreements: the default group when it is gloo,
+    else a gloo group beside it, so that agreeing never waits on a device."""
+    if backend == "gloo":
+        return None  # torch.distributed's name for the default group
+    return dist.new_group(backend="gloo")
+
+
+def vote_across(flag: bool, seconds: float, group: Any) -> tuple[bool, float]:
+    """Whether ``flag`` is true on any rank, and the mean of ``seconds`` over the ranks:
+    the same answer on every rank, from one small collective on the CPU."""
+    tensor = torch.tensor([float(flag), seconds], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    raised, total = tensor.tolist()  # a CPU tensor: reading it does not wait on a device
+    return raised > 0, total / dist.get_world_size(group)
+
+
 # -- launching -------------------------------------------------------------------------
 
 

@@ -104,7 +104,7 @@ HOOKS: Final[tuple[HookSpec, ...]] = (
         "checkpoint",
         False,
         "After a checkpoint was written (after `end_epoch`, every `checkpoint_interval` "
-        "epochs, the last epoch, and on Ctrl-C); `context.checkpoint_path` names it.",
+        "epochs, the last epoch, and on Ctrl-C or SIGTERM); `context.checkpoint_path` names it.",
     ),
     HookSpec(
         "end_training_session",

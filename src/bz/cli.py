@@ -202,9 +202,11 @@ def train(
             traceback.print_exception(exc.__cause__, file=sys.stderr)
         raise
     except TrainingInterrupted as exc:
-        saved = f"; checkpoint {exc.checkpoint} written, `bz train` resumes from it"
-        click.echo(f"bz: interrupted{saved if exc.checkpoint else ''}", err=True)
-        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        if rank == 0:  # the process that wrote the checkpoint speaks for all of them
+            saved = f"; checkpoint {exc.checkpoint} written, `bz train` resumes from it"
+            click.echo(f"bz: interrupted{saved if exc.checkpoint else ''}", err=True)
+        # The shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
+        raise click.exceptions.Exit(128 + exc.signal.value) from None
     if result.already_complete:
         click.echo(
             f"bz: nothing to train: this run already finished {result.epochs_completed} "
@@ -253,12 +255,17 @@ def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
 
 def _launch(nproc_per_node: int, args: list[str]) -> None:
     """Run ``bz <args>`` in several processes; a failed process fails the command."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from bz._distributed import launch
 
     try:
         launch(nproc_per_node, args)
+    except SignalException as exc:
+        # Ctrl-C or SIGTERM reached the launcher, which passed it on to the processes;
+        # they finished their step together and rank 0 said where the checkpoint is.
+        raise click.exceptions.Exit(128 + int(exc.sigval)) from None
     except ChildFailedError as exc:
         # The first process to fail is the cause; the launcher stops the others.
         rank, first = exc.get_first_failure()
