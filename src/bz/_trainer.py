@@ -766,12 +766,10 @@ class _Run:
             step(batch)
             hook("end_training_batch")
             # After the last batch the epoch finishes normally and stops at its end.
-            if index + 1 == batches:
-                continue
             if vote is None:
-                if interrupt.requested:
+                if interrupt.requested and index + 1 != batches:
                     return False
-            elif vote.due() and vote(interrupt.requested):
+            elif vote.due() and index + 1 != batches and vote(interrupt.requested):
                 return False
         if vote is not None:
             total, batch_count, samples = sum_across(
