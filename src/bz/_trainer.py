@@ -17,8 +17,8 @@ Hook order for one run (``[...]`` only when there is validation data)::
     end_training_session
     on_exception                     # instead of the rest, when training fails
 
-When resuming, ``load_checkpoint`` follows ``start_training_session``. On Ctrl-C the
-loop finishes the step, writes a checkpoint (``save_checkpoint``), then calls
+When resuming, ``load_checkpoint`` follows ``start_training_session``. On Ctrl-C (or
+SIGTERM) the loop finishes the step, writes a checkpoint (``save_checkpoint``), then calls
 ``on_exception`` and ``end_training_session`` and raises :class:`TrainingInterrupted`.
 
 The loop owns every counter and the loss sums. Before hooks run it copies them into
@@ -428,7 +428,7 @@ class Trainer:
         ``<checkpoint_dir>/<signature>/`` every ``config.checkpoint_interval`` epochs,
         and with ``config.resume`` training continues from the newest one (``bz train``
         passes ``checkpoint_dir`` from the config; in code it is off unless given).
-        Ctrl-C finishes the current step, writes a checkpoint and raises
+        Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and raises
         :class:`TrainingInterrupted`.
         """
         config = config or RunConfig()

@@ -164,7 +164,8 @@ def train(
     """Train the model that train.py sets up, with the plugins bzconfig.json lists.
 
     Resumes from the newest checkpoint of the same run when there is one; Ctrl-C
-    finishes the current step, writes a checkpoint and exits with 130.
+    (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130
+    (143).
     """
     from bz import _logging
     from bz._run import run
