@@ -204,7 +204,8 @@ def test_keep_last_prunes_old_checkpoints_and_stray_temporary_files(tmp_path: Pa
     stray = run_dir / ".epoch-0001.pt.4242.tmp"
     stray.write_bytes(b"half a checkpoint")
     fit(tmp_path, CONFIG.with_overrides(keep_last=2))
-    assert sorted(p.name for p in run_dir.iterdir()) == ["epoch-0003.pt", "epoch-0004.pt"]
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == ["epoch-0003.pt", "epoch-0004.pt", "model.pt"]
 
 
 def test_checkpoint_interval_and_the_final_epoch(tmp_path: Path) -> None:
@@ -251,6 +252,51 @@ def test_a_finished_run_reports_it_trains_nothing_and_returns_the_trained_model(
     assert result.epochs_completed == CONFIG.epochs
     assert_same_weights(final, clean)
     assert [e["event"] for e in events].count("already_complete") == 1
+
+
+class RestoresOtherWeights:
+    """Changes the weights at the end, as early_stopping does when it restores the best."""
+
+    name = "restores_other_weights"
+
+    def end_training_session(self, context: PluginContext) -> None:
+        assert context.model is not None
+        with torch.no_grad():
+            for parameter in context.model.parameters():
+                parameter.mul_(0.5)
+
+
+def test_the_final_model_holds_the_weights_the_run_ended_with(
+    tmp_path: Path, events: list[dict[str, Any]]
+) -> None:
+    result, ended_with = fit(tmp_path, plugins=[RestoresOtherWeights()])
+    assert result.model is not None
+    assert result.model.name == "model.pt"
+    assert result.checkpoint is not None
+    assert result.model.parent == result.checkpoint.parent
+    final = torch.load(result.model, weights_only=True)
+    assert final["epoch"] == CONFIG.epochs
+    assert_same_weights(dict(final["model"]), ended_with)
+    # The last checkpoint keeps the weights training would go on from.
+    last = read_checkpoint(result.checkpoint)["model"]
+    assert not all(torch.equal(last[name], ended_with[name]) for name in ended_with)
+    saved = [e for e in events if e["event"] == "model_saved"]
+    assert [e["path"] for e in saved] == [str(result.model)]
+
+    # Asked to train the finished run again, bz hands back the weights it ended with.
+    again, weights_again = fit(tmp_path)
+    assert again.already_complete
+    assert again.model == result.model
+    assert_same_weights(weights_again, ended_with)
+
+
+def test_starting_over_removes_the_old_final_model(tmp_path: Path) -> None:
+    first, _ = fit(tmp_path)
+    assert first.model is not None
+    assert first.model.exists()
+    with pytest.raises(TrainingInterrupted):
+        fit(tmp_path, CONFIG.with_overrides(resume=False), plugins=[Interrupter(3)])
+    assert not first.model.exists(), "it belonged to the run that was started over"
 
 
 def test_no_resume_starts_over_and_replaces_the_old_checkpoints(
@@ -412,7 +458,12 @@ def test_cli_resumes_by_default_and_validate_reports_the_checkpoint(
     assert shown.exit_code == 0, shown.output
     report = json.loads(shown.stdout)
     assert report["epoch"] == 3
-    assert report["checkpoint"].endswith("epoch-0003.pt")
+    assert report["checkpoint"].endswith("model.pt"), "a finished run is shown as it ended"
+    last = str(Path(report["checkpoint"]).with_name("epoch-0003.pt"))
+    for chosen in (report["checkpoint"], last):
+        shown = runner.invoke(cli, ["validate", "--config", config, "--checkpoint", chosen])
+        assert shown.exit_code == 0, shown.output
+        assert chosen in shown.output
     assert set(report["metrics"]) == {"accuracy"}
     assert report["validation_loss"] > 0
 

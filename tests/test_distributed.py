@@ -254,7 +254,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
         "every_rank_probe-1",
     ]
     (folder,) = (tmp_path / ".bz" / "checkpoints").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "epoch-0001.pt",
+        "epoch-0002.pt",
+        "model.pt",
+    ]
 
     # A plugin that failed on rank 1 is quarantined on rank 0 too, from the next epoch.
     ran = sorted(p.name for p in tmp_path.glob("fails_on_rank_one-*"))

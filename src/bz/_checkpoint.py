@@ -45,6 +45,12 @@ _TMP_SUFFIX = ".tmp"
 _REQUIRED_KEYS = frozenset(
     {"format", "signature", "epoch", "batch", "global_step", "model", "optimizer", "rng"}
 )
+_MODEL_KEYS = frozenset({"format", "signature", "epoch", "global_step", "model"})
+
+FINAL_MODEL = "model.pt"
+"""The weights a finished run ended with, beside its checkpoints: after the plugins'
+``end_training_session`` (where ``early_stopping`` puts the best epoch's weights back),
+so not always those of the last checkpoint, which keeps the state training resumes from."""
 
 _log = structlog.get_logger("bz")
 
@@ -280,16 +286,21 @@ class UnreadableCheckpoint(Exception):
     """A checkpoint file that cannot be used (truncated, corrupt, another run's)."""
 
 
-def read_checkpoint(path: Path, signature: str | None = None) -> dict[str, Any]:
+def read_checkpoint(
+    path: Path, signature: str | None = None, *, model_only: bool = False
+) -> dict[str, Any]:
     """Load and check one checkpoint file (``weights_only``; tensors land on the CPU).
 
-    Raises :class:`UnreadableCheckpoint` saying why the file cannot be used.
+    ``model_only`` also accepts a run's final model (:data:`FINAL_MODEL`), which has
+    the weights but no training state to resume from. Raises
+    :class:`UnreadableCheckpoint` saying why the file cannot be used.
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a damaged file
         raise UnreadableCheckpoint(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
-    if not isinstance(payload, dict) or not payload.keys() >= _REQUIRED_KEYS:
+    required = _MODEL_KEYS if model_only else _REQUIRED_KEYS
+    if not isinstance(payload, dict) or not payload.keys() >= required:
         raise UnreadableCheckpoint("not a bz checkpoint")
     if payload["format"] != FORMAT:
         raise UnreadableCheckpoint(f"checkpoint format {payload['format']!r}, expected {FORMAT}")
@@ -316,6 +327,24 @@ def read_latest(folder: Path, signature: str | None = None) -> tuple[Path, dict[
     return None
 
 
+def read_final_model(
+    folder: Path, signature: str, at_least_step: int
+) -> tuple[Path, dict[str, Any]] | None:
+    """The run's final model, unless it is missing, unreadable (reported) or older than
+    step ``at_least_step`` (written before the run was trained further)."""
+    path = folder / FINAL_MODEL
+    if not path.is_file():
+        return None
+    try:
+        payload = read_checkpoint(path, signature, model_only=True)
+    except UnreadableCheckpoint as exc:
+        _log.warning("model_unreadable", path=str(path), error=str(exc))
+        return None
+    if payload["global_step"] < at_least_step:
+        return None
+    return path, payload
+
+
 @attrs.define
 class CheckpointStore:
     """The checkpoints of one run: ``<root>/<signature>/``."""
@@ -337,10 +366,12 @@ class CheckpointStore:
             self._delete(path)
 
     def discard_all_but(self, keep: Path) -> int:
-        """Delete every checkpoint except ``keep`` (a run that was started over)."""
+        """Delete every checkpoint except ``keep``, and the final model (a run that was
+        started over); returns how many checkpoints went."""
         doomed = [path for path in list_checkpoints(self.folder) if path != keep]
         for path in doomed:
             self._delete(path)
+        self._delete(self.folder / FINAL_MODEL)
         return len(doomed)
 
     @staticmethod

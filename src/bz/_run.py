@@ -140,13 +140,20 @@ def validate(
 ) -> tuple[Path, Mapping[str, Any], Evaluation]:
     """Evaluate a checkpoint on the validation data: what ``bz validate`` does.
 
-    ``checkpoint`` names a file; without it, the newest readable checkpoint of the run
-    the configuration describes is used. Returns the file, its contents (``epoch``,
+    ``checkpoint`` names a file (a checkpoint or a final ``model.pt``); without it, the
+    run the configuration describes is evaluated as it ended (its ``model.pt``) when it
+    finished, else its newest readable checkpoint. Returns the file, its contents (``epoch``,
     ``global_step``, ...) and the :class:`~bz._trainer.Evaluation`.
     """
     import torch
 
-    from bz._checkpoint import UnreadableCheckpoint, read_checkpoint, read_latest, run_signature
+    from bz._checkpoint import (
+        UnreadableCheckpoint,
+        read_checkpoint,
+        read_final_model,
+        read_latest,
+        run_signature,
+    )
     from bz._setup import call_setup, load_setup_function
     from bz._trainer import evaluate, seed_everything
     from bz.metrics import build_metrics
@@ -162,7 +169,7 @@ def validate(
     if checkpoint is not None:
         path = Path(checkpoint)
         try:
-            payload = read_checkpoint(path)
+            payload = read_checkpoint(path, model_only=True)
         except UnreadableCheckpoint as exc:
             raise UsageError(f"{path}: cannot be used as a checkpoint: {exc}") from None
         if payload["signature"] != signature:
@@ -174,7 +181,11 @@ def validate(
             )
     else:
         folder = base / run_config.checkpoint_dir / signature
+        # The run's final model when it is as new as its newest checkpoint (a finished
+        # run): the weights the run ended with, early stopping's restored best included.
         found = read_latest(folder, signature)
+        newest_step = found[1]["global_step"] if found else 0
+        found = read_final_model(folder, signature, newest_step) or found
         if found is None:
             raise UsageError(
                 f"no checkpoint of this run in {folder} (train first, or pass --checkpoint)"

@@ -48,20 +48,23 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from bz._checkpoint import (
-    FORMAT as CHECKPOINT_FORMAT,
-)
-from bz._checkpoint import (
+    FINAL_MODEL,
     CheckpointStore,
+    atomic_save,
     capture_rng,
     checkpoint_name,
     guarded,
     list_checkpoints,
     loadable_problem,
     loader_generators,
+    read_final_model,
     read_latest,
     remove_stray_files,
     restore_rng,
     run_signature,
+)
+from bz._checkpoint import (
+    FORMAT as CHECKPOINT_FORMAT,
 )
 from bz._context import DeviceSum, PluginContext
 from bz._distributed import (
@@ -125,6 +128,9 @@ class FitResult:
     """The newest checkpoint written (or, when already complete, read) by this call."""
     already_complete: bool = False
     """The run had already finished when this call resumed it; nothing was trained."""
+    model: Path | None = None
+    """The file with the weights the run ended with (``model.pt`` beside the checkpoints;
+    None when checkpoints are off, the run did not finish, or the write failed)."""
 
     @property
     def final(self) -> EpochRecord | None:
@@ -514,6 +520,7 @@ class _Run:
         self.epoch_rng: dict[str, Any] | None = None
         self.resumed_from: Path | None = None
         self.last_checkpoint: Path | None = None
+        self.final_model: Path | None = None
         # A run started over (resume: false) replaces the old checkpoints of the same
         # signature once it has one of its own; until then they stay.
         self.discard_old_checkpoints = not config.resume
@@ -623,6 +630,7 @@ class _Run:
                         break
                 self.context.extra["plugin_reports"] = self._plugin_reports()
                 self._hook("end_training_session")
+                self._save_final_model(self.start_epoch + len(history))
             except TrainingInterrupted:
                 raise
             except PluginFailure as exc:
@@ -647,6 +655,7 @@ class _Run:
             seconds=time.perf_counter() - started,
             resumed_from=self.resumed_from,
             checkpoint=self.last_checkpoint,
+            model=self.final_model,
         )
 
     def _plugin_reports(self) -> dict[str, dict[str, Any]]:
@@ -910,6 +919,11 @@ class _Run:
     ) -> FitResult:
         # The caller still gets the trained model, as if this run had just trained it.
         self._restore_training_state(path, payload)
+        assert self.store is not None  # a checkpoint was found in it
+        final = read_final_model(self.store.folder, self.signature, int(payload["global_step"]))
+        if final is not None:
+            self.model.load_state_dict(final[1]["model"])
+            self.final_model = final[0]
         _log.info(
             "already_complete",
             path=str(path),
@@ -928,6 +942,7 @@ class _Run:
             resumed_from=path,
             checkpoint=path,
             already_complete=True,
+            model=self.final_model,
         )
 
     def _restore_training_state(self, path: Path, payload: Mapping[str, Any]) -> None:
@@ -1045,6 +1060,29 @@ class _Run:
         self.last_checkpoint = path
         _log.info("checkpoint_saved", path=str(path), epoch=epoch, step=self.global_step)
         self._checkpoint_hook("save_checkpoint", path)
+
+    def _save_final_model(self, epochs: int) -> None:
+        """Write the weights the run ended with (after ``end_training_session``)."""
+        store = self.store
+        if store is None or self.config.checkpoint_interval == 0 or not self.topology.is_main:
+            return
+        loss_fn = self.setup.loss_fn
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "signature": self.signature,
+            "epoch": epochs,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "loss": loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None,
+        }
+        path = store.folder / FINAL_MODEL
+        try:
+            atomic_save(payload, path)
+        except OSError as exc:  # the checkpoints hold the training state all the same
+            _log.error("model_write_failed", path=str(path), error=describe_exception(exc))
+            return
+        self.final_model = path
+        _log.info("model_saved", path=str(path), epoch=epochs, step=self.global_step)
 
     def _partial_epoch(self) -> tuple[float, int, dict[str, list[torch.Tensor]]]:
         """The interrupted epoch's loss sum, sample count and metric state so far, summed

@@ -230,6 +230,8 @@ def train(
             click.echo(f"bz: resumed from {result.resumed_from}", err=True)
         if result.checkpoint is not None:
             click.echo(f"bz: last checkpoint {result.checkpoint}", err=True)
+        if result.model is not None:
+            click.echo(f"bz: trained weights in {result.model}", err=True)
 
 
 def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
@@ -308,14 +310,19 @@ def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
     "--checkpoint",
     "checkpoint_path",
     type=click.Path(dir_okay=False, exists=True),
-    help="Checkpoint file to evaluate (default: the run's newest).",
+    help="Checkpoint or model.pt to evaluate (default: the run's model.pt when it "
+    "finished, else its newest checkpoint).",
 )
 @click.option("--device", help="Override `device` (auto, cpu, cuda, cuda:N, mps).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def validate(
     config_path: str | None, checkpoint_path: str | None, device: str | None, as_json: bool
 ) -> None:
-    """Evaluate a checkpoint on the validation data: loss and configured metrics."""
+    """Evaluate a trained run on the validation data: loss and configured metrics.
+
+    A finished run is evaluated as it ended (its model.pt, with early stopping's best
+    weights if they were restored); an unfinished one from its newest checkpoint.
+    """
     from bz import _logging
     from bz._run import validate as run_validation
 
