@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import settings
 from tests._support import TINY_TRAIN_PY
+
+# No per-example deadline: examples run torch code whose first calls are slow on a busy
+# CI machine, and a timing failure says nothing about the contract under test. A
+# failure prints the blob that reproduces it.
+settings.register_profile("bz", deadline=None, print_blob=True)
+settings.load_profile("bz")
 
 
 @pytest.fixture(autouse=True)
