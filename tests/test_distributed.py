@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -214,6 +215,21 @@ def launch_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2", *args]
 
 
+def run_alone(folder: Path) -> bz.FitResult:
+    """The two-process runs' training in one process with their global batch (2 x 8)."""
+    folder.mkdir()
+    (folder / "train.py").write_text(TRAIN_PY, encoding="utf-8")
+    config = bz.RunConfig(
+        epochs=2,
+        device="cpu",
+        plugins=(),
+        hyperparameters={"batch_size": 16},
+        metrics=(bz.config.MetricSpec("accuracy"),),
+        checkpoint_interval=0,
+    )
+    return bz.run(config, base_dir=folder)
+
+
 def events(stdout: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
@@ -231,17 +247,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     assert [e["rank"] for e in ddp] == [0, 0], "only rank 0 logs at info level"
 
     # The same run alone, with the global batch (2 processes x 8 = 16).
-    (tmp_path / "single").mkdir()
-    (tmp_path / "single" / "train.py").write_text(TRAIN_PY, encoding="utf-8")
-    config = bz.RunConfig(
-        epochs=2,
-        device="cpu",
-        plugins=(),
-        hyperparameters={"batch_size": 16},
-        metrics=(bz.config.MetricSpec("accuracy"),),
-        checkpoint_interval=0,
-    )
-    alone = bz.run(config, base_dir=tmp_path / "single")
+    alone = run_alone(tmp_path / "single")
     for record, event in zip(alone.history, ddp, strict=True):
         assert event["training_loss"] == pytest.approx(record.training_loss, rel=1e-5)
         assert event["validation_loss"] == pytest.approx(record.validation_loss, rel=1e-5)
@@ -367,3 +373,67 @@ def test_ctrl_c_stops_every_process_after_the_same_step_and_resumes_exactly(
         assert got["validation_loss"] == expected["validation_loss"]
     final, reference_final = _final_model(folder, 3), _final_model(clean_folder, 3)
     assert all(torch.equal(final[name], reference_final[name]) for name in reference_final)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
+    """Two torchrun agents, as on two machines, one process each (LOCAL_RANK 0 on both)."""
+    env = make_project(
+        tmp_path,
+        {
+            "hyperparameters": {"batch_size": 8},
+            "plugins": ["rank_zero_probe", "every_rank_probe"],
+            "metrics": ["accuracy"],
+        },
+    )
+    endpoint = f"127.0.0.1:{_free_port()}"
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "bz"]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+        "--nproc-per-node", "1", *rendezvous, "-m", "bz", "train", "--log-format", "json",
+    ]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr
+    epochs = [
+        [e for e in events(stdout) if e["event"] == "epoch_finished"] for stdout, _ in outputs
+    ]
+    assert sorted(len(found) for found in epochs) == [0, 2], "one node has rank 0 and logs"
+    (logged,) = [found for found in epochs if found]
+
+    # The same numbers as one process with the global batch, as on one machine.
+    alone = run_alone(tmp_path / "single")
+    for record, event in zip(alone.history, logged, strict=True):
+        assert event["training_loss"] == pytest.approx(record.training_loss, rel=1e-5)
+        assert event["validation_metrics"] == pytest.approx(record.validation_metrics)
+    assert sorted(p.name for p in tmp_path.glob("rank_zero_probe-*")) == ["rank_zero_probe-0"]
+    assert len(list(tmp_path.glob("every_rank_probe-*"))) == 2
+    (folder,) = (tmp_path / ".bz" / "checkpoints").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "epoch-0001.pt",
+        "epoch-0002.pt",
+        "model.pt",
+    ]
