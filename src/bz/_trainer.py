@@ -38,6 +38,7 @@ import random
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -298,8 +299,9 @@ class _InterruptVote:
     Every few steps they take a vote, on a CPU group (see ``control_group``): was any
     of them interrupted, and how long do steps take. Every process gets the same answer,
     so all stop after the same step and all count the same number of steps to the next
-    vote: about ``INTERVAL_S`` seconds of training. A vote took 0.45 ms between two CPU
-    processes over loopback on a 2-core machine, so the loop spends under 0.5% on them
+    vote: about ``INTERVAL_S`` seconds of training. A vote takes 0.5-0.7 ms between two
+    CPU processes on a 2-core machine (``benchmarks/distributed.py``), so the loop spends
+    under 1% on them
     and honours Ctrl-C within about a tenth of a second (plus a step), far inside the
     30 s torchrun gives processes before it kills them.
     """
@@ -589,8 +591,11 @@ class _Run:
         releases the GIL while it waits.
         """
         if self.forward is not self.model:
+            wrapper = weakref.ref(self.forward)
             self.forward = self.model
-            gc.collect()  # the wrapper may sit in a reference cycle
+            # Only if a reference cycle keeps it: a full collection costs ~0.2 s here.
+            if wrapper() is not None:
+                gc.collect()
         leave(self.owns_process_group)
 
     def _fit(self) -> FitResult:
