@@ -586,7 +586,7 @@ class _Run:
         DDP's reducer holds a reference to the process group and torch frees the reducer
         without releasing the GIL. If the reducer held the last reference, the gloo
         group's destructor would join worker threads that need the GIL to free their
-        last tensors: a deadlock at exit (seen about 1 run in 10 on a loaded machine).
+        last tensors: a deadlock at exit (5 runs in 37 on a loaded 2-core machine).
         Freed first, the reducer leaves the group to ``destroy_process_group``, which
         releases the GIL while it waits.
         """
