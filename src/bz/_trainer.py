@@ -1036,9 +1036,7 @@ class _Run:
             "scheduler": (
                 setup.scheduler.state_dict() if hasattr(setup.scheduler, "state_dict") else None
             ),
-            "loss": (
-                setup.loss_fn.state_dict() if isinstance(setup.loss_fn, torch.nn.Module) else None
-            ),
+            "loss": self._loss_state(),
             "rng": {"epoch_start": self.epoch_rng if batch else now, "now": now},
         }
         problem = loadable_problem(payload, "checkpoint")
@@ -1066,19 +1064,23 @@ class _Run:
         _log.info("checkpoint_saved", path=str(path), epoch=epoch, step=self.global_step)
         self._checkpoint_hook("save_checkpoint", path)
 
+    def _loss_state(self) -> dict[str, Any] | None:
+        """The loss module's state (a loss function has none)."""
+        loss_fn = self.setup.loss_fn
+        return loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None
+
     def _save_final_model(self, epochs: int) -> None:
         """Write the weights the run ended with (after ``end_training_session``)."""
         store = self.store
         if store is None or self.config.checkpoint_interval == 0 or not self.topology.is_main:
             return
-        loss_fn = self.setup.loss_fn
         payload = {
             "format": CHECKPOINT_FORMAT,
             "signature": self.signature,
             "epoch": epochs,
             "global_step": self.global_step,
             "model": self.model.state_dict(),
-            "loss": loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None,
+            "loss": self._loss_state(),
         }
         path = store.folder / FINAL_MODEL
         try:
