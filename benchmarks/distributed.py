@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bz
 from bz._distributed import vote_across
-from bz._trainer import _InterruptVote
+from bz.training.interrupts import InterruptVote
 
 BATCHES = 200  # per epoch, over both processes
 EPOCHS = 2
@@ -136,7 +136,7 @@ def report(times: dict[str, list[float]], vote: float, world: int) -> None:
             f"{median / steps * 1e6:.1f} µs | {(median - base) / steps * 1e6:+.1f} µs |"
         )
     print()
-    interval = _InterruptVote.INTERVAL_S  # seconds of training between votes
+    interval = InterruptVote.INTERVAL_S  # seconds of training between votes
     print(f"interrupt vote (one all_reduce of two numbers on the CPU group): {vote * 1e6:.1f} µs")
     print(f"at one vote per {interval} s of training: {vote / interval:.2%} of the time")
 

@@ -200,19 +200,20 @@ def child_main() -> None:
     N-th checkpoint write, write half of the file and die with SIGKILL (the state a
     crash leaves behind).
     """
-    from bz import _trainer, cli
+    from bz import cli
+    from bz.training import loop
 
     at_step = int(os.environ.get("BZ_TEST_SIGNAL_AT_STEP", "0"))
     chosen = getattr(signal, "SIG" + os.environ.get("BZ_TEST_SIGNAL", "KILL"))
     if at_step:
-        original_step = _trainer._Run._step
+        original_step = loop.Run._step
 
-        def step(self: _trainer._Run, batch: Any) -> None:
+        def step(self: loop.Run, batch: Any) -> None:
             original_step(self, batch)
             if self.global_step == at_step:
                 os.kill(os.getpid(), chosen)
 
-        _trainer._Run._step = step  # type: ignore[method-assign]  # the test's fault injection
+        loop.Run._step = step  # type: ignore[method-assign]  # the test's fault injection
 
     kill_in_write = int(os.environ.get("BZ_TEST_KILL_IN_WRITE", "0"))
     if kill_in_write:

@@ -18,10 +18,10 @@ from tests._support import assert_same_weights, weights
 import bz
 from bz import _checkpoint
 from bz._checkpoint import list_checkpoints, read_checkpoint, run_signature
-from bz._trainer import TrainingInterrupted
 from bz.cli import cli
 from bz.config import RunConfig, structure
 from bz.plugins import PluginContext
+from bz.training.interrupts import TrainingInterrupted
 
 CONFIG = RunConfig(epochs=4, device="cpu", plugins=(), seed=5)
 

@@ -17,22 +17,18 @@ if TYPE_CHECKING:
     from bz._run import run
     from bz._sandbox import PluginFault, PluginReport, PluginSet
     from bz._setup import TrainingSetup
-    from bz._trainer import (
-        EpochRecord,
-        FitResult,
-        Trainer,
-        TrainingInterrupted,
-        seed_everything,
-    )
     from bz._tune import tune
+    from bz.training.device import seed_everything
+    from bz.training.interrupts import TrainingInterrupted
+    from bz.training.trainer import EpochRecord, FitResult, Trainer
 
 # Names whose modules import torch: loaded on first access.
 _LAZY = {
-    "Trainer": "bz._trainer",
-    "FitResult": "bz._trainer",
-    "EpochRecord": "bz._trainer",
-    "seed_everything": "bz._trainer",
-    "TrainingInterrupted": "bz._trainer",
+    "Trainer": "bz.training.trainer",
+    "FitResult": "bz.training.trainer",
+    "EpochRecord": "bz.training.trainer",
+    "seed_everything": "bz.training.device",
+    "TrainingInterrupted": "bz.training.interrupts",
     "TrainingSetup": "bz._setup",
     "PluginSet": "bz._sandbox",
     "PluginFault": "bz._sandbox",

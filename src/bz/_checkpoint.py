@@ -24,7 +24,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, TypeVar, cast, overload
 
 import attrs
 import structlog
@@ -53,6 +53,57 @@ FINAL_MODEL = "model.pt"
 so not always those of the last checkpoint, which keeps the state training resumes from."""
 
 _log = structlog.get_logger("bz")
+
+
+class RngStates(TypedDict):
+    """Random states to resume from (each as :func:`capture_rng` returns them)."""
+
+    epoch_start: dict[str, Any]
+    """Right before the interrupted epoch's ``iter(train_loader)``."""
+    now: dict[str, Any]
+    """After the last finished step (the same as ``epoch_start`` between epochs)."""
+
+
+class ModelPayload(TypedDict):
+    """What every file bz writes holds: a run's weights and where they stand.
+
+    A final model (:data:`FINAL_MODEL`) holds just this; a checkpoint holds a
+    :class:`CheckpointPayload`.
+    """
+
+    format: int
+    signature: str
+    epoch: int
+    """Completed epochs."""
+    global_step: int
+    """Optimizer steps taken."""
+    model: dict[str, torch.Tensor]
+    loss: NotRequired[dict[str, Any] | None]
+    """The loss module's state (None for a loss function)."""
+
+
+class CheckpointPayload(ModelPayload):
+    """Everything training resumes from (layout :data:`FORMAT`)."""
+
+    batch: int
+    """Batches of epoch ``epoch`` already trained (0: written between epochs)."""
+    optimizer: dict[str, Any]
+    rng: RngStates
+    world_size: NotRequired[int]
+    stopped: NotRequired[bool]
+    """A plugin or ``max_steps`` ended the run here: it is finished."""
+    loss_total: NotRequired[float]
+    """The interrupted epoch's loss sum so far, over all processes."""
+    samples: NotRequired[int]
+    """The interrupted epoch's sample count so far, over all processes."""
+    metrics: NotRequired[dict[str, list[torch.Tensor]]]
+    """The interrupted epoch's mergeable metric state so far."""
+    scheduler: NotRequired[dict[str, Any] | None]
+    grad_scaler: NotRequired[dict[str, Any] | None]
+    """``torch.amp.GradScaler`` state under ``precision: 16-mixed``."""
+    plugins: NotRequired[dict[str, Any]]
+    """Each stateful plugin's ``state_dict()``, by plugin name."""
+
 
 T = TypeVar("T")
 
@@ -286,9 +337,21 @@ class UnreadableCheckpoint(Exception):
     """A checkpoint file that cannot be used (truncated, corrupt, another run's)."""
 
 
+@overload
+def read_checkpoint(
+    path: Path, signature: str | None = None, *, model_only: Literal[False] = False
+) -> CheckpointPayload: ...
+
+
+@overload
+def read_checkpoint(
+    path: Path, signature: str | None = None, *, model_only: Literal[True]
+) -> ModelPayload: ...
+
+
 def read_checkpoint(
     path: Path, signature: str | None = None, *, model_only: bool = False
-) -> dict[str, Any]:
+) -> ModelPayload | CheckpointPayload:
     """Load and check one checkpoint file (``weights_only``; tensors land on the CPU).
 
     ``model_only`` also accepts a run's final model (:data:`FINAL_MODEL`), which has
@@ -309,10 +372,12 @@ def read_checkpoint(
             f"belongs to run {payload['signature']}, not {signature} (model, optimizer or "
             "hyperparameters differ)"
         )
-    return payload
+    return cast("ModelPayload", payload) if model_only else cast("CheckpointPayload", payload)
 
 
-def read_latest(folder: Path, signature: str | None = None) -> tuple[Path, dict[str, Any]] | None:
+def read_latest(
+    folder: Path, signature: str | None = None
+) -> tuple[Path, CheckpointPayload] | None:
     """The newest usable checkpoint in ``folder``; damaged newer ones are reported."""
     for path in list_checkpoints(folder):
         try:
@@ -329,7 +394,7 @@ def read_latest(folder: Path, signature: str | None = None) -> tuple[Path, dict[
 
 def read_final_model(
     folder: Path, signature: str, at_least_step: int
-) -> tuple[Path, dict[str, Any]] | None:
+) -> tuple[Path, ModelPayload] | None:
     """The run's final model, unless it is missing, unreadable (reported) or older than
     step ``at_least_step`` (written before the run was trained further)."""
     path = folder / FINAL_MODEL

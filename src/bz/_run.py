@@ -21,8 +21,10 @@ from bz.config import (
 )
 
 if TYPE_CHECKING:
+    from bz._checkpoint import ModelPayload
     from bz._sandbox import ErrorPolicy
-    from bz._trainer import Evaluation, FitResult
+    from bz.training.evaluate import Evaluation
+    from bz.training.result import FitResult
 
 _log = structlog.get_logger("bz")
 
@@ -101,8 +103,9 @@ def run(
     """
     from bz._loader import load_plugins
     from bz._setup import call_setup, load_setup_function
-    from bz._trainer import Trainer, seed_everything
     from bz.metrics import build_metrics
+    from bz.training.device import seed_everything
+    from bz.training.trainer import fit_seeded
 
     run_config, base = config_and_base(config, overrides, base_dir)
     if plugin_errors is not None:
@@ -122,7 +125,7 @@ def run(
         epochs=run_config.epochs,
         plugins=plugins.active_names,
     )
-    return Trainer().fit(
+    return fit_seeded(
         setup,
         run_config,
         plugins,
@@ -137,13 +140,13 @@ def validate(
     checkpoint: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
-) -> tuple[Path, Mapping[str, Any], Evaluation]:
+) -> tuple[Path, ModelPayload, Evaluation]:
     """Evaluate a checkpoint on the validation data: what ``bz validate`` does.
 
     ``checkpoint`` names a file (a checkpoint or a final ``model.pt``); without it, the
     run the configuration describes is evaluated as it ended (its ``model.pt``) when it
     finished, else its newest readable checkpoint. Returns the file, its contents (``epoch``,
-    ``global_step``, ...) and the :class:`~bz._trainer.Evaluation`.
+    ``global_step``, ...) and the :class:`~bz.training.evaluate.Evaluation`.
     """
     import torch
 
@@ -155,8 +158,9 @@ def validate(
         run_signature,
     )
     from bz._setup import call_setup, load_setup_function
-    from bz._trainer import evaluate, seed_everything
     from bz.metrics import build_metrics
+    from bz.training.device import seed_everything
+    from bz.training.evaluate import evaluate
 
     run_config, base = config_and_base(config, overrides, base_dir)
     metrics = build_metrics(run_config.metrics)
@@ -183,9 +187,11 @@ def validate(
         folder = base / run_config.checkpoint_dir / signature
         # The run's final model when it is as new as its newest checkpoint (a finished
         # run): the weights the run ended with, early stopping's restored best included.
-        found = read_latest(folder, signature)
-        newest_step = found[1]["global_step"] if found else 0
-        found = read_final_model(folder, signature, newest_step) or found
+        latest = read_latest(folder, signature)
+        newest_step = latest[1]["global_step"] if latest else 0
+        found: tuple[Path, ModelPayload] | None = (
+            read_final_model(folder, signature, newest_step) or latest
+        )
         if found is None:
             raise UsageError(
                 f"no checkpoint of this run in {folder} (train first, or pass --checkpoint)"
@@ -193,8 +199,9 @@ def validate(
         path, payload = found
     try:
         setup.model.load_state_dict(payload["model"])
-        if payload.get("loss") is not None and isinstance(setup.loss_fn, torch.nn.Module):
-            setup.loss_fn.load_state_dict(payload["loss"])
+        loss_state = payload.get("loss")
+        if loss_state is not None and isinstance(setup.loss_fn, torch.nn.Module):
+            setup.loss_fn.load_state_dict(loss_state)
     except (RuntimeError, KeyError, ValueError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"{path}: does not fit the model train.py builds: {message}") from None

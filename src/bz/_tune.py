@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import optuna
 
     from bz._sandbox import ErrorPolicy
-    from bz._trainer import EpochRecord, FitResult
+    from bz.training.result import EpochRecord, FitResult
 
 _log = structlog.get_logger("bz")
 

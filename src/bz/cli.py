@@ -169,7 +169,7 @@ def train(
     """
     from bz import _logging
     from bz._run import run
-    from bz._trainer import TrainingInterrupted
+    from bz.training.interrupts import TrainingInterrupted
 
     if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
@@ -526,7 +526,7 @@ def health(as_json: bool) -> None:
         "mps_available": torch.backends.mps.is_available(),
         "cpu_threads": torch.get_num_threads(),
     }
-    from bz._trainer import resolve_device
+    from bz.training.device import resolve_device
 
     report["auto_device"] = str(resolve_device("auto"))
     if as_json:

@@ -36,8 +36,8 @@ from torch import nn
 from bz._context import PluginContext
 from bz._loader import check_plugin as _check_plugin
 from bz._setup import TrainingSetup
-from bz._trainer import FitResult, Trainer
 from bz.config import RunConfig, nearest, structure
+from bz.training.trainer import FitResult, Trainer
 
 if TYPE_CHECKING:
     from bz._plugin import NamedPlugin

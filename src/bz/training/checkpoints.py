@@ -1,0 +1,338 @@
+"""The checkpoint policy of a run: when to save, what to save, resuming, the final weights.
+
+The file format, atomic writes and the store live in :mod:`bz._checkpoint`; this module
+decides, for one run, which file to resume from, what goes into the next one, and
+when a run that is started again has nothing left to train.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import structlog
+import torch
+
+from bz._checkpoint import (
+    FINAL_MODEL,
+    FORMAT,
+    CheckpointPayload,
+    CheckpointStore,
+    ModelPayload,
+    RngStates,
+    atomic_save,
+    capture_rng,
+    checkpoint_name,
+    guarded,
+    list_checkpoints,
+    loadable_problem,
+    read_final_model,
+    read_latest,
+    remove_stray_files,
+)
+from bz._distributed import sum_across
+from bz._errors import TrainingError
+from bz._plugin import StatefulPlugin
+from bz._sandbox import describe_exception
+from bz.training.result import FitResult
+
+if TYPE_CHECKING:
+    from bz.training.loop import Run
+
+_log = structlog.get_logger("bz")
+
+
+@attrs.define
+class ResumePoint:
+    """Where the next training loop starts: random states and batches already done."""
+
+    epoch_start: dict[str, Any]
+    """Random states right before the loop's ``iter(train_loader)``."""
+    now: dict[str, Any]
+    """Random states after the last finished step (differs only mid-epoch)."""
+    batch: int = 0
+    loss_total: float = 0.0
+    samples: int = 0
+    metrics: Mapping[str, Sequence[torch.Tensor]] = attrs.Factory(dict)
+    """Training-metric state of the batches already done (see ``MetricSet.carry``)."""
+
+
+class CheckpointPolicy:
+    """Finding, resuming from and writing the checkpoints of one run.
+
+    ``store`` is None when checkpoints are off (no folder given, or neither saving nor
+    resuming asked for); every method is then a no-op.
+    """
+
+    def __init__(self, run: Run, store: CheckpointStore | None, signature: str) -> None:
+        self.run = run
+        self.store = store
+        self.signature = signature
+        self.interval = run.config.checkpoint_interval
+        self.last: Path | None = None
+        """The newest checkpoint written (or, for a finished run, read)."""
+        self.resumed_from: Path | None = None
+        self.final_model: Path | None = None
+        # A run started over (resume: false) replaces the old checkpoints of the same
+        # signature once it has one of its own; until then they stay.
+        self._discard_old = not run.config.resume
+
+    @property
+    def saving(self) -> bool:
+        """Whether this run writes checkpoints at all."""
+        return self.store is not None and self.interval > 0
+
+    def epoch_due(self, epochs_done: int) -> bool:
+        """Whether the epoch-based schedule asks for a checkpoint after ``epochs_done``."""
+        return self.interval > 0 and epochs_done % self.interval == 0
+
+    # -- finding -------------------------------------------------------------------
+
+    def find(self) -> tuple[Path, CheckpointPayload] | None:
+        """The checkpoint to resume from, if resuming and one is readable."""
+        store = self.store
+        if store is None:
+            return None
+        if self.run.topology.is_main:  # the only writer; others must not race it
+            remove_stray_files(store.folder)
+        if not self.run.config.resume:
+            return None
+        found = read_latest(store.folder, self.signature)
+        if found is None and list_checkpoints(store.folder):
+            _log.warning(
+                "resume_failed",
+                folder=str(store.folder),
+                hint="no checkpoint there could be read; training starts from scratch",
+            )
+        return found
+
+    def is_complete(self, payload: CheckpointPayload) -> bool:
+        """Whether the run this checkpoint belongs to has nothing left to train."""
+        config = self.run.config
+        return payload.get("stopped", False) or (
+            payload["epoch"] >= config.epochs
+            and (payload["batch"] == 0 or payload["epoch"] > config.epochs)
+        )
+
+    def already_complete(
+        self, path: Path, payload: CheckpointPayload, started: float
+    ) -> FitResult:
+        """The result of a run that had finished before this call (nothing is trained)."""
+        run = self.run
+        # The caller still gets the trained model, as if this run had just trained it.
+        self._restore_training_state(path, payload)
+        assert self.store is not None  # a checkpoint was found in it
+        final = read_final_model(self.store.folder, self.signature, payload["global_step"])
+        if final is not None:
+            run.model.load_state_dict(final[1]["model"])
+            self.final_model = final[0]
+        _log.info(
+            "already_complete",
+            path=str(path),
+            epoch=payload["epoch"],
+            step=payload["global_step"],
+            hint="this run has finished; raise epochs to train longer, "
+            "or start over with --no-resume",
+        )
+        return FitResult(
+            epochs_completed=payload["epoch"],
+            global_step=payload["global_step"],
+            stopped_early=payload.get("stopped", False) and payload["epoch"] < run.config.epochs,
+            history=(),
+            plugins=tuple(run.plugins.report()),
+            seconds=time.perf_counter() - started,
+            resumed_from=path,
+            checkpoint=path,
+            already_complete=True,
+            model=self.final_model,
+        )
+
+    # -- resuming ------------------------------------------------------------------
+
+    def _restore_training_state(self, path: Path, payload: CheckpointPayload) -> None:
+        run = self.run
+        setup = run.setup
+        try:
+            run.model.load_state_dict(payload["model"])
+            setup.optimizer.load_state_dict(payload["optimizer"])
+            scheduler_state = payload.get("scheduler")
+            if scheduler_state is not None and hasattr(setup.scheduler, "state_dict"):
+                setup.scheduler.load_state_dict(scheduler_state)
+            loss_state = payload.get("loss")
+            if loss_state is not None and isinstance(setup.loss_fn, torch.nn.Module):
+                setup.loss_fn.load_state_dict(loss_state)
+        except Exception as exc:
+            raise TrainingError(
+                f"cannot resume from {path}: {describe_exception(exc)} "
+                "(start over with --no-resume)"
+            ) from exc
+
+    def resume(self, path: Path, payload: CheckpointPayload) -> ResumePoint:
+        """Put the run back where ``payload`` left it; returns where its next loop starts."""
+        run = self.run
+        self._restore_training_state(path, payload)
+        run.start_epoch = run.epoch = payload["epoch"]
+        run.global_step = payload["global_step"]
+        rng = payload["rng"]
+        batch = payload["batch"]
+        saved_world = payload.get("world_size", 1)
+        if batch and saved_world != run.topology.world_size:
+            # Mid-epoch positions are per-process batch counts; with another number of
+            # processes the interrupted epoch is run again in full from its start.
+            _log.warning(
+                "resume_world_size_changed",
+                path=str(path),
+                saved=saved_world,
+                now=run.topology.world_size,
+                hint="the interrupted epoch is trained again from its first batch",
+            )
+            batch = 0
+        # The saved totals are over all processes: one process carries them on.
+        carries = bool(batch) and run.topology.is_main
+        point = ResumePoint(
+            rng["epoch_start"],
+            rng["now"],
+            batch,
+            payload.get("loss_total", 0.0) if carries else 0.0,
+            # Checkpoints written before these were kept hold neither.
+            payload.get("samples", 0) if carries else 0,
+            payload.get("metrics", {}) if carries else {},
+        )
+        states: Mapping[str, Any] = payload.get("plugins") or {}
+        for plugin in run.plugins.active:
+            if isinstance(plugin, StatefulPlugin) and plugin.name in states:
+                restore = functools.partial(plugin.load_state_dict, states[plugin.name])
+                context = run.refresh_context()
+                guarded(run.plugins, plugin, "load_state_dict", context, restore)
+        self.resumed_from = path
+        _log.info(
+            "resumed",
+            path=str(path),
+            epoch=run.epoch,
+            batch=payload["batch"],
+            step=run.global_step,
+        )
+        run.checkpoint_hook("load_checkpoint", path)
+        return point
+
+    # -- saving --------------------------------------------------------------------
+
+    def save(self, epoch: int, batch: int, *, stopped: bool = False) -> None:
+        """Write a checkpoint of ``epoch`` completed epochs plus ``batch`` batches."""
+        store = self.store
+        if store is None or self.interval == 0:
+            return
+        run = self.run
+        # Every process takes part in gathering the interrupted epoch's numbers.
+        loss_total, samples, metric_state = self._partial_epoch() if batch else (0.0, 0, {})
+        if not run.topology.is_main:
+            return
+        setup = run.setup
+        now = capture_rng(run.generators)
+        epoch_start = run.epoch_rng if batch and run.epoch_rng is not None else now
+        payload: CheckpointPayload = {
+            "format": FORMAT,
+            "signature": self.signature,
+            "epoch": epoch,
+            "batch": batch,
+            "global_step": run.global_step,
+            "world_size": run.topology.world_size,
+            "stopped": stopped,
+            "loss_total": loss_total,
+            "samples": samples,
+            "metrics": metric_state,
+            "model": run.model.state_dict(),
+            "optimizer": setup.optimizer.state_dict(),
+            "scheduler": (
+                setup.scheduler.state_dict() if hasattr(setup.scheduler, "state_dict") else None
+            ),
+            "loss": self._loss_state(),
+            "rng": RngStates(epoch_start=epoch_start, now=now),
+        }
+        problem = loadable_problem(payload, "checkpoint")
+        if problem is not None:
+            _log.error("checkpoint_skipped", epoch=epoch, step=run.global_step, error=problem)
+            return
+        payload["plugins"] = self._plugin_states()
+        try:
+            path = store.save(payload, epoch, batch)
+        except OSError as exc:
+            # A full disk must not end a run that is otherwise fine; the previous
+            # checkpoints are intact, and the next interval tries again.
+            _log.error(
+                "checkpoint_write_failed",
+                path=str(store.folder / checkpoint_name(epoch, batch)),
+                error=describe_exception(exc),
+            )
+            return
+        if self._discard_old:
+            self._discard_old = False
+            discarded = store.discard_all_but(path)
+            if discarded:
+                _log.info("checkpoints_discarded", folder=str(store.folder), count=discarded)
+        self.last = path
+        _log.info("checkpoint_saved", path=str(path), epoch=epoch, step=run.global_step)
+        run.checkpoint_hook("save_checkpoint", path)
+
+    def _loss_state(self) -> dict[str, Any] | None:
+        """The loss module's state (a loss function has none)."""
+        loss_fn = self.run.setup.loss_fn
+        return loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None
+
+    def save_final_model(self, epochs: int) -> None:
+        """Write the weights the run ended with (after ``end_training_session``)."""
+        store, run = self.store, self.run
+        if store is None or self.interval == 0 or not run.topology.is_main:
+            return
+        payload: ModelPayload = {
+            "format": FORMAT,
+            "signature": self.signature,
+            "epoch": epochs,
+            "global_step": run.global_step,
+            "model": run.model.state_dict(),
+            "loss": self._loss_state(),
+        }
+        path = store.folder / FINAL_MODEL
+        try:
+            atomic_save(payload, path)
+        except OSError as exc:  # the checkpoints hold the training state all the same
+            _log.error("model_write_failed", path=str(path), error=describe_exception(exc))
+            return
+        self.final_model = path
+        _log.info("model_saved", path=str(path), epoch=epochs, step=run.global_step)
+
+    def _partial_epoch(self) -> tuple[float, int, dict[str, list[torch.Tensor]]]:
+        """The interrupted epoch's loss sum, sample count and metric state so far, summed
+        over the processes (a resumed run has rank 0 carry them)."""
+        run = self.run
+        loss_total, samples = run.train_loss.value(), run.train_samples
+        if run.topology.distributed:
+            loss_total, summed_samples = sum_across([loss_total, float(samples)], run.device)
+            samples = int(summed_samples)
+            run.train_metrics.reduce()  # in place: this epoch goes no further
+        return loss_total, samples, run.train_metrics.state()
+
+    def _plugin_states(self) -> dict[str, Any]:
+        run = self.run
+        states: dict[str, Any] = {}
+        context = run.refresh_context()
+        for plugin in run.plugins.active:
+            if not isinstance(plugin, StatefulPlugin):
+                continue
+            read = functools.partial(_checked_state, plugin)
+            state = guarded(run.plugins, plugin, "state_dict", context, read)
+            if state is not None:
+                states[plugin.name] = state
+        return states
+
+
+def _checked_state(plugin: StatefulPlugin) -> dict[str, Any]:
+    state = plugin.state_dict()
+    problem = loadable_problem(state, "state_dict()")
+    if problem is not None:
+        raise TypeError(problem)
+    return state

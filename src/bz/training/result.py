@@ -1,0 +1,53 @@
+"""What a call of :meth:`bz.Trainer.fit` returns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+
+if TYPE_CHECKING:
+    from bz._sandbox import PluginReport
+
+
+@attrs.frozen
+class EpochRecord:
+    """What one epoch produced."""
+
+    epoch: int
+    training_loss: float
+    validation_loss: float | None
+    training_metrics: dict[str, float]
+    validation_metrics: dict[str, float]
+    seconds: float
+
+
+@attrs.frozen
+class FitResult:
+    """The outcome of :meth:`Trainer.fit`.
+
+    ``epochs_completed`` counts the run's epochs, resumed ones included; ``history``
+    holds only the epochs this call trained.
+    """
+
+    epochs_completed: int
+    global_step: int
+    stopped_early: bool
+    history: tuple[EpochRecord, ...]
+    plugins: tuple[PluginReport, ...]
+    seconds: float
+    resumed_from: Path | None = None
+    """The checkpoint this call resumed from (None for a fresh start)."""
+    checkpoint: Path | None = None
+    """The newest checkpoint written (or, when already complete, read) by this call."""
+    already_complete: bool = False
+    """The run had already finished when this call resumed it; nothing was trained."""
+    model: Path | None = None
+    """The file with the weights the run ended with (``model.pt`` beside the checkpoints;
+    None when checkpoints are off, the run did not finish, or the write failed)."""
+
+    @property
+    def final(self) -> EpochRecord | None:
+        """The last completed epoch."""
+        return self.history[-1] if self.history else None
