@@ -95,7 +95,7 @@ def vote_seconds(count: int) -> float:
     dist.barrier()
     started = time.perf_counter()
     for _ in range(count):
-        vote_across(False, 0.0, None)
+        vote_across((False,), 0.0, None)
     return (time.perf_counter() - started) / count
 
 

@@ -208,8 +208,8 @@ def child_main() -> None:
     if at_step:
         original_step = loop.Run._step
 
-        def step(self: loop.Run, batch: Any) -> None:
-            original_step(self, batch)
+        def step(self: loop.Run, batch: Any, index: int) -> None:
+            original_step(self, batch, index)
             if self.global_step == at_step:
                 os.kill(os.getpid(), chosen)
 

@@ -104,12 +104,15 @@ class StepWatcher:
         self.validation_outputs_alive: list[int] = []
 
     def start_training_batch(self, context: PluginContext) -> None:
-        """The next batch is fetched: the previous one must be gone."""
+        """The next batch is fetched: the previous one, its outputs, loss and graph must
+        be gone (the context shows them to plugins only until its step ends)."""
         if len(self.batches) >= 2:
             self.batches_alive_at_next_step.append(_alive(self.batches[-2]))
+        if self.outputs:
+            self.outputs_alive_after_step.append(_alive(self.outputs[-1:] + self.losses[-1:]))
 
-    def end_training_batch(self, context: PluginContext) -> None:
-        """The step is over: its outputs, loss and graph must be gone already."""
+    def end_training_loop(self, context: PluginContext) -> None:
+        """The epoch's last step is over: its outputs, loss and graph must be gone."""
         self.outputs_alive_after_step.append(_alive(self.outputs[-1:] + self.losses[-1:]))
 
     def end_validation_batch(self, context: PluginContext) -> None:
@@ -150,7 +153,7 @@ def test_no_batch_output_or_graph_outlives_its_step() -> None:
     finally:
         gc.enable()
     assert result.global_step == 3 * 40
-    assert len(watcher.outputs_alive_after_step) == 3 * 40
+    assert len(watcher.outputs_alive_after_step) == 3 * 40 - 1 + 3
     assert set(watcher.outputs_alive_after_step) == {0}, "outputs, loss or graph outlived a step"
     assert len(watcher.batches_alive_at_next_step) == 3 * 40 - 1
     assert set(watcher.batches_alive_at_next_step) == {0}, "a batch outlived its step"

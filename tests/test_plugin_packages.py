@@ -202,7 +202,7 @@ def test_run_plugin_makes_plugin_faults_fail_the_test() -> None:
 
 
 def test_make_context_sets_fields_and_refuses_typos() -> None:
-    context = make_context(epoch=3, training_loss_total=2.0, training_batch_count=4, rank=1)
+    context = make_context(epoch=3, training_loss_total=2.0, training_sample_count=4, rank=1)
     assert (context.epoch, context.training_loss, context.is_main_process) == (3, 0.5, False)
     with pytest.raises(TypeError, match="no field 'global_setp' \\(did you mean \"global_step\""):
         make_context(global_setp=1)

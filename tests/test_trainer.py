@@ -66,24 +66,33 @@ def test_without_validation_data_no_validation_hooks_fire() -> None:
     assert result.final.validation_loss is None
 
 
-def test_a_stop_request_is_honoured_at_the_end_of_the_epoch() -> None:
+def test_a_stop_request_is_honoured_after_the_current_step() -> None:
     class StopEarly:
         name = "stop_early"
 
         def __init__(self) -> None:
             self.batches_after_request = 0
+            self.epoch_ends: list[int] = []
 
         def end_training_batch(self, context: PluginContext) -> None:
             if context.should_stop_training:
                 self.batches_after_request += 1
-            if context.global_step == 1:
+            if context.global_step == 2:
                 context.should_stop_training = True
+
+        def end_epoch(self, context: PluginContext) -> None:
+            self.epoch_ends.append(context.training_batch_count)
 
     plugin = StopEarly()
     result = bz.Trainer().fit(tiny_setup(batches=4), attrs.evolve(CONFIG, epochs=5), [plugin])
-    assert result.epochs_completed == 1
+    assert plugin.batches_after_request == 0, "no batch is trained after the request"
+    assert result.global_step == 2
     assert result.stopped_early
-    assert plugin.batches_after_request == 3, "the epoch in progress is finished"
+    assert result.stopped_by == "plugin"
+    assert result.epochs_completed == 0
+    assert plugin.epoch_ends == [2], "the epoch ends early, its hooks still run"
+    assert result.final is not None
+    assert result.final.partial
 
 
 def test_seeded_runs_are_reproducible() -> None:
@@ -105,7 +114,7 @@ def test_training_matches_a_hand_written_loop() -> None:
     assert_same_weights(weights(setup.model), weights(reference.model))
 
 
-def test_losses_in_the_context_are_sums_and_means_of_batch_losses() -> None:
+def test_losses_in_the_context_are_sample_weighted_sums_and_means() -> None:
     seen: dict[str, float] = {}
 
     class Reader:
@@ -114,13 +123,15 @@ def test_losses_in_the_context_are_sums_and_means_of_batch_losses() -> None:
         def end_epoch(self, context: PluginContext) -> None:
             seen["total"] = context.training_loss_total
             seen["count"] = context.training_batch_count
+            seen["samples"] = context.training_sample_count
             seen["mean"] = context.training_loss
             seen["val_count"] = context.validation_batch_count
 
     result = bz.Trainer().fit(tiny_setup(batches=3), attrs.evolve(CONFIG, epochs=1), [Reader()])
     assert seen["count"] == 3
     assert seen["val_count"] == 2
-    assert math.isclose(seen["mean"], seen["total"] / 3)
+    assert seen["samples"] > seen["count"]
+    assert math.isclose(seen["mean"], seen["total"] / seen["samples"])
     assert result.final is not None
     assert math.isclose(result.final.training_loss, seen["mean"])
 

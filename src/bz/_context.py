@@ -16,46 +16,53 @@ FOLD_EVERY = 256
 
 
 class DeviceSum:
-    """A sum of per-batch device scalars that reaches the host only when read.
+    """A weighted sum of per-batch device scalars that reaches the host only when read.
 
-    The loop appends each batch's detached loss (no host sync); reading ``value()``
-    folds everything pending into one device tensor and converts it once. Every
-    :data:`FOLD_EVERY` additions the pending scalars are folded on the device (one
-    kernel, no sync), so a long epoch holds a bounded number of tensors. The total is
-    kept in float64 (float32 on MPS, which has no float64).
+    The loop appends each batch's detached mean loss with the batch's sample count as
+    its weight (no host sync: the count comes from shapes); reading ``value()`` folds
+    everything pending into one device tensor and converts it once. Every
+    :data:`FOLD_EVERY` additions the pending scalars are folded on the device (a few
+    kernels, no sync, no host-to-device copy: equal weights are summed together and
+    multiplied by a Python number), so a long epoch holds a bounded number of tensors.
+    The total is kept in float64 (float32 on MPS, which has no float64).
     """
 
-    __slots__ = ("_folded", "_pending")
+    __slots__ = ("_folded", "_pending", "_weights")
 
     def __init__(self, initial: float = 0.0) -> None:
         self._pending: list[torch.Tensor] = []
+        self._weights: list[int] = []
         self._folded: torch.Tensor | float = initial
 
-    def add(self, value: torch.Tensor) -> None:
-        """Record one device scalar; never synchronises."""
+    def add(self, value: torch.Tensor, weight: int = 1) -> None:
+        """Record ``value * weight`` for one device scalar; never synchronises."""
         pending = self._pending
         pending.append(value)
+        self._weights.append(weight)
         if len(pending) >= FOLD_EVERY:
             self._fold()
 
     def _fold(self) -> None:
         import torch
 
-        pending = torch.stack(self._pending)
-        dtype = torch.float32 if pending.device.type == "mps" else torch.float64
-        self._folded = self._folded + pending.sum(dtype=dtype)
+        # Batches of one epoch share a size except (usually) the last: one or two groups.
+        groups: dict[int, list[torch.Tensor]] = {}
+        for value, weight in zip(self._pending, self._weights, strict=True):
+            groups.setdefault(weight, []).append(value)
+        total = self._folded
+        for weight, values in groups.items():
+            stacked = torch.stack(values)
+            dtype = torch.float32 if stacked.device.type == "mps" else torch.float64
+            total = total + stacked.sum(dtype=dtype) * weight
+        self._folded = total
         self._pending.clear()
+        self._weights.clear()
 
     def value(self) -> float:
         """The sum so far, as a Python float (one device-to-host read)."""
         if self._pending:
             self._fold()
         return float(self._folded)
-
-    def clear(self) -> None:
-        """Forget everything recorded."""
-        self._pending.clear()
-        self._folded = 0.0
 
 
 class PluginContext:
@@ -95,6 +102,8 @@ class PluginContext:
         """Training samples seen so far in this epoch (first dimension of the inputs)."""
         self.validation_batch_count: int = 0
         """Validation batches seen so far in this epoch."""
+        self.validation_sample_count: int = 0
+        """Validation samples seen so far in this epoch."""
         self.training_batches_per_epoch: int | None = None
         """``len(train_loader)`` when the loader has a length."""
         self.validation_batches_per_epoch: int | None = None
@@ -110,7 +119,8 @@ class PluginContext:
         self.extra: dict[str, Any] = {}
         """Free-form data shared between plugins (``active_plugins`` lists them)."""
         self.should_stop_training: bool = False
-        """Set to True to ask the loop to stop at the end of this epoch."""
+        """Set to True to ask the loop to stop after the current training step (several
+        processes stop after the same step; see ``docs/training.md``)."""
         self.model = model
         """The model being trained (acting on it is allowed; breaking it is not)."""
         self.optimizer = optimizer
@@ -128,9 +138,20 @@ class PluginContext:
         self.exception: BaseException | None = None
         """The error that is ending training, during ``on_exception``."""
         self.last_loss: torch.Tensor | None = None
-        """The latest batch loss as a device tensor (reading it syncs; avoid per batch)."""
+        """The latest training batch's loss, detached, as a device tensor (reading its
+        value syncs; avoid per batch)."""
+        self.batch: tuple[Any, Any] | None = None
+        """The current batch as ``(inputs, targets)`` on the training device, in the
+        per-batch hooks (a reference, not a copy); None elsewhere."""
+        self.outputs: Any = None
+        """The model's outputs for the current batch, from ``after_backward`` (training)
+        or ``end_validation_batch`` (validation) to the end of the batch; None elsewhere."""
+        self.loss: torch.Tensor | None = None
+        """The current batch's loss as computed (unscaled, still attached to the graph in
+        ``after_backward``), where ``outputs`` is set; reading its value syncs."""
         self._training_loss = DeviceSum()
         self._validation_loss = DeviceSum()
+        self._gradient_norm: torch.Tensor | None = None
 
     @property
     def is_main_process(self) -> bool:
@@ -139,7 +160,8 @@ class PluginContext:
 
     @property
     def training_loss_total(self) -> float:
-        """Sum of training batch losses this epoch (one device read when accessed)."""
+        """Sum of the training loss over this epoch's samples: each batch's (mean) loss
+        times its sample count (one device read when accessed)."""
         return self._training_loss.value()
 
     @training_loss_total.setter
@@ -148,7 +170,8 @@ class PluginContext:
 
     @property
     def validation_loss_total(self) -> float:
-        """Sum of validation batch losses this epoch (one device read when accessed)."""
+        """Sum of the validation loss over this epoch's samples, like
+        ``training_loss_total`` (one device read when accessed)."""
         return self._validation_loss.value()
 
     @validation_loss_total.setter
@@ -157,13 +180,23 @@ class PluginContext:
 
     @property
     def training_loss(self) -> float:
-        """Mean training batch loss this epoch (``nan`` before the first batch)."""
-        return _mean(self.training_loss_total, self.training_batch_count)
+        """Training loss this epoch, weighted by batch sizes: the mean over the samples
+        seen so far (``nan`` before the first batch). One device read when accessed."""
+        return _mean(self.training_loss_total, self.training_sample_count)
 
     @property
     def validation_loss(self) -> float:
-        """Mean validation batch loss this epoch (``nan`` before the first batch)."""
-        return _mean(self.validation_loss_total, self.validation_batch_count)
+        """Validation loss this epoch, weighted by batch sizes: the mean over the samples
+        seen so far (``nan`` before the first batch). One device read when accessed."""
+        return _mean(self.validation_loss_total, self.validation_sample_count)
+
+    @property
+    def gradient_norm(self) -> float | None:
+        """The total gradient norm before clipping, in ``before_optimizer_step`` and
+        ``end_training_batch`` of a step that clips by norm (``gradient_clip.max_norm``);
+        None otherwise. Kept on the device: one device read when accessed."""
+        norm = self._gradient_norm
+        return None if norm is None else float(norm)
 
 
 def _mean(total: float, count: int) -> float:

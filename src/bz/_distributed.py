@@ -203,13 +203,13 @@ def control_group(backend: str) -> Any:
     return dist.new_group(backend="gloo")
 
 
-def vote_across(flag: bool, seconds: float, group: Any) -> tuple[bool, float]:
-    """Whether ``flag`` is true on any rank, and the mean of ``seconds`` over the ranks:
-    the same answer on every rank, from one small collective on the CPU."""
-    tensor = torch.tensor([float(flag), seconds], dtype=torch.float64)
+def vote_across(flags: Sequence[bool], seconds: float, group: Any) -> tuple[list[bool], float]:
+    """For each flag, whether it is true on any rank, and the mean of ``seconds`` over
+    the ranks: the same answer on every rank, from one small collective on the CPU."""
+    tensor = torch.tensor([*map(float, flags), seconds], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    raised, total = tensor.tolist()  # a CPU tensor: reading it does not wait on a device
-    return raised > 0, total / dist.get_world_size(group)
+    *raised, total = tensor.tolist()  # a CPU tensor: reading it does not wait on a device
+    return [value > 0 for value in raised], total / dist.get_world_size(group)
 
 
 # -- launching -------------------------------------------------------------------------

@@ -94,28 +94,37 @@ def run(
     overrides: Mapping[str, Any] | None = None,
     plugin_errors: ErrorPolicy | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    smoke: bool = False,
 ) -> FitResult:
     """Load the configuration, ``train.py`` and the plugins, then train.
 
     ``config`` is a :class:`RunConfig` or the path of a ``bzconfig.json`` (default: the
     lookup :func:`resolve_config` describes). Raises :class:`bz.BzError` subclasses
     whose ``exit_code`` is what ``bz train`` exits with.
+
+    ``smoke`` (``bz train --smoke``) trains one epoch of one training batch and one
+    validation batch with every plugin and metric, writes and reads no checkpoint, and
+    ignores the step and time limits: a quick check that a run would start.
     """
     from bz._loader import load_plugins
     from bz._setup import call_setup, load_setup_function
     from bz.metrics import build_metrics
     from bz.training.device import seed_everything
+    from bz.training.precision import check_config_precision
     from bz.training.trainer import fit_seeded
 
     run_config, base = config_and_base(config, overrides, base_dir)
     if plugin_errors is not None:
         run_config = run_config.with_overrides(plugin_errors=plugin_errors)
+    if smoke:
+        run_config = run_config.with_overrides(**SMOKE_OVERRIDES)
 
     # Everything the config names is checked before the user's code runs.
     metrics = build_metrics(run_config.metrics)
     script = base / run_config.train_script
     setup_function = load_setup_function(script)
     plugins = load_plugins(run_config.plugins, run_config)
+    check_config_precision(run_config)
     if run_config.seed is not None:
         seed_everything(run_config.seed)
     setup = call_setup(setup_function, run_config, script)
@@ -131,7 +140,21 @@ def run(
         plugins,
         metrics=metrics,
         checkpoint_dir=base / run_config.checkpoint_dir,
+        limit_batches=1 if smoke else None,
     )
+
+
+SMOKE_OVERRIDES: Mapping[str, Any] = {
+    "epochs": 1,
+    "checkpoint_interval": 0,
+    "checkpoint_every_steps": None,
+    "checkpoint_every_seconds": None,
+    "resume": False,
+    "max_steps": None,
+    "max_time": None,
+    "validate_every_steps": None,
+}
+"""What ``--smoke`` changes in the configuration (it also caps every loop at one batch)."""
 
 
 def validate(

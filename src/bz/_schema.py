@@ -25,7 +25,7 @@ import attrs
 import click
 
 from bz._docstrings import attribute_docs
-from bz.config import MetricSpec, PluginSpec, RunConfig, unstructure
+from bz.config import MetricSpec, PluginSpec, RunConfig, Seconds, unstructure
 
 __all__ = ["SCHEMA_DIALECT", "bzconfig_schema", "config_schema", "type_schema"]
 
@@ -37,6 +37,12 @@ _SCALARS: dict[object, dict[str, Any]] = {
     float: {"type": "number"},
     str: {"type": "string"},
     type(None): {"type": "null"},
+    Seconds: {
+        "anyOf": [
+            {"type": "number", "minimum": 0},
+            {"type": "string", "pattern": r"^(\d+:)?\d+:[0-5]?\d:[0-5]?\d(\.\d*)?$"},
+        ]
+    },
 }
 
 

@@ -140,6 +140,12 @@ def cli() -> None:
     help="Print the full traceback when training fails.",
 )
 @click.option(
+    "--smoke",
+    is_flag=True,
+    help="Check that the run starts: one training and one validation batch through every "
+    "plugin and metric, no checkpoints written or read.",
+)
+@click.option(
     "--nproc-per-node",
     type=click.IntRange(min=1),
     help="Train in N processes on this machine (torch.distributed's elastic launcher; "
@@ -159,6 +165,7 @@ def train(
     log_format: str,
     log_level: str,
     show_traceback: bool,
+    smoke: bool,
     nproc_per_node: int | None,
 ) -> None:
     """Train the model that train.py sets up, with the plugins bzconfig.json lists.
@@ -197,7 +204,7 @@ def train(
     if strict_plugins:
         overrides["plugin_errors"] = "raise"
     try:
-        result = run(config_path, overrides=overrides)
+        result = run(config_path, overrides=overrides, smoke=smoke)
     except BzError as exc:
         if show_traceback and exc.__cause__ is not None:
             traceback.print_exception(exc.__cause__, file=sys.stderr)
@@ -209,17 +216,30 @@ def train(
         # The shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
         raise click.exceptions.Exit(128 + exc.signal.value) from None
     if result.already_complete:
+        longer = "--set max_steps=N" if result.stopped_by == "max_steps" else "--epochs"
         click.echo(
             f"bz: nothing to train: this run already finished {result.epochs_completed} "
-            f"epoch(s) ({result.checkpoint}); raise --epochs to train longer or pass "
-            "--no-resume to start over",
+            f"epoch(s), {result.global_step} steps ({result.checkpoint}); raise {longer} "
+            "to train longer or pass --no-resume to start over",
             err=True,
         )
         return
     if log_format == "console" and rank == 0:
         _print_plugin_summary(result.plugins)
         final = result.final
-        stopped = " (stopped early)" if result.stopped_early else ""
+        stopped = {
+            None: "",
+            "plugin": " (stopped early)",
+            "max_steps": " (max_steps reached)",
+            "max_time": " (max_time reached; `bz train` again continues)",
+        }[result.stopped_by]
+        if smoke:
+            click.echo(
+                f"bz: smoke run passed: {result.global_step} step(s), "
+                f"{len(result.plugins)} plugin(s)",
+                err=True,
+            )
+            return
         if final is not None:
             click.echo(
                 f"bz: trained {result.epochs_completed} epoch(s), {result.global_step} steps "

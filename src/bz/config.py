@@ -15,7 +15,7 @@ import re
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NewType, TypeVar
 
 import attrs
 import cattrs
@@ -33,9 +33,11 @@ __all__ = [
     "ConfigError",
     "ConfigValueError",
     "DistributedConfig",
+    "GradientClip",
     "MetricSpec",
     "PluginSpec",
     "RunConfig",
+    "Seconds",
     "at_least",
     "between",
     "config_fields",
@@ -101,6 +103,32 @@ def _check_device(_instance: Any, attribute: attrs.Attribute[Any], value: str) -
         )
 
 
+Seconds = NewType("Seconds", float)
+"""A duration: seconds in JSON as a number, or a ``"HH:MM:SS"`` / ``"D:HH:MM:SS"`` string."""
+
+_CLOCK = re.compile(r"(?:(\d+):)?(\d+):([0-5]?\d):([0-5]?\d(?:\.\d*)?)")
+
+
+def parse_seconds(value: object) -> Seconds:
+    """A duration from a number of seconds or an ``"[D:]HH:MM:SS"`` string."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(f"expected a finite number of seconds >= 0, got {_show(value)}")
+        return Seconds(float(value))
+    if isinstance(value, str):
+        match = _CLOCK.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f'expected seconds or "HH:MM:SS", got {_show(value)}')
+        days, hours, minutes, seconds = match.groups()
+        total = ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60 + float(seconds)
+        return Seconds(total)
+    raise TypeError(f'expected seconds or "HH:MM:SS", got {_show(value)}')
+
+
+def _optional_seconds(value: float | str | None) -> Seconds | None:
+    return None if value is None else parse_seconds(value)
+
+
 # -- the configuration --------------------------------------------------------------
 
 
@@ -138,6 +166,27 @@ class DistributedConfig:
     """Seconds a collective waits for the other processes before failing."""
 
 
+def _one_clipping(instance: GradientClip, _attribute: attrs.Attribute[Any], _value: Any) -> None:
+    if (instance.max_norm is None) == (instance.value is None):
+        raise ConfigValueError(
+            "max_norm",
+            'give exactly one of "max_norm" (clip the total norm) or "value" (clip each '
+            "gradient element)",
+        )
+
+
+@attrs.frozen
+class GradientClip:
+    """How gradients are clipped before each optimizer step."""
+
+    max_norm: float | None = attrs.field(default=None, validator=at_least(0.0))
+    """Rescale all gradients together so that their total norm is at most this."""
+    norm_type: float = attrs.field(default=2.0, validator=at_least(0.0))
+    """The p of the p-norm ``max_norm`` measures (2.0: Euclidean)."""
+    value: float | None = attrs.field(default=None, validator=[at_least(0.0), _one_clipping])
+    """Clamp every gradient element to ``[-value, value]`` (instead of ``max_norm``)."""
+
+
 @attrs.frozen
 class RunConfig:
     """Everything ``bzconfig.json`` can say about a run."""
@@ -170,6 +219,27 @@ class RunConfig:
     """Resume from the newest checkpoint of the same run, if there is one."""
     distributed: DistributedConfig = attrs.field(factory=DistributedConfig)
     """Multi-process settings (used only when launched with several processes)."""
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    """``32``; ``bf16-mixed`` or ``16-mixed``: autocast on the run's device (``16-mixed``
+    adds a gradient scaler and needs CUDA)."""
+    accumulate_grad_batches: int = attrs.field(default=1, validator=at_least(1))
+    """Step the optimizer every this many batches (gradients add up in between)."""
+    gradient_clip: GradientClip | None = None
+    """``{"max_norm": X, "norm_type": 2.0}`` or ``{"value": X}``; null: no clipping."""
+    max_steps: int | None = attrs.field(default=None, validator=at_least(1))
+    """Stop after this many optimizer steps, in the middle of an epoch if need be."""
+    max_time: Seconds | None = attrs.field(default=None, converter=_optional_seconds)
+    """Stop at the first step after this long (seconds or ``"HH:MM:SS"``), with a
+    checkpoint; running ``bz train`` again continues."""
+    validate_every_steps: int | None = attrs.field(default=None, validator=at_least(1))
+    """Also validate every this many optimizer steps (as well as after each epoch)."""
+    checkpoint_every_steps: int | None = attrs.field(default=None, validator=at_least(1))
+    """Also write a checkpoint every this many optimizer steps (mid-epoch ones resume
+    exactly)."""
+    checkpoint_every_seconds: Seconds | None = attrs.field(
+        default=None, converter=_optional_seconds
+    )
+    """Also write a checkpoint at the first step after this long since the last one."""
 
     def with_overrides(self, **changes: Any) -> RunConfig:
         """A copy with some keys replaced (values are validated like JSON input)."""
@@ -309,6 +379,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(int, _strict_scalar(int, "int", (int,)))
     conv.register_structure_hook(float, _strict_scalar(float, "number", (int, float)))
     conv.register_structure_hook(str, _strict_scalar(str, "string", (str,)))
+    conv.register_structure_hook(Seconds, lambda value, _type: parse_seconds(value))
     conv.register_structure_hook_func(_is_literal, _literal_hook)
     conv.register_structure_hook_func(lambda t: t == dict[str, Any], _json_object)
     conv.register_structure_hook_func(lambda t: t == tuple[PluginSpec, ...], _structure_plugins)

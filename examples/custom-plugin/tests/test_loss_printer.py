@@ -16,7 +16,7 @@ def test_prints_every_log_interval_epochs(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_end_epoch_reads_the_context(capsys: pytest.CaptureFixture[str]) -> None:
-    context = make_context(epoch=5, training_loss_total=3.0, training_batch_count=2)
+    context = make_context(epoch=5, training_loss_total=3.0, training_sample_count=2)
     LossPrinter(log_interval=5).end_epoch(context)
     assert capsys.readouterr().out == "Epoch 5: loss = 1.5000\n"
 

@@ -47,14 +47,23 @@ class MetricSet:
         for metric in self._items:
             reduce_across_processes(metric)
 
-    def state(self) -> dict[str, list[torch.Tensor]]:
-        """Copies (on the host) of the state of every mergeable metric, for a checkpoint."""
+    def state(self, *, summed: bool = False) -> dict[str, list[torch.Tensor]]:
+        """Copies (on the host) of the state of every mergeable metric, for a checkpoint;
+        ``summed``: added up over the processes (the metrics themselves are unchanged,
+        so the epoch can go on)."""
+        import torch.distributed as dist
+
         self._merge_carried()  # an epoch resumed once and interrupted again
-        return {
-            name: [tensor.detach().cpu().clone() for tensor in metric.state_tensors()]
-            for name, metric in self._metrics.items()
-            if isinstance(metric, MergeableMetric)
-        }
+        states: dict[str, list[torch.Tensor]] = {}
+        for name, metric in self._metrics.items():
+            if not isinstance(metric, MergeableMetric):
+                continue
+            tensors = [tensor.detach().clone() for tensor in metric.state_tensors()]
+            if summed:
+                for tensor in tensors:
+                    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            states[name] = [tensor.cpu() for tensor in tensors]
+        return states
 
     def carry(self, saved: Mapping[str, Sequence[torch.Tensor]]) -> None:
         """Add ``saved`` (from :meth:`state`) into the state before the next ``compute``.

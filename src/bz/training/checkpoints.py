@@ -41,6 +41,7 @@ from bz._sandbox import describe_exception
 from bz.training.result import FitResult
 
 if TYPE_CHECKING:
+    from bz.training.control import EndReason
     from bz.training.loop import Run
 
 _log = structlog.get_logger("bz")
@@ -68,11 +69,14 @@ class CheckpointPolicy:
     resuming asked for); every method is then a no-op.
     """
 
-    def __init__(self, run: Run, store: CheckpointStore | None, signature: str) -> None:
+    def __init__(
+        self, run: Run, store: CheckpointStore | None, signature: str, *, saves: bool
+    ) -> None:
         self.run = run
         self.store = store
         self.signature = signature
         self.interval = run.config.checkpoint_interval
+        self._saves = saves
         self.last: Path | None = None
         """The newest checkpoint written (or, for a finished run, read)."""
         self.resumed_from: Path | None = None
@@ -83,8 +87,8 @@ class CheckpointPolicy:
 
     @property
     def saving(self) -> bool:
-        """Whether this run writes checkpoints at all."""
-        return self.store is not None and self.interval > 0
+        """Whether this run writes checkpoints at all (after epochs, steps or seconds)."""
+        return self.store is not None and self._saves
 
     def epoch_due(self, epochs_done: int) -> bool:
         """Whether the epoch-based schedule asks for a checkpoint after ``epochs_done``."""
@@ -113,9 +117,13 @@ class CheckpointPolicy:
     def is_complete(self, payload: CheckpointPayload) -> bool:
         """Whether the run this checkpoint belongs to has nothing left to train."""
         config = self.run.config
-        return payload.get("stopped", False) or (
-            payload["epoch"] >= config.epochs
-            and (payload["batch"] == 0 or payload["epoch"] > config.epochs)
+        return (
+            payload.get("stopped", False)
+            or (config.max_steps is not None and payload["global_step"] >= config.max_steps)
+            or (
+                payload["epoch"] >= config.epochs
+                and (payload["batch"] == 0 or payload["epoch"] > config.epochs)
+            )
         )
 
     def already_complete(
@@ -138,10 +146,17 @@ class CheckpointPolicy:
             hint="this run has finished; raise epochs to train longer, "
             "or start over with --no-resume",
         )
+        max_steps = run.config.max_steps
+        stopped_by: EndReason | None = None
+        if payload.get("stopped", False):
+            stopped_by = "plugin"
+        elif max_steps is not None and payload["global_step"] >= max_steps:
+            stopped_by = "max_steps"
         return FitResult(
             epochs_completed=payload["epoch"],
             global_step=payload["global_step"],
-            stopped_early=payload.get("stopped", False) and payload["epoch"] < run.config.epochs,
+            stopped_early=stopped_by is not None,
+            stopped_by=stopped_by,
             history=(),
             plugins=tuple(run.plugins.report()),
             seconds=time.perf_counter() - started,
@@ -165,6 +180,9 @@ class CheckpointPolicy:
             loss_state = payload.get("loss")
             if loss_state is not None and isinstance(setup.loss_fn, torch.nn.Module):
                 setup.loss_fn.load_state_dict(loss_state)
+            scaler, scaler_state = run.precision.scaler, payload.get("grad_scaler")
+            if scaler is not None and scaler_state:
+                scaler.load_state_dict(scaler_state)
         except Exception as exc:
             raise TrainingError(
                 f"cannot resume from {path}: {describe_exception(exc)} "
@@ -224,7 +242,7 @@ class CheckpointPolicy:
     def save(self, epoch: int, batch: int, *, stopped: bool = False) -> None:
         """Write a checkpoint of ``epoch`` completed epochs plus ``batch`` batches."""
         store = self.store
-        if store is None or self.interval == 0:
+        if store is None or not self._saves:
             return
         run = self.run
         # Every process takes part in gathering the interrupted epoch's numbers.
@@ -251,6 +269,9 @@ class CheckpointPolicy:
                 setup.scheduler.state_dict() if hasattr(setup.scheduler, "state_dict") else None
             ),
             "loss": self._loss_state(),
+            "grad_scaler": (
+                None if run.precision.scaler is None else run.precision.scaler.state_dict()
+            ),
             "rng": RngStates(epoch_start=epoch_start, now=now),
         }
         problem = loadable_problem(payload, "checkpoint")
@@ -286,7 +307,7 @@ class CheckpointPolicy:
     def save_final_model(self, epochs: int) -> None:
         """Write the weights the run ended with (after ``end_training_session``)."""
         store, run = self.store, self.run
-        if store is None or self.interval == 0 or not run.topology.is_main:
+        if store is None or not self._saves or not run.topology.is_main:
             return
         payload: ModelPayload = {
             "format": FORMAT,
@@ -306,15 +327,15 @@ class CheckpointPolicy:
         _log.info("model_saved", path=str(path), epoch=epochs, step=run.global_step)
 
     def _partial_epoch(self) -> tuple[float, int, dict[str, list[torch.Tensor]]]:
-        """The interrupted epoch's loss sum, sample count and metric state so far, summed
-        over the processes (a resumed run has rank 0 carry them)."""
+        """The epoch's loss sum, sample count and metric state so far, summed over the
+        processes (a resumed run has rank 0 carry them). Nothing in the run changes:
+        the epoch may go on after a checkpoint."""
         run = self.run
         loss_total, samples = run.train_loss.value(), run.train_samples
         if run.topology.distributed:
             loss_total, summed_samples = sum_across([loss_total, float(samples)], run.device)
             samples = int(summed_samples)
-            run.train_metrics.reduce()  # in place: this epoch goes no further
-        return loss_total, samples, run.train_metrics.state()
+        return loss_total, samples, run.train_metrics.state(summed=run.topology.distributed)
 
     def _plugin_states(self) -> dict[str, Any]:
         run = self.run

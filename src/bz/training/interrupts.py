@@ -24,12 +24,13 @@ _log = structlog.get_logger("bz")
 
 
 class InterruptVote:
-    """How several processes stop after the same step when one of them is interrupted.
+    """How several processes agree, after the same step, on what one of them saw.
 
-    Every few steps they take a vote, on a CPU group (see ``control_group``): was any
-    of them interrupted, and how long do steps take. Every process gets the same answer,
-    so all stop after the same step and all count the same number of steps to the next
-    vote: about ``INTERVAL_S`` seconds of training. A vote takes 0.5-0.7 ms between two
+    Every few optimizer steps they take a vote, on a CPU group (see ``control_group``):
+    was any of them interrupted, did a plugin ask to stop, did ``max_time`` run out, is
+    a time-based checkpoint due, and how long do steps take. Every process gets the same
+    answer, so all act after the same step and all count the same number of steps to
+    the next vote: about ``INTERVAL_S`` seconds of training. A vote takes 0.5-0.7 ms between two
     CPU processes on a 2-core machine (``benchmarks/distributed.py``), so the loop spends
     under 1% on them
     and honours Ctrl-C within about a tenth of a second (plus a step), far inside the
@@ -52,12 +53,10 @@ class InterruptVote:
         self.countdown -= 1
         return self.countdown == 0
 
-    def __call__(self, interrupted: bool) -> bool:
-        """Whether any process was interrupted (call when :meth:`due`)."""
+    def __call__(self, *flags: bool) -> list[bool]:
+        """For each flag, whether any process raised it (call when :meth:`due`)."""
         now = time.perf_counter()
-        anyone, step_seconds = vote_across(
-            interrupted, (now - self.since) / self.period, self.group
-        )
+        anyone, step_seconds = vote_across(flags, (now - self.since) / self.period, self.group)
         self.period = max(1, min(1024, math.ceil(self.INTERVAL_S / max(step_seconds, 1e-6))))
         self.countdown, self.since = self.period, now
         return anyone

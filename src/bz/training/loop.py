@@ -6,16 +6,25 @@ Hook order for one run (``[...]`` only when there is validation data)::
     for each epoch:
         start_epoch
         start_training_loop
-        for each batch: start_training_batch, (forward, loss, backward)
-                        after_backward, before_optimizer_step, (step), end_training_batch
+        for each batch: start_training_batch, (forward, loss, backward), after_backward,
+                        [every accumulate_grad_batches batches: (unscale, clip)
+                         before_optimizer_step, (optimizer step)], end_training_batch
+                        [every validate_every_steps steps: the validation loop below]
+                        [every checkpoint_every_steps steps / _seconds: save_checkpoint]
         end_training_loop            # training_metrics are set
         [start_validation_loop
          for each batch: start_validation_batch, (forward, loss), end_validation_batch
          end_validation_loop]        # validation_metrics are set
-        end_epoch                    # stop requests are read after this hook
+        end_epoch                    # stop requests made here end the run after it
         [save_checkpoint]            # every checkpoint_interval epochs, and the last
     end_training_session
     on_exception                     # instead of the rest, when training fails
+
+A stop in the middle of an epoch (``should_stop_training`` set by a plugin in a training
+hook, ``max_steps``, ``max_time``) takes effect after the current optimizer step: a
+checkpoint is written there (``save_checkpoint``), then the epoch ends early
+(``end_training_loop`` with the batches done, validation, ``end_epoch``; the scheduler
+is not stepped) and ``end_training_session`` follows.
 
 When resuming, ``load_checkpoint`` follows ``start_training_session``. On Ctrl-C (or
 SIGTERM) the loop finishes the step, writes a checkpoint (``save_checkpoint``), then calls
@@ -31,11 +40,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import itertools
 import time
 import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import structlog
 import torch
@@ -55,19 +65,15 @@ from bz._distributed import (
     sum_across,
     topology_from_env,
 )
-from bz._errors import BzError, TrainingError
+from bz._errors import BzError, TrainingError, UsageError
 from bz._setup import user_frame
 from bz.metrics._set import MetricSet
 from bz.training.checkpoints import CheckpointPolicy, ResumePoint
-from bz.training.device import (
-    batch_size,
-    loader_length,
-    resolve_device,
-    to_device,
-    unpack,
-)
+from bz.training.control import EndReason, StepControl
+from bz.training.device import batch_size, loader_length, resolve_device, to_device, unpack
 from bz.training.evaluate import mean
 from bz.training.interrupts import InterruptGuard, InterruptVote, TrainingInterrupted
+from bz.training.precision import precision_for
 from bz.training.result import EpochRecord, FitResult
 
 if TYPE_CHECKING:
@@ -84,6 +90,7 @@ class Run:
 
     The constructor only describes the run; :meth:`fit` joins the process group, wraps
     the model and trains, inside the ``try``/``finally`` that undoes both.
+    ``limit_batches`` caps the batches of every loop (``bz train --smoke``).
     """
 
     def __init__(
@@ -93,12 +100,15 @@ class Run:
         plugins: PluginSet,
         metrics: Mapping[str, Metric],
         checkpoint_root: Path | None = None,
+        *,
+        limit_batches: int | None = None,
     ) -> None:
         self.setup = setup
         self.config = config
         self.plugins = plugins
         self.topology = topology_from_env()
         self.device = local_device(resolve_device(config.device), self.topology)
+        self.precision = precision_for(config.precision, self.device)
         plugins.for_rank(self.topology.rank)
         seed = config.seed or 0
         self.train_loader = shard_loader(setup.train_loader, self.topology, seed, training=True)
@@ -107,19 +117,24 @@ class Run:
             if setup.val_loader is None
             else shard_loader(setup.val_loader, self.topology, seed, training=False)
         )
+        self.limit = limit_batches
         # The signature describes the run as train.py built it, before any training.
-        uses_checkpoints = checkpoint_root is not None and (
-            config.checkpoint_interval > 0 or config.resume
+        saves = (
+            config.checkpoint_interval > 0
+            or config.checkpoint_every_steps is not None
+            or config.checkpoint_every_seconds is not None
         )
+        uses_checkpoints = checkpoint_root is not None and (saves or config.resume)
         signature = _run_signature(setup, config) if uses_checkpoints else ""
         store = (
             CheckpointStore(checkpoint_root / signature, config.keep_last)
             if checkpoint_root is not None and uses_checkpoints
             else None
         )
-        self.checkpoints = CheckpointPolicy(self, store, signature)
+        self.checkpoints = CheckpointPolicy(self, store, signature, saves=saves)
         self.model = setup.model
         self.forward: torch.nn.Module = self.model
+        self.ddp: DistributedDataParallel | None = None
         self.train_metrics = MetricSet(metrics)
         self.val_metrics = MetricSet({name: copy.deepcopy(m) for name, m in metrics.items()})
         self.move_batches = self.device.type != "cpu"
@@ -127,18 +142,24 @@ class Run:
         self.interrupt = InterruptGuard()
         self.vote: InterruptVote | None = None
         self.owns_process_group = False
+        self.accumulate = config.accumulate_grad_batches
+        self.clip = config.gradient_clip
         # Loop state (the context only ever shows copies of these).
         self.start_epoch = 0
         self.epoch = 0
         self.global_step = 0
         self.batch_index = 0
+        self.micro = 0
+        """Batches of the current accumulation group done so far."""
         self.train_batches = 0
         self.train_samples = 0
         self.val_batches = 0
+        self.val_samples = 0
         self.train_loss = DeviceSum()
         self.val_loss = DeviceSum()
         self.resume_point: ResumePoint | None = None
         self.epoch_rng: dict[str, Any] | None = None
+        self.stopped_by: EndReason | None = None
         self.context = PluginContext(
             model=setup.model,
             optimizer=setup.optimizer,
@@ -150,8 +171,19 @@ class Run:
         )
         self.context.scheduler = setup.scheduler
         self.context.run_config = config
-        self.context.training_batches_per_epoch = loader_length(self.train_loader)
-        self.context.validation_batches_per_epoch = loader_length(self.val_loader)
+        self.context.training_batches_per_epoch = _capped(
+            loader_length(self.train_loader), self.limit
+        )
+        self.context.validation_batches_per_epoch = _capped(
+            loader_length(self.val_loader), self.limit
+        )
+        lengthless = self.context.training_batches_per_epoch is None
+        if self.accumulate > 1 and self.topology.distributed and lengthless:
+            raise UsageError(
+                "accumulate_grad_batches needs a train_loader with a length when "
+                "training with several processes"
+            )
+        self.control = StepControl(config, self.interrupt, self.context, None, time.perf_counter())
 
     def _prepare(self) -> None:
         """Place the model and join the other processes (undone by :meth:`_leave`)."""
@@ -164,7 +196,7 @@ class Run:
         self.forward = self.model
         if self.topology.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward = DistributedDataParallel(self.model, device_ids=device_ids)
+            self.forward = self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
             # Alone, Ctrl-C stops after the current step. Several processes must stop
             # after the same step: they vote on it every few steps.
             self.vote = InterruptVote(control_group(backend))
@@ -172,6 +204,9 @@ class Run:
             self.forward = _compile(self.forward)
         self.train_metrics.to(self.device)
         self.val_metrics.to(self.device)
+        self.control = StepControl(
+            config, self.interrupt, self.context, self.vote, time.perf_counter()
+        )
 
     # -- context ---------------------------------------------------------------------
 
@@ -184,6 +219,7 @@ class Run:
         ctx.training_batch_count = self.train_batches
         ctx.training_sample_count = self.train_samples
         ctx.validation_batch_count = self.val_batches
+        ctx.validation_sample_count = self.val_samples
         ctx._training_loss = self.train_loss
         ctx._validation_loss = self.val_loss
         return ctx
@@ -224,10 +260,11 @@ class Run:
         if self.forward is not self.model:
             wrapper = weakref.ref(self.forward)
             self.forward = self.model
+            self.ddp = None
             # Only if a reference cycle keeps it: a full collection costs ~0.2 s here.
             if wrapper() is not None:
                 gc.collect()
-        self.vote = None
+        self.vote = self.control.vote = None
         leave(self.owns_process_group)
 
     def _fit(self) -> FitResult:
@@ -237,7 +274,6 @@ class Run:
         if found is not None and checkpoints.is_complete(found[1]):
             return checkpoints.already_complete(*found, started)
         history: list[EpochRecord] = []
-        stopped_early = False
         self.context.extra["active_plugins"] = self.plugins.active_names
         with self.interrupt:
             try:
@@ -252,23 +288,11 @@ class Run:
                         self._stop_interrupted()
                     history.append(record)
                     self._log_epoch(record)
-                    stop, interrupted = self._agree(
-                        self.context.should_stop_training, self.interrupt.requested
-                    )
-                    done = epoch + 1
-                    if stop or done == self.config.epochs or checkpoints.epoch_due(done):
-                        checkpoints.save(done, 0, stopped=stop)
-                    elif interrupted:
-                        checkpoints.save(done, 0)
-                    if interrupted:
-                        self._stop_interrupted()
-                    if stop:
-                        stopped_early = done < self.config.epochs
-                        _log.info("stop_requested", epoch=epoch, step=self.global_step)
+                    if record.partial or self._end_of_epoch():
                         break
                 self.context.extra["plugin_reports"] = self._plugin_reports()
                 self._hook("end_training_session")
-                checkpoints.save_final_model(self.start_epoch + len(history))
+                checkpoints.save_final_model(self._epochs_done(history))
             except TrainingInterrupted:
                 raise
             except (KeyboardInterrupt, BzError) as exc:
@@ -282,16 +306,49 @@ class Run:
                 ) from exc
         self.plugins.log_summary()
         return FitResult(
-            epochs_completed=self.start_epoch + len(history),
+            epochs_completed=self._epochs_done(history),
             global_step=self.global_step,
-            stopped_early=stopped_early,
+            stopped_early=self.stopped_by is not None,
             history=tuple(history),
             plugins=tuple(self.plugins.report()),
             seconds=time.perf_counter() - started,
             resumed_from=checkpoints.resumed_from,
             checkpoint=checkpoints.last,
             model=checkpoints.final_model,
+            stopped_by=self.stopped_by,
         )
+
+    def _epochs_done(self, history: list[EpochRecord]) -> int:
+        return self.start_epoch + sum(1 for record in history if not record.partial)
+
+    def _end_of_epoch(self) -> bool:
+        """Stop requests, checkpoints and interrupts after a whole epoch; True to stop."""
+        time_up, checkpoint_time = self.control.time_flags()
+        stop, interrupted, time_up, checkpoint_time = self._agree(
+            self.context.should_stop_training, self.interrupt.requested, time_up, checkpoint_time
+        )
+        done = self.epoch + 1
+        reason = self.control.at_epoch_end(self.global_step, stop, time_up)
+        if (
+            reason is not None
+            or interrupted
+            or checkpoint_time
+            or done == self.config.epochs
+            or self.checkpoints.epoch_due(done)
+            or self.control.checkpoint_at_epoch_end
+        ):
+            self.checkpoints.save(done, 0, stopped=reason == "plugin")
+            self.control.checkpoint_written()
+        if interrupted:
+            self._stop_interrupted()
+        if reason is not None and done < self.config.epochs:
+            self._stop(reason)
+            return True
+        return False
+
+    def _stop(self, reason: EndReason) -> None:
+        self.stopped_by = reason
+        _log.info("stop_requested", reason=reason, epoch=self.epoch, step=self.global_step)
 
     def _plugin_reports(self) -> dict[str, dict[str, Any]]:
         """Time and faults per plugin so far, for plugins that summarise the run."""
@@ -304,20 +361,22 @@ class Run:
             for report in self.plugins.report()
         }
 
-    def _agree(self, stop: bool, interrupted: bool) -> tuple[bool, bool]:
-        """Every process's verdict at the end of an epoch: stop if any rank asks to, and
-        quarantine on every rank the plugins any rank quarantined (one collective)."""
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Every process's verdict at the end of an epoch: each flag raised if any rank
+        raised it, and the plugins any rank quarantined quarantined on every rank (one
+        collective)."""
         if not self.topology.distributed:
-            return stop, interrupted
+            return list(flags)
         plugins = self.plugins
         mask = [0.0] * len(plugins)
         for index in plugins.faulted_slots():
             mask[index] = 1.0
-        summed = sum_across([float(stop), float(interrupted), *mask], self.device)
+        summed = sum_across([*map(float, flags), *mask], self.device)
+        count = len(flags)
         plugins.quarantine_slots(
-            {i for i, v in enumerate(summed[2:]) if v > 0}, self.refresh_context()
+            {i for i, v in enumerate(summed[count:]) if v > 0}, self.refresh_context()
         )
-        return summed[0] > 0, summed[1] > 0
+        return [value > 0 for value in summed[:count]]
 
     def _log_epoch(self, record: EpochRecord) -> None:
         _log.info(
@@ -329,6 +388,7 @@ class Run:
             training_metrics=record.training_metrics,
             validation_metrics=record.validation_metrics,
             seconds=round(record.seconds, 6),
+            partial=record.partial,
         )
 
     def _fail_session(self, exc: BaseException | None = None) -> None:
@@ -373,16 +433,20 @@ class Run:
         ctx.extra["active_plugins"] = self.plugins.active_names
         ctx.training_metrics = {}
         ctx.validation_metrics = {}
-        self.train_batches = self.val_batches = self.batch_index = self.train_samples = 0
+        self.train_batches = self.val_batches = self.batch_index = 0
+        self.train_samples = self.val_samples = 0
         self.train_loss = DeviceSum()
         self.val_loss = DeviceSum()
         self._hook("start_epoch")
-        if not self._train_loop():
+        outcome = self._train_loop()
+        if outcome == "interrupted":
             return None
+        partial = outcome == "ended"
         validated = self.val_loader is not None
         if validated:
             self._validation_loop()
-        self._step_scheduler(validated)
+        if not partial:  # the scheduler steps once per whole epoch, also across a resume
+            self._step_scheduler(validated)
         self._hook("end_epoch")
         # The next epoch starts from the random state of this moment, whether or not a
         # checkpoint records it, so what plugins draw between epochs, and whether the
@@ -391,36 +455,57 @@ class Run:
         self.resume_point = ResumePoint(now, now)
         return EpochRecord(
             epoch=self.epoch,
-            training_loss=mean(self.train_loss, self.train_batches),
-            validation_loss=mean(self.val_loss, self.val_batches) if validated else None,
+            training_loss=mean(self.train_loss, self.train_samples),
+            validation_loss=mean(self.val_loss, self.val_samples) if validated else None,
             training_metrics=dict(ctx.training_metrics),
             validation_metrics=dict(ctx.validation_metrics),
             seconds=time.perf_counter() - started,
+            partial=partial,
         )
 
-    def _train_loop(self) -> bool:
-        """The training batches of one epoch; False when Ctrl-C stopped it early."""
-        metrics, hook, step = self.train_metrics, self._hook, self._step
-        interrupt, batches = self.interrupt, self.context.training_batches_per_epoch
-        vote = self.vote
+    def _train_loop(self) -> Literal["completed", "ended", "interrupted"]:
+        """The training batches of one epoch: all of them, or up to a stop (``ended``:
+        the epoch ends early; ``interrupted``: Ctrl-C or SIGTERM)."""
+        metrics, step, control = self.train_metrics, self._step, self.control
+        batches = self.context.training_batches_per_epoch
         self.model.train()
         metrics.reset()
+        self.micro = 0
         self._hook("start_training_loop")
         iterator, skipped = self._batches()
-        if vote is not None:
-            vote.start_epoch()
+        if self.vote is not None:
+            self.vote.start_epoch()
+        stopped: EndReason | None = None
+        interrupted = False
         for index, batch in enumerate(iterator, start=skipped):
             self.batch_index = index
-            hook("start_training_batch")
-            step(batch)
-            hook("end_training_batch")
-            # After the last batch the epoch finishes normally and stops at its end.
-            if vote is None:
-                if interrupt.requested and index + 1 != batches:
-                    return False
-            elif vote.due() and index + 1 != batches and vote(interrupt.requested):
-                return False
-        if vote is not None:
+            step(batch, index)
+            if self.micro:  # in the middle of an accumulation group: nothing can happen
+                continue
+            decision = control.after_step(self.global_step, index + 1 == batches)
+            if decision.interrupt:
+                interrupted = True
+                break
+            if decision.stop is not None:
+                stopped = decision.stop
+                break
+            if decision.validate:
+                self._validation_loop()
+                self.model.train()
+            if decision.checkpoint:
+                self.checkpoints.save(self.epoch, self.train_batches)
+                control.checkpoint_written()
+        if self.micro:  # a loader without a length ended inside a group: it still steps
+            self._optimizer_step()
+            self.micro = 0
+        if interrupted:
+            return "interrupted"
+        if stopped is not None:
+            # The checkpoint resumes from right after this step: what follows (the
+            # epoch's early end, validation, plugins) does not change where it stands.
+            self.checkpoints.save(self.epoch, self.train_batches, stopped=stopped == "plugin")
+            self._stop(stopped)
+        if self.vote is not None:
             total, batch_count, samples = sum_across(
                 [self.train_loss.value(), float(self.train_batches), float(self.train_samples)],
                 self.device,
@@ -429,7 +514,7 @@ class Run:
             self.train_batches, self.train_samples = int(batch_count), int(samples)
         self.context.training_metrics = metrics.compute()
         self._hook("end_training_loop")
-        return True
+        return "completed" if stopped is None else "ended"
 
     def _batches(self) -> tuple[Iterator[Any], int]:
         """The training iterator, positioned where a resumed epoch left off."""
@@ -439,7 +524,7 @@ class Run:
         # Needed only to write a checkpoint in the middle of this epoch.
         self.epoch_rng = capture_rng(self.generators) if self.checkpoints.saving else None
         set_epoch(self.train_loader, self.epoch)
-        iterator = iter(self.train_loader)
+        iterator = _limited(iter(self.train_loader), self.limit)
         if point is None or point.batch == 0:
             return iterator, 0
         # Creating the iterator and drawing the batches already trained on consumes
@@ -454,69 +539,134 @@ class Run:
         self.train_metrics.carry(point.metrics)
         return iterator, point.batch
 
-    def _step(self, batch: Any) -> None:
+    # -- one step --------------------------------------------------------------------
+
+    def _step(self, batch: Any, index: int) -> None:
         # A method of its own so that the batch, outputs and graph die when it returns
         # instead of living in the loop's frame until the next batch replaces them.
-        setup, hook = self.setup, self._hook
+        setup, hook, ctx = self.setup, self._hook, self.context
         if self.move_batches:
             batch = to_device(batch, self.device)
         inputs, targets = unpack(batch, "train_loader")
-        self.train_samples += batch_size(inputs)
-        setup.optimizer.zero_grad(set_to_none=True)
-        outputs = self.forward(inputs)
-        loss = setup.loss_fn(outputs, targets)
-        # torch.autograd.backward is what Tensor.backward calls (and it is typed).
-        torch.autograd.backward(loss)
+        samples = batch_size(inputs) or batch_size(targets) or 1
+        self.train_samples += samples
+        ctx.batch = (inputs, targets)
+        hook("start_training_batch")
+        group = self._group_size(index)
+        if self.micro == 0:
+            setup.optimizer.zero_grad(set_to_none=True)
+        steps = self.micro + 1 == group
+        # Batches that do not step add their gradients locally; the one that steps
+        # makes DDP average the group's sum over the processes.
+        with self.ddp.no_sync() if self.ddp is not None and not steps else _NO_CONTEXT:
+            with self.precision.autocast():
+                outputs = self.forward(inputs)
+                loss = setup.loss_fn(outputs, targets)
+            self._backward(loss if group == 1 else loss / group)
+        ctx.outputs, ctx.loss = outputs, loss
         hook("after_backward")
-        hook("before_optimizer_step")
-        setup.optimizer.step()
+        if steps:
+            self._optimizer_step()
+            self.micro = 0
+        else:
+            self.micro += 1
         detached = loss.detach()
-        self.train_loss.add(detached)
+        self.train_loss.add(detached, samples)
         if self.train_metrics.active:
-            self.train_metrics.update(outputs.detach(), targets)
-        self.global_step += 1
+            self.train_metrics.update(self._for_metrics(outputs), targets)
         self.train_batches += 1
-        self.context.last_loss = detached
+        ctx.last_loss = detached
+        hook("end_training_batch")
+        ctx.batch = ctx.outputs = ctx.loss = ctx._gradient_norm = None
+
+    def _group_size(self, index: int) -> int:
+        """Batches in the accumulation group of batch ``index``; an epoch's last group may
+        be shorter (when the loader has a length), and its loss is scaled by its size."""
+        accumulate = self.accumulate
+        if accumulate == 1:
+            return 1
+        batches = self.context.training_batches_per_epoch
+        if batches is None:
+            return accumulate
+        return min(accumulate, batches - index + self.micro)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        scaler = self.precision.scaler
+        # torch.autograd.backward is what Tensor.backward calls (and it is typed).
+        torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
+
+    def _optimizer_step(self) -> None:
+        """Unscale, clip, ``before_optimizer_step``, step: once per accumulation group."""
+        optimizer, scaler, clip = self.setup.optimizer, self.precision.scaler, self.clip
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if clip is not None:
+            parameters = [p for p in self.model.parameters() if p.grad is not None]
+            if clip.max_norm is not None:
+                self.context._gradient_norm = torch.nn.utils.clip_grad_norm_(
+                    parameters, clip.max_norm, clip.norm_type
+                )
+            elif clip.value is not None:
+                torch.nn.utils.clip_grad_value_(parameters, clip.value)
+        self._hook("before_optimizer_step")
+        if scaler is not None:
+            scaler.step(optimizer)  # reads one flag back: GradScaler skips steps on overflow
+            scaler.update()
+        else:
+            optimizer.step()
+        self.global_step += 1
+
+    def _for_metrics(self, outputs: Any) -> Any:
+        """Outputs as metrics take them: detached, and float32 under mixed precision."""
+        if isinstance(outputs, torch.Tensor):
+            outputs = outputs.detach()
+            if self.precision.mixed and outputs.is_floating_point():
+                outputs = outputs.float()
+        return outputs
 
     # -- validation ------------------------------------------------------------------
 
     def _validation_loop(self) -> None:
         assert self.val_loader is not None
-        metrics, hook, step = self.val_metrics, self._hook, self._validation_step
+        metrics, step = self.val_metrics, self._validation_step
         self.model.eval()
         metrics.reset()
-        self.batch_index = 0
+        self.batch_index = self.val_batches = self.val_samples = 0
+        self.val_loss = DeviceSum()
         self._hook("start_validation_loop")
         with torch.no_grad():
-            for index, batch in enumerate(self.val_loader):
+            for index, batch in enumerate(_limited(iter(self.val_loader), self.limit)):
                 self.batch_index = index
-                hook("start_validation_batch")
                 step(batch)
-                hook("end_validation_batch")
-        self.val_loss, self.val_batches = self._summed_over_processes(
-            self.val_loss, self.val_batches
-        )
+        if self.topology.distributed:
+            total, batches, samples = sum_across(
+                [self.val_loss.value(), float(self.val_batches), float(self.val_samples)],
+                self.device,
+            )
+            self.val_loss = DeviceSum(total)
+            self.val_batches, self.val_samples = int(batches), int(samples)
         self.context.validation_metrics = metrics.compute()
         self._hook("end_validation_loop")
 
     def _validation_step(self, batch: Any) -> None:
         # Its own frame, like _step: outputs die before the next batch is fetched.
+        ctx, hook = self.context, self._hook
         if self.move_batches:
             batch = to_device(batch, self.device)
         inputs, targets = unpack(batch, "val_loader")
-        outputs = self.forward(inputs)
-        loss = self.setup.loss_fn(outputs, targets)
-        self.val_loss.add(loss.detach())
-        self.val_metrics.update(outputs, targets)
+        ctx.batch = (inputs, targets)
+        hook("start_validation_batch")
+        with self.precision.autocast():
+            outputs = self.forward(inputs)
+            loss = self.setup.loss_fn(outputs, targets)
+        samples = batch_size(inputs) or batch_size(targets) or 1
+        self.val_loss.add(loss.detach(), samples)
+        self.val_metrics.update(self._for_metrics(outputs), targets)
         self.val_batches += 1
-
-    def _summed_over_processes(self, total: DeviceSum, count: int) -> tuple[DeviceSum, int]:
-        """A loop's loss sum and batch count over all processes (so plugins see global
-        numbers); unchanged when training alone."""
-        if not self.topology.distributed:
-            return total, count
-        summed, batches = sum_across([total.value(), float(count)], self.device)
-        return DeviceSum(summed), int(batches)
+        self.val_samples += samples
+        ctx.outputs, ctx.loss = outputs, loss
+        hook("end_validation_batch")
+        ctx.batch = ctx.outputs = ctx.loss = None
 
     def _step_scheduler(self, validated: bool) -> None:
         scheduler = self.setup.scheduler
@@ -524,10 +674,22 @@ class Run:
             return
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             loss = self.val_loss if validated else self.train_loss
-            count = self.val_batches if validated else self.train_batches
-            scheduler.step(mean(loss, count))
+            scheduler.step(mean(loss, self.val_samples if validated else self.train_samples))
         else:
             scheduler.step()
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _capped(length: int | None, limit: int | None) -> int | None:
+    if limit is None:
+        return length
+    return limit if length is None else min(length, limit)
+
+
+def _limited(iterator: Iterator[Any], limit: int | None) -> Iterator[Any]:
+    return iterator if limit is None else itertools.islice(iterator, limit)
 
 
 def _compile(model: torch.nn.Module) -> torch.nn.Module:

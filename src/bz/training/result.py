@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -21,6 +21,9 @@ class EpochRecord:
     training_metrics: dict[str, float]
     validation_metrics: dict[str, float]
     seconds: float
+    partial: bool = False
+    """The epoch ended early: a stop (``max_steps``, ``max_time``, a plugin) came in the
+    middle of it. Its numbers cover the batches trained."""
 
 
 @attrs.frozen
@@ -43,6 +46,9 @@ class FitResult:
     """The newest checkpoint written (or, when already complete, read) by this call."""
     already_complete: bool = False
     """The run had already finished when this call resumed it; nothing was trained."""
+    stopped_by: Literal["plugin", "max_steps", "max_time"] | None = None
+    """Why the run stopped before its last epoch: a plugin's ``should_stop_training``
+    (``early_stopping``), ``max_steps`` or ``max_time`` (None: it ran every epoch)."""
     model: Path | None = None
     """The file with the weights the run ended with (``model.pt`` beside the checkpoints;
     None when checkpoints are off, the run did not finish, or the write failed)."""

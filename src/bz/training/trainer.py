@@ -68,9 +68,10 @@ def fit_seeded(
     *,
     metrics: Mapping[str, Metric] | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    limit_batches: int | None = None,
 ) -> FitResult:
     """:meth:`Trainer.fit` for a caller that has seeded already (``bz.run`` seeds once,
-    before ``setup()`` builds the model)."""
+    before ``setup()`` builds the model). ``limit_batches`` caps every loop (``--smoke``)."""
     if not isinstance(plugins, PluginSet):
         plugins = plugin_set(list(plugins), config.plugin_errors)
     if metrics is None:
@@ -78,7 +79,8 @@ def fit_seeded(
 
         metrics = build_metrics(config.metrics)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    return Run(setup, config, plugins, {**metrics, **setup.metrics}, folder).fit()
+    all_metrics = {**metrics, **setup.metrics}
+    return Run(setup, config, plugins, all_metrics, folder, limit_batches=limit_batches).fit()
 
 
 __all__ = ["EpochRecord", "FitResult", "Trainer", "fit_seeded"]
