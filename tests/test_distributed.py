@@ -147,6 +147,19 @@ PROBES = textwrap.dedent(
                 context.should_stop_training = True
 
 
+    class StopsMidEpochOnRankOne:
+        name = "stops_mid_epoch_on_rank_one"
+        every_rank = True
+
+        def end_training_batch(self, context):
+            time.sleep(0.15)  # slow steps: the processes vote after every one
+            if context.rank == 1 and context.global_step == 3:
+                context.should_stop_training = True
+
+        def end_training_session(self, context):
+            Path(f"stopped_at-{context.rank}").write_text(str(context.global_step))
+
+
     class SlowSteps:
         name = "slow_steps"
         every_rank = True
@@ -184,6 +197,7 @@ def make_project(folder: Path, config: dict[str, Any]) -> dict[str, str]:
         "EveryRankProbe",
         "FailsOnRankOne",
         "StopsOnRankOne",
+        "StopsMidEpochOnRankOne",
         "SlowSteps",
         "KillsRankOne",
     ]
@@ -283,6 +297,56 @@ def test_a_stop_request_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     finished = [e for e in events(done.stdout) if e["event"] == "epoch_finished"]
     assert [e["epoch"] for e in finished] == [0]
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_stop_request_ends_every_process_after_the_same_step(
+    tmp_path: Path,
+) -> None:
+    env = make_project(
+        tmp_path,
+        {
+            "epochs": 4,
+            "hyperparameters": {"batch_size": 8},  # 6 steps per epoch on each process
+            "plugins": ["stops_mid_epoch_on_rank_one"],
+        },
+    )
+    done = launch(tmp_path, env, "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    steps = [(tmp_path / f"stopped_at-{rank}").read_text() for rank in (0, 1)]
+    assert steps == ["3", "3"], "both processes stop right after the step of the request"
+    (stop,) = [e for e in events(done.stdout) if e["event"] == "stop_requested"]
+    assert stop["reason"] == "plugin"
+
+
+@pytest.mark.slow
+def test_accumulation_on_two_processes_matches_one_process_with_the_whole_batch(
+    tmp_path: Path,
+) -> None:
+    # 2 processes x batches of 8 x 2 accumulated = 32 samples per optimizer step.
+    env = make_project(
+        tmp_path,
+        {"hyperparameters": {"batch_size": 8}, "accumulate_grad_batches": 2, "plugins": []},
+    )
+    done = launch(tmp_path, env, "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    ddp = [e for e in events(done.stdout) if e["event"] == "epoch_finished"]
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "train.py").write_text(TRAIN_PY, encoding="utf-8")
+    config = bz.RunConfig(
+        epochs=2,
+        device="cpu",
+        plugins=(),
+        hyperparameters={"batch_size": 32},
+        checkpoint_interval=0,
+    )
+    alone = bz.run(config, base_dir=single)
+    assert [e["step"] for e in ddp] == [3, 6]
+    assert alone.global_step == 6
+    for record, event in zip(alone.history, ddp, strict=True):
+        assert event["training_loss"] == pytest.approx(record.training_loss, rel=1e-5)
+        assert event["validation_loss"] == pytest.approx(record.validation_loss, rel=1e-5)
 
 
 @pytest.mark.slow
