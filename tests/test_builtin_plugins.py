@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from bz.config import MetricSpec, RunConfig
 from bz.plugins import PluginContext
 from bz.plugins.console_out import ConsoleOut, ConsoleOutConfig
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
+from bz.testing import count_host_reads
 
 # -- early_stopping: decisions from a scripted sequence of values ----------------------
 
@@ -141,6 +143,8 @@ def test_console_out_prints_one_summary_line_per_epoch_without_bars_off_a_termin
     )
     assert "\r" not in output
     assert "\x1b" not in output
+    assert "samples/s" not in output
+    assert "ETA" not in output
 
 
 def test_console_out_draws_bars_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,3 +169,146 @@ def test_console_out_bars_can_be_turned_off() -> None:
     output = run_console(FakeTerminal(), bars="never", summary=False)
     assert "█" not in output
     assert "epoch 1/2  loss" not in output
+
+
+# -- console_out: throughput and ETA, on a fake clock ------------------------------------
+
+
+class FakeClock:
+    """``time.perf_counter`` for the plugin: moved by hand, or by ``tick`` per call."""
+
+    def __init__(self, tick: float = 0.0) -> None:
+        self.now = 0.0
+        self.tick = tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+class Ticker:
+    """Listed before console_out: each training batch takes ``seconds`` on the clock."""
+
+    name = "ticker"
+
+    def __init__(self, clock: FakeClock, seconds: float, validation: float = 0.0) -> None:
+        self.clock, self.seconds, self.validation = clock, seconds, validation
+
+    def end_training_batch(self, context: PluginContext) -> None:
+        self.clock.now += self.seconds
+
+    def end_validation_batch(self, context: PluginContext) -> None:
+        self.clock.now += self.validation
+
+
+def bar_lines(seconds: float, validation: float = 0.0, batches: int = 6, **keys: Any) -> list[str]:
+    """Every bar drawn during a 3-epoch run whose batches take ``seconds`` each."""
+    clock = FakeClock()
+    stream = FakeTerminal()
+    plugin = ConsoleOut(
+        ConsoleOutConfig(update_interval=0.0, bars="always"), stream=stream, clock=clock
+    )
+    config = RunConfig(epochs=3, device="cpu", plugins=(), **keys)
+    ticker = Ticker(clock, seconds, validation)
+    bz.Trainer().fit(tiny_setup(batches=batches), config, [ticker, plugin])
+    return [part for part in stream.getvalue().split("\r\x1b[2K") if part.strip()]
+
+
+def bar(lines: list[str], epoch: str, progress: str) -> str:
+    (line,) = [x for x in lines if x.startswith(f"epoch {epoch} ") and f" {progress} " in x]
+    return line
+
+
+@pytest.fixture
+def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
+@pytest.mark.usefixtures("wide_terminal")
+def test_console_out_bars_show_throughput_and_the_time_left() -> None:
+    # 16 samples a batch, 1000 s a batch, 6 batches an epoch, 3 epochs.
+    lines = bar_lines(1000.0)
+    first = bar(lines, "1/3", "1/6")
+    assert "samples/s" not in first  # one batch is not a pace yet
+    third = bar(lines, "1/3", "3/6")
+    assert third.endswith(" 0.02 samples/s ETA 50:00")  # 3 batches left in the epoch
+    assert "run ETA 4:10:00 | train " in third  # 3000 s + 2 epochs of 6000 s
+    assert bar_lines(0.001)[2].endswith(" 16.0k samples/s ETA 00:00")
+
+
+@pytest.mark.usefixtures("wide_terminal")
+def test_console_out_run_eta_counts_the_epochs_left_with_their_validation() -> None:
+    # An epoch: 6 batches of 1000 s and 2 validation batches of 500 s, 7000 s in all.
+    lines = bar_lines(1000.0, validation=500.0)
+    assert "run ETA 4:10:00 |" in bar(lines, "1/3", "3/6")  # not measured yet: 3000 + 12000
+    assert "run ETA 2:46:40 |" in bar(lines, "2/3", "3/6")  # 3000 + 7000
+    assert "run ETA 00:00 | train" in bar(lines, "3/3", "6/6")
+
+
+@pytest.mark.usefixtures("wide_terminal")
+def test_console_out_run_eta_respects_max_steps() -> None:
+    lines = bar_lines(1000.0, max_steps=8)
+    assert "run ETA 1:23:20 |" in bar(lines, "1/3", "3/6")  # 5 steps left
+    assert bar(lines, "1/3", "3/6").endswith(" ETA 50:00")  # the epoch's own ETA
+    lines = bar_lines(1000.0, max_steps=4, accumulate_grad_batches=2)
+    assert "run ETA 1:06:40 |" in bar(lines, "1/3", "4/6")  # 2 steps of 2 batches left
+
+
+@pytest.mark.usefixtures("wide_terminal")
+def test_console_out_run_eta_respects_max_time() -> None:
+    # max_time is 10000 s from the start of the session; the loop's own clock is real.
+    lines = bar_lines(1000.0, max_time=10_000)
+    assert "run ETA 2:30:00 |" in bar(lines, "1/3", "1/6")  # known before any pace
+    assert "run ETA 1:56:40 |" in bar(lines, "1/3", "3/6")  # sooner than the epochs' 4:10:00
+
+
+@pytest.mark.usefixtures("wide_terminal")
+def test_console_out_paces_a_resumed_epoch_from_its_own_batches() -> None:
+    # Resumed after 4 of 10 batches: counts start above 0 and the skipped batches took
+    # no training time here.
+    context = PluginContext(epochs=2)
+    context.run_config = RunConfig(epochs=2, device="cpu", plugins=())
+    context.training_batches_per_epoch = 10
+    clock = FakeClock()
+    stream = FakeTerminal()
+    plugin = ConsoleOut(
+        ConsoleOutConfig(update_interval=0.0, bars="always"), stream=stream, clock=clock
+    )
+    plugin.start_training_session(context)
+    plugin.start_epoch(context)
+    clock.now = 50.0  # creating the iterator and skipping the 4 batches
+    for done in (5, 6, 7):
+        context.training_batch_count = done
+        context.training_sample_count = 16 * done
+        plugin.end_training_batch(context)
+        clock.now += 2.0
+    line = stream.getvalue().split("\r\x1b[2K")[-1]
+    assert line.endswith(" 7/10 loss 0.0000 54.0s 8.00 samples/s ETA 00:06")
+    assert "run ETA 00:26 |" in line  # 6 s + one epoch of 10 batches of 2 s
+
+
+def test_console_out_fits_the_bars_to_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = bar_lines(1000.0, max_time=10_000)
+    assert all(len(line) < 80 for line in lines if not line.endswith("\n"))
+    # The bars and the elapsed time go before the throughput and ETAs.
+    line = bar(lines, "1/3", "3/6")
+    assert line.startswith("epoch 1/3 run ETA 1:56:40 | train 3/6 loss ")
+    assert line.endswith(" 0.02 samples/s ETA 50:00")
+
+
+def console_reads(batches: int) -> Counter[str]:
+    clock = FakeClock(tick=1e-6)  # every redraw after the first waits for update_interval
+    stream = FakeTerminal()
+    plugin = ConsoleOut(ConsoleOutConfig(bars="always"), stream=stream, clock=clock)
+    config = RunConfig(epochs=2, device="cpu", plugins=(), max_steps=1000, max_time=1000)
+    counter: Counter[str] = Counter()
+    with count_host_reads(counter):
+        bz.Trainer().fit(tiny_setup(batches=batches), config, [plugin])
+    assert "samples/s" in stream.getvalue()
+    assert "run ETA" in stream.getvalue()
+    return counter
+
+
+def test_console_out_bars_read_nothing_from_the_device_per_step() -> None:
+    assert console_reads(8) == console_reads(16)
