@@ -38,13 +38,15 @@ class Plugin(Protocol):
 
     @property
     def logger(self) -> FilteringBoundLogger:
-        """A structlog logger bound to ``plugin=<name>``."""
-        import structlog  # here, not at the top: `bz --help` should not pay for it
+        """A structlog-style logger bound to ``plugin=<name>`` (see :func:`plugin_logger`).
 
-        bound: FilteringBoundLogger = structlog.get_logger("bz.plugin").bind(
-            plugin=getattr(self, "name", type(self).__name__)
-        )
-        return bound
+        Events follow the host: its structlog processors, else stdlib records on
+        ``bz.plugin.<name>``.
+        """
+        # Imported here, not at the top: `bz --help` should not pay for structlog.
+        from bz._logging import plugin_logger
+
+        return plugin_logger(self)
 
     def start_training_session(self, context: PluginContext) -> None:
         """Once, before the first epoch."""

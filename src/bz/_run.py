@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from bz._errors import ConfigError, UsageError
+from bz._logging import get_logger
 from bz.config import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_FILE,
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
     from bz.training.evaluate import Evaluation
     from bz.training.result import FitResult
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 
 
 def resolve_config(

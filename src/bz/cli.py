@@ -439,7 +439,8 @@ def _print_plugin(d: PluginDescription) -> None:
         click.echo("  options:")
         for field in d.options:
             default = "required" if field.required else f"default {json.dumps(field.default)}"
-            click.echo(f"    {field.name}: {field.type} ({default})")
+            allowed = f"; {field.constraints}" if field.constraints else ""
+            click.echo(f"    {field.name}: {field.type} ({default}{allowed})")
             if field.doc:
                 click.echo(f"        {field.doc}")
 
@@ -464,7 +465,13 @@ def list_metrics(verbose: bool, as_json: bool) -> None:
                 "version": info.version,
                 "summary": info.summary,
                 "options": [
-                    {"name": o.name, "type": o.type, "default": o.default, "doc": o.doc}
+                    {
+                        "name": o.name,
+                        "type": o.type,
+                        "default": o.default,
+                        "doc": o.doc,
+                        "constraints": o.constraints,
+                    }
                     for o in info.options
                 ],
                 "error": info.error,
@@ -484,7 +491,8 @@ def list_metrics(verbose: bool, as_json: bool) -> None:
         click.echo(f"    from: {origin} ({info.source})")
         for option in info.options:
             default = "required" if option.required else f"default {option.default}"
-            click.echo(f"    {option.name}: {option.type} ({default})")
+            allowed = f"; {option.constraints}" if option.constraints else ""
+            click.echo(f"    {option.name}: {option.type} ({default}{allowed})")
             if option.doc:
                 click.echo(textwrap.indent(option.doc, " " * 8))
 

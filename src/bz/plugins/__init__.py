@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from bz._context import PluginContext
 from bz._hooks import HOOK_NAMES, HOOKS, HookSpec
+from bz._logging import plugin_logger
+from bz._order import Order
 from bz._plugin import NamedPlugin, Plugin, StatefulPlugin
 from bz._typing import ConfiguredPluginClass, CreatingPluginClass, HookMethod, hook
 
@@ -20,8 +22,10 @@ __all__ = [
     "HookMethod",
     "HookSpec",
     "NamedPlugin",
+    "Order",
     "Plugin",
     "PluginContext",
     "StatefulPlugin",
     "hook",
+    "plugin_logger",
 ]
