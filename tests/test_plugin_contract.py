@@ -293,7 +293,10 @@ def test_a_plugin_declared_after_early_stopping_sees_its_decision() -> None:
         def end_epoch(self, context: PluginContext) -> None:
             decisions.append(context.should_stop_training)
 
-    specs = [{"reporter": {}}, {"early_stopping": {"patience": 1, "min_delta": 100.0}}]
+    specs: list[dict[str, dict[str, Any]]] = [
+        {"reporter": {}},
+        {"early_stopping": {"patience": 1, "min_delta": 100.0}},
+    ]
     config = RunConfig(epochs=5, plugins=specs)
     plugins = load_plugins(config.plugins, config, registry={"reporter": Reporter})
     assert plugins.active_names == ["early_stopping", "reporter"]

@@ -14,7 +14,7 @@ import signal
 import sys
 import textwrap
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,8 +168,6 @@ def train(
     (143).
     """
     from bz import _logging
-    from bz._run import run
-    from bz.training.interrupts import TrainingInterrupted
 
     if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
@@ -182,20 +180,74 @@ def train(
         import structlog
 
         structlog.contextvars.bind_contextvars(rank=rank)
+    with _outcome_line(log_format == "json"):
+        _train(
+            config_path,
+            assignments,
+            {
+                "epochs": epochs,
+                "device": device,
+                "seed": seed,
+                "compile": compile_model,
+                "checkpoint_interval": checkpoint_interval,
+                # A folder typed on the command line is relative to where the user is.
+                "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
+                "resume": resume,
+                "plugin_errors": "raise" if strict_plugins else None,
+            },
+            log_format,
+            show_traceback,
+            rank,
+        )
+
+
+@contextlib.contextmanager
+def _outcome_line(enabled: bool) -> Iterator[None]:
+    """With ``--log-format json``, end stdout with one ``exit`` event whatever happens.
+
+    The event carries ``exit_code`` and, for a failure, ``error`` (the same text as the
+    one-line message on stderr), so a program reading the stream never has to guess
+    from a missing line or the process status alone.
+    """
+    if not enabled:
+        yield
+        return
+    from bz._logging import get_logger
+
+    log = get_logger("bz")
+    try:
+        yield
+    except BzError as exc:
+        log.error("exit", exit_code=exc.exit_code, error=str(exc) or type(exc).__name__)
+        raise
+    except click.exceptions.Exit as exc:  # interrupted: 130 / 143
+        log.warning("exit", exit_code=exc.exit_code, error="interrupted")
+        raise
+    except click.ClickException as exc:  # a bad --set
+        log.error("exit", exit_code=exc.exit_code, error=exc.format_message())
+        raise
+    except KeyboardInterrupt:
+        log.warning("exit", exit_code=EXIT_INTERRUPTED, error="interrupted")
+        raise
+    log.info("exit", exit_code=0)
+
+
+def _train(
+    config_path: str | None,
+    assignments: Sequence[str],
+    named: dict[str, Any],
+    log_format: str,
+    show_traceback: bool,
+    rank: int,
+) -> None:
+    """``bz train`` once logging is set up: run, then render the outcome."""
+    from bz._errors import TrainingError, training_context
+    from bz._run import run
+    from bz._setup import user_frame
+    from bz.training.interrupts import TrainingInterrupted
+
     overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
-    named = {
-        "epochs": epochs,
-        "device": device,
-        "seed": seed,
-        "compile": compile_model,
-        "checkpoint_interval": checkpoint_interval,
-        # A folder typed on the command line is relative to where the user is.
-        "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
-        "resume": resume,
-    }
     overrides.update({key: value for key, value in named.items() if value is not None})
-    if strict_plugins:
-        overrides["plugin_errors"] = "raise"
     try:
         result = run(config_path, overrides=overrides)
     except BzError as exc:
@@ -208,6 +260,11 @@ def train(
             click.echo(f"bz: interrupted{saved if exc.checkpoint else ''}", err=True)
         # The shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
         raise click.exceptions.Exit(128 + exc.signal.value) from None
+    except Exception as exc:  # the user's own exception, which bz.run lets through as itself
+        if show_traceback:
+            traceback.print_exception(exc, file=sys.stderr)
+        summary = training_context(exc) or "training failed"
+        raise TrainingError(f"{summary}: {user_frame(exc)}") from exc
     if result.already_complete:
         click.echo(
             f"bz: nothing to train: this run already finished {result.epochs_completed} "

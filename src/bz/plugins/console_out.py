@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 import attrs
 
 from bz.config import at_least
+from bz.plugins import ConfiguredPluginClass, hook
 
 if TYPE_CHECKING:
     from bz._context import PluginContext
@@ -85,6 +86,7 @@ class ConsoleOut:
         """Where output goes (stderr unless given), looked up late so tests can swap it."""
         return self._stream or sys.stderr
 
+    @hook
     def start_training_session(self, context: PluginContext) -> None:
         """Decide once whether to draw bars and use colour."""
         stream = self.stream
@@ -92,11 +94,13 @@ class ConsoleOut:
         self._bars = mode == "always" or (mode == "auto" and stream.isatty())
         self._color = _use_color(stream)
 
+    @hook
     def start_epoch(self, context: PluginContext) -> None:
         """Start the epoch's clock."""
         self._epoch_started = time.monotonic()
         self._last_draw = 0.0
 
+    @hook
     def end_training_batch(self, context: PluginContext) -> None:
         """Redraw the bar when ``update_interval`` has passed."""
         if self._bars:
@@ -104,6 +108,7 @@ class ConsoleOut:
                 context, "train", context.training_batch_count, context.training_batches_per_epoch
             )
 
+    @hook
     def end_validation_batch(self, context: PluginContext) -> None:
         """Redraw the bar during validation too."""
         if self._bars:
@@ -150,6 +155,7 @@ class ConsoleOut:
             self.stream.write("\r\x1b[2K")
             self._drawn = False
 
+    @hook
     def end_epoch(self, context: PluginContext) -> None:
         """Replace the bar with the epoch's summary line."""
         self._clear()
@@ -168,12 +174,19 @@ class ConsoleOut:
             line = f"\x1b[1m{parts[0]}\x1b[0m" + line[len(parts[0]) :]
         print(line, file=self.stream, flush=True)
 
+    @hook
     def end_training_session(self, context: PluginContext) -> None:
         """Leave the terminal clean."""
         self._clear()
         self.stream.flush()
 
+    @hook
     def on_exception(self, context: PluginContext) -> None:
         """Do not leave half a bar behind an error message."""
         self._clear()
         self.stream.flush()
+
+
+# The contract the plugin guide asks of every plugin, checked by mypy: the loader
+# builds it as ConsoleOut(ConsoleOutConfig(**options)).
+_: ConfiguredPluginClass[ConsoleOutConfig] = ConsoleOut
