@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, TypeVar, cast, overload
 
 import attrs
+import structlog
 import torch
-
-from bz._logging import get_logger
 
 if TYPE_CHECKING:
     from bz._context import PluginContext
@@ -53,7 +52,7 @@ FINAL_MODEL = "model.pt"
 ``end_training_session`` (where ``early_stopping`` puts the best epoch's weights back),
 so not always those of the last checkpoint, which keeps the state training resumes from."""
 
-_log = get_logger("bz")
+_log = structlog.get_logger("bz")
 
 
 class RngStates(TypedDict):
