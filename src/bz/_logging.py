@@ -122,8 +122,11 @@ def plugin_logger(plugin: object) -> FilteringBoundLogger:
 
 # Events the command line renders itself in console mode (as a table, not a log line).
 # (console_out shows epochs; the plugin summary is printed as a table; the last
-# checkpoint is named once at the end instead of after every epoch.)
-_RENDERED_BY_CLI = frozenset({"plugin_summary", "epoch_finished", "checkpoint_saved"})
+# checkpoint is named once at the end instead of after every epoch; the run's start and
+# end are `training_started` and the closing `bz: trained ...` / `bz: error: ...` line.)
+_RENDERED_BY_CLI = frozenset(
+    {"plugin_summary", "epoch_finished", "checkpoint_saved", "run_started", "run_finished"}
+)
 
 
 def _drop_rendered_by_cli(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
