@@ -8,6 +8,7 @@ drives it through the commands a user runs: ``bz train``, ``check-config``,
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,58 @@ def test_a_misspelled_hook_quarantines_the_plugin_in_a_real_run() -> None:
     (report,) = result.plugins
     assert report.fault is not None
     assert "did you mean end_epoch" in report.fault.error
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (
+            {"every": 1, "mode": "l3"},
+            "plugins[0].grad_norm.mode: must be in ['l1', 'l2'] (got 'l3')",
+        ),
+        ({"every": 1, "tag": "a long tag"}, "plugins[0].grad_norm.tag: length must be <= 8: 10"),
+        ({"every": 1, "scale": 10}, "plugins[0].grad_norm.scale: must be < 10: 10.0"),
+    ],
+)
+def test_every_attrs_validator_error_is_one_line_with_its_path(
+    gradnorm: Packages, options: dict[str, Any], expected: str
+) -> None:
+    config = RunConfig(plugins=[{"grad_norm": options}])
+    with pytest.raises(bz.ConfigError) as raised:
+        load_plugins(config.plugins, config)
+    assert str(raised.value) == expected
+
+
+# -- 13: bz's own plugins are written as the guide asks -------------------------------------
+
+
+def _builtin_plugin_classes() -> list[type]:
+    from bz._loader import discover, load_factory
+
+    sources = discover().sources.values()
+    return [load_factory(s) for s in sources if s.distribution == "bz-cli"]
+
+
+def test_every_builtin_hook_is_marked_and_every_class_declares_its_contract() -> None:
+    import importlib
+
+    from structlog.typing import FilteringBoundLogger
+
+    from bz._catalog import class_hooks
+    from bz._typing import HOOK_MARKER
+
+    classes = _builtin_plugin_classes()
+    assert len(classes) >= 7
+    for cls in classes:
+        for name in class_hooks(cls):
+            assert getattr(getattr(cls, name), HOOK_MARKER, False), f"{cls.__name__}.{name}"
+        module = importlib.import_module(cls.__module__)
+        assert getattr(module, "_", None) is cls, f"{cls.__module__}: no ConfiguredPluginClass"
+        logger = getattr(cls, "logger", None)
+        if isinstance(logger, property):
+            assert logger.fget is not None
+            hints = typing.get_type_hints(
+                logger.fget, vars(module) | {"FilteringBoundLogger": FilteringBoundLogger}
+            )
+            assert hints["return"] is FilteringBoundLogger, cls
+        assert not hasattr(cls, "_logger"), f"{cls.__name__} keeps an untyped _logger()"

@@ -456,7 +456,7 @@ def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
             yield (_join(path, sub_path) if sub_path else path), message
     elif isinstance(exc, ConfigValueError):
         yield _join(path, exc.field), exc.message
-    elif isinstance(exc, ValueError) and (match := _ATTRS_VALIDATOR.match(str(exc))):
+    elif isinstance(exc, ValueError) and (match := _attrs_validator_message(exc)):
         # attrs.validators word their errors "'field' must be ...": give the field a path.
         yield _join(path, match["field"]), match["message"]
     else:
@@ -464,6 +464,21 @@ def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
 
 
 _ATTRS_VALIDATOR = re.compile(r"^'(?P<field>\w+)' (?P<message>.+)$", re.DOTALL)
+# min_len / max_len: "Length of 'tag' must be <= 8: 11".
+_ATTRS_LENGTH = re.compile(r"^Length of '(?P<field>\w+)' (?P<message>.+)$", re.DOTALL)
+
+
+def _attrs_validator_message(exc: ValueError) -> dict[str, str] | None:
+    """``field`` and ``message`` of an attrs validator's error, if it is one."""
+    # in_ passes (message, attribute, options, value) as arguments: the text is the first.
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    match = _ATTRS_VALIDATOR.match(text)
+    if match is None:
+        match = _ATTRS_LENGTH.match(text)
+        if match is not None:
+            return {"field": match["field"], "message": f"length {match['message']}"}
+        return None
+    return {"field": match["field"], "message": match["message"]}
 
 
 def structure(data: Any, cls: type[T], path: str = "") -> T:
