@@ -58,23 +58,27 @@ _STDLIB_PROCESSORS = [structlog.stdlib.filter_by_level, _to_record]
 class _HostLogger:
     """A structlog-style logger that picks the host's route on every call (see module doc)."""
 
-    __slots__ = ("_context", "_name")
+    __slots__ = ("_context", "_name", "_stdlib")
 
     def __init__(self, name: str, context: Mapping[str, Any]) -> None:
         self._name = name
         self._context = dict(context)
+        self._stdlib: Any = None
+        """The stdlib route, built once: it depends on nothing the host can change."""
 
     def _resolve(self) -> Any:
         if structlog.is_configured():
             logger = structlog.get_logger(self._name)
-        else:
-            logger = structlog.wrap_logger(
+            return logger.bind(**self._context) if self._context else logger
+        if self._stdlib is None:
+            self._stdlib = structlog.wrap_logger(
                 logging.getLogger(self._name),
                 processors=_STDLIB_PROCESSORS,
                 wrapper_class=structlog.stdlib.BoundLogger,
                 context_class=dict,
+                **self._context,
             )
-        return logger.bind(**self._context) if self._context else logger
+        return self._stdlib
 
     def bind(self, **values: Any) -> _HostLogger:
         """A logger whose events also carry ``values``."""
