@@ -61,7 +61,7 @@ def test_step_lines_every_n_steps_only_when_asked(tmp_path: Path) -> None:
 def test_failed_run_ends_with_a_failed_line(tmp_path: Path) -> None:
     setup = fails_in_second_epoch()
     plugin = RunLog(RunLogConfig(log_dir=str(tmp_path)))
-    with pytest.raises(bz.TrainingError):
+    with pytest.raises(RuntimeError, match="boom"):  # the user's error, as itself
         bz.Trainer().fit(setup, run_config(epochs=3), [plugin])
 
     lines = read_jsonl(tmp_path / "run_log.jsonl")

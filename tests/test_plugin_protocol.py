@@ -91,8 +91,12 @@ def test_context_is_constructible_without_arguments() -> None:
     assert context.should_stop_training is False
 
 
-def test_near_miss_method_names_are_warned_about(events: Events) -> None:
-    class Typo:
+@pytest.mark.parametrize("subclass", [False, True], ids=["structural", "Plugin subclass"])
+def test_a_misspelled_hook_is_a_load_fault_not_a_silent_no_op(
+    events: Events, subclass: bool
+) -> None:
+    # Before: a warning, and the plugin was loaded doing nothing at all.
+    class Typo(Plugin if subclass else object):  # type: ignore[misc]  # base chosen per case
         name = "typo"
 
         def end_epcoh(self, context: PluginContext) -> None:
@@ -102,9 +106,14 @@ def test_near_miss_method_names_are_warned_about(events: Events) -> None:
             pass
 
     assert near_miss_hooks(Typo()) == [("end_epcoh", "end_epoch")]
-    load_plugins([PluginSpec("typo")], CONFIG, registry={"typo": Typo})
-    (warning,) = [e for e in events if e["event"] == "plugin_method_not_a_hook"]
-    assert warning["hint"] == "end_epcoh is not a hook; did you mean end_epoch?"
+    plugins = load_plugins([PluginSpec("typo")], CONFIG, registry={"typo": Typo})
+    assert plugins.active_names == []
+    (fault,) = plugins.faults
+    assert fault.stage == "load"
+    assert "end_epcoh is not a hook (did you mean end_epoch?)" in fault.error
+    assert [e["plugin"] for e in events if e["event"] == "plugin_failed"] == ["typo"]
+    with pytest.raises(bz.PluginFailure, match="did you mean end_epoch"):
+        load_plugins([PluginSpec("typo")], CONFIG, registry={"typo": Typo}, policy="raise")
 
 
 def test_hooks_with_wrong_signatures_are_rejected_at_load(

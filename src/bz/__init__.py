@@ -14,8 +14,9 @@ from bz.config import RunConfig, load_config
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from bz._order import OrderCycleError
     from bz._run import run
-    from bz._sandbox import PluginFault, PluginReport, PluginSet
+    from bz._sandbox import PluginFailure, PluginFault, PluginReport, PluginSet
     from bz._setup import TrainingSetup
     from bz._tune import tune
     from bz.training.device import seed_everything
@@ -32,6 +33,8 @@ _LAZY = {
     "TrainingSetup": "bz._setup",
     "PluginSet": "bz._sandbox",
     "PluginFault": "bz._sandbox",
+    "PluginFailure": "bz._sandbox",
+    "OrderCycleError": "bz._order",
     "PluginReport": "bz._sandbox",
     "run": "bz._run",
     "tune": "bz._tune",
@@ -58,6 +61,8 @@ __all__ = [
     "ConfigError",
     "EpochRecord",
     "FitResult",
+    "OrderCycleError",
+    "PluginFailure",
     "PluginFault",
     "PluginReport",
     "PluginSet",

@@ -12,12 +12,14 @@ from typing import Any
 
 import attrs
 
+from bz._constraints import describe_constraints, validator_schema
 from bz._docstrings import attribute_docs
 from bz._hooks import HOOK_NAMES
 from bz._loader import (
     Discovery,
     PluginSource,
     config_class,
+    default_problem,
     discover,
     duplicate_message,
     load_factory,
@@ -36,6 +38,8 @@ class ConfigField:
     default: Any
     required: bool
     doc: str
+    constraints: str = ""
+    """What the field's validators allow, e.g. ``>= 1`` or ``one of "a", "b"``."""
 
 
 @attrs.frozen
@@ -105,13 +109,15 @@ def config_schema(cls: type) -> tuple[ConfigField, ...]:
         default = field.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # a class at runtime
             default = default.factory()
+        annotation = hints.get(field.name, field.type)
         fields.append(
             ConfigField(
                 name=field.name,
-                type=_type_name(hints.get(field.name, field.type)),
+                type=_type_name(annotation),
                 default=None if required else _json_value(default),
                 required=required,
                 doc=docs.get(field.name, ""),
+                constraints=describe_constraints(validator_schema(field.validator, annotation)),
             )
         )
     return tuple(fields)
@@ -182,10 +188,17 @@ def describe(source: PluginSource, *, load: bool) -> PluginDescription:
     options: tuple[ConfigField, ...] | None
     options_from: str | None
     if config_cls is not None:
+        # What the loader would refuse, shown before anyone trains with it.
+        problem = default_problem(config_cls)
+        if problem is not None:
+            return attrs.evolve(base, error=f"BadDefaultError: {problem}")
         options, options_from = config_schema(config_cls), "Config"
-    else:
+    elif callable(getattr(factory, "create", None)):
         options = loaded_config_schema(factory)
         options_from = "load_config" if options is not None else None
+    else:
+        # No Config and no create: the loader refuses every option.
+        options, options_from = (), None
     return attrs.evolve(
         base,
         summary=_summary(factory),

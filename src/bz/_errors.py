@@ -1,7 +1,13 @@
-"""The errors bz reports to people, and the exit code each one means."""
+"""The errors bz reports to people, and the exit code each one means.
+
+bz's own failures are these classes (all exported from ``bz``); an exception raised by
+the user's code is not wrapped in one: it keeps its type and gets a note
+(:func:`add_training_context`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 
@@ -46,3 +52,28 @@ class TrainingError(BzError):
     """Training started and failed (exit 1)."""
 
     exit_code = 1
+
+
+# -- exceptions from the user's code ---------------------------------------------------------
+
+_CONTEXT_ATTRIBUTE = "_bz_failure"
+
+
+def add_training_context(exc: BaseException, *, epoch: int, step: int, where: str) -> None:
+    """Attach where training failed to ``exc`` without changing its type.
+
+    An exception raised by the user's code (a ``ValueError`` in the loss, say) leaves
+    ``fit`` as itself, so ``except ValueError`` in the host still catches it; bz adds a
+    PEP 678 note (shown under the traceback) naming the epoch, step and place.
+    """
+    summary = f"training failed at epoch {epoch}, step {step}"
+    exc.add_note(f"bz: {summary} ({where})")
+    # The CLI's one-line rendering reads the summary back; a note is text for people.
+    with contextlib.suppress(AttributeError):  # an exception type that refuses attributes
+        setattr(exc, _CONTEXT_ATTRIBUTE, summary)
+
+
+def training_context(exc: BaseException) -> str | None:
+    """``training failed at epoch E, step S`` when bz attached it to ``exc``, else None."""
+    summary = getattr(exc, _CONTEXT_ATTRIBUTE, None)
+    return summary if isinstance(summary, str) else None

@@ -8,29 +8,39 @@ config structuring, ``create`` — runs inside the sandbox boundary.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
 import attrs
-import structlog
 
 from bz._errors import ConfigError, UsageError
 from bz._hooks import HOOK_NAMES
+from bz._logging import get_logger
+from bz._order import plugin_order, sort_plugins
 from bz._plugin import NamedPlugin, Plugin, StatefulPlugin
 from bz._sandbox import ErrorPolicy, PluginFault, PluginSet, boundary, describe_exception
 from bz._typing import HOOK_MARKER
-from bz.config import PluginSpec, RunConfig, nearest, structure
+from bz.config import (
+    PluginSpec,
+    RunConfig,
+    converter,
+    input_error_types,
+    nearest,
+    structure,
+    unstructure,
+)
 
 ENTRY_POINT_GROUP = "bz.plugins"
 BUILTIN_DISTRIBUTION = "bz-cli"
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 
 # Attributes a plugin class may have that are not hooks (never "near misses").
 _NOT_HOOKS = frozenset(
     {"name", "logger", "state_dict", "load_state_dict", "Config", "config", "create"}
-    | {"load_config", "rank_zero_only"}
+    | {"load_config", "rank_zero_only", "order", "every_rank"}
 )
 
 
@@ -229,15 +239,15 @@ def check_plugin(name: str, plugin: object) -> tuple[str, ...]:
     hooks = implemented_hooks(plugin)
     problems = [p for hook in hooks if (p := signature_problem(plugin, hook)) is not None]
     problems.extend(misplaced_hook_marks(plugin))
+    # A misspelled hook would never be called: the plugin would silently do nothing.
+    problems.extend(
+        f"{method} is not a hook (did you mean {hook}?); rename it, or start its name "
+        "with _ if it is a helper"
+        for method, hook in near_miss_hooks(plugin)
+    )
     if problems:
         raise TypeError("; ".join(problems))
-    for method, hook in near_miss_hooks(plugin):
-        _log.warning(
-            "plugin_method_not_a_hook",
-            plugin=name,
-            method=method,
-            hint=f"{method} is not a hook; did you mean {hook}?",
-        )
+    plugin_order(plugin)  # a malformed `order` is the plugin's fault, found at load
     if plugin.name != name:
         _log.warning(
             "plugin_name_mismatch",
@@ -269,14 +279,17 @@ def _create(
     config_cls = config_class(factory)
     if config_cls is not None:
         with boundary(spec.name, "config", policy, faults):
-            config: object = structure(options, config_cls, spec.path)
+            check_defaults(config_cls)
+            config: object = structure(options, config_cls, options_path(spec))
             with boundary(spec.name, "create", policy, faults):
                 plugin: NamedPlugin = factory(config)
                 return plugin
         return None
     if options:
         keys = ", ".join(sorted(options))
-        raise ConfigError([(spec.path, f"plugin {spec.name!r} takes no options (got {keys})")])
+        raise ConfigError(
+            [(options_path(spec), f"plugin {spec.name!r} takes no options (got {keys})")]
+        )
     with boundary(spec.name, "create", policy, faults):
         made: NamedPlugin = factory()
         return made
@@ -335,7 +348,7 @@ def load_plugins(
             continue
         with boundary(spec.name, "load", policy, faults):
             loaded.append((plugin, check_plugin(spec.name, plugin)))
-    return PluginSet(loaded, policy, faults)
+    return PluginSet(in_run_order(loaded), policy, faults)
 
 
 class PluginImportError(ImportError):
@@ -416,4 +429,75 @@ def plugin_set(plugins: Sequence[NamedPlugin], policy: ErrorPolicy = "isolate") 
         raise UsageError(
             f"two plugins share a name: {sorted(n for n in names if names.count(n) > 1)}"
         )
-    return PluginSet(loaded, policy, faults)
+    return PluginSet(in_run_order(loaded), policy, faults)
+
+
+def in_run_order(
+    loaded: Sequence[tuple[NamedPlugin, tuple[str, ...]]],
+) -> list[tuple[NamedPlugin, tuple[str, ...]]]:
+    """Loaded plugins sorted by their ``order`` declarations (see :mod:`bz._order`).
+
+    Sorted here, before the :class:`PluginSet` is built, so dispatch stays a plain
+    precomputed list. A cycle raises :class:`bz.OrderCycleError` (exit 2).
+    """
+    return sort_plugins(
+        loaded, [plugin.name for plugin, _ in loaded], [plugin_order(p) for p, _ in loaded]
+    )
+
+
+def options_path(spec: PluginSpec) -> str:
+    """Where a plugin's options sit, plugin name included: ``plugins[0].gradnorm``.
+
+    A plugin listed as a plain string has no options object in the file; errors about
+    its options still name it, so the path says which plugin to give options to.
+    """
+    if not spec.path:
+        return spec.name
+    return spec.path if spec.path.endswith(f".{spec.name}") else f"{spec.path}.{spec.name}"
+
+
+class BadDefaultError(TypeError):
+    """A plugin's config class has a default its own field type refuses."""
+
+
+def check_defaults(cls: type) -> None:
+    """Pass every default of an attrs config class through bz's converter.
+
+    cattrs never structures a default, so ``every: int = "10"`` would reach the plugin
+    as a string and fail later, blamed on a hook. Raises :class:`BadDefaultError`
+    naming the class and field.
+    """
+    problem = default_problem(cls)
+    if problem is not None:
+        raise BadDefaultError(problem)
+
+
+def default_problem(cls: type) -> str | None:
+    """Why a default of ``cls`` does not fit its field's type, or None."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an unresolvable annotation: nothing to check against
+        hints = {}
+    for field in attrs.fields(cls):
+        default: Any = field.default
+        if default is attrs.NOTHING:
+            continue
+        factory = getattr(default, "factory", None)
+        if callable(factory):
+            if getattr(default, "takes_self", False):
+                continue
+            default = factory()
+        annotation = hints.get(field.name, field.type)
+        if annotation is None:
+            continue
+        try:
+            converter.structure(unstructure(default), annotation)
+        except input_error_types() as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return (
+                f"{cls.__qualname__}.{field.name}: default {default!r} does not fit "
+                f"its type: {message}"
+            )
+        except Exception:  # a type bz's converter cannot build: not the default's fault
+            continue
+    return None

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    import torch
     from structlog.typing import FilteringBoundLogger
 
     from bz._context import PluginContext
@@ -38,13 +39,15 @@ class Plugin(Protocol):
 
     @property
     def logger(self) -> FilteringBoundLogger:
-        """A structlog logger bound to ``plugin=<name>``."""
-        import structlog  # here, not at the top: `bz --help` should not pay for it
+        """A structlog-style logger bound to ``plugin=<name>`` (see :func:`plugin_logger`).
 
-        bound: FilteringBoundLogger = structlog.get_logger("bz.plugin").bind(
-            plugin=getattr(self, "name", type(self).__name__)
-        )
-        return bound
+        Events follow the host: its structlog processors, else stdlib records on
+        ``bz.plugin.<name>``.
+        """
+        # Imported here, not at the top: `bz --help` should not pay for structlog.
+        from bz._logging import plugin_logger
+
+        return plugin_logger(self)
 
     def start_training_session(self, context: PluginContext) -> None:
         """Once, before the first epoch."""
@@ -139,3 +142,56 @@ class StatefulPlugin(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
         ...
+
+
+# -- typed access to what the training hooks can rely on ----------------------------------
+#
+# PluginContext types `model`, `optimizer`, `device` and `last_loss` as optional because a
+# context exists before training and in tests. From `start_training_session` to
+# `end_training_session` the loop always sets the first three, and `last_loss` once a
+# training batch has ended; these accessors say so to mypy and fail with a clear message
+# when called elsewhere.
+
+
+class ContextNotReady(RuntimeError):
+    """A context value read where the loop does not set it (e.g. outside training)."""
+
+
+def _require(context: PluginContext, attribute: str, where: str) -> Any:
+    value = getattr(context, attribute)
+    if value is None:
+        raise ContextNotReady(f"context.{attribute} is not set here; it is set {where}")
+    return value
+
+
+def model_of(context: PluginContext) -> torch.nn.Module:
+    """``context.model``, typed as set: it is, in every hook from
+    ``start_training_session`` to ``end_training_session`` (the unwrapped model, not DDP's
+    wrapper)."""
+    model: torch.nn.Module = _require(context, "model", "in every training hook")
+    return model
+
+
+def optimizer_of(context: PluginContext) -> torch.optim.Optimizer:
+    """``context.optimizer``, typed as set (every training hook)."""
+    optimizer: torch.optim.Optimizer = _require(context, "optimizer", "in every training hook")
+    return optimizer
+
+
+def device_of(context: PluginContext) -> torch.device:
+    """``context.device``, typed as set (every training hook)."""
+    device: torch.device = _require(context, "device", "in every training hook")
+    return device
+
+
+def loss_of(context: PluginContext) -> torch.Tensor:
+    """The loss of the last finished training batch (``context.last_loss``), a detached
+    device tensor: reading it costs no host sync until you call ``.item()``.
+
+    In ``end_training_batch`` it is the batch just trained; in the batch's earlier hooks
+    it is still the previous batch's (unset before the first batch ends), just as
+    ``context.global_step`` counts optimizer steps *finished*: 0 in the first batch's
+    ``after_backward``, 1 in its ``end_training_batch``.
+    """
+    loss: torch.Tensor = _require(context, "last_loss", "once the first training batch ends")
+    return loss

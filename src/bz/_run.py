@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from bz._errors import ConfigError, UsageError
+from bz._logging import get_logger
 from bz.config import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_FILE,
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from bz.training.evaluate import Evaluation
     from bz.training.result import FitResult
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 
 
 def resolve_config(
@@ -88,6 +88,26 @@ def config_and_base(
     return run_config, Path(base_dir) if base_dir is not None else base
 
 
+@contextlib.contextmanager
+def _attributed_to(source: str | None) -> Iterator[None]:
+    """Name ``source`` in the ConfigErrors raised inside (unless they name a file)."""
+    try:
+        yield
+    except ConfigError as exc:
+        if source is None or exc.source is not None:
+            raise
+        raise exc.with_source(source) from None
+
+
+def config_source(config: RunConfig | str | os.PathLike[str] | None) -> str | None:
+    """The file a configuration was read from (None: built in code, or the defaults)."""
+    if isinstance(config, RunConfig):
+        return None
+    file = find_config_file(config)
+    explicit = config is not None or bool(os.environ.get(CONFIG_ENV_VAR))
+    return str(file) if file.exists() or explicit else None
+
+
 def run(
     config: RunConfig | str | os.PathLike[str] | None = None,
     *,
@@ -119,11 +139,15 @@ def run(
     if smoke:
         run_config = run_config.with_overrides(**SMOKE_OVERRIDES)
 
-    # Everything the config names is checked before the user's code runs.
-    metrics = build_metrics(run_config.metrics)
+    # Everything the config names is checked before the user's code runs; problems in
+    # plugin and metric options name the file, as `bz check-config` does.
+    source = config_source(config)
+    with _attributed_to(source):
+        metrics = build_metrics(run_config.metrics)
     script = base / run_config.train_script
     setup_function = load_setup_function(script)
-    plugins = load_plugins(run_config.plugins, run_config)
+    with _attributed_to(source):
+        plugins = load_plugins(run_config.plugins, run_config)
     check_config_precision(run_config)
     if run_config.seed is not None:
         seed_everything(run_config.seed)

@@ -14,7 +14,6 @@ bz hands those options to the plugin unchecked.
 from __future__ import annotations
 
 import json
-import re
 import types
 import typing
 from collections.abc import Mapping
@@ -24,10 +23,16 @@ from typing import Any, Literal, Union
 import attrs
 import click
 
+from bz._constraints import validator_schema
 from bz._docstrings import attribute_docs
 from bz.config import MetricSpec, PluginSpec, RunConfig, Seconds, unstructure
 
-__all__ = ["SCHEMA_DIALECT", "bzconfig_schema", "config_schema", "type_schema"]
+__all__ = [
+    "SCHEMA_DIALECT",
+    "bzconfig_schema",
+    "config_schema",
+    "type_schema",
+]
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -90,8 +95,9 @@ def attrs_schema(
     properties: dict[str, dict[str, Any]] = dict(extra or {})
     required = []
     for field in attrs.fields(cls):
-        schema = type_schema(hints.get(field.name, field.type))
-        schema.update(_bounds(field.validator))
+        annotation = hints.get(field.name, field.type)
+        schema = type_schema(annotation)
+        schema.update(validator_schema(field.validator, annotation))
         if docs.get(field.name):
             schema["description"] = docs[field.name]
         if field.default is attrs.NOTHING:
@@ -136,28 +142,6 @@ def _default(default: Any) -> Any:
     except (TypeError, ValueError):
         return _UNKNOWN
     return value
-
-
-_BOUND = re.compile(r"(at_least|between)\.<locals>\.check")
-
-
-def _bounds(validator: object) -> dict[str, Any]:
-    """``minimum`` / ``maximum`` from bz's own range validators (``at_least``, ``between``)."""
-    validators = getattr(validator, "_validators", None) or [validator]
-    found: dict[str, Any] = {}
-    for candidate in validators:
-        match = _BOUND.fullmatch(getattr(candidate, "__qualname__", ""))
-        cells = getattr(candidate, "__closure__", None)
-        if match is None or not cells:
-            continue
-        free = dict(
-            zip(candidate.__code__.co_freevars, (c.cell_contents for c in cells), strict=True)
-        )
-        if match.group(1) == "at_least":
-            found["minimum"] = free["minimum"]
-        else:
-            found["minimum"], found["maximum"] = free["low"], free["high"]
-    return found
 
 
 # -- plugins and metrics -------------------------------------------------------------------

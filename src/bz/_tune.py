@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import click
-import structlog
 
 from bz._errors import BzError, ConfigError, TrainingError, UsageError
+from bz._logging import get_logger
 from bz.config import RunConfig, find_config_file, structure, unstructure
 from bz.plugins._run_dir import RUNS_ROOT, run_dir_hint
 from bz.plugins.optuna_search import (
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from bz._sandbox import ErrorPolicy
     from bz.training.result import EpochRecord, FitResult
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 
 PLUGIN_NAME = "optuna"
 
@@ -248,10 +248,16 @@ def tune(
                 plugin_errors=plugin_errors,
                 base_dir=base,
             )
-        except TrainingError as exc:
+        except UsageError:
+            raise
+        except Exception as exc:
+            # A failed trial: bz's TrainingError, or the user's own exception, which
+            # bz.run lets through as itself. Either way the study goes on.
             failures.append(exc)
             _log.warning("trial_failed", trial=trial.number, error=str(exc))
-            raise
+            if isinstance(exc, TrainingError):
+                raise
+            raise TrainingError(f"trial {trial.number} failed: {exc}") from exc
         finally:
             current_trial.reset(trial_token)
             run_dir_hint.reset(dir_token)

@@ -14,7 +14,7 @@ import signal
 import sys
 import textwrap
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,8 +175,6 @@ def train(
     (143).
     """
     from bz import _logging
-    from bz._run import run
-    from bz.training.interrupts import TrainingInterrupted
 
     if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
@@ -189,20 +187,77 @@ def train(
         import structlog
 
         structlog.contextvars.bind_contextvars(rank=rank)
+    with _outcome_line(log_format == "json"):
+        _train(
+            config_path,
+            assignments,
+            {
+                "epochs": epochs,
+                "device": device,
+                "seed": seed,
+                "compile": compile_model,
+                "checkpoint_interval": checkpoint_interval,
+                # A folder typed on the command line is relative to where the user is.
+                "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
+                "resume": resume,
+                "plugin_errors": "raise" if strict_plugins else None,
+            },
+            log_format,
+            show_traceback,
+            rank,
+            smoke=smoke,
+        )
+
+
+@contextlib.contextmanager
+def _outcome_line(enabled: bool) -> Iterator[None]:
+    """With ``--log-format json``, end stdout with one ``exit`` event whatever happens.
+
+    The event carries ``exit_code`` and, for a failure, ``error`` (the same text as the
+    one-line message on stderr), so a program reading the stream never has to guess
+    from a missing line or the process status alone.
+    """
+    if not enabled:
+        yield
+        return
+    from bz._logging import get_logger
+
+    log = get_logger("bz")
+    try:
+        yield
+    except BzError as exc:
+        log.error("exit", exit_code=exc.exit_code, error=str(exc) or type(exc).__name__)
+        raise
+    except click.exceptions.Exit as exc:  # interrupted: 130 / 143
+        log.warning("exit", exit_code=exc.exit_code, error="interrupted")
+        raise
+    except click.ClickException as exc:  # a bad --set
+        log.error("exit", exit_code=exc.exit_code, error=exc.format_message())
+        raise
+    except KeyboardInterrupt:
+        log.warning("exit", exit_code=EXIT_INTERRUPTED, error="interrupted")
+        raise
+    log.info("exit", exit_code=0)
+
+
+def _train(
+    config_path: str | None,
+    assignments: Sequence[str],
+    named: dict[str, Any],
+    log_format: str,
+    show_traceback: bool,
+    rank: int,
+    *,
+    smoke: bool = False,
+) -> None:
+    """``bz train`` once logging is set up: run, then render the outcome."""
+    from bz._errors import TrainingError, training_context
+    from bz._run import run
+    from bz._setup import user_frame
+    from bz.training.interrupts import TrainingInterrupted
+
     overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
-    named = {
-        "epochs": epochs,
-        "device": device,
-        "seed": seed,
-        "compile": compile_model,
-        "checkpoint_interval": checkpoint_interval,
-        # A folder typed on the command line is relative to where the user is.
-        "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
-        "resume": resume,
-    }
     overrides.update({key: value for key, value in named.items() if value is not None})
-    if strict_plugins:
-        overrides["plugin_errors"] = "raise"
     try:
         result = run(config_path, overrides=overrides, smoke=smoke)
     except BzError as exc:
@@ -215,6 +270,11 @@ def train(
             click.echo(f"bz: interrupted{saved if exc.checkpoint else ''}", err=True)
         # The shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
         raise click.exceptions.Exit(128 + exc.signal.value) from None
+    except Exception as exc:  # the user's own exception, which bz.run lets through as itself
+        if show_traceback:
+            traceback.print_exception(exc, file=sys.stderr)
+        summary = training_context(exc) or "training failed"
+        raise TrainingError(f"{summary}: {user_frame(exc)}") from exc
     if result.already_complete:
         longer = "--set max_steps=N" if result.stopped_by == "max_steps" else "--epochs"
         click.echo(
@@ -459,7 +519,8 @@ def _print_plugin(d: PluginDescription) -> None:
         click.echo("  options:")
         for field in d.options:
             default = "required" if field.required else f"default {json.dumps(field.default)}"
-            click.echo(f"    {field.name}: {field.type} ({default})")
+            allowed = f"; {field.constraints}" if field.constraints else ""
+            click.echo(f"    {field.name}: {field.type} ({default}{allowed})")
             if field.doc:
                 click.echo(f"        {field.doc}")
 
@@ -484,7 +545,13 @@ def list_metrics(verbose: bool, as_json: bool) -> None:
                 "version": info.version,
                 "summary": info.summary,
                 "options": [
-                    {"name": o.name, "type": o.type, "default": o.default, "doc": o.doc}
+                    {
+                        "name": o.name,
+                        "type": o.type,
+                        "default": o.default,
+                        "doc": o.doc,
+                        "constraints": o.constraints,
+                    }
                     for o in info.options
                 ],
                 "error": info.error,
@@ -504,7 +571,8 @@ def list_metrics(verbose: bool, as_json: bool) -> None:
         click.echo(f"    from: {origin} ({info.source})")
         for option in info.options:
             default = "required" if option.required else f"default {option.default}"
-            click.echo(f"    {option.name}: {option.type} ({default})")
+            allowed = f"; {option.constraints}" if option.constraints else ""
+            click.echo(f"    {option.name}: {option.type} ({default}{allowed})")
             if option.doc:
                 click.echo(textwrap.indent(option.doc, " " * 8))
 

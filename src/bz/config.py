@@ -44,7 +44,9 @@ __all__ = [
     "converter",
     "find_config_file",
     "load_config",
+    "metric_specs",
     "nearest",
+    "plugin_specs",
     "structure",
     "unstructure",
 ]
@@ -156,6 +158,59 @@ class MetricSpec:
     path: str = attrs.field(default="", eq=False)
 
 
+SpecEntry = str | Mapping[str, Mapping[str, Any] | None]
+"""What a ``metrics`` or ``plugins`` entry may be in Python: as in JSON, a name or
+``{name: options}`` (``None`` options meaning none)."""
+
+SpecT = TypeVar("SpecT", PluginSpec, MetricSpec)
+
+
+def _specs(kind: type[SpecT], key: str, value: object) -> tuple[SpecT, ...]:
+    """``value`` as specs of ``kind``: what ``RunConfig`` does with Python input.
+
+    JSON reaches here already structured (a tuple of specs); Python callers may pass
+    what the JSON holds. Anything else is refused now, with a ``TypeError`` that says
+    what is accepted, rather than failing later inside ``fit``.
+    """
+    accepted = f"a list of names, {{name: {{options}}}} or {kind.__name__} objects"
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"RunConfig({key}=...) takes {accepted}, got {_show(value)}")
+    specs: list[SpecT] = []
+    for index, item in enumerate(value):
+        path = f"{key}[{index}]"
+        if isinstance(item, kind):
+            specs.append(item if item.path else attrs.evolve(item, path=f"{path}.{item.name}"))
+        elif isinstance(item, str):
+            specs.append(kind(item, {}, path))
+        elif (
+            isinstance(item, Mapping)
+            and len(item) == 1
+            and isinstance(name := next(iter(item)), str)
+            and (item[name] is None or _is_options(item[name]))
+        ):
+            specs.append(kind(name, dict(item[name] or {}), f"{path}.{name}"))
+        else:
+            raise TypeError(
+                f"RunConfig({key}=...): {path} is {_show(item)}; expected "
+                f'"name", {{"name": {{options}}}} or a {kind.__name__}'
+            )
+    return tuple(specs)
+
+
+def _is_options(value: object) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(key, str) for key in value)
+
+
+def metric_specs(value: Iterable[MetricSpec | SpecEntry]) -> tuple[MetricSpec, ...]:
+    """``RunConfig.metrics`` from names, ``{name: options}`` or :class:`MetricSpec` objects."""
+    return _specs(MetricSpec, "metrics", value)
+
+
+def plugin_specs(value: Iterable[PluginSpec | SpecEntry]) -> tuple[PluginSpec, ...]:
+    """``RunConfig.plugins`` from names, ``{name: options}`` or :class:`PluginSpec` objects."""
+    return _specs(PluginSpec, "plugins", value)
+
+
 @attrs.frozen
 class DistributedConfig:
     """How several processes train together (``torchrun`` or ``--nproc-per-node``)."""
@@ -201,10 +256,14 @@ class RunConfig:
     """Seed for Python, NumPy and torch; ``null`` leaves the generators alone."""
     hyperparameters: dict[str, Any] = attrs.field(factory=dict)
     """Free-form values handed to ``train.py`` and shown to plugins."""
-    metrics: tuple[MetricSpec, ...] = ()
-    """Metrics computed on training and validation data each epoch."""
-    plugins: tuple[PluginSpec, ...] = (PluginSpec("console_out", path="plugins[0]"),)
-    """Plugins to load: ``"name"`` or ``{"name": {options}}``."""
+    metrics: tuple[MetricSpec, ...] = attrs.field(default=(), converter=metric_specs)
+    """Metrics computed on training and validation data each epoch: ``"name"`` or
+    ``{"name": {options}}`` (in Python, :class:`MetricSpec` objects too)."""
+    plugins: tuple[PluginSpec, ...] = attrs.field(
+        default=(PluginSpec("console_out", path="plugins[0]"),), converter=plugin_specs
+    )
+    """Plugins to load: ``"name"`` or ``{"name": {options}}`` (in Python,
+    :class:`PluginSpec` objects too)."""
     plugin_errors: Literal["isolate", "raise"] = "isolate"
     """``isolate`` quarantines a failing plugin and trains on; ``raise`` stops."""
     train_script: str = "train.py"
@@ -422,6 +481,23 @@ def _note_segment(exc: BaseException) -> str | int | None:
     return None
 
 
+def _required_hint(exc: BaseException, key: str | int) -> str:
+    """``"every": <int>``: the key to add, with the type the field wants."""
+    for note in getattr(exc, "__notes__", ()):
+        kind = getattr(note, "type", None)
+        if kind is not None:
+            return f'"{key}": <{_annotation_name(kind)}>'
+    return f'"{key}"'
+
+
+def _annotation_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return {bool: "boolean", str: "string", float: "number", dict: "object"}.get(
+            annotation, annotation.__name__
+        )
+    return str(annotation).replace("typing.", "")
+
+
 def config_fields(cls: type) -> list[str]:
     """The JSON keys an attrs config class accepts."""
     return [field.name for field in attrs.fields(cls)]
@@ -443,7 +519,7 @@ def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
             segment = _note_segment(sub)
             subpath = path if segment is None else _join(path, segment)
             if isinstance(sub, KeyError) and segment is not None:
-                yield subpath, "missing required key"
+                yield subpath, f"missing required key (add {_required_hint(sub, segment)})"
             else:
                 yield from _problems(sub, subpath)
     elif isinstance(exc, ConfigError):
@@ -451,7 +527,7 @@ def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
             yield (_join(path, sub_path) if sub_path else path), message
     elif isinstance(exc, ConfigValueError):
         yield _join(path, exc.field), exc.message
-    elif isinstance(exc, ValueError) and (match := _ATTRS_VALIDATOR.match(str(exc))):
+    elif isinstance(exc, ValueError) and (match := _attrs_validator_message(exc)):
         # attrs.validators word their errors "'field' must be ...": give the field a path.
         yield _join(path, match["field"]), match["message"]
     else:
@@ -459,6 +535,21 @@ def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
 
 
 _ATTRS_VALIDATOR = re.compile(r"^'(?P<field>\w+)' (?P<message>.+)$", re.DOTALL)
+# min_len / max_len: "Length of 'tag' must be <= 8: 11".
+_ATTRS_LENGTH = re.compile(r"^Length of '(?P<field>\w+)' (?P<message>.+)$", re.DOTALL)
+
+
+def _attrs_validator_message(exc: ValueError) -> dict[str, str] | None:
+    """``field`` and ``message`` of an attrs validator's error, if it is one."""
+    # in_ passes (message, attribute, options, value) as arguments: the text is the first.
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    match = _ATTRS_VALIDATOR.match(text)
+    if match is None:
+        match = _ATTRS_LENGTH.match(text)
+        if match is not None:
+            return {"field": match["field"], "message": f"length {match['message']}"}
+        return None
+    return {"field": match["field"], "message": match["message"]}
 
 
 def structure(data: Any, cls: type[T], path: str = "") -> T:
@@ -497,6 +588,11 @@ def _code_fault(exc: BaseException) -> BaseException | None:
                 return found
         return None
     return None if isinstance(exc, _INPUT_ERRORS) else exc
+
+
+def input_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions structuring raises for values that do not fit (not code faults)."""
+    return (*_INPUT_ERRORS, BaseValidationError)
 
 
 def unstructure(value: Any) -> Any:

@@ -9,6 +9,7 @@ from typing import Any, Literal, Union
 
 import attrs
 
+from bz._constraints import describe_constraints, validator_schema
 from bz._docstrings import attribute_docs
 from bz.config import unstructure
 
@@ -35,6 +36,8 @@ class MetricOption:
     """The default as JSON text (``5``, ``"macro"``, ``null``); ``None`` when required."""
     doc: str = ""
     """The docstring written under the field, if any."""
+    constraints: str = ""
+    """What the field's validators allow (``>= 1``, ``one of "a", "b"``), if any."""
 
     @property
     def required(self) -> bool:
@@ -51,6 +54,7 @@ def describe_options(config: type) -> tuple[MetricOption, ...]:
             type=describe_type(field.type),
             default=_describe_default(field.default),
             doc=docs.get(field.name, ""),
+            constraints=describe_constraints(validator_schema(field.validator, field.type)),
         )
         for field in attrs.fields(config)
     )

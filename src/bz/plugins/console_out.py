@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 import attrs
 
 from bz.config import at_least
+from bz.plugins import ConfiguredPluginClass, hook
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -142,6 +143,7 @@ class ConsoleOut:
         """Where output goes (stderr unless given), looked up late so tests can swap it."""
         return self._stream or sys.stderr
 
+    @hook
     def start_training_session(self, context: PluginContext) -> None:
         """Decide once whether to draw bars and use colour; start the run's clock."""
         stream = self.stream
@@ -151,6 +153,7 @@ class ConsoleOut:
         self._session_started = self._clock()
         self._per_batch = self._epoch_seconds = None
 
+    @hook
     def start_epoch(self, context: PluginContext) -> None:
         """Start the epoch's clock."""
         self._epoch_started = self._clock()
@@ -159,6 +162,7 @@ class ConsoleOut:
         self._train_done = 0
         self._samples_per_second = None
 
+    @hook
     def end_training_batch(self, context: PluginContext) -> None:
         """Note the pace; redraw the bar when ``update_interval`` has passed."""
         if not self._bars:
@@ -170,6 +174,7 @@ class ConsoleOut:
             self._first = (now, done, context.training_sample_count)
         self._maybe_draw(context, "train", done, context.training_batches_per_epoch, now)
 
+    @hook
     def end_validation_batch(self, context: PluginContext) -> None:
         """Redraw the bar during validation too."""
         if self._bars:
@@ -276,6 +281,7 @@ class ConsoleOut:
             self.stream.write("\r\x1b[2K")
             self._drawn = False
 
+    @hook
     def end_epoch(self, context: PluginContext) -> None:
         """Replace the bar with the epoch's summary line."""
         self._clear()
@@ -298,12 +304,19 @@ class ConsoleOut:
             line = f"\x1b[1m{parts[0]}\x1b[0m" + line[len(parts[0]) :]
         print(line, file=self.stream, flush=True)
 
+    @hook
     def end_training_session(self, context: PluginContext) -> None:
         """Leave the terminal clean."""
         self._clear()
         self.stream.flush()
 
+    @hook
     def on_exception(self, context: PluginContext) -> None:
         """Do not leave half a bar behind an error message."""
         self._clear()
         self.stream.flush()
+
+
+# The contract the plugin guide asks of every plugin, checked by mypy: the loader
+# builds it as ConsoleOut(ConsoleOutConfig(**options)).
+_: ConfiguredPluginClass[ConsoleOutConfig] = ConsoleOut

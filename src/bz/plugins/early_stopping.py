@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from bz.config import at_least
+from bz.plugins import ConfiguredPluginClass, hook, plugin_logger
 
 if TYPE_CHECKING:
     import torch
+    from structlog.typing import FilteringBoundLogger
 
     from bz._context import PluginContext
 
@@ -105,13 +107,14 @@ class EarlyStopping:
 
     # -- hooks --------------------------------------------------------------------------
 
+    @hook
     def end_epoch(self, context: PluginContext) -> None:
         """Update the best value and counters; request a stop when it is time."""
         value = self.monitored_value(context)
         if value is None or math.isnan(value):
             if not self._warned_missing:
                 self._warned_missing = True
-                self._logger().warning(
+                self.logger.warning(
                     "early_stopping_monitor_missing",
                     monitor=self.config.monitor,
                     available=[
@@ -134,7 +137,7 @@ class EarlyStopping:
                     for key, tensor in context.model.state_dict().items()
                 }
             if self.config.verbose:
-                self._logger().debug(
+                self.logger.debug(
                     "early_stopping_improved",
                     monitor=self.config.monitor,
                     value=value,
@@ -147,7 +150,7 @@ class EarlyStopping:
             self.stopped_epoch = context.epoch
             context.should_stop_training = True
             if self.config.verbose:
-                self._logger().info(
+                self.logger.info(
                     "early_stopping_stop",
                     monitor=self.config.monitor,
                     best=self.best,
@@ -166,6 +169,7 @@ class EarlyStopping:
         window = self.history[-(patience + 1) :]
         return len(window) == patience + 1 and max(window) - min(window) <= self.config.min_delta
 
+    @hook
     def end_training_session(self, context: PluginContext) -> None:
         """A run that used all its epochs ends with the best weights too.
 
@@ -183,7 +187,7 @@ class EarlyStopping:
             return
         context.model.load_state_dict(self._best_weights)
         if self.config.verbose:
-            self._logger().info("early_stopping_restored", epoch=self.best_epoch, best=self.best)
+            self.logger.info("early_stopping_restored", epoch=self.best_epoch, best=self.best)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -207,7 +211,12 @@ class EarlyStopping:
         self.stopped_epoch = state["stopped_epoch"]
         self._best_weights = state["best_weights"]
 
-    def _logger(self) -> Any:
-        import structlog
+    @property
+    def logger(self) -> FilteringBoundLogger:
+        """Events carry ``plugin=<name>`` and follow the host's logging set-up."""
+        return plugin_logger(self)
 
-        return structlog.get_logger("bz.plugin").bind(plugin=self.name)
+
+# The contract the plugin guide asks of every plugin, checked by mypy: the loader
+# builds it as EarlyStopping(EarlyStoppingConfig(**options)).
+_: ConfiguredPluginClass[EarlyStoppingConfig] = EarlyStopping

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from bz.config import at_least
+from bz.plugins import ConfiguredPluginClass, hook, plugin_logger
 from bz.plugins._run_dir import run_directory
 from bz.plugins._scalars import EXTRA_SCALARS_KEY
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
+    from structlog.typing import FilteringBoundLogger
     from torch.profiler import profile
 
     from bz._context import PluginContext
@@ -181,6 +183,7 @@ class Profiler:
 
     # -- the trace ------------------------------------------------------------------------
 
+    @hook
     def start_training_session(self, context: PluginContext) -> None:
         """Start the profiler (idle until ``skip_steps`` have passed), on rank 0."""
         self._device = context.device
@@ -234,7 +237,7 @@ class Profiler:
         (self._directory / TOP_OPERATORS_FILE).write_text(table + "\n", encoding="utf-8")
         if self.top:
             print(f"\nprofiler: top operators ({path})\n{table}\n", file=sys.stderr)
-        self._logger().info(
+        self.logger.info(
             "profiler_trace_written",
             path=str(path),
             top_operators=[row.name for row in self.top[:5]],
@@ -249,6 +252,7 @@ class Profiler:
     def _on_cuda(self) -> bool:
         return self._device is not None and self._device.type == "cuda"
 
+    @hook
     def end_training_session(self, context: PluginContext) -> None:
         """Write the trace if training ended while steps were still being recorded."""
         self._stop()
@@ -256,11 +260,12 @@ class Profiler:
             context.extra.setdefault("profiler", {})["trace"] = str(self.trace_path)
         elif self.config.trace and context.is_main_process:
             needed = self.config.skip_steps + self.config.warmup_steps + 1
-            self._logger().warning(
+            self.logger.warning(
                 "profiler_no_trace",
                 hint=f"training took fewer than {needed} steps; lower skip_steps",
             )
 
+    @hook
     def on_exception(self, context: PluginContext) -> None:
         """Stop the profiler (whatever it recorded is written)."""
         self._stop()
@@ -278,6 +283,7 @@ class Profiler:
 
             torch.cuda.synchronize(self._device)
 
+    @hook
     def start_epoch(self, context: PluginContext) -> None:
         """Reset CUDA's peak-memory counter for the epoch."""
         if self._on_cuda():
@@ -285,11 +291,13 @@ class Profiler:
 
             torch.cuda.reset_peak_memory_stats(self._device)
 
+    @hook
     def start_training_loop(self, context: PluginContext) -> None:
         """Start timing the training loop."""
         self._synchronize()
         self._loop_started = time.perf_counter()
 
+    @hook
     def end_training_loop(self, context: PluginContext) -> None:
         """Publish the epoch's throughput and peak memory so far."""
         self._synchronize()
@@ -320,6 +328,7 @@ class Profiler:
             if stats[key] is not None:
                 scalars[f"perf/{key}"] = stats[key]
 
+    @hook
     def end_validation_loop(self, context: PluginContext) -> None:
         """Include validation in the epoch's peak memory."""
         self._publish_memory(context)
@@ -342,6 +351,7 @@ class Profiler:
             return declared
         return None
 
+    @hook
     def end_epoch(self, context: PluginContext) -> None:
         """Log the epoch's numbers every ``log_interval`` epochs (rank 0)."""
         interval = self.config.log_interval
@@ -349,9 +359,14 @@ class Profiler:
             return
         stats = context.extra.get("profiler")
         if isinstance(stats, dict):
-            self._logger().info("profiler_epoch", **stats)
+            self.logger.info("profiler_epoch", **stats)
 
-    def _logger(self) -> Any:
-        import structlog
+    @property
+    def logger(self) -> FilteringBoundLogger:
+        """Events carry ``plugin=<name>`` and follow the host's logging set-up."""
+        return plugin_logger(self)
 
-        return structlog.get_logger("bz.plugin").bind(plugin=self.name)
+
+# The contract the plugin guide asks of every plugin, checked by mypy: the loader
+# builds it as Profiler(ProfilerConfig(**options)).
+_: ConfiguredPluginClass[ProfilerConfig] = Profiler

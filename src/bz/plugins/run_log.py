@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import attrs
 
 from bz.config import at_least
+from bz.plugins import ConfiguredPluginClass, hook
 from bz.plugins._run_dir import run_directory
 from bz.plugins._scalars import EXTRA_SCALARS_KEY, extra_scalars, learning_rates
 
@@ -109,6 +110,7 @@ class RunLog:
         if self._file is not None:
             self._file.write(json.dumps(json_safe(record), separators=(",", ":")) + "\n")
 
+    @hook
     def start_training_session(self, context: PluginContext) -> None:
         """Open the log and write the ``start`` line (rank 0 only)."""
         if not context.is_main_process:
@@ -131,6 +133,7 @@ class RunLog:
             }
         )
 
+    @hook
     def start_epoch(self, context: PluginContext) -> None:
         """Start the epoch's clock; note the learning rate the epoch trains with."""
         if self._file is None:
@@ -154,6 +157,7 @@ class RunLog:
             }
         )
 
+    @hook
     def end_epoch(self, context: PluginContext) -> None:
         """The epoch's line."""
         if self._file is None:
@@ -176,6 +180,7 @@ class RunLog:
             }
         )
 
+    @hook
     def end_training_session(self, context: PluginContext) -> None:
         """The ``end`` line, with the plugins' summaries; close the file."""
         if self._file is None:
@@ -196,6 +201,7 @@ class RunLog:
         )
         self._close()
 
+    @hook
     def on_exception(self, context: PluginContext) -> None:
         """The ``failed`` line; close the file."""
         if self._file is None:
@@ -217,3 +223,8 @@ class RunLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+# The contract the plugin guide asks of every plugin, checked by mypy: the loader
+# builds it as RunLog(RunLogConfig(**options)).
+_: ConfiguredPluginClass[RunLogConfig] = RunLog

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from bz.config import at_least
+from bz.plugins import ConfiguredPluginClass, hook
 from bz.plugins._run_dir import run_directory
 from bz.plugins._scalars import epoch_scalars, learning_rates
 
@@ -66,6 +67,7 @@ class TensorBoard:
         self._epoch_started = 0.0
         self._rates: list[float] = []
 
+    @hook
     def start_training_session(self, context: PluginContext) -> None:
         """Open the event file (rank 0 only)."""
         if not context.is_main_process:
@@ -78,6 +80,7 @@ class TensorBoard:
         self.log_dir = str(path)
         self._writer = SummaryWriter(log_dir=str(path), flush_secs=self.config.flush_secs)
 
+    @hook
     def start_epoch(self, context: PluginContext) -> None:
         """Start the epoch's clock; note the learning rate the epoch trains with."""
         if self._writer is None:
@@ -85,6 +88,7 @@ class TensorBoard:
         self._epoch_started = time.perf_counter()
         self._rates = learning_rates(context.optimizer)
 
+    @hook
     def end_epoch(self, context: PluginContext) -> None:
         """Write the epoch's scalars (and histograms when due)."""
         writer = self._writer
@@ -105,10 +109,12 @@ class TensorBoard:
             if parameter.grad is not None:
                 writer.add_histogram(f"gradients/{name}", parameter.grad, global_step=step)
 
+    @hook
     def end_training_session(self, context: PluginContext) -> None:
         """Flush and close the event file."""
         self._close()
 
+    @hook
     def on_exception(self, context: PluginContext) -> None:
         """Keep what was logged before the failure."""
         self._close()
@@ -117,3 +123,8 @@ class TensorBoard:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+# The contract the plugin guide asks of every plugin, checked by mypy: the loader
+# builds it as TensorBoard(TensorBoardConfig(**options)).
+_: ConfiguredPluginClass[TensorBoardConfig] = TensorBoard

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
+from bz.plugins import ConfiguredPluginClass, hook
 from bz.plugins._run_dir import run_directory
 from bz.plugins._scalars import epoch_scalars, learning_rates
 
@@ -80,6 +81,7 @@ class Wandb:
             return None  # W&B reads it itself
         return str(run_directory(context))
 
+    @hook
     def start_training_session(self, context: PluginContext) -> None:
         """Start the W&B run with the configuration (rank 0 only)."""
         if not context.is_main_process:
@@ -114,6 +116,7 @@ class Wandb:
         run.define_metric("*", step_metric="epoch")
         self.run = run
 
+    @hook
     def start_epoch(self, context: PluginContext) -> None:
         """Start the epoch's clock; note the learning rate the epoch trains with."""
         if self.run is None:
@@ -121,6 +124,7 @@ class Wandb:
         self._epoch_started = time.perf_counter()
         self._rates = learning_rates(context.optimizer)
 
+    @hook
     def end_epoch(self, context: PluginContext) -> None:
         """Log the epoch's scalars."""
         if self.run is None:
@@ -131,6 +135,7 @@ class Wandb:
         self.run.log(scalars)
         self._epochs_done = context.epoch + 1
 
+    @hook
     def end_training_session(self, context: PluginContext) -> None:
         """Record how the run ended and finish it."""
         run = self.run
@@ -143,6 +148,7 @@ class Wandb:
         self.run = None
         run.finish()
 
+    @hook
     def on_exception(self, context: PluginContext) -> None:
         """Mark the W&B run as failed and finish it, keeping what was logged."""
         run = self.run
@@ -150,3 +156,8 @@ class Wandb:
             return
         self.run = None
         run.finish(exit_code=1)
+
+
+# The contract the plugin guide asks of every plugin, checked by mypy: the loader
+# builds it as Wandb(WandbConfig(**options)).
+_: ConfiguredPluginClass[WandbConfig] = Wandb

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import structlog
 import torch
 
 from bz._checkpoint import (
@@ -36,6 +35,7 @@ from bz._checkpoint import (
 )
 from bz._distributed import sum_across
 from bz._errors import TrainingError
+from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
 from bz._sandbox import describe_exception
 from bz.training.result import FitResult
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from bz.training.control import EndReason
     from bz.training.loop import Run
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 
 
 @attrs.define

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from bz._distributed import vote_across
+from bz._logging import get_logger
 
 if TYPE_CHECKING:
     from types import FrameType
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 
 
 class InterruptVote:

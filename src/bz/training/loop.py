@@ -47,7 +47,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
-import structlog
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -65,8 +64,8 @@ from bz._distributed import (
     sum_across,
     topology_from_env,
 )
-from bz._errors import BzError, TrainingError, UsageError
-from bz._setup import user_frame
+from bz._errors import BzError, UsageError, add_training_context
+from bz._logging import get_logger
 from bz.metrics._set import MetricSet
 from bz.training.checkpoints import CheckpointPolicy, ResumePoint
 from bz.training.control import EndReason, StepControl
@@ -82,7 +81,7 @@ if TYPE_CHECKING:
     from bz.config import RunConfig
     from bz.metrics import Metric
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 
 
 class Run:
@@ -300,10 +299,12 @@ class Run:
                 raise
             except Exception as exc:
                 self._fail_session(exc)
-                raise TrainingError(
-                    f"training failed at epoch {self.epoch}, step {self.global_step}: "
-                    f"{user_frame(exc)}"
-                ) from exc
+                # The user's exception leaves as itself (`except ValueError` still catches
+                # it); where it happened travels with it as a note.
+                add_training_context(
+                    exc, epoch=self.epoch, step=self.global_step, where="in the training loop"
+                )
+                raise
         self.plugins.log_summary()
         return FitResult(
             epochs_completed=self._epochs_done(history),

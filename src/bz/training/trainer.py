@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bz._loader import plugin_set
-from bz._sandbox import PluginSet
+from bz._logging import get_logger
+from bz._sandbox import PluginSet, describe_exception
 from bz.config import RunConfig
 from bz.training.device import seed_everything
+from bz.training.interrupts import TrainingInterrupted
 from bz.training.loop import Run
 from bz.training.result import EpochRecord, FitResult
 
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
     from bz._plugin import NamedPlugin
     from bz._setup import TrainingSetup
     from bz.metrics import Metric
+
+_log = get_logger("bz")
 
 
 class Trainer:
@@ -46,7 +51,14 @@ class Trainer:
         ``metrics`` are always added.
 
         Before training, Python's, NumPy's and torch's global generators are seeded
-        with ``config.seed`` (``RunConfig(seed=None)`` leaves them alone).
+        with ``config.seed`` (default 0). A host that keeps its own random state passes
+        ``RunConfig(seed=None)``: the generators are then left exactly as they are.
+
+        An exception raised by your code (model, loss, data) propagates as itself, with
+        a note naming the epoch and step; bz's own failures are ``bz.*`` classes
+        (:class:`~bz.PluginFailure` under ``plugin_errors="raise"``). Every call logs a
+        ``run_started`` and a ``run_finished`` event (``outcome``: ``completed``,
+        ``stopped_early``, ``already_complete``, ``failed`` or ``interrupted``).
 
         ``checkpoint_dir`` turns checkpoints on: the run's files go to
         ``<checkpoint_dir>/<signature>/`` every ``config.checkpoint_interval`` epochs,
@@ -79,8 +91,55 @@ def fit_seeded(
 
         metrics = build_metrics(config.metrics)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    all_metrics = {**metrics, **setup.metrics}
-    return Run(setup, config, plugins, all_metrics, folder, limit_batches=limit_batches).fit()
+    # run_started / run_finished frame every fit, library or CLI, whatever its outcome,
+    # so a host reading bz's events always sees how a run ended.
+    _log.info(
+        "run_started",
+        epochs=config.epochs,
+        device=config.device,
+        seed=config.seed,
+        plugins=plugins.active_names,
+        metrics=sorted({*metrics, *setup.metrics}),
+        checkpoints=str(folder) if folder is not None else None,
+    )
+    started = time.perf_counter()
+    try:
+        all_metrics = {**metrics, **setup.metrics}
+        run = Run(setup, config, plugins, all_metrics, folder, limit_batches=limit_batches)
+        result = run.fit()
+    except TrainingInterrupted as exc:
+        _log.warning(
+            "run_finished",
+            outcome="interrupted",
+            signal=exc.signal.name,
+            checkpoint=str(exc.checkpoint) if exc.checkpoint else None,
+            seconds=round(time.perf_counter() - started, 6),
+        )
+        raise
+    except BaseException as exc:
+        _log.error(
+            "run_finished",
+            outcome="failed",
+            error=describe_exception(exc),
+            seconds=round(time.perf_counter() - started, 6),
+        )
+        raise
+    _log.info(
+        "run_finished",
+        outcome=_outcome(result),
+        stopped_by=result.stopped_by,
+        epochs_completed=result.epochs_completed,
+        global_step=result.global_step,
+        seconds=round(result.seconds, 6),
+        model=str(result.model) if result.model is not None else None,
+    )
+    return result
+
+
+def _outcome(result: FitResult) -> str:
+    if result.already_complete:
+        return "already_complete"
+    return "stopped_early" if result.stopped_early else "completed"
 
 
 __all__ = ["EpochRecord", "FitResult", "Trainer", "fit_seeded"]
