@@ -30,18 +30,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import structlog
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from bz._checkpoint import CheckpointStore, capture_rng, loader_generators, restore_rng
+from bz._checkpoint import (
+    CheckpointPayload,
+    CheckpointStore,
+    capture_rng,
+    loader_generators,
+    restore_rng,
+)
 from bz._checkpoint import run_signature as _run_signature
 from bz._context import DeviceSum, PluginContext
 from bz._distributed import (
@@ -67,8 +74,10 @@ from bz.training.device import (
     unpack,
 )
 from bz.training.evaluate import mean
+from bz.training.guards import check_batches, check_epoch_loss
 from bz.training.interrupts import InterruptGuard, InterruptVote, TrainingInterrupted
 from bz.training.result import EpochRecord, FitResult
+from bz.training.rewind import Rewinder
 
 if TYPE_CHECKING:
     from bz._sandbox import PluginSet
@@ -77,6 +86,7 @@ if TYPE_CHECKING:
     from bz.metrics import Metric
 
 _log = structlog.get_logger("bz")
+T = TypeVar("T")
 
 
 class Run:
@@ -209,6 +219,7 @@ class Run:
             self._prepare()
             return self._fit()
         finally:
+            self.plugins.close()
             self._leave()
 
     def _leave(self) -> None:
@@ -239,36 +250,21 @@ class Run:
         history: list[EpochRecord] = []
         stopped_early = False
         self.context.extra["active_plugins"] = self.plugins.active_names
+        check_batches(self.context.training_batches_per_epoch)
+        # Each part runs again from its start, without the plugin, when one fails in it.
+        part = Rewinder(self).part if Rewinder.wanted(self) else _once
         with self.interrupt:
             try:
-                self._hook("start_training_session")
-                if found is not None:
-                    self.resume_point = checkpoints.resume(*found)
+                part(lambda: self._start_session(found))
                 for epoch in range(self.start_epoch, self.config.epochs):
-                    self.epoch = epoch
-                    record = self._epoch()
-                    if record is None:  # Ctrl-C in the middle of the epoch
-                        checkpoints.save(epoch, self.train_batches)
-                        self._stop_interrupted()
+                    record, stop = part(functools.partial(self._epoch_and_checkpoint, epoch))
                     history.append(record)
-                    self._log_epoch(record)
-                    stop, interrupted = self._agree(
-                        self.context.should_stop_training, self.interrupt.requested
-                    )
-                    done = epoch + 1
-                    if stop or done == self.config.epochs or checkpoints.epoch_due(done):
-                        checkpoints.save(done, 0, stopped=stop)
-                    elif interrupted:
-                        checkpoints.save(done, 0)
-                    if interrupted:
-                        self._stop_interrupted()
                     if stop:
-                        stopped_early = done < self.config.epochs
+                        stopped_early = epoch + 1 < self.config.epochs
                         _log.info("stop_requested", epoch=epoch, step=self.global_step)
                         break
                 self.context.extra["plugin_reports"] = self._plugin_reports()
-                self._hook("end_training_session")
-                checkpoints.save_final_model(self.start_epoch + len(history))
+                part(lambda: self._end_session(self.start_epoch + len(history)))
             except TrainingInterrupted:
                 raise
             except (KeyboardInterrupt, BzError) as exc:
@@ -292,6 +288,37 @@ class Run:
             checkpoint=checkpoints.last,
             model=checkpoints.final_model,
         )
+
+    def _start_session(self, found: tuple[Path, CheckpointPayload] | None) -> None:
+        self._hook("start_training_session")
+        if found is not None:
+            self.resume_point = self.checkpoints.resume(*found)
+
+    def _epoch_and_checkpoint(self, epoch: int) -> tuple[EpochRecord, bool]:
+        """One epoch and its checkpoint; whether a plugin asked to stop."""
+        checkpoints = self.checkpoints
+        self.epoch = epoch
+        record = self._epoch()
+        if record is None:  # Ctrl-C in the middle of the epoch
+            checkpoints.save(epoch, self.train_batches)
+            self._stop_interrupted()
+        check_epoch_loss(record, self.train_batches)
+        self._log_epoch(record)
+        stop, interrupted = self._agree(
+            self.context.should_stop_training, self.interrupt.requested
+        )
+        done = epoch + 1
+        if stop or done == self.config.epochs or checkpoints.epoch_due(done):
+            checkpoints.save(done, 0, stopped=stop)
+        elif interrupted:
+            checkpoints.save(done, 0)
+        if interrupted:
+            self._stop_interrupted()
+        return record, stop
+
+    def _end_session(self, epochs: int) -> None:
+        self._hook("end_training_session")
+        self.checkpoints.save_final_model(epochs)
 
     def _plugin_reports(self) -> dict[str, dict[str, Any]]:
         """Time and faults per plugin so far, for plugins that summarise the run."""
@@ -528,6 +555,11 @@ class Run:
             scheduler.step(mean(loss, count))
         else:
             scheduler.step()
+
+
+def _once(body: Callable[[], T]) -> T:
+    """A part run without snapshots (``isolate`` and ``raise``, several processes)."""
+    return body()
 
 
 def _compile(model: torch.nn.Module) -> torch.nn.Module:
