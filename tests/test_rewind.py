@@ -228,7 +228,7 @@ def test_a_plugin_failing_in_on_rewind_is_rewound_too(
 
 def test_a_fault_in_load_checkpoint_is_rewound(tmp_path: Path) -> None:
     reference, _ = _train([], tmp_path / "reference")
-    first, _ = _train([], tmp_path / "run", CONFIG.with_overrides(epochs=1))
+    _first, _ = _train([], tmp_path / "run", CONFIG.with_overrides(epochs=1))
     actor = Actor("load_checkpoint", _change_weights, fail=True)
     weights, result = _train([actor], tmp_path / "run")
     assert result.resumed_from is not None
@@ -279,7 +279,8 @@ def test_every_base_exception_is_the_plugins_fault(
     assert result.epochs_completed == EPOCHS
     assert_same_weights(weights, clean)
     fault = result.plugins[0].fault
-    assert fault is not None and type(error).__name__ in fault.error
+    assert fault is not None
+    assert type(error).__name__ in fault.error
 
 
 def test_a_hung_hook_is_stopped_reported_with_its_stack_and_rewound(
@@ -297,7 +298,8 @@ def test_a_hung_hook_is_stopped_reported_with_its_stack_and_rewound(
         weights, result = _train([Hanging()], tmp_path, config)
     assert_same_weights(weights, clean)
     fault = result.plugins[0].fault
-    assert fault is not None and "PluginTimeout" in fault.error
+    assert fault is not None
+    assert "PluginTimeout" in fault.error
     failed = [e for e in events if e["event"] == "plugin_failed"]
     assert len(failed) == 1
     # The traceback logged is the plugin's own stack: it ends in its time.sleep.

@@ -104,7 +104,7 @@ def run(
     from bz._loader import load_plugins
     from bz._setup import call_setup, load_setup_function
     from bz.metrics import build_metrics
-    from bz.training.device import seed_everything
+    from bz.training.device import resolve_device, seed_everything
     from bz.training.trainer import fit_seeded
 
     run_config, base = config_and_base(config, overrides, base_dir)
@@ -116,6 +116,7 @@ def run(
     script = base / run_config.train_script
     setup_function = load_setup_function(script)
     plugins = load_plugins(run_config.plugins, run_config)
+    resolve_device(run_config.device)  # an unusable device is reported before setup() runs
     if run_config.seed is not None:
         seed_everything(run_config.seed)
     setup = call_setup(setup_function, run_config, script)

@@ -69,6 +69,8 @@ class PluginFault:
     """``ExceptionType: message``."""
     epoch: int | None = None
     step: int | None = None
+    cause: BaseException | None = attrs.field(default=None, eq=False, repr=False)
+    """The exception, for faults while loading (``bz check-config --traceback``)."""
 
     def describe(self) -> str:
         """One line for people."""
@@ -355,7 +357,7 @@ class boundary:  # used like a function: `with boundary(...):`
     ) -> bool:
         if exc is None or isinstance(exc, (KeyboardInterrupt, BzError)):
             return False
-        fault = PluginFault(self._plugin, self._stage, describe_exception(exc))
+        fault = PluginFault(self._plugin, self._stage, describe_exception(exc), cause=exc)
         if self._policy == "raise":
             raise PluginFailure(fault.describe()) from exc
         # Loading happens before training: there is nothing to rewind.

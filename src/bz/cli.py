@@ -171,17 +171,6 @@ def train(
     from bz._run import run
     from bz.training.interrupts import TrainingInterrupted
 
-    if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
-        return
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if rank:  # other ranks speak up only when something is wrong
-        log_level = "warning" if log_level in ("debug", "info") else log_level
-    _logging.configure("json" if log_format == "json" else "console", log_level)
-    if "WORLD_SIZE" in os.environ:
-        import structlog
-
-        structlog.contextvars.bind_contextvars(rank=rank)
     overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
     named = {
         "epochs": epochs,
@@ -196,6 +185,19 @@ def train(
     overrides.update({key: value for key, value in named.items() if value is not None})
     if strict_plugins:
         overrides["plugin_errors"] = "raise"
+    if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        # Checked once here, so a bad config is one line, not one per process.
+        _check_before_launch(config_path, overrides)
+        _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
+        return
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank:  # other ranks speak up only when something is wrong
+        log_level = "warning" if log_level in ("debug", "info") else log_level
+    _logging.configure("json" if log_format == "json" else "console", log_level)
+    if "WORLD_SIZE" in os.environ:
+        import structlog
+
+        structlog.contextvars.bind_contextvars(rank=rank)
     try:
         result = run(config_path, overrides=overrides)
     except BzError as exc:
@@ -232,6 +234,19 @@ def train(
             click.echo(f"bz: last checkpoint {result.checkpoint}", err=True)
         if result.model is not None:
             click.echo(f"bz: trained weights in {result.model}", err=True)
+
+
+def _check_before_launch(config_path: str | None, overrides: dict[str, Any]) -> None:
+    """What each process would check first: the config, its metrics, plugin options, the device."""
+    from bz._loader import load_plugins
+    from bz._run import config_and_base
+    from bz.metrics import build_metrics
+    from bz.training.device import resolve_device
+
+    run_config, _ = config_and_base(config_path, overrides, None)
+    build_metrics(run_config.metrics)
+    load_plugins(run_config.plugins, run_config)
+    resolve_device(run_config.device)
 
 
 def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
@@ -360,8 +375,20 @@ def validate(
     type=click.Path(dir_okay=False),
     help="Config file (default: $BZ_CONFIG, then ./bzconfig.json).",
 )
-def check_config(config_path: str | None) -> None:
-    """Validate bzconfig.json, including every plugin's and metric's options."""
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="Print the traceback of each plugin that cannot be imported or created.",
+)
+def check_config(config_path: str | None, show_traceback: bool) -> None:
+    """Validate bzconfig.json, including every plugin's and metric's options.
+
+    Exits 2 when a listed plugin cannot be imported, configured or created (one line
+    each on stderr).
+    """
+    import structlog
+
     from bz._loader import load_plugins
     from bz.config import find_config_file, load_config
     from bz.metrics import build_metrics
@@ -370,11 +397,16 @@ def check_config(config_path: str | None) -> None:
     config = load_config(file)
     try:
         build_metrics(config.metrics)
-        plugins = load_plugins(config.plugins, config)
+        # The faults are reported here, once each, not as plugin_failed events too.
+        with structlog.testing.capture_logs():
+            plugins = load_plugins(config.plugins, config, policy="isolate")
     except ConfigError as exc:
         raise exc.with_source(str(file)) from None
-    for fault in plugins.faults:
-        click.echo(f"bz: warning: {fault.describe()}", err=True)
+    if plugins.faults:
+        for fault in plugins.faults:
+            if show_traceback and fault.cause is not None:
+                traceback.print_exception(fault.cause, file=sys.stderr)
+        raise UsageError("\n".join(f"{file}: {fault.describe()}" for fault in plugins.faults))
     click.echo(
         f"{file}: OK ({len(plugins.active_names)} plugin(s), {len(config.metrics)} metric(s))"
     )

@@ -13,11 +13,24 @@ from typing import TYPE_CHECKING
 from bz._errors import TrainingError, UsageError
 
 if TYPE_CHECKING:
+    import torch
+
     from bz.training.result import EpochRecord
 
 
 class NonFiniteLoss(TrainingError):
     """The training loss became ``nan`` or infinite (exit 1)."""
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Refuse a model whose weights have no data (built on the meta device)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise UsageError(
+                f"the model from setup() is on the meta device ({name} has no data); "
+                "materialise it (model.to_empty(device=...) and initialise it) before "
+                "returning it"
+            )
 
 
 def check_batches(batches_per_epoch: int | None) -> None:

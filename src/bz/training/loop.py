@@ -74,7 +74,7 @@ from bz.training.device import (
     unpack,
 )
 from bz.training.evaluate import mean
-from bz.training.guards import check_batches, check_epoch_loss
+from bz.training.guards import check_batches, check_epoch_loss, check_model
 from bz.training.interrupts import InterruptGuard, InterruptVote, TrainingInterrupted
 from bz.training.result import EpochRecord, FitResult
 from bz.training.rewind import Rewinder
@@ -169,6 +169,7 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         backend = choose_backend(config.distributed.backend, self.device)
+        check_model(self.setup.model)
         self.owns_process_group = join(self.topology, backend, config.distributed.timeout)
         self.model = self.setup.model.to(self.device)
         self.forward = self.model
