@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import textwrap
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import structlog
@@ -26,11 +28,13 @@ from tests._fault_support import install_fake_distribution
 from tests._support import TINY_TRAIN_PY, tiny_setup
 
 import bz
+import bz._run
 from bz import _logging
 from bz.cli import cli
 from bz.config import SEED_MAX, SEED_MIN, ConfigError, RunConfig
 from bz.plugins import PluginContext
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
+from bz.training.interrupts import StoppedAtOnce
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +252,48 @@ def test_early_stopping_counts_a_nan_monitor_as_no_improvement() -> None:
         plugin.end_epoch(context)
     assert context.should_stop_training
     assert plugin.best == 0.5
+
+
+# -- a second signal -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("number", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_second_signal_stops_at_once_and_exits_with_that_signals_code(
+    number: signal.Signals, code: int, tmp_path: Path
+) -> None:
+    flushed: list[BaseException | None] = []
+
+    class TwoSignals:
+        name = "two_signals"
+
+        def end_training_batch(self, context: PluginContext) -> None:
+            os.kill(os.getpid(), number)  # the first asks for a stop after the step
+            os.kill(os.getpid(), number)  # the second stops at once, even inside a hook
+
+    class Flusher:
+        name = "flusher"
+
+        def on_exception(self, context: PluginContext) -> None:
+            flushed.append(context.exception)
+
+    with pytest.raises(StoppedAtOnce) as raised:
+        bz.Trainer().fit(
+            tiny_setup(), RunConfig(epochs=2, device="cpu"), [TwoSignals(), Flusher()]
+        )
+    assert raised.value.signal == number
+    assert flushed == [raised.value]  # plugins still get to flush
+    # And bz train turns it into the shell's 128 + signal.
+    config = _project(tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_logging, "configure", _no_rendering)
+        patch.setattr(bz._run, "run", _raiser(StoppedAtOnce(number)))
+        result = CliRunner().invoke(cli, ["train", "--config", str(config)])
+    assert result.exit_code == code
+    assert "Traceback" not in result.output
+
+
+def _raiser(error: BaseException) -> Any:
+    def run(*args: Any, **kwargs: Any) -> NoReturn:
+        raise error
+
+    return run

@@ -55,9 +55,11 @@ class _BzGroup(click.Group):
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 _fail(line)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo("bz: interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            # A second SIGTERM says which signal it was (143); plain Ctrl-C is 130.
+            number = getattr(exc, "signal", None)
+            ctx.exit(128 + int(number) if number is not None else EXIT_INTERRUPTED)
 
 
 @click.group(

@@ -79,6 +79,18 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signal = signal.Signals(signal_number)
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: training stops at once, without finishing the step.
+
+    ``signal`` is the second signal, so ``bz train`` exits with 130 for Ctrl-C and 143
+    for SIGTERM (the shell's 128 + signal), as after the first.
+    """
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__("stopped at once by a second signal")
+        self.signal = signal.Signals(signal_number)
+
+
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -89,7 +101,7 @@ class InterruptGuard:
     SIGTERM is what job schedulers, ``kill`` and torchrun's launcher send before they
     resort to SIGKILL. Installed only while ``fit`` runs and only in the main thread
     (the one Python delivers signals to); the previous handlers are put back afterwards.
-    A second signal raises ``KeyboardInterrupt`` at once.
+    A second signal raises :class:`StoppedAtOnce` (a ``KeyboardInterrupt``) at once.
     """
 
     def __init__(self) -> None:
@@ -111,7 +123,7 @@ class InterruptGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.requested = True
         self.signal = signum
         _log.warning(
