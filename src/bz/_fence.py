@@ -106,8 +106,8 @@ def _numpy_twister(numpy: Any) -> _Twister | None:
     return _Twister(address, address + _WORDS_BYTES)
 
 
-class RandomFence:
-    """Marks the global generators before plugins run and puts them back afterwards."""
+class _GenericFence:
+    """Any mix of generators, including the slow fallbacks (see the module docstring)."""
 
     __slots__ = ("_cuda", "_numpy", "_numpy_slow", "_python", "_torch")
 
@@ -154,3 +154,78 @@ class RandomFence:
             self._numpy.put_back(numpy_mark)
         elif numpy_state is not None:
             self._numpy_slow.set_state(numpy_state)
+
+class _Fixed:
+    """Stands in for a twister's index or fingerprint when there is no such generator."""
+
+    __slots__ = ()
+    value = 0
+
+
+class _NoTwister(_Twister):
+    """NumPy not imported: nothing to mark, nothing to put back."""
+
+    def __init__(self) -> None:  # deliberately no super(): there is no memory to read
+        self._index = _Fixed()  # type: ignore[assignment]  # duck-typed: only .value is read
+        self._print = _Fixed()  # type: ignore[assignment]  # duck-typed: only .value is read
+        self._copied = 0
+
+
+class _FastFence:
+    """The common case, flattened: torch's CPU generator, Python's and NumPy's twisters.
+
+    One tuple per mark and no method calls on the no-draw path: this runs around every
+    batch hook some plugin implements.
+    """
+
+    __slots__ = ("_get", "_instance", "_numpy", "_python", "_set")
+
+    def __init__(self, torch_generator: Any, python: _Twister, numpy: _Twister) -> None:
+        self._get = torch_generator.get_state
+        self._set = torch_generator.set_state
+        self._python = python
+        self._numpy = numpy
+        self._instance = random._inst
+
+    def mark(self) -> tuple[Any, ...]:
+        """The state to put back after the plugins' calls."""
+        python, numpy = self._python, self._numpy
+        python_print = python._print.value
+        if python_print != python._copied:
+            python.mark()
+        numpy_print = numpy._print.value
+        if numpy_print != numpy._copied:
+            numpy.mark()
+        return (
+            self._get(),
+            python._index.value,
+            python_print,
+            self._instance.gauss_next,  # type: ignore[attr-defined]  # Random's cached second Gaussian
+            numpy._index.value,
+            numpy_print,
+        )
+
+    def put_back(self, mark: tuple[Any, ...]) -> None:
+        """Undo whatever the plugins drew since :meth:`mark`."""
+        self._set(mark[0])
+        python, numpy = self._python, self._numpy
+        if python._index.value != mark[1] or python._print.value != mark[2]:
+            python.put_back((mark[1], mark[2]))
+        self._instance.gauss_next = mark[3]  # type: ignore[attr-defined]  # see mark()
+        if numpy._index.value != mark[4] or numpy._print.value != mark[5]:
+            numpy.put_back((mark[4], mark[5]))
+
+
+RandomFence = _FastFence | _GenericFence
+
+
+def random_fence() -> RandomFence:
+    """A fence for the generators this process uses now (call once torch is set up)."""
+    torch = sys.modules.get("torch")
+    numpy = sys.modules.get("numpy")
+    python = _python_twister(random._inst)
+    numpy_twister = _numpy_twister(numpy) if numpy is not None else _NoTwister()
+    cuda = torch is not None and torch.cuda.is_initialized()
+    if torch is None or cuda or python is None or numpy_twister is None:
+        return _GenericFence()
+    return _FastFence(torch.default_generator, python, numpy_twister)

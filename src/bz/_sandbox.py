@@ -26,7 +26,7 @@ import structlog
 
 from bz._context import LoopView, PluginContext
 from bz._errors import BzError, TrainingError
-from bz._fence import RandomFence
+from bz._fence import RandomFence, random_fence
 from bz._hooks import HOOK_NAMES
 from bz._watchdog import Watchdog
 
@@ -227,7 +227,7 @@ class PluginSet:
     def _new_fence(self) -> RandomFence:
         # Built at the first call, once the loop has imported torch (and maybe NumPy)
         # and initialised CUDA, so the fence covers the generators the loop uses.
-        self._fence = RandomFence()
+        self._fence = random_fence()
         return self._fence
 
     def close(self) -> None:
