@@ -155,6 +155,7 @@ class _GenericFence:
         elif numpy_state is not None:
             self._numpy_slow.set_state(numpy_state)
 
+
 class _Fixed:
     """Stands in for a twister's index or fingerprint when there is no such generator."""
 
