@@ -71,12 +71,13 @@ class PluginContext:
     """The state of the run as plugins see it.
 
     The training loop owns the real state and refreshes this object from it before
-    calling hooks, so a plugin that overwrites ``epoch`` or a loss total changes only
-    what other plugins read, never what the loop does. Plugins talk back through
+    calling hooks. During a run plugins receive it through a :class:`LoopView`, which
+    makes the loop's values read-only; plugins talk back through
     ``should_stop_training``, by adding entries to ``training_metrics`` /
     ``validation_metrics``, and through ``extra`` (data shared between plugins).
 
-    ``PluginContext()`` with no arguments is valid, which is handy in plugin tests.
+    ``PluginContext()`` with no arguments is valid and fully writable, which is handy
+    in plugin tests.
     """
 
     def __init__(
