@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import textwrap
+import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,7 +26,7 @@ from click.testing import CliRunner, Result
 from hypothesis import given
 from hypothesis import strategies as st
 from tests._fault_support import install_fake_distribution
-from tests._support import TINY_TRAIN_PY, tiny_setup
+from tests._support import TINY_TRAIN_PY, assert_same_weights, tiny_setup, weights
 
 import bz
 import bz._run
@@ -34,7 +35,7 @@ from bz.cli import cli
 from bz.config import SEED_MAX, SEED_MIN, ConfigError, RunConfig
 from bz.plugins import PluginContext
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
-from bz.training.interrupts import StoppedAtOnce
+from bz.training.interrupts import StoppedAtOnce, TrainingInterrupted
 
 
 @pytest.fixture(scope="module")
@@ -262,13 +263,14 @@ def test_a_second_signal_stops_at_once_and_exits_with_that_signals_code(
     number: signal.Signals, code: int, tmp_path: Path
 ) -> None:
     flushed: list[BaseException | None] = []
+    setup = tiny_setup()
+    loss_fn = setup.loss_fn
 
-    class TwoSignals:
-        name = "two_signals"
-
-        def end_training_batch(self, context: PluginContext) -> None:
-            os.kill(os.getpid(), number)  # the first asks for a stop after the step
-            os.kill(os.getpid(), number)  # the second stops at once, even inside a hook
+    def signalling_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # The user's own code, not a plugin's: nobody to blame, so bz stops at once.
+        os.kill(os.getpid(), number)  # the first asks for a stop after the step
+        os.kill(os.getpid(), number)  # the second stops at once
+        return loss_fn(outputs, targets)
 
     class Flusher:
         name = "flusher"
@@ -276,10 +278,14 @@ def test_a_second_signal_stops_at_once_and_exits_with_that_signals_code(
         def on_exception(self, context: PluginContext) -> None:
             flushed.append(context.exception)
 
+    setup = bz.TrainingSetup(
+        model=setup.model,
+        loss_fn=signalling_loss,
+        optimizer=setup.optimizer,
+        train_loader=setup.train_loader,
+    )
     with pytest.raises(StoppedAtOnce) as raised:
-        bz.Trainer().fit(
-            tiny_setup(), RunConfig(epochs=2, device="cpu"), [TwoSignals(), Flusher()]
-        )
+        bz.Trainer().fit(setup, RunConfig(epochs=2, device="cpu"), [Flusher()])
     assert raised.value.signal == number
     assert flushed == [raised.value]  # plugins still get to flush
     # And bz train turns it into the shell's 128 + signal.
@@ -290,6 +296,31 @@ def test_a_second_signal_stops_at_once_and_exits_with_that_signals_code(
         result = CliRunner().invoke(cli, ["train", "--config", str(config)])
     assert result.exit_code == code
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_inside_a_hung_hook_blames_the_plugin_and_stops_with_a_checkpoint(
+    number: signal.Signals, tmp_path: Path
+) -> None:
+    class Hangs:
+        name = "hangs"
+
+        def end_training_batch(self, context: PluginContext) -> None:
+            os.kill(os.getpid(), number)  # the first: stop after this step, please
+            os.kill(os.getpid(), number)  # the second, while this hook still runs
+            time.sleep(600)
+
+    config = RunConfig(epochs=2, device="cpu", plugin_timeout=None)
+    with pytest.raises(TrainingInterrupted) as raised:
+        bz.Trainer().fit(tiny_setup(), config, [Hangs()], checkpoint_dir=tmp_path)
+    assert raised.value.signal == number  # bz train exits 128 + this
+    assert raised.value.checkpoint is not None
+    # The interrupted run resumes to exactly the weights of a run without the plugin.
+    resumed = tiny_setup()
+    bz.Trainer().fit(resumed, config, [], checkpoint_dir=tmp_path)
+    clean = tiny_setup()
+    bz.Trainer().fit(clean, config, [])
+    assert_same_weights(weights(resumed.model), weights(clean.model))
 
 
 def _raiser(error: BaseException) -> Any:

@@ -17,6 +17,7 @@ too long (see :mod:`bz._watchdog`).
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -28,7 +29,7 @@ from bz._context import LoopView, PluginContext
 from bz._errors import BzError, TrainingError
 from bz._fence import RandomFence, random_fence
 from bz._hooks import HOOK_NAMES
-from bz._watchdog import Watchdog
+from bz._watchdog import PluginInterrupted, Watchdog
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -199,15 +200,17 @@ class PluginSet:
             for slot, method in entries:
                 slot.calls += 1
                 watchdog.since = started
-                watchdog.running = slot
                 try:
+                    # Inside the try: an interruption aimed at this plugin (timeout, a
+                    # second Ctrl-C) is caught here even if it lands on these lines.
+                    watchdog.running = slot
                     method(view)
+                    watchdog.running = None
                 except KeyboardInterrupt:
                     raise
                 except BaseException as exc:  # a plugin cannot end the process
                     watchdog.running = None
                     self._fail(slot, hook, exc, context)
-                watchdog.running = None
                 finished = clock()
                 slot.seconds += finished - started
                 started = finished
@@ -233,6 +236,22 @@ class PluginSet:
     def close(self) -> None:
         """Stop the timeout watchdog (the loop calls this when the run ends)."""
         self._watchdog.disarm()
+
+    def interrupt_running(self, signum: int) -> None:
+        """From a signal handler: fail the plugin whose hook is running now, if any.
+
+        A second Ctrl-C or SIGTERM while a hook runs means that hook kept the run from
+        stopping after its step: it becomes that plugin's fault (logged with its stack,
+        quarantined, rewound) and the loop goes on to stop cleanly, with a checkpoint.
+        Returns when no plugin is running.
+        """
+        running = self._watchdog.running
+        if running is not None:
+            name = getattr(running, "name", "?")
+            raise PluginInterrupted(
+                f"plugin {name!r} was still running when a second "
+                f"{signal.Signals(signum).name} arrived"
+            )
 
     # -- the slow path ---------------------------------------------------------------
 

@@ -29,6 +29,10 @@ class PluginTimeout(Exception):
     """A plugin's hook ran longer than ``plugin_timeout`` seconds."""
 
 
+class PluginInterrupted(Exception):
+    """A second Ctrl-C or SIGTERM arrived while a plugin's hook was running."""
+
+
 class Watchdog:
     """Which plugin call is running, and the thread that interrupts one that hangs."""
 
@@ -116,4 +120,4 @@ def _watch(
         del watchdog, running
 
 
-__all__ = ["PluginTimeout", "Watchdog"]
+__all__ = ["PluginInterrupted", "PluginTimeout", "Watchdog"]

@@ -18,6 +18,7 @@ import structlog
 from bz._distributed import vote_across
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
 
 _log = structlog.get_logger("bz")
@@ -101,12 +102,17 @@ class InterruptGuard:
     SIGTERM is what job schedulers, ``kill`` and torchrun's launcher send before they
     resort to SIGKILL. Installed only while ``fit`` runs and only in the main thread
     (the one Python delivers signals to); the previous handlers are put back afterwards.
-    A second signal raises :class:`StoppedAtOnce` (a ``KeyboardInterrupt``) at once.
+    A second signal while a plugin hook runs fails that plugin (it kept the run from
+    stopping); otherwise it raises :class:`StoppedAtOnce` (a ``KeyboardInterrupt``) at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, blame: Callable[[int], None] | None = None) -> None:
         self.requested = False
         self.signal: int = signal.SIGINT.value
+        self.blame = blame
+        """Called on a second signal before stopping at once: it raises inside a plugin
+        hook that is still running (see ``PluginSet.interrupt_running``), so a hung
+        plugin is blamed and the loop still stops after its step, with a checkpoint."""
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> InterruptGuard:
@@ -123,6 +129,8 @@ class InterruptGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
+            if self.blame is not None:
+                self.blame(signum)  # raises inside a plugin hook that is still running
             raise StoppedAtOnce(signum)
         self.requested = True
         self.signal = signum

@@ -134,7 +134,7 @@ class Run:
         self.val_metrics = MetricSet({name: copy.deepcopy(m) for name, m in metrics.items()})
         self.move_batches = self.device.type != "cpu"
         self.generators = loader_generators(self.train_loader)
-        self.interrupt = InterruptGuard()
+        self.interrupt = InterruptGuard(plugins.interrupt_running)
         self.vote: InterruptVote | None = None
         self.owns_process_group = False
         # Loop state (the context only ever shows copies of these).
