@@ -16,6 +16,11 @@ Hook order for one run (``[...]`` only when there is validation data)::
         [save_checkpoint]            # every checkpoint_interval epochs, and the last
     end_training_session
     on_exception                     # instead of the rest, when training fails
+    on_rewind                        # after a plugin's fault, before its part runs again
+
+The session's start, each epoch (with its checkpoint) and the session's end are
+*parts*: under ``plugin_errors: "rewind"`` each starts from a snapshot and runs again
+without a plugin that failed in it (see :mod:`bz.training.rewind`).
 
 When resuming, ``load_checkpoint`` follows ``start_training_session``. On Ctrl-C (or
 SIGTERM) the loop finishes the step, writes a checkpoint (``save_checkpoint``), then calls
