@@ -309,3 +309,19 @@ def test_a_hung_hook_is_stopped_reported_with_its_stack_and_rewound(
         frames.append(stack.tb_frame.f_code.co_name)
         stack = stack.tb_next
     assert "end_training_batch" in frames
+
+
+def test_a_learning_rate_changed_before_a_fault_never_reaches_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    _, clean_result = _train([], tmp_path / "clean")
+    actor = Actor("end_epoch", _change_lr, fail=True)
+    _, result = _train([actor], tmp_path / "faulty")
+    assert clean_result.checkpoint is not None
+    assert result.checkpoint is not None
+
+    def learning_rates(path: Path) -> list[float]:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return [group["lr"] for group in payload["optimizer"]["param_groups"]]
+
+    assert learning_rates(result.checkpoint) == learning_rates(clean_result.checkpoint)
