@@ -15,6 +15,10 @@ the words since the last copy. Reading those generators through their public
 against ``getstate()`` once, and where it does not match (another Python
 implementation, another NumPy), the fence falls back to ``getstate``/``setstate``.
 
+:func:`random_fence` builds the fence once per run: the flat :class:`_FastFence` for the
+common case (torch on CPU, both twisters readable in place), :class:`_GenericFence`
+otherwise (CUDA, or a fallback).
+
 Known gap: NumPy's legacy ``randn``/``normal`` keep a cached second Gaussian outside the
 Twister's words. A plugin that consumes that cached value without drawing anything else
 is not seen (Python's ``random.gauss`` cache is put back).
