@@ -313,6 +313,9 @@ class NoOpPlugin:
     def end_training_session(self, context: PluginContext) -> None:
         """No-op."""
 
+    def on_rewind(self, context: PluginContext) -> None:
+        """No-op."""
+
     def on_exception(self, context: PluginContext) -> None:
         """No-op."""
 

@@ -170,7 +170,7 @@ def test_defaults_are_documented_values() -> None:
     config = RunConfig()
     assert (config.epochs, config.device, config.compile, config.seed) == (10, "auto", False, 0)
     assert [spec.name for spec in config.plugins] == ["console_out"]
-    assert config.plugin_errors == "isolate"
+    assert config.plugin_errors == "rewind"
 
 
 # -- files -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from bz._setup import TrainingSetup
     from bz._tune import tune
     from bz.training.device import seed_everything
+    from bz.training.guards import NonFiniteLoss
     from bz.training.interrupts import TrainingInterrupted
     from bz.training.trainer import EpochRecord, FitResult, Trainer
 
@@ -30,6 +31,7 @@ _LAZY = {
     "EpochRecord": "bz.training.trainer",
     "seed_everything": "bz.training.device",
     "TrainingInterrupted": "bz.training.interrupts",
+    "NonFiniteLoss": "bz.training.guards",
     "TrainingSetup": "bz._setup",
     "PluginSet": "bz._sandbox",
     "PluginFault": "bz._sandbox",
@@ -61,6 +63,7 @@ __all__ = [
     "ConfigError",
     "EpochRecord",
     "FitResult",
+    "NonFiniteLoss",
     "OrderCycleError",
     "PluginFailure",
     "PluginFault",

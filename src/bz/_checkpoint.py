@@ -467,6 +467,8 @@ def guarded(
     """
     try:
         return action()
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # like a hook's: everything but Ctrl-C is the plugin's
         plugins.quarantine(plugin, stage, exc, context)
         return None

@@ -1,9 +1,18 @@
-"""``PluginContext``: what the training loop shows its plugins."""
+"""``PluginContext``: what the training loop shows its plugins.
+
+During a run plugins receive a :class:`LoopView` of the loop's context: the values the
+loop owns (epoch, counters, losses, the metric values it computed, model, optimizer)
+read-only, the channels the plugin guide documents open (``should_stop_training``,
+``extra``, adding a plugin's own entries to ``training_metrics`` /
+``validation_metrics``). A ``PluginContext`` built by hand, as plugin tests do, is an
+ordinary object: every field can be set.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -69,12 +78,13 @@ class PluginContext:
     """The state of the run as plugins see it.
 
     The training loop owns the real state and refreshes this object from it before
-    calling hooks, so a plugin that overwrites ``epoch`` or a loss total changes only
-    what other plugins read, never what the loop does. Plugins talk back through
+    calling hooks. During a run plugins receive it through a :class:`LoopView`, which
+    makes the loop's values read-only; plugins talk back through
     ``should_stop_training``, by adding entries to ``training_metrics`` /
     ``validation_metrics``, and through ``extra`` (data shared between plugins).
 
-    ``PluginContext()`` with no arguments is valid, which is handy in plugin tests.
+    ``PluginContext()`` with no arguments is valid and fully writable, which is handy
+    in plugin tests.
     """
 
     def __init__(
@@ -121,10 +131,8 @@ class PluginContext:
         self.should_stop_training: bool = False
         """Set to True to ask the loop to stop after the current training step (several
         processes stop after the same step; see ``docs/training.md``)."""
-        self.model = model
-        """The model being trained (acting on it is allowed; breaking it is not)."""
-        self.optimizer = optimizer
-        """The optimizer."""
+        self._model = model
+        self._optimizer = optimizer
         self.scheduler: object | None = None
         """The learning-rate scheduler, if ``train.py`` returned one."""
         self.device = device
@@ -152,6 +160,16 @@ class PluginContext:
         self._training_loss = DeviceSum()
         self._validation_loss = DeviceSum()
         self._gradient_norm: torch.Tensor | None = None
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model being trained (acting on its weights is allowed; replacing it is not)."""
+        return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer (changing its learning rate is allowed; replacing it is not)."""
+        return self._optimizer
 
     @property
     def is_main_process(self) -> bool:
@@ -201,3 +219,120 @@ class PluginContext:
 
 def _mean(total: float, count: int) -> float:
     return total / count if count else float("nan")
+
+
+# -- what plugins see during a run --------------------------------------------------------
+
+_CHANNELS = frozenset({"should_stop_training", "extra"})
+"""Fields a plugin may assign through a :class:`LoopView` (the guide's channels)."""
+_METRIC_FIELDS = frozenset({"training_metrics", "validation_metrics"})
+
+
+def _read_only(name: str) -> NoReturn:
+    raise AttributeError(
+        f"context.{name} is the training loop's and read-only for plugins; share your "
+        "own data through context.extra, add metrics as new keys of "
+        "context.training_metrics / validation_metrics, ask for a stop with "
+        "context.should_stop_training"
+    )
+
+
+class LoopMetrics(dict[str, float]):
+    """A metric dict the loop computed: plugins may add their own keys, not change the loop's.
+
+    An ordinary ``dict`` for everything else (``json.dumps``, ``dict(...)``, iteration).
+    Changing or removing a value the loop computed raises ``TypeError`` in the plugin
+    that tried, which makes it that plugin's fault.
+    """
+
+    __slots__ = ("_owned",)
+
+    def __init__(self, computed: Mapping[str, float]) -> None:
+        super().__init__(computed)
+        self._owned = frozenset(computed)
+
+    def _check(self, key: str) -> None:
+        if key in self._owned:
+            raise TypeError(
+                f"metric {key!r} was computed by the training loop and is read-only for "
+                "plugins; add your own value under a new key"
+            )
+
+    def __setitem__(self, key: str, value: float) -> None:
+        self._check(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._check(key)
+        super().__delitem__(key)
+
+    def setdefault(self, key: str, default: float = 0.0) -> float:
+        """``dict.setdefault`` that cannot replace the loop's values (it never does)."""
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kwargs: float) -> None:
+        """``dict.update``, one key at a time, so the loop's keys stay as computed."""
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other: Any) -> LoopMetrics:  # type: ignore[override,misc]  # same in-place contract as dict's, checked per key
+        self.update(other)
+        return self
+
+    def pop(self, key: str, *default: Any) -> Any:
+        """``dict.pop`` for a plugin's own keys."""
+        if key in self:
+            self._check(key)
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[str, float]:
+        """Removes the newest of a plugin's own keys."""
+        for key in reversed(list(self)):
+            if key not in self._owned:
+                return key, super().pop(key)
+        raise KeyError("popitem(): no plugin-added metric to remove")
+
+    def clear(self) -> None:
+        """Removes every plugin-added key; the loop's stay."""
+        for key in [key for key in self if key not in self._owned]:
+            super().__delitem__(key)
+        if self:
+            self._check(next(iter(self)))
+
+
+class LoopView(PluginContext):
+    """The loop's context as plugins see it during a run (see the module docstring).
+
+    Reads go through to the loop's context, so a plugin holding the view across hooks
+    always sees current values. Assigning a value the loop owns raises
+    ``AttributeError`` inside the plugin's hook: it becomes that plugin's fault and
+    never reaches the loop or another plugin.
+    """
+
+    def __init__(self, source: PluginContext) -> None:
+        # Deliberately not PluginContext.__init__: every field lives on `source`.
+        object.__setattr__(self, "_source", source)
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names not found on the view itself: every field of the source.
+        source: PluginContext = object.__getattribute__(self, "_source")
+        value = getattr(source, name)
+        if name in _METRIC_FIELDS and type(value) is not LoopMetrics:
+            # A dict the loop has just computed: from now on its keys are the loop's.
+            value = LoopMetrics(value)
+            setattr(source, name, value)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CHANNELS:
+            setattr(object.__getattribute__(self, "_source"), name, value)
+            return
+        _read_only(name)
+
+    def __delattr__(self, name: str) -> None:
+        _read_only(name)
+
+    def __dir__(self) -> Iterable[str]:
+        return dir(object.__getattribute__(self, "_source"))

@@ -15,16 +15,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import attrs
-import structlog
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from bz._errors import UsageError
+from bz._logging import get_logger
 
 Backend = Literal["auto", "gloo", "nccl"]
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 
 
 @attrs.frozen

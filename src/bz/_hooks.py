@@ -113,6 +113,13 @@ HOOKS: Final[tuple[HookSpec, ...]] = (
         "Once, after the last epoch, whether training stopped early or not.",
     ),
     HookSpec(
+        "on_rewind",
+        "failure",
+        False,
+        "A plugin failed and training went back to its last consistent state, to replay "
+        'without it; `context.extra["rewind"]` says which plugin and where to.',
+    ),
+    HookSpec(
         "on_exception",
         "failure",
         False,

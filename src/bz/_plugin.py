@@ -113,6 +113,10 @@ class Plugin(Protocol):
         """Once, after the last epoch."""
         return
 
+    def on_rewind(self, context: PluginContext) -> None:
+        """Training went back to a consistent state after a plugin's fault; mark the replay."""
+        return
+
     def on_exception(self, context: PluginContext) -> None:
         """Training is failing; flush what you hold."""
         return

@@ -129,8 +129,8 @@ def run(
     from bz._loader import load_plugins
     from bz._setup import call_setup, load_setup_function
     from bz.metrics import build_metrics
-    from bz.training.device import seed_everything
-    from bz.training.precision import check_config_precision
+    from bz.training.device import resolve_device, seed_everything
+    from bz.training.precision import check_precision
     from bz.training.trainer import fit_seeded
 
     run_config, base = config_and_base(config, overrides, base_dir)
@@ -148,7 +148,8 @@ def run(
     setup_function = load_setup_function(script)
     with _attributed_to(source):
         plugins = load_plugins(run_config.plugins, run_config)
-    check_config_precision(run_config)
+    # An unusable device, or a precision it cannot do, is reported before setup() runs.
+    check_precision(run_config.precision, resolve_device(run_config.device))
     if run_config.seed is not None:
         seed_everything(run_config.seed)
     setup = call_setup(setup_function, run_config, script)

@@ -1,37 +1,62 @@
 """The sandbox: one error boundary around every plugin call, and the hook dispatch table.
 
-Every hook call of every plugin goes through :meth:`PluginSet.call`. With the
-``isolate`` policy a plugin that raises is logged once (with its traceback), quarantined
-and never called again, and training goes on; with ``raise`` the fault ends the run.
-``KeyboardInterrupt`` and ``SystemExit`` are never caught.
+Every hook call of every plugin goes through :meth:`PluginSet.call`. Everything a plugin
+raises except ``KeyboardInterrupt`` is that plugin's fault (``SystemExit``,
+``GeneratorExit``, ``CancelledError`` and custom ``BaseException`` subclasses included: a
+plugin cannot end the process). A faulty plugin is logged once (with its traceback) and
+quarantined. Then, by policy: ``rewind`` (the default) asks the loop to go back to its
+last consistent state and replay without the plugin (:class:`RewindRequested`; where the
+loop cannot rewind, it behaves as ``isolate``), ``isolate`` trains on from where the
+fault happened, ``raise`` ends the run.
+
+Around each hook call the sandbox also fences the global random generators (see
+:mod:`bz._fence`), shows plugins a read-only view of the loop's values (see
+:class:`bz._context.LoopView`), and, with ``plugin_timeout``, interrupts a hook that runs
+too long (see :mod:`bz._watchdog`).
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import attrs
-import structlog
 
+from bz._context import LoopView, PluginContext
 from bz._errors import BzError, TrainingError
+from bz._fence import RandomFence, random_fence
 from bz._hooks import HOOK_NAMES
+from bz._logging import get_logger
+from bz._watchdog import PluginInterrupted, Watchdog
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from bz._context import PluginContext
     from bz._plugin import NamedPlugin
 
-ErrorPolicy = Literal["isolate", "raise"]
+ErrorPolicy = Literal["rewind", "isolate", "raise"]
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 _perf_counter = time.perf_counter
 
 
 class PluginFailure(TrainingError):
     """A plugin raised while the policy was ``raise`` (exit 1)."""
+
+
+class RewindRequested(BaseException):
+    """A plugin failed under ``rewind``: the loop goes back to its last consistent state.
+
+    Raised out of :meth:`PluginSet.call` only while the loop has said it can rewind
+    (:attr:`PluginSet.rewindable`). A ``BaseException`` so that no ``except Exception``
+    between the hook and the loop swallows it. The plugin is already quarantined.
+    """
+
+    def __init__(self, fault: PluginFault) -> None:
+        super().__init__(fault.describe())
+        self.fault = fault
 
 
 @attrs.frozen
@@ -45,6 +70,8 @@ class PluginFault:
     """``ExceptionType: message``."""
     epoch: int | None = None
     step: int | None = None
+    cause: BaseException | None = attrs.field(default=None, eq=False, repr=False)
+    """The exception, for faults while loading (``bz check-config --traceback``)."""
 
     def describe(self) -> str:
         """One line for people."""
@@ -107,6 +134,12 @@ class PluginSet:
         self._load_faults = list(load_faults)
         self._table: dict[str, tuple[_Entry, ...]] = {}
         self._rebuild()
+        self.rewindable = False
+        """Set by the loop while it can go back to a consistent state (``rewind``)."""
+        self._fence: RandomFence | None = None
+        self._shown: PluginContext | None = None
+        self._view: PluginContext = LoopView(PluginContext())
+        self._watchdog = Watchdog()
 
     # -- what is loaded --------------------------------------------------------------
 
@@ -150,27 +183,79 @@ class PluginSet:
     def call(self, hook: str, context: PluginContext) -> None:
         """Call ``hook`` on every active plugin that implements it, inside the boundary."""
         # Fast path, run several times per batch: a hook nobody implements returns after
-        # one lookup; otherwise one clock read per plugin (each call's end is the next
-        # one's start) and nothing allocated. Quarantine (the slow path) rebuilds the
-        # table, and the tuple held here keeps this round's order intact.
+        # one lookup. Otherwise: one random fence for the whole round (not per plugin),
+        # one clock read per plugin (each call's end is the next one's start) and
+        # nothing allocated but the fence's mark. Quarantine (the slow path) rebuilds
+        # the table, and the tuple held here keeps this round's order intact.
         entries = self._table[hook]
         if not entries:
             return
+        view = self._view if context is self._shown else self._show(context)
+        fence = self._fence or self._new_fence()
+        mark = fence.mark()
+        watchdog = self._watchdog
         clock = _perf_counter
         started = clock()
-        for slot, method in entries:
-            slot.calls += 1
-            try:
-                method(context)
-            except Exception as exc:
-                self._fail(slot, hook, exc, context)
-            finished = clock()
-            slot.seconds += finished - started
-            started = finished
+        try:
+            for slot, method in entries:
+                slot.calls += 1
+                watchdog.since = started
+                try:
+                    # Inside the try: an interruption aimed at this plugin (timeout, a
+                    # second Ctrl-C) is caught here even if it lands on these lines.
+                    watchdog.running = slot
+                    method(view)
+                    watchdog.running = None
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # a plugin cannot end the process
+                    watchdog.running = None
+                    self._fail(slot, hook, exc, context)
+                finished = clock()
+                slot.seconds += finished - started
+                started = finished
+        finally:
+            watchdog.running = None
+            fence.put_back(mark)
+
+    def _show(self, context: PluginContext) -> PluginContext:
+        # A new context (a new run, or a test's own): plugins see it through a read-only
+        # view; the view is kept, so plugins holding it across hooks keep a live one.
+        self._shown = context
+        self._view = LoopView(context)
+        config = context.run_config
+        self._watchdog.arm(getattr(config, "plugin_timeout", None))
+        return self._view
+
+    def _new_fence(self) -> RandomFence:
+        # Built at the first call, once the loop has imported torch (and maybe NumPy)
+        # and initialised CUDA, so the fence covers the generators the loop uses.
+        self._fence = random_fence()
+        return self._fence
+
+    def close(self) -> None:
+        """Stop the timeout watchdog (the loop calls this when the run ends)."""
+        self._watchdog.disarm()
+
+    def interrupt_running(self, signum: int) -> None:
+        """From a signal handler: fail the plugin whose hook is running now, if any.
+
+        A second Ctrl-C or SIGTERM while a hook runs means that hook kept the run from
+        stopping after its step: it becomes that plugin's fault (logged with its stack,
+        quarantined, rewound) and the loop goes on to stop cleanly, with a checkpoint.
+        Returns when no plugin is running.
+        """
+        running = self._watchdog.running
+        if running is not None:
+            name = getattr(running, "name", "?")
+            raise PluginInterrupted(
+                f"plugin {name!r} was still running when a second "
+                f"{signal.Signals(signum).name} arrived"
+            )
 
     # -- the slow path ---------------------------------------------------------------
 
-    def _fail(self, slot: _Slot, hook: str, exc: Exception, context: PluginContext) -> None:
+    def _fail(self, slot: _Slot, hook: str, exc: BaseException, context: PluginContext) -> None:
         fault = PluginFault(
             slot.name, hook, describe_exception(exc), context.epoch, context.global_step
         )
@@ -179,9 +264,11 @@ class PluginSet:
         if self.policy == "raise":
             raise PluginFailure(fault.describe()) from exc
         log_fault(fault, exc)
+        if self.policy == "rewind" and self.rewindable:
+            raise RewindRequested(fault) from exc
 
     def quarantine(
-        self, plugin: NamedPlugin, stage: str, exc: Exception, context: PluginContext
+        self, plugin: NamedPlugin, stage: str, exc: BaseException, context: PluginContext
     ) -> None:
         """Handle a fault outside a hook (``state_dict``, ``load_state_dict``) like a hook's."""
         for slot in self._slots:
@@ -287,11 +374,12 @@ class boundary:  # used like a function: `with boundary(...):`
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        if exc is None or not isinstance(exc, Exception) or isinstance(exc, BzError):
+        if exc is None or isinstance(exc, (KeyboardInterrupt, BzError)):
             return False
-        fault = PluginFault(self._plugin, self._stage, describe_exception(exc))
+        fault = PluginFault(self._plugin, self._stage, describe_exception(exc), cause=exc)
         if self._policy == "raise":
             raise PluginFailure(fault.describe()) from exc
+        # Loading happens before training: there is nothing to rewind.
         self._faults.append(fault)
         log_fault(fault, exc)
         return True

@@ -55,9 +55,11 @@ class _BzGroup(click.Group):
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 _fail(line)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo("bz: interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            # A second SIGTERM says which signal it was (143); plain Ctrl-C is 130.
+            number = getattr(exc, "signal", None)
+            ctx.exit(128 + int(number) if number is not None else EXIT_INTERRUPTED)
 
 
 @click.group(
@@ -176,7 +178,20 @@ def train(
     """
     from bz import _logging
 
+    named: dict[str, Any] = {
+        "epochs": epochs,
+        "device": device,
+        "seed": seed,
+        "compile": compile_model,
+        "checkpoint_interval": checkpoint_interval,
+        # A folder typed on the command line is relative to where the user is.
+        "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
+        "resume": resume,
+        "plugin_errors": "raise" if strict_plugins else None,
+    }
     if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        # Checked once here, so a bad config is one line, not one per process.
+        _check_before_launch(config_path, _overrides(assignments, named))
         _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
         return
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -191,17 +206,7 @@ def train(
         _train(
             config_path,
             assignments,
-            {
-                "epochs": epochs,
-                "device": device,
-                "seed": seed,
-                "compile": compile_model,
-                "checkpoint_interval": checkpoint_interval,
-                # A folder typed on the command line is relative to where the user is.
-                "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
-                "resume": resume,
-                "plugin_errors": "raise" if strict_plugins else None,
-            },
+            named,
             log_format,
             show_traceback,
             rank,
@@ -256,8 +261,7 @@ def _train(
     from bz._setup import user_frame
     from bz.training.interrupts import TrainingInterrupted
 
-    overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
-    overrides.update({key: value for key, value in named.items() if value is not None})
+    overrides = _overrides(assignments, named)
     try:
         result = run(config_path, overrides=overrides, smoke=smoke)
     except BzError as exc:
@@ -312,6 +316,26 @@ def _train(
             click.echo(f"bz: last checkpoint {result.checkpoint}", err=True)
         if result.model is not None:
             click.echo(f"bz: trained weights in {result.model}", err=True)
+
+
+def _overrides(assignments: Sequence[str], named: dict[str, Any]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` assignments, then the named options that were given."""
+    overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
+    overrides.update({key: value for key, value in named.items() if value is not None})
+    return overrides
+
+
+def _check_before_launch(config_path: str | None, overrides: dict[str, Any]) -> None:
+    """What each process would check first: the config, its metrics, plugin options, the device."""
+    from bz._loader import load_plugins
+    from bz._run import config_and_base
+    from bz.metrics import build_metrics
+    from bz.training.device import resolve_device
+
+    run_config, _ = config_and_base(config_path, overrides, None)
+    build_metrics(run_config.metrics)
+    load_plugins(run_config.plugins, run_config)
+    resolve_device(run_config.device)
 
 
 def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
@@ -440,8 +464,20 @@ def validate(
     type=click.Path(dir_okay=False),
     help="Config file (default: $BZ_CONFIG, then ./bzconfig.json).",
 )
-def check_config(config_path: str | None) -> None:
-    """Validate bzconfig.json, including every plugin's and metric's options."""
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="Print the traceback of each plugin that cannot be imported or created.",
+)
+def check_config(config_path: str | None, show_traceback: bool) -> None:
+    """Validate bzconfig.json, including every plugin's and metric's options.
+
+    Exits 2 when a listed plugin cannot be imported, configured or created (one line
+    each on stderr).
+    """
+    import structlog
+
     from bz._loader import load_plugins
     from bz.config import find_config_file, load_config
     from bz.metrics import build_metrics
@@ -450,11 +486,16 @@ def check_config(config_path: str | None) -> None:
     config = load_config(file)
     try:
         build_metrics(config.metrics)
-        plugins = load_plugins(config.plugins, config)
+        # The faults are reported here, once each, not as plugin_failed events too.
+        with structlog.testing.capture_logs():
+            plugins = load_plugins(config.plugins, config, policy="isolate")
     except ConfigError as exc:
         raise exc.with_source(str(file)) from None
-    for fault in plugins.faults:
-        click.echo(f"bz: warning: {fault.describe()}", err=True)
+    if plugins.faults:
+        for fault in plugins.faults:
+            if show_traceback and fault.cause is not None:
+                traceback.print_exception(fault.cause, file=sys.stderr)
+        raise UsageError("\n".join(f"{file}: {fault.describe()}" for fault in plugins.faults))
     click.echo(
         f"{file}: OK ({len(plugins.active_names)} plugin(s), {len(config.metrics)} metric(s))"
     )

@@ -51,6 +51,11 @@ __all__ = [
     "unstructure",
 ]
 
+SEED_MIN = -(2**63)
+"""The smallest seed ``torch.manual_seed`` accepts."""
+SEED_MAX = 2**64 - 1
+"""The largest seed ``torch.manual_seed`` accepts."""
+
 DEFAULT_CONFIG_FILE = "bzconfig.json"
 CONFIG_ENV_VAR = "BZ_CONFIG"
 
@@ -252,8 +257,9 @@ class RunConfig:
     """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
-    seed: int | None = 0
-    """Seed for Python, NumPy and torch; ``null`` leaves the generators alone."""
+    seed: int | None = attrs.field(default=0, validator=between(SEED_MIN, SEED_MAX))
+    """Seed for Python, NumPy and torch (-2**63 to 2**64 - 1, what torch accepts);
+    ``null`` leaves the generators alone."""
     hyperparameters: dict[str, Any] = attrs.field(factory=dict)
     """Free-form values handed to ``train.py`` and shown to plugins."""
     metrics: tuple[MetricSpec, ...] = attrs.field(default=(), converter=metric_specs)
@@ -264,8 +270,14 @@ class RunConfig:
     )
     """Plugins to load: ``"name"`` or ``{"name": {options}}`` (in Python,
     :class:`PluginSpec` objects too)."""
-    plugin_errors: Literal["isolate", "raise"] = "isolate"
-    """``isolate`` quarantines a failing plugin and trains on; ``raise`` stops."""
+    plugin_errors: Literal["rewind", "isolate", "raise"] = "rewind"
+    """What a plugin's fault does: ``rewind`` quarantines the plugin and replays from the
+    last consistent state (the final weights are those of a run without it);
+    ``isolate`` quarantines it and trains on from the fault (no snapshots: cheaper for
+    large models); ``raise`` stops the run."""
+    plugin_timeout: float | None = attrs.field(default=600.0, validator=at_least(0.001))
+    """Seconds one plugin hook may run before it is interrupted and counts as a fault;
+    ``null`` turns the limit off."""
     train_script: str = "train.py"
     """The file defining ``setup(config) -> TrainingSetup``, relative to the config."""
     checkpoint_interval: int = attrs.field(default=1, validator=at_least(0))

@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import structlog
 
 from bz._errors import ConfigError
+from bz._logging import get_logger
 from bz.config import nearest, structure
 from bz.metrics._options import MetricOption, describe_options
 from bz.metrics._protocol import Metric
@@ -52,7 +52,7 @@ BUILTIN_METRICS: Mapping[str, str] = {
 }
 """Entry-point name -> ``module:attribute`` of every built-in metric."""
 
-_logger = structlog.get_logger("bz.metrics")
+_logger = get_logger("bz.metrics")
 
 
 @attrs.frozen

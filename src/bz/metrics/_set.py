@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-import structlog
-
+from bz._logging import get_logger
 from bz.metrics._collection import compute_all, reduce_across_processes
 from bz.metrics._protocol import MergeableMetric, Metric
 
 if TYPE_CHECKING:
     import torch
 
-_log = structlog.get_logger("bz")
+_log = get_logger("bz")
 
 
 class MetricSet:

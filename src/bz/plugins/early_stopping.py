@@ -111,7 +111,17 @@ class EarlyStopping:
     def end_epoch(self, context: PluginContext) -> None:
         """Update the best value and counters; request a stop when it is time."""
         value = self.monitored_value(context)
-        if value is None or math.isnan(value):
+        if value is not None and math.isnan(value):
+            # A NaN is a value the run produced, and a bad one: no improvement (it never
+            # becomes the best), so patience runs out on a run that keeps producing it.
+            self.logger.warning(
+                "early_stopping_monitor_nan", monitor=self.config.monitor, epoch=context.epoch
+            )
+            self.history.append(value)
+            self.wait += 1
+            self._stop_if_due(context)
+            return
+        if value is None:
             if not self._warned_missing:
                 self._warned_missing = True
                 self.logger.warning(
@@ -145,6 +155,9 @@ class EarlyStopping:
                 )
         else:
             self.wait += 1
+        self._stop_if_due(context)
+
+    def _stop_if_due(self, context: PluginContext) -> None:
         stopping = self._should_stop()
         if stopping:
             self.stopped_epoch = context.epoch

@@ -17,6 +17,7 @@ from bz._distributed import vote_across
 from bz._logging import get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
 
 _log = get_logger("bz")
@@ -77,6 +78,18 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signal = signal.Signals(signal_number)
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: training stops at once, without finishing the step.
+
+    ``signal`` is the second signal, so ``bz train`` exits with 130 for Ctrl-C and 143
+    for SIGTERM (the shell's 128 + signal), as after the first.
+    """
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__("stopped at once by a second signal")
+        self.signal = signal.Signals(signal_number)
+
+
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -87,12 +100,17 @@ class InterruptGuard:
     SIGTERM is what job schedulers, ``kill`` and torchrun's launcher send before they
     resort to SIGKILL. Installed only while ``fit`` runs and only in the main thread
     (the one Python delivers signals to); the previous handlers are put back afterwards.
-    A second signal raises ``KeyboardInterrupt`` at once.
+    A second signal while a plugin hook runs fails that plugin (it kept the run from
+    stopping); otherwise it raises :class:`StoppedAtOnce` (a ``KeyboardInterrupt``) at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, blame: Callable[[int], None] | None = None) -> None:
         self.requested = False
         self.signal: int = signal.SIGINT.value
+        self.blame = blame
+        """Called on a second signal before stopping at once: it raises inside a plugin
+        hook that is still running (see ``PluginSet.interrupt_running``), so a hung
+        plugin is blamed and the loop still stops after its step, with a checkpoint."""
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> InterruptGuard:
@@ -109,7 +127,9 @@ class InterruptGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            if self.blame is not None:
+                self.blame(signum)  # raises inside a plugin hook that is still running
+            raise StoppedAtOnce(signum)
         self.requested = True
         self.signal = signum
         _log.warning(

@@ -19,6 +19,11 @@ Hook order for one run (``[...]`` only when there is validation data)::
         [save_checkpoint]            # every checkpoint_interval epochs, and the last
     end_training_session
     on_exception                     # instead of the rest, when training fails
+    on_rewind                        # after a plugin's fault, before its part runs again
+
+The session's start, each epoch (with its checkpoint) and the session's end are
+*parts*: under ``plugin_errors: "rewind"`` each starts from a snapshot and runs again
+without a plugin that failed in it (see :mod:`bz.training.rewind`).
 
 A stop in the middle of an epoch (``should_stop_training`` set by a plugin in a training
 hook, ``max_steps``, ``max_time``) takes effect after the current optimizer step: a
@@ -39,18 +44,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import itertools
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from bz._checkpoint import CheckpointStore, capture_rng, loader_generators, restore_rng
+from bz._checkpoint import (
+    CheckpointPayload,
+    CheckpointStore,
+    capture_rng,
+    loader_generators,
+    restore_rng,
+)
 from bz._checkpoint import run_signature as _run_signature
 from bz._context import DeviceSum, PluginContext
 from bz._distributed import (
@@ -71,9 +83,11 @@ from bz.training.checkpoints import CheckpointPolicy, ResumePoint
 from bz.training.control import EndReason, StepControl
 from bz.training.device import batch_size, loader_length, resolve_device, to_device, unpack
 from bz.training.evaluate import mean
+from bz.training.guards import check_batches, check_epoch_loss, check_model
 from bz.training.interrupts import InterruptGuard, InterruptVote, TrainingInterrupted
 from bz.training.precision import precision_for
 from bz.training.result import EpochRecord, FitResult
+from bz.training.rewind import Rewinder
 
 if TYPE_CHECKING:
     from bz._sandbox import PluginSet
@@ -82,6 +96,7 @@ if TYPE_CHECKING:
     from bz.metrics import Metric
 
 _log = get_logger("bz")
+T = TypeVar("T")
 
 
 class Run:
@@ -138,7 +153,7 @@ class Run:
         self.val_metrics = MetricSet({name: copy.deepcopy(m) for name, m in metrics.items()})
         self.move_batches = self.device.type != "cpu"
         self.generators = loader_generators(self.train_loader)
-        self.interrupt = InterruptGuard()
+        self.interrupt = InterruptGuard(plugins.interrupt_running)
         self.vote: InterruptVote | None = None
         self.owns_process_group = False
         self.accumulate = config.accumulate_grad_batches
@@ -190,6 +205,7 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         backend = choose_backend(config.distributed.backend, self.device)
+        check_model(self.setup.model)
         self.owns_process_group = join(self.topology, backend, config.distributed.timeout)
         self.model = self.setup.model.to(self.device)
         self.forward = self.model
@@ -244,6 +260,7 @@ class Run:
             self._prepare()
             return self._fit()
         finally:
+            self.plugins.close()
             self._leave()
 
     def _leave(self) -> None:
@@ -274,24 +291,19 @@ class Run:
             return checkpoints.already_complete(*found, started)
         history: list[EpochRecord] = []
         self.context.extra["active_plugins"] = self.plugins.active_names
+        check_batches(self.context.training_batches_per_epoch)
+        # Each part runs again from its start, without the plugin, when one fails in it.
+        part = Rewinder(self).part if Rewinder.wanted(self) else _once
         with self.interrupt:
             try:
-                self._hook("start_training_session")
-                if found is not None:
-                    self.resume_point = checkpoints.resume(*found)
+                part(lambda: self._start_session(found))
                 for epoch in range(self.start_epoch, self.config.epochs):
-                    self.epoch = epoch
-                    record = self._epoch()
-                    if record is None:  # Ctrl-C in the middle of the epoch
-                        checkpoints.save(epoch, self.train_batches)
-                        self._stop_interrupted()
+                    record, stop = part(functools.partial(self._epoch_and_checkpoint, epoch))
                     history.append(record)
-                    self._log_epoch(record)
-                    if record.partial or self._end_of_epoch():
+                    if stop:
                         break
                 self.context.extra["plugin_reports"] = self._plugin_reports()
-                self._hook("end_training_session")
-                checkpoints.save_final_model(self._epochs_done(history))
+                part(lambda: self._end_session(self._epochs_done(history)))
             except TrainingInterrupted:
                 raise
             except (KeyboardInterrupt, BzError) as exc:
@@ -318,6 +330,26 @@ class Run:
             model=checkpoints.final_model,
             stopped_by=self.stopped_by,
         )
+
+    def _start_session(self, found: tuple[Path, CheckpointPayload] | None) -> None:
+        self._hook("start_training_session")
+        if found is not None:
+            self.resume_point = self.checkpoints.resume(*found)
+
+    def _epoch_and_checkpoint(self, epoch: int) -> tuple[EpochRecord, bool]:
+        """One epoch and its checkpoint; whether the run stops after it."""
+        self.epoch = epoch
+        record = self._epoch()
+        if record is None:  # Ctrl-C in the middle of the epoch
+            self.checkpoints.save(epoch, self.train_batches)
+            self._stop_interrupted()
+        check_epoch_loss(record, self.train_batches)
+        self._log_epoch(record)
+        return record, record.partial or self._end_of_epoch()
+
+    def _end_session(self, epochs: int) -> None:
+        self._hook("end_training_session")
+        self.checkpoints.save_final_model(epochs)
 
     def _epochs_done(self, history: list[EpochRecord]) -> int:
         return self.start_epoch + sum(1 for record in history if not record.partial)
@@ -681,6 +713,11 @@ class Run:
 
 
 _NO_CONTEXT = contextlib.nullcontext()
+
+
+def _once(body: Callable[[], T]) -> T:
+    """A part run without snapshots (``isolate`` and ``raise``, several processes)."""
+    return body()
 
 
 def _capped(length: int | None, limit: int | None) -> int | None:

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import attrs
 import torch
 
 from bz._errors import UsageError
-
-if TYPE_CHECKING:
-    from bz.config import RunConfig
 
 Mode = Literal["32", "bf16-mixed", "16-mixed"]
 
@@ -56,15 +53,6 @@ def check_precision(mode: Mode, device: torch.device) -> None:
             f"precision 'bf16-mixed' needs a GPU with bfloat16 support; {device} has none: "
             "use '16-mixed' or '32'"
         )
-
-
-def check_config_precision(config: RunConfig) -> None:
-    """:func:`check_precision` for a configuration, before ``setup()`` runs."""
-    if config.precision == "32":
-        return
-    from bz.training.device import resolve_device
-
-    check_precision(config.precision, resolve_device(config.device))
 
 
 def precision_for(mode: Mode, device: torch.device) -> Precision:

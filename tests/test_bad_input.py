@@ -1,0 +1,330 @@
+"""Bad input before training is one line and exit 2; silent bad runs are stopped.
+
+``bz check-config`` on plugins that cannot be imported or created, seeds torch cannot
+take, a model on the meta device, an unusable ``--device`` (found before ``setup()``
+runs), a bad config with ``--nproc-per-node`` (found once, before any process starts),
+an empty training loader; a non-finite training loss (exit 1, naming the epoch); and
+``early_stopping`` on a NaN monitor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import textwrap
+import time
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+import structlog
+import torch
+from click.testing import CliRunner, Result
+from hypothesis import given
+from hypothesis import strategies as st
+from tests._fault_support import install_fake_distribution
+from tests._support import TINY_TRAIN_PY, assert_same_weights, tiny_setup, weights
+
+import bz
+import bz._run
+from bz import _logging
+from bz.cli import cli
+from bz.config import SEED_MAX, SEED_MIN, ConfigError, RunConfig
+from bz.plugins import PluginContext
+from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
+from bz.training.interrupts import StoppedAtOnce, TrainingInterrupted
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The fake distribution (``faulty``, ``broken_import``), importable for the module."""
+    folder = install_fake_distribution(tmp_path_factory.mktemp("site"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))
+        yield folder
+
+
+def _no_rendering(*args: Any, **kwargs: Any) -> None:
+    """Stands in for the CLI's log set-up, which would replace ``capture_logs``."""
+
+
+def _project(folder: Path, train_py: str = TINY_TRAIN_PY, **config: Any) -> Path:
+    (folder / "train.py").write_text(train_py, encoding="utf-8")
+    settings = {"epochs": 2, "device": "cpu", "plugins": [], **config}
+    path = folder / "bzconfig.json"
+    path.write_text(json.dumps(settings), encoding="utf-8")
+    return path
+
+
+def _bz(*args: str) -> tuple[Result, list[MutableMapping[str, Any]]]:
+    with pytest.MonkeyPatch.context() as patch, structlog.testing.capture_logs() as events:
+        patch.setattr(_logging, "configure", _no_rendering)
+        result = CliRunner().invoke(cli, list(args))
+    return result, events
+
+
+def _one_error_line(result: Result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# -- check-config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "stage"),
+    [
+        ("broken_import", "import"),
+        ({"faulty": {"fail_in": "create"}}, "create"),
+        ({"faulty": {"fail_in": "config"}}, "config"),
+    ],
+)
+def test_check_config_exits_2_when_a_plugin_cannot_be_loaded(
+    entry: Any, stage: str, plugin_path: Path, tmp_path: Path
+) -> None:
+    config = _project(tmp_path, plugins=[entry])
+    result, _ = _bz("check-config", "--config", str(config))
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert f"failed in {stage}" in line
+    assert "injected fault" in line
+    with_traceback, _ = _bz("check-config", "--config", str(config), "--traceback")
+    assert with_traceback.exit_code == 2
+    assert "Traceback" in with_traceback.stderr
+
+
+def test_check_config_still_passes_a_good_config(plugin_path: Path, tmp_path: Path) -> None:
+    config = _project(tmp_path, plugins=["faulty"])
+    result, _ = _bz("check-config", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.stdout
+
+
+# -- seeds, devices, models, loaders ------------------------------------------------------------
+
+
+def test_a_seed_torch_cannot_take_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    config = _project(tmp_path)
+    result, _ = _bz("train", "--config", str(config), "--seed", "18446744073709551616")
+    assert result.exit_code == 2
+    assert "seed" in _one_error_line(result)
+
+
+@given(st.integers(min_value=SEED_MIN, max_value=SEED_MAX))
+def test_every_seed_the_config_accepts_torch_accepts(seed: int) -> None:
+    config = RunConfig().with_overrides(seed=seed)
+    assert config.seed == seed
+    torch.Generator().manual_seed(seed)
+
+
+@given(st.integers(min_value=SEED_MAX + 1) | st.integers(max_value=SEED_MIN - 1))
+def test_every_seed_outside_torchs_range_is_a_config_error(seed: int) -> None:
+    with pytest.raises(ConfigError, match="seed"):
+        RunConfig().with_overrides(seed=seed)
+
+
+@given(st.sampled_from(["rewind", "isolate", "raise"]) | st.text(max_size=8))
+def test_plugin_errors_takes_exactly_three_policies(policy: str) -> None:
+    if policy in ("rewind", "isolate", "raise"):
+        assert RunConfig().with_overrides(plugin_errors=policy).plugin_errors == policy
+    else:
+        with pytest.raises(ConfigError, match="plugin_errors"):
+            RunConfig().with_overrides(plugin_errors=policy)
+
+
+@given(st.none() | st.floats(allow_nan=False, allow_infinity=False))
+def test_plugin_timeout_is_positive_seconds_or_null(seconds: float | None) -> None:
+    if seconds is None or seconds >= 0.001:
+        assert RunConfig().with_overrides(plugin_timeout=seconds).plugin_timeout == seconds
+    else:
+        with pytest.raises(ConfigError, match="plugin_timeout"):
+            RunConfig().with_overrides(plugin_timeout=seconds)
+
+
+_MARKER_TRAIN_PY = TINY_TRAIN_PY.replace(
+    "def setup(config: bz.RunConfig) -> bz.TrainingSetup:\n",
+    "def setup(config: bz.RunConfig) -> bz.TrainingSetup:\n    open('setup-ran', 'w').close()\n",
+)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="the machine has a cuda:7")
+def test_an_unusable_device_is_found_before_setup_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = _project(tmp_path, _MARKER_TRAIN_PY)
+    result, _ = _bz("train", "--config", str(config), "--device", "cuda:7")
+    assert result.exit_code == 2
+    assert "cuda:7" in _one_error_line(result)
+    assert not (tmp_path / "setup-ran").exists()
+
+
+def test_with_several_processes_a_bad_config_is_reported_once_before_any_starts(
+    tmp_path: Path,
+) -> None:
+    config = _project(tmp_path, epochs=0)
+    result, _ = _bz("train", "--config", str(config), "--nproc-per-node", "2")
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert "epochs" in line
+    assert "exitcode" not in result.output
+
+
+_META_TRAIN_PY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    import bz
+
+
+    def setup(config: bz.RunConfig) -> bz.TrainingSetup:
+        with torch.device("meta"):
+            model = nn.Linear(4, 2)
+        data = [(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))]
+        return bz.TrainingSetup(
+            model=model,
+            loss_fn=nn.CrossEntropyLoss(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            train_loader=data,
+        )
+    """
+)
+
+
+def test_a_model_on_the_meta_device_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    config = _project(tmp_path, _META_TRAIN_PY)
+    result, _ = _bz("train", "--config", str(config))
+    assert result.exit_code == 2
+    assert "meta device" in _one_error_line(result)
+
+
+def test_an_empty_training_loader_is_an_error_before_the_first_epoch() -> None:
+    setup = tiny_setup()
+    setup = bz.TrainingSetup(
+        model=setup.model,
+        loss_fn=setup.loss_fn,
+        optimizer=setup.optimizer,
+        train_loader=[],
+    )
+
+    class Watcher:
+        name = "watcher"
+        epochs = 0
+
+        def start_epoch(self, context: PluginContext) -> None:
+            Watcher.epochs += 1
+
+    with pytest.raises(bz.UsageError, match="no batches"):
+        bz.Trainer().fit(setup, RunConfig(epochs=2, device="cpu"), [Watcher()])
+    assert Watcher.epochs == 0
+
+
+# -- silent bad runs ----------------------------------------------------------------------------
+
+
+_NAN_TRAIN_PY = TINY_TRAIN_PY.replace(
+    "optimizer=torch.optim.SGD(model.parameters(), lr=0.1)",
+    "optimizer=torch.optim.SGD(model.parameters(), lr=1e30)",
+)
+
+
+def test_a_non_finite_training_loss_stops_the_run_naming_the_epoch(tmp_path: Path) -> None:
+    config = _project(tmp_path, _NAN_TRAIN_PY, epochs=5)
+    result, events = _bz("train", "--config", str(config))
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert "epoch 0" in line
+    assert "non-finite" in line
+    assert not [e for e in events if e["event"] == "epoch_finished"]
+
+
+def test_early_stopping_counts_a_nan_monitor_as_no_improvement() -> None:
+    plugin = EarlyStopping(EarlyStoppingConfig(monitor="accuracy", mode="max", patience=2))
+    context = PluginContext()
+    for epoch, value in enumerate([0.5, math.nan, math.nan]):
+        context.epoch = epoch
+        context.validation_metrics = {"accuracy": value}
+        plugin.end_epoch(context)
+    assert context.should_stop_training
+    assert plugin.best == 0.5
+
+
+# -- a second signal -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("number", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_second_signal_stops_at_once_and_exits_with_that_signals_code(
+    number: signal.Signals, code: int, tmp_path: Path
+) -> None:
+    flushed: list[BaseException | None] = []
+    setup = tiny_setup()
+    loss_fn = setup.loss_fn
+
+    def signalling_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # The user's own code, not a plugin's: nobody to blame, so bz stops at once.
+        os.kill(os.getpid(), number)  # the first asks for a stop after the step
+        os.kill(os.getpid(), number)  # the second stops at once
+        return loss_fn(outputs, targets)
+
+    class Flusher:
+        name = "flusher"
+
+        def on_exception(self, context: PluginContext) -> None:
+            flushed.append(context.exception)
+
+    setup = bz.TrainingSetup(
+        model=setup.model,
+        loss_fn=signalling_loss,
+        optimizer=setup.optimizer,
+        train_loader=setup.train_loader,
+    )
+    with pytest.raises(StoppedAtOnce) as raised:
+        bz.Trainer().fit(setup, RunConfig(epochs=2, device="cpu"), [Flusher()])
+    assert raised.value.signal == number
+    assert flushed == [raised.value]  # plugins still get to flush
+    # And bz train turns it into the shell's 128 + signal.
+    config = _project(tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_logging, "configure", _no_rendering)
+        patch.setattr(bz._run, "run", _raiser(StoppedAtOnce(number)))
+        result = CliRunner().invoke(cli, ["train", "--config", str(config)])
+    assert result.exit_code == code
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_inside_a_hung_hook_blames_the_plugin_and_stops_with_a_checkpoint(
+    number: signal.Signals, tmp_path: Path
+) -> None:
+    class Hangs:
+        name = "hangs"
+
+        def end_training_batch(self, context: PluginContext) -> None:
+            os.kill(os.getpid(), number)  # the first: stop after this step, please
+            os.kill(os.getpid(), number)  # the second, while this hook still runs
+            time.sleep(600)
+
+    config = RunConfig(epochs=2, device="cpu", plugin_timeout=None)
+    with pytest.raises(TrainingInterrupted) as raised:
+        bz.Trainer().fit(tiny_setup(), config, [Hangs()], checkpoint_dir=tmp_path)
+    assert raised.value.signal == number  # bz train exits 128 + this
+    assert raised.value.checkpoint is not None
+    # The interrupted run resumes to exactly the weights of a run without the plugin.
+    resumed = tiny_setup()
+    bz.Trainer().fit(resumed, config, [], checkpoint_dir=tmp_path)
+    clean = tiny_setup()
+    bz.Trainer().fit(clean, config, [])
+    assert_same_weights(weights(resumed.model), weights(clean.model))
+
+
+def _raiser(error: BaseException) -> Any:
+    def run(*args: Any, **kwargs: Any) -> NoReturn:
+        raise error
+
+    return run

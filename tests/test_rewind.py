@@ -1,0 +1,327 @@
+"""The sandbox's promise: a failing or careless plugin never changes what training produces.
+
+The matrix: every hook a fresh run reaches × something a plugin can do (draw from each
+global random generator, change the weights, the gradients or the learning rate, set the
+stop flag, overwrite a value the loop owns, replace the model) × then raise or return.
+Wherever the contract says so, the final weights are ``torch.equal`` to those of the run
+without the plugin. The setup draws from every generator a real run does (shuffle,
+dropout, Python's and NumPy's generators in the collate function).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import numpy
+import pytest
+import structlog
+import torch
+from tests._fault_support import resume_setup
+from tests._support import assert_same_weights
+
+import bz
+from bz.plugins import HOOK_NAMES, PluginContext
+from bz.training.device import seed_everything
+
+EPOCHS = 2
+CONFIG = bz.RunConfig(epochs=EPOCHS, device="cpu", seed=5, checkpoint_interval=1)
+
+# Hooks a fresh run reaches (load_checkpoint needs a resume, on_rewind a fault, and
+# on_exception a failing run: each has its own test below).
+HOOKS = [h for h in HOOK_NAMES if h not in ("load_checkpoint", "on_rewind", "on_exception")]
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train(
+    plugins: list[Any], folder: Path, config: bz.RunConfig = CONFIG
+) -> tuple[dict[str, torch.Tensor], bz.FitResult]:
+    seed_everything(5)  # the model's initial weights come from the global generator
+    setup = resume_setup(config)
+    result = bz.Trainer().fit(setup, config, plugins, checkpoint_dir=folder)
+    return _weights(setup.model), result
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Final weights of the run without the plugin."""
+    return _train([], tmp_path_factory.mktemp("clean"))[0]
+
+
+# -- what a plugin does before raising or returning ---------------------------------------
+
+
+def _draw_torch(context: PluginContext) -> None:
+    torch.rand(7)
+
+
+def _draw_python(context: PluginContext) -> None:
+    random.random()
+    random.gauss(0.0, 1.0)
+
+
+def _draw_numpy(context: PluginContext) -> None:
+    numpy.random.rand(7)
+
+
+def _change_weights(context: PluginContext) -> None:
+    assert context.model is not None
+    with torch.no_grad():
+        for parameter in context.model.parameters():
+            parameter.add_(0.5)
+
+
+def _change_grads(context: PluginContext) -> None:
+    assert context.model is not None
+    for parameter in context.model.parameters():
+        if parameter.grad is not None:
+            parameter.grad.mul_(50.0)
+
+
+def _change_lr(context: PluginContext) -> None:
+    assert context.optimizer is not None
+    for group in context.optimizer.param_groups:
+        group["lr"] *= 10.0
+
+
+def _set_stop(context: PluginContext) -> None:
+    context.should_stop_training = True
+
+
+def _overwrite_loop_value(context: PluginContext) -> None:
+    context.epoch = 99
+
+
+def _replace_model(context: PluginContext) -> None:
+    context.model = torch.nn.Linear(6, 2)  # type: ignore[misc]  # the point: mypy flags it, and at run time it is a fault
+
+
+ACTIONS: dict[str, Callable[[PluginContext], None]] = {
+    "draw_torch": _draw_torch,
+    "draw_python": _draw_python,
+    "draw_numpy": _draw_numpy,
+    "change_weights": _change_weights,
+    "change_grads": _change_grads,
+    "change_lr": _change_lr,
+    "set_stop": _set_stop,
+    "overwrite_loop_value": _overwrite_loop_value,
+    "replace_model": _replace_model,
+}
+
+# Actions that are a plugin's right when it returns normally (acting on the model and
+# optimizer, asking to stop); their effect stays. Every other action, and every action
+# followed by a fault, leaves the weights of the run without the plugin.
+LEGITIMATE = {"change_weights", "change_grads", "change_lr", "set_stop"}
+
+
+class Actor:
+    """Does ``action`` in ``hook`` (the first time it is reached), then raises or returns."""
+
+    name = "actor"
+
+    def __init__(self, hook: str, action: Callable[[PluginContext], None], fail: bool) -> None:
+        self.hook, self.action, self.fail = hook, action, fail
+        self.done = False
+        setattr(self, hook, self._act)
+
+    def _act(self, context: PluginContext) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.action(context)
+        if self.fail:
+            raise RuntimeError(f"fails in {self.hook}")
+
+
+def _faults(events: list[MutableMapping[str, Any]]) -> list[tuple[str, str]]:
+    return [(e["plugin"], e["hook"]) for e in events if e["event"] == "plugin_failed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("then", ["raise", "return"])
+@pytest.mark.parametrize("action", list(ACTIONS))
+@pytest.mark.parametrize("hook", HOOKS)
+def test_the_matrix(
+    hook: str, action: str, then: str, clean: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    actor = Actor(hook, ACTIONS[action], fail=then == "raise")
+    with structlog.testing.capture_logs() as events:
+        weights, result = _train([actor], tmp_path)
+    assert actor.done, f"{hook} was never reached"
+    if then == "return" and action in LEGITIMATE:
+        return  # the plugin's right; what it changes, stays
+    assert_same_weights(weights, clean)
+    assert result.epochs_completed == EPOCHS
+    faulted = then == "raise" or action in ("overwrite_loop_value", "replace_model")
+    assert _faults(events) == ([("actor", hook)] if faulted else [])
+
+
+def test_a_fault_after_changing_the_weights_is_rewound(
+    clean: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    # The fast witness of the matrix (which is marked slow): one hook per phase.
+    for hook in ("start_training_session", "end_training_batch", "end_epoch", "save_checkpoint"):
+        actor = Actor(hook, _change_weights, fail=True)
+        weights, result = _train([actor], tmp_path / hook)
+        assert_same_weights(weights, clean)
+        assert result.plugins[0].fault is not None
+
+
+def test_isolate_keeps_what_the_plugin_did_before_failing(
+    clean: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    # The cheaper policy, and the reason rewind is the default.
+    actor = Actor("end_training_batch", _change_weights, fail=True)
+    config = CONFIG.with_overrides(plugin_errors="isolate")
+    weights, _ = _train([actor], tmp_path, config)
+    assert any(not torch.equal(weights[k], clean[k]) for k in clean)
+
+
+class Recorder:
+    """An observing plugin: counts epochs and hears about rewinds."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.rewinds: list[dict[str, Any]] = []
+        self.epochs: list[int] = []
+
+    def start_epoch(self, context: PluginContext) -> None:
+        self.epochs.append(context.epoch)
+
+    def on_rewind(self, context: PluginContext) -> None:
+        self.rewinds.append(dict(context.extra["rewind"]))
+
+
+def test_other_plugins_are_told_and_see_the_replay(
+    clean: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    recorder = Recorder()
+    actor = Actor("end_validation_loop", _change_lr, fail=True)
+    with structlog.testing.capture_logs() as events:
+        weights, _ = _train([recorder, actor], tmp_path)
+    assert_same_weights(weights, clean)
+    assert len(recorder.rewinds) == 1
+    told = recorder.rewinds[0]
+    assert (told["plugin"], told["hook"], told["epoch"]) == ("actor", "end_validation_loop", 0)
+    assert recorder.epochs == [0, 0, 1]  # epoch 0 ran again
+    assert [e["plugin"] for e in events if e["event"] == "training_rewound"] == ["actor"]
+
+
+def test_a_plugin_failing_in_on_rewind_is_rewound_too(
+    clean: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    second = Actor("on_rewind", _change_weights, fail=True)
+    second.name = "second"
+    first = Actor("end_epoch", _change_weights, fail=True)
+    weights, result = _train([second, first], tmp_path)
+    assert_same_weights(weights, clean)
+    assert [r.fault is not None for r in result.plugins] == [True, True]
+
+
+def test_a_fault_in_load_checkpoint_is_rewound(tmp_path: Path) -> None:
+    reference, _ = _train([], tmp_path / "reference")
+    _first, _ = _train([], tmp_path / "run", CONFIG.with_overrides(epochs=1))
+    actor = Actor("load_checkpoint", _change_weights, fail=True)
+    weights, result = _train([actor], tmp_path / "run")
+    assert result.resumed_from is not None
+    assert_same_weights(weights, reference)
+
+
+def test_observing_plugins_never_change_training(
+    clean: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    class Sampler:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            for hook in HOOKS:
+                setattr(self, hook, self._draw)
+
+        def _draw(self, context: PluginContext) -> None:
+            torch.rand(3)
+            random.random()
+            numpy.random.rand(3)
+
+    weights, _ = _train([Sampler("a"), Sampler("b")], tmp_path)
+    assert_same_weights(weights, clean)
+
+
+# -- every BaseException is the plugin's fault ------------------------------------------------
+
+
+class CustomBase(BaseException):
+    """Not an Exception: a plugin's own BaseException subclass."""
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SystemExit(0), SystemExit(3), GeneratorExit(), asyncio.CancelledError(), CustomBase()],
+    ids=["SystemExit0", "SystemExit3", "GeneratorExit", "CancelledError", "custom"],
+)
+def test_every_base_exception_is_the_plugins_fault(
+    error: BaseException, clean: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    class Raiser:
+        name = "raiser"
+
+        def end_epoch(self, context: PluginContext) -> None:
+            _change_weights(context)
+            raise error
+
+    weights, result = _train([Raiser()], tmp_path)
+    assert result.epochs_completed == EPOCHS
+    assert_same_weights(weights, clean)
+    fault = result.plugins[0].fault
+    assert fault is not None
+    assert type(error).__name__ in fault.error
+
+
+def test_a_hung_hook_is_stopped_reported_with_its_stack_and_rewound(
+    clean: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    class Hanging:
+        name = "hanging"
+
+        def end_training_batch(self, context: PluginContext) -> None:
+            _change_weights(context)
+            time.sleep(600)
+
+    config = CONFIG.with_overrides(plugin_timeout=0.2)
+    with structlog.testing.capture_logs() as events:
+        weights, result = _train([Hanging()], tmp_path, config)
+    assert_same_weights(weights, clean)
+    fault = result.plugins[0].fault
+    assert fault is not None
+    assert "PluginTimeout" in fault.error
+    failed = [e for e in events if e["event"] == "plugin_failed"]
+    assert len(failed) == 1
+    # The traceback logged is the plugin's own stack: it ends in its time.sleep.
+    stack = failed[0]["exc_info"].__traceback__
+    frames = []
+    while stack is not None:
+        frames.append(stack.tb_frame.f_code.co_name)
+        stack = stack.tb_next
+    assert "end_training_batch" in frames
+
+
+def test_a_learning_rate_changed_before_a_fault_never_reaches_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    _, clean_result = _train([], tmp_path / "clean")
+    actor = Actor("end_epoch", _change_lr, fail=True)
+    _, result = _train([actor], tmp_path / "faulty")
+    assert clean_result.checkpoint is not None
+    assert result.checkpoint is not None
+
+    def learning_rates(path: Path) -> list[float]:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return [group["lr"] for group in payload["optimizer"]["param_groups"]]
+
+    assert learning_rates(result.checkpoint) == learning_rates(clean_result.checkpoint)
