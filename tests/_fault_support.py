@@ -201,19 +201,19 @@ def child_main() -> None:
     crash leaves behind).
     """
     from bz import cli
-    from bz.training import loop
+    from bz.training.epoch import EpochLoop
 
     at_step = int(os.environ.get("BZ_TEST_SIGNAL_AT_STEP", "0"))
     chosen = getattr(signal, "SIG" + os.environ.get("BZ_TEST_SIGNAL", "KILL"))
     if at_step:
-        original_step = loop.Run._step
+        original_step = EpochLoop._step
 
-        def step(self: loop.Run, batch: Any, index: int) -> None:
+        def step(self: EpochLoop, batch: Any, index: int) -> None:
             original_step(self, batch, index)
             if self.global_step == at_step:
                 os.kill(os.getpid(), chosen)
 
-        loop.Run._step = step  # type: ignore[method-assign]  # the test's fault injection
+        EpochLoop._step = step  # type: ignore[method-assign]  # the test's fault injection
 
     kill_in_write = int(os.environ.get("BZ_TEST_KILL_IN_WRITE", "0"))
     if kill_in_write:
