@@ -18,6 +18,7 @@ too long (see :mod:`bz._watchdog`).
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -137,6 +138,8 @@ class PluginSet:
         self.rewindable = False
         """Set by the loop while it can go back to a consistent state (``rewind``)."""
         self._fence: RandomFence | None = None
+        self._grad_mode: Callable[[], bool] | None = None
+        """``torch.is_grad_enabled``, once the fence is built (torch is imported then)."""
         self._shown: PluginContext | None = None
         self._view: PluginContext = LoopView(PluginContext())
         self._watchdog = Watchdog()
@@ -193,6 +196,10 @@ class PluginSet:
         view = self._view if context is self._shown else self._show(context)
         fence = self._fence or self._new_fence()
         mark = fence.mark()
+        # Grad mode is global: a plugin that turns it off (and fails, or forgets to turn
+        # it back on) would leave the loop's backward pass without a graph.
+        grad_mode = self._grad_mode
+        grad = grad_mode is None or grad_mode()
         watchdog = self._watchdog
         clock = _perf_counter
         started = clock()
@@ -217,6 +224,8 @@ class PluginSet:
         finally:
             watchdog.running = None
             fence.put_back(mark)
+            if grad_mode is not None and grad_mode() is not grad:
+                _set_grad_mode(grad)
 
     def _show(self, context: PluginContext) -> PluginContext:
         # A new context (a new run, or a test's own): plugins see it through a read-only
@@ -231,6 +240,9 @@ class PluginSet:
         # Built at the first call, once the loop has imported torch (and maybe NumPy)
         # and initialised CUDA, so the fence covers the generators the loop uses.
         self._fence = random_fence()
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            self._grad_mode = torch.is_grad_enabled
         return self._fence
 
     def close(self) -> None:
@@ -334,6 +346,12 @@ class PluginSet:
                 for report in self.report()
             },
         )
+
+
+def _set_grad_mode(enabled: bool) -> None:
+    import torch  # imported already: only called once a hook has run under torch
+
+    torch.set_grad_enabled(enabled)
 
 
 def log_fault(fault: PluginFault, exc: BaseException) -> None:

@@ -9,7 +9,8 @@ puts the snapshot back, tells the remaining plugins (``on_rewind``, with
 ``context.extra["rewind"]``) and runs the part again, without the faulty plugin. Each
 fault quarantines one plugin, so a part is run at most once more than there are plugins.
 
-What a snapshot holds: the model's and the loss module's state, the optimizer's and the
+What a snapshot holds: the model's and the loss module's state, which parameters
+require gradients, the optimizer's parameter groups and state, the
 scheduler's (learning rates included), every random state a step draws from (torch,
 CUDA, Python, NumPy, the loaders' generators), the loop's counters and where the epoch
 starts, the stop flag and why the run stopped, the gradient scaler (``16-mixed``),
@@ -55,7 +56,9 @@ class Snapshot:
     __slots__ = (
         "epoch",
         "extra",
+        "frozen",
         "global_step",
+        "groups",
         "loss",
         "model",
         "optimizer",
@@ -72,6 +75,10 @@ class Snapshot:
         setup = run.setup
         self.model = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         self.optimizer = _tensor_copy(setup.optimizer.state_dict())
+        # Not in the state dicts, yet a plugin can change them: which parameters train
+        # (``requires_grad_``) and which the optimizer holds (``add_param_group``).
+        self.frozen = [p for p in run.model.parameters() if not p.requires_grad]
+        self.groups = [dict(g, params=list(g["params"])) for g in setup.optimizer.param_groups]
         scheduler = setup.scheduler
         self.scheduler = (
             _tensor_copy(scheduler.state_dict()) if hasattr(scheduler, "state_dict") else None
@@ -101,6 +108,11 @@ class Snapshot:
         """Make ``run`` what it was when the snapshot was taken."""
         setup = run.setup
         run.model.load_state_dict(self.model)
+        frozen = {id(p) for p in self.frozen}  # the snapshot keeps them alive: ids hold
+        for parameter in run.model.parameters():
+            parameter.requires_grad_(id(parameter) not in frozen)
+        groups = setup.optimizer.param_groups
+        groups[:] = [dict(g, params=list(g["params"])) for g in self.groups]
         # Optimizers and schedulers keep references to what they load: give them copies,
         # so a second rewind to the same snapshot still finds it intact.
         setup.optimizer.load_state_dict(_tensor_copy(self.optimizer))
