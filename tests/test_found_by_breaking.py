@@ -7,14 +7,14 @@ fault after such a change must still leave the weights of the run without the pl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from tests._support import assert_same_weights, tiny_setup, weights
 
 import bz
-from bz.config import RunConfig
+from bz.config import GradientClip, RunConfig
 from bz.plugins import NamedPlugin, PluginContext, model_of, optimizer_of
 
 CONFIG = RunConfig(epochs=3, device="cpu", plugins=(), seed=0)
@@ -71,3 +71,63 @@ def test_a_plugin_that_leaves_grad_mode_off_does_not_break_the_step() -> None:
     expected = _final_weights([])
     assert_same_weights(_final_weights([FailsAfter(_no_grad, fail=False)]), expected)
     assert torch.is_grad_enabled()
+
+
+class _Lengthless:
+    """Five batches of ten, from a loader without ``__len__``."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = torch.randn(50, 3, generator=generator)
+        self.targets = torch.randn(50, 1, generator=generator)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, 50, 10):
+            yield self.inputs[start : start + 10], self.targets[start : start + 10]
+
+
+class _NormWatcher:
+    name = "norm_watcher"
+
+    def __init__(self) -> None:
+        self.outside: list[str] = []
+
+    def _check(self, hook: str, context: PluginContext) -> None:
+        if context.gradient_norm is not None:
+            self.outside.append(hook)
+
+    def end_training_loop(self, context: PluginContext) -> None:
+        self._check("end_training_loop", context)
+
+    def start_validation_loop(self, context: PluginContext) -> None:
+        self._check("start_validation_loop", context)
+
+    def end_epoch(self, context: PluginContext) -> None:
+        self._check("end_epoch", context)
+
+
+def test_the_trailing_step_of_a_lengthless_loader_leaves_no_gradient_norm_behind() -> None:
+    # 5 batches in groups of 2: the last group steps after the loop; its norm must not
+    # stay in the context for the hooks that follow ("None outside the batch hooks").
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    data = _Lengthless()
+    setup = bz.TrainingSetup(
+        model=model,
+        loss_fn=torch.nn.MSELoss(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_loader=data,
+        val_loader=[(data.inputs[:10], data.targets[:10])],
+    )
+    watcher = _NormWatcher()
+    config = RunConfig(
+        epochs=1,
+        device="cpu",
+        plugins=(),
+        plugin_errors="raise",
+        accumulate_grad_batches=2,
+        gradient_clip=GradientClip(max_norm=1.0),
+    )
+    result = bz.Trainer().fit(setup, config, plugins=[watcher])
+    assert result.global_step == 3
+    assert watcher.outside == []

@@ -193,8 +193,11 @@ class EpochLoop:
                 self.checkpoints.save(self.epoch, self.train_batches)
                 control.checkpoint_written()
         if self.micro:  # a loader without a length ended inside a group: it still steps
+            # After the group's last end_training_batch (the loader could not say it was
+            # the last), so batch, outputs and loss are None in before_optimizer_step.
             self._optimizer_step()
             self.micro = 0
+            self.context._gradient_norm = None
         if interrupted:
             return "interrupted"
         if stopped is not None:
