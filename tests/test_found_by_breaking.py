@@ -8,6 +8,7 @@ fault after such a change must still leave the weights of the run without the pl
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,46 @@ def test_the_trailing_step_of_a_lengthless_loader_leaves_no_gradient_norm_behind
     result = bz.Trainer().fit(setup, config, plugins=[watcher])
     assert result.global_step == 3
     assert watcher.outside == []
+
+
+class _ScalesThenFails:
+    """Scales the weights after step 2 (and returns), fails after step 7: rewound."""
+
+    name = "scales_then_fails"
+
+    def end_training_batch(self, context: PluginContext) -> None:
+        if context.global_step == 2:
+            with torch.no_grad():
+                for parameter in model_of(context).parameters():
+                    parameter.mul_(3.0)
+        if context.global_step == 7:
+            raise RuntimeError("boom")
+
+
+class _CrashesOnRewind:
+    """Stands for a crash (kill -9, a second Ctrl-C) while the epoch is replayed."""
+
+    name = "crashes_on_rewind"
+
+    def on_rewind(self, context: PluginContext) -> None:
+        raise KeyboardInterrupt
+
+
+def test_a_crash_while_an_epoch_is_replayed_resumes_without_the_failed_attempts_checkpoints(
+    tmp_path: Path,
+) -> None:
+    # The failed attempt wrote step checkpoints holding the scaled weights; were they
+    # left on disk, the resume would start from the newest of them.
+    config = RunConfig(epochs=2, device="cpu", plugins=(), seed=0, checkpoint_every_steps=2)
+    reference = tiny_setup(batches=10)
+    bz.Trainer().fit(reference, config, checkpoint_dir=tmp_path / "reference")
+    with pytest.raises(KeyboardInterrupt):
+        bz.Trainer().fit(
+            tiny_setup(batches=10),
+            config,
+            plugins=[_ScalesThenFails(), _CrashesOnRewind()],
+            checkpoint_dir=tmp_path / "run",
+        )
+    resumed = tiny_setup(batches=10)
+    bz.Trainer().fit(resumed, config, checkpoint_dir=tmp_path / "run")
+    assert_same_weights(weights(resumed.model), weights(reference.model))

@@ -24,18 +24,21 @@ others): there ``rewind`` acts as ``isolate``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from bz._checkpoint import capture_rng, restore_rng
+from bz._checkpoint import capture_rng, list_checkpoints, restore_rng
 from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
 from bz._sandbox import RewindRequested
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from bz._plugin import NamedPlugin
     from bz._sandbox import PluginFault
     from bz.training.loop import Run
@@ -54,6 +57,8 @@ class Snapshot:
     """Everything a replayed part needs to start exactly as the first time."""
 
     __slots__ = (
+        "checkpoint",
+        "checkpoints",
         "epoch",
         "extra",
         "frozen",
@@ -90,6 +95,8 @@ class Snapshot:
         scaler = run.precision.scaler
         self.scaler = None if scaler is None else _tensor_copy(scaler.state_dict())
         self.stopped_by = run.stopped_by
+        self.checkpoint = run.checkpoints.last
+        self.checkpoints = _checkpoint_files(run)
         self.rng = capture_rng(run.generators)
         self.epoch = run.epoch
         self.global_step = run.global_step
@@ -125,6 +132,7 @@ class Snapshot:
         if self.scaler is not None and run.precision.scaler is not None:
             run.precision.scaler.load_state_dict(_tensor_copy(self.scaler))
         run.stopped_by = self.stopped_by
+        self._drop_new_checkpoints(run)
         run.micro = 0
         restore_rng(self.rng, run.generators)
         run.epoch = self.epoch
@@ -141,6 +149,28 @@ class Snapshot:
             if any(plugin is other for other in active):
                 restore = _loader(plugin, _tensor_copy(state))
                 _guarded(run, plugin, "load_state_dict", restore)
+
+    def _drop_new_checkpoints(self, run: Run) -> None:
+        # What the failed attempt wrote holds what the plugin did: left on disk, it
+        # would be the newest checkpoint for a resume after a crash or Ctrl-C during
+        # the replay (which writes its own, clean, ones as it goes).
+        run.checkpoints.last = self.checkpoint
+        before = self.checkpoints
+        for path, written in _checkpoint_files(run).items():
+            if before.get(path) != written:
+                path.unlink(missing_ok=True)
+
+
+def _checkpoint_files(run: Run) -> dict[Path, int]:
+    """The run's checkpoint files and when each was last written (none: not saving)."""
+    store = run.checkpoints.store
+    if store is None or not run.checkpoints.saving:
+        return {}
+    files: dict[Path, int] = {}
+    for path in list_checkpoints(store.folder):
+        with contextlib.suppress(FileNotFoundError):
+            files[path] = path.stat().st_mtime_ns
+    return files
 
 
 def _plugin_state(run: Run, plugin: StatefulPlugin) -> Any:
