@@ -34,6 +34,7 @@ from bz.plugins import Plugin, PluginContext
 REPO = Path(__file__).resolve().parent.parent
 ProjectFactory = Callable[..., Path]
 
+
 def run_python(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300, check=True

@@ -598,3 +598,37 @@ def test_configs_copy_cleanly() -> None:
     # RunConfig stays a frozen value: the new nested key survives copies and evolve.
     config = attrs.evolve(CONFIG, gradient_clip=GradientClip(max_norm=2.0))
     assert copy.deepcopy(config) == config
+
+
+# -- RunConfig built in Python -------------------------------------------------------------
+
+_WRONG: dict[str, list[object]] = {
+    "epochs": [1.5, True, "3"],
+    "precision": ["fp16", 32, None],
+    "accumulate_grad_batches": [2.0, False],
+    "max_steps": [1.5, "10"],
+    "max_time": [True, "soon"],
+    "validate_every_steps": [0.5],
+    "checkpoint_every_steps": ["5"],
+    "plugin_errors": ["ignore"],
+    "compile": [1, "yes"],
+    "device": [0],
+}
+
+
+@given(st.sampled_from([(key, value) for key, values in _WRONG.items() for value in values]))
+def test_a_config_built_in_python_refuses_what_json_would_refuse(case: tuple[str, object]) -> None:
+    key, value = case
+    with pytest.raises((TypeError, ValueError, bz.ConfigError), match=key):
+        RunConfig(**{key: value})  # type: ignore[arg-type]  # wrong types on purpose
+
+
+def test_nested_tables_may_be_dicts_in_python_and_nan_is_not_a_number_here() -> None:
+    config = RunConfig(gradient_clip={"max_norm": 1.0}, distributed={"backend": "gloo"})
+    assert config.gradient_clip == GradientClip(max_norm=1.0)
+    assert config.distributed.backend == "gloo"
+    for table in ({"max_norm": float("nan")}, {"value": float("nan")}):
+        with pytest.raises(bz.ConfigError, match=r"must be >= 0\.0, got nan"):
+            RunConfig(gradient_clip=table)
+    with pytest.raises(bz.ConfigError, match=r"plugin_timeout: must be >= 0\.001, got nan"):
+        structure({"plugin_timeout": float("nan")}, RunConfig)

@@ -26,6 +26,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn
 
 from bz._errors import ConfigError
+from bz._typecheck import check_field_types
 
 __all__ = [
     "CONFIG_ENV_VAR",
@@ -77,11 +78,18 @@ class ConfigValueError(ValueError):
 # -- validators -------------------------------------------------------------------
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def at_least(minimum: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
     """An attrs validator: the value (when not None) is ``>= minimum``."""
 
     def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is not None and value < minimum:
+        if not _is_number(value):
+            return  # None, or a wrong type the field's type check reports
+        # Written as "not >=" so that NaN, which compares false to everything, is refused.
+        if not value >= minimum:
             raise ConfigValueError(attribute.name, f"must be >= {minimum}, got {value!r}")
 
     return check
@@ -91,7 +99,7 @@ def between(low: float, high: float) -> Callable[[Any, attrs.Attribute[Any], Any
     """An attrs validator: the value (when not None) lies in ``[low, high]``."""
 
     def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is not None and not low <= value <= high:
+        if _is_number(value) and not low <= value <= high:
             raise ConfigValueError(
                 attribute.name, f"must be between {low} and {high}, got {value!r}"
             )
@@ -103,7 +111,7 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def _check_device(_instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not _DEVICE_PATTERN.fullmatch(value):
+    if isinstance(value, str) and not _DEVICE_PATTERN.fullmatch(value):
         raise ConfigValueError(
             attribute.name,
             f'expected "auto", "cpu", "cuda", "cuda:N" or "mps", got {_show(value)}',
@@ -132,8 +140,22 @@ def parse_seconds(value: object) -> Seconds:
     raise TypeError(f'expected seconds or "HH:MM:SS", got {_show(value)}')
 
 
-def _optional_seconds(value: float | str | None) -> Seconds | None:
-    return None if value is None else parse_seconds(value)
+def _optional_seconds(field: str, value: float | str | None) -> Seconds | None:
+    if value is None:
+        return None
+    try:
+        return parse_seconds(value)
+    except (TypeError, ValueError) as exc:
+        # In Python the converter runs first: name the field, as the JSON path would.
+        raise type(exc)(f"{field}: {exc}") from None
+
+
+def _max_time(value: float | str | None) -> Seconds | None:
+    return _optional_seconds("max_time", value)
+
+
+def _checkpoint_seconds(value: float | str | None) -> Seconds | None:
+    return _optional_seconds("checkpoint_every_seconds", value)
 
 
 # -- the configuration --------------------------------------------------------------
@@ -225,6 +247,14 @@ class DistributedConfig:
     timeout: float = attrs.field(default=300.0, validator=at_least(1.0))
     """Seconds a collective waits for the other processes before failing."""
 
+    def __attrs_post_init__(self) -> None:
+        check_field_types(self)
+
+
+def _distributed_table(value: DistributedConfig | Mapping[str, Any]) -> DistributedConfig:
+    """In Python, ``distributed`` may be given as a dict, read like the JSON table."""
+    return structure(dict(value), DistributedConfig) if isinstance(value, Mapping) else value
+
 
 def _one_clipping(instance: GradientClip, _attribute: attrs.Attribute[Any], _value: Any) -> None:
     if (instance.max_norm is None) == (instance.value is None):
@@ -245,6 +275,14 @@ class GradientClip:
     """The p of the p-norm ``max_norm`` measures (2.0: Euclidean)."""
     value: float | None = attrs.field(default=None, validator=[at_least(0.0), _one_clipping])
     """Clamp every gradient element to ``[-value, value]`` (instead of ``max_norm``)."""
+
+    def __attrs_post_init__(self) -> None:
+        check_field_types(self)
+
+
+def _clip_table(value: GradientClip | Mapping[str, Any] | None) -> GradientClip | None:
+    """In Python, ``gradient_clip`` may be given as a dict, read like the JSON table."""
+    return structure(dict(value), GradientClip) if isinstance(value, Mapping) else value
 
 
 @attrs.frozen
@@ -288,18 +326,20 @@ class RunConfig:
     """How many checkpoints of a run to keep (the newest ones)."""
     resume: bool = True
     """Resume from the newest checkpoint of the same run, if there is one."""
-    distributed: DistributedConfig = attrs.field(factory=DistributedConfig)
+    distributed: DistributedConfig = attrs.field(
+        factory=DistributedConfig, converter=_distributed_table
+    )
     """Multi-process settings (used only when launched with several processes)."""
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
     """``32``; ``bf16-mixed`` or ``16-mixed``: autocast on the run's device (``16-mixed``
     adds a gradient scaler and needs CUDA)."""
     accumulate_grad_batches: int = attrs.field(default=1, validator=at_least(1))
     """Step the optimizer every this many batches (gradients add up in between)."""
-    gradient_clip: GradientClip | None = None
+    gradient_clip: GradientClip | None = attrs.field(default=None, converter=_clip_table)
     """``{"max_norm": X, "norm_type": 2.0}`` or ``{"value": X}``; null: no clipping."""
     max_steps: int | None = attrs.field(default=None, validator=at_least(1))
     """Stop after this many optimizer steps, in the middle of an epoch if need be."""
-    max_time: Seconds | None = attrs.field(default=None, converter=_optional_seconds)
+    max_time: Seconds | None = attrs.field(default=None, converter=_max_time)
     """Stop at the first step after this long (seconds or ``"HH:MM:SS"``), with a
     checkpoint; running ``bz train`` again continues."""
     validate_every_steps: int | None = attrs.field(default=None, validator=at_least(1))
@@ -308,9 +348,13 @@ class RunConfig:
     """Also write a checkpoint every this many optimizer steps (mid-epoch ones resume
     exactly)."""
     checkpoint_every_seconds: Seconds | None = attrs.field(
-        default=None, converter=_optional_seconds
+        default=None, converter=_checkpoint_seconds
     )
     """Also write a checkpoint at the first step after this long since the last one."""
+
+    def __attrs_post_init__(self) -> None:
+        # In Python, a value of the wrong type is refused here, not deep in training.
+        check_field_types(self)
 
     def with_overrides(self, **changes: Any) -> RunConfig:
         """A copy with some keys replaced (values are validated like JSON input)."""
