@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from bz._logging import get_logger
 from bz.metrics._collection import compute_all, reduce_across_processes
+from bz.metrics._fused import batch_update
 from bz.metrics._protocol import MergeableMetric, Metric
 
 if TYPE_CHECKING:
@@ -23,10 +24,12 @@ class MetricSet:
         self._items = tuple(self._metrics.values())
         self.active = bool(self._items)
         self._carried: dict[str, list[torch.Tensor]] = {}
+        self._update = batch_update(self._items)
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        for metric in self._items:
-            metric.update(outputs, targets)
+        """Fold one batch into every metric; the built-in classification metrics share
+        one computation (see :func:`bz.metrics.batch_update`)."""
+        self._update(outputs, targets)
 
     def compute(self) -> dict[str, float]:
         """One host read for all metrics together (merged over processes first)."""
