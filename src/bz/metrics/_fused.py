@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ClassificationGroup", "batch_update"]
 
+_SCORE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+"""Scores the fast path takes (a set lookup, cheaper per batch than a method call)."""
+
 _FUSED_UPDATES = (Accuracy.update, _PerClassMetric.update, TopKAccuracy.update)
 """The ``update`` methods whose arithmetic the group reproduces; a subclass that
 overrides ``update`` computes something else and is updated on its own."""
@@ -132,7 +135,7 @@ class ClassificationGroup:
             and preds.shape[1] == self._classes
             and preds.shape[0] == targets.shape[0]
             and targets.dtype == torch.int64
-            and preds.is_floating_point()
+            and preds.dtype in _SCORE_DTYPES
             and preds.device == self._device
         ):
             self._update_each(preds, targets)
@@ -237,5 +240,5 @@ def _fast_path_shapes(preds: torch.Tensor, targets: torch.Tensor) -> bool:
         and targets.ndim == 1
         and preds.shape[0] == targets.shape[0]
         and targets.dtype == torch.int64
-        and preds.is_floating_point()
+        and preds.dtype in _SCORE_DTYPES
     )
