@@ -9,6 +9,7 @@ against scikit-learn).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
 from tests.test_metrics_host_reads import HostReads
 
+import bz.metrics._fused
 from bz.metrics import (
     Accuracy,
     F1Score,
@@ -90,19 +92,32 @@ def same(first: list[float], second: list[float]) -> bool:
     )
 
 
+def counting(histograms: bool) -> contextlib.AbstractContextManager[object]:
+    """Per-class counts in a confusion table (small C, the default) or in O(C) histograms
+    (what a large C gets), whichever the test asks for."""
+    if histograms:
+        return patch.object(bz.metrics._fused, "CONFUSION_LIMIT", 0)
+    return contextlib.nullcontext()
+
+
 @SETTINGS
-@given(data=batches(), choice=st.lists(st.integers(0, 6), min_size=1, max_size=7, unique=True))
+@given(
+    data=batches(),
+    choice=st.lists(st.integers(0, 6), min_size=1, max_size=7, unique=True),
+    histograms=st.booleans(),
+)
 def test_updated_together_each_metric_computes_what_it_computes_alone(
-    data: tuple[int, list[Batch]], choice: list[int]
+    data: tuple[int, list[Batch]], choice: list[int], histograms: bool
 ) -> None:
     classes, made = data
     alone = classification_set(classes, choice)
     together = classification_set(classes, choice)
     update = batch_update(together)
-    for preds, targets in made:
-        for metric in alone:
-            metric.update(preds, targets)
-        update(preds, targets)
+    with counting(histograms):
+        for preds, targets in made:
+            for metric in alone:
+                metric.update(preds, targets)
+            update(preds, targets)
     assert same(results(together), results(alone))
     for mine, theirs in zip(together, alone, strict=True):
         for tensor, expected in zip(mine.state_tensors(), theirs.state_tensors(), strict=True):
@@ -111,8 +126,10 @@ def test_updated_together_each_metric_computes_what_it_computes_alone(
 
 
 @SETTINGS
-@given(data=batches())
-def test_together_they_agree_with_scikit_learn(data: tuple[int, list[Batch]]) -> None:
+@given(data=batches(), histograms=st.booleans())
+def test_together_they_agree_with_scikit_learn(
+    data: tuple[int, list[Batch]], histograms: bool
+) -> None:
     classes, made = data
     made = [(preds, targets.to(torch.int64)) for preds, targets in made]
     scores = torch.cat([preds for preds, _ in made])
@@ -121,8 +138,9 @@ def test_together_they_agree_with_scikit_learn(data: tuple[int, list[Batch]]) ->
         return  # NaN cases are covered by the comparison with the metrics alone
     metrics: list[MergeableMetric] = [Accuracy(), F1Score(average="macro"), TopKAccuracy(k=2)]
     update = batch_update(metrics)
-    for batch in made:
-        update(*batch)
+    with counting(histograms):
+        for batch in made:
+            update(*batch)
     padded = torch.cat([scores, torch.full((scores.shape[0], 1), -9.0)], dim=1).double()
     expected = [
         accuracy_score(targets.numpy(), scores.argmax(dim=1).numpy()),
@@ -245,6 +263,24 @@ def test_a_batch_the_metrics_refuse_raises_their_error(second: Batch, message: s
     update(*scores_batch(seed=1))
     with pytest.raises(ValueError, match=message):
         update(*second)
+
+
+@pytest.mark.parametrize("histograms", [False, True], ids=["confusion", "histograms"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: [TopKAccuracy(k=2)], lambda: [Accuracy(), Recall()], lambda: [F1Score()]],
+    ids=["top_k_alone", "accuracy_and_recall", "f1_alone"],
+)
+def test_a_target_outside_the_classes_after_the_first_batch_makes_the_result_nan(
+    make: Callable[[], list[MergeableMetric]], histograms: bool
+) -> None:
+    metrics = make()
+    update = batch_update(metrics)
+    with counting(histograms):
+        update(*scores_batch(seed=0))  # the first batch is counted by each metric alone
+        update(torch.randn(3, 4), torch.tensor([0, 4, 1]))
+    per_class_or_top_k = [m for m in metrics if not isinstance(m, Accuracy)]
+    assert all(math.isnan(value) for value in results(per_class_or_top_k))
 
 
 def test_class_indices_with_num_classes_are_counted_alone_and_agree() -> None:

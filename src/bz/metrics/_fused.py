@@ -84,6 +84,14 @@ def _each(
     return update
 
 
+CONFUSION_LIMIT = 2**20
+"""Most counters a confusion table may take; beyond it (C above 1,022) per-class counts
+are kept in O(C) histograms instead (language-model vocabularies)."""
+
+# How a group counts what accuracy and the per-class metrics need (decided once).
+_NOTHING, _CORRECT, _HISTOGRAMS, _CONFUSION = range(4)
+
+
 class ClassificationGroup:
     """Built-in classification metrics fed the same batches, counted once per batch.
 
@@ -93,16 +101,23 @@ class ClassificationGroup:
     own ``update``, which counts it the same way or raises the same error, so the group
     never changes what a metric computes, only what it costs.
 
-    Counts per batch, into one int64 buffer (C classes):
+    Counts per batch, into one int64 buffer (C classes), chosen once from the members
+    and C:
 
-    - ``predicted`` (2C, with a per-class member): bin ``2 * argmax + correct``, so
-      true positives and predictions per class come from one histogram;
-    - ``targets`` (2C, with a per-class member): bin ``target`` for targets in
-      ``[0, C)``, ``C + clamped target`` for the others (they make the result NaN);
-    - ``ranks`` (C, or 2C without a per-class member, to tell out-of-range targets
-      apart): bin ``rank of the target's score``, ties ranked towards the higher class
-      as scikit-learn does, so every ``k`` reads ``sum(ranks[:k])``;
-    - ``correct`` (1, with accuracy but no per-class member).
+    - with a per-class member and ``(C + 2) * C`` at most :data:`CONFUSION_LIMIT`: a
+      confusion table, bin ``argmax + C * (clamp(target + 1, 0, C + 1))``, whose first
+      and last rows hold out-of-range targets (they make the result NaN); true
+      positives, predictions, targets and accuracy all come from it. The same
+      operations as a hand-written ``bincount`` of ``target * C + argmax``;
+    - with a per-class member and a larger C, two O(C) histograms: bin
+      ``2 * argmax + correct`` (predictions and true positives per class) and bin
+      ``clamped target + C * outside`` (targets per class, out-of-range ones apart);
+    - with accuracy alone: the number of correct predictions (``argmax``, ``==``, a
+      count), as by hand;
+    - with a top-k member: a histogram of the rank of the target's score, ties ranked
+      towards the higher class as scikit-learn does, so every ``k`` reads
+      ``sum(ranks[:k])`` (C bins, or 2C when only top-k needs out-of-range targets told
+      apart).
 
     The sample count needs no tensor: it is the shapes' sum, kept as a Python int.
     """
@@ -112,7 +127,7 @@ class ClassificationGroup:
         self._members = chosen
         self._per_class = any(isinstance(metric, _PerClassMetric) for metric in chosen)
         self._top_k = any(isinstance(metric, TopKAccuracy) for metric in chosen)
-        self._argmax = self._per_class or any(isinstance(m, Accuracy) for m in chosen)
+        self._accuracy = any(isinstance(metric, Accuracy) for metric in chosen)
         for metric in chosen:
             metric._fold_pending()  # a metric joins one group at a time
             metric._pending = self
@@ -120,9 +135,11 @@ class ClassificationGroup:
         self._device: torch.device | None = None
         self._samples = 0
         self._dirty = False
-        self._buffer = torch.zeros(0, dtype=torch.int64)
-        self._predicted = self._targets = self._ranks = self._correct = self._buffer
-        self._index = self._buffer
+        self._counting = _NOTHING
+        self._clamps = self._tells_outside = False
+        empty = torch.zeros(0, dtype=torch.int64)
+        self._buffer = self._confusion = self._predicted = self._targets = empty
+        self._ranks = self._correct = self._index = empty
         self._one = torch.ones(1, dtype=torch.int64)
         self._ones = self._one
         self._ones_for = -1
@@ -145,18 +162,22 @@ class ClassificationGroup:
         count = targets.shape[0]
         if count != self._ones_for:
             self._ones, self._ones_for = self._one.expand(count), count
-        ones, classes = self._ones, self._classes
-        if self._argmax:
+        ones, classes, counting = self._ones, self._classes, self._counting
+        if counting == _CONFUSION:
+            rows = (targets + 1).clamp_(0, classes + 1)
+            cells = torch.add(preds.argmax(dim=1), rows, alpha=classes)
+            self._confusion.index_add_(0, cells, ones)
+        elif counting == _HISTOGRAMS:
             predicted = preds.argmax(dim=1)
             correct = predicted == targets
-            if self._per_class:
-                self._predicted.index_add_(0, torch.add(correct, predicted, alpha=2), ones)
-            else:
-                self._correct.add_(torch.count_nonzero(correct))
-        if self._per_class or self._top_k:
+            self._predicted.index_add_(0, torch.add(correct, predicted, alpha=2), ones)
+        elif counting == _CORRECT:
+            self._correct.add_(torch.count_nonzero(preds.argmax(dim=1) == targets))
+        if self._clamps:
             clamped = targets.clamp(0, classes - 1)
-            outside = targets != clamped
-            if self._per_class:
+            if self._tells_outside:
+                outside = targets != clamped
+            if counting == _HISTOGRAMS:
                 self._targets.index_add_(0, torch.add(clamped, outside, alpha=classes), ones)
             if self._top_k:
                 column = clamped.unsqueeze(1)
@@ -182,10 +203,15 @@ class ClassificationGroup:
         classes = self._classes
         assert classes is not None  # counts exist only after the first batch set it
         samples, self._samples = self._samples, 0
-        if self._per_class:
+        if self._counting == _CONFUSION:
+            table = self._confusion.view(classes + 2, classes)
+            inside = table[1 : classes + 1]  # rows: targets in [0, C); columns: predictions
+            true_positive, predicted, actual = inside.diagonal(), inside.sum(0), inside.sum(1)
+            outside = table[0].sum() + table[classes + 1].sum()
+        elif self._counting == _HISTOGRAMS:
             pairs = self._predicted.view(classes, 2)  # (wrong, right) per predicted class
-            true_positive = pairs[:, 1]
-            outside = self._targets[classes:].sum()
+            true_positive, predicted = pairs[:, 1], pairs.sum(dim=1)
+            actual, outside = self._targets[:classes], self._targets[classes:].sum()
         else:
             outside = self._ranks[classes:].sum()
         for metric in self._members:
@@ -195,8 +221,7 @@ class ClassificationGroup:
                 state[0].add_(correct)
                 state[1].add_(samples)
             elif isinstance(metric, _PerClassMetric):
-                counts = torch.stack([true_positive, pairs.sum(dim=1), self._targets[:classes]])
-                state[0].add_(counts)
+                state[0].add_(torch.stack([true_positive, predicted, actual]))
                 state[1].add_(outside)
             else:
                 state[0].add_(self._ranks[: min(metric.config.k, classes)].sum())
@@ -214,11 +239,21 @@ class ClassificationGroup:
             self._start(preds.shape[1], preds.device)
 
     def _start(self, classes: int, device: torch.device) -> None:
+        if self._per_class:
+            confusion = (classes + 2) * classes <= CONFUSION_LIMIT
+            self._counting = _CONFUSION if confusion else _HISTOGRAMS
+        else:
+            self._counting = _CORRECT if self._accuracy else _NOTHING
+        self._clamps = self._top_k or self._counting == _HISTOGRAMS
+        self._tells_outside = self._counting == _HISTOGRAMS or (
+            self._top_k and not self._per_class
+        )
         sizes = {
-            "predicted": 2 * classes if self._per_class else 0,
-            "targets": 2 * classes if self._per_class else 0,
+            "confusion": (classes + 2) * classes if self._counting == _CONFUSION else 0,
+            "predicted": 2 * classes if self._counting == _HISTOGRAMS else 0,
+            "targets": 2 * classes if self._counting == _HISTOGRAMS else 0,
             "ranks": (classes if self._per_class else 2 * classes) if self._top_k else 0,
-            "correct": 1 if self._argmax and not self._per_class else 0,
+            "correct": 1 if self._counting == _CORRECT else 0,
         }
         # Counts made under inference_mode could not be updated outside it later.
         with torch.inference_mode(False):
@@ -229,7 +264,7 @@ class ClassificationGroup:
         for size in sizes.values():
             views.append(self._buffer[start : start + size])
             start += size
-        self._predicted, self._targets, self._ranks, self._correct = views
+        self._confusion, self._predicted, self._targets, self._ranks, self._correct = views
         self._ones_for = -1
         self._classes, self._device = classes, device
 
