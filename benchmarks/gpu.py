@@ -178,6 +178,15 @@ def precision_supported() -> bool:
     return "precision" in attrs.fields_dict(bz.RunConfig)
 
 
+def bz_skip_reason(precision: str, device: torch.device) -> str | None:
+    """Why bz cannot run at ``precision`` here, or None when it can."""
+    if precision != "32" and not precision_supported():
+        return "skipped (needs precision support)"
+    if precision == "16-mixed" and device.type != "cuda":
+        return "skipped (bz runs 16-mixed on CUDA only)"
+    return None
+
+
 def bz_config(device: torch.device, precision: str) -> bz.RunConfig:
     """One epoch on ``device`` at ``precision`` (the field only when it is not 32)."""
     options: dict[str, Any] = {} if precision == "32" else {"precision": precision}
@@ -257,8 +266,8 @@ def measure(shape: Shape, device: torch.device, precision: str, rounds: int) -> 
     variants: dict[str, Callable[[int], Run]] = {
         "hand-written": lambda n: prepare_hand(shape, n, device, precision),
     }
-    skipped = precision != "32" and not precision_supported()
-    if not skipped:
+    skipped = bz_skip_reason(precision, device)
+    if skipped is None:
         variants["bz, no plugins, no metrics"] = lambda n: prepare_bz(shape, n, device, precision)
         variants["bz + 5 metrics"] = lambda n: prepare_bz(
             shape, n, device, precision, FIVE_METRICS
@@ -288,9 +297,9 @@ def measure(shape: Shape, device: torch.device, precision: str, rounds: int) -> 
                 peak_mib=_peak_mib(full[name], device),
             )
         )
-    if skipped:
+    if skipped is not None:
         for name in ("bz, no plugins, no metrics", "bz + 5 metrics"):
-            rows.append(Row(precision, name, note="skipped (needs precision support)"))
+            rows.append(Row(precision, name, note=skipped))
     return rows
 
 
@@ -457,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hand = syncs_per_batch(shape, device, _hand_of(shape, device, precision))
         line = f"- {precision}: hand-written loop {hand[0]:g} per batch ({hand[1]:g} per run)"
         syncs[precision] = {"hand_per_batch": hand[0], "hand_per_run": hand[1]}
-        if precision == "32" or precision_supported():
+        if bz_skip_reason(precision, device) is None:
             mine = syncs_per_batch(shape, device, _bz_of(shape, device, precision))
             verdict = (
                 epoch_under_sync_errors(shape, device, precision)

@@ -924,6 +924,8 @@ def profile(workload: Workload, device: torch.device, top: int = 15) -> str:
         (HAND_ACCURACY, prepare_hand_accuracy, BZ_ACCURACY, prepare_bz_accuracy),
         (HAND_FIVE, prepare_hand_five, BZ_FIVE, prepare_bz_five),
     ]
+    if precision_supported():
+        pairs.append((HAND_BF16, prepare_hand_bf16, BZ_BF16, prepare_bz_bf16))
     out.write("| variant | Python calls per step | aten ops per step |\n|---|---:|---:|\n")
     stats: dict[str, pstats.Stats] = {}
     for names_and_runs in pairs:
