@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import gc
 import importlib
 import importlib.util
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -41,9 +43,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import attrs
 import structlog
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bz
 from bz.config import MetricSpec
@@ -60,6 +64,21 @@ Run = Callable[[], None]
 # mean_squared_error and mean_absolute_error need predictions shaped like the
 # targets, so a classifier cannot use them.
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1_score", "top_k_accuracy")
+
+NOOP_PLUGINS = 10
+
+# The variants, by name.
+HAND = "hand loop"
+HAND_ACCURACY = "hand loop + accuracy (hand-written)"
+HAND_FIVE = "hand loop + 5 metrics (hand-written)"
+HAND_BF16 = "hand loop, bf16 autocast"
+BZ = "bz, no plugins, no metrics"
+BZ_ACCURACY = "bz + accuracy"
+BZ_FIVE = "bz + 5 metrics"
+BZ_BUILTINS = "bz + console_out + early_stopping + 5 metrics"
+BZ_NOOP = f"bz, {NOOP_PLUGINS} no-op plugins"
+BZ_BF16 = "bz, bf16-mixed"
+LIGHTNING = "PyTorch Lightning"
 
 
 # -- workloads ---------------------------------------------------------------------------
@@ -120,20 +139,20 @@ class Workload:
 
 
 def workloads(quick: bool, dataloader: bool) -> list[Workload]:
-    """The tiny (overhead-bound) and medium (compute-bound) MLPs.
+    """The tiny (overhead-bound) and medium (compute-bound) MLPs of issue #16.
 
-    Runs are short (a fraction of a second) so that many alternating repetitions fit:
-    on a shared machine, noise comes in bursts, and pairing each run with the
-    hand-written run next to it cancels most of it.
+    Runs are short (about a second) so that many alternating repetitions fit: on a
+    shared machine, noise comes in bursts, and pairing each run with the hand-written
+    run of the same round cancels most of it.
     """
-    scale = 2 if quick else 1
+    scale = 4 if quick else 1
     chosen = [
-        Workload("tiny", 32, (64,), 10, 32, 100 // scale, 2),
-        Workload("medium", 512, (512, 512), 10, 128, 20 // scale, 2),
+        Workload("tiny", 64, (64,), 10, 64, 1000 // scale, 2),
+        Workload("medium", 784, (512,), 10, 128, 150 // scale, 2),
     ]
     if dataloader:
         chosen.append(
-            Workload("tiny-dataloader", 32, (64,), 10, 32, 100 // scale, 2, "dataloader")
+            Workload("tiny-dataloader", 64, (64,), 10, 64, 1000 // scale, 2, "dataloader")
         )
     return chosen
 
@@ -157,33 +176,161 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 @dataclass
 class Variant:
-    """A way of training: ``prepare`` builds everything (untimed) and returns the run."""
+    """A way of training: ``prepare`` builds everything (untimed) and returns the run.
+
+    ``baseline`` names the hand-written variant this one is compared with: bz's rows
+    against the hand-written loop doing the same work, never against bz itself.
+    """
 
     name: str
     prepare: Callable[[Workload, list[Batch], torch.device], Run]
+    baseline: str = HAND
     counts_reads: bool = True
     times: list[float] = field(default_factory=list)
     short_times: list[float] = field(default_factory=list)
 
 
-def prepare_hand_written(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
-    """(a) The loop everyone writes: zero_grad, forward, loss, backward, step."""
+def _hand_loop(
+    workload: Workload,
+    batches: list[Batch],
+    device: torch.device,
+    metrics: HandMetrics | None = None,
+    autocast: torch.dtype | None = None,
+) -> Run:
+    """The loop everyone writes: zero_grad, forward, loss, backward, step.
+
+    With ``metrics``, it also counts them on the device per batch and reads them back
+    once per epoch; with ``autocast``, forward and loss run under ``torch.autocast``.
+    """
     model = workload.model(0).to(device)
     optimizer = _optimizer(model)
     loss_fn = nn.CrossEntropyLoss()
     loader = _loader(workload, batches)
     epochs = workload.epochs
+    cast = (
+        contextlib.nullcontext
+        if autocast is None
+        else lambda: torch.autocast(device_type=device.type, dtype=autocast)
+    )
 
     def run() -> None:
         for _ in range(epochs):
             model.train()
+            if metrics is not None:
+                metrics.reset()
             for inputs, targets in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(inputs), targets)
+                with cast():
+                    outputs = model(inputs)
+                    loss = loss_fn(outputs, targets)
                 loss.backward()
                 optimizer.step()
+                if metrics is not None:
+                    metrics.update(outputs.detach(), targets)
+            if metrics is not None:
+                metrics.compute()
 
     return run
+
+
+class HandAccuracy:
+    """Accuracy as one writes it by hand: ``correct += (outputs.argmax(1) == y).sum()``."""
+
+    def __init__(self, classes: int, device: torch.device) -> None:
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.total = 0
+
+    def reset(self) -> None:
+        """Zero the counts (each epoch)."""
+        self.correct.zero_()
+        self.total = 0
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """One batch: argmax, compare, sum, add."""
+        self.correct += (outputs.argmax(1) == targets).sum()
+        self.total += targets.shape[0]
+
+    def compute(self) -> list[float]:
+        """The one host read of the epoch."""
+        return [float((self.correct / max(self.total, 1)).item())]
+
+
+class HandFiveMetrics:
+    """Accuracy, macro precision, recall and F1, and top-5 accuracy, written by hand.
+
+    Per batch, on the device: a confusion matrix by ``bincount`` (accuracy, precision,
+    recall and F1 all come from it) and top-k hits by ``topk``. Once per epoch, the
+    five numbers are computed and read back together.
+    """
+
+    def __init__(self, classes: int, device: torch.device, k: int = 5) -> None:
+        self.classes, self.k = classes, k
+        self.confusion = torch.zeros(classes * classes, dtype=torch.int64, device=device)
+        self.hits = torch.zeros((), dtype=torch.int64, device=device)
+        self.total = 0
+
+    def reset(self) -> None:
+        """Zero the counts (each epoch)."""
+        self.confusion.zero_()
+        self.hits.zero_()
+        self.total = 0
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """One batch: one argmax and bincount, one topk."""
+        predicted = outputs.argmax(1)
+        classes = self.classes
+        self.confusion += torch.bincount(targets * classes + predicted, minlength=classes**2)
+        self.hits += (outputs.topk(self.k, 1).indices == targets[:, None]).any(1).sum()
+        self.total += targets.shape[0]
+
+    def compute(self) -> list[float]:
+        """The five results, with one host read."""
+        confusion = self.confusion.view(self.classes, self.classes).double()
+        true_positive = confusion.diagonal()
+        precision = true_positive / confusion.sum(0).clamp(min=1)
+        recall = true_positive / confusion.sum(1).clamp(min=1)
+        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        total = max(self.total, 1)
+        values = torch.stack(
+            [
+                true_positive.sum() / total,
+                precision.mean(),
+                recall.mean(),
+                f1.mean(),
+                self.hits / total,
+            ]
+        )
+        return [float(value) for value in values.tolist()]
+
+
+HandMetrics = HandAccuracy | HandFiveMetrics
+
+
+def prepare_hand_written(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
+    """The plain hand-written loop."""
+    return _hand_loop(workload, batches, device)
+
+
+def prepare_hand_accuracy(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
+    """The hand-written loop with hand-written accuracy."""
+    metrics = HandAccuracy(workload.classes, device)
+    return _hand_loop(workload, batches, device, metrics)
+
+
+def prepare_hand_five(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
+    """The hand-written loop with hand-written equivalents of the five metrics."""
+    metrics = HandFiveMetrics(workload.classes, device)
+    return _hand_loop(workload, batches, device, metrics)
+
+
+def prepare_hand_bf16(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
+    """The hand-written loop under ``torch.autocast(device_type, dtype=torch.bfloat16)``."""
+    return _hand_loop(workload, batches, device, autocast=torch.bfloat16)
+
+
+def precision_supported() -> bool:
+    """Whether this bz's RunConfig has a ``precision`` field (bf16-mixed, 16-mixed)."""
+    return "precision" in attrs.fields_dict(bz.RunConfig)
 
 
 def _bz_run(
@@ -192,6 +339,7 @@ def _bz_run(
     device: torch.device,
     plugins: Sequence[Any],
     metrics: dict[str, Any],
+    **options: Any,
 ) -> Run:
     model = workload.model(0).to(device)
     setup = bz.TrainingSetup(
@@ -201,7 +349,9 @@ def _bz_run(
         train_loader=_loader(workload, batches),
     )
     # seed=None: the model is already seeded; every variant starts from the same weights.
-    config = bz.RunConfig(epochs=workload.epochs, device=str(device), seed=None, plugins=())
+    config = bz.RunConfig(
+        epochs=workload.epochs, device=str(device), seed=None, plugins=(), **options
+    )
 
     def run() -> None:
         bz.Trainer().fit(setup, config, plugins=plugins, metrics=metrics)
@@ -210,17 +360,27 @@ def _bz_run(
 
 
 def prepare_bz(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
-    """(b) bz with no plugins and no metrics."""
+    """bz with no plugins and no metrics."""
     return _bz_run(workload, batches, device, [], {})
 
 
-def builtin_metrics() -> dict[str, Any]:
-    """Every built-in metric that applies to a classifier (fresh objects)."""
-    return build_metrics([MetricSpec(name) for name in CLASSIFICATION_METRICS])
+def builtin_metrics(names: Sequence[str] = CLASSIFICATION_METRICS) -> dict[str, Any]:
+    """Built-in metrics by name (fresh objects)."""
+    return build_metrics([MetricSpec(name) for name in names])
+
+
+def prepare_bz_accuracy(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
+    """bz with ``accuracy``."""
+    return _bz_run(workload, batches, device, [], builtin_metrics(["accuracy"]))
+
+
+def prepare_bz_five(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
+    """bz with the five classification metrics."""
+    return _bz_run(workload, batches, device, [], builtin_metrics())
 
 
 def prepare_bz_builtins(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
-    """(c) bz with console_out (to a null stream), early_stopping and the metrics."""
+    """bz with console_out (to a null stream), early_stopping and the five metrics."""
     plugins = [
         ConsoleOut(ConsoleOutConfig(), stream=io.StringIO()),
         # Large patience so it never stops; training_loss since there is no validation.
@@ -229,34 +389,9 @@ def prepare_bz_builtins(workload: Workload, batches: list[Batch], device: torch.
     return _bz_run(workload, batches, device, plugins, builtin_metrics())
 
 
-def prepare_hand_written_metrics(
-    workload: Workload, batches: list[Batch], device: torch.device
-) -> Run:
-    """(a') The hand-written loop updating the same metric objects as (c), computed once."""
-    model = workload.model(0).to(device)
-    optimizer = _optimizer(model)
-    loss_fn = nn.CrossEntropyLoss()
-    loader = _loader(workload, batches)
-    epochs = workload.epochs
-    metrics = list(builtin_metrics().values())
-
-    def run() -> None:
-        for _ in range(epochs):
-            model.train()
-            for metric in metrics:
-                metric.reset()
-            for inputs, targets in loader:
-                optimizer.zero_grad(set_to_none=True)
-                outputs = model(inputs)
-                loss = loss_fn(outputs, targets)
-                loss.backward()
-                optimizer.step()
-                detached = outputs.detach()
-                for metric in metrics:
-                    metric.update(detached, targets)
-            torch.stack([metric.compute().double() for metric in metrics]).tolist()
-
-    return run
+def prepare_bz_bf16(workload: Workload, batches: list[Batch], device: torch.device) -> Run:
+    """bz with ``precision="bf16-mixed"``."""
+    return _bz_run(workload, batches, device, [], {}, precision="bf16-mixed")
 
 
 class NoOpPlugin:
@@ -320,7 +455,6 @@ class NoOpPlugin:
         """No-op."""
 
 
-NOOP_PLUGINS = 10
 # The benchmark is only meaningful if the no-op plugin really implements every hook.
 assert all(callable(getattr(NoOpPlugin, hook, None)) for hook in HOOK_NAMES)
 
@@ -406,17 +540,24 @@ class _Batches:
         return len(self._batches)
 
 
-def variants(with_lightning: bool) -> list[Variant]:
-    """The variants, the baseline first."""
+def variants(with_lightning: bool, with_bf16: bool) -> list[Variant]:
+    """The variants, the plain hand-written loop first; each names its hand-written match."""
     chosen = [
-        Variant("hand-written", prepare_hand_written),
-        Variant("hand-written + same metrics", prepare_hand_written_metrics),
-        Variant("bz, no plugins", prepare_bz),
-        Variant("bz, built-ins + metrics", prepare_bz_builtins),
-        Variant(f"bz, {NOOP_PLUGINS} no-op plugins", prepare_bz_noop),
+        Variant(HAND, prepare_hand_written),
+        Variant(HAND_ACCURACY, prepare_hand_accuracy),
+        Variant(HAND_FIVE, prepare_hand_five),
+        Variant(BZ, prepare_bz),
+        Variant(BZ_ACCURACY, prepare_bz_accuracy, baseline=HAND_ACCURACY),
+        Variant(BZ_FIVE, prepare_bz_five, baseline=HAND_FIVE),
+        Variant(BZ_BUILTINS, prepare_bz_builtins, baseline=HAND_FIVE),
+        Variant(BZ_NOOP, prepare_bz_noop),
     ]
+    if with_bf16:
+        chosen.append(Variant(HAND_BF16, prepare_hand_bf16))
+        if precision_supported():
+            chosen.append(Variant(BZ_BF16, prepare_bz_bf16, baseline=HAND_BF16))
     if with_lightning:
-        chosen.append(Variant("PyTorch Lightning", prepare_lightning))
+        chosen.append(Variant(LIGHTNING, prepare_lightning))
     return chosen
 
 
@@ -533,19 +674,25 @@ class Row:
     """One variant's line in the table."""
 
     variant: str
+    baseline: str
     median_s: float
-    ratio: float
-    """Median over rounds of this variant's run time / the hand-written loop's, same round."""
-    ratio_iqr: float
-    """Half the interquartile range of those ratios: how noisy ``ratio`` is."""
     fixed_ms: float
-    """What a run costs beyond the hand-written loop's once, whatever its length."""
+    """What a run costs beyond its baseline's once, whatever its length."""
     step_us: float
     """Microseconds per step, the fixed cost excluded."""
     overhead_us_per_step: float
-    """Microseconds per step beyond the hand-written loop's, the fixed cost excluded."""
+    """Microseconds per step beyond the baseline's (same rounds), the fixed cost excluded."""
     step_ratio: float
-    """Per-step time / the hand-written loop's (the fixed cost excluded)."""
+    """Per-step time / the baseline's (the fixed cost excluded)."""
+    step_ratio_iqr: float
+    """Half the interquartile range of the per-round ratios: how noisy the ratio is."""
+    hand_ratio: float
+    """Per-step time / the plain hand-written loop's."""
+    fastest_step_us: float
+    """Per step from the fastest N-step and fastest 1-step runs: noise on a shared
+    machine only ever adds time, so the fastest runs are the least disturbed ones."""
+    fastest_ratio: float
+    """``fastest_step_us`` / the baseline's."""
     reads_per_batch: float | None
     reads_per_run: float | None
 
@@ -557,37 +704,52 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     return low, high
 
 
-def _paired(variant: list[float], base: list[float]) -> list[float]:
-    return [t - b for t, b in zip(variant, base, strict=True)]
+def _per_step(variant: Variant, steps: int) -> list[float]:
+    """Each round's per-step time: (N-step run - 1-step run) / (N - 1)."""
+    return [
+        (full - short) / (steps - 1)
+        for full, short in zip(variant.times, variant.short_times, strict=True)
+    ]
 
 
 def rows(workload: Workload, chosen: list[Variant], reads: dict[str, HostReads]) -> list[Row]:
-    """The table, each variant compared with the hand-written run of the same round.
+    """The table, each variant compared with its hand-written match in the same rounds.
 
     A run of N steps costs ``fixed + N * step``; one-step runs give ``fixed + step``,
-    so the per-step cost is their difference over N - 1.
+    so each round gives a per-step time, and the ratio to the baseline is the median of
+    the per-round ratios.
     """
-    base = chosen[0]
+    by_name = {variant.name: variant for variant in chosen}
     steps = workload.steps
-    base_step = (statistics.median(base.times) - statistics.median(base.short_times)) / (steps - 1)
+    step_of = {variant.name: statistics.median(_per_step(variant, steps)) for variant in chosen}
+    fastest = {
+        variant.name: (min(variant.times) - min(variant.short_times)) / (steps - 1)
+        for variant in chosen
+    }
     table = []
     for variant in chosen:
-        ratios = [t / b for t, b in zip(variant.times, base.times, strict=True)]
+        base = by_name[variant.baseline]
+        mine, theirs = _per_step(variant, steps), _per_step(base, steps)
+        ratios = [m / t for m, t in zip(mine, theirs, strict=True)]
         low, high = _quartiles(ratios)
-        extra_run = statistics.median(_paired(variant.times, base.times))
-        extra_fixed_and_step = statistics.median(_paired(variant.short_times, base.short_times))
-        overhead = (extra_run - extra_fixed_and_step) / (steps - 1)
+        overhead = statistics.median([m - t for m, t in zip(mine, theirs, strict=True)])
+        fixed = statistics.median(
+            [v - b for v, b in zip(variant.short_times, base.short_times, strict=True)]
+        )
         read = reads.get(variant.name)
         table.append(
             Row(
                 variant=variant.name,
+                baseline=variant.baseline,
                 median_s=statistics.median(variant.times),
-                ratio=statistics.median(ratios),
-                ratio_iqr=(high - low) / 2,
-                fixed_ms=(extra_fixed_and_step - overhead) * 1e3,
-                step_us=(base_step + overhead) * 1e6,
+                fixed_ms=(fixed - overhead) * 1e3,
+                step_us=step_of[variant.name] * 1e6,
                 overhead_us_per_step=overhead * 1e6,
-                step_ratio=(base_step + overhead) / base_step,
+                step_ratio=statistics.median(ratios),
+                step_ratio_iqr=(high - low) / 2,
+                hand_ratio=step_of[variant.name] / step_of[HAND],
+                fastest_step_us=fastest[variant.name] * 1e6,
+                fastest_ratio=fastest[variant.name] / fastest[variant.baseline],
                 reads_per_batch=read.per_batch if read else None,
                 reads_per_run=read.per_run if read else None,
             )
@@ -600,9 +762,10 @@ def markdown(workload: Workload, table: list[Row]) -> str:
     lines = [
         f"**{workload.name}**: {workload.describe()}",
         "",
-        "| variant | run (median) | run vs hand-written | per step | per step vs hand-written "
-        "| overhead per step | fixed cost per run | host reads per batch (per run) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | compared with | per step | vs that row | vs hand loop "
+        "| overhead per step | fixed cost per run | fastest: per step, vs that row "
+        "| host reads per batch (per run) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table:
         reads = (
@@ -610,44 +773,191 @@ def markdown(workload: Workload, table: list[Row]) -> str:
             if row.reads_per_batch is None or row.reads_per_run is None
             else f"{row.reads_per_batch:g} ({row.reads_per_run:g})"
         )
+        same = row.baseline == row.variant
         lines.append(
-            f"| {row.variant} | {row.median_s * 1e3:.1f} ms "
-            f"| {row.ratio:.3f}× ± {row.ratio_iqr:.3f} | {row.step_us:.1f} µs "
-            f"| {row.step_ratio:.3f}× | {row.overhead_us_per_step:+.1f} µs "
-            f"| {row.fixed_ms:+.1f} ms | {reads} |"
+            f"| {row.variant} | {'—' if same else row.baseline} | {row.step_us:.1f} µs "
+            f"| {'—' if same else f'{row.step_ratio:.3f}× ± {row.step_ratio_iqr:.3f}'} "
+            f"| {row.hand_ratio:.3f}× | {'—' if same else f'{row.overhead_us_per_step:+.1f} µs'} "
+            f"| {'—' if same else f'{row.fixed_ms:+.1f} ms'} "
+            f"| {row.fastest_step_us:.1f} µs, {row.fastest_ratio:.3f}× | {reads} |"
         )
     return "\n".join(lines)
 
 
-def summary(tiny: list[Row], dispatch: dict[int, float]) -> str:
-    """The issue's targets, checked against the tiny-MLP numbers (fixed cost excluded)."""
-    by_name = {row.variant: row for row in tiny}
-    plain = by_name["bz, no plugins"]
-    builtins = by_name["bz, built-ins + metrics"]
-    with_metrics = by_name["hand-written + same metrics"]
-    noop = by_name[f"bz, {NOOP_PLUGINS} no-op plugins"]
-    per_plugin = (noop.overhead_us_per_step - plain.overhead_us_per_step) / NOOP_PLUGINS
-    versus_metrics = builtins.step_us / with_metrics.step_us
-    per_call = (dispatch[NOOP_PLUGINS] - dispatch[0]) / NOOP_PLUGINS
-    reads = [row.reads_per_batch for row in tiny if row.variant.startswith("bz")]
-    return "\n".join(
-        [
-            "Targets (tiny MLP, per step, fixed cost per run excluded):",
-            f"- bz, no plugins vs hand-written: {(plain.step_ratio - 1) * 100:+.1f}% "
-            f"({plain.overhead_us_per_step:+.1f} µs)",
-            "- bz with built-ins vs hand-written with the same metrics: "
-            f"{(versus_metrics - 1) * 100:+.1f}% (target: within 3%)",
-            f"- bz with built-ins vs plain hand-written: {(builtins.step_ratio - 1) * 100:+.1f}% "
-            "(the difference is the metrics' own arithmetic)",
-            f"- each no-op plugin on every hook: {per_plugin:+.2f} µs/step (target: < 2)",
-            "- the sandbox alone (PluginSet.call, fastest of 15 × 20,000 calls): "
-            f"{dispatch[0]:.2f} µs with no plugin, {dispatch[1]:.2f} µs with 1, "
-            f"{dispatch[NOOP_PLUGINS]:.2f} µs with {NOOP_PLUGINS}: {per_call:.2f} µs per plugin "
-            f"per hook, × {len(PER_BATCH_HOOKS)} per-batch hooks = "
-            f"{per_call * len(PER_BATCH_HOOKS):.2f} µs per plugin per step",
-            f"- host reads per batch in bz: {max(r or 0.0 for r in reads):g} (target: 0)",
-        ]
+def _versus(row: Row, target: float | None = None) -> str:
+    goal = "" if target is None else f" (target: at most {target:.2f}×)"
+    return (
+        f"{row.step_ratio:.3f}× ± {row.step_ratio_iqr:.3f}, "
+        f"{row.overhead_us_per_step:+.1f} µs per step; fastest runs: "
+        f"{row.fastest_ratio:.3f}×{goal}"
     )
+
+
+def summary(name: str, table: list[Row], dispatch: dict[int, float]) -> str:
+    """The issue's targets, checked against one workload's rows (fixed cost excluded)."""
+    by_name = {row.variant: row for row in table}
+    plain_target = 1.02 if name.startswith("tiny") else 1.01
+    lines = [
+        f"Targets ({name}, per step, same rounds, fixed cost per run excluded):",
+        f"- {BZ} vs {HAND}: {_versus(by_name[BZ], plain_target)}",
+        f"- {BZ_ACCURACY} vs {HAND_ACCURACY}: {_versus(by_name[BZ_ACCURACY], 1.02)}",
+        f"- {BZ_FIVE} vs {HAND_FIVE}: {_versus(by_name[BZ_FIVE], 1.05)}",
+        f"- {BZ_BUILTINS} vs {HAND_FIVE}: {_versus(by_name[BZ_BUILTINS])}",
+    ]
+    hand, plain = by_name[HAND], by_name[BZ]
+    for bz_row, hand_row in ((BZ_ACCURACY, HAND_ACCURACY), (BZ_FIVE, HAND_FIVE)):
+        own = by_name[bz_row].step_us - plain.step_us
+        theirs = by_name[hand_row].step_us - hand.step_us
+        lines.append(
+            f"- what the metrics add per step: {bz_row} - {BZ} = {own:+.1f} µs; "
+            f"{hand_row} - {HAND} = {theirs:+.1f} µs"
+        )
+    noop = by_name[BZ_NOOP]
+    per_plugin = (noop.step_us - plain.step_us) / NOOP_PLUGINS
+    lines.append(f"- each no-op plugin on every hook: {per_plugin:+.2f} µs per step (target: 1)")
+    if BZ_BF16 in by_name:
+        lines.append(f"- {BZ_BF16} vs {HAND_BF16}: {_versus(by_name[BZ_BF16], 1.02)}")
+    elif HAND_BF16 in by_name:
+        lines.append(f"- {BZ_BF16}: skipped (needs precision support)")
+    if dispatch:
+        per_call = (dispatch[NOOP_PLUGINS] - dispatch[0]) / NOOP_PLUGINS
+        lines.append(
+            "- the sandbox alone (PluginSet.call, fastest of 15 × 20,000 calls): "
+            f"{dispatch[0]:.2f} µs with no plugin, {dispatch[NOOP_PLUGINS]:.2f} µs with "
+            f"{NOOP_PLUGINS}: {per_call:.2f} µs per plugin per hook, × {len(PER_BATCH_HOOKS)} "
+            f"per-batch hooks = {per_call * len(PER_BATCH_HOOKS):.2f} µs per plugin per step"
+        )
+    reads = [row.reads_per_batch for row in table if row.variant.startswith("bz")]
+    lines.append(f"- host reads per batch in bz: {max(r or 0.0 for r in reads):g} (target: 0)")
+    return "\n".join(lines)
+
+
+# -- the metric updates alone ------------------------------------------------------------
+
+
+def metric_update_costs(workload: Workload, number: int = 2000, rounds: int = 15) -> str:
+    """Microseconds one batch's metric update costs, bz against hand-written, alone.
+
+    No model, no loop: the same (N, C) scores and targets fed to each update, the
+    fastest of 3 timings per round, the median over rounds that alternate.
+    """
+    from bz.metrics import batch_update
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(workload.batch_size, workload.classes, generator=generator)
+    targets = torch.randint(0, workload.classes, (workload.batch_size,), generator=generator)
+    accuracy = batch_update(builtin_metrics(["accuracy"]).values())
+    five = batch_update(builtin_metrics().values())
+    updates: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
+        "hand-written accuracy": HandAccuracy(workload.classes, scores.device).update,
+        "bz accuracy": accuracy,
+        "hand-written 5 metrics": HandFiveMetrics(workload.classes, scores.device).update,
+        "bz 5 metrics": five,
+    }
+    for update in updates.values():
+        update(scores, targets)  # the first batch sets bz's counts up
+    timings: dict[str, list[float]] = {name: [] for name in updates}
+    for _ in range(rounds):
+        for name, update in updates.items():
+            timings[name].append(_fastest(update, scores, targets, number) * 1e6)
+    lines = [
+        f"Metric updates alone ({workload.name}: scores {workload.batch_size} × "
+        f"{workload.classes}), µs per batch, median of {rounds} rounds:"
+    ]
+    lines += [f"- {name}: {statistics.median(values):.1f} µs" for name, values in timings.items()]
+    return "\n".join(lines)
+
+
+def _fastest(
+    update: Callable[[torch.Tensor, torch.Tensor], None],
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    number: int,
+) -> float:
+    """Seconds per call, the fastest of three timings of ``number`` calls."""
+    return min(timeit.repeat(lambda: update(scores, targets), number=number, repeat=3)) / number
+
+
+# -- a profile of the loop ---------------------------------------------------------------
+
+
+class _OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves it untyped
+    """Counts the aten operations run below autograd (forward, backward, optimizer, metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it untyped
+        self.count = 0
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _function_key(key: tuple[str, int, str]) -> str:
+    filename, line, name = key
+    if filename == "~":
+        return name
+    parts = filename.split("/")
+    short = "/".join(parts[parts.index("bz") :]) if "bz" in parts else parts[-1]
+    return f"{short}:{line}({name})"
+
+
+def profile(workload: Workload, device: torch.device, top: int = 15) -> str:
+    """Where bz's time goes per step, against the hand-written loops doing the same work.
+
+    Counts that noise cannot touch: Python function calls (cProfile) and aten operations
+    (a dispatch mode) per step, for each pair; then the functions bz calls that the
+    hand-written loop does not, with their own time per step (cProfile's clock, which
+    adds its own overhead to every call: read the times as proportions).
+    """
+    batches = workload.data(1, device)
+    steps = workload.steps
+    out = io.StringIO()
+    pairs = [
+        (HAND, prepare_hand_written, BZ, prepare_bz),
+        (HAND_ACCURACY, prepare_hand_accuracy, BZ_ACCURACY, prepare_bz_accuracy),
+        (HAND_FIVE, prepare_hand_five, BZ_FIVE, prepare_bz_five),
+    ]
+    if precision_supported():
+        pairs.append((HAND_BF16, prepare_hand_bf16, BZ_BF16, prepare_bz_bf16))
+    out.write("| variant | Python calls per step | aten ops per step |\n|---|---:|---:|\n")
+    stats: dict[str, pstats.Stats] = {}
+    for names_and_runs in pairs:
+        for name, prepare in (names_and_runs[:2], names_and_runs[2:]):
+            run = prepare(workload, batches, device)
+            run()  # warm-up, and the first batch that sets bz's metric counts up
+            profiler = cProfile.Profile()
+            profiler.enable()
+            run()
+            profiler.disable()
+            stats[name] = pstats.Stats(profiler)
+            counter = _OpCounter()
+            with counter:
+                run()
+            calls = sum(entry[1] for entry in stats[name].stats.values())  # type: ignore[attr-defined]  # pstats keeps its table untyped
+            out.write(f"| {name} | {calls / steps:.1f} | {counter.count / steps:.1f} |\n")
+    hand = {_function_key(k): v for k, v in stats[HAND].stats.items()}  # type: ignore[attr-defined]  # as above
+    extra = []
+    for key, entry in stats[BZ].stats.items():  # type: ignore[attr-defined]  # as above
+        name = _function_key(key)
+        calls = entry[1] - (hand[name][1] if name in hand else 0)
+        if calls > 0:
+            extra.append((entry[2] / steps * 1e6, calls / steps, name))
+    extra.sort(reverse=True)
+    out.write(
+        f"\nFunctions {BZ!r} calls more often than {HAND!r}, by own time "
+        "(cProfile, µs per step):\n\n| function | extra calls per step | own time per step |"
+        "\n|---|---:|---:|\n"
+    )
+    for own, calls, name in extra[:top]:
+        out.write(f"| `{name}` | {calls:.2f} | {own:.1f} µs |\n")
+    return out.getvalue()
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -682,7 +992,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="Fewer steps and repetitions.")
-    parser.add_argument("--repeats", type=int, help="Timed rounds (default 21; 5 with --quick).")
+    parser.add_argument("--repeats", type=int, help="Timed rounds (default 9; 3 with --quick).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first.")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N].")
     parser.add_argument(
@@ -695,6 +1005,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dataloader", action="store_true", help="Also time the tiny MLP fed by a DataLoader."
     )
     parser.add_argument("--no-lightning", action="store_true", help="Skip PyTorch Lightning.")
+    parser.add_argument("--no-bf16", action="store_true", help="Skip the bf16 autocast rows.")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="Only print a cProfile of bz (no plugins) and of the hand loop, per workload.",
+    )
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")
     return parser.parse_args(argv)
 
@@ -705,39 +1021,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet()
     torch.set_num_threads(1)
     device = torch.device(args.device)
-    repeats = args.repeats or (5 if args.quick else 21)
+    repeats = args.repeats or (3 if args.quick else 9)
     with_lightning = not args.no_lightning and lightning_available()
+    chosen_workloads = [
+        w
+        for w in workloads(args.quick, args.dataloader)
+        if not args.workload or w.name in args.workload
+    ]
+    if args.profile:
+        for workload in chosen_workloads:
+            print(f"## {workload.name}: {workload.describe()}")
+            print(profile(workload, device))
+        return 0
     env = environment(device)
     print(f"# bz loop benchmark on {env['device']}")
     print(f"python {env['python']}, torch {env['torch']}, bz {env['bz']}, {env['platform']}")
-    print(f"median of {repeats} alternating repetitions after {args.warmup} warm-up round(s)")
+    print(
+        f"median of {repeats} rounds in rotating order after {args.warmup} warm-up round(s); "
+        f"clock: {'CUDA events' if device.type == 'cuda' else 'thread CPU time'}"
+    )
     if not with_lightning:
         print("(PyTorch Lightning not installed: pip install 'bz-cli[bench]' to include it)")
+    if not args.no_bf16 and not precision_supported():
+        print(f"({BZ_BF16}: skipped (needs precision support))")
     results: dict[str, Any] = {"environment": env, "repeats": repeats, "workloads": {}}
-    tiny_rows: list[Row] | None = None
-    for workload in workloads(args.quick, args.dataloader):
-        if args.workload and workload.name not in args.workload:
-            continue
-        chosen = variants(with_lightning)
+    summaries = []
+    for workload in chosen_workloads:
+        chosen = variants(with_lightning, with_bf16=not args.no_bf16)
         measure(workload, chosen, device, repeats, args.warmup)
         reads = {v.name: host_reads(workload, v, device) for v in chosen if v.counts_reads}
         table = rows(workload, chosen, reads)
         print()
         print(markdown(workload, table))
         sys.stdout.flush()
-        if workload.name == "tiny":
-            tiny_rows = table
+        summaries.append((workload, table))
         results["workloads"][workload.name] = {
             "description": workload.describe(),
             "rows": [row.__dict__ for row in table],
             "times": {v.name: v.times for v in chosen},
+            "short_times": {v.name: v.short_times for v in chosen},
             "host_read_kinds": {name: r.kinds for name, r in reads.items()},
         }
     dispatch = {count: dispatch_cost(count) for count in (0, 1, NOOP_PLUGINS)}
     results["dispatch_us_per_hook_call"] = dispatch
-    if tiny_rows is not None:
+    for workload, table in summaries:
         print()
-        print(summary(tiny_rows, dispatch))
+        print(summary(workload.name, table, dispatch if workload.name == "tiny" else {}))
+    for workload, _ in summaries[:1]:
+        print()
+        costs = metric_update_costs(workload)
+        print(costs)
+        results["metric_update_costs"] = costs
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as out:
             json.dump(results, out, indent=2)

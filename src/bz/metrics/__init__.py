@@ -1,6 +1,7 @@
 """Metrics that accumulate on the device and are read back once per epoch.
 
-The loop calls ``update(preds, targets)`` on every batch, then, once per epoch,
+The loop calls the function :func:`batch_update` made for its metrics on every batch
+(built-in classification metrics share one computation there), then, once per epoch,
 :func:`reduce_across_processes` (distributed runs), :func:`compute_all` (the one host
 read) and :func:`reset_all`. Metrics are named in ``bzconfig.json`` (``"accuracy"`` or
 ``{"top_k_accuracy": {"k": 5}}``) and built by :func:`build_metrics`; any object with
@@ -20,6 +21,7 @@ from bz.metrics._classification import (
     TopKConfig,
 )
 from bz.metrics._collection import compute_all, reduce_across_processes, reset_all
+from bz.metrics._fused import batch_update
 from bz.metrics._options import MetricOption
 from bz.metrics._protocol import MergeableMetric, Metric
 from bz.metrics._registry import (
@@ -48,6 +50,7 @@ __all__ = [
     "TopKAccuracy",
     "TopKConfig",
     "available_metrics",
+    "batch_update",
     "build_metrics",
     "compute_all",
     "reduce_across_processes",

@@ -8,8 +8,6 @@ waits for the device.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -44,60 +42,6 @@ def _zero_count(device: torch.device, shape: tuple[int, ...] = ()) -> torch.Tens
 def _within(classes: torch.Tensor, count: int) -> torch.Tensor:
     """Which class indices lie in ``[0, count)`` (a mask, computed on the device)."""
     return (classes >= 0) & (classes < count)
-
-
-class _LastBatch(threading.local):
-    """The per-class counts of the last batch, shared by precision, recall and F1.
-
-    The loop hands every metric the same ``preds`` and ``targets`` tensors, and these
-    three metrics count the same things; the first one to see a batch counts it and the
-    others add its counts (two ops instead of a dozen). The batch is recognised by
-    identity and version (an in-place change makes it a new batch) through weak
-    references, so no batch is kept alive by the cache.
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.counts: tuple[torch.Tensor, ...] = ()
-
-    def get(
-        self, preds: torch.Tensor, targets: torch.Tensor, width: int | None, classes: int | None
-    ) -> tuple[torch.Tensor, ...] | None:
-        key = self.key
-        if key is None or classes is None:
-            return None
-        preds_ref, preds_version, targets_ref, targets_version, key_width, key_classes = key
-        if (
-            preds_ref() is preds
-            and targets_ref() is targets
-            and preds._version == preds_version
-            and targets._version == targets_version
-            and key_width == width
-            and key_classes == classes
-        ):
-            return self.counts
-        return None
-
-    def put(
-        self,
-        preds: torch.Tensor,
-        targets: torch.Tensor,
-        width: int | None,
-        classes: int,
-        counts: tuple[torch.Tensor, ...],
-    ) -> None:
-        self.key = (
-            weakref.ref(preds),
-            preds._version,
-            weakref.ref(targets),
-            targets._version,
-            width,
-            classes,
-        )
-        self.counts = counts
-
-
-_batch_counts = _LastBatch()
 
 
 def _check_average(_instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -165,17 +109,11 @@ class _PerClassMetric(SummedStateMetric):
         self._num_classes: int | None = None
 
     def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add one batch to the per-class counts."""
-        width = preds.shape[1] if preds.ndim == 2 else None
-        counts = _batch_counts.get(preds, targets, width, self._num_classes)
-        if counts is None:
-            counts = self._count(preds, targets)
-        per_class, outside = self._state_on(counts[0].device)
-        per_class.add_(counts[0])
-        outside.add_(counts[1])
+        """Add one batch to the per-class counts.
 
-    def _count(self, preds: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """This batch's ``(3, C)`` counts and out-of-range count (and remember them)."""
+        Updated alone; in a loop, :func:`bz.metrics.batch_update` counts a batch once for
+        precision, recall and F1 together.
+        """
         predicted, classes_of_targets, width = predicted_classes(self.display_name, preds, targets)
         classes = self._classes_for(width)
         inside = (_within(classes_of_targets, classes) & _within(predicted, classes)).to(
@@ -184,13 +122,11 @@ class _PerClassMetric(SummedStateMetric):
         # Clamping keeps scatter indices valid; the weight of such samples is zero.
         target_column = classes_of_targets.clamp(0, classes - 1)
         predicted_column = predicted.clamp(0, classes - 1)
-        per_class = _zero_count(predicted.device, (3, classes))
+        per_class, outside = self._state_on(predicted.device)
         per_class[0].scatter_add_(0, target_column, inside * (predicted == classes_of_targets))
         per_class[1].scatter_add_(0, predicted_column, inside)
         per_class[2].scatter_add_(0, target_column, inside)
-        counts = (per_class, classes_of_targets.shape[0] - inside.sum())
-        _batch_counts.put(preds, targets, width, classes, counts)
-        return counts
+        outside.add_(classes_of_targets.shape[0] - inside.sum())
 
     def _new_state(self, device: torch.device) -> list[torch.Tensor]:
         """``[per_class_counts (3, C), out_of_range]``."""

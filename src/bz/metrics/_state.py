@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -10,6 +10,18 @@ from bz.metrics._inputs import accumulator_dtype
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+
+class PendingCounts(Protocol):
+    """Counts a metric shares with others and has not folded into its own state yet.
+
+    A :class:`~bz.metrics._fused.ClassificationGroup` updates several metrics with one
+    computation per batch; its ``flush`` adds what it holds into each member's state.
+    """
+
+    def flush(self) -> None:
+        """Fold the pending counts into every member's state (a no-op when none are)."""
+        ...
 
 
 def no_samples() -> torch.Tensor:
@@ -37,20 +49,35 @@ class SummedStateMetric:
     display_name: str = ""
     """The key the result is reported under."""
 
+    # A class-level default too, for subclasses whose __init__ does not call ours.
+    _pending: PendingCounts | None = None
+
     def __init__(self) -> None:
         self._state: list[torch.Tensor] | None = None
+        self._pending: PendingCounts | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (the loop deep-copies metrics for validation) or a pickle takes the
+        # counts seen so far but not the group: the group would go on feeding the
+        # original metrics, never the copy.
+        self._fold_pending()
+        state = self.__dict__.copy()
+        state["_pending"] = None
+        return state
 
     def compute(self) -> torch.Tensor:
         """The metric over everything seen since the last reset; NaN if nothing was seen.
 
         Runs on the device and returns a 0-dim tensor there: no host read.
         """
+        self._fold_pending()
         if self._state is None:
             return no_samples()
         return self._compute(self._state)
 
     def reset(self) -> None:
         """Forget everything seen (the state is zeroed in place, on its device)."""
+        self._fold_pending()  # the group's counts belong to every member; drop only ours
         for tensor in self.state_tensors():
             tensor.zero_()
 
@@ -59,6 +86,7 @@ class SummedStateMetric:
 
         Empty before the first ``update``.
         """
+        self._fold_pending()
         return [] if self._state is None else list(self._state)
 
     def _state_on(self, device: torch.device) -> list[torch.Tensor]:
@@ -73,6 +101,10 @@ class SummedStateMetric:
             with torch.inference_mode(False):
                 self._state = [_moved(tensor, device) for tensor in self._state]
         return self._state
+
+    def _fold_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.flush()
 
     def _new_state(self, device: torch.device) -> list[torch.Tensor]:
         """Zeroed state tensors on ``device``."""
