@@ -205,7 +205,15 @@ def test_keep_last_prunes_old_checkpoints_and_stray_temporary_files(tmp_path: Pa
     stray.write_bytes(b"half a checkpoint")
     fit(tmp_path, CONFIG.with_overrides(keep_last=2))
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == ["epoch-0003.pt", "epoch-0004.pt", "model.pt"]
+    assert names == [
+        ".lock",
+        "epoch-0003.pt",
+        "epoch-0003.pt.json",
+        "epoch-0004.pt",
+        "epoch-0004.pt.json",
+        "model.pt",
+        "model.pt.json",
+    ]
 
 
 def test_checkpoint_interval_and_the_final_epoch(tmp_path: Path) -> None:
@@ -355,7 +363,7 @@ def test_checkpoints_cannot_run_code(tmp_path: Path) -> None:
     path = tmp_path / "epoch-0001.pt"
     torch.save({"evil": Payload()}, path)
     with pytest.raises(_checkpoint.UnreadableCheckpoint, match=r"Unpickl|[Ww]eights only"):
-        read_checkpoint(path)
+        read_checkpoint(path, verified=False)
 
 
 def test_plugin_state_that_a_checkpoint_cannot_hold_quarantines_only_that_plugin(
