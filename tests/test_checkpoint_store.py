@@ -254,7 +254,7 @@ def test_unusable_reason_names_what_does_not_fit() -> None:
     assert "model entry '0.weight' is (5, 3)" in str(unusable_reason(other, model, optimizer))
     no_rng = _payload(1, model=model)
     del no_rng["rng"]["epoch_start"]
-    assert "random state 'epoch_start' is missing" == unusable_reason(no_rng, model, optimizer)
+    assert unusable_reason(no_rng, model, optimizer) == "random state 'epoch_start' is missing"
     missing = _payload(1, model=model)
     del missing["model"]["2.bias"]
     assert "missing ['2.bias']" in str(unusable_reason(missing, model, optimizer))
