@@ -337,6 +337,8 @@ def test_a_failed_write_is_reported_and_training_goes_on(
     failures = [e for e in events if e["event"] == "checkpoint_write_failed"]
     assert len(failures) == CONFIG.epochs
     assert "No space left on device" in failures[0]["error"]
+    assert [e["event"] for e in events].count("model_write_failed") == 1
+    assert result.checkpoints_lost == CONFIG.epochs + 1
 
 
 def test_atomic_save_leaves_nothing_behind_when_interrupted(
@@ -350,7 +352,9 @@ def test_atomic_save_leaves_nothing_behind_when_interrupted(
 
     monkeypatch.setattr("os.replace", replace_crashes)
     with pytest.raises(KeyboardInterrupt):
-        _checkpoint.atomic_save({"x": torch.ones(2)}, target)
+        _checkpoint.atomic_save(
+            {"signature": "s", "epoch": 1, "global_step": 6, "x": torch.ones(2)}, target
+        )
     assert [p.name for p in tmp_path.iterdir()] == ["epoch-0001.pt"]
     assert target.read_bytes() == b"previous good file"
 

@@ -34,6 +34,7 @@ from bz.plugins import Plugin, PluginContext
 REPO = Path(__file__).resolve().parent.parent
 ProjectFactory = Callable[..., Path]
 
+
 def run_python(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300, check=True
@@ -70,7 +71,7 @@ def test_a_structlog_host_receives_every_event_through_its_own_processors() -> N
     ]
     caught = lines[-1]
     assert caught["error"] == "the host's loss refuses these labels"
-    assert caught["notes"] == ["bz: training failed at epoch 0, step 0 (in the training loop)"]
+    assert caught["notes"] == ["bz: training failed at epoch 1, step 0 (in the training loop)"]
     assert done.stderr == ""
 
 
@@ -180,7 +181,7 @@ def test_the_hosts_exception_is_caught_by_its_own_type() -> None:
     with pytest.raises(KeyError) as caught:
         bz.Trainer().fit(setup, RunConfig(epochs=1, plugins=[]))
     assert caught.value.__notes__ == [
-        "bz: training failed at epoch 0, step 0 (in the training loop)"
+        "bz: training failed at epoch 1, step 0 (in the training loop)"
     ]
 
 
@@ -242,11 +243,11 @@ def test_bz_train_still_renders_the_users_exception_as_one_line(
     assert "Traceback" not in result.stderr
     assert "run_finished" not in result.stderr  # console mode renders the end itself
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("bz: error:")]
-    assert line.startswith("bz: error: training failed at epoch 0, step 0: ")
+    assert line.startswith("bz: error: training failed at epoch 1, step 0: ")
     assert line.endswith("train.py:7: ValueError: bad labels")
     with_traceback = bz_cli("train", "--traceback")
     assert "Traceback" in with_traceback.stderr
-    assert "bz: training failed at epoch 0, step 0" in with_traceback.stderr  # the note
+    assert "bz: training failed at epoch 1, step 0" in with_traceback.stderr  # the note
 
 
 # -- 3: FitResult fields and seeding in library mode -----------------------------------------

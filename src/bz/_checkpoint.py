@@ -73,7 +73,7 @@ _STRAY = re.compile(r"\.(?:epoch-\d{4,}(?:-batch-\d{5,})?\.pt|model\.pt)(?:\.jso
 _REQUIRED_KEYS = frozenset(
     {"format", "signature", "epoch", "batch", "global_step", "model", "optimizer", "rng"}
 )
-_MODEL_KEYS = frozenset({"format", "signature", "epoch", "global_step", "model"})
+_MODEL_KEYS = frozenset({"format", "signature", "epoch", "batch", "global_step", "model"})
 
 FINAL_MODEL = "model.pt"
 """The weights a finished run ended with, beside its checkpoints: after the plugins'
@@ -103,6 +103,8 @@ class ModelPayload(TypedDict):
     signature: str
     epoch: int
     """Completed epochs."""
+    batch: int
+    """Batches of epoch ``epoch + 1`` already trained (0: written between epochs)."""
     global_step: int
     """Optimizer steps taken."""
     model: dict[str, torch.Tensor]
@@ -113,8 +115,6 @@ class ModelPayload(TypedDict):
 class CheckpointPayload(ModelPayload):
     """Everything training resumes from (layout :data:`FORMAT`)."""
 
-    batch: int
-    """Batches of epoch ``epoch`` already trained (0: written between epochs)."""
     optimizer: dict[str, Any]
     rng: RngStates
     world_size: NotRequired[int]
@@ -623,19 +623,9 @@ def unusable_reason(
     for key in ("epoch", "batch", "global_step"):
         if not isinstance(payload.get(key), int) or payload[key] < 0:
             return f"counter {key!r} is missing or not a count"
-    state = payload.get("model")
-    if not isinstance(state, Mapping):
-        return "it holds no model weights"
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    extra = [key for key in state if key not in expected]
-    if missing or extra:
-        return f"model entries differ (missing {missing[:3]}, unexpected {extra[:3]})"
-    for key, tensor in expected.items():
-        saved = state[key]
-        if not isinstance(saved, torch.Tensor) or saved.shape != tensor.shape:
-            shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
-            return f"model entry {key!r} is {shape}, the model has {tuple(tensor.shape)}"
+    problem = model_fit_problem(payload.get("model"), model)
+    if problem is not None:
+        return problem
     saved_optimizer = payload.get("optimizer")
     if not isinstance(saved_optimizer, Mapping) or not isinstance(
         saved_optimizer.get("param_groups"), list
@@ -656,18 +646,28 @@ def unusable_reason(
     return None
 
 
-def read_latest(
-    folder: Path, signature: str | None = None
-) -> tuple[Path, CheckpointPayload] | None:
-    """The newest verified, readable checkpoint in ``folder``; others are reported."""
-    return CheckpointStore(folder).newest(signature)
+def model_fit_problem(state: object, model: torch.nn.Module) -> str | None:
+    """Why ``state`` cannot be loaded into ``model`` (entries or shapes differ), or None."""
+    if not isinstance(state, Mapping):
+        return "it holds no model weights"
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    extra = [key for key in state if key not in expected]
+    if missing or extra:
+        return f"model entries differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, tensor in expected.items():
+        saved = state[key]
+        if not isinstance(saved, torch.Tensor) or saved.shape != tensor.shape:
+            shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+            return f"model entry {key!r} is {shape}, the model has {tuple(tensor.shape)}"
+    return None
 
 
-def read_final_model(
-    folder: Path, signature: str, at_least_step: int
-) -> tuple[Path, ModelPayload] | None:
-    """The run's final model (see :meth:`CheckpointStore.final`)."""
-    return CheckpointStore(folder).final(signature, at_least_step)
+def is_finished(payload: Mapping[str, Any], epochs: int) -> bool:
+    """Whether a run whose newest checkpoint is ``payload`` has nothing left to train
+    for ``epochs``: a plugin stopped it there, or it is at or past ``epochs`` (a
+    mid-epoch checkpoint past a lowered ``epochs`` too: training cannot go back)."""
+    return bool(payload.get("stopped", False)) or int(payload["epoch"]) >= epochs
 
 
 # -- one writer per run ------------------------------------------------------------------------

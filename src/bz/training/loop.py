@@ -261,6 +261,7 @@ class Run:
             return self._fit()
         finally:
             self.plugins.close()
+            self.checkpoints.close()
             self._leave()
 
     def _leave(self) -> None:
@@ -287,7 +288,11 @@ class Run:
         started = time.perf_counter()
         checkpoints = self.checkpoints
         found = checkpoints.find()
-        if found is not None and checkpoints.is_complete(found[1]):
+        if (
+            found is not None
+            and checkpoints.is_complete(found[1])
+            and not checkpoints.needs_final_model(found[1])
+        ):
             return checkpoints.already_complete(*found, started)
         history: list[EpochRecord] = []
         self.context.extra["active_plugins"] = self.plugins.active_names
@@ -297,7 +302,9 @@ class Run:
         with self.interrupt:
             try:
                 part(lambda: self._start_session(found))
-                for epoch in range(self.start_epoch, self.config.epochs):
+                # A finished run whose final model is rebuilt trains no epoch.
+                last = self.start_epoch if checkpoints.rebuilding else self.config.epochs
+                for epoch in range(self.start_epoch, last):
                     record, stop = part(functools.partial(self._epoch_and_checkpoint, epoch))
                     history.append(record)
                     if stop:
@@ -314,7 +321,7 @@ class Run:
                 # The user's exception leaves as itself (`except ValueError` still catches
                 # it); where it happened travels with it as a note.
                 add_training_context(
-                    exc, epoch=self.epoch, step=self.global_step, where="in the training loop"
+                    exc, epoch=self.epoch + 1, step=self.global_step, where="in the training loop"
                 )
                 raise
         self.plugins.log_summary()
@@ -329,6 +336,8 @@ class Run:
             checkpoint=checkpoints.last,
             model=checkpoints.final_model,
             stopped_by=self.stopped_by,
+            checkpoints_lost=checkpoints.lost,
+            model_rebuilt=checkpoints.rebuilding,
         )
 
     def _start_session(self, found: tuple[Path, CheckpointPayload] | None) -> None:
@@ -381,7 +390,8 @@ class Run:
 
     def _stop(self, reason: EndReason) -> None:
         self.stopped_by = reason
-        _log.info("stop_requested", reason=reason, epoch=self.epoch, step=self.global_step)
+        # Numbered from 1, as the console and the checkpoint names do.
+        _log.info("stop_requested", reason=reason, epoch=self.epoch + 1, step=self.global_step)
 
     def _plugin_reports(self) -> dict[str, dict[str, Any]]:
         """Time and faults per plugin so far, for plugins that summarise the run."""
@@ -414,7 +424,7 @@ class Run:
     def _log_epoch(self, record: EpochRecord) -> None:
         _log.info(
             "epoch_finished",
-            epoch=record.epoch,
+            epoch=record.epoch + 1,  # numbered as the console and the checkpoints do
             step=self.global_step,
             training_loss=record.training_loss,
             validation_loss=record.validation_loss,
@@ -442,7 +452,7 @@ class Run:
         self.plugins.log_summary()
         _log.warning(
             "training_interrupted",
-            epoch=self.epoch,
+            epoch=self.epoch + 1,
             step=self.global_step,
             checkpoint=str(last) if last else None,
         )
