@@ -113,7 +113,7 @@ class CheckpointPolicy:
         store = self.store
         if store is None:
             return None
-        if self.run.topology.is_main:  # the only writer; other ranks only read
+        if self.saving and self.run.topology.is_main:  # the only writer; others only read
             self._lock(store)
         if not self.run.config.resume:
             return None
@@ -138,10 +138,9 @@ class CheckpointPolicy:
         return found
 
     def _lock(self, store: CheckpointStore) -> None:
-        if self.saving:
-            problem = writable_problem(store.folder)
-            if problem is not None:
-                raise UsageError(problem)
+        problem = writable_problem(store.folder)
+        if problem is not None:
+            raise UsageError(problem)
         try:
             store.lock()
         except RunLocked as exc:
