@@ -796,10 +796,10 @@ class CheckpointStore:
 
     folder: Path
     keep_last: int = 3
-    _lock: RunLock | None = None
+    _lock: RunLock | None = attrs.field(default=None, init=False)
     # Files checked in this process: name -> (size, mtime_ns, sha256). A file that has
     # not changed since is not hashed again when pruning.
-    _checked: dict[str, tuple[int, int, str]] = attrs.Factory(dict)
+    _checked: dict[str, tuple[int, int, str]] = attrs.field(factory=dict, init=False)
 
     # -- the lock ------------------------------------------------------------------------
 
