@@ -356,3 +356,24 @@ def test_writable_problem_reports_a_read_only_folder(tmp_path: Path) -> None:
 def test_checkpoint_names_order_like_training(tmp_path: Path) -> None:
     assert checkpoint_name(3) == "epoch-0003.pt"
     assert checkpoint_name(2, 17) == "epoch-0002-batch-00017.pt"
+
+
+def test_a_filesystem_without_locks_warns_and_still_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]]
+) -> None:
+    import errno
+
+    def no_locks(fd: int) -> bool:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(_checkpoint, "_try_lock", no_locks)
+    stray = tmp_path / ".epoch-0002.pt.4242.tmp"
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"maybe someone's write in progress")
+    store = CheckpointStore(tmp_path)
+    store.lock()
+    store.save(_payload(1), 1, 0)
+    assert [e["event"] for e in events if e["event"] == "run_lock_unavailable"] == [
+        "run_lock_unavailable"
+    ]
+    assert stray.exists(), "without the lock nothing is cleaned up"

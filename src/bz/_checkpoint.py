@@ -21,6 +21,7 @@ time writes a run: :class:`RunLock`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -68,6 +69,8 @@ LOCK_FILE = ".lock"
 
 _NAME = re.compile(r"epoch-(\d{4,})(?:-batch-(\d{5,}))?\.pt")
 _TMP_SUFFIX = ".tmp"
+# What flock answers on a filesystem without locks (as opposed to "someone holds it").
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 # Temporary files of bz's writes: ".<final name>.<pid>.tmp".
 _STRAY = re.compile(r"\.(?:epoch-\d{4,}(?:-batch-\d{5,})?\.pt|model\.pt)(?:\.json)?\.\d+\.tmp")
 _REQUIRED_KEYS = frozenset(
@@ -808,7 +811,21 @@ class CheckpointStore:
         killed writes left behind, which only the lock makes safe."""
         if self._lock is None:
             lock = RunLock(self.folder)
-            lock.acquire()
+            try:
+                lock.acquire()
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                # Some network and FUSE filesystems have no locks at all. Training there
+                # is still possible, just not guarded; nothing is cleaned up unguarded.
+                _log.warning(
+                    "run_lock_unavailable",
+                    path=str(lock.path),
+                    error=exc.strerror or str(exc),
+                    hint="this filesystem has no file locks: make sure no other bz "
+                    "process trains this run",
+                )
+                return
             self._lock = lock
         remove_stray_files(self.folder)
 
