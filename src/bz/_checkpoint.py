@@ -666,11 +666,16 @@ def model_fit_problem(state: object, model: torch.nn.Module) -> str | None:
     return None
 
 
-def is_finished(payload: Mapping[str, Any], epochs: int) -> bool:
+def is_finished(payload: Mapping[str, Any], epochs: int, max_steps: int | None = None) -> bool:
     """Whether a run whose newest checkpoint is ``payload`` has nothing left to train
-    for ``epochs``: a plugin stopped it there, or it is at or past ``epochs`` (a
-    mid-epoch checkpoint past a lowered ``epochs`` too: training cannot go back)."""
-    return bool(payload.get("stopped", False)) or int(payload["epoch"]) >= epochs
+    for ``epochs`` and ``max_steps``: a plugin stopped it there, or it is at or past
+    ``epochs`` (a mid-epoch checkpoint past a lowered ``epochs`` too: training cannot
+    go back), or at ``max_steps``."""
+    return (
+        bool(payload.get("stopped", False))
+        or int(payload["epoch"]) >= epochs
+        or (max_steps is not None and int(payload["global_step"]) >= max_steps)
+    )
 
 
 # -- one writer per run ------------------------------------------------------------------------

@@ -267,7 +267,11 @@ def validate(
         )
         newest_step = latest[1]["global_step"] if latest else 0
         final = store.final(signature, newest_step)
-        if final is None and latest is not None and is_finished(latest[1], run_config.epochs):
+        if (
+            final is None
+            and latest is not None
+            and is_finished(latest[1], run_config.epochs, run_config.max_steps)
+        ):
             raise UsageError(
                 f"this run finished but its final weights ({folder / FINAL_MODEL}) are "
                 "missing or damaged: run `bz train` to rebuild them, or pass --checkpoint"

@@ -89,9 +89,10 @@ class CheckpointPolicy:
         # A run started over (resume: false) replaces the old checkpoints of the same
         # signature once it has one of its own; until then they stay.
         self._discard_old = not run.config.resume
-        # Where the resumed checkpoint stood: a final model written without training
-        # another epoch carries its position, batches included.
-        self._resumed_at = (0, 0)
+        # Where the newest checkpoint (resumed from or written) stands: (epoch, batch,
+        # step). A final model written at that step carries its batches too (a run
+        # ended mid-epoch, or finished where a mid-epoch checkpoint left it).
+        self._position = (0, 0, 0)
 
     @property
     def saving(self) -> bool:
@@ -163,9 +164,7 @@ class CheckpointPolicy:
         at ``max_steps``.
         """
         config = self.run.config
-        return is_finished(payload, config.epochs) or (
-            config.max_steps is not None and payload["global_step"] >= config.max_steps
-        )
+        return is_finished(payload, config.epochs, config.max_steps)
 
     def needs_final_model(self, payload: CheckpointPayload) -> bool:
         """Whether a finished run lacks its final model: missing, damaged, or older than
@@ -287,7 +286,7 @@ class CheckpointPolicy:
                 context = run.refresh_context()
                 guarded(run.plugins, plugin, "load_state_dict", context, restore)
         self.resumed_from = path
-        self._resumed_at = (payload["epoch"], payload["batch"])
+        self._position = (payload["epoch"], payload["batch"], payload["global_step"])
         if self.rebuilding:
             self.last = path
         _log.info(
@@ -312,6 +311,7 @@ class CheckpointPolicy:
         loss_total, samples, metric_state = self._partial_epoch() if batch else (0.0, 0, {})
         if not run.topology.is_main:
             return
+        self._position = (epoch, batch, run.global_step)
         setup = run.setup
         now = capture_rng(run.generators)
         epoch_start = run.epoch_rng if batch and run.epoch_rng is not None else now
@@ -378,7 +378,9 @@ class CheckpointPolicy:
         store, run = self.store, self.run
         if store is None or not self._saves or not run.topology.is_main:
             return
-        batch = self._resumed_at[1] if epochs == self._resumed_at[0] else 0
+        epoch, batch, step = self._position
+        if step != run.global_step or epoch != epochs:
+            batch = 0  # whole epochs were trained since
         payload: ModelPayload = {
             "format": FORMAT,
             "signature": self.signature,
