@@ -275,9 +275,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     ]
     (folder,) = (tmp_path / ".bz" / "checkpoints").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
+        ".lock",  # rank 0's, the only writer
         "epoch-0001.pt",
+        "epoch-0001.pt.json",
         "epoch-0002.pt",
+        "epoch-0002.pt.json",
         "model.pt",
+        "model.pt.json",
     ]
 
     # A plugin that failed on rank 1 is quarantined on rank 0 too, from the next epoch.
@@ -497,7 +501,11 @@ def test_two_nodes_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("every_rank_probe-*"))) == 2
     (folder,) = (tmp_path / ".bz" / "checkpoints").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
+        ".lock",  # rank 0's, the only writer
         "epoch-0001.pt",
+        "epoch-0001.pt.json",
         "epoch-0002.pt",
+        "epoch-0002.pt.json",
         "model.pt",
+        "model.pt.json",
     ]
