@@ -99,7 +99,7 @@ def test_a_stdlib_host_receives_records_on_the_bz_hierarchy_with_their_fields() 
     assert finished["outcome"] == "completed"
     assert finished["epochs_completed"] == 2
     epochs = [f["epoch"] for _, _, e, f in records if e == "epoch_finished"]
-    assert epochs == [0, 1]
+    assert epochs == [1, 2], "numbered from 1, as the console and checkpoint names do"
     # seed=None and fork_rng() leave the host's generators as they were.
     assert lines[-1] == "host: trained 2 epochs; generators unchanged: True"
 
