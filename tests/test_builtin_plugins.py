@@ -89,7 +89,8 @@ def test_state_round_trips() -> None:
         plugin.end_epoch(context)
     copy = EarlyStopping(plugin.config)
     copy.load_state_dict(plugin.state_dict())
-    assert (copy.best, copy.best_epoch, copy.wait, copy.history) == (0.7, 1, 1, [0.5, 0.7, 0.6])
+    # The second epoch was best: numbered 2, as the console and checkpoint names say.
+    assert (copy.best, copy.best_epoch, copy.wait, copy.history) == (0.7, 2, 1, [0.5, 0.7, 0.6])
 
 
 # -- early_stopping in training ----------------------------------------------------------
@@ -107,7 +108,7 @@ def test_training_stops_and_ends_with_the_best_weights() -> None:
 
         def end_validation_loop(self, context: PluginContext) -> None:
             assert context.model is not None
-            snapshots[context.epoch] = weights(context.model)
+            snapshots[context.epoch + 1] = weights(context.model)
 
     setup = tiny_setup(batches=2)
     # An absurd learning rate makes the validation loss get worse quickly.
@@ -115,7 +116,7 @@ def test_training_stops_and_ends_with_the_best_weights() -> None:
     result = bz.Trainer().fit(setup, config, [Snapshot(), plugin])
     assert result.stopped_early
     assert plugin.best_epoch is not None
-    assert result.epochs_completed == plugin.best_epoch + 1 + 2
+    assert result.epochs_completed == plugin.best_epoch + 2 == plugin.stopped_epoch
     assert_same_weights(weights(setup.model), snapshots[plugin.best_epoch])
 
 

@@ -205,7 +205,15 @@ def test_keep_last_prunes_old_checkpoints_and_stray_temporary_files(tmp_path: Pa
     stray.write_bytes(b"half a checkpoint")
     fit(tmp_path, CONFIG.with_overrides(keep_last=2))
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == ["epoch-0003.pt", "epoch-0004.pt", "model.pt"]
+    assert names == [
+        ".lock",
+        "epoch-0003.pt",
+        "epoch-0003.pt.json",
+        "epoch-0004.pt",
+        "epoch-0004.pt.json",
+        "model.pt",
+        "model.pt.json",
+    ]
 
 
 def test_checkpoint_interval_and_the_final_epoch(tmp_path: Path) -> None:
@@ -329,6 +337,8 @@ def test_a_failed_write_is_reported_and_training_goes_on(
     failures = [e for e in events if e["event"] == "checkpoint_write_failed"]
     assert len(failures) == CONFIG.epochs
     assert "No space left on device" in failures[0]["error"]
+    assert [e["event"] for e in events].count("model_write_failed") == 1
+    assert result.checkpoints_lost == CONFIG.epochs + 1
 
 
 def test_atomic_save_leaves_nothing_behind_when_interrupted(
@@ -342,7 +352,9 @@ def test_atomic_save_leaves_nothing_behind_when_interrupted(
 
     monkeypatch.setattr("os.replace", replace_crashes)
     with pytest.raises(KeyboardInterrupt):
-        _checkpoint.atomic_save({"x": torch.ones(2)}, target)
+        _checkpoint.atomic_save(
+            {"signature": "s", "epoch": 1, "global_step": 6, "x": torch.ones(2)}, target
+        )
     assert [p.name for p in tmp_path.iterdir()] == ["epoch-0001.pt"]
     assert target.read_bytes() == b"previous good file"
 
@@ -355,7 +367,7 @@ def test_checkpoints_cannot_run_code(tmp_path: Path) -> None:
     path = tmp_path / "epoch-0001.pt"
     torch.save({"evil": Payload()}, path)
     with pytest.raises(_checkpoint.UnreadableCheckpoint, match=r"Unpickl|[Ww]eights only"):
-        read_checkpoint(path)
+        read_checkpoint(path, verified=False)
 
 
 def test_plugin_state_that_a_checkpoint_cannot_hold_quarantines_only_that_plugin(

@@ -275,9 +275,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     ]
     (folder,) = (tmp_path / ".bz" / "checkpoints").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
+        ".lock",  # rank 0's, the only writer
         "epoch-0001.pt",
+        "epoch-0001.pt.json",
         "epoch-0002.pt",
+        "epoch-0002.pt.json",
         "model.pt",
+        "model.pt.json",
     ]
 
     # A plugin that failed on rank 1 is quarantined on rank 0 too, from the next epoch.
@@ -296,7 +300,7 @@ def test_a_stop_request_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     done = launch(tmp_path, env, "--log-format", "json")
     assert done.returncode == 0, done.stderr
     finished = [e for e in events(done.stdout) if e["event"] == "epoch_finished"]
-    assert [e["epoch"] for e in finished] == [0]
+    assert [e["epoch"] for e in finished] == [1]
 
 
 @pytest.mark.slow
@@ -414,7 +418,7 @@ def test_ctrl_c_stops_every_process_after_the_same_step_and_resumes_exactly(
     interrupted = [e for e in events(stdout) if e["event"] == "training_interrupted"]
     assert sorted(e["rank"] for e in interrupted) == [0, 1]
     (where,) = {(e["epoch"], e["step"]) for e in interrupted}  # the same step everywhere
-    assert where[0] == 1
+    assert where[0] == 2, "the second epoch, counted from 1 as the console does"
     (checkpoint,) = [Path(e["checkpoint"]) for e in interrupted if e["rank"] == 0]
     assert "-batch-" in checkpoint.name, "stopped in the middle of epoch 1"
 
@@ -429,8 +433,8 @@ def test_ctrl_c_stops_every_process_after_the_same_step_and_resumes_exactly(
     # with exactly the weights of the run that was never interrupted.
     finished = {e["epoch"]: e for e in events(resumed.stdout) if e["event"] == "epoch_finished"}
     reference = {e["epoch"]: e for e in events(clean.stdout) if e["event"] == "epoch_finished"}
-    assert sorted(finished) == [1, 2]
-    for epoch in (1, 2):
+    assert sorted(finished) == [2, 3]
+    for epoch in (2, 3):
         got, expected = finished[epoch], reference[epoch]
         assert got["training_loss"] == pytest.approx(expected["training_loss"], rel=1e-6)
         assert got["training_metrics"] == pytest.approx(expected["training_metrics"])
@@ -497,7 +501,11 @@ def test_two_nodes_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("every_rank_probe-*"))) == 2
     (folder,) = (tmp_path / ".bz" / "checkpoints").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
+        ".lock",  # rank 0's, the only writer
         "epoch-0001.pt",
+        "epoch-0001.pt.json",
         "epoch-0002.pt",
+        "epoch-0002.pt.json",
         "model.pt",
+        "model.pt.json",
     ]

@@ -71,7 +71,7 @@ def test_a_structlog_host_receives_every_event_through_its_own_processors() -> N
     ]
     caught = lines[-1]
     assert caught["error"] == "the host's loss refuses these labels"
-    assert caught["notes"] == ["bz: training failed at epoch 0, step 0 (in the training loop)"]
+    assert caught["notes"] == ["bz: training failed at epoch 1, step 0 (in the training loop)"]
     assert done.stderr == ""
 
 
@@ -99,7 +99,7 @@ def test_a_stdlib_host_receives_records_on_the_bz_hierarchy_with_their_fields() 
     assert finished["outcome"] == "completed"
     assert finished["epochs_completed"] == 2
     epochs = [f["epoch"] for _, _, e, f in records if e == "epoch_finished"]
-    assert epochs == [0, 1]
+    assert epochs == [1, 2], "numbered from 1, as the console and checkpoint names do"
     # seed=None and fork_rng() leave the host's generators as they were.
     assert lines[-1] == "host: trained 2 epochs; generators unchanged: True"
 
@@ -181,7 +181,7 @@ def test_the_hosts_exception_is_caught_by_its_own_type() -> None:
     with pytest.raises(KeyError) as caught:
         bz.Trainer().fit(setup, RunConfig(epochs=1, plugins=[]))
     assert caught.value.__notes__ == [
-        "bz: training failed at epoch 0, step 0 (in the training loop)"
+        "bz: training failed at epoch 1, step 0 (in the training loop)"
     ]
 
 
@@ -243,11 +243,11 @@ def test_bz_train_still_renders_the_users_exception_as_one_line(
     assert "Traceback" not in result.stderr
     assert "run_finished" not in result.stderr  # console mode renders the end itself
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("bz: error:")]
-    assert line.startswith("bz: error: training failed at epoch 0, step 0: ")
+    assert line.startswith("bz: error: training failed at epoch 1, step 0: ")
     assert line.endswith("train.py:7: ValueError: bad labels")
     with_traceback = bz_cli("train", "--traceback")
     assert "Traceback" in with_traceback.stderr
-    assert "bz: training failed at epoch 0, step 0" in with_traceback.stderr  # the note
+    assert "bz: training failed at epoch 1, step 0" in with_traceback.stderr  # the note
 
 
 # -- 3: FitResult fields and seeding in library mode -----------------------------------------

@@ -249,7 +249,7 @@ def test_a_failure_in_user_code_keeps_its_type_and_gains_a_note() -> None:
         bz.Trainer().fit(attrs.evolve(setup, loss_fn=exploding_loss), CONFIG)
     assert type(caught.value) is ValueError
     assert caught.value.__notes__ == [
-        "bz: training failed at epoch 0, step 0 (in the training loop)"
+        "bz: training failed at epoch 1, step 0 (in the training loop)"
     ]
     assert caught.value.__traceback__ is not None
     frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]

@@ -150,6 +150,18 @@ def run(
         plugins = load_plugins(run_config.plugins, run_config)
     # An unusable device, or a precision it cannot do, is reported before setup() runs.
     check_precision(run_config.precision, resolve_device(run_config.device))
+    if (
+        run_config.checkpoint_interval > 0
+        or run_config.checkpoint_every_steps is not None
+        or run_config.checkpoint_every_seconds is not None
+    ):
+        # A run that cannot keep what it trains should not start: a read-only or
+        # missing mount is found now, not after hours of training.
+        from bz._checkpoint import writable_problem
+
+        problem = writable_problem(base / run_config.checkpoint_dir)
+        if problem is not None:
+            raise UsageError(problem)
     if run_config.seed is not None:
         seed_everything(run_config.seed)
     setup = call_setup(setup_function, run_config, script)
@@ -193,16 +205,22 @@ def validate(
 
     ``checkpoint`` names a file (a checkpoint or a final ``model.pt``); without it, the
     run the configuration describes is evaluated as it ended (its ``model.pt``) when it
-    finished, else its newest readable checkpoint. Returns the file, its contents (``epoch``,
-    ``global_step``, ...) and the :class:`~bz.training.evaluate.Evaluation`.
+    finished, else its newest verified checkpoint that fits the model. A finished run
+    whose ``model.pt`` is missing or damaged is an error (``bz train`` rebuilds it): its
+    last checkpoint may hold other weights than the run ended with. Returns the file,
+    its contents (``epoch``, ``global_step``, ...) and the
+    :class:`~bz.training.evaluate.Evaluation`.
     """
     import torch
 
     from bz._checkpoint import (
+        FINAL_MODEL,
+        CheckpointStore,
         UnreadableCheckpoint,
+        is_finished,
+        model_fit_problem,
         read_checkpoint,
-        read_final_model,
-        read_latest,
+        read_entry,
         run_signature,
     )
     from bz._setup import call_setup, load_setup_function
@@ -220,8 +238,16 @@ def validate(
     signature = run_signature(setup, run_config)
     if checkpoint is not None:
         path = Path(checkpoint)
+        verified = read_entry(path) is not None
+        if not verified:
+            _log.warning(
+                "checkpoint_unverified",
+                path=str(path),
+                hint="no sidecar with its checksum beside it (copied alone, or not "
+                "written by bz); evaluating it anyway",
+            )
         try:
-            payload = read_checkpoint(path, model_only=True)
+            payload = read_checkpoint(path, model_only=True, verified=verified)
         except UnreadableCheckpoint as exc:
             raise UsageError(f"{path}: cannot be used as a checkpoint: {exc}") from None
         if payload["signature"] != signature:
@@ -233,13 +259,24 @@ def validate(
             )
     else:
         folder = base / run_config.checkpoint_dir / signature
+        store = CheckpointStore(folder)
         # The run's final model when it is as new as its newest checkpoint (a finished
         # run): the weights the run ended with, early stopping's restored best included.
-        latest = read_latest(folder, signature)
-        newest_step = latest[1]["global_step"] if latest else 0
-        found: tuple[Path, ModelPayload] | None = (
-            read_final_model(folder, signature, newest_step) or latest
+        latest = store.newest(
+            signature, lambda payload: model_fit_problem(payload.get("model"), setup.model)
         )
+        newest_step = latest[1]["global_step"] if latest else 0
+        final = store.final(signature, newest_step)
+        if (
+            final is None
+            and latest is not None
+            and is_finished(latest[1], run_config.epochs, run_config.max_steps)
+        ):
+            raise UsageError(
+                f"this run finished but its final weights ({folder / FINAL_MODEL}) are "
+                "missing or damaged: run `bz train` to rebuild them, or pass --checkpoint"
+            )
+        found: tuple[Path, ModelPayload] | None = final or latest
         if found is None:
             raise UsageError(
                 f"no checkpoint of this run in {folder} (train first, or pass --checkpoint)"

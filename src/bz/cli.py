@@ -288,6 +288,12 @@ def _train(
             err=True,
         )
         return
+    if result.model_rebuilt and rank == 0:
+        click.echo(
+            f"bz: nothing to train: this run had finished; its final weights were rebuilt "
+            f"from {result.checkpoint}",
+            err=True,
+        )
     if log_format == "console" and rank == 0:
         _print_plugin_summary(result.plugins)
         final = result.final
@@ -316,6 +322,14 @@ def _train(
             click.echo(f"bz: last checkpoint {result.checkpoint}", err=True)
         if result.model is not None:
             click.echo(f"bz: trained weights in {result.model}", err=True)
+    if result.checkpoints_lost:
+        # Training went on, but the run asked for files it does not have: a scheduler
+        # or script must not take this for success.
+        _fail(
+            f"{result.checkpoints_lost} checkpoint(s) could not be written "
+            "(see checkpoint_write_failed / model_write_failed above)"
+        )
+        raise click.exceptions.Exit(1)
 
 
 def _overrides(assignments: Sequence[str], named: dict[str, Any]) -> dict[str, Any]:
@@ -439,6 +453,7 @@ def validate(
     report: dict[str, Any] = {
         "checkpoint": str(path),
         "epoch": payload["epoch"],
+        "batch": payload.get("batch", 0),
         "step": payload["global_step"],
         "batches": result.batches,
         "validation_loss": result.loss,
@@ -447,7 +462,9 @@ def validate(
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    where = f"epoch {payload['epoch']}, step {payload['global_step']}"
+    batch = payload.get("batch", 0)
+    batches = f" + {batch} batches" if batch else ""
+    where = f"epoch {payload['epoch']}{batches}, step {payload['global_step']}"
     click.echo(f"checkpoint       {path} ({where})")
     click.echo(f"validation_loss  {result.loss:.6g}")
     for name, value in result.metrics.items():

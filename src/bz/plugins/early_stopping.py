@@ -16,7 +16,12 @@ With ``restore_best_weights`` the model's weights from the best epoch are copied
 at the end of the epoch that stops the run (before its checkpoint is written, so the
 checkpoint holds the weights the run ends with), or, when the run used all its epochs,
 at the end of the session (the last checkpoint then keeps the last epoch's weights, so
-that raising ``epochs`` resumes exactly). The copy stays on the model's device.
+that raising ``epochs`` resumes exactly). The copy stays on the model's device. The
+weights are restored, and ``early_stopping_restored`` logged, once per run.
+
+Epochs are numbered from 1 in events and attributes (``best_epoch``, ``stopped_epoch``),
+as the console, the checkpoint names and ``model.pt`` number them; ``context.epoch``
+is the zero-based index.
 """
 
 from __future__ import annotations
@@ -71,9 +76,13 @@ class EarlyStopping:
         self.config = config or EarlyStoppingConfig()
         self.best: float | None = None
         self.best_epoch: int | None = None
+        """The epoch (counted from 1) with the best value so far."""
         self.wait = 0
         self.history: list[float] = []
         self.stopped_epoch: int | None = None
+        """The epoch (counted from 1) after which a stop was requested."""
+        self.restored = False
+        """Whether the best weights have been put back (it happens once per run)."""
         self._best_weights: dict[str, torch.Tensor] | None = None
         self._warned_missing = False
 
@@ -140,7 +149,7 @@ class EarlyStopping:
             value, self.config.baseline
         )
         if beats_baseline and self._improves(value, self.best):
-            self.best, self.best_epoch, self.wait = value, context.epoch, 0
+            self.best, self.best_epoch, self.wait = value, context.epoch + 1, 0
             if self.config.restore_best_weights and context.model is not None:
                 self._best_weights = {
                     key: tensor.detach().clone()
@@ -151,7 +160,7 @@ class EarlyStopping:
                     "early_stopping_improved",
                     monitor=self.config.monitor,
                     value=value,
-                    epoch=context.epoch,
+                    epoch=context.epoch + 1,
                 )
         else:
             self.wait += 1
@@ -160,7 +169,7 @@ class EarlyStopping:
     def _stop_if_due(self, context: PluginContext) -> None:
         stopping = self._should_stop()
         if stopping:
-            self.stopped_epoch = context.epoch
+            self.stopped_epoch = context.epoch + 1
             context.should_stop_training = True
             if self.config.verbose:
                 self.logger.info(
@@ -168,7 +177,7 @@ class EarlyStopping:
                     monitor=self.config.monitor,
                     best=self.best,
                     best_epoch=self.best_epoch,
-                    epoch=context.epoch,
+                    epoch=context.epoch + 1,
                 )
         if stopping:
             # Restored here rather than at the end of the session, so the checkpoint
@@ -194,10 +203,13 @@ class EarlyStopping:
 
     def _restore_best(self, context: PluginContext) -> None:
         """Put the best weights back, if asked to and if they are not the current ones."""
-        if not self.config.restore_best_weights or self._best_weights is None:
+        if not self.config.restore_best_weights or self._best_weights is None or self.restored:
             return
-        if context.model is None or self.best_epoch == context.epoch:
-            return
+        # Once restored (at the stopping epoch), the end of the session has nothing to
+        # add; the flag is part of the state, so a resumed session knows it too.
+        self.restored = True
+        if context.model is None or self.best_epoch == context.epoch + 1:
+            return  # the current weights are the best ones
         context.model.load_state_dict(self._best_weights)
         if self.config.verbose:
             self.logger.info("early_stopping_restored", epoch=self.best_epoch, best=self.best)
@@ -212,6 +224,7 @@ class EarlyStopping:
             "wait": self.wait,
             "history": list(self.history),
             "stopped_epoch": self.stopped_epoch,
+            "restored": self.restored,
             "best_weights": self._best_weights,
         }
 
@@ -222,6 +235,7 @@ class EarlyStopping:
         self.wait = int(state["wait"])
         self.history = [float(v) for v in state["history"]]
         self.stopped_epoch = state["stopped_epoch"]
+        self.restored = bool(state.get("restored", False))
         self._best_weights = state["best_weights"]
 
     @property

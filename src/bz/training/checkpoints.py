@@ -23,18 +23,18 @@ from bz._checkpoint import (
     CheckpointStore,
     ModelPayload,
     RngStates,
-    atomic_save,
+    RunLocked,
     capture_rng,
     checkpoint_name,
     guarded,
-    list_checkpoints,
+    is_finished,
+    list_entries,
     loadable_problem,
-    read_final_model,
-    read_latest,
-    remove_stray_files,
+    unusable_reason,
+    writable_problem,
 )
 from bz._distributed import sum_across
-from bz._errors import TrainingError
+from bz._errors import TrainingError, UsageError
 from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
 from bz._sandbox import describe_exception
@@ -81,9 +81,18 @@ class CheckpointPolicy:
         """The newest checkpoint written (or, for a finished run, read)."""
         self.resumed_from: Path | None = None
         self.final_model: Path | None = None
+        self.lost = 0
+        """Checkpoints (and final models) this call failed to write."""
+        self.rebuilding = False
+        """The run had finished but its final model was missing, damaged or stale: this
+        call trains nothing and writes it again (see :meth:`needs_final_model`)."""
         # A run started over (resume: false) replaces the old checkpoints of the same
         # signature once it has one of its own; until then they stay.
         self._discard_old = not run.config.resume
+        # Where the newest checkpoint (resumed from or written) stands: (epoch, batch,
+        # step). A final model written at that step carries its batches too (a run
+        # ended mid-epoch, or finished where a mid-epoch checkpoint left it).
+        self._position = (0, 0, 0)
 
     @property
     def saving(self) -> bool:
@@ -97,34 +106,84 @@ class CheckpointPolicy:
     # -- finding -------------------------------------------------------------------
 
     def find(self) -> tuple[Path, CheckpointPayload] | None:
-        """The checkpoint to resume from, if resuming and one is readable."""
+        """Lock the run, then the checkpoint to resume from, if resuming and one is usable.
+
+        Raises :class:`~bz.UsageError` (exit 2) when the folder cannot be written or
+        another process holds the run.
+        """
         store = self.store
         if store is None:
             return None
-        if self.run.topology.is_main:  # the only writer; others must not race it
-            remove_stray_files(store.folder)
+        if self.saving and self.run.topology.is_main:  # the only writer; others only read
+            self._lock(store)
         if not self.run.config.resume:
             return None
-        found = read_latest(store.folder, self.signature)
-        if found is None and list_checkpoints(store.folder):
+        for path in store.ignored():
+            _log.warning(
+                "checkpoint_ignored",
+                path=str(path),
+                hint="not written by bz (no sidecar with its checksum); left alone",
+            )
+        run = self.run
+
+        def usable(payload: Mapping[str, Any]) -> str | None:
+            return unusable_reason(payload, run.model, run.setup.optimizer)
+
+        found = store.newest(self.signature, usable)
+        if found is None and list_entries(store.folder):
             _log.warning(
                 "resume_failed",
                 folder=str(store.folder),
-                hint="no checkpoint there could be read; training starts from scratch",
+                hint="no checkpoint there could be used; training starts from scratch",
             )
         return found
 
+    def _lock(self, store: CheckpointStore) -> None:
+        problem = writable_problem(store.folder)
+        if problem is not None:
+            raise UsageError(problem)
+        try:
+            store.lock()
+        except RunLocked as exc:
+            raise UsageError(str(exc)) from None
+        except OSError as exc:
+            raise UsageError(
+                f"{store.folder}: cannot lock the run: {exc.strerror or exc}"
+            ) from None
+
+    def close(self) -> None:
+        """Let the next process write this run (the end of every ``fit``, however it ends)."""
+        if self.store is not None:
+            self.store.unlock()
+
     def is_complete(self, payload: CheckpointPayload) -> bool:
-        """Whether the run this checkpoint belongs to has nothing left to train."""
+        """Whether the run this checkpoint belongs to has nothing left to train.
+
+        A checkpoint past ``epochs`` (a mid-epoch one from a longer run, then
+        ``--epochs`` lowered) counts as finished: training cannot go back; so does one
+        at ``max_steps``.
+        """
         config = self.run.config
-        return (
-            payload.get("stopped", False)
-            or (config.max_steps is not None and payload["global_step"] >= config.max_steps)
-            or (
-                payload["epoch"] >= config.epochs
-                and (payload["batch"] == 0 or payload["epoch"] > config.epochs)
-            )
+        return is_finished(payload, config.epochs, config.max_steps)
+
+    def needs_final_model(self, payload: CheckpointPayload) -> bool:
+        """Whether a finished run lacks its final model: missing, damaged, or older than
+        its last checkpoint (a kill between the two writes). It is then rebuilt by
+        resuming from that checkpoint and ending the session again, which trains nothing.
+        """
+        if self.store is None or not self.saving:
+            return False
+        final = self.store.final(self.signature, payload["global_step"])
+        if final is not None:
+            return False
+        _log.warning(
+            "model_rebuilding",
+            path=str(self.store.folder / FINAL_MODEL),
+            hint="the run finished but its final weights are missing, damaged or stale; "
+            "rebuilding them from its last checkpoint",
         )
+        self.rebuilding = True
+        return True
 
     def already_complete(
         self, path: Path, payload: CheckpointPayload, started: float
@@ -134,7 +193,7 @@ class CheckpointPolicy:
         # The caller still gets the trained model, as if this run had just trained it.
         self._restore_training_state(path, payload)
         assert self.store is not None  # a checkpoint was found in it
-        final = read_final_model(self.store.folder, self.signature, payload["global_step"])
+        final = self.store.final(self.signature, payload["global_step"])
         if final is not None:
             run.model.load_state_dict(final[1]["model"])
             self.final_model = final[0]
@@ -227,6 +286,9 @@ class CheckpointPolicy:
                 context = run.refresh_context()
                 guarded(run.plugins, plugin, "load_state_dict", context, restore)
         self.resumed_from = path
+        self._position = (payload["epoch"], payload["batch"], payload["global_step"])
+        if self.rebuilding:
+            self.last = path
         _log.info(
             "resumed",
             path=str(path),
@@ -249,6 +311,7 @@ class CheckpointPolicy:
         loss_total, samples, metric_state = self._partial_epoch() if batch else (0.0, 0, {})
         if not run.topology.is_main:
             return
+        self._position = (epoch, batch, run.global_step)
         setup = run.setup
         now = capture_rng(run.generators)
         epoch_start = run.epoch_rng if batch and run.epoch_rng is not None else now
@@ -283,7 +346,9 @@ class CheckpointPolicy:
             path = store.save(payload, epoch, batch)
         except OSError as exc:
             # A full disk must not end a run that is otherwise fine; the previous
-            # checkpoints are intact, and the next interval tries again.
+            # checkpoints are intact, and the next interval tries again. The count
+            # makes the run end non-zero: it asked for checkpoints it does not have.
+            self.lost += 1
             _log.error(
                 "checkpoint_write_failed",
                 path=str(store.folder / checkpoint_name(epoch, batch)),
@@ -305,26 +370,38 @@ class CheckpointPolicy:
         return loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None
 
     def save_final_model(self, epochs: int) -> None:
-        """Write the weights the run ended with (after ``end_training_session``)."""
+        """Write the weights the run ended with (after ``end_training_session``).
+
+        Labelled with where training stands: ``epochs`` completed, plus the batches of
+        a mid-epoch checkpoint when no further epoch was trained since resuming from it.
+        """
         store, run = self.store, self.run
         if store is None or not self._saves or not run.topology.is_main:
             return
+        epoch, batch, step = self._position
+        if step != run.global_step or epoch != epochs:
+            batch = 0  # whole epochs were trained since
         payload: ModelPayload = {
             "format": FORMAT,
             "signature": self.signature,
             "epoch": epochs,
+            "batch": batch,
             "global_step": run.global_step,
             "model": run.model.state_dict(),
             "loss": self._loss_state(),
         }
-        path = store.folder / FINAL_MODEL
         try:
-            atomic_save(payload, path)
+            path = store.save_final(payload)
         except OSError as exc:  # the checkpoints hold the training state all the same
-            _log.error("model_write_failed", path=str(path), error=describe_exception(exc))
+            self.lost += 1
+            _log.error(
+                "model_write_failed",
+                path=str(store.folder / FINAL_MODEL),
+                error=describe_exception(exc),
+            )
             return
         self.final_model = path
-        _log.info("model_saved", path=str(path), epoch=epochs, step=run.global_step)
+        _log.info("model_saved", path=str(path), epoch=epochs, batch=batch, step=run.global_step)
 
     def _partial_epoch(self) -> tuple[float, int, dict[str, list[torch.Tensor]]]:
         """The epoch's loss sum, sample count and metric state so far, summed over the

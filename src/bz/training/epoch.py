@@ -380,7 +380,8 @@ class EpochLoop:
 
     def _stop(self, reason: EndReason) -> None:
         self.stopped_by = reason
-        _log.info("stop_requested", reason=reason, epoch=self.epoch, step=self.global_step)
+        # Numbered from 1, as the console and the checkpoint names do.
+        _log.info("stop_requested", reason=reason, epoch=self.epoch + 1, step=self.global_step)
 
 
 _NO_CONTEXT = contextlib.nullcontext()

@@ -228,6 +228,7 @@ class Run(EpochLoop):
             return self._fit()
         finally:
             self.plugins.close()
+            self.checkpoints.close()
             self._leave()
 
     def _leave(self) -> None:
@@ -254,7 +255,11 @@ class Run(EpochLoop):
         started = time.perf_counter()
         checkpoints = self.checkpoints
         found = checkpoints.find()
-        if found is not None and checkpoints.is_complete(found[1]):
+        if (
+            found is not None
+            and checkpoints.is_complete(found[1])
+            and not checkpoints.needs_final_model(found[1])
+        ):
             return checkpoints.already_complete(*found, started)
         history: list[EpochRecord] = []
         self.context.extra["active_plugins"] = self.plugins.active_names
@@ -264,7 +269,9 @@ class Run(EpochLoop):
         with self.interrupt:
             try:
                 part(lambda: self._start_session(found))
-                for epoch in range(self.start_epoch, self.config.epochs):
+                # A finished run whose final model is rebuilt trains no epoch.
+                last = self.start_epoch if checkpoints.rebuilding else self.config.epochs
+                for epoch in range(self.start_epoch, last):
                     record, stop = part(functools.partial(self._epoch_and_checkpoint, epoch))
                     history.append(record)
                     if stop:
@@ -281,7 +288,7 @@ class Run(EpochLoop):
                 # The user's exception leaves as itself (`except ValueError` still catches
                 # it); where it happened travels with it as a note.
                 add_training_context(
-                    exc, epoch=self.epoch, step=self.global_step, where="in the training loop"
+                    exc, epoch=self.epoch + 1, step=self.global_step, where="in the training loop"
                 )
                 raise
         self.plugins.log_summary()
@@ -296,6 +303,8 @@ class Run(EpochLoop):
             checkpoint=checkpoints.last,
             model=checkpoints.final_model,
             stopped_by=self.stopped_by,
+            checkpoints_lost=checkpoints.lost,
+            model_rebuilt=checkpoints.rebuilding,
         )
 
     def _start_session(self, found: tuple[Path, CheckpointPayload] | None) -> None:
@@ -377,7 +386,7 @@ class Run(EpochLoop):
     def _log_epoch(self, record: EpochRecord) -> None:
         _log.info(
             "epoch_finished",
-            epoch=record.epoch,
+            epoch=record.epoch + 1,  # numbered as the console and the checkpoints do
             step=self.global_step,
             training_loss=record.training_loss,
             validation_loss=record.validation_loss,
@@ -405,7 +414,7 @@ class Run(EpochLoop):
         self.plugins.log_summary()
         _log.warning(
             "training_interrupted",
-            epoch=self.epoch,
+            epoch=self.epoch + 1,
             step=self.global_step,
             checkpoint=str(last) if last else None,
         )

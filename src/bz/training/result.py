@@ -16,6 +16,8 @@ class EpochRecord:
     """What one epoch produced."""
 
     epoch: int
+    """Zero-based index, as ``PluginContext.epoch`` (events and the console say
+    ``epoch + 1``)."""
     training_loss: float
     validation_loss: float | None
     training_metrics: dict[str, float]
@@ -52,6 +54,12 @@ class FitResult:
     model: Path | None = None
     """The file with the weights the run ended with (``model.pt`` beside the checkpoints;
     None when checkpoints are off, the run did not finish, or the write failed)."""
+    checkpoints_lost: int = 0
+    """Checkpoints (``model.pt`` included) this call failed to write; ``bz train`` then
+    exits 1 although training finished."""
+    model_rebuilt: bool = False
+    """The run had finished but its ``model.pt`` was missing, damaged or older than its
+    last checkpoint; this call rebuilt it from that checkpoint without training."""
 
     @property
     def final(self) -> EpochRecord | None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from bz._checkpoint import capture_rng, list_checkpoints, restore_rng
+from bz._checkpoint import capture_rng, list_entries, restore_rng
 from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
 from bz._sandbox import RewindRequested
@@ -155,10 +155,11 @@ class Snapshot:
         # would be the newest checkpoint for a resume after a crash or Ctrl-C during
         # the replay (which writes its own, clean, ones as it goes).
         run.checkpoints.last = self.checkpoint
+        store = run.checkpoints.store
         before = self.checkpoints
         for path, written in _checkpoint_files(run).items():
-            if before.get(path) != written:
-                path.unlink(missing_ok=True)
+            if store is not None and before.get(path) != written:
+                store.delete(path)
 
 
 def _checkpoint_files(run: Run) -> dict[Path, int]:
@@ -167,9 +168,9 @@ def _checkpoint_files(run: Run) -> dict[Path, int]:
     if store is None or not run.checkpoints.saving:
         return {}
     files: dict[Path, int] = {}
-    for path in list_checkpoints(store.folder):
+    for entry in list_entries(store.folder):  # only files bz wrote: never the user's
         with contextlib.suppress(FileNotFoundError):
-            files[path] = path.stat().st_mtime_ns
+            files[entry.path] = entry.path.stat().st_mtime_ns
     return files
 
 
