@@ -16,7 +16,7 @@ from tests._fault_support import BATCHES_PER_EPOCH, RESUME_TRAIN_PY, resume_setu
 from tests._support import assert_same_weights, weights
 
 import bz
-from bz import _checkpoint
+from bz import _checkpoint, _checkpoint_store
 from bz._checkpoint import list_checkpoints, read_checkpoint, run_signature
 from bz.cli import cli
 from bz.config import RunConfig, structure
@@ -330,7 +330,7 @@ def test_a_failed_write_is_reported_and_training_goes_on(
     def disk_full(payload: object, path: Path) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_checkpoint, "atomic_save", disk_full)
+    monkeypatch.setattr(_checkpoint_store, "atomic_save", disk_full)
     result, final = fit(tmp_path)
     assert_same_weights(final, clean)
     assert result.checkpoint is None
@@ -352,7 +352,7 @@ def test_atomic_save_leaves_nothing_behind_when_interrupted(
 
     monkeypatch.setattr("os.replace", replace_crashes)
     with pytest.raises(KeyboardInterrupt):
-        _checkpoint.atomic_save(
+        _checkpoint_store.atomic_save(
             {"signature": "s", "epoch": 1, "global_step": 6, "x": torch.ones(2)}, target
         )
     assert [p.name for p in tmp_path.iterdir()] == ["epoch-0001.pt"]

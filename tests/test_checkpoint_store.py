@@ -21,20 +21,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bz import _checkpoint
+from bz import _checkpoint_store, _rng
 from bz._checkpoint import (
     FINAL_MODEL,
     FORMAT,
-    LOCK_FILE,
-    CheckpointStore,
-    RunLock,
-    RunLocked,
     UnreadableCheckpoint,
-    atomic_save,
     checkpoint_name,
     read_checkpoint,
     sidecar,
     unusable_reason,
+)
+from bz._checkpoint_store import (
+    LOCK_FILE,
+    CheckpointStore,
+    RunLock,
+    RunLocked,
+    atomic_save,
     writable_problem,
 )
 
@@ -47,7 +49,7 @@ def _model() -> nn.Module:
 def _payload(epoch: int, batch: int = 0, model: nn.Module | None = None) -> dict[str, Any]:
     model = model or _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    rng = _checkpoint.capture_rng()
+    rng = _rng.capture_rng()
     return {
         "format": FORMAT,
         "signature": "sig",
@@ -300,7 +302,7 @@ def test_a_second_lock_on_the_run_names_the_holder(tmp_path: Path) -> None:
 
 def test_the_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     script = (
-        "import os, sys; from pathlib import Path; from bz._checkpoint import RunLock; "
+        "import os, sys; from pathlib import Path; from bz._checkpoint_store import RunLock; "
         "RunLock(Path(sys.argv[1])).acquire(); os._exit(0)"  # dies without releasing
     )
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
@@ -366,7 +368,7 @@ def test_a_filesystem_without_locks_warns_and_still_trains(
     def no_locks(fd: int) -> bool:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(_checkpoint, "_try_lock", no_locks)
+    monkeypatch.setattr(_checkpoint_store, "_try_lock", no_locks)
     stray = tmp_path / ".epoch-0002.pt.4242.tmp"
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"maybe someone's write in progress")

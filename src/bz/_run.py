@@ -157,7 +157,7 @@ def run(
     ):
         # A run that cannot keep what it trains should not start: a read-only or
         # missing mount is found now, not after hours of training.
-        from bz._checkpoint import writable_problem
+        from bz._checkpoint_store import writable_problem
 
         problem = writable_problem(base / run_config.checkpoint_dir)
         if problem is not None:
@@ -215,7 +215,6 @@ def validate(
 
     from bz._checkpoint import (
         FINAL_MODEL,
-        CheckpointStore,
         UnreadableCheckpoint,
         is_finished,
         model_fit_problem,
@@ -223,6 +222,7 @@ def validate(
         read_entry,
         run_signature,
     )
+    from bz._checkpoint_store import CheckpointStore
     from bz._setup import call_setup, load_setup_function
     from bz.metrics import build_metrics
     from bz.training.device import seed_everything

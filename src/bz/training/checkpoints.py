@@ -1,6 +1,7 @@
 """The checkpoint policy of a run: when to save, what to save, resuming, the final weights.
 
-The file format, atomic writes and the store live in :mod:`bz._checkpoint`; this module
+The file format lives in :mod:`bz._checkpoint`, writing and the store in
+:mod:`bz._checkpoint_store`; this module
 decides, for one run, which file to resume from, what goes into the next one, and
 when a run that is started again has nothing left to train.
 """
@@ -20,23 +21,21 @@ from bz._checkpoint import (
     FINAL_MODEL,
     FORMAT,
     CheckpointPayload,
-    CheckpointStore,
     ModelPayload,
     RngStates,
-    RunLocked,
-    capture_rng,
     checkpoint_name,
     guarded,
     is_finished,
     list_entries,
     loadable_problem,
     unusable_reason,
-    writable_problem,
 )
+from bz._checkpoint_store import CheckpointStore, RunLocked, writable_problem
 from bz._distributed import sum_across
 from bz._errors import TrainingError, UsageError
 from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
+from bz._rng import capture_rng
 from bz._sandbox import describe_exception
 from bz.training.result import FitResult
 

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from bz._checkpoint import capture_rng, restore_rng
 from bz._context import DeviceSum, PluginContext
 from bz._distributed import Topology, set_epoch, sum_across
 from bz._logging import get_logger
+from bz._rng import capture_rng, restore_rng
 from bz.training.checkpoints import CheckpointPolicy, ResumePoint
 from bz.training.device import batch_size, to_device, unpack
 from bz.training.evaluate import mean

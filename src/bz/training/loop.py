@@ -55,12 +55,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from bz._checkpoint import (
-    CheckpointPayload,
-    CheckpointStore,
-    loader_generators,
-)
+from bz._checkpoint import CheckpointPayload
 from bz._checkpoint import run_signature as _run_signature
+from bz._checkpoint_store import CheckpointStore
 from bz._context import DeviceSum, PluginContext
 from bz._distributed import (
     choose_backend,
@@ -74,6 +71,7 @@ from bz._distributed import (
 )
 from bz._errors import BzError, UsageError, add_training_context
 from bz._logging import get_logger
+from bz._rng import loader_generators
 from bz.metrics._set import MetricSet
 from bz.training.checkpoints import CheckpointPolicy, ResumePoint
 from bz.training.control import EndReason, StepControl

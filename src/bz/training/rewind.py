@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from bz._checkpoint import capture_rng, list_entries, restore_rng
+from bz._checkpoint import list_entries
 from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
+from bz._rng import capture_rng, restore_rng
 from bz._sandbox import RewindRequested
 
 if TYPE_CHECKING:

@@ -1,0 +1,489 @@
+"""Writing checkpoints: atomic, verified files, the run's lock, and the store of one run.
+
+Reading and checking what was written (names, sidecars, payloads) is in
+:mod:`bz._checkpoint`; this module writes, prunes and guards a run's folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import (
+    IO,
+    Any,
+    BinaryIO,
+    cast,
+)
+
+import attrs
+import torch
+
+from bz._checkpoint import (
+    FINAL_MODEL,
+    FORMAT,
+    SIDECAR_SUFFIX,
+    CheckpointPayload,
+    Entry,
+    ModelPayload,
+    UnreadableCheckpoint,
+    _position,
+    checkpoint_name,
+    list_checkpoints,
+    list_entries,
+    read_checkpoint,
+    read_entry,
+    sidecar,
+    verify,
+)
+from bz._logging import get_logger
+
+_log = get_logger("bz")
+
+LOCK_FILE = ".lock"
+"""The run's lock file (held with an OS lock by the one process writing the run)."""
+_TMP_SUFFIX = ".tmp"
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+_STRAY = re.compile(r"\.(?:epoch-\d{4,}(?:-batch-\d{5,})?\.pt|model\.pt)(?:\.json)?\.\d+\.tmp")
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable. Not possible on every platform (Windows cannot
+    # open a folder), where the rename is as durable as the filesystem makes it.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _HashingWriter:
+    """A file that hashes what is written through it, so checksumming costs no re-read."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(payload: Mapping[str, Any], file: _HashingWriter) -> None:
+    # torch.save takes any object with write(); its annotation names only IO[bytes].
+    torch.save(dict(payload), cast("IO[bytes]", file))
+
+
+def _write_bytes(data: bytes, file: _HashingWriter) -> None:
+    file.write(data)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+
+
+def _write_tmp(path: Path, write: Callable[[_HashingWriter], None]) -> tuple[Path, int, str]:
+    """Write a temporary file beside ``path``, flushed and fsynced; its size and sha256."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as file:
+            writer = _HashingWriter(file)
+            write(writer)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp, writer.size, writer.digest.hexdigest()
+
+
+def atomic_save(payload: Mapping[str, Any], path: Path) -> Entry:
+    """Write ``payload`` to ``path`` with its sidecar, so that a kill at any instant
+    leaves either what was there before or the complete new file.
+
+    Both files are written to temporary files in the same folder and fsynced. The
+    sidecar is renamed into place first, then the checkpoint: until that second rename
+    the checksum does not match whatever ``path`` held, so a half-done write never
+    counts. ``payload`` must hold ``signature``, ``epoch``, ``global_step`` and may hold
+    ``batch`` and ``stopped`` (they are repeated in the sidecar, so that listing a
+    run's checkpoints reads no tensors).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body, size, digest = _write_tmp(path, functools.partial(_torch_save, payload))
+    entry = Entry(
+        path=path,
+        sha256=digest,
+        size=size,
+        signature=str(payload["signature"]),
+        epoch=int(payload["epoch"]),
+        batch=int(payload.get("batch", 0)),
+        step=int(payload["global_step"]),
+        stopped=bool(payload.get("stopped", False)),
+    )
+    meta = {
+        "bz": FORMAT,
+        "file": path.name,
+        "sha256": entry.sha256,
+        "size": entry.size,
+        "signature": entry.signature,
+        "epoch": entry.epoch,
+        "batch": entry.batch,
+        "step": entry.step,
+        "stopped": entry.stopped,
+    }
+    text = json.dumps(meta, indent=1).encode("utf-8")
+    try:
+        side, _, _ = _write_tmp(sidecar(path), functools.partial(_write_bytes, text))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            body.unlink()
+        raise
+    try:
+        os.replace(side, sidecar(path))
+        os.replace(body, path)
+    except BaseException:
+        for tmp in (side, body):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    _fsync_folder(path.parent)
+    return entry
+
+
+def remove_stray_files(folder: Path) -> None:
+    """Delete what killed writes left: temporary files, and sidecars whose checkpoint was
+    never renamed into place (or was deleted).
+
+    Only for the process holding the run's lock: a temporary file is otherwise possibly
+    another process's write in progress.
+    """
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        name = path.name
+        if name.startswith(".") and name.endswith(_TMP_SUFFIX) and _STRAY.fullmatch(name):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        elif name.endswith(SIDECAR_SUFFIX):
+            target = path.with_name(name[: -len(SIDECAR_SUFFIX)])
+            ours = _position(target) is not None or target.name == FINAL_MODEL
+            if ours and not target.exists() and _is_bz_sidecar(path):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def _is_bz_sidecar(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("bz") == FORMAT
+
+
+# -- one writer per run ------------------------------------------------------------------------
+
+
+class RunLocked(Exception):
+    """Another live process holds the run's lock; ``owner`` describes it."""
+
+    def __init__(self, folder: Path, owner: Mapping[str, Any]) -> None:
+        pid, host = owner.get("pid", "?"), owner.get("host", "?")
+        since = f", since {owner['since']}" if owner.get("since") else ""
+        super().__init__(
+            f"another bz process (pid {pid} on {host}{since}) is training this run "
+            f"({folder}); wait for it to finish or stop it"
+        )
+        self.owner = dict(owner)
+
+
+class RunLock:
+    """An exclusive lock on a run's folder: ``.lock``, holding the owner's PID and host.
+
+    The lock is the operating system's (``flock``; ``msvcrt.locking`` on Windows), taken
+    on the open file, so it ends with the process that holds it: the lock of a process
+    that was killed is free at once and the next run takes it over, with no PID guessing.
+    The file itself is never deleted (deleting it would let two processes lock two
+    different files); it only says who holds the lock, for the error message.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`RunLocked` naming the process that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not _try_lock(fd):
+                raise RunLocked(self.path.parent, _read_owner(fd))
+            owner = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(owner).encode("utf-8"))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        """Free the lock (closing the file frees it in any case)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._fd is not None
+
+
+def _try_lock(fd: int) -> bool:
+    if sys.platform == "win32":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_owner(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def writable_problem(folder: Path) -> str | None:
+    """Why bz could not write checkpoints into ``folder`` (created if missing), or None.
+
+    Checked by writing and deleting a small file, the only test that every
+    filesystem, permission scheme and read-only mount answers truthfully.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".bz-write-test.{os.getpid()}{_TMP_SUFFIX}"
+        with open(probe, "wb") as file:
+            file.write(b"bz")
+            file.flush()
+            os.fsync(file.fileno())
+        probe.unlink()
+    except OSError as exc:
+        return f"{folder}: cannot write checkpoints there: {exc.strerror or exc}"
+    return None
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+@attrs.define
+class CheckpointStore:
+    """The checkpoints of one run: ``<root>/<signature>/``.
+
+    Only files with bz's sidecar and a matching checksum count: for resuming, for
+    ``keep_last``, and for what is deleted. Anything else in the folder is left alone.
+    Positions are ``(epoch, batch)``, so checkpoints written every N epochs, N steps or
+    N seconds share one order.
+    """
+
+    folder: Path
+    keep_last: int = 3
+    _lock: RunLock | None = attrs.field(default=None, init=False)
+    # Files checked in this process: name -> (size, mtime_ns, sha256). A file that has
+    # not changed since is not hashed again when pruning.
+    _checked: dict[str, tuple[int, int, str]] = attrs.field(factory=dict, init=False)
+
+    # -- the lock ------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Become the run's only writer (raises :class:`RunLocked`), then delete what
+        killed writes left behind, which only the lock makes safe."""
+        if self._lock is None:
+            lock = RunLock(self.folder)
+            try:
+                lock.acquire()
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                # Some network and FUSE filesystems have no locks at all. Training there
+                # is still possible, just not guarded; nothing is cleaned up unguarded.
+                _log.warning(
+                    "run_lock_unavailable",
+                    path=str(lock.path),
+                    error=exc.strerror or str(exc),
+                    hint="this filesystem has no file locks: make sure no other bz "
+                    "process trains this run",
+                )
+                return
+            self._lock = lock
+        remove_stray_files(self.folder)
+
+    def unlock(self) -> None:
+        """Let the next process write this run."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- reading --------------------------------------------------------------------------
+
+    def ignored(self) -> list[Path]:
+        """Files named like checkpoints that bz will not use: no sidecar of bz's."""
+        return [path for path in list_checkpoints(self.folder) if read_entry(path) is None]
+
+    def _verify(self, entry: Entry) -> str | None:
+        try:
+            stat = entry.path.stat()
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror or exc}"
+        known = self._checked.get(entry.path.name)
+        if known == (stat.st_size, stat.st_mtime_ns, entry.sha256):
+            return None
+        problem = verify(entry)
+        if problem is None:
+            self._checked[entry.path.name] = (stat.st_size, stat.st_mtime_ns, entry.sha256)
+        return problem
+
+    def verified(self) -> list[Entry]:
+        """The checkpoints that bz wrote and whose bytes still match, newest first."""
+        return [entry for entry in list_entries(self.folder) if self._verify(entry) is None]
+
+    def newest(
+        self,
+        signature: str | None = None,
+        usable: Callable[[Mapping[str, Any]], str | None] | None = None,
+    ) -> tuple[Path, CheckpointPayload] | None:
+        """The newest checkpoint that is verified, loads, and ``usable`` accepts.
+
+        Each one passed over is reported in one line (``checkpoint_unreadable`` or
+        ``checkpoint_unusable``, with the reason) and the previous one is tried.
+        """
+        for entry in list_entries(self.folder):
+            try:
+                problem = self._verify(entry)
+                if problem is not None:
+                    raise UnreadableCheckpoint(problem)
+                payload = read_checkpoint(entry.path, signature, verified=False)
+            except UnreadableCheckpoint as exc:
+                _log.warning(
+                    "checkpoint_unreadable",
+                    path=str(entry.path),
+                    error=str(exc),
+                    hint="skipping it; trying the previous checkpoint",
+                )
+                continue
+            reason = usable(payload) if usable is not None else None
+            if reason is not None:
+                _log.warning(
+                    "checkpoint_unusable",
+                    path=str(entry.path),
+                    error=reason,
+                    hint="skipping it; trying the previous checkpoint",
+                )
+                continue
+            return entry.path, payload
+        return None
+
+    def final(self, signature: str, at_least_step: int) -> tuple[Path, ModelPayload] | None:
+        """The run's final model, unless it is missing, damaged (reported) or older
+        than step ``at_least_step`` (written before the run was trained further)."""
+        path = self.folder / FINAL_MODEL
+        if not path.is_file():
+            return None
+        try:
+            payload = read_checkpoint(path, signature, model_only=True)
+        except UnreadableCheckpoint as exc:
+            _log.warning("model_unreadable", path=str(path), error=str(exc))
+            return None
+        if payload["global_step"] < at_least_step:
+            return None
+        return path, payload
+
+    # -- writing (only while holding the lock) ------------------------------------------------
+
+    def save(self, payload: Mapping[str, Any], epoch: int, batch: int) -> Path:
+        """Write a checkpoint atomically, then drop all but the newest ``keep_last``."""
+        path = self.folder / checkpoint_name(epoch, batch)
+        entry = atomic_save(payload, path)
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            self._checked[path.name] = (stat.st_size, stat.st_mtime_ns, entry.sha256)
+        self.prune(keep=path)
+        return path
+
+    def save_final(self, payload: Mapping[str, Any]) -> Path:
+        """Write the run's final model (:data:`FINAL_MODEL`) atomically."""
+        path = self.folder / FINAL_MODEL
+        atomic_save(payload, path)
+        return path
+
+    def prune(self, keep: Path) -> None:
+        """Delete all but the newest ``keep_last`` verified checkpoints (never ``keep``).
+
+        Files bz did not write, and checkpoints whose bytes no longer match, are neither
+        counted nor deleted: junk can never push a good checkpoint out.
+        """
+        others = [entry.path for entry in self.verified() if entry.path != keep]
+        for path in others[self.keep_last - 1 :]:
+            self.delete(path)
+
+    def discard_all_but(self, keep: Path) -> int:
+        """Delete every verified checkpoint except ``keep``, and the final model (a run
+        that was started over); returns how many checkpoints went."""
+        doomed = [entry.path for entry in self.verified() if entry.path != keep]
+        for path in doomed:
+            self.delete(path)
+        if read_entry(self.folder / FINAL_MODEL) is not None:
+            self.delete(self.folder / FINAL_MODEL)
+        return len(doomed)
+
+    def delete(self, path: Path) -> None:
+        """Delete a checkpoint bz wrote and its sidecar (a warning if that fails)."""
+        # The checkpoint first: a kill in between leaves a sidecar without its file,
+        # which counts for nothing and which the next run removes.
+        self._checked.pop(path.name, None)
+        for target in (path, sidecar(path)):
+            try:
+                target.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                _log.warning("checkpoint_not_deleted", path=str(target), error=str(exc))
+                return
