@@ -40,6 +40,8 @@ class Decision:
 
 
 _NOTHING = Decision()
+_INTERRUPT = Decision(interrupt=True)
+_PLUGIN_STOP = Decision(stop="plugin")
 
 
 class StepControl:
@@ -65,6 +67,13 @@ class StepControl:
             None if self.checkpoint_seconds is None else started + self.checkpoint_seconds
         )
         self._clocked = self.deadline is not None or self.next_checkpoint_time is not None
+        self._idle = not (
+            self._clocked
+            or vote is not None
+            or self.max_steps is not None
+            or self.validate_every
+            or self.checkpoint_every
+        )
         self.checkpoint_at_epoch_end = False
         """A step-based checkpoint fell on an epoch's last step: the epoch's end writes it."""
 
@@ -76,6 +85,10 @@ class StepControl:
         """
         interrupted = self.interrupt.requested
         stop_requested = self.context.should_stop_training
+        if self._idle:  # the common case, decided once: nothing but requests to look at
+            if last_in_epoch or not (interrupted or stop_requested):
+                return _NOTHING
+            return _INTERRUPT if interrupted else _PLUGIN_STOP
         time_up = checkpoint_time = False
         if self._clocked:
             now = time.perf_counter()

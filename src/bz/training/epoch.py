@@ -248,11 +248,11 @@ class EpochLoop:
         if self.move_batches:
             batch = to_device(batch, self.device)
         inputs, targets = unpack(batch, "train_loader")
-        samples = batch_size(inputs) or batch_size(targets) or 1
+        samples = _samples(inputs, targets)
         self.train_samples += samples
         ctx.batch = (inputs, targets)
         hook("start_training_batch")
-        group = self._group_size(index)
+        group = 1 if self.accumulate == 1 else self._group_size(index)
         if self.micro == 0:
             setup.optimizer.zero_grad(set_to_none=True)
         steps = self.micro + 1 == group
@@ -262,7 +262,10 @@ class EpochLoop:
             with self.precision.autocast():
                 outputs = self.forward(inputs)
                 loss = setup.loss_fn(outputs, targets)
-            self._backward(loss if group == 1 else loss / group)
+            scaled = loss if group == 1 else loss / group
+            scaler = self.precision.scaler
+            # torch.autograd.backward is what Tensor.backward calls (and it is typed).
+            torch.autograd.backward(scaled if scaler is None else scaler.scale(scaled))
         ctx.outputs, ctx.loss = outputs, loss
         hook("after_backward")
         if steps:
@@ -289,11 +292,6 @@ class EpochLoop:
         if batches is None:
             return accumulate
         return min(accumulate, batches - index + self.micro)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        scaler = self.precision.scaler
-        # torch.autograd.backward is what Tensor.backward calls (and it is typed).
-        torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
 
     def _optimizer_step(self) -> None:
         """Unscale, clip, ``before_optimizer_step``, step: once per accumulation group."""
@@ -359,7 +357,7 @@ class EpochLoop:
         with self.precision.autocast():
             outputs = self.forward(inputs)
             loss = self.setup.loss_fn(outputs, targets)
-        samples = batch_size(inputs) or batch_size(targets) or 1
+        samples = _samples(inputs, targets)
         self.val_loss.add(loss.detach(), samples)
         self.val_metrics.update(self._for_metrics(outputs), targets)
         self.val_batches += 1
@@ -385,6 +383,14 @@ class EpochLoop:
 
 
 _NO_CONTEXT = contextlib.nullcontext()
+
+
+def _samples(inputs: Any, targets: Any) -> int:
+    """A batch's sample count, from shapes (no device read): the inputs' first dimension,
+    else the targets', else 1 (a batch bz cannot measure counts as one sample)."""
+    if isinstance(inputs, torch.Tensor) and inputs.ndim:
+        return int(inputs.shape[0])
+    return batch_size(inputs) or batch_size(targets) or 1
 
 
 def capped(length: int | None, limit: int | None) -> int | None:
