@@ -1,0 +1,196 @@
+"""The values ``bzconfig.json`` is made of: validators, durations, plugin and metric entries.
+
+Shared by :mod:`bz.config` (the classes) and :mod:`bz._converter` (reading JSON into
+them); both re-export what is public through :mod:`bz.config`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NewType, TypeVar
+
+import attrs
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class ConfigValueError(ValueError):
+    """A value that has the right type but is not allowed, raised by a validator.
+
+    ``field`` names the attribute so the error can carry the full JSON path.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+# -- validators -------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def at_least(minimum: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """An attrs validator: the value (when not None) is ``>= minimum``."""
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not _is_number(value):
+            return  # None, or a wrong type the field's type check reports
+        # Written as "not >=" so that NaN, which compares false to everything, is refused.
+        if not value >= minimum:
+            raise ConfigValueError(attribute.name, f"must be >= {minimum}, got {value!r}")
+
+    return check
+
+
+def between(low: float, high: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """An attrs validator: the value (when not None) lies in ``[low, high]``."""
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if _is_number(value) and not low <= value <= high:
+            raise ConfigValueError(
+                attribute.name, f"must be between {low} and {high}, got {value!r}"
+            )
+
+    return check
+
+
+_DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _check_device(_instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if isinstance(value, str) and not _DEVICE_PATTERN.fullmatch(value):
+        raise ConfigValueError(
+            attribute.name,
+            f'expected "auto", "cpu", "cuda", "cuda:N" or "mps", got {_show(value)}',
+        )
+
+
+Seconds = NewType("Seconds", float)
+"""A duration: seconds in JSON as a number, or a ``"HH:MM:SS"`` / ``"D:HH:MM:SS"`` string."""
+
+_CLOCK = re.compile(r"(?:(\d+):)?(\d+):([0-5]?\d):([0-5]?\d(?:\.\d*)?)")
+
+
+def parse_seconds(value: object) -> Seconds:
+    """A duration from a number of seconds or an ``"[D:]HH:MM:SS"`` string."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(f"expected a finite number of seconds >= 0, got {_show(value)}")
+        return Seconds(float(value))
+    if isinstance(value, str):
+        match = _CLOCK.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f'expected seconds or "HH:MM:SS", got {_show(value)}')
+        days, hours, minutes, seconds = match.groups()
+        total = ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60 + float(seconds)
+        return Seconds(total)
+    raise TypeError(f'expected seconds or "HH:MM:SS", got {_show(value)}')
+
+
+def _optional_seconds(field: str, value: float | str | None) -> Seconds | None:
+    if value is None:
+        return None
+    try:
+        return parse_seconds(value)
+    except (TypeError, ValueError) as exc:
+        # In Python the converter runs first: name the field, as the JSON path would.
+        raise type(exc)(f"{field}: {exc}") from None
+
+
+def _max_time(value: float | str | None) -> Seconds | None:
+    return _optional_seconds("max_time", value)
+
+
+def _checkpoint_seconds(value: float | str | None) -> Seconds | None:
+    return _optional_seconds("checkpoint_every_seconds", value)
+
+
+# -- the configuration --------------------------------------------------------------
+
+
+@attrs.frozen
+class PluginSpec:
+    """One entry of the ``plugins`` list: a name and the JSON options given for it."""
+
+    name: str
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    path: str = attrs.field(default="", eq=False)
+    """Where the entry sits in the file, e.g. ``plugins[1].my_plugin`` (not compared)."""
+
+    @property
+    def enabled(self) -> bool:
+        """False when the options say ``"enabled": false``."""
+        return self.options.get("enabled", True) is not False
+
+
+@attrs.frozen
+class MetricSpec:
+    """One entry of the ``metrics`` list: a metric name and its options."""
+
+    name: str
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    path: str = attrs.field(default="", eq=False)
+
+
+SpecEntry = str | Mapping[str, Mapping[str, Any] | None]
+"""What a ``metrics`` or ``plugins`` entry may be in Python: as in JSON, a name or
+``{name: options}`` (``None`` options meaning none)."""
+
+SpecT = TypeVar("SpecT", PluginSpec, MetricSpec)
+
+
+def _specs(kind: type[SpecT], key: str, value: object) -> tuple[SpecT, ...]:
+    """``value`` as specs of ``kind``: what ``RunConfig`` does with Python input.
+
+    JSON reaches here already structured (a tuple of specs); Python callers may pass
+    what the JSON holds. Anything else is refused now, with a ``TypeError`` that says
+    what is accepted, rather than failing later inside ``fit``.
+    """
+    accepted = f"a list of names, {{name: {{options}}}} or {kind.__name__} objects"
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"RunConfig({key}=...) takes {accepted}, got {_show(value)}")
+    specs: list[SpecT] = []
+    for index, item in enumerate(value):
+        path = f"{key}[{index}]"
+        if isinstance(item, kind):
+            specs.append(item if item.path else attrs.evolve(item, path=f"{path}.{item.name}"))
+        elif isinstance(item, str):
+            specs.append(kind(item, {}, path))
+        elif (
+            isinstance(item, Mapping)
+            and len(item) == 1
+            and isinstance(name := next(iter(item)), str)
+            and (item[name] is None or _is_options(item[name]))
+        ):
+            specs.append(kind(name, dict(item[name] or {}), f"{path}.{name}"))
+        else:
+            raise TypeError(
+                f"RunConfig({key}=...): {path} is {_show(item)}; expected "
+                f'"name", {{"name": {{options}}}} or a {kind.__name__}'
+            )
+    return tuple(specs)
+
+
+def _is_options(value: object) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(key, str) for key in value)
+
+
+def metric_specs(value: Iterable[MetricSpec | SpecEntry]) -> tuple[MetricSpec, ...]:
+    """``RunConfig.metrics`` from names, ``{name: options}`` or :class:`MetricSpec` objects."""
+    return _specs(MetricSpec, "metrics", value)
+
+
+def plugin_specs(value: Iterable[PluginSpec | SpecEntry]) -> tuple[PluginSpec, ...]:
+    """``RunConfig.plugins`` from names, ``{name: options}`` or :class:`PluginSpec` objects."""
+    return _specs(PluginSpec, "plugins", value)
