@@ -231,3 +231,24 @@ def test_health_reports_torch_and_devices() -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     result = CliRunner().invoke(cli, ["trian"])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--log-format", "xml"], "bz train: Invalid value for '--log-format'"),
+        (["train", "--set", "epochs"], "bz train: Invalid value for --set: expected KEY=VALUE"),
+        (["train", "--bogus"], "bz train: No such option '--bogus'"),
+        (["train", "--epochs", "x"], "bz train: Invalid value for '--epochs'"),
+        (["nosuch"], "bz: No such command 'nosuch'"),
+    ],
+)
+def test_usage_errors_from_the_command_line_are_one_line_and_exit_2(
+    args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(cli, args, prog_name="bz")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("bz: error: " + message)
+    assert lines[0].endswith("--help')")

@@ -48,6 +48,29 @@ def _parse_assignment(text: str) -> tuple[str, Any]:
 class _BzGroup(click.Group):
     """Turns bz's errors into one line on stderr and their exit code (for every command)."""
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Click's own usage errors (an unknown option, a bad choice, ``--set`` without
+        ``=``) as one line too, naming the command and where its help is."""
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `bz`: the help, as asked
+                exc.show()
+                sys.exit(exc.exit_code)
+            command = exc.ctx.command_path if exc.ctx is not None else "bz"
+            _fail(f"{command}: {exc.format_message()} (see '{command} --help')")
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("bz: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
