@@ -7,6 +7,7 @@ module — inside a boundary, so a broken package becomes a reported load error.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from typing import Any
 
@@ -86,7 +87,7 @@ def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return "|".join(str(a) for a in typing.get_args(annotation))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"

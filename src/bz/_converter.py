@@ -33,18 +33,6 @@ T = TypeVar("T")
 # -- the converter -------------------------------------------------------------------
 
 
-def _type_name(value: Any) -> str:
-    return {
-        bool: "boolean",
-        int: "int",
-        float: "float",
-        str: "string",
-        list: "list",
-        dict: "object",
-        type(None): "null",
-    }.get(type(value), type(value).__name__)
-
-
 def _strict_scalar(kind: type, label: str, accepts: tuple[type, ...]) -> Callable[[Any, Any], Any]:
     def hook(value: Any, _type: Any) -> Any:
         if isinstance(value, bool) and bool not in accepts:

@@ -19,7 +19,7 @@ from bz._errors import ConfigError, UsageError
 from bz._hooks import HOOK_NAMES
 from bz._logging import get_logger
 from bz._order import plugin_order, sort_plugins
-from bz._plugin import NamedPlugin, Plugin, StatefulPlugin
+from bz._plugin import NamedPlugin, Plugin
 from bz._sandbox import ErrorPolicy, PluginFault, PluginSet, boundary, describe_exception
 from bz._typing import HOOK_MARKER
 from bz.config import (
@@ -223,11 +223,6 @@ def config_class(factory: object) -> type | None:
     """The attrs class a plugin declares for its options (``Config``), if any."""
     candidate = getattr(factory, "Config", None)
     return candidate if isinstance(candidate, type) and attrs.has(candidate) else None
-
-
-def is_stateful(plugin: object) -> bool:
-    """Whether the plugin's state goes into checkpoints."""
-    return isinstance(plugin, StatefulPlugin)
 
 
 def check_plugin(name: str, plugin: object) -> tuple[str, ...]:

@@ -463,11 +463,11 @@ def tune_command(
     bzconfig.json. Prints a table of trials and writes the best values.
     """
     from bz import _logging
-    from bz.cli import _parse_assignment
+    from bz._assignments import parse_assignment
 
     _logging.configure("json" if log_format == "json" else "console", log_level)
     _quiet_optuna()
-    overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
+    overrides: dict[str, Any] = dict(parse_assignment(a) for a in assignments)
     if epochs is not None:
         overrides["epochs"] = epochs
     try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bz import __version__
+from bz._assignments import parse_assignment
 from bz._errors import BzError, ConfigError, UsageError
 
 if TYPE_CHECKING:
@@ -32,17 +33,6 @@ EXIT_INTERRUPTED = 130
 
 def _fail(message: str) -> None:
     click.echo(f"bz: error: {message}", err=True)
-
-
-def _parse_assignment(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="--set")
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # a bare word is a string: --set device=cpu
-    return key, value
 
 
 class _BzGroup(click.Group):
@@ -357,7 +347,7 @@ def _train(
 
 def _overrides(assignments: Sequence[str], named: dict[str, Any]) -> dict[str, Any]:
     """``--set KEY=VALUE`` assignments, then the named options that were given."""
-    overrides: dict[str, Any] = dict(_parse_assignment(a) for a in assignments)
+    overrides: dict[str, Any] = dict(parse_assignment(a) for a in assignments)
     overrides.update({key: value for key, value in named.items() if value is not None})
     return overrides
 
