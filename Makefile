@@ -10,7 +10,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: demo check lint typecheck test bench clean
+.PHONY: demo check quick lint typecheck test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: $(VENV)/.dev
 	$(BIN)/pytest
 
 check: lint typecheck test
+
+# The quick part: lint, types and the tests not marked slow (about a minute of tests).
+quick: lint typecheck $(VENV)/.dev
+	$(BIN)/pytest -m "not slow"
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/run.py
