@@ -16,7 +16,6 @@ the environment says, at the store's own seams (no knowledge of the loop needed)
 from __future__ import annotations
 
 import errno
-import io
 import os
 import signal
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tests._fault_support import RESUME_TRAIN_PY
+from tests._fault_support import RESUME_TRAIN_PY, write_half_and_die
 from tests._fault_support import child_main as fault_child_main
 
 SETUP_MARKER = "setup-ran"
@@ -79,12 +78,7 @@ def child_main() -> None:
             if _final_name(str(target)) != kill_in:
                 real_save(obj, file, *args, **kwargs)
                 return
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            data = buffer.getvalue()
-            file.write(data[: len(data) // 2])
-            file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            write_half_and_die(real_save, obj, file)
 
         torch.save = save  # type: ignore[assignment]  # the test's fault injection
 

@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import attrs
 import numpy
@@ -192,6 +192,18 @@ def final_model_state(project: Path) -> dict[str, torch.Tensor]:
 # -- subprocesses that die on cue ------------------------------------------------------------
 
 
+def write_half_and_die(real_save: Any, obj: object, file: Any) -> NoReturn:
+    """Write the first half of what ``torch.save`` would, then die by SIGKILL: the state
+    a crash in the middle of a checkpoint write leaves behind."""
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    data = buffer.getvalue()
+    file.write(data[: len(data) // 2])
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable: SIGKILL ends the process")
+
+
 def child_main() -> None:
     """Run ``bz`` with ``sys.argv[1:]``, dying where the environment says.
 
@@ -225,12 +237,7 @@ def child_main() -> None:
             if writes[0] != kill_in_write:
                 real_save(obj, file, *args, **kwargs)
                 return
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            data = buffer.getvalue()
-            file.write(data[: len(data) // 2])
-            file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            write_half_and_die(real_save, obj, file)
 
         torch.save = save  # type: ignore[assignment]  # the test's fault injection
 
