@@ -192,6 +192,10 @@ def final_model_state(project: Path) -> dict[str, torch.Tensor]:
 # -- subprocesses that die on cue ------------------------------------------------------------
 
 
+def no_rendering(*args: Any, **kwargs: Any) -> None:
+    """Stands in for the CLI's log set-up, which would replace ``capture_logs``."""
+
+
 def write_half_and_die(real_save: Any, obj: object, file: Any) -> NoReturn:
     """Write the first half of what ``torch.save`` would, then die by SIGKILL: the state
     a crash in the middle of a checkpoint write leaves behind."""

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import structlog
 from hypothesis import settings
+from tests._fault_support import install_fake_distribution
 from tests._support import TINY_TRAIN_PY
 
 # No per-example deadline: examples run torch code whose first calls are slow on a busy
@@ -48,3 +49,12 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Pa
         return tmp_path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The fake distribution (``faulty``, ``broken_import``), importable for the module."""
+    folder = install_fake_distribution(tmp_path_factory.mktemp("site"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))
+        yield folder

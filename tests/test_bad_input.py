@@ -15,7 +15,7 @@ import os
 import signal
 import textwrap
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner, Result
 from hypothesis import given
 from hypothesis import strategies as st
-from tests._fault_support import install_fake_distribution
+from tests._fault_support import no_rendering
 from tests._support import TINY_TRAIN_PY, assert_same_weights, tiny_setup, weights
 
 import bz
@@ -38,19 +38,6 @@ from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
 from bz.training.interrupts import StoppedAtOnce, TrainingInterrupted
 
 
-@pytest.fixture(scope="module")
-def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The fake distribution (``faulty``, ``broken_import``), importable for the module."""
-    folder = install_fake_distribution(tmp_path_factory.mktemp("site"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(folder))
-        yield folder
-
-
-def _no_rendering(*args: Any, **kwargs: Any) -> None:
-    """Stands in for the CLI's log set-up, which would replace ``capture_logs``."""
-
-
 def _project(folder: Path, train_py: str = TINY_TRAIN_PY, **config: Any) -> Path:
     (folder / "train.py").write_text(train_py, encoding="utf-8")
     settings = {"epochs": 2, "device": "cpu", "plugins": [], **config}
@@ -61,7 +48,7 @@ def _project(folder: Path, train_py: str = TINY_TRAIN_PY, **config: Any) -> Path
 
 def _bz(*args: str) -> tuple[Result, list[MutableMapping[str, Any]]]:
     with pytest.MonkeyPatch.context() as patch, structlog.testing.capture_logs() as events:
-        patch.setattr(_logging, "configure", _no_rendering)
+        patch.setattr(_logging, "configure", no_rendering)
         result = CliRunner().invoke(cli, list(args))
     return result, events
 
@@ -291,7 +278,7 @@ def test_a_second_signal_stops_at_once_and_exits_with_that_signals_code(
     # And bz train turns it into the shell's 128 + signal.
     config = _project(tmp_path)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_logging, "configure", _no_rendering)
+        patch.setattr(_logging, "configure", no_rendering)
         patch.setattr(bz._run, "run", _raiser(StoppedAtOnce(number)))
         result = CliRunner().invoke(cli, ["train", "--config", str(config)])
     assert result.exit_code == code

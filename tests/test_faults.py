@@ -9,7 +9,7 @@ and exit 1 under ``--strict-plugins``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 import structlog
 import torch
 from click.testing import CliRunner, Result
-from tests._fault_support import final_model_state, install_fake_distribution
+from tests._fault_support import final_model_state, no_rendering
 from tests._support import TINY_TRAIN_PY, assert_same_weights
 
 from bz import _logging
@@ -25,19 +25,6 @@ from bz.cli import cli
 from bz.plugins import HOOK_NAMES
 
 EPOCHS = 2
-
-
-@pytest.fixture(scope="module")
-def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The fake distribution, importable for the whole module."""
-    folder = install_fake_distribution(tmp_path_factory.mktemp("site"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(folder))
-        yield folder
-
-
-def _no_rendering(*args: Any, **kwargs: Any) -> None:
-    """Stands in for the CLI's log set-up, which would replace ``capture_logs``."""
 
 
 def train(
@@ -48,7 +35,7 @@ def train(
     config = {"epochs": EPOCHS, "device": "cpu", "seed": 3, "plugins": plugins}
     (folder / "bzconfig.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.MonkeyPatch.context() as patch, structlog.testing.capture_logs() as events:
-        patch.setattr(_logging, "configure", _no_rendering)
+        patch.setattr(_logging, "configure", no_rendering)
         result = CliRunner().invoke(
             cli, ["train", "--config", str(folder / "bzconfig.json"), *extra]
         )
@@ -176,7 +163,7 @@ def test_a_fault_in_on_exception_never_hides_the_training_error(
         }
         (folder / "bzconfig.json").write_text(json.dumps(config), encoding="utf-8")
         with pytest.MonkeyPatch.context() as patch, structlog.testing.capture_logs() as events:
-            patch.setattr(_logging, "configure", _no_rendering)
+            patch.setattr(_logging, "configure", no_rendering)
             result = CliRunner().invoke(
                 cli, ["train", "--config", str(folder / "bzconfig.json"), *extra]
             )
