@@ -216,7 +216,7 @@ def child_main() -> None:
     N-th checkpoint write, write half of the file and die with SIGKILL (the state a
     crash leaves behind).
     """
-    from bz import cli
+    from bz import commands as cli
     from bz.training.epoch import EpochLoop
 
     at_step = int(os.environ.get("BZ_TEST_SIGNAL_AT_STEP", "0"))

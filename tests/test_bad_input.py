@@ -31,7 +31,7 @@ from tests._support import TINY_TRAIN_PY, assert_same_weights, tiny_setup, weigh
 import bz
 import bz._run
 from bz import _logging
-from bz.cli import cli
+from bz.commands import cli
 from bz.config import SEED_MAX, SEED_MIN, ConfigError, RunConfig
 from bz.plugins import PluginContext
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig

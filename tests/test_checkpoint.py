@@ -18,7 +18,7 @@ from tests._support import assert_same_weights, weights
 import bz
 from bz import _checkpoint, _checkpoint_store
 from bz._checkpoint import list_checkpoints, read_checkpoint, run_signature
-from bz.cli import cli
+from bz.commands import cli
 from bz.config import RunConfig, structure
 from bz.plugins import PluginContext
 from bz.training.interrupts import TrainingInterrupted

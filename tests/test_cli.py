@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from bz.cli import cli
+from bz.commands import cli
 
 ProjectFactory = Callable[..., Path]
 

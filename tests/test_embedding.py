@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from tests._support import Events, tiny_setup
 
 import bz
-from bz.cli import cli
+from bz.commands import cli
 from bz.config import MetricSpec, PluginSpec, RunConfig, structure
 from bz.plugins import Plugin, PluginContext
 

@@ -21,7 +21,7 @@ from tests._fault_support import final_model_state, no_rendering
 from tests._support import TINY_TRAIN_PY, assert_same_weights
 
 from bz import _logging
-from bz.cli import cli
+from bz.commands import cli
 from bz.plugins import HOOK_NAMES
 
 EPOCHS = 2

@@ -10,8 +10,8 @@ import torch
 from tests._integration_support import read_jsonl, run_config, tiny_setup, write_project
 
 import bz
-from bz._catalog import describe_all
 from bz._loader import load_plugins
+from bz.commands.catalog import describe_all
 from bz.config import load_config
 from bz.plugins import PluginContext
 from bz.plugins.optuna_search import OptunaSearch

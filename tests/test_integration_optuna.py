@@ -17,7 +17,8 @@ from tests._integration_support import read_jsonl, run_config, tiny_setup, write
 
 import bz
 from bz._loader import load_plugins
-from bz._tune import tune, tune_command
+from bz._tune import tune
+from bz.commands.tune import tune_command
 from bz.config import load_config
 from bz.plugins.optuna_search import (
     OptunaSearch,

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner, Result
 from tests._plugin_packages_support import REPO, Packages, packages
 
-from bz._schema import bzconfig_schema, config_schema
-from bz.cli import cli
+from bz.commands import cli
+from bz.commands.schema import bzconfig_schema, config_schema
 
 __all__ = ["packages"]  # the fixture, imported for the tests below
 
@@ -249,7 +249,7 @@ def schema_errors(config: Any, schema: dict[str, Any]) -> list[str]:
 def shipped_configs() -> list[Path]:
     return [
         *sorted((REPO / "examples").glob("*/bzconfig.json")),
-        REPO / "src" / "bz" / "_project_template" / "bzconfig.json",
+        REPO / "src" / "bz" / "commands" / "_project_template" / "bzconfig.json",
     ]
 
 

@@ -25,7 +25,7 @@ from tests._support import assert_same_weights, tiny_setup, weights
 from torch import nn
 
 import bz
-from bz import cli
+from bz import commands as cli
 from bz.config import GradientClip, MetricSpec, RunConfig, structure
 from bz.metrics import build_metrics
 from bz.plugins import PluginContext
@@ -182,7 +182,7 @@ def test_step_counts_are_positive_integers(key: str, number: int) -> None:
 def test_every_new_key_is_in_the_schema_and_agrees_with_the_converter() -> None:
     import jsonschema
 
-    from bz._schema import bzconfig_schema
+    from bz.commands.schema import bzconfig_schema
 
     schema = bzconfig_schema()
     documents: list[tuple[dict[str, Any], bool]] = [

@@ -23,7 +23,7 @@ from tests._support import tiny_setup
 import bz
 from bz._loader import load_plugins
 from bz._order import Order, sort_plugins
-from bz.cli import cli
+from bz.commands import cli
 from bz.config import PluginSpec, RunConfig
 from bz.plugins import (
     ContextNotReady,
@@ -449,8 +449,8 @@ def test_every_builtin_hook_is_marked_and_every_class_declares_its_contract() ->
 
     from structlog.typing import FilteringBoundLogger
 
-    from bz._catalog import class_hooks
     from bz._typing import HOOK_MARKER
+    from bz.commands.catalog import class_hooks
 
     classes = _builtin_plugin_classes()
     assert len(classes) >= 7

@@ -139,7 +139,7 @@ def test_a_broken_plugin_is_fatal_under_the_raise_policy(faulty: Packages) -> No
 def test_bz_train_goes_on_without_a_broken_package(
     faulty: Packages, project: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bz.cli import cli
+    from bz.commands import cli
 
     project({"plugins": ["broken", "good"], "epochs": 1})
     with pytest.raises(SystemExit) as exit_info:

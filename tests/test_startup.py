@@ -50,10 +50,12 @@ def _torch_modules(modules: set[str]) -> list[str]:
     ids=["help", "version", "list-plugins", "train-help"],
 )
 def test_cli_commands_that_train_nothing_do_not_import_torch(argv: list[str]) -> None:
-    done = _python(f"from bz.cli import main; raise SystemExit(main({argv!r}))", importtime=True)
+    done = _python(
+        f"from bz.commands import main; raise SystemExit(main({argv!r}))", importtime=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     imported = _imported(done.stderr)
-    assert "bz.cli" in imported, "the import report is empty: is -X importtime working?"
+    assert "bz.commands" in imported, "the import report is empty: is -X importtime working?"
     assert _torch_modules(imported) == []
     if argv == ["list-plugins"]:
         # Cheap, and still complete: the built-ins are listed from entry-point metadata.
@@ -63,7 +65,7 @@ def test_cli_commands_that_train_nothing_do_not_import_torch(argv: list[str]) ->
 
 @pytest.mark.parametrize(
     "module",
-    ["bz", "bz.plugins", "bz.config", "bz.cli", "bz.plugins.console_out"],
+    ["bz", "bz.plugins", "bz.config", "bz.commands", "bz.plugins.console_out"],
 )
 def test_importing_bz_is_silent_unconfigured_and_torch_free(module: str) -> None:
     done = _python(

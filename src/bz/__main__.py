@@ -1,5 +1,5 @@
 """``python -m bz``: the same as the ``bz`` command (torchrun launches it this way)."""
 
-from bz.cli import main
+from bz.commands import main
 
 main()

@@ -16,16 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import click
 
-from bz._errors import BzError, ConfigError, TrainingError, UsageError
+from bz._errors import ConfigError, TrainingError, UsageError
 from bz._logging import get_logger
 from bz.config import RunConfig, find_config_file, structure, unstructure
 from bz.plugins._run_dir import RUNS_ROOT, run_dir_hint
@@ -360,139 +357,3 @@ def _row_json(row: TrialRow) -> dict[str, Any]:
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-# -- rendering ---------------------------------------------------------------------------
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def render_results(result: TuneResult) -> str:
-    """The study as a table, best trial marked with ``*``, then the best values."""
-    names = sorted({name for row in result.trials for name in row.params})
-    header = ["trial", "state", result.monitor, "epochs", "seconds", *names]
-    lines = [header]
-    best_number = result.best.number if result.best is not None else None
-    for row in result.trials:
-        mark = "*" if row.number == best_number else " "
-        lines.append(
-            [
-                f"{mark}{row.number}",
-                row.state,
-                _format(row.value) if row.value is not None else "-",
-                str(len(row.intermediate_values)),
-                f"{row.seconds:.1f}" if row.seconds is not None else "-",
-                *(_format(row.params[n]) if n in row.params else "-" for n in names),
-            ]
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [
-        "  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
-    ]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    if result.best is not None:
-        params = ", ".join(f"{k}={_format(v)}" for k, v in result.best.params.items())
-        text.append("")
-        text.append(
-            f"best: trial {result.best.number}, {result.monitor} "
-            f"{_format(result.best.value)} ({result.direction}) with {params}"
-        )
-    return "\n".join(text)
-
-
-# -- the command -------------------------------------------------------------------------
-
-
-@click.command("tune")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="Config file (default: $BZ_CONFIG, then ./bzconfig.json).",
-)
-@click.option("--trials", "n_trials", type=click.IntRange(min=1), help="Override optuna.n_trials.")
-@click.option("--timeout", type=click.FloatRange(min=0), help="Override optuna.timeout (s).")
-@click.option("--study-name", help="Override optuna.study_name.")
-@click.option("--storage", help="Override optuna.storage (sqlite:///tune.db resumes).")
-@click.option("--epochs", type=click.IntRange(min=1), help="Override `epochs` for every trial.")
-@click.option(
-    "--set",
-    "assignments",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override any config key for every trial (as for bz train).",
-)
-@click.option(
-    "--strict-plugins",
-    is_flag=True,
-    help="Make plugin faults fatal instead of isolating them.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["console", "json"]),
-    default="console",
-    show_default=True,
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-)
-@click.option("--traceback", "show_traceback", is_flag=True, help="Show tracebacks of failures.")
-def tune_command(
-    config_path: str | None,
-    n_trials: int | None,
-    timeout: float | None,
-    study_name: str | None,
-    storage: str | None,
-    epochs: int | None,
-    assignments: Sequence[str],
-    strict_plugins: bool,
-    log_format: str,
-    log_level: str,
-    show_traceback: bool,
-) -> None:
-    """Search hyperparameters with Optuna: each trial is a full training run.
-
-    The search space and study settings are the optuna entry of the plugins list in
-    bzconfig.json. Prints a table of trials and writes the best values.
-    """
-    from bz import _logging
-    from bz._assignments import parse_assignment
-
-    _logging.configure("json" if log_format == "json" else "console", log_level)
-    _quiet_optuna()
-    overrides: dict[str, Any] = dict(parse_assignment(a) for a in assignments)
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    try:
-        result = tune(
-            config_path,
-            overrides=overrides,
-            n_trials=n_trials,
-            timeout=timeout,
-            study_name=study_name,
-            storage=storage,
-            plugin_errors="raise" if strict_plugins else None,
-        )
-    except BzError as exc:
-        if show_traceback and exc.__cause__ is not None:
-            traceback.print_exception(exc.__cause__, file=sys.stderr)
-        raise
-    click.echo(render_results(result))
-    for path in result.written:
-        click.echo(f"wrote {path}")
-
-
-def _quiet_optuna() -> None:
-    # bz prints its own table; Optuna's per-trial INFO lines would repeat it.
-    try:
-        import optuna
-    except ImportError:
-        return
-    optuna.logging.set_verbosity(optuna.logging.WARNING)

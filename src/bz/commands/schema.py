@@ -151,8 +151,8 @@ _ENABLED = {"enabled": {"type": "boolean", "description": "false: the plugin is 
 
 def _plugin_options() -> dict[str, dict[str, Any]]:
     """name -> schema of the options object, for every installed plugin."""
-    from bz._catalog import describe
     from bz._loader import config_class, discover, load_factory
+    from bz.commands.catalog import describe
 
     schemas: dict[str, dict[str, Any]] = {}
     for name, source in discover().sources.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import click
+
 from bz._errors import UsageError
 
 TEMPLATE_FILES = ("train.py", "bzconfig.json")
@@ -17,7 +19,19 @@ def write_project(directory: Path, *, overwrite: bool = False) -> list[Path]:
     if existing and not overwrite:
         raise UsageError(f"{', '.join(existing)} already exist(s); use --force to overwrite")
     directory.mkdir(parents=True, exist_ok=True)
-    template = resources.files("bz._project_template")
+    template = resources.files("bz.commands._project_template")
     for name, target in zip(TEMPLATE_FILES, targets, strict=True):
         target.write_text(template.joinpath(name).read_text(encoding="utf-8"), encoding="utf-8")
     return targets
+
+
+@click.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def init(directory: str, force: bool) -> None:
+    """Write a runnable project (train.py, bzconfig.json) into DIRECTORY."""
+    written = write_project(Path(directory), overwrite=force)
+    for path in written:
+        click.echo(f"wrote {path}")
+    where = "" if Path(directory) == Path(".") else f"cd {directory} && "
+    click.echo(f"next: {where}bz train")

@@ -1,4 +1,4 @@
-"""Describing installed plugins for ``bz list-plugins`` (and anything else that asks).
+"""``bz list-plugins`` and ``bz list-metrics``, and the plugin descriptions they show.
 
 Plain listing reads entry-point metadata only. Verbose listing imports each plugin's
 module — inside a boundary, so a broken package becomes a reported load error.
@@ -7,14 +7,18 @@ module — inside a boundary, so a broken package becomes a reported load error.
 from __future__ import annotations
 
 import inspect
+import json
+import textwrap
 import types
 import typing
 from typing import Any
 
 import attrs
+import click
 
 from bz._constraints import describe_constraints, validator_schema
 from bz._docstrings import attribute_docs
+from bz._errors import UsageError
 from bz._hooks import HOOK_NAMES
 from bz._loader import (
     Discovery,
@@ -221,3 +225,119 @@ def describe_all(*, load: bool, discovery: Discovery | None = None) -> list[Plug
             note = duplicate_message(name, source, discovery.duplicates[name])
             described.append(attrs.evolve(describe(other, load=load), duplicate_of=note))
     return described
+
+
+# -- list-plugins ------------------------------------------------------------------------
+
+
+@click.command("list-plugins")
+@click.argument("name", required=False)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Import each plugin: hooks, options, state, load errors."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (implies verbose).")
+def list_plugins(name: str | None, verbose: bool, as_json: bool) -> None:
+    """List installed plugins (entry-point group bz.plugins)."""
+    from bz.config import nearest
+
+    described = describe_all(load=verbose or as_json or name is not None)
+    if name is not None:
+        chosen = [d for d in described if d.name == name]
+        if not chosen:
+            hint = nearest(name, [d.name for d in described])
+            suffix = f' (did you mean "{hint}"?)' if hint else ""
+            raise UsageError(f"no plugin named {name!r}{suffix}")
+        described = chosen
+    if as_json:
+        click.echo(json.dumps([d.to_json() for d in described], indent=2, default=str))
+        return
+    if not verbose and name is None:
+        for d in described:
+            origin = f"{d.distribution} {d.version}" if d.distribution else "unknown distribution"
+            click.echo(f"{d.name:<20} {origin:<28} {d.entry_point}")
+        return
+    for index, d in enumerate(described):
+        if index:
+            click.echo()
+        _print_plugin(d)
+
+
+def _print_plugin(d: PluginDescription) -> None:
+    click.secho(d.name, bold=True)
+    if d.summary:
+        click.echo(f"  {d.summary}")
+    click.echo(f"  distribution: {d.distribution or '?'} {d.version or ''}".rstrip())
+    click.echo(f"  entry point:  {d.entry_point}")
+    if d.duplicate_of:
+        click.echo(f"  NOT USED:     {d.duplicate_of}")
+    if d.error:
+        click.echo(f"  LOAD ERROR:   {d.error}")
+        return
+    click.echo(f"  hooks:        {', '.join(d.hooks) if d.hooks else '(none)'}")
+    click.echo(f"  stateful:     {'yes (saved in checkpoints)' if d.stateful else 'no'}")
+    if d.options is None:
+        click.echo("  options:      free-form (the plugin reads them itself)")
+    elif not d.options:
+        click.echo("  options:      none")
+    elif d.options_from == "load_config":
+        click.echo("  options (defaults from load_config; bz does not check them):")
+    else:
+        click.echo("  options:")
+        for field in d.options:
+            default = "required" if field.required else f"default {json.dumps(field.default)}"
+            allowed = f"; {field.constraints}" if field.constraints else ""
+            click.echo(f"    {field.name}: {field.type} ({default}{allowed})")
+            if field.doc:
+                click.echo(f"        {field.doc}")
+
+
+# -- list-metrics ------------------------------------------------------------------------
+
+
+@click.command("list-metrics")
+@click.option("-v", "--verbose", is_flag=True, help="Show each metric's options.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_metrics(verbose: bool, as_json: bool) -> None:
+    """List available metrics (built in, and entry-point group bz.metrics)."""
+    from bz.metrics import available_metrics
+
+    metrics = available_metrics()
+    if as_json:
+        listing = [
+            {
+                "name": info.name,
+                "source": info.source,
+                "distribution": info.distribution,
+                "version": info.version,
+                "summary": info.summary,
+                "options": [
+                    {
+                        "name": o.name,
+                        "type": o.type,
+                        "default": o.default,
+                        "doc": o.doc,
+                        "constraints": o.constraints,
+                    }
+                    for o in info.options
+                ],
+                "error": info.error,
+            }
+            for info in metrics.values()
+        ]
+        click.echo(json.dumps(listing, indent=2))
+        return
+    for info in metrics.values():
+        if info.error:
+            click.echo(f"{info.name:<22} LOAD ERROR: {info.error}")
+            continue
+        click.echo(f"{info.name:<22} {info.summary}")
+        if not verbose:
+            continue
+        origin = f"{info.distribution} {info.version or ''}".strip() if info.distribution else "?"
+        click.echo(f"    from: {origin} ({info.source})")
+        for option in info.options:
+            default = "required" if option.required else f"default {option.default}"
+            allowed = f"; {option.constraints}" if option.constraints else ""
+            click.echo(f"    {option.name}: {option.type} ({default}{allowed})")
+            if option.doc:
+                click.echo(textwrap.indent(option.doc, " " * 8))

@@ -1,0 +1,99 @@
+"""The ``bz`` group: every command registered, bz's errors turned into one line and a code.
+
+Exit codes: 0 success, 1 training failed, 2 bad usage or configuration, 130
+interrupted. Errors are one line on stderr, never a traceback (``--traceback`` on
+``bz train`` shows one for failures inside training).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from bz import __version__
+from bz._errors import BzError
+from bz.commands.catalog import list_metrics, list_plugins
+from bz.commands.health import health
+from bz.commands.init import init
+from bz.commands.options import EXIT_INTERRUPTED, fail
+from bz.commands.report import report_command
+from bz.commands.schema import config_schema
+from bz.commands.train import check_config, train, validate
+from bz.commands.tune import tune_command
+
+__all__ = ["cli", "main"]
+
+
+class _BzGroup(click.Group):
+    """Turns bz's errors into one line on stderr and their exit code (for every command)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Click's own usage errors (an unknown option, a bad choice, ``--set`` without
+        ``=``) as one line too, naming the command and where its help is."""
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `bz`: the help, as asked
+                exc.show()
+                sys.exit(exc.exit_code)
+            command = exc.ctx.command_path if exc.ctx is not None else "bz"
+            fail(f"{command}: {exc.format_message()} (see '{command} --help')")
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("bz: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BzError as exc:
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                fail(line)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            click.echo("bz: interrupted", err=True)
+            # A second SIGTERM says which signal it was (143); plain Ctrl-C is 130.
+            number = getattr(exc, "signal", None)
+            ctx.exit(128 + int(number) if number is not None else EXIT_INTERRUPTED)
+
+
+@click.group(
+    cls=_BzGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="bz")
+def cli() -> None:
+    """bz: train PyTorch models with sandboxed plugins.
+
+    Put a model and data in train.py, settings in bzconfig.json, and run `bz train`.
+    """
+
+
+for _command in (
+    train,
+    validate,
+    check_config,
+    list_plugins,
+    list_metrics,
+    init,
+    health,
+    config_schema,
+    report_command,
+    tune_command,
+):
+    cli.add_command(_command)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``bz`` console script (exits with the command's exit code)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="bz")

@@ -1,0 +1,101 @@
+"""What several commands share: click options (each declared once), ``--set``, the error line.
+
+``bz train``, ``bz validate``, ``bz check-config`` and ``bz tune`` take the same
+``--config``; ``train`` and ``tune`` share ``--set``, ``--log-format``/``--log-level``
+and ``--strict-plugins``; ``train``, ``check-config`` and ``tune`` have ``--traceback``
+(worded for what each shows). A command lists the decorators it wants.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "config_option",
+    "fail",
+    "log_options",
+    "parse_assignment",
+    "parse_assignments",
+    "set_option",
+    "strict_plugins_option",
+    "traceback_option",
+]
+
+
+EXIT_INTERRUPTED = 130
+"""The shell's code for Ctrl-C (128 + SIGINT)."""
+
+
+def fail(message: str) -> None:
+    """One ``bz: error: ...`` line on stderr."""
+    click.echo(f"bz: error: {message}", err=True)
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` as ``(key, value)``; VALUE is JSON, or a bare string (``device=cpu``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="--set")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word is a string: --set device=cpu
+    return key, value
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
+    """Every ``--set`` of a command, later ones winning."""
+    return dict(parse_assignment(a) for a in assignments)
+
+
+config_option: Callable[[F], F] = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file (default: $BZ_CONFIG, then ./bzconfig.json).",
+)
+"""``--config PATH`` (parameter ``config_path``)."""
+
+
+def set_option(help: str) -> Callable[[F], F]:
+    """``--set KEY=VALUE``, repeatable (parameter ``assignments``)."""
+    return click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help=help)
+
+
+def strict_plugins_option(help: str) -> Callable[[F], F]:
+    """``--strict-plugins`` (parameter ``strict_plugins``)."""
+    return click.option("--strict-plugins", is_flag=True, help=help)
+
+
+def traceback_option(help: str) -> Callable[[F], F]:
+    """``--traceback`` (parameter ``show_traceback``), worded for what the command shows."""
+    return click.option("--traceback", "show_traceback", is_flag=True, help=help)
+
+
+def log_options(format_help: str | None = None) -> Callable[[F], F]:
+    """``--log-format console|json`` and ``--log-level`` (``log_format``, ``log_level``)."""
+    log_format = click.option(
+        "--log-format",
+        type=click.Choice(["console", "json"]),
+        default="console",
+        show_default=True,
+        help=format_help,
+    )
+    log_level = click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+    )
+
+    def decorate(command: F) -> F:
+        return log_format(log_level(command))
+
+    return decorate

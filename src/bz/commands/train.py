@@ -1,0 +1,455 @@
+"""``bz train``, ``bz validate`` and ``bz check-config``: a run's life from the config file.
+
+``train`` hands the config to :func:`bz._run.run` (or, with ``--nproc-per-node``, to the
+elastic launcher) and renders the outcome; ``validate`` and ``check-config`` call
+:func:`bz._run.validate` and the loader. Exit codes are the group's (see
+:mod:`bz.commands.main`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from bz._errors import BzError, ConfigError, UsageError
+from bz.commands.options import (
+    EXIT_INTERRUPTED,
+    config_option,
+    fail,
+    log_options,
+    parse_assignments,
+    set_option,
+    strict_plugins_option,
+    traceback_option,
+)
+
+if TYPE_CHECKING:
+    from bz._sandbox import PluginReport
+    from bz.training.result import FitResult
+
+__all__ = ["check_config", "train", "validate"]
+
+
+# -- train -------------------------------------------------------------------------------
+
+
+@click.command()
+@config_option
+@click.option("--epochs", type=int, help="Override `epochs`.")
+@click.option("--device", help="Override `device` (auto, cpu, cuda, cuda:N, mps).")
+@click.option("--seed", type=int, help="Override `seed`.")
+@click.option(
+    "--compile/--no-compile",
+    "compile_model",
+    default=None,
+    help="Override `compile` (torch.compile the model).",
+)
+@strict_plugins_option(
+    "Make plugin faults fatal (plugin_errors: raise) instead of isolating them."
+)
+@click.option(
+    "--checkpoint-interval",
+    type=click.IntRange(min=0),
+    help="Override `checkpoint_interval` (epochs between checkpoints; 0: none).",
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    help="Override `checkpoint_dir` (relative to the current folder).",
+)
+@click.option(
+    "--resume/--no-resume",
+    default=None,
+    help="Override `resume`: --no-resume starts the run over (its old checkpoints are "
+    "replaced once it writes its first one).",
+)
+@set_option(
+    "Override any key; VALUE is JSON or a bare string. "
+    "Dotted keys reach into tables: --set hyperparameters.lr=0.01"
+)
+@log_options("json: one JSON event per line on stdout.")
+@traceback_option("Print the full traceback when training fails.")
+@click.option(
+    "--smoke",
+    is_flag=True,
+    help="Check that the run starts: one training and one validation batch through every "
+    "plugin and metric, no checkpoints written or read.",
+)
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    help="Train in N processes on this machine (torch.distributed's elastic launcher; "
+    "for several machines run `torchrun ... -m bz train`).",
+)
+def train(
+    config_path: str | None,
+    epochs: int | None,
+    device: str | None,
+    seed: int | None,
+    compile_model: bool | None,
+    strict_plugins: bool,
+    checkpoint_interval: int | None,
+    checkpoint_dir: str | None,
+    resume: bool | None,
+    assignments: Sequence[str],
+    log_format: str,
+    log_level: str,
+    show_traceback: bool,
+    smoke: bool,
+    nproc_per_node: int | None,
+) -> None:
+    """Train the model that train.py sets up, with the plugins bzconfig.json lists.
+
+    Resumes from the newest checkpoint of the same run when there is one; Ctrl-C
+    (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130
+    (143).
+    """
+    from bz import _logging
+
+    named: dict[str, Any] = {
+        "epochs": epochs,
+        "device": device,
+        "seed": seed,
+        "compile": compile_model,
+        "checkpoint_interval": checkpoint_interval,
+        # A folder typed on the command line is relative to where the user is.
+        "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
+        "resume": resume,
+        "plugin_errors": "raise" if strict_plugins else None,
+    }
+    if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        # Checked once here, so a bad config is one line, not one per process.
+        _check_before_launch(config_path, _overrides(assignments, named))
+        _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
+        return
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank:  # other ranks speak up only when something is wrong
+        log_level = "warning" if log_level in ("debug", "info") else log_level
+    _logging.configure("json" if log_format == "json" else "console", log_level)
+    if "WORLD_SIZE" in os.environ:
+        import structlog
+
+        structlog.contextvars.bind_contextvars(rank=rank)
+    with _outcome_line(log_format == "json"):
+        _train(
+            config_path,
+            assignments,
+            named,
+            log_format,
+            show_traceback,
+            rank,
+            smoke=smoke,
+        )
+
+
+@contextlib.contextmanager
+def _outcome_line(enabled: bool) -> Iterator[None]:
+    """With ``--log-format json``, end stdout with one ``exit`` event whatever happens.
+
+    The event carries ``exit_code`` and, for a failure, ``error`` (the same text as the
+    one-line message on stderr), so a program reading the stream never has to guess
+    from a missing line or the process status alone.
+    """
+    if not enabled:
+        yield
+        return
+    from bz._logging import get_logger
+
+    log = get_logger("bz")
+    try:
+        yield
+    except BzError as exc:
+        log.error("exit", exit_code=exc.exit_code, error=str(exc) or type(exc).__name__)
+        raise
+    except click.exceptions.Exit as exc:  # interrupted: 130 / 143
+        log.warning("exit", exit_code=exc.exit_code, error="interrupted")
+        raise
+    except click.ClickException as exc:  # a bad --set
+        log.error("exit", exit_code=exc.exit_code, error=exc.format_message())
+        raise
+    except KeyboardInterrupt:
+        log.warning("exit", exit_code=EXIT_INTERRUPTED, error="interrupted")
+        raise
+    log.info("exit", exit_code=0)
+
+
+def _train(
+    config_path: str | None,
+    assignments: Sequence[str],
+    named: dict[str, Any],
+    log_format: str,
+    show_traceback: bool,
+    rank: int,
+    *,
+    smoke: bool = False,
+) -> None:
+    """``bz train`` once logging is set up: run, then render the outcome."""
+    result = _run(config_path, _overrides(assignments, named), show_traceback, rank, smoke)
+    if result.already_complete:
+        longer = "--set max_steps=N" if result.stopped_by == "max_steps" else "--epochs"
+        click.echo(
+            f"bz: nothing to train: this run already finished {result.epochs_completed} "
+            f"epoch(s), {result.global_step} steps ({result.checkpoint}); raise {longer} "
+            "to train longer or pass --no-resume to start over",
+            err=True,
+        )
+        return
+    if result.model_rebuilt and rank == 0:
+        click.echo(
+            f"bz: nothing to train: this run had finished; its final weights were rebuilt "
+            f"from {result.checkpoint}",
+            err=True,
+        )
+    if log_format == "console" and rank == 0:
+        _print_outcome(result, smoke=smoke)
+    if result.checkpoints_lost:
+        # Training went on, but the run asked for files it does not have: a scheduler
+        # or script must not take this for success.
+        fail(
+            f"{result.checkpoints_lost} checkpoint(s) could not be written "
+            "(see checkpoint_write_failed / model_write_failed above)"
+        )
+        raise click.exceptions.Exit(1)
+
+
+def _run(
+    config_path: str | None,
+    overrides: dict[str, Any],
+    show_traceback: bool,
+    rank: int,
+    smoke: bool,
+) -> FitResult:
+    """:func:`bz._run.run`, its failures turned into what the command line reports."""
+    from bz._errors import TrainingError, training_context
+    from bz._run import run
+    from bz._setup import user_frame
+    from bz.training.interrupts import TrainingInterrupted
+
+    try:
+        return run(config_path, overrides=overrides, smoke=smoke)
+    except BzError as exc:
+        if show_traceback and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        raise
+    except TrainingInterrupted as exc:
+        if rank == 0:  # the process that wrote the checkpoint speaks for all of them
+            saved = f"; checkpoint {exc.checkpoint} written, `bz train` resumes from it"
+            click.echo(f"bz: interrupted{saved if exc.checkpoint else ''}", err=True)
+        # The shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
+        raise click.exceptions.Exit(128 + exc.signal.value) from None
+    except Exception as exc:  # the user's own exception, which bz.run lets through as itself
+        if show_traceback:
+            traceback.print_exception(exc, file=sys.stderr)
+        summary = training_context(exc) or "training failed"
+        raise TrainingError(f"{summary}: {user_frame(exc)}") from exc
+
+
+_STOPPED = {
+    None: "",
+    "plugin": " (stopped early)",
+    "max_steps": " (max_steps reached)",
+    "max_time": " (max_time reached; `bz train` again continues)",
+}
+
+
+def _print_outcome(result: FitResult, *, smoke: bool) -> None:
+    """The console's closing lines: plugin times, then what was trained and written."""
+    _print_plugin_summary(result.plugins)
+    if smoke:
+        click.echo(
+            f"bz: smoke run passed: {result.global_step} step(s), {len(result.plugins)} plugin(s)",
+            err=True,
+        )
+        return
+    if result.final is not None:
+        click.echo(
+            f"bz: trained {result.epochs_completed} epoch(s), {result.global_step} steps "
+            f"in {result.seconds:.1f}s{_STOPPED[result.stopped_by]}",
+            err=True,
+        )
+    if result.resumed_from is not None:
+        click.echo(f"bz: resumed from {result.resumed_from}", err=True)
+    if result.checkpoint is not None:
+        click.echo(f"bz: last checkpoint {result.checkpoint}", err=True)
+    if result.model is not None:
+        click.echo(f"bz: trained weights in {result.model}", err=True)
+
+
+def _overrides(assignments: Sequence[str], named: dict[str, Any]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` assignments, then the named options that were given."""
+    overrides = parse_assignments(assignments)
+    overrides.update({key: value for key, value in named.items() if value is not None})
+    return overrides
+
+
+def _check_before_launch(config_path: str | None, overrides: dict[str, Any]) -> None:
+    """What each process would check first: the config, its metrics, plugin options, the device."""
+    from bz._loader import load_plugins
+    from bz._run import config_and_base
+    from bz.metrics import build_metrics
+    from bz.training.device import resolve_device
+
+    run_config, _ = config_and_base(config_path, overrides, None)
+    build_metrics(run_config.metrics)
+    load_plugins(run_config.plugins, run_config)
+    resolve_device(run_config.device)
+
+
+def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
+    """The command's own arguments again (``drop`` left out), to start it elsewhere."""
+    assert ctx.info_name is not None
+    args = [ctx.info_name]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in drop or param.name is None:
+            continue
+        value = ctx.params.get(param.name)
+        if ctx.get_parameter_source(param.name) is not click.core.ParameterSource.COMMANDLINE:
+            continue
+        if param.is_flag and param.secondary_opts:  # --x/--no-x
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            args.append(param.opts[0])
+        elif param.multiple:
+            for item in value or ():
+                args += [param.opts[0], str(item)]
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _launch(nproc_per_node: int, args: list[str]) -> None:
+    """Run ``bz <args>`` in several processes; a failed process fails the command."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from bz._distributed import launch
+
+    try:
+        launch(nproc_per_node, args)
+    except SignalException as exc:
+        # Ctrl-C or SIGTERM reached the launcher, which passed it on to the processes;
+        # they finished their step together and rank 0 said where the checkpoint is.
+        raise click.exceptions.Exit(128 + int(exc.sigval)) from None
+    except ChildFailedError as exc:
+        # The first process to fail is the cause; the launcher stops the others.
+        rank, first = exc.get_first_failure()
+        message = f"process rank {rank} exited with code {first.exitcode}"
+        if first.exitcode < 0:
+            with contextlib.suppress(ValueError):
+                message += f" (killed by {signal.Signals(-first.exitcode).name})"
+        if len(exc.failures) > 1:
+            message += "; the other processes were stopped"
+        if first.exitcode == UsageError.exit_code:
+            raise UsageError(message) from None
+        raise BzError(message) from None
+
+
+def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
+    if not reports:
+        return
+    click.echo("bz: plugin time in hooks:", err=True)
+    for report in reports:
+        status = f"  QUARANTINED: {report.fault.describe()}" if report.fault else ""
+        click.echo(
+            f"  {report.name:<20} {report.seconds * 1000:9.1f} ms"
+            f"  {report.calls:>8} calls{status}",
+            err=True,
+        )
+
+
+# -- validate ----------------------------------------------------------------------------
+
+
+@click.command()
+@config_option
+@click.option(
+    "--checkpoint",
+    "checkpoint_path",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Checkpoint or model.pt to evaluate (default: the run's model.pt when it "
+    "finished, else its newest checkpoint).",
+)
+@click.option("--device", help="Override `device` (auto, cpu, cuda, cuda:N, mps).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def validate(
+    config_path: str | None, checkpoint_path: str | None, device: str | None, as_json: bool
+) -> None:
+    """Evaluate a trained run on the validation data: loss and configured metrics.
+
+    A finished run is evaluated as it ended (its model.pt, with early stopping's best
+    weights if they were restored); an unfinished one from its newest checkpoint.
+    """
+    from bz import _logging
+    from bz._run import validate as run_validation
+
+    # Warnings (a damaged checkpoint skipped) go to stderr; stdout holds the report.
+    _logging.configure("console", "warning", stream=sys.stderr)
+    overrides = {"device": device} if device is not None else None
+    path, payload, result = run_validation(
+        config_path, checkpoint=checkpoint_path, overrides=overrides
+    )
+    report: dict[str, Any] = {
+        "checkpoint": str(path),
+        "epoch": payload["epoch"],
+        "batch": payload.get("batch", 0),
+        "step": payload["global_step"],
+        "batches": result.batches,
+        "validation_loss": result.loss,
+        "metrics": result.metrics,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    batch = payload.get("batch", 0)
+    batches = f" + {batch} batches" if batch else ""
+    where = f"epoch {payload['epoch']}{batches}, step {payload['global_step']}"
+    click.echo(f"checkpoint       {path} ({where})")
+    click.echo(f"validation_loss  {result.loss:.6g}")
+    for name, value in result.metrics.items():
+        click.echo(f"{name:<16} {value:.6g}")
+
+
+# -- check-config ------------------------------------------------------------------------
+
+
+@click.command("check-config")
+@config_option
+@traceback_option("Print the traceback of each plugin that cannot be imported or created.")
+def check_config(config_path: str | None, show_traceback: bool) -> None:
+    """Validate bzconfig.json, including every plugin's and metric's options.
+
+    Exits 2 when a listed plugin cannot be imported, configured or created (one line
+    each on stderr).
+    """
+    import structlog
+
+    from bz._loader import load_plugins
+    from bz.config import find_config_file, load_config
+    from bz.metrics import build_metrics
+
+    file = find_config_file(config_path)
+    config = load_config(file)
+    try:
+        build_metrics(config.metrics)
+        # The faults are reported here, once each, not as plugin_failed events too.
+        with structlog.testing.capture_logs():
+            plugins = load_plugins(config.plugins, config, policy="isolate")
+    except ConfigError as exc:
+        raise exc.with_source(str(file)) from None
+    if plugins.faults:
+        for fault in plugins.faults:
+            if show_traceback and fault.cause is not None:
+                traceback.print_exception(fault.cause, file=sys.stderr)
+        raise UsageError("\n".join(f"{file}: {fault.describe()}" for fault in plugins.faults))
+    click.echo(
+        f"{file}: OK ({len(plugins.active_names)} plugin(s), {len(config.metrics)} metric(s))"
+    )
