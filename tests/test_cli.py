@@ -201,7 +201,7 @@ def test_list_plugins_json_describes_options() -> None:
     assert "end_epoch" in early["hooks"]
     assert early["stateful"] is True
     patience = next(o for o in early["options"] if o["name"] == "patience")
-    assert (patience["type"], patience["default"]) == ("int", 10)
+    assert (patience["type"], patience["default"]) == ("integer", 10)
 
 
 def test_list_plugins_unknown_name_suggests() -> None:

@@ -102,9 +102,9 @@ def test_verbose_shows_hooks_state_and_every_option(timer: Packages) -> None:
         "  hooks:        start_epoch, end_epoch",
         "  stateful:     yes (saved in checkpoints)",
         "  options:",
-        "    every: int (default 2)",
+        "    every: integer (default 2)",
         "        Report every N epochs.",
-        "    label: str | null (default null)",
+        "    label: string | null (default null)",
     ]
 
 
@@ -128,7 +128,7 @@ def test_json_has_every_field(timer: Packages) -> None:
         "options": [
             {
                 "name": "every",
-                "type": "int",
+                "type": "integer",
                 "default": 2,
                 "required": False,
                 "doc": "Report every N epochs.",
@@ -136,7 +136,7 @@ def test_json_has_every_field(timer: Packages) -> None:
             },
             {
                 "name": "label",
-                "type": "str | null",
+                "type": "string | null",
                 "default": None,
                 "required": False,
                 "doc": "",
@@ -158,8 +158,8 @@ def test_guide_style_options_come_from_load_config(packages: Packages) -> None:
     (entry,) = json.loads(invoke("--json", "printer").output)
     assert entry["hooks"] == ["end_epoch"]
     assert [(o["name"], o["type"], o["default"]) for o in entry["options"]] == [
-        ("enabled", "bool", True),
-        ("log_interval", "int", 10),
+        ("enabled", "boolean", True),
+        ("log_interval", "integer", 10),
     ]
     assert entry["options_from"] == "load_config"
     text = invoke("--verbose", "printer").output

@@ -214,12 +214,12 @@ def test_every_builtin_is_listed_as_loaded_and_documented() -> None:
 def test_listed_options_carry_types_defaults_and_docs() -> None:
     metrics = available_metrics()
     (k,) = metrics["top_k_accuracy"].options
-    assert (k.name, k.type, k.default, k.required) == ("k", "int", "5", False)
+    assert (k.name, k.type, k.default, k.required) == ("k", "integer", "5", False)
     assert "k" in k.doc
     average, num_classes = metrics["f1_score"].options
     assert average.type == '"macro" | "micro" | "weighted"'
     assert average.default == '"macro"'
-    assert (num_classes.type, num_classes.default) == ("int | null", "null")
+    assert (num_classes.type, num_classes.default) == ("integer | null", "null")
     assert metrics["accuracy"].options == ()
 
 

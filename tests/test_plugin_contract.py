@@ -204,10 +204,10 @@ def test_attrs_validators_reach_config_schema(gradnorm: Packages) -> None:
 
 def test_attrs_validators_reach_list_plugins(gradnorm: Packages) -> None:
     lines = bz_cli("list-plugins", "-v", "grad_norm").output.splitlines()
-    assert "    every: int (required; >= 1)" in lines
-    assert '    mode: str (default "l2"; one of "l1", "l2")' in lines
-    assert '    tag: str (default "grad"; length >= 1, length <= 8)' in lines
-    assert "    scale: float (default 1.0; > 0, < 10)" in lines
+    assert "    every: integer (required; >= 1)" in lines
+    assert '    mode: string (default "l2"; one of "l1", "l2")' in lines
+    assert '    tag: string (default "grad"; length >= 1, length <= 8)' in lines
+    assert "    scale: number (default 1.0; > 0, < 10)" in lines
 
 
 # -- 11: typed accessors and a logger for plugins without a base class ------------------------

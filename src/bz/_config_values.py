@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NewType, TypeVar
 
 import attrs
@@ -40,46 +40,111 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def at_least(minimum: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    """An attrs validator: the value (when not None) is ``>= minimum``."""
+@attrs.frozen
+class AtLeast:
+    """An attrs validator: a number is ``>= minimum`` (None and other types pass: the
+    field's type check reports those). The bound is data, so listings and the JSON
+    Schema read it from here."""
 
-    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    minimum: float
+
+    def __call__(self, _instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        """Raise :class:`ConfigValueError` for a number below the bound (or NaN)."""
         if not _is_number(value):
             return  # None, or a wrong type the field's type check reports
         # Written as "not >=" so that NaN, which compares false to everything, is refused.
-        if not value >= minimum:
-            raise ConfigValueError(attribute.name, f"must be >= {minimum}, got {value!r}")
+        if not value >= self.minimum:
+            raise ConfigValueError(attribute.name, f"must be >= {self.minimum}, got {value!r}")
 
-    return check
+    def json_schema(self) -> dict[str, Any]:
+        """The bound as JSON Schema keywords."""
+        return {"minimum": self.minimum}
 
 
-def between(low: float, high: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    """An attrs validator: the value (when not None) lies in ``[low, high]``."""
+@attrs.frozen
+class Between:
+    """An attrs validator: a number lies in ``[low, high]`` (None and other types pass)."""
 
-    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if _is_number(value) and not low <= value <= high:
+    low: float
+    high: float
+
+    def __call__(self, _instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        """Raise :class:`ConfigValueError` for a number outside the range."""
+        if _is_number(value) and not self.low <= value <= self.high:
             raise ConfigValueError(
-                attribute.name, f"must be between {low} and {high}, got {value!r}"
+                attribute.name, f"must be between {self.low} and {self.high}, got {value!r}"
             )
 
-    return check
+    def json_schema(self) -> dict[str, Any]:
+        """The bounds as JSON Schema keywords."""
+        return {"minimum": self.low, "maximum": self.high}
 
 
-_DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+def at_least(minimum: float) -> AtLeast:
+    """An attrs validator: the value (when not None) is ``>= minimum``."""
+    return AtLeast(minimum)
 
 
-def _check_device(_instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
-    if isinstance(value, str) and not _DEVICE_PATTERN.fullmatch(value):
-        raise ConfigValueError(
-            attribute.name,
-            f'expected "auto", "cpu", "cuda", "cuda:N" or "mps", got {_show(value)}',
-        )
+def between(low: float, high: float) -> Between:
+    """An attrs validator: the value (when not None) lies in ``[low, high]``."""
+    return Between(low, high)
+
+
+# ASCII digits only: what torch parses, and what an editor's (JavaScript) regex means.
+_DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
+
+
+@attrs.frozen
+class _DeviceName:
+    """The ``device`` key's validator: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``."""
+
+    pattern: re.Pattern[str] = re.compile(_DEVICE_PATTERN)
+
+    def __call__(self, _instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+        if isinstance(value, str) and not self.pattern.fullmatch(value):
+            raise ConfigValueError(
+                attribute.name,
+                f'expected "auto", "cpu", "cuda", "cuda:N" or "mps", got {_show(value)}',
+            )
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"pattern": f"^({_DEVICE_PATTERN})$"}
+
+
+_check_device = _DeviceName()
+
+
+@attrs.frozen
+class ExactlyOne:
+    """An attrs validator for a class whose fields ``names`` exclude each other: exactly
+    one of them is set (not None). Put it on the last of them, so all are set when it
+    runs; the JSON Schema gets the same rule as a ``oneOf``."""
+
+    names: tuple[str, ...]
+    message: str
+
+    def __call__(self, instance: Any, _attribute: attrs.Attribute[Any], _value: Any) -> None:
+        """Raise :class:`ConfigValueError` (on the first name) unless exactly one is set."""
+        if sum(getattr(instance, name) is not None for name in self.names) != 1:
+            raise ConfigValueError(self.names[0], self.message)
+
+    def object_json_schema(self) -> dict[str, Any]:
+        """The rule for the whole object: exactly one of the keys is present and not null."""
+        return {
+            "oneOf": [
+                {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                for name in self.names
+            ]
+        }
 
 
 Seconds = NewType("Seconds", float)
 """A duration: seconds in JSON as a number, or a ``"HH:MM:SS"`` / ``"D:HH:MM:SS"`` string."""
 
-_CLOCK = re.compile(r"(?:(\d+):)?(\d+):([0-5]?\d):([0-5]?\d(?:\.\d*)?)")
+CLOCK_PATTERN = r"^\s*(?:([0-9]+):)?([0-9]+):([0-5]?[0-9]):([0-5]?[0-9](?:\.[0-9]*)?)\s*$"
+"""A ``"[D:]HH:MM:SS[.fff]"`` duration (surrounding blanks allowed): the converter's rule,
+and the ``pattern`` the JSON Schema gives editors."""
+_CLOCK = re.compile(CLOCK_PATTERN)
 
 
 def parse_seconds(value: object) -> Seconds:
@@ -89,7 +154,7 @@ def parse_seconds(value: object) -> Seconds:
             raise ValueError(f"expected a finite number of seconds >= 0, got {_show(value)}")
         return Seconds(float(value))
     if isinstance(value, str):
-        match = _CLOCK.fullmatch(value.strip())
+        match = _CLOCK.match(value)
         if match is None:
             raise ValueError(f'expected seconds or "HH:MM:SS", got {_show(value)}')
         days, hours, minutes, seconds = match.groups()

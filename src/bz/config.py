@@ -18,6 +18,7 @@ import attrs
 
 from bz._config_values import (
     ConfigValueError,
+    ExactlyOne,
     MetricSpec,
     PluginSpec,
     Seconds,
@@ -100,13 +101,10 @@ def _distributed_table(value: DistributedConfig | Mapping[str, Any]) -> Distribu
     return structure(dict(value), DistributedConfig) if isinstance(value, Mapping) else value
 
 
-def _one_clipping(instance: GradientClip, _attribute: attrs.Attribute[Any], _value: Any) -> None:
-    if (instance.max_norm is None) == (instance.value is None):
-        raise ConfigValueError(
-            "max_norm",
-            'give exactly one of "max_norm" (clip the total norm) or "value" (clip each '
-            "gradient element)",
-        )
+_one_clipping = ExactlyOne(
+    ("max_norm", "value"),
+    'give exactly one of "max_norm" (clip the total norm) or "value" (clip each gradient element)',
+)
 
 
 @attrs.frozen

@@ -9,15 +9,11 @@ from __future__ import annotations
 import inspect
 import json
 import textwrap
-import types
-import typing
 from typing import Any
 
 import attrs
 import click
 
-from bz._constraints import describe_constraints, validator_schema
-from bz._docstrings import attribute_docs
 from bz._errors import UsageError
 from bz._hooks import HOOK_NAMES
 from bz._loader import (
@@ -29,6 +25,7 @@ from bz._loader import (
     duplicate_message,
     load_factory,
 )
+from bz._options import describe_fields, value_type_name
 from bz._plugin import Plugin
 from bz._sandbox import describe_exception
 from bz.config import unstructure
@@ -83,49 +80,19 @@ def class_hooks(cls: type) -> tuple[str, ...]:
     )
 
 
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, str):
-        return annotation
-    if annotation is Ellipsis:
-        return "..."
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return "|".join(str(a) for a in typing.get_args(annotation))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return "null"
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    return getattr(annotation, "__name__", str(annotation))
-
-
 def config_schema(cls: type) -> tuple[ConfigField, ...]:
     """The fields of an attrs config class, with types, defaults and docs."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:
-        hints = {}
-    docs = attribute_docs(cls)
-    fields = []
-    for field in attrs.fields(cls):
-        required = field.default is attrs.NOTHING
-        default = field.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # a class at runtime
-            default = default.factory()
-        annotation = hints.get(field.name, field.type)
-        fields.append(
-            ConfigField(
-                name=field.name,
-                type=_type_name(annotation),
-                default=None if required else _json_value(default),
-                required=required,
-                doc=docs.get(field.name, ""),
-                constraints=describe_constraints(validator_schema(field.validator, annotation)),
-            )
+    return tuple(
+        ConfigField(
+            name=field.name,
+            type=field.type,
+            default=field.default,
+            required=field.required,
+            doc=field.doc,
+            constraints=field.constraints,
         )
-    return tuple(fields)
+        for field in describe_fields(cls)
+    )
 
 
 def _json_value(value: Any) -> Any:
@@ -133,9 +100,6 @@ def _json_value(value: Any) -> Any:
         return unstructure(value)
     except Exception:
         return repr(value)
-
-
-_JSON_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}
 
 
 def loaded_config_schema(factory: object) -> tuple[ConfigField, ...] | None:
@@ -157,7 +121,7 @@ def loaded_config_schema(factory: object) -> tuple[ConfigField, ...] | None:
     return tuple(
         ConfigField(
             name=str(key),
-            type=_JSON_TYPE_NAMES.get(type(value), type(value).__name__),
+            type=value_type_name(value),
             default=_json_value(value),
             required=False,
             doc="",

@@ -14,135 +14,20 @@ bz hands those options to the plugin unchecked.
 from __future__ import annotations
 
 import json
-import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import attrs
 import click
 
-from bz._constraints import validator_schema
-from bz._docstrings import attribute_docs
-from bz.config import MetricSpec, PluginSpec, RunConfig, Seconds, unstructure
+from bz._options import object_schema, type_schema
+from bz.config import MetricSpec, PluginSpec, RunConfig
 
-__all__ = [
-    "SCHEMA_DIALECT",
-    "bzconfig_schema",
-    "config_schema",
-    "type_schema",
-]
+__all__ = ["SCHEMA_DIALECT", "bzconfig_schema", "config_schema"]
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-
-_SCALARS: dict[object, dict[str, Any]] = {
-    bool: {"type": "boolean"},
-    int: {"type": "integer"},
-    float: {"type": "number"},
-    str: {"type": "string"},
-    type(None): {"type": "null"},
-    Seconds: {
-        "anyOf": [
-            {"type": "number", "minimum": 0},
-            {"type": "string", "pattern": r"^(\d+:)?\d+:[0-5]?\d:[0-5]?\d(\.\d*)?$"},
-        ]
-    },
-}
-
-
-def type_schema(annotation: Any) -> dict[str, Any]:
-    """The JSON Schema of one annotated type, as bz's converter reads JSON into it."""
-    if annotation in _SCALARS:
-        return dict(_SCALARS[annotation])
-    if annotation is Any or annotation is object:
-        return {}
-    origin = typing.get_origin(annotation)
-    arguments = typing.get_args(annotation)
-    if origin is Literal:
-        return {"enum": list(arguments)}
-    if origin is Union or origin is types.UnionType:
-        return {"anyOf": [type_schema(argument) for argument in arguments]}
-    if origin in (list, tuple, typing.Sequence, _abc("Sequence")):
-        items = arguments[0] if arguments else Any
-        if origin is tuple and not (len(arguments) == 2 and arguments[1] is Ellipsis):
-            return {
-                "type": "array",
-                "prefixItems": [type_schema(a) for a in arguments],
-                "items": False,
-            }
-        return {"type": "array", "items": type_schema(items)}
-    if origin in (dict, typing.Mapping, _abc("Mapping")):
-        value = arguments[1] if len(arguments) == 2 else Any
-        return {"type": "object", "additionalProperties": type_schema(value)}
-    if isinstance(annotation, type) and attrs.has(annotation):
-        return attrs_schema(annotation)
-    return {}  # a type bz cannot describe: accept anything rather than refuse valid input
-
-
-def _abc(name: str) -> object:
-    import collections.abc
-
-    return getattr(collections.abc, name)
-
-
-def attrs_schema(
-    cls: type, *, extra: Mapping[str, dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    """An object schema for an attrs class: one property per field, nothing else."""
-    hints = _type_hints(cls)
-    docs = attribute_docs(cls)
-    properties: dict[str, dict[str, Any]] = dict(extra or {})
-    required = []
-    for field in attrs.fields(cls):
-        annotation = hints.get(field.name, field.type)
-        schema = type_schema(annotation)
-        schema.update(validator_schema(field.validator, annotation))
-        if docs.get(field.name):
-            schema["description"] = docs[field.name]
-        if field.default is attrs.NOTHING:
-            required.append(field.name)
-        else:
-            default = _default(field.default)
-            if default is not _UNKNOWN:
-                schema["default"] = default
-        properties[field.name] = schema
-    result: dict[str, Any] = {
-        "type": "object",
-        "properties": properties,
-        "additionalProperties": False,
-    }
-    if required:
-        result["required"] = required
-    summary = (cls.__doc__ or "").strip().splitlines()
-    if summary:
-        result["description"] = summary[0]
-    return result
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # an annotation that cannot be resolved: fall back to attrs' view
-        return {}
-
-
-_UNKNOWN = object()
-
-
-def _default(default: Any) -> Any:
-    factory = getattr(default, "factory", None)
-    if callable(factory):
-        if getattr(default, "takes_self", False):
-            return _UNKNOWN
-        default = factory()
-    try:
-        value = unstructure(default)
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return _UNKNOWN
-    return value
-
 
 # -- plugins and metrics -------------------------------------------------------------------
 
@@ -164,7 +49,7 @@ def _plugin_options() -> dict[str, dict[str, Any]]:
             continue
         config_cls = config_class(factory)
         if config_cls is not None:
-            schemas[name] = attrs_schema(config_cls, extra=_ENABLED)
+            schemas[name] = object_schema(config_cls, extra=_ENABLED)
         elif callable(getattr(factory, "create", None)):
             description = describe(source, load=True)
             properties = {
@@ -189,7 +74,7 @@ def _plugin_options() -> dict[str, dict[str, Any]]:
 
 
 def _json_type(value: Any) -> dict[str, Any]:
-    return dict(_SCALARS.get(type(value), {}))
+    return type_schema(type(value))
 
 
 def _metric_options() -> dict[str, dict[str, Any]]:
@@ -202,7 +87,7 @@ def _metric_options() -> dict[str, dict[str, Any]]:
         elif info.config is None:
             schemas[name] = {"type": "object", "additionalProperties": False}
         else:
-            schemas[name] = attrs_schema(info.config)
+            schemas[name] = object_schema(info.config)
         if info.summary and "description" not in schemas[name]:
             schemas[name]["description"] = info.summary
     return schemas
@@ -238,8 +123,8 @@ def bzconfig_schema() -> dict[str, Any]:
         tuple[PluginSpec, ...]: _entries_schema("plugin", plugins),
         tuple[MetricSpec, ...]: _entries_schema("metric", metrics),
     }
-    hints = _type_hints(RunConfig)
-    schema = attrs_schema(RunConfig)
+    hints = typing.get_type_hints(RunConfig)
+    schema = object_schema(RunConfig)
     for field in attrs.fields(RunConfig):
         kind = hints.get(field.name)
         if kind in entries:
