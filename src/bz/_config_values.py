@@ -108,7 +108,9 @@ class _DeviceName:
             )
 
     def json_schema(self) -> dict[str, Any]:
-        return {"pattern": f"^({_DEVICE_PATTERN})$"}
+        # Python's `$` also matches before a final newline ("cpu\n"), which bz refuses;
+        # the lookahead makes Python's validators read it as JavaScript's (editors) do.
+        return {"pattern": f"^({_DEVICE_PATTERN})$(?!\n)"}
 
 
 _check_device = _DeviceName()

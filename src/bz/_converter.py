@@ -7,11 +7,12 @@ from __future__ import annotations
 import difflib
 import re
 import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableSequence, Sequence
 from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
+import cattrs.cols
 from cattrs.errors import (
     BaseValidationError,
     ForbiddenExtraKeysError,
@@ -76,6 +77,13 @@ def _entries(value: Any, key: str, kind: str) -> Iterator[tuple[str, Mapping[str
                     (f"[{index}].{name}", f"expected an object of options, got {_show(options)}")
                 )
                 continue
+            switch = options.get("enabled", True)
+            if key == "plugins" and not isinstance(switch, bool):
+                # Read as "is not False", "enabled": "false" would have left it on.
+                problems.append(
+                    (f"[{index}].{name}.enabled", f"expected true or false, got {_show(switch)}")
+                )
+                continue
             yield name, options, f"{path}.{name}"
         else:
             problems.append(
@@ -135,9 +143,41 @@ def _objects_only(conv: cattrs.Converter) -> Callable[[type], Callable[[Any, Any
     return factory
 
 
+def _is_array(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        arguments = typing.get_args(annotation)
+        return len(arguments) == 2 and arguments[1] is Ellipsis
+    return origin in (list, Sequence, MutableSequence)
+
+
+def _arrays_only(conv: cattrs.Converter) -> Callable[[Any], Callable[[Any, Any], Any]]:
+    """``tuple[X, ...]``, ``list[X]``, ``Sequence[X]`` from JSON arrays only: cattrs alone
+    would take any iterable, so ``"tags": "ab"`` became ``("a", "b")`` and an object
+    became its keys."""
+
+    def factory(annotation: Any) -> Callable[[Any, Any], Any]:
+        items: Callable[[Any, Any], Any] = (
+            cattrs.cols.homogenous_tuple_structure_factory(annotation, conv)
+            if typing.get_origin(annotation) is tuple
+            else cattrs.cols.list_structure_factory(annotation, conv)
+        )
+
+        def hook(value: Any, kind: Any) -> Any:
+            # A tuple is what Python callers (and unstructure) may hand over.
+            if not isinstance(value, list | tuple):
+                raise TypeError(f"expected a list, got {_show(value)}")
+            return items(value, kind)
+
+        return hook
+
+    return factory
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     conv.register_structure_hook_factory(attrs.has, _objects_only(conv))
+    conv.register_structure_hook_factory(_is_array, _arrays_only(conv))
     conv.register_structure_hook(bool, _strict_scalar(bool, "boolean", (bool,)))
     conv.register_structure_hook(int, _strict_scalar(int, "int", (int,)))
     conv.register_structure_hook(float, _strict_scalar(float, "number", (int, float)))

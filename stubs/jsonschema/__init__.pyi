@@ -1,6 +1,8 @@
 # Minimal stubs for the parts of jsonschema the tests use (jsonschema ships no types).
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
+
+from jsonschema import validators as validators
 
 class ValidationError(Exception):
     message: str
@@ -9,7 +11,11 @@ class ValidationError(Exception):
 class SchemaError(Exception):
     message: str
 
+class TypeChecker:
+    def redefine(self, type: str, fn: Callable[[TypeChecker, object], bool]) -> TypeChecker: ...
+
 class Draft202012Validator:
+    TYPE_CHECKER: ClassVar[TypeChecker]
     def __init__(self, schema: Mapping[str, Any]) -> None: ...
     @classmethod
     def check_schema(cls, schema: Mapping[str, Any]) -> None: ...

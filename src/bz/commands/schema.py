@@ -34,6 +34,14 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 _ENABLED = {"enabled": {"type": "boolean", "description": "false: the plugin is not created."}}
 
 
+_DISABLED = {
+    "type": "object",
+    "properties": {"enabled": {"const": False}},
+    "required": ["enabled"],
+    "description": "a disabled plugin: its other options are not read",
+}
+
+
 def _plugin_options() -> dict[str, dict[str, Any]]:
     """name -> schema of the options object, for every installed plugin."""
     from bz._loader import config_class, discover, load_factory
@@ -96,6 +104,10 @@ def _metric_options() -> dict[str, dict[str, Any]]:
 def _entries_schema(kind: str, options: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """A list of ``"name"`` or ``{"name": {options}}`` (or ``{"name": null}``)."""
     prefix = f"{kind}."
+    extra: list[dict[str, Any]] = [{"type": "null"}]
+    if kind == "plugin":
+        # bz neither imports nor checks a disabled plugin (its package may be absent).
+        extra.append(_DISABLED)
     return {
         "type": "array",
         "items": {
@@ -106,7 +118,7 @@ def _entries_schema(kind: str, options: Mapping[str, dict[str, Any]]) -> dict[st
                     "minProperties": 1,
                     "maxProperties": 1,
                     "properties": {
-                        name: {"anyOf": [{"$ref": f"#/$defs/{prefix}{name}"}, {"type": "null"}]}
+                        name: {"anyOf": [{"$ref": f"#/$defs/{prefix}{name}"}, *extra]}
                         for name in sorted(options)
                     },
                     "additionalProperties": False,

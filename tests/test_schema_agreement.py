@@ -1,0 +1,84 @@
+"""``bz config-schema`` and bz agree: the schema accepts exactly the documents bz accepts.
+
+Documents are generated from the attrs classes (``RunConfig``, its tables, each
+installed plugin's and metric's ``Config``: see ``tests/_config_strategies.py``), valid
+ones and near misses alike. "bz accepts" is what ``bz check-config`` accepts: the
+converter, then every metric built and every plugin's options read.
+
+Two rules of bz are beyond what this schema states, so the documents keep clear of them:
+a plugin or metric is listed at most once, and an ``integer`` is a JSON integer (JSON
+Schema also counts ``1.0`` as an integer; bz wants ``1``, so the validator here is told
+the same).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jsonschema
+import structlog
+from hypothesis import HealthCheck, given, settings
+from tests._config_strategies import any_documents, valid_documents
+
+from bz._loader import load_plugins
+from bz.commands.schema import bzconfig_schema
+from bz.config import ConfigError, RunConfig, structure
+from bz.metrics import build_metrics
+
+
+def _is_integer(_checker: jsonschema.TypeChecker, instance: object) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_BzValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    schema = bzconfig_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return _BzValidator(schema)
+
+
+def schema_accepts(document: Any) -> bool:
+    """Whether the JSON Schema of bzconfig.json finds no error in ``document``."""
+    return _validator().is_valid(document)
+
+
+def bz_accepts(document: Any) -> bool:
+    """Whether ``bz check-config`` would pass ``document``: structure, metrics, plugins."""
+    try:
+        config = structure(document, RunConfig)
+        build_metrics(config.metrics)
+        with structlog.testing.capture_logs():  # refused options are faults, not events
+            plugins = load_plugins(config.plugins, config, policy="isolate")
+    except ConfigError:
+        return False
+    return not plugins.faults
+
+
+def _explain(document: Any) -> str:
+    errors = [f"{e.json_path}: {e.message}" for e in _validator().iter_errors(document)]
+    try:
+        structure(document, RunConfig)
+        converter = "structures"
+    except ConfigError as exc:
+        converter = str(exc)
+    return f"document={document!r}\nschema: {errors}\nconverter: {converter}"
+
+
+@given(any_documents())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_schema_accepts_exactly_what_bz_accepts(document: Any) -> None:
+    assert schema_accepts(document) == bz_accepts(document), _explain(document)
+
+
+@given(valid_documents())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_generated_valid_documents_pass_both(document: dict[str, Any]) -> None:
+    assert bz_accepts(document), _explain(document)
+    assert schema_accepts(document), _explain(document)
