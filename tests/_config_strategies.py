@@ -195,7 +195,8 @@ def _with_one_miss(cls: type, hints: Mapping[str, Any]) -> Callable[[Any, Any], 
     def change(document: dict[str, Any], data: st.DataObject) -> Any:
         document = dict(document)
         names_of = [f.name for f in attrs.fields(cls)]
-        how = data.draw(st.sampled_from(["none", "value", "unknown", "missing"]))
+        # Mostly one value changed: every field has its own rules to get wrong.
+        how = data.draw(st.sampled_from(["none", "value", "value", "value", "unknown", "missing"]))
         if how == "value":
             name = data.draw(st.sampled_from(names_of))
             field = getattr(attrs.fields(cls), name)
@@ -277,3 +278,42 @@ def any_documents() -> Strategy:
     from bz.config import RunConfig
 
     return documents(RunConfig, valid=False) | json_values
+
+
+def places() -> dict[str, tuple[type, Callable[[Any], Any]]]:
+    """Every config class a document holds, and how to put one of its objects there:
+    the tables under ``RunConfig`` (found from its annotations), each installed
+    plugin's and metric's ``Config``."""
+    from bz.config import RunConfig
+
+    found: dict[str, tuple[type, Callable[[Any], Any]]] = {}
+
+    def tables(cls: type, wrap: Callable[[Any], Any], path: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for field in attrs.fields(cls):
+            hint = hints[field.name]
+            union = typing.get_origin(hint) in (Union, types.UnionType)
+            for member in typing.get_args(hint) if union else (hint,):
+                if isinstance(member, type) and attrs.has(member):
+                    here = f"{path}{field.name}"
+                    put = _under(wrap, field.name)
+                    found[here] = (member, put)
+                    tables(member, put, f"{here}.")
+
+    tables(RunConfig, lambda value: value, "")
+    for kind, classes in (
+        ("plugins", plugin_option_classes()),
+        ("metrics", metric_option_classes()),
+    ):
+        for name, config in classes.items():
+            if config is not None:
+                found[f"{kind}.{name}"] = (config, _entry(kind, name))
+    return found
+
+
+def _under(wrap: Callable[[Any], Any], key: str) -> Callable[[Any], Any]:
+    return lambda value: wrap({key: value})
+
+
+def _entry(kind: str, name: str) -> Callable[[Any], Any]:
+    return lambda value: {kind: [{name: value}]}

@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
+from tests._config_strategies import json_values, names, valid_documents
 
 from bz.config import (
     ConfigError,
@@ -23,42 +25,16 @@ from bz.config import (
 
 # -- strategies ------------------------------------------------------------------------
 
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**40), max_value=2**40),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=8),
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
-options = st.dictionaries(names, json_scalars, max_size=3)
-entries = st.one_of(names, st.builds(lambda n, o: {n: o}, names, options))
-devices = st.one_of(
-    st.sampled_from(["auto", "cpu", "cuda", "mps"]),
-    st.integers(min_value=0, max_value=15).map(lambda i: f"cuda:{i}"),
-)
+# Every key of RunConfig and of its tables, generated from the attrs classes.
+valid_configs = valid_documents()
 
-valid_configs = st.fixed_dictionaries(
-    {},
-    optional={
-        "epochs": st.integers(min_value=1, max_value=10_000),
-        "device": devices,
-        "compile": st.booleans(),
-        "seed": st.none() | st.integers(min_value=0, max_value=2**31),
-        "hyperparameters": st.dictionaries(names, json_values, max_size=4),
-        "metrics": st.lists(entries, max_size=3),
-        "plugins": st.lists(entries, max_size=4),
-        "plugin_errors": st.sampled_from(["isolate", "raise"]),
-        "train_script": st.text(min_size=1, max_size=20),
-    },
-)
+
+@pytest.mark.parametrize("key", [field.name for field in attrs.fields(RunConfig)])
+def test_the_config_strategy_reaches_every_key(key: str) -> None:
+    # The first example found will do: no shrinking (the slow part of find).
+    quick = settings(database=None, phases=[Phase.generate])
+    found = find(valid_configs, lambda data: key in data, settings=quick)
+    structure(found, RunConfig)
 
 
 # -- properties ------------------------------------------------------------------------

@@ -138,11 +138,69 @@ def parse_space(raw: Mapping[str, Any]) -> dict[str, SearchDimension]:
     return space
 
 
-def _check_space(_instance: Any, attribute: attrs.Attribute[Any], value: dict[str, Any]) -> None:
-    try:
-        parse_space(value)
-    except ConfigError as exc:
-        raise ConfigError([(f"{attribute.name}.{path}", m) for path, m in exc.problems]) from None
+_CHOICES = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": ["null", "boolean", "number", "string"]},
+}
+_NULL = {"type": "null"}
+
+
+@attrs.frozen
+class _SearchSpace:
+    """The validator of ``hyperparameters``: :func:`parse_space`, and its rules as a
+    JSON Schema (all but two that compare fields: ``high >= low``, and at most 1e12
+    grid points)."""
+
+    def __call__(self, _instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        try:
+            parse_space(value)
+        except ConfigError as exc:
+            problems = [(f"{attribute.name}.{path}", m) for path, m in exc.problems]
+            raise ConfigError(problems) from None
+
+    def json_schema(self) -> dict[str, Any]:
+        from bz._options import object_schema
+
+        ranged = {
+            "properties": {
+                "low": {"type": "number"},
+                "high": {"type": "number"},
+                "choices": _NULL,
+            },
+            "required": ["low", "high"],
+            "allOf": [
+                {"properties": {"step": {"anyOf": [_NULL, {"exclusiveMinimum": 0}]}}},
+                {  # log: true samples in log space: positive, and no grid
+                    "if": {"properties": {"log": {"const": True}}, "required": ["log"]},
+                    "then": {"properties": {"low": {"exclusiveMinimum": 0}, "step": _NULL}},
+                },
+                {  # an int dimension has whole bounds and step
+                    "if": {"properties": {"type": {"const": "int"}}},
+                    "then": {
+                        "properties": {
+                            key: {"anyOf": [_NULL, {"multipleOf": 1}]}
+                            for key in ("low", "high", "step")
+                        }
+                    },
+                },
+            ],
+        }
+        categorical = {
+            "properties": {"choices": _CHOICES, "low": _NULL, "high": _NULL, "step": _NULL},
+            "required": ["choices"],
+        }
+        dimension = {
+            **object_schema(SearchDimension),
+            "if": {"properties": {"type": {"const": "categorical"}}},
+            "then": categorical,
+            "else": ranged,
+        }
+        # A list is short for {"type": "categorical", "choices": [...]}.
+        return {"additionalProperties": {"anyOf": [_CHOICES, dimension]}}
+
+
+_check_space = _SearchSpace()
 
 
 @attrs.frozen
