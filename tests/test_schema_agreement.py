@@ -14,16 +14,20 @@ the same).
 from __future__ import annotations
 
 import functools
+import json
+import re
 from typing import Any
 
 import jsonschema
 import pytest
 import structlog
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests._config_strategies import any_documents, documents, places, valid_documents
 
 from bz._loader import Discovery, discover, load_plugins
+from bz.commands import cli
 from bz.commands.schema import bzconfig_schema
 from bz.config import ConfigError, RunConfig, structure
 from bz.metrics import build_metrics
@@ -101,3 +105,18 @@ def test_each_table_and_each_plugins_options_agree(place: str, data: st.DataObje
     cls, put = places()[place]
     document = put(data.draw(documents(cls, valid=False)))
     assert schema_accepts(document) == bz_accepts(document), _explain(document)
+
+
+_JSON_TYPE_WORD = re.compile(r'integer|number|string|boolean|null|object|array(\[.+\])?|".*"|any')
+
+
+def test_listings_name_types_in_json_schemas_words() -> None:
+    # list-plugins once said float/int/str where list-metrics said number/int/string.
+    runner = CliRunner()
+    plugins = json.loads(runner.invoke(cli, ["list-plugins", "--json"]).output)
+    metrics = json.loads(runner.invoke(cli, ["list-metrics", "--json"]).output)
+    listed = [o["type"] for entry in [*plugins, *metrics] for o in entry["options"] or ()]
+    assert {"integer", "number", "boolean", "string | null"} <= set(listed)
+    for listed_type in listed:
+        for word in listed_type.split(" | "):
+            assert _JSON_TYPE_WORD.fullmatch(word), listed_type
