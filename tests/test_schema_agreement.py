@@ -5,10 +5,14 @@ installed plugin's and metric's ``Config``: see ``tests/_config_strategies.py``)
 ones and near misses alike. "bz accepts" is what ``bz check-config`` accepts: the
 converter, then every metric built and every plugin's options read.
 
-Two rules of bz are beyond what this schema states, so the documents keep clear of them:
-a plugin or metric is listed at most once, and an ``integer`` is a JSON integer (JSON
-Schema also counts ``1.0`` as an integer; bz wants ``1``, so the validator here is told
-the same).
+Rules of bz beyond what JSON Schema can state, kept out of the documents or out of
+reach of the generator (docs/plugin-guide.md lists them for users):
+
+- a plugin or metric is listed at most once (names are drawn without repeats);
+- an ``integer`` is a JSON integer: JSON Schema also counts ``1.0``, bz wants ``1``, so
+  the validator here is told bz's rule;
+- rules comparing two fields (an ``optuna`` range's ``high >= low``, its 1e12 grid
+  points), which random search spaces practically never reach.
 """
 
 from __future__ import annotations
