@@ -182,6 +182,33 @@ def test_a_third_party_package_cannot_take_a_builtin_name() -> None:
     assert taken[0]["distribution"] == "fake-bz-metrics"
 
 
+def test_two_packages_registering_one_name_follow_the_plugin_rule(
+    installed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second distribution, "aa-metrics", also registers sample_count. It sorts before
+    # fake-bz-metrics, so it wins wherever it sits on sys.path (as for plugins).
+    other = installed / "elsewhere"
+    other.mkdir()
+    (other / "aa_metrics.py").write_text(
+        "from fake_bz_metrics import SampleCount\n\n\nclass Other(SampleCount):\n"
+        '    """Another sample counter."""\n'
+    )
+    info = other / "aa_metrics-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: aa-metrics\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[bz.metrics]\nsample_count = aa_metrics:Other\n")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(other)])
+    with structlog.testing.capture_logs() as events:
+        metrics = available_metrics()
+    assert metrics["sample_count"].source == "aa_metrics:Other"
+    assert metrics["sample_count"].distribution == "aa-metrics"
+    (taken,) = [
+        e for e in events if e["event"] == "metric_name_taken" and e["metric"] != "accuracy"
+    ]
+    assert taken["ignored"] == "fake_bz_metrics:SampleCount"
+    assert "the first distribution in alphabetical order is used" in taken["hint"]
+
+
 class TorchmetricsStyle:
     """The shape of a torchmetrics metric: update, compute, reset and nothing else."""
 

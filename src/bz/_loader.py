@@ -10,11 +10,14 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from importlib import metadata
 from typing import Any
 
 import attrs
 
+from bz._entry_points import Discovery as Discovery  # re-exported: _catalog names it
+from bz._entry_points import EntrySource
+from bz._entry_points import discover as discover_entries
+from bz._entry_points import duplicate_message as entry_duplicate_message
 from bz._errors import ConfigError, UsageError
 from bz._hooks import HOOK_NAMES
 from bz._logging import get_logger
@@ -33,7 +36,6 @@ from bz.config import (
 )
 
 ENTRY_POINT_GROUP = "bz.plugins"
-BUILTIN_DISTRIBUTION = "bz-cli"
 
 _log = get_logger("bz")
 
@@ -43,78 +45,21 @@ _NOT_HOOKS = frozenset(
     | {"load_config", "rank_zero_only", "order", "every_rank"}
 )
 
-
-@attrs.frozen
-class PluginSource:
-    """Where a plugin comes from: its entry point and the distribution that ships it."""
-
-    name: str
-    value: str
-    """``module:attribute``."""
-    distribution: str | None
-    version: str | None
-    entry_point: metadata.EntryPoint | None = attrs.field(eq=False, repr=False, default=None)
-
-    @property
-    def module(self) -> str:
-        """The module the entry point imports."""
-        return self.value.partition(":")[0]
-
-
-@attrs.frozen
-class Discovery:
-    """Every installed plugin by name, plus duplicated names (with the loser(s))."""
-
-    sources: dict[str, PluginSource]
-    duplicates: dict[str, tuple[PluginSource, ...]]
-    """name -> sources that were *not* chosen (the chosen one is in ``sources``)."""
-
-
-def _precedence(source: PluginSource) -> tuple[int, str]:
-    # bz's own plugins win, so a third-party package cannot silently replace
-    # console_out; among others, the distribution name decides (stable, explainable).
-    return (0 if source.distribution == BUILTIN_DISTRIBUTION else 1, source.distribution or "")
+PluginSource = EntrySource
+"""Where a plugin comes from (the shared :class:`bz._entry_points.EntrySource`)."""
 
 
 def discover() -> Discovery:
-    """Installed plugins, read from entry-point metadata (nothing is imported)."""
-    found: dict[str, list[PluginSource]] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist
-        source = PluginSource(
-            ep.name,
-            ep.value,
-            dist.metadata["Name"] if dist is not None else None,
-            dist.version if dist is not None else None,
-            ep,
-        )
-        known = found.setdefault(ep.name, [])
-        # The same distribution can be visible twice (e.g. an editable install next to
-        # a build tree); that is not a conflict.
-        if all(s.value != source.value or s.distribution != source.distribution for s in known):
-            known.append(source)
-    sources: dict[str, PluginSource] = {}
-    duplicates: dict[str, tuple[PluginSource, ...]] = {}
-    for name, candidates in sorted(found.items()):
-        ordered = sorted(candidates, key=_precedence)
-        sources[name] = ordered[0]
-        if len(ordered) > 1:
-            duplicates[name] = tuple(ordered[1:])
-    return Discovery(sources, duplicates)
+    """Installed plugins, read from entry-point metadata (nothing is imported).
+
+    Name clashes follow the one rule of :mod:`bz._entry_points`.
+    """
+    return discover_entries(ENTRY_POINT_GROUP)
 
 
 def duplicate_message(name: str, chosen: PluginSource, others: Sequence[PluginSource]) -> str:
     """Why one of several plugins with the same name is used."""
-    losers = ", ".join(f"{s.distribution} ({s.value})" for s in others)
-    reason = (
-        "bz's own plugins take precedence"
-        if chosen.distribution == BUILTIN_DISTRIBUTION
-        else ("the first distribution in alphabetical order is used")
-    )
-    return (
-        f"plugin name {name!r} is provided by {chosen.distribution} ({chosen.value}) "
-        f"and by {losers}; using {chosen.distribution}: {reason}"
-    )
+    return entry_duplicate_message("plugin", name, chosen, others)
 
 
 # -- inspecting a plugin -------------------------------------------------------------
@@ -360,10 +305,8 @@ def load_factory(source: PluginSource) -> Any:
     Raises :class:`PluginImportError` (the import failed; the message names the
     distribution and the original error) or :class:`NotAPluginError`.
     """
-    if source.entry_point is None:
-        raise PluginImportError(f"no entry point for {source.value}")
     try:
-        factory = source.entry_point.load()
+        factory = source.load()
     except Exception as exc:
         raise PluginImportError(
             f"{source.value} (from {_origin(source)}) failed to import: {describe_exception(exc)}"

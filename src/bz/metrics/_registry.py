@@ -1,22 +1,22 @@
 """Finding metrics (entry points in group ``bz.metrics``) and building them from the config.
 
 Built-in metrics are registered in bz's own ``pyproject.toml`` exactly as a third-party
-package would register its own, so there is one path. :data:`BUILTIN_METRICS` is the
-same table, used as a fallback when the installed metadata predates it (an editable
-install that was not refreshed) and to stop a third-party package from taking a
-built-in name.
+package would register its own, so there is one path; discovery and the rule for two
+packages registering one name are shared with plugins (:mod:`bz._entry_points`).
+:data:`BUILTIN_METRICS` is the same table, used as a fallback when the installed
+metadata predates it (an editable install that was not refreshed) and to build a config
+that names only built-ins without scanning every installed distribution.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from bz._entry_points import EntrySource, builtin_sources, discover, duplicate_message
 from bz._errors import ConfigError
 from bz._logging import get_logger
 from bz.config import nearest, structure
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from bz.config import MetricSpec
 
 __all__ = [
-    "BUILTIN_DISTRIBUTION",
     "BUILTIN_METRICS",
     "ENTRY_POINT_GROUP",
     "MetricInfo",
@@ -37,9 +36,6 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "bz.metrics"
 """The entry-point group metrics are discovered in."""
-
-BUILTIN_DISTRIBUTION = "bz-cli"
-"""The distribution that ships the built-in metrics."""
 
 BUILTIN_METRICS: Mapping[str, str] = {
     "accuracy": "bz.metrics:Accuracy",
@@ -113,7 +109,11 @@ def build_metrics(specs: Sequence[MetricSpec]) -> dict[str, Metric]:
     or to be created, and two metrics reporting under one name are all collected into
     one :class:`~bz.ConfigError` whose lines carry the JSON paths.
     """
-    entries = _entry_points() if _names_beyond_builtins(specs) else _builtin_entry_points()
+    entries = (
+        _entry_points()
+        if _names_beyond_builtins(specs)
+        else builtin_sources(ENTRY_POINT_GROUP, BUILTIN_METRICS)
+    )
     metrics: dict[str, Metric] = {}
     reported_at: dict[str, str] = {}
     problems: list[tuple[str, str]] = []
@@ -138,33 +138,26 @@ def build_metrics(specs: Sequence[MetricSpec]) -> dict[str, Metric]:
 # -- discovery ------------------------------------------------------------------------
 
 
-def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    """The entry points of group ``bz.metrics`` by name (built-ins always included)."""
-    found: dict[str, importlib.metadata.EntryPoint] = {}
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        owner = _owner(entry.name, found)
-        if owner is not None and owner != entry.value:
+def _entry_points() -> dict[str, EntrySource]:
+    """The metrics of group ``bz.metrics`` by name, sorted (built-ins always included).
+
+    Clashes follow the one rule of :mod:`bz._entry_points` (bz's own first, then the
+    distribution first in alphabetical order); each ignored entry is logged.
+    """
+    discovery = discover(ENTRY_POINT_GROUP, BUILTIN_METRICS)
+    for name, ignored in discovery.duplicates.items():
+        kept = discovery.sources[name]
+        hint = duplicate_message("metric", name, kept, ignored)
+        for loser in ignored:
             _logger.warning(
                 "metric_name_taken",
-                metric=entry.name,
-                ignored=entry.value,
-                distribution=_distribution_name(entry),
-                kept=owner,
+                metric=name,
+                ignored=loser.value,
+                distribution=loser.distribution,
+                kept=kept.value,
+                hint=hint,
             )
-            continue
-        # The same entry seen twice (stale metadata beside an editable install) is harmless.
-        found.setdefault(entry.name, entry)
-    for name, entry in _builtin_entry_points().items():
-        found.setdefault(name, entry)
-    return dict(sorted(found.items()))
-
-
-def _builtin_entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    """The built-ins' entry points, made without scanning the installed distributions."""
-    return {
-        name: importlib.metadata.EntryPoint(name, value, ENTRY_POINT_GROUP)
-        for name, value in BUILTIN_METRICS.items()
-    }
+    return discovery.sources
 
 
 def _names_beyond_builtins(specs: Sequence[MetricSpec]) -> bool:
@@ -173,42 +166,13 @@ def _names_beyond_builtins(specs: Sequence[MetricSpec]) -> bool:
     return any(spec.name not in BUILTIN_METRICS for spec in specs)
 
 
-def _owner(name: str, found: Mapping[str, importlib.metadata.EntryPoint]) -> str | None:
-    """The source that already owns ``name``: a built-in, or an entry point seen earlier."""
-    if name in BUILTIN_METRICS:
-        return BUILTIN_METRICS[name]
-    earlier = found.get(name)
-    return None if earlier is None else earlier.value
-
-
-def _distribution_name(entry: importlib.metadata.EntryPoint) -> str | None:
-    if entry.dist is not None:
-        return entry.dist.name
-    return BUILTIN_DISTRIBUTION if BUILTIN_METRICS.get(entry.name) == entry.value else None
-
-
-def _distribution_version(entry: importlib.metadata.EntryPoint) -> str | None:
-    if entry.dist is not None:
-        return entry.dist.version
-    return _builtin_version() if _distribution_name(entry) == BUILTIN_DISTRIBUTION else None
-
-
-@functools.cache
-def _builtin_version() -> str | None:
-    # Cached: looking a distribution up scans sys.path, and bz's own version is fixed.
-    try:
-        return importlib.metadata.version(BUILTIN_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _load(entry: importlib.metadata.EntryPoint) -> MetricInfo:
+def _load(entry: EntrySource) -> MetricInfo:
     """Import one entry point and check it can make metrics; failures become ``error``."""
     info = MetricInfo(
         name=entry.name,
         source=entry.value,
-        distribution=_distribution_name(entry),
-        version=_distribution_version(entry),
+        distribution=entry.distribution,
+        version=entry.version,
     )
     try:
         factory = entry.load()
@@ -247,9 +211,7 @@ def _default_path(index: int, spec: MetricSpec) -> str:
     return f"metrics[{index}].{spec.name}" if spec.options else f"metrics[{index}]"
 
 
-def _build_one(
-    spec: MetricSpec, path: str, entries: Mapping[str, importlib.metadata.EntryPoint]
-) -> Metric:
+def _build_one(spec: MetricSpec, path: str, entries: Mapping[str, EntrySource]) -> Metric:
     entry = entries.get(spec.name)
     if entry is None:
         raise ConfigError([(path, _unknown_name(spec.name, entries))])
