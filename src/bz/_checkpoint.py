@@ -25,7 +25,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -33,7 +33,6 @@ from typing import (
     Literal,
     NotRequired,
     TypedDict,
-    TypeVar,
     cast,
     overload,
 )
@@ -44,9 +43,6 @@ import torch
 from bz._logging import get_logger
 
 if TYPE_CHECKING:
-    from bz._context import PluginContext
-    from bz._plugin import NamedPlugin
-    from bz._sandbox import PluginSet
     from bz._setup import TrainingSetup
     from bz.config import RunConfig
 
@@ -118,9 +114,6 @@ class CheckpointPayload(ModelPayload):
     """``torch.amp.GradScaler`` state under ``precision: 16-mixed``."""
     plugins: NotRequired[dict[str, Any]]
     """Each stateful plugin's ``state_dict()``, by plugin name."""
-
-
-T = TypeVar("T")
 
 
 # -- the run signature -----------------------------------------------------------------
@@ -462,28 +455,3 @@ def is_finished(payload: Mapping[str, Any], epochs: int, max_steps: int | None =
         or int(payload["epoch"]) >= epochs
         or (max_steps is not None and int(payload["global_step"]) >= max_steps)
     )
-
-
-# -- plugin states inside the sandbox ---------------------------------------------------------
-
-
-def guarded(
-    plugins: PluginSet,
-    plugin: NamedPlugin,
-    stage: str,
-    context: PluginContext,
-    action: Callable[[], T],
-) -> T | None:
-    """Run a plugin's ``state_dict`` / ``load_state_dict`` inside the sandbox boundary.
-
-    These are not hooks, so :meth:`PluginSet.call` cannot run them; a failure is
-    handled exactly like a hook's (logged once, plugin quarantined, or raised under
-    the ``raise`` policy). Returns None when the plugin failed.
-    """
-    try:
-        return action()
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # like a hook's: everything but Ctrl-C is the plugin's
-        plugins.quarantine(plugin, stage, exc, context)
-        return None

@@ -77,3 +77,9 @@ def training_context(exc: BaseException) -> str | None:
     """``training failed at epoch E, step S`` when bz attached it to ``exc``, else None."""
     summary = getattr(exc, _CONTEXT_ATTRIBUTE, None)
     return summary if isinstance(summary, str) else None
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``ExceptionType: message`` (the message may be empty): a failure in one line."""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

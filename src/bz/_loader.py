@@ -18,12 +18,12 @@ from bz._entry_points import Discovery as Discovery  # re-exported: _catalog nam
 from bz._entry_points import EntrySource
 from bz._entry_points import discover as discover_entries
 from bz._entry_points import duplicate_message as entry_duplicate_message
-from bz._errors import ConfigError, UsageError
+from bz._errors import ConfigError, UsageError, describe_exception
 from bz._hooks import HOOK_NAMES
 from bz._logging import get_logger
 from bz._order import plugin_order, sort_plugins
 from bz._plugin import NamedPlugin, Plugin
-from bz._sandbox import ErrorPolicy, PluginFault, PluginSet, boundary, describe_exception
+from bz._sandbox import ErrorPolicy, PluginFault, PluginSet, boundary
 from bz._typing import HOOK_MARKER
 from bz.config import (
     PluginSpec,

@@ -21,12 +21,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import attrs
 
 from bz._context import LoopView, PluginContext
 from bz._errors import BzError, TrainingError
+from bz._errors import describe_exception as describe_exception  # its old home; _catalog
 from bz._fence import RandomFence, random_fence
 from bz._hooks import HOOK_NAMES
 from bz._logging import get_logger
@@ -91,12 +92,6 @@ class PluginReport:
     fault: PluginFault | None
 
 
-def describe_exception(exc: BaseException) -> str:
-    """``ExceptionType: message`` (the message may be empty)."""
-    message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
 class _Slot:
     """A plugin's bookkeeping: mutated in place on the hot path, so no allocation."""
 
@@ -112,6 +107,8 @@ class _Slot:
         self.dormant = False
         """True on ranks where the plugin does not run (see ``PluginSet.for_rank``)."""
 
+
+T = TypeVar("T")
 
 _Entry = tuple[_Slot, Callable[["PluginContext"], object]]
 
@@ -401,3 +398,28 @@ class boundary:  # used like a function: `with boundary(...):`
         self._faults.append(fault)
         log_fault(fault, exc)
         return True
+
+
+# -- plugin states inside the sandbox ---------------------------------------------------------
+
+
+def guarded(
+    plugins: PluginSet,
+    plugin: NamedPlugin,
+    stage: str,
+    context: PluginContext,
+    action: Callable[[], T],
+) -> T | None:
+    """Run a plugin's ``state_dict`` / ``load_state_dict`` inside the sandbox boundary.
+
+    These are not hooks, so :meth:`PluginSet.call` cannot run them; a failure is
+    handled exactly like a hook's (logged once, plugin quarantined, or raised under
+    the ``raise`` policy). Returns None when the plugin failed.
+    """
+    try:
+        return action()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # like a hook's: everything but Ctrl-C is the plugin's
+        plugins.quarantine(plugin, stage, exc, context)
+        return None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from bz._errors import TrainingError, UsageError
+from bz._errors import TrainingError, UsageError, describe_exception
 
 if TYPE_CHECKING:
     import torch
@@ -139,7 +139,5 @@ def user_frame(exc: BaseException, path: Path | None = None) -> str:
             chosen = frame
     if chosen is None and frames:
         chosen = frames[-1]
-    from bz._sandbox import describe_exception
-
     location = f"{chosen.filename}:{chosen.lineno}: " if chosen else ""
     return f"{location}{describe_exception(exc)}"

@@ -24,7 +24,6 @@ from bz._checkpoint import (
     ModelPayload,
     RngStates,
     checkpoint_name,
-    guarded,
     is_finished,
     list_entries,
     loadable_problem,
@@ -36,7 +35,7 @@ from bz._errors import TrainingError, UsageError
 from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
 from bz._rng import capture_rng
-from bz._sandbox import describe_exception
+from bz._sandbox import describe_exception, guarded
 from bz.training.result import FitResult
 
 if TYPE_CHECKING:
