@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bz
+from bz._sandbox import PluginSet
 from bz.config import MetricSpec
 from bz.metrics import build_metrics
 from bz.plugins import HOOK_NAMES, HOOKS, PluginContext
@@ -475,7 +476,7 @@ def dispatch_cost(plugins: int, number: int = 20_000, repeats: int = 15) -> floa
     The fastest of ``repeats`` timings of ``number`` calls: unlike a whole training run,
     this is the sandbox alone, and the fastest timing is the least disturbed one.
     """
-    plugin_set = bz.PluginSet([(NoOpPlugin(i), HOOK_NAMES) for i in range(plugins)])
+    plugin_set = PluginSet([(NoOpPlugin(i), HOOK_NAMES) for i in range(plugins)])
     call, context = plugin_set.call, PluginContext()
     timings = timeit.repeat(lambda: call("after_backward", context), number=number, repeat=repeats)
     return min(timings) / number * 1e6
@@ -841,7 +842,7 @@ def metric_update_costs(workload: Workload, number: int = 2000, rounds: int = 15
     No model, no loop: the same (N, C) scores and targets fed to each update, the
     fastest of 3 timings per round, the median over rounds that alternate.
     """
-    from bz.metrics import batch_update
+    from bz.metrics._fused import batch_update
 
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(workload.batch_size, workload.classes, generator=generator)

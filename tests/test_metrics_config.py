@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from bz._errors import ConfigError
 from bz.config import MetricSpec, RunConfig, structure
 from bz.metrics import (
-    BUILTIN_METRICS,
     Accuracy,
     F1Score,
     Metric,
@@ -22,6 +21,7 @@ from bz.metrics import (
     available_metrics,
     build_metrics,
 )
+from bz.metrics._registry import BUILTIN_METRICS
 
 
 def build(entries: list[Any]) -> dict[str, Metric]:

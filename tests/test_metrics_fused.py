@@ -37,9 +37,9 @@ from bz.metrics import (
     Precision,
     Recall,
     TopKAccuracy,
-    batch_update,
     reduce_across_processes,
 )
+from bz.metrics._fused import batch_update
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -301,7 +301,8 @@ def test_a_plugin_declared_after_early_stopping_sees_its_decision() -> None:
     config = RunConfig(epochs=5, plugins=specs)
     plugins = load_plugins(config.plugins, config, registry={"reporter": Reporter})
     assert plugins.active_names == ["early_stopping", "reporter"]
-    result = bz.Trainer().fit(tiny_setup(), config, plugins)
+    # Trainer.fit takes plugin objects (PluginSet is not public): the loaded ones.
+    result = bz.Trainer().fit(tiny_setup(), config, plugins.active)
     assert result.stopped_early
     assert decisions[-1] is True
 

@@ -1,5 +1,10 @@
 """bz: a strictly typed PyTorch training loop with sandboxed plugins.
 
+The names here are for people who train (``train.py``, ``bz.run``) and who embed bz
+(``Trainer``, its results, the errors to catch). Plugin authors import from
+:mod:`bz.plugins` and :mod:`bz.testing`; DEVELOPERS.md ("Public surface") says who
+each public name is for, and ``test_public_surface.py`` pins the list.
+
 Importing ``bz`` is cheap and silent: torch is imported when training starts, and
 logging is left to the application (``bz train`` configures it for the command line).
 """
@@ -16,9 +21,8 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from bz._order import OrderCycleError
     from bz._run import run
-    from bz._sandbox import PluginFailure, PluginFault, PluginReport, PluginSet
+    from bz._sandbox import PluginFailure, PluginFault, PluginReport
     from bz._setup import TrainingSetup
-    from bz._tune import tune
     from bz.training.device import seed_everything
     from bz.training.guards import NonFiniteLoss
     from bz.training.interrupts import TrainingInterrupted
@@ -33,13 +37,11 @@ _LAZY = {
     "TrainingInterrupted": "bz.training.interrupts",
     "NonFiniteLoss": "bz.training.guards",
     "TrainingSetup": "bz._setup",
-    "PluginSet": "bz._sandbox",
     "PluginFault": "bz._sandbox",
     "PluginFailure": "bz._sandbox",
     "OrderCycleError": "bz._order",
     "PluginReport": "bz._sandbox",
     "run": "bz._run",
-    "tune": "bz._tune",
 }
 
 
@@ -68,7 +70,6 @@ __all__ = [
     "PluginFailure",
     "PluginFault",
     "PluginReport",
-    "PluginSet",
     "RunConfig",
     "Trainer",
     "TrainingError",
@@ -79,5 +80,4 @@ __all__ = [
     "load_config",
     "run",
     "seed_everything",
-    "tune",
 ]

@@ -14,7 +14,8 @@ from typing import Any, NewType, TypeVar
 import attrs
 
 
-def _show(value: Any) -> str:
+def quote_value(value: Any) -> str:
+    # A bad value as the user wrote it in JSON ("abc", null, 3.5); repr if not JSON.
     try:
         return json.dumps(value)
     except (TypeError, ValueError):
@@ -104,7 +105,7 @@ class _DeviceName:
         if isinstance(value, str) and not self.pattern.fullmatch(value):
             raise ConfigValueError(
                 attribute.name,
-                f'expected "auto", "cpu", "cuda", "cuda:N" or "mps", got {_show(value)}',
+                f'expected "auto", "cpu", "cuda", "cuda:N" or "mps", got {quote_value(value)}',
             )
 
     def json_schema(self) -> dict[str, Any]:
@@ -153,16 +154,16 @@ def parse_seconds(value: object) -> Seconds:
     """A duration from a number of seconds or an ``"[D:]HH:MM:SS"`` string."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not value >= 0 or value == float("inf"):
-            raise ValueError(f"expected a finite number of seconds >= 0, got {_show(value)}")
+            raise ValueError(f"expected a finite number of seconds >= 0, got {quote_value(value)}")
         return Seconds(float(value))
     if isinstance(value, str):
         match = _CLOCK.match(value)
         if match is None:
-            raise ValueError(f'expected seconds or "HH:MM:SS", got {_show(value)}')
+            raise ValueError(f'expected seconds or "HH:MM:SS", got {quote_value(value)}')
         days, hours, minutes, seconds = match.groups()
         total = ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60 + float(seconds)
         return Seconds(total)
-    raise TypeError(f'expected seconds or "HH:MM:SS", got {_show(value)}')
+    raise TypeError(f'expected seconds or "HH:MM:SS", got {quote_value(value)}')
 
 
 def _optional_seconds(field: str, value: float | str | None) -> Seconds | None:
@@ -226,7 +227,7 @@ def _specs(kind: type[SpecT], key: str, value: object) -> tuple[SpecT, ...]:
     """
     accepted = f"a list of names, {{name: {{options}}}} or {kind.__name__} objects"
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise TypeError(f"RunConfig({key}=...) takes {accepted}, got {_show(value)}")
+        raise TypeError(f"RunConfig({key}=...) takes {accepted}, got {quote_value(value)}")
     specs: list[SpecT] = []
     for index, item in enumerate(value):
         path = f"{key}[{index}]"
@@ -243,7 +244,7 @@ def _specs(kind: type[SpecT], key: str, value: object) -> tuple[SpecT, ...]:
             specs.append(kind(name, dict(item[name] or {}), f"{path}.{name}"))
         else:
             raise TypeError(
-                f"RunConfig({key}=...): {path} is {_show(item)}; expected "
+                f"RunConfig({key}=...): {path} is {quote_value(item)}; expected "
                 f'"name", {{"name": {{options}}}} or a {kind.__name__}'
             )
     return tuple(specs)

@@ -24,8 +24,8 @@ from bz._config_values import (
     MetricSpec,
     PluginSpec,
     Seconds,
-    _show,
     parse_seconds,
+    quote_value,
 )
 from bz._errors import ConfigError
 
@@ -37,9 +37,9 @@ T = TypeVar("T")
 def _strict_scalar(kind: type, label: str, accepts: tuple[type, ...]) -> Callable[[Any, Any], Any]:
     def hook(value: Any, _type: Any) -> Any:
         if isinstance(value, bool) and bool not in accepts:
-            raise TypeError(f"expected {label}, got {_show(value)}")
+            raise TypeError(f"expected {label}, got {quote_value(value)}")
         if not isinstance(value, accepts):
-            raise TypeError(f"expected {label}, got {_show(value)}")
+            raise TypeError(f"expected {label}, got {quote_value(value)}")
         return kind(value)
 
     return hook
@@ -49,8 +49,8 @@ def _literal_hook(value: Any, literal: Any) -> Any:
     allowed = typing.get_args(literal)
     if value in allowed and type(value) in {type(a) for a in allowed}:
         return value
-    choices = ", ".join(_show(a) for a in allowed)
-    message = f"expected one of {choices}, got {_show(value)}"
+    choices = ", ".join(quote_value(a) for a in allowed)
+    message = f"expected one of {choices}, got {quote_value(value)}"
     if isinstance(value, str):
         hint = nearest(value, [a for a in allowed if isinstance(a, str)])
         if hint:
@@ -60,7 +60,7 @@ def _literal_hook(value: Any, literal: Any) -> Any:
 
 def _entries(value: Any, key: str, kind: str) -> Iterator[tuple[str, Mapping[str, Any], str]]:
     if not isinstance(value, list):
-        raise ConfigError([("", f"expected a list, got {_show(value)}")])
+        raise ConfigError([("", f"expected a list, got {quote_value(value)}")])
     # Problems carry paths relative to the list (the error walker prefixes the key);
     # specs carry absolute paths so later errors (plugin options) can name them.
     problems: list[tuple[str, str]] = []
@@ -74,14 +74,17 @@ def _entries(value: Any, key: str, kind: str) -> Iterator[tuple[str, Mapping[str
                 options = {}
             if not isinstance(options, dict):
                 problems.append(
-                    (f"[{index}].{name}", f"expected an object of options, got {_show(options)}")
+                    (
+                        f"[{index}].{name}",
+                        f"expected an object of options, got {quote_value(options)}",
+                    )
                 )
                 continue
             switch = options.get("enabled", True)
             if key == "plugins" and not isinstance(switch, bool):
                 # Read as "is not False", "enabled": "false" would have left it on.
                 problems.append(
-                    (f"[{index}].{name}.enabled", f"expected true or false, got {_show(switch)}")
+                    (f"[{index}].{name}.enabled", f"expected true or false, got {quote_value(switch)}")
                 )
                 continue
             yield name, options, f"{path}.{name}"
@@ -89,7 +92,7 @@ def _entries(value: Any, key: str, kind: str) -> Iterator[tuple[str, Mapping[str
             problems.append(
                 (
                     f"[{index}]",
-                    f'expected "{kind}" or {{"{kind}": {{...options}}}}, got {_show(item)}',
+                    f'expected "{kind}" or {{"{kind}": {{...options}}}}, got {quote_value(item)}',
                 )
             )
     if problems:
@@ -116,7 +119,7 @@ def _unstructure_specs(specs: tuple[PluginSpec | MetricSpec, ...]) -> list[Any]:
 
 def _json_object(value: Any, _type: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise TypeError(f"expected an object, got {_show(value)}")
+        raise TypeError(f"expected an object, got {quote_value(value)}")
     return dict(value)
 
 
@@ -135,7 +138,7 @@ def _objects_only(conv: cattrs.Converter) -> Callable[[type], Callable[[Any, Any
 
         def hook(value: Any, _type: Any) -> Any:
             if not isinstance(value, dict):
-                raise TypeError(f"expected an object, got {_show(value)}")
+                raise TypeError(f"expected an object, got {quote_value(value)}")
             return structure_fields(value, cls)
 
         return hook
@@ -166,7 +169,7 @@ def _arrays_only(conv: cattrs.Converter) -> Callable[[Any], Callable[[Any, Any],
         def hook(value: Any, kind: Any) -> Any:
             # A tuple is what Python callers (and unstructure) may hand over.
             if not isinstance(value, list | tuple):
-                raise TypeError(f"expected a list, got {_show(value)}")
+                raise TypeError(f"expected a list, got {quote_value(value)}")
             return items(value, kind)
 
         return hook
@@ -299,7 +302,7 @@ def _attrs_validator_message(exc: ValueError) -> dict[str, str] | None:
 def structure(data: Any, cls: type[T], path: str = "") -> T:
     """Structure JSON ``data`` into ``cls``; raise :class:`ConfigError` with JSON paths."""
     if attrs.has(cls) and not isinstance(data, dict):
-        raise ConfigError([(path, f"expected an object, got {_show(data)}")])
+        raise ConfigError([(path, f"expected an object, got {quote_value(data)}")])
     try:
         return converter.structure(data, cls)
     except ConfigError as exc:

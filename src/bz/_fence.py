@@ -11,9 +11,10 @@ always; for Python's and NumPy's Mersenne Twisters, four integer reads from the 
 generator (its index and two words, which change whenever the words are regenerated),
 and the 2.5 KB copy only when a plugin really drew or the loop's own draws regenerated
 the words since the last copy. Reading those generators through their public
-``getstate()`` would cost 9-37 µs per call; the layout they are read through is checked
-against ``getstate()`` once, and where it does not match (another Python
-implementation, another NumPy), the fence falls back to ``getstate``/``setstate``.
+``getstate()`` costs far more (docs/performance.md, "What keeps the loop cheap"); the
+layout they are read through is checked against ``getstate()`` once, and where it does
+not match (another Python implementation, another NumPy), the fence falls back to
+``getstate``/``setstate``.
 
 :func:`random_fence` builds the fence once per run: the flat :class:`_FastFence` for the
 common case (torch on CPU, both twisters readable in place), :class:`_GenericFence`

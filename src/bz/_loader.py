@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from bz._converter import converter, input_error_types, nearest
 from bz._entry_points import Discovery as Discovery  # re-exported: _catalog names it
 from bz._entry_points import EntrySource
 from bz._entry_points import discover as discover_entries
@@ -23,17 +24,9 @@ from bz._hooks import HOOK_NAMES
 from bz._logging import get_logger
 from bz._order import plugin_order, sort_plugins
 from bz._plugin import NamedPlugin, Plugin
-from bz._sandbox import ErrorPolicy, PluginFault, PluginSet, boundary
+from bz._sandbox import ErrorPolicy, LoadBoundary, PluginFault, PluginSet
 from bz._typing import HOOK_MARKER
-from bz.config import (
-    PluginSpec,
-    RunConfig,
-    converter,
-    input_error_types,
-    nearest,
-    structure,
-    unstructure,
-)
+from bz.config import PluginSpec, RunConfig, structure, unstructure
 
 ENTRY_POINT_GROUP = "bz.plugins"
 
@@ -211,17 +204,17 @@ def _create(
     create = getattr(factory, "create", None)
     if callable(create):
         # The plugin guide's style: create(config_data, training_config) -> plugin | None.
-        with boundary(spec.name, "create", policy, faults):
+        with LoadBoundary(spec.name, "create", policy, faults):
             created: NamedPlugin | None = create(options, run_config)
             return created
         return None
     options.pop("enabled", None)
     config_cls = config_class(factory)
     if config_cls is not None:
-        with boundary(spec.name, "config", policy, faults):
+        with LoadBoundary(spec.name, "config", policy, faults):
             check_defaults(config_cls)
             config: object = structure(options, config_cls, options_path(spec))
-            with boundary(spec.name, "create", policy, faults):
+            with LoadBoundary(spec.name, "create", policy, faults):
                 plugin: NamedPlugin = factory(config)
                 return plugin
         return None
@@ -230,7 +223,7 @@ def _create(
         raise ConfigError(
             [(options_path(spec), f"plugin {spec.name!r} takes no options (got {keys})")]
         )
-    with boundary(spec.name, "create", policy, faults):
+    with LoadBoundary(spec.name, "create", policy, faults):
         made: NamedPlugin = factory()
         return made
     return None
@@ -286,7 +279,7 @@ def load_plugins(
         plugin = _create(factory, spec, run_config, faults, policy)
         if plugin is None:
             continue
-        with boundary(spec.name, "load", policy, faults):
+        with LoadBoundary(spec.name, "load", policy, faults):
             loaded.append((plugin, check_plugin(spec.name, plugin)))
     return PluginSet(in_run_order(loaded), policy, faults)
 
@@ -340,7 +333,7 @@ def _origin(source: PluginSource) -> str:
 
 
 def _import(source: PluginSource, policy: ErrorPolicy, faults: list[PluginFault]) -> Any:
-    with boundary(source.name, "import", policy, faults):
+    with LoadBoundary(source.name, "import", policy, faults):
         return load_factory(source)
     return None
 
@@ -360,7 +353,7 @@ def plugin_set(plugins: Sequence[NamedPlugin], policy: ErrorPolicy = "isolate") 
     loaded = []
     for plugin in plugins:
         name = str(getattr(plugin, "name", type(plugin).__name__))
-        with boundary(name, "load", policy, faults):
+        with LoadBoundary(name, "load", policy, faults):
             loaded.append((plugin, check_plugin(name, plugin)))
     names = [p.name for p, _ in loaded]
     if len(set(names)) != len(names):

@@ -190,7 +190,7 @@ class PluginSet:
         entries = self._table[hook]
         if not entries:
             return
-        view = self._view if context is self._shown else self._show(context)
+        view = self._view if context is self._shown else self._view_for(context)
         fence = self._fence or self._new_fence()
         mark = fence.mark()
         # Grad mode is global: a plugin that turns it off (and fails, or forgets to turn
@@ -224,7 +224,7 @@ class PluginSet:
             if grad_mode is not None and grad_mode() is not grad:
                 _set_grad_mode(grad)
 
-    def _show(self, context: PluginContext) -> PluginContext:
+    def _view_for(self, context: PluginContext) -> PluginContext:
         # A new context (a new run, or a test's own): plugins see it through a read-only
         # view; the view is kept, so plugins holding it across hooks keep a live one.
         self._shown = context
@@ -364,7 +364,7 @@ def log_fault(fault: PluginFault, exc: BaseException) -> None:
     )
 
 
-class boundary:  # used like a function: `with boundary(...):`
+class LoadBoundary:
     """The same boundary for loading: import, config structuring, ``create``.
 
     A fault is appended to ``faults`` and logged (``isolate``), and the ``with`` block

@@ -22,32 +22,22 @@ from bz._config_values import (
     MetricSpec,
     PluginSpec,
     Seconds,
-    SpecEntry,
     _check_device,
     _checkpoint_seconds,
     _max_time,
     at_least,
     between,
     metric_specs,
-    parse_seconds,
     plugin_specs,
 )
-from bz._converter import (
-    config_fields,
-    converter,
-    input_error_types,
-    nearest,
-    structure,
-    unstructure,
-)
+from bz._converter import nearest as nearest  # not public; cli.py imports it from here
+from bz._converter import structure, unstructure
 from bz._errors import ConfigError
 from bz._typecheck import check_field_types
 
 __all__ = [
     "CONFIG_ENV_VAR",
     "DEFAULT_CONFIG_FILE",
-    "SEED_MAX",
-    "SEED_MIN",
     "ConfigError",
     "ConfigValueError",
     "DistributedConfig",
@@ -56,18 +46,10 @@ __all__ = [
     "PluginSpec",
     "RunConfig",
     "Seconds",
-    "SpecEntry",
     "at_least",
     "between",
-    "config_fields",
-    "converter",
     "find_config_file",
-    "input_error_types",
     "load_config",
-    "metric_specs",
-    "nearest",
-    "parse_seconds",
-    "plugin_specs",
     "structure",
     "unstructure",
 ]

@@ -34,9 +34,10 @@ from structlog.testing import capture_logs
 from torch import nn
 
 from bz._context import PluginContext
+from bz._converter import nearest
 from bz._loader import check_plugin as _check_plugin
 from bz._setup import TrainingSetup
-from bz.config import RunConfig, nearest, structure
+from bz.config import RunConfig, structure
 from bz.training.trainer import FitResult, Trainer
 
 if TYPE_CHECKING:

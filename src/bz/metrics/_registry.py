@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from bz._converter import nearest
 from bz._entry_points import EntrySource, builtin_sources, discover, duplicate_message
 from bz._errors import ConfigError
 from bz._logging import get_logger
-from bz.config import nearest, structure
+from bz.config import structure
 from bz.metrics._options import MetricOption, describe_options
 from bz.metrics._protocol import Metric
 

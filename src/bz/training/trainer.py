@@ -40,7 +40,7 @@ class Trainer:
         self,
         setup: TrainingSetup,
         config: RunConfig | None = None,
-        plugins: Sequence[NamedPlugin] | PluginSet = (),
+        plugins: Sequence[NamedPlugin] = (),
         *,
         metrics: Mapping[str, Metric] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
