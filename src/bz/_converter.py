@@ -84,7 +84,10 @@ def _entries(value: Any, key: str, kind: str) -> Iterator[tuple[str, Mapping[str
             if key == "plugins" and not isinstance(switch, bool):
                 # Read as "is not False", "enabled": "false" would have left it on.
                 problems.append(
-                    (f"[{index}].{name}.enabled", f"expected true or false, got {quote_value(switch)}")
+                    (
+                        f"[{index}].{name}.enabled",
+                        f"expected true or false, got {quote_value(switch)}",
+                    )
                 )
                 continue
             yield name, options, f"{path}.{name}"
