@@ -106,9 +106,6 @@ PUBLIC: dict[str, set[str]] = {
     },
 }
 
-# Kept importable (not in __all__) because a caller still names them there; not public.
-PRIVATE_ALIASES = {("bz.config", "nearest")}
-
 
 @pytest.mark.parametrize("module", sorted(PUBLIC))
 def test_all_is_the_decided_surface(module: str) -> None:
@@ -122,13 +119,6 @@ def test_every_public_name_resolves_and_is_documented(module: str, name: str) ->
     value = getattr(importlib.import_module(module), name)
     if inspect.isclass(value) or inspect.isfunction(value):
         assert inspect.getdoc(value), f"{module}.{name} has no docstring"
-
-
-@pytest.mark.parametrize(("module", "name"), sorted(PRIVATE_ALIASES))
-def test_private_aliases_stay_out_of_all(module: str, name: str) -> None:
-    imported = importlib.import_module(module)
-    assert hasattr(imported, name)
-    assert name not in imported.__all__
 
 
 @pytest.mark.parametrize("name", ["PluginSet", "tune"])

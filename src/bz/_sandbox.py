@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import attrs
 
 from bz._context import LoopView, PluginContext
-from bz._errors import BzError, TrainingError
-from bz._errors import describe_exception as describe_exception  # its old home; _catalog
+from bz._errors import BzError, TrainingError, describe_exception
 from bz._fence import RandomFence, random_fence
 from bz._hooks import HOOK_NAMES
 from bz._logging import get_logger

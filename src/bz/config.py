@@ -30,7 +30,6 @@ from bz._config_values import (
     metric_specs,
     plugin_specs,
 )
-from bz._converter import nearest as nearest  # not public; cli.py imports it from here
 from bz._converter import structure, unstructure
 from bz._errors import ConfigError
 from bz._typecheck import check_field_types

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import click
 
-from bz._errors import UsageError
+from bz._errors import UsageError, describe_exception
 from bz._hooks import HOOK_NAMES
 from bz._loader import (
     Discovery,
@@ -27,7 +27,6 @@ from bz._loader import (
 )
 from bz._options import describe_fields, value_type_name
 from bz._plugin import Plugin
-from bz._sandbox import describe_exception
 from bz.config import unstructure
 
 
@@ -202,7 +201,7 @@ def describe_all(*, load: bool, discovery: Discovery | None = None) -> list[Plug
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (implies verbose).")
 def list_plugins(name: str | None, verbose: bool, as_json: bool) -> None:
     """List installed plugins (entry-point group bz.plugins)."""
-    from bz.config import nearest
+    from bz._converter import nearest
 
     described = describe_all(load=verbose or as_json or name is not None)
     if name is not None:

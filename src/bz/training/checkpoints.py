@@ -31,11 +31,11 @@ from bz._checkpoint import (
 )
 from bz._checkpoint_store import CheckpointStore, RunLocked, writable_problem
 from bz._distributed import sum_across
-from bz._errors import TrainingError, UsageError
+from bz._errors import TrainingError, UsageError, describe_exception
 from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
 from bz._rng import capture_rng
-from bz._sandbox import describe_exception, guarded
+from bz._sandbox import guarded
 from bz.training.result import FitResult
 
 if TYPE_CHECKING:

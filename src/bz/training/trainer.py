@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bz._errors import describe_exception
 from bz._loader import plugin_set
 from bz._logging import get_logger
-from bz._sandbox import PluginSet, describe_exception
+from bz._sandbox import PluginSet
 from bz.config import RunConfig
 from bz.training.device import seed_everything
 from bz.training.interrupts import TrainingInterrupted
