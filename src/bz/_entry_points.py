@@ -16,7 +16,7 @@ clash. Discovery reads metadata only; nothing is imported until :meth:`EntrySour
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "Discovery",
     "EntrySource",
     "builtin_sources",
+    "choose",
     "discover",
     "duplicate_message",
 ]
@@ -82,20 +83,23 @@ def discover(group: str, builtins: Mapping[str, str] | None = None) -> Discovery
     registered by :data:`BUILTIN_DISTRIBUTION` even when the installed metadata predates
     them (an editable install that was not refreshed).
     """
-    found: dict[str, list[EntrySource]] = {}
-    for entry in metadata.entry_points(group=group):
-        dist = entry.dist
-        _add(
-            found,
-            EntrySource(
-                entry.name,
-                entry.value,
-                dist.metadata["Name"] if dist is not None else None,
-                dist.version if dist is not None else None,
-                entry,
-            ),
+    installed = [
+        EntrySource(
+            entry.name,
+            entry.value,
+            entry.dist.metadata["Name"] if entry.dist is not None else None,
+            entry.dist.version if entry.dist is not None else None,
+            entry,
         )
-    for source in builtin_sources(group, builtins or {}).values():
+        for entry in metadata.entry_points(group=group)
+    ]
+    return choose([*installed, *builtin_sources(group, builtins or {}).values()])
+
+
+def choose(candidates: Iterable[EntrySource]) -> Discovery:
+    """One source per name, by the rule above; the others are kept as duplicates."""
+    found: dict[str, list[EntrySource]] = {}
+    for source in candidates:
         _add(found, source)
     sources: dict[str, EntrySource] = {}
     duplicates: dict[str, tuple[EntrySource, ...]] = {}
