@@ -112,6 +112,13 @@ def _json_object(value: Any, _type: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _names(value: Any, _type: Any) -> tuple[str, ...]:
+    # cattrs would read a bare string as a sequence of one-letter names.
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"expected a list of strings, got {_show(value)}")
+    return tuple(value)
+
+
 def _is_literal(annotation: Any) -> bool:
     origin: object = typing.get_origin(annotation)
     return origin is Literal
@@ -145,6 +152,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(Seconds, lambda value, _type: parse_seconds(value))
     conv.register_structure_hook_func(_is_literal, _literal_hook)
     conv.register_structure_hook_func(lambda t: t == dict[str, Any], _json_object)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _names)
     conv.register_structure_hook_func(lambda t: t == tuple[PluginSpec, ...], _structure_plugins)
     conv.register_structure_hook_func(lambda t: t == tuple[MetricSpec, ...], _structure_metrics)
     conv.register_unstructure_hook_func(

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 
+from bz._async_writer import BackgroundWriter, cpu_copy
 from bz._checkpoint import (
     FINAL_MODEL,
     FORMAT,
@@ -92,6 +93,13 @@ class CheckpointPolicy:
         # step). A final model written at that step carries its batches too (a run
         # ended mid-epoch, or finished where a mid-epoch checkpoint left it).
         self._position = (0, 0, 0)
+        self.fsdp = run.config.distributed.strategy == "fsdp"
+        """The model is sharded: checkpoints are too, and the final weights are gathered."""
+        self._writer: BackgroundWriter[Path | None] | None = (
+            BackgroundWriter() if run.config.checkpoint_async else None
+        )
+        self.async_group: Any = None
+        """The process group of background sharded writes (set when the group is joined)."""
 
     @property
     def saving(self) -> bool:
@@ -152,6 +160,7 @@ class CheckpointPolicy:
 
     def close(self) -> None:
         """Let the next process write this run (the end of every ``fit``, however it ends)."""
+        self.settle()
         if self.store is not None:
             self.store.unlock()
 
@@ -194,7 +203,12 @@ class CheckpointPolicy:
         assert self.store is not None  # a checkpoint was found in it
         final = self.store.final(self.signature, payload["global_step"])
         if final is not None:
-            run.model.load_state_dict(final[1]["model"])
+            if self.fsdp:
+                from bz.training.fsdp import load_full_weights
+
+                load_full_weights(run.model, final[1]["model"])
+            else:
+                run.model.load_state_dict(final[1]["model"])
             self.final_model = final[0]
         _log.info(
             "already_complete",
@@ -230,8 +244,13 @@ class CheckpointPolicy:
         run = self.run
         setup = run.setup
         try:
-            run.model.load_state_dict(payload["model"])
-            setup.optimizer.load_state_dict(payload["optimizer"])
+            if payload.get("sharded"):
+                from bz._checkpoint_sharded import load_shards
+
+                load_shards(path, run.model, setup.optimizer)
+            else:
+                run.model.load_state_dict(payload["model"])
+                setup.optimizer.load_state_dict(payload["optimizer"])
             scheduler_state = payload.get("scheduler")
             if scheduler_state is not None and hasattr(setup.scheduler, "state_dict"):
                 setup.scheduler.load_state_dict(scheduler_state)
@@ -301,16 +320,61 @@ class CheckpointPolicy:
     # -- saving --------------------------------------------------------------------
 
     def save(self, epoch: int, batch: int, *, stopped: bool = False) -> None:
-        """Write a checkpoint of ``epoch`` completed epochs plus ``batch`` batches."""
+        """Write a checkpoint of ``epoch`` completed epochs plus ``batch`` batches.
+
+        Every process calls it (they gather the interrupted epoch's numbers, and under
+        FSDP each writes its shards); rank 0 writes the rest. With ``checkpoint_async``
+        the write is handed to a background thread once its state is copied.
+        """
         store = self.store
         if store is None or not self._saves:
             return
         run = self.run
+        self.settle()  # at most one write in flight
         # Every process takes part in gathering the interrupted epoch's numbers.
-        loss_total, samples, metric_state = self._partial_epoch() if batch else (0.0, 0, {})
-        if not run.topology.is_main:
+        partial = self._partial_epoch() if batch else (0.0, 0, {})
+        shards = None
+        if self.fsdp:
+            from bz._checkpoint_sharded import shard_state, sharded_name
+
+            shards = shard_state(run.model, run.setup.optimizer)
+            path = store.folder / sharded_name(epoch, batch)
+        else:
+            path = store.folder / checkpoint_name(epoch, batch)
+        payload = None
+        if run.topology.is_main:
+            self._position = (epoch, batch, run.global_step)
+            payload = self._payload(epoch, batch, stopped, *partial, whole=shards is None)
+            if payload is None and shards is None:
+                return
+        elif shards is None:
             return
-        self._position = (epoch, batch, run.global_step)
+        tag = (path, epoch, run.global_step)
+        try:
+            job = self._start_write(store, path, payload, shards)
+            if self._writer is not None:
+                self._writer.submit(job, tag)
+                return
+            written = job()
+        except Exception as exc:  # a write that fails is reported; training goes on
+            self._failed(tag, exc)
+            return
+        self._written(written, tag)
+
+    def _payload(
+        self,
+        epoch: int,
+        batch: int,
+        stopped: bool,
+        loss_total: float,
+        samples: int,
+        metric_state: dict[str, list[torch.Tensor]],
+        *,
+        whole: bool,
+    ) -> CheckpointPayload | None:
+        """What rank 0 writes (``whole``: with the model and optimizer; else they are in
+        the shards), or None when something in it could not be read back."""
+        run = self.run
         setup = run.setup
         now = capture_rng(run.generators)
         epoch_start = run.epoch_rng if batch and run.epoch_rng is not None else now
@@ -325,8 +389,8 @@ class CheckpointPolicy:
             "loss_total": loss_total,
             "samples": samples,
             "metrics": metric_state,
-            "model": run.model.state_dict(),
-            "optimizer": setup.optimizer.state_dict(),
+            "model": run.model.state_dict() if whole else {},
+            "optimizer": setup.optimizer.state_dict() if whole else {},
             "scheduler": (
                 setup.scheduler.state_dict() if hasattr(setup.scheduler, "state_dict") else None
             ),
@@ -339,20 +403,60 @@ class CheckpointPolicy:
         problem = loadable_problem(payload, "checkpoint")
         if problem is not None:
             _log.error("checkpoint_skipped", epoch=epoch, step=run.global_step, error=problem)
-            return
+            return None
         payload["plugins"] = self._plugin_states()
-        try:
-            path = store.save(payload, epoch, batch)
-        except OSError as exc:
-            # A full disk must not end a run that is otherwise fine; the previous
-            # checkpoints are intact, and the next interval tries again. The count
-            # makes the run end non-zero: it asked for checkpoints it does not have.
-            self.lost += 1
-            _log.error(
-                "checkpoint_write_failed",
-                path=str(store.folder / checkpoint_name(epoch, batch)),
-                error=describe_exception(exc),
-            )
+        # In the background, the live tensors change under the write: it gets copies.
+        return cpu_copy(payload) if self._writer is not None else payload
+
+    def _start_write(
+        self,
+        store: CheckpointStore,
+        path: Path,
+        payload: CheckpointPayload | None,
+        shards: dict[str, Any] | None,
+    ) -> Callable[[], Path | None]:
+        """Start a write (the shards, on every process); what finishes it (rank 0's part)."""
+        if shards is None:
+            assert payload is not None  # rank 0 writes single-file checkpoints alone
+            epoch, batch = payload["epoch"], payload["batch"]
+            return functools.partial(store.save, payload, epoch, batch)
+        from bz._checkpoint_sharded import save_sharded
+
+        group = self.async_group if self._writer is not None else None
+        complete = save_sharded(shards, payload, path, main=self.run.topology.is_main, group=group)
+
+        def finish() -> Path | None:
+            entry = complete()
+            if entry is None:  # not rank 0, or its part could not be written
+                return None
+            store.adopt(entry)
+            return entry.path
+
+        return finish
+
+    def settle(self) -> None:
+        """Wait for the background write in flight, if any, and report how it ended."""
+        done = None if self._writer is None else self._writer.wait()
+        if done is None:
+            return
+        outcome, tag = done
+        if outcome.error is not None:
+            self._failed(tag, outcome.error)
+        else:
+            self._written(outcome.value, tag)
+
+    def _failed(self, tag: tuple[Path, int, int], exc: BaseException) -> None:
+        # A full disk must not end a run that is otherwise fine; the previous
+        # checkpoints are intact, and the next interval tries again. The count
+        # makes the run end non-zero: it asked for checkpoints it does not have.
+        if not self.run.topology.is_main:
+            return  # a failed shard fails rank 0's write too, which reports it
+        self.lost += 1
+        _log.error("checkpoint_write_failed", path=str(tag[0]), error=describe_exception(exc))
+
+    def _written(self, path: Path | None, tag: tuple[Path, int, int]) -> None:
+        store = self.store
+        if path is None or store is None:
             return
         if self._discard_old:
             self._discard_old = False
@@ -360,8 +464,8 @@ class CheckpointPolicy:
             if discarded:
                 _log.info("checkpoints_discarded", folder=str(store.folder), count=discarded)
         self.last = path
-        _log.info("checkpoint_saved", path=str(path), epoch=epoch, step=run.global_step)
-        run.checkpoint_hook("save_checkpoint", path)
+        _log.info("checkpoint_saved", path=str(path), epoch=tag[1], step=tag[2])
+        self.run.checkpoint_hook("save_checkpoint", path)
 
     def _loss_state(self) -> dict[str, Any] | None:
         """The loss module's state (a loss function has none)."""
@@ -375,8 +479,17 @@ class CheckpointPolicy:
         a mid-epoch checkpoint when no further epoch was trained since resuming from it.
         """
         store, run = self.store, self.run
-        if store is None or not self._saves or not run.topology.is_main:
+        if store is None or not self._saves:
             return
+        self.settle()  # the run is not done before its last checkpoint is
+        if self.fsdp:
+            from bz.training.fsdp import full_weights
+
+            weights = full_weights(run.model)  # every process takes part
+        if not run.topology.is_main:
+            return
+        if not self.fsdp:
+            weights = run.model.state_dict()
         epoch, batch, step = self._position
         if step != run.global_step or epoch != epochs:
             batch = 0  # whole epochs were trained since
@@ -386,7 +499,7 @@ class CheckpointPolicy:
             "epoch": epochs,
             "batch": batch,
             "global_step": run.global_step,
-            "model": run.model.state_dict(),
+            "model": weights,
             "loss": self._loss_state(),
         }
         try:
