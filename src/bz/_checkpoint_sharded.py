@@ -25,6 +25,7 @@ import contextlib
 import functools
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -75,13 +76,17 @@ def begin(path: Path, *, main: bool) -> Path:
     if main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed
         tmp.mkdir(parents=True)
-    dist.barrier()
+    if dist.is_initialized():
+        dist.barrier()
     return tmp
 
 
 def write_shards(state: dict[str, Any], tmp: Path) -> None:
     """Every process writes its shards into ``tmp`` (returns once all have)."""
-    save(state, checkpoint_id=tmp)
+    with warnings.catch_warnings():
+        # One process (a test, a tool) writes the whole state as its one shard.
+        warnings.filterwarnings("ignore", "torch.distributed is", UserWarning)
+        save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
 
 
 def write_shards_async(state: dict[str, Any], tmp: Path, group: Any) -> Future[Any]:
@@ -138,10 +143,18 @@ def read_sharded(path: Path) -> dict[str, Any]:
     return payload
 
 
+def _load(state: dict[str, Any], path: Path) -> None:
+    alone = not dist.is_initialized()
+    with warnings.catch_warnings():
+        # DCP warns whenever it loads in one process; resharding to one is intended here.
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        load(state, checkpoint_id=path, no_dist=alone)
+
+
 def load_shards(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load the model's and the optimizer's state from ``path`` into this process's layout."""
     state = shard_state(model, optimizer)
-    load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    _load(state, path)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
@@ -150,7 +163,7 @@ def load_shards(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
 def load_model_shards(path: Path, model: torch.nn.Module) -> None:
     """Load only the weights (``bz validate`` of an unfinished sharded run, one process)."""
     state = {"model": model.state_dict()}
-    load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    _load(state, path)
     model.load_state_dict(state["model"])
 
 
