@@ -123,12 +123,19 @@ def _project(folder: Path, *, kills: bool) -> None:
         (folder / "killed").write_text("")
 
 
-def _train(folder: Path) -> tuple[int, list[dict[str, Any]]]:
+def _start(folder: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     command = [sys.executable, "-m", "bz", "train", "--log-format", "json"]
-    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, check=False)
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
-    return done.returncode, lines
+    return subprocess.Popen(
+        command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+
+
+def _train(folder: Path) -> tuple[int, list[dict[str, Any]]]:
+    process = _start(folder)
+    stdout, _ = process.communicate(timeout=240)
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith(b"{")]
+    return process.returncode, lines
 
 
 @pytest.mark.slow
@@ -136,6 +143,7 @@ def test_kill_9_during_a_background_write_leaves_the_previous_checkpoint(tmp_pat
     folder, clean = tmp_path / "killed", tmp_path / "clean"
     _project(folder, kills=True)
     _project(clean, kills=False)
+    uninterrupted = _start(clean)  # alongside the interrupted one
     code, _ = _train(folder)
     assert code == -9
     (run_dir,) = (folder / ".bz" / "checkpoints").iterdir()
@@ -147,7 +155,8 @@ def test_kill_9_during_a_background_write_leaves_the_previous_checkpoint(tmp_pat
     (event,) = [line for line in lines if line["event"] == "resumed"]
     assert Path(event["path"]).name == "epoch-0001.pt"
     assert not list(run_dir.glob(".*.tmp")), "the next run removed the half-written file"
-    assert _train(clean)[0] == 0
+    uninterrupted.communicate(timeout=240)
+    assert uninterrupted.returncode == 0
     (clean_dir,) = (clean / ".bz" / "checkpoints").iterdir()
     final = read_checkpoint(run_dir / "model.pt", model_only=True)["model"]
     assert_same_weights(final, read_checkpoint(clean_dir / "model.pt", model_only=True)["model"])
