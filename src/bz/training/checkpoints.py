@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
 from bz._rng import capture_rng
 from bz._sandbox import describe_exception
+from bz.training.checkpoint_writes import CheckpointWrites
 from bz.training.result import FitResult
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class ResumePoint:
     """Training-metric state of the batches already done (see ``MetricSet.carry``)."""
 
 
-class CheckpointPolicy:
+class CheckpointPolicy(CheckpointWrites):
     """Finding, resuming from and writing the checkpoints of one run.
 
     ``store`` is None when checkpoints are off (no folder given, or neither saving nor
@@ -407,65 +408,6 @@ class CheckpointPolicy:
         payload["plugins"] = self._plugin_states()
         # In the background, the live tensors change under the write: it gets copies.
         return cpu_copy(payload) if self._writer is not None else payload
-
-    def _start_write(
-        self,
-        store: CheckpointStore,
-        path: Path,
-        payload: CheckpointPayload | None,
-        shards: dict[str, Any] | None,
-    ) -> Callable[[], Path | None]:
-        """Start a write (the shards, on every process); what finishes it (rank 0's part)."""
-        if shards is None:
-            assert payload is not None  # rank 0 writes single-file checkpoints alone
-            epoch, batch = payload["epoch"], payload["batch"]
-            return functools.partial(store.save, payload, epoch, batch)
-        from bz._checkpoint_sharded import save_sharded
-
-        group = self.async_group if self._writer is not None else None
-        complete = save_sharded(shards, payload, path, main=self.run.topology.is_main, group=group)
-
-        def finish() -> Path | None:
-            entry = complete()
-            if entry is None:  # not rank 0, or its part could not be written
-                return None
-            store.adopt(entry)
-            return entry.path
-
-        return finish
-
-    def settle(self) -> None:
-        """Wait for the background write in flight, if any, and report how it ended."""
-        done = None if self._writer is None else self._writer.wait()
-        if done is None:
-            return
-        outcome, tag = done
-        if outcome.error is not None:
-            self._failed(tag, outcome.error)
-        else:
-            self._written(outcome.value, tag)
-
-    def _failed(self, tag: tuple[Path, int, int], exc: BaseException) -> None:
-        # A full disk must not end a run that is otherwise fine; the previous
-        # checkpoints are intact, and the next interval tries again. The count
-        # makes the run end non-zero: it asked for checkpoints it does not have.
-        if not self.run.topology.is_main:
-            return  # a failed shard fails rank 0's write too, which reports it
-        self.lost += 1
-        _log.error("checkpoint_write_failed", path=str(tag[0]), error=describe_exception(exc))
-
-    def _written(self, path: Path | None, tag: tuple[Path, int, int]) -> None:
-        store = self.store
-        if path is None or store is None:
-            return
-        if self._discard_old:
-            self._discard_old = False
-            discarded = store.discard_all_but(path)
-            if discarded:
-                _log.info("checkpoints_discarded", folder=str(store.folder), count=discarded)
-        self.last = path
-        _log.info("checkpoint_saved", path=str(path), epoch=tag[1], step=tag[2])
-        self.run.checkpoint_hook("save_checkpoint", path)
 
     def _loss_state(self) -> dict[str, Any] | None:
         """The loss module's state (a loss function has none)."""
