@@ -27,17 +27,34 @@ from bz._checkpoint import list_entries, read_checkpoint, verify
 from bz._checkpoint_sharded import STATE_FILE, save_sharded, shard_state, sharded_name
 from bz._checkpoint_store import CheckpointStore
 from bz.config import RunConfig
+from bz.plugins import PluginContext
 
 CONFIG = RunConfig(epochs=3, device="cpu", plugins=(), seed=5)
 ASYNC = CONFIG.with_overrides(checkpoint_async=True)
 
 
+class HookRecorder:
+    """Records the checkpoint hooks and the session's end, with the paths it is shown."""
+
+    name = "hook_recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+
+    def save_checkpoint(self, context: PluginContext) -> None:
+        path = context.checkpoint_path
+        self.calls.append(("save_checkpoint", path.name if path else None))
+
+    def end_training_session(self, context: PluginContext) -> None:
+        self.calls.append(("end_training_session", None))
+
+
 def fit(
-    folder: Path | None, config: RunConfig = CONFIG
+    folder: Path | None, config: RunConfig = CONFIG, plugins: list[Any] | None = None
 ) -> tuple[bz.FitResult, dict[str, torch.Tensor]]:
     bz.seed_everything(5)  # as `bz train` does before calling setup()
     setup = resume_setup(config)
-    result = bz.Trainer().fit(setup, config, [], checkpoint_dir=folder)
+    result = bz.Trainer().fit(setup, config, plugins or [], checkpoint_dir=folder)
     return result, weights(setup.model)
 
 
@@ -48,8 +65,14 @@ def test_background_writes_give_the_checkpoints_and_weights_of_synchronous_ones(
     tmp_path: Path,
 ) -> None:
     often = CONFIG.with_overrides(checkpoint_every_steps=4)
-    _, sync_final = fit(tmp_path / "sync", often)
-    background, final = fit(tmp_path / "async", often.with_overrides(checkpoint_async=True))
+    sync_hooks, async_hooks = HookRecorder(), HookRecorder()
+    _, sync_final = fit(tmp_path / "sync", often, [sync_hooks])
+    background, final = fit(
+        tmp_path / "async", often.with_overrides(checkpoint_async=True), [async_hooks]
+    )
+    # Every checkpoint's hook, once it is on disk, all before the session ends.
+    assert async_hooks.calls == sync_hooks.calls
+    assert async_hooks.calls[-1] == ("end_training_session", None)
     assert_same_weights(final, sync_final)
     assert background.checkpoints_lost == 0
     assert background.checkpoint is not None

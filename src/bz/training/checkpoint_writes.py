@@ -60,8 +60,12 @@ class CheckpointWrites:
 
         return finish
 
-    def settle(self) -> None:
-        """Wait for the background write in flight, if any, and report how it ended."""
+    def settle(self, *, hooks: bool = True) -> None:
+        """Wait for the background write in flight, if any, and report how it ended.
+
+        ``hooks=False`` once the session is over (a run that failed): the write is
+        logged, but no plugin hook runs after the plugins were closed.
+        """
         done = None if self._writer is None else self._writer.wait()
         if done is None:
             return
@@ -69,7 +73,7 @@ class CheckpointWrites:
         if outcome.error is not None:
             self._failed(tag, outcome.error)
         else:
-            self._written(outcome.value, tag)
+            self._written(outcome.value, tag, hooks=hooks)
 
     def _failed(self, tag: tuple[Path, int, int], exc: BaseException) -> None:
         # A full disk must not end a run that is otherwise fine; the previous
@@ -80,7 +84,9 @@ class CheckpointWrites:
         self.lost += 1
         _log.error("checkpoint_write_failed", path=str(tag[0]), error=describe_exception(exc))
 
-    def _written(self, path: Path | None, tag: tuple[Path, int, int]) -> None:
+    def _written(
+        self, path: Path | None, tag: tuple[Path, int, int], *, hooks: bool = True
+    ) -> None:
         store = self.store
         if path is None or store is None:
             return
@@ -91,4 +97,5 @@ class CheckpointWrites:
                 _log.info("checkpoints_discarded", folder=str(store.folder), count=discarded)
         self.last = path
         _log.info("checkpoint_saved", path=str(path), epoch=tag[1], step=tag[2])
-        self.run.checkpoint_hook("save_checkpoint", path)
+        if hooks:
+            self.run.checkpoint_hook("save_checkpoint", path)

@@ -161,7 +161,7 @@ class CheckpointPolicy(CheckpointWrites):
 
     def close(self) -> None:
         """Let the next process write this run (the end of every ``fit``, however it ends)."""
-        self.settle()
+        self.settle(hooks=False)
         if self.store is not None:
             self.store.unlock()
 

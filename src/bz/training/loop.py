@@ -337,6 +337,7 @@ class Run(EpochLoop):
         return record, record.partial or self._end_of_epoch()
 
     def _end_session(self, epochs: int) -> None:
+        self.checkpoints.settle()  # its save_checkpoint comes before the session's end
         self._hook("end_training_session")
         self.checkpoints.save_final_model(epochs)
 
