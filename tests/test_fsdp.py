@@ -176,7 +176,9 @@ def test_what_fsdp_cannot_shard_is_refused_before_training() -> None:
         check_shardable(torch.nn.Sequential(torch.nn.ReLU()), FsdpConfig(), two)
     with pytest.raises(bz.UsageError, match="no submodule of class 'Block'"):
         check_shardable(model, FsdpConfig(shard_modules=("Linear", "Block")), two)
-    check_shardable(model, FsdpConfig(shard_modules=("Linear",)), two)
+    with pytest.raises(bz.UsageError, match="offload_to_cpu needs a GPU"):
+        check_shardable(model, FsdpConfig(offload_to_cpu=True), two, torch.device("cpu"))
+    check_shardable(model, FsdpConfig(shard_modules=("Linear",)), two, torch.device("cpu"))
 
 
 def test_fsdp_alone_is_one_line_and_exit_2_before_training(tmp_path: Path) -> None:

@@ -112,7 +112,8 @@ class FsdpConfig:
     backward): less memory, one more all-gather per unit per step."""
     offload_to_cpu: bool = False
     """Keep the sharded parameters, their gradients and the optimizer step on the CPU
-    (FSDP's ``CPUOffloadPolicy``): for models whose shard still does not fit a GPU."""
+    (FSDP's ``CPUOffloadPolicy``): for models whose shard still does not fit a GPU.
+    Needs a GPU device."""
 
     def __attrs_post_init__(self) -> None:
         check_field_types(self)

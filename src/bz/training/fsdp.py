@@ -33,12 +33,23 @@ if TYPE_CHECKING:
 _PARAM_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-def check_shardable(model: torch.nn.Module, config: FsdpConfig, topology: Topology) -> None:
+def check_shardable(
+    model: torch.nn.Module,
+    config: FsdpConfig,
+    topology: Topology,
+    device: torch.device | None = None,
+) -> None:
     """Refuse, before training, what FSDP cannot shard (a :class:`~bz.UsageError`)."""
     if not topology.distributed:
         raise UsageError(
             'distributed.strategy "fsdp" needs several processes (bz train '
             '--nproc-per-node N, or torchrun); alone, use the default "ddp"'
+        )
+    if config.offload_to_cpu and device is not None and device.type == "cpu":
+        # FSDP's offload moves shards between an accelerator and the CPU; it fails on CPU.
+        raise UsageError(
+            "distributed.fsdp.offload_to_cpu needs a GPU device; on the CPU the shards "
+            "are there already (set it to false)"
         )
     if not any(True for _ in model.parameters()):
         raise UsageError('distributed.strategy "fsdp": the model has no parameters to shard')

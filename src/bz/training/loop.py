@@ -204,7 +204,9 @@ class Run(EpochLoop):
         if fsdp:
             from bz.training import fsdp as sharding  # slow to import; only when asked
 
-            sharding.check_shardable(self.setup.model, config.distributed.fsdp, self.topology)
+            sharding.check_shardable(
+                self.setup.model, config.distributed.fsdp, self.topology, self.device
+            )
         self.owns_process_group = join(self.topology, backend, config.distributed.timeout)
         self.model = self.setup.model.to(self.device)
         self.forward = self.model
