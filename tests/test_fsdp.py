@@ -252,6 +252,16 @@ def test_sigterm_and_kill_9_in_a_background_write_then_resume_end_like_no_interr
 def test_a_two_process_sharded_checkpoint_resumes_on_one_process(
     reference: Reference, tmp_path: Path
 ) -> None:
+    # bz validate reads the sharded checkpoint into the whole model, in one process.
+    sharded = run_dir(reference.folder) / "epoch-0002.dcp"
+    config = str(reference.folder / "bzconfig.json")
+    args = ["validate", "--config", config, "--checkpoint", str(sharded), "--json"]
+    validated = CliRunner().invoke(cli, args)
+    assert validated.exit_code == 0, validated.output
+    report = json.loads(validated.stdout)
+    logged = epochs(reference.events)[2]["validation_loss"]
+    assert report["validation_loss"] == pytest.approx(logged, rel=1e-6)
+
     folder = tmp_path / "alone"
     shutil.copytree(reference.folder, folder)
     env = make_project(folder, distributed={"strategy": "ddp"}, plugins=[])
