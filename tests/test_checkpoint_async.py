@@ -217,13 +217,16 @@ def test_a_sharded_checkpoint_is_a_verified_folder_that_keep_last_prunes(tmp_pat
 
 def test_a_damaged_shard_makes_the_sharded_checkpoint_count_for_nothing(tmp_path: Path) -> None:
     path = _write_sharded(tmp_path, 1)
+    store = CheckpointStore(tmp_path)
+    assert [entry.path for entry in store.verified()] == [path]  # and remembered as checked
     (shard,) = path.glob("*.distcp")
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     (entry,) = list_entries(tmp_path)
     assert verify(entry) == "its checksum does not match what bz wrote (damaged or replaced)"
-    assert CheckpointStore(tmp_path).newest("run") is None
+    assert store.verified() == [], "a rewritten shard is checked again, not remembered"
+    assert store.newest("run") is None
 
 
 def test_a_killed_sharded_write_leaves_a_folder_the_next_writer_removes(tmp_path: Path) -> None:

@@ -383,15 +383,15 @@ class CheckpointStore:
 
     def _verify(self, entry: Entry) -> str | None:
         try:
-            stat = entry.path.stat()
+            stamp = _stamp(entry.path)
         except OSError as exc:
             return f"cannot be read: {exc.strerror or exc}"
         known = self._checked.get(entry.path.name)
-        if known == (stat.st_size, stat.st_mtime_ns, entry.sha256):
+        if known == (*stamp, entry.sha256):
             return None
         problem = verify(entry)
         if problem is None:
-            self._checked[entry.path.name] = (stat.st_size, stat.st_mtime_ns, entry.sha256)
+            self._checked[entry.path.name] = (*stamp, entry.sha256)
         return problem
 
     def verified(self) -> list[Entry]:
@@ -461,8 +461,7 @@ class CheckpointStore:
         """Count a checkpoint just written (verified), then drop all but ``keep_last``."""
         path = entry.path
         with contextlib.suppress(OSError):
-            stat = path.stat()
-            self._checked[path.name] = (stat.st_size, stat.st_mtime_ns, entry.sha256)
+            self._checked[path.name] = (*_stamp(path), entry.sha256)
         self.prune(keep=path)
 
     def save_final(self, payload: Mapping[str, Any]) -> Path:
@@ -512,3 +511,13 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """Size and newest modification time: of a file, or of a sharded folder's files
+    (the folder's own times do not change when a file in it is rewritten)."""
+    if not path.is_dir():
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+    stats = [file.stat() for file in path.iterdir()]
+    return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
