@@ -4,6 +4,13 @@
 
     .venv/bin/python benchmarks/distributed.py              # 2 processes, 11 rounds
     .venv/bin/python benchmarks/distributed.py --repeats 21
+    .venv/bin/python benchmarks/distributed.py --checkpoints  # DDP / FSDP, sync / async
+
+``--checkpoints`` compares, each in a fresh pair of processes, DDP and FSDP with
+synchronous and background (``checkpoint_async``) checkpoints on a larger MLP (5.3 M
+parameters, Adam): time per step, how long training waits per checkpoint (the time
+spent in the checkpoint call, including waiting for the previous background write),
+peak resident memory per rank, and the parameter + optimizer-state bytes each rank holds.
 
 Run without torchrun, it starts itself under ``torch.distributed.run --standalone`` with
 two processes. Each process times, in alternating rounds on the same process group:
@@ -23,13 +30,17 @@ cores, as they do in real use there.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 import torch
@@ -141,13 +152,143 @@ def report(times: dict[str, list[float]], vote: float, world: int) -> None:
     print(f"at one vote per {interval} s of training: {vote / interval:.2%} of the time")
 
 
+# -- strategies and checkpoints ---------------------------------------------------------
+
+VARIANTS = {
+    "ddp, sync checkpoints": ("ddp", False),
+    "ddp, async checkpoints": ("ddp", True),
+    "fsdp, sync checkpoints": ("fsdp", False),
+    "fsdp, async checkpoints": ("fsdp", True),
+}
+BIG_STEPS = 60  # per process
+CHECKPOINT_EVERY = 10
+
+
+def big_setup() -> bz.TrainingSetup:
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(BATCH_SIZE, 512, generator=generator), torch.randint(0, 10, (BATCH_SIZE,)))
+        for _ in range(2 * BIG_STEPS)
+    ]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    return bz.TrainingSetup(
+        model=model, loss_fn=nn.CrossEntropyLoss(), optimizer=optimizer, train_loader=batches
+    )
+
+
+def held_bytes(setup: bz.TrainingSetup) -> int:
+    """Parameter and optimizer-state bytes this process holds (its shards under FSDP)."""
+    from bz.training.fsdp import local_parameter_bytes
+
+    total = local_parameter_bytes(setup.model)
+    for state in setup.optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
+    return total
+
+
+def strategy_worker(variant: str) -> None:
+    from bz.training.checkpoints import CheckpointPolicy
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # joined here, so that fit leaves it for the report
+    strategy, background = VARIANTS[variant]
+    waits: list[float] = []
+    save = CheckpointPolicy.save
+
+    def timed_save(
+        self: CheckpointPolicy, epoch: int, batch: int, *, stopped: bool = False
+    ) -> None:
+        started = time.perf_counter()
+        save(self, epoch, batch, stopped=stopped)
+        waits.append(time.perf_counter() - started)
+
+    CheckpointPolicy.save = timed_save  # type: ignore[method-assign]  # measuring it
+    config = bz.RunConfig(
+        epochs=1,
+        device="cpu",
+        seed=0,
+        plugins=(),
+        distributed={"strategy": strategy},
+        checkpoint_every_steps=CHECKPOINT_EVERY,
+        checkpoint_async=background,
+        keep_last=2,
+    )
+    setup = big_setup()
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        bz.Trainer().fit(setup, config, metrics={}, checkpoint_dir=Path(folder))
+        seconds = time.perf_counter() - started
+        held = held_bytes(setup)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    row = {"seconds": seconds, "waits": waits, "rss": rss, "held": held}
+    rows: list[dict[str, object]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(rows, row)
+    if dist.get_rank() == 0:
+        print("BZ-ROW " + json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def strategies() -> None:
+    print(
+        "# DDP and FSDP, sync and async checkpoints: 2 processes (gloo), "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"MLP 512 → 2048 → 2048 → 10 (5.3 M parameters), Adam, batch {BATCH_SIZE}; "
+        f"{BIG_STEPS} steps per process, a checkpoint every {CHECKPOINT_EVERY} and at the end"
+    )
+    print()
+    print(
+        "| variant | per step | waits per checkpoint | peak RSS per rank "
+        "| params + Adam state per rank |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for variant in VARIANTS:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", __file__, "--worker", "--variant", variant,
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("BZ-ROW ")]
+        if done.returncode != 0 or not lines:
+            print(f"| {variant} | failed: {done.stderr.strip().splitlines()[-1:]} | | | |")
+            continue
+        rows = json.loads(lines[0].removeprefix("BZ-ROW "))
+        seconds = max(row["seconds"] for row in rows)
+        waits = [wait for row in rows for wait in row["waits"]]
+        rss = "/".join(f"{row['rss'] / 2**20:.0f}" for row in rows)
+        held = "/".join(f"{row['held'] / 2**20:.1f}" for row in rows)
+        print(
+            f"| {variant} | {seconds / BIG_STEPS * 1e3:.1f} ms | "
+            f"{statistics.median(waits) * 1e3:.1f} ms | {rss} MiB | {held} MiB |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=11, help="Timed rounds (default 11).")
+    parser.add_argument(
+        "--checkpoints", action="store_true", help="DDP/FSDP with sync/async checkpoints."
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker and args.variant:
+        strategy_worker(args.variant)
+        return
     if args.worker:
         worker(args.repeats)
+        return
+    if args.checkpoints:
+        strategies()
         return
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

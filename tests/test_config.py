@@ -52,9 +52,17 @@ def test_valid_json_round_trips(data: dict[str, Any]) -> None:
 @settings(max_examples=100, deadline=None)
 def test_given_keys_are_kept(data: dict[str, Any]) -> None:
     config = structure(data, RunConfig)
-    for key in ("epochs", "device", "compile", "seed", "plugin_errors", "train_script"):
+    keys = ("epochs", "device", "compile", "seed", "plugin_errors", "train_script")
+    for key in (*keys, "checkpoint_async"):
         if key in data:
             assert getattr(config, key) == data[key]
+    table = data.get("distributed", {})
+    for key in ("backend", "timeout", "strategy"):
+        if key in table:
+            assert getattr(config.distributed, key) == table[key]
+    for key, value in table.get("fsdp", {}).items():
+        kept = getattr(config.distributed.fsdp, key)
+        assert kept == (tuple(value) if isinstance(value, list) else value)
     if "plugins" in data:
         assert [spec.name for spec in config.plugins] == [
             entry if isinstance(entry, str) else next(iter(entry)) for entry in data["plugins"]
@@ -179,3 +187,38 @@ def test_invalid_json_gives_line_and_column(tmp_path: Path) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.json")
+
+
+@given(
+    st.one_of(
+        st.fixed_dictionaries(
+            {"strategy": st.text(max_size=6).filter(lambda t: t not in ("ddp", "fsdp"))}
+        ),
+        st.fixed_dictionaries(
+            {
+                "fsdp": st.fixed_dictionaries(
+                    {
+                        "shard_modules": st.text(max_size=8)
+                        | st.integers()
+                        | st.lists(st.integers(), min_size=1, max_size=2)
+                        | st.just([""])
+                    }
+                )
+            }
+        ),
+        st.fixed_dictionaries(
+            {
+                "fsdp": st.fixed_dictionaries(
+                    {"offload_to_cpu": st.integers() | st.text(max_size=4)}
+                )
+            }
+        ),
+    )
+)
+@settings(max_examples=100, deadline=None)
+def test_bad_fsdp_settings_are_config_errors_naming_the_key(table: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        structure({"distributed": table}, RunConfig)
+    (path, _message), *_ = caught.value.problems
+    assert path.startswith("distributed.")
+    assert path.split(".")[-1].split("[")[0] in {"strategy", "shard_modules", "offload_to_cpu"}

@@ -79,6 +79,7 @@ PUBLIC: dict[str, set[str]] = {
     "bz.config": {
         "RunConfig",
         "DistributedConfig",
+        "FsdpConfig",
         "GradientClip",
         "PluginSpec",
         "MetricSpec",

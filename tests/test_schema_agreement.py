@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests._config_strategies import any_documents, documents, places, valid_documents
 
-from bz._loader import Discovery, discover, load_plugins
+from bz._entry_points import Discovery
+from bz._loader import discover, load_plugins
 from bz.commands import cli
 from bz.commands.schema import bzconfig_schema
 from bz.config import ConfigError, RunConfig, structure

@@ -52,7 +52,8 @@ FORMAT = 2
 
 SIDECAR_SUFFIX = ".json"
 """``epoch-0003.pt.json`` describes ``epoch-0003.pt`` (see :func:`atomic_save`)."""
-_NAME = re.compile(r"epoch-(\d{4,})(?:-batch-(\d{5,}))?\.pt")
+# ``.pt``: one file; ``.dcp``: a folder of shards (``distributed.strategy: "fsdp"``).
+_NAME = re.compile(r"epoch-(\d{4,})(?:-batch-(\d{5,}))?\.(?:pt|dcp)")
 _REQUIRED_KEYS = frozenset(
     {"format", "signature", "epoch", "batch", "global_step", "model", "optimizer", "rng"}
 )
@@ -93,6 +94,9 @@ class ModelPayload(TypedDict):
     model: dict[str, torch.Tensor]
     loss: NotRequired[dict[str, Any] | None]
     """The loss module's state (None for a loss function)."""
+    sharded: NotRequired[bool]
+    """Read from a sharded checkpoint: ``model`` holds only the shapes (meta tensors),
+    the weights and optimizer state load from the shards (:mod:`bz._checkpoint_sharded`)."""
 
 
 class CheckpointPayload(ModelPayload):
@@ -305,6 +309,20 @@ def list_entries(folder: Path) -> list[Entry]:
     return found
 
 
+def hash_path(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 of a checkpoint: of its bytes, or for a sharded checkpoint (a
+    folder) the total size and the hash of every file's name, size and hash."""
+    if not path.is_dir():
+        return _hash_file(path)
+    manifest = hashlib.sha256()
+    total = 0
+    for file in sorted(path.iterdir()):
+        size, digest = _hash_file(file)
+        total += size
+        manifest.update(f"{file.name}\0{size}\0{digest}\n".encode())
+    return total, manifest.hexdigest()
+
+
 def _hash_file(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
@@ -318,7 +336,7 @@ def _hash_file(path: Path) -> tuple[int, str]:
 def verify(entry: Entry) -> str | None:
     """Why the file does not match its sidecar (damaged, replaced, half-written), or None."""
     try:
-        size, digest = _hash_file(entry.path)
+        size, digest = hash_path(entry.path)
     except OSError as exc:
         return f"cannot be read: {exc.strerror or exc}"
     if size != entry.size:
@@ -377,7 +395,13 @@ def read_checkpoint(
         if problem is not None:
             raise UnreadableCheckpoint(problem)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if path.is_dir():
+            # Imported here: torch.distributed.checkpoint is slow to import.
+            from bz._checkpoint_sharded import read_sharded
+
+            payload = read_sharded(path)
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a damaged file
         raise UnreadableCheckpoint(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
     required = _MODEL_KEYS if model_only else _REQUIRED_KEYS
@@ -409,12 +433,14 @@ def unusable_reason(
     if problem is not None:
         return problem
     saved_optimizer = payload.get("optimizer")
-    if not isinstance(saved_optimizer, Mapping) or not isinstance(
+    if payload.get("sharded"):
+        saved_optimizer = None  # by parameter name in the shards; DCP checks it on loading
+    elif not isinstance(saved_optimizer, Mapping) or not isinstance(
         saved_optimizer.get("param_groups"), list
     ):
         return "it holds no optimizer state"
-    groups = saved_optimizer["param_groups"]
-    if [len(g.get("params", ())) for g in groups] != [
+    groups = [] if saved_optimizer is None else saved_optimizer["param_groups"]
+    if saved_optimizer is not None and [len(g.get("params", ())) for g in groups] != [
         len(g["params"]) for g in optimizer.param_groups
     ]:
         return "the optimizer's parameter groups differ"

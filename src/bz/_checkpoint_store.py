@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -53,7 +54,9 @@ LOCK_FILE = ".lock"
 """The run's lock file (held with an OS lock by the one process writing the run)."""
 _TMP_SUFFIX = ".tmp"
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
-_STRAY = re.compile(r"\.(?:epoch-\d{4,}(?:-batch-\d{5,})?\.pt|model\.pt)(?:\.json)?\.\d+\.tmp")
+_STRAY = re.compile(
+    r"\.(?:epoch-\d{4,}(?:-batch-\d{5,})?\.(?:pt|dcp)|model\.pt)(?:\.json)?(?:\.\d+)?\.tmp"
+)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -130,29 +133,9 @@ def atomic_save(payload: Mapping[str, Any], path: Path) -> Entry:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     body, size, digest = _write_tmp(path, functools.partial(_torch_save, payload))
-    entry = Entry(
-        path=path,
-        sha256=digest,
-        size=size,
-        signature=str(payload["signature"]),
-        epoch=int(payload["epoch"]),
-        batch=int(payload.get("batch", 0)),
-        step=int(payload["global_step"]),
-        stopped=bool(payload.get("stopped", False)),
-    )
-    meta = {
-        "bz": FORMAT,
-        "file": path.name,
-        "sha256": entry.sha256,
-        "size": entry.size,
-        "signature": entry.signature,
-        "epoch": entry.epoch,
-        "batch": entry.batch,
-        "step": entry.step,
-        "stopped": entry.stopped,
-    }
-    text = json.dumps(meta, indent=1).encode("utf-8")
+    entry = describe(payload, path, size, digest)
     try:
+        text = sidecar_text(entry)
         side, _, _ = _write_tmp(sidecar(path), functools.partial(_write_bytes, text))
     except BaseException:
         with contextlib.suppress(OSError):
@@ -170,6 +153,36 @@ def atomic_save(payload: Mapping[str, Any], path: Path) -> Entry:
     return entry
 
 
+def describe(payload: Mapping[str, Any], path: Path, size: int, digest: str) -> Entry:
+    """The sidecar's description of ``payload`` written to ``path``."""
+    return Entry(
+        path=path,
+        sha256=digest,
+        size=size,
+        signature=str(payload["signature"]),
+        epoch=int(payload["epoch"]),
+        batch=int(payload.get("batch", 0)),
+        step=int(payload["global_step"]),
+        stopped=bool(payload.get("stopped", False)),
+    )
+
+
+def sidecar_text(entry: Entry) -> bytes:
+    """The sidecar's bytes (see :func:`bz._checkpoint.read_entry`)."""
+    meta = {
+        "bz": FORMAT,
+        "file": entry.path.name,
+        "sha256": entry.sha256,
+        "size": entry.size,
+        "signature": entry.signature,
+        "epoch": entry.epoch,
+        "batch": entry.batch,
+        "step": entry.step,
+        "stopped": entry.stopped,
+    }
+    return json.dumps(meta, indent=1).encode("utf-8")
+
+
 def remove_stray_files(folder: Path) -> None:
     """Delete what killed writes left: temporary files, and sidecars whose checkpoint was
     never renamed into place (or was deleted).
@@ -183,7 +196,7 @@ def remove_stray_files(folder: Path) -> None:
         name = path.name
         if name.startswith(".") and name.endswith(_TMP_SUFFIX) and _STRAY.fullmatch(name):
             with contextlib.suppress(OSError):
-                path.unlink()
+                _remove(path)
         elif name.endswith(SIDECAR_SUFFIX):
             target = path.with_name(name[: -len(SIDECAR_SUFFIX)])
             ours = _position(target) is not None or target.name == FINAL_MODEL
@@ -370,15 +383,15 @@ class CheckpointStore:
 
     def _verify(self, entry: Entry) -> str | None:
         try:
-            stat = entry.path.stat()
+            stamp = _stamp(entry.path)
         except OSError as exc:
             return f"cannot be read: {exc.strerror or exc}"
         known = self._checked.get(entry.path.name)
-        if known == (stat.st_size, stat.st_mtime_ns, entry.sha256):
+        if known == (*stamp, entry.sha256):
             return None
         problem = verify(entry)
         if problem is None:
-            self._checked[entry.path.name] = (stat.st_size, stat.st_mtime_ns, entry.sha256)
+            self._checked[entry.path.name] = (*stamp, entry.sha256)
         return problem
 
     def verified(self) -> list[Entry]:
@@ -441,12 +454,15 @@ class CheckpointStore:
     def save(self, payload: Mapping[str, Any], epoch: int, batch: int) -> Path:
         """Write a checkpoint atomically, then drop all but the newest ``keep_last``."""
         path = self.folder / checkpoint_name(epoch, batch)
-        entry = atomic_save(payload, path)
-        with contextlib.suppress(OSError):
-            stat = path.stat()
-            self._checked[path.name] = (stat.st_size, stat.st_mtime_ns, entry.sha256)
-        self.prune(keep=path)
+        self.adopt(atomic_save(payload, path))
         return path
+
+    def adopt(self, entry: Entry) -> None:
+        """Count a checkpoint just written (verified), then drop all but ``keep_last``."""
+        path = entry.path
+        with contextlib.suppress(OSError):
+            self._checked[path.name] = (*_stamp(path), entry.sha256)
+        self.prune(keep=path)
 
     def save_final(self, payload: Mapping[str, Any]) -> Path:
         """Write the run's final model (:data:`FINAL_MODEL`) atomically."""
@@ -481,9 +497,27 @@ class CheckpointStore:
         self._checked.pop(path.name, None)
         for target in (path, sidecar(path)):
             try:
-                target.unlink()
+                _remove(target)
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 _log.warning("checkpoint_not_deleted", path=str(target), error=str(exc))
                 return
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, or a sharded checkpoint's folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """Size and newest modification time: of a file, or of a sharded folder's files
+    (the folder's own times do not change when a file in it is rewritten)."""
+    if not path.is_dir():
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+    stats = [file.stat() for file in path.iterdir()]
+    return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)

@@ -15,8 +15,7 @@ from typing import Any
 import attrs
 
 from bz._converter import converter, input_error_types, nearest
-from bz._entry_points import Discovery as Discovery  # re-exported: _catalog names it
-from bz._entry_points import EntrySource
+from bz._entry_points import Discovery, EntrySource
 from bz._entry_points import discover as discover_entries
 from bz._entry_points import duplicate_message as entry_duplicate_message
 from bz._errors import ConfigError, UsageError, describe_exception

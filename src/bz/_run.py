@@ -283,7 +283,12 @@ def validate(
             )
         path, payload = found
     try:
-        setup.model.load_state_dict(payload["model"])
+        if payload.get("sharded"):  # an unfinished FSDP run: its newest checkpoint's shards
+            from bz._checkpoint_sharded import load_model_shards
+
+            load_model_shards(path, setup.model)
+        else:
+            setup.model.load_state_dict(payload["model"])
         loss_state = payload.get("loss")
         if loss_state is not None and isinstance(setup.loss_fn, torch.nn.Module):
             setup.loss_fn.load_state_dict(loss_state)

@@ -40,6 +40,7 @@ __all__ = [
     "ConfigError",
     "ConfigValueError",
     "DistributedConfig",
+    "FsdpConfig",
     "GradientClip",
     "MetricSpec",
     "PluginSpec",
@@ -64,6 +65,47 @@ CONFIG_ENV_VAR = "BZ_CONFIG"
 T = TypeVar("T")
 
 
+def _module_names(value: Any) -> tuple[str, ...] | None:
+    """``shard_modules`` as a tuple (JSON gives a list); a bare string is refused."""
+    if value is None or isinstance(value, tuple):
+        return value
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"shard_modules: expected a list of class names, got {value!r}")
+    return tuple(value)
+
+
+def _named_classes(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, tuple) and not all(isinstance(n, str) and n for n in value):
+        raise ConfigValueError(attribute.name, "class names must be non-empty strings")
+
+
+@attrs.frozen
+class FsdpConfig:
+    """How ``strategy: "fsdp"`` shards the model (FSDP2's ``fully_shard``)."""
+
+    shard_modules: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_module_names, validator=_named_classes
+    )
+    """Class names of the submodules sharded as units (e.g. ``["TransformerBlock"]``);
+    ``null``: each direct child of the model that has parameters. The root is always
+    sharded last, holding whatever the units leave."""
+    reshard_after_forward: bool = True
+    """Free each unit's gathered parameters after its forward (gathered again for the
+    backward): less memory, one more all-gather per unit per step."""
+    offload_to_cpu: bool = False
+    """Keep the sharded parameters, their gradients and the optimizer step on the CPU
+    (FSDP's ``CPUOffloadPolicy``): for models whose shard still does not fit a GPU.
+    Needs a GPU device."""
+
+    def __attrs_post_init__(self) -> None:
+        check_field_types(self)
+
+
+def _fsdp_table(value: FsdpConfig | Mapping[str, Any]) -> FsdpConfig:
+    """In Python, ``distributed.fsdp`` may be given as a dict, read like the JSON table."""
+    return structure(dict(value), FsdpConfig) if isinstance(value, Mapping) else value
+
+
 @attrs.frozen
 class DistributedConfig:
     """How several processes train together (``torchrun`` or ``--nproc-per-node``)."""
@@ -72,6 +114,11 @@ class DistributedConfig:
     """``auto``: ``nccl`` on CUDA, ``gloo`` otherwise."""
     timeout: float = attrs.field(default=300.0, validator=at_least(1.0))
     """Seconds a collective waits for the other processes before failing."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: every process holds the whole model; ``fsdp``: each holds a shard of the
+    parameters, gradients and optimizer state (checkpoints are then sharded)."""
+    fsdp: FsdpConfig = attrs.field(factory=FsdpConfig, converter=_fsdp_table)
+    """Settings of ``strategy: "fsdp"`` (ignored under ``ddp``)."""
 
     def __attrs_post_init__(self) -> None:
         check_field_types(self)
@@ -174,6 +221,9 @@ class RunConfig:
         default=None, converter=_checkpoint_seconds
     )
     """Also write a checkpoint at the first step after this long since the last one."""
+    checkpoint_async: bool = False
+    """Write checkpoints in the background (one at a time): training goes on while the
+    previous checkpoint reaches the disk; the run ends only once the last one has."""
 
     def __attrs_post_init__(self) -> None:
         # In Python, a value of the wrong type is refused here, not deep in training.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import textwrap
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import click
@@ -17,7 +17,6 @@ import click
 from bz._errors import UsageError, describe_exception
 from bz._hooks import HOOK_NAMES
 from bz._loader import (
-    Discovery,
     PluginSource,
     config_class,
     default_problem,
@@ -28,6 +27,9 @@ from bz._loader import (
 from bz._options import describe_fields, value_type_name
 from bz._plugin import Plugin
 from bz.config import unstructure
+
+if TYPE_CHECKING:
+    from bz._entry_points import Discovery
 
 
 @attrs.frozen

@@ -374,9 +374,9 @@ def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
 @click.option(
     "--checkpoint",
     "checkpoint_path",
-    type=click.Path(dir_okay=False, exists=True),
-    help="Checkpoint or model.pt to evaluate (default: the run's model.pt when it "
-    "finished, else its newest checkpoint).",
+    type=click.Path(exists=True),  # a sharded checkpoint is a folder
+    help="Checkpoint (a file, or a sharded checkpoint's folder) or model.pt to evaluate "
+    "(default: the run's model.pt when it finished, else its newest checkpoint).",
 )
 @click.option("--device", help="Override `device` (auto, cpu, cuda, cuda:N, mps).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

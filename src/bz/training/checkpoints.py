@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
+from bz._async_writer import BackgroundWriter, cpu_copy
 from bz._checkpoint import (
     FINAL_MODEL,
     FORMAT,
@@ -36,6 +37,7 @@ from bz._logging import get_logger
 from bz._plugin import StatefulPlugin
 from bz._rng import capture_rng
 from bz._sandbox import guarded
+from bz.training.checkpoint_writes import CheckpointWrites
 from bz.training.result import FitResult
 
 if TYPE_CHECKING:
@@ -60,7 +62,7 @@ class ResumePoint:
     """Training-metric state of the batches already done (see ``MetricSet.carry``)."""
 
 
-class CheckpointPolicy:
+class CheckpointPolicy(CheckpointWrites):
     """Finding, resuming from and writing the checkpoints of one run.
 
     ``store`` is None when checkpoints are off (no folder given, or neither saving nor
@@ -91,6 +93,13 @@ class CheckpointPolicy:
         # step). A final model written at that step carries its batches too (a run
         # ended mid-epoch, or finished where a mid-epoch checkpoint left it).
         self._position = (0, 0, 0)
+        self.fsdp = run.config.distributed.strategy == "fsdp"
+        """The model is sharded: checkpoints are too, and the final weights are gathered."""
+        self._writer: BackgroundWriter[Path | None] | None = (
+            BackgroundWriter() if run.config.checkpoint_async else None
+        )
+        self.async_group: Any = None
+        """The process group of background sharded writes (set when the group is joined)."""
 
     @property
     def saving(self) -> bool:
@@ -151,6 +160,7 @@ class CheckpointPolicy:
 
     def close(self) -> None:
         """Let the next process write this run (the end of every ``fit``, however it ends)."""
+        self.settle(hooks=False)
         if self.store is not None:
             self.store.unlock()
 
@@ -193,7 +203,12 @@ class CheckpointPolicy:
         assert self.store is not None  # a checkpoint was found in it
         final = self.store.final(self.signature, payload["global_step"])
         if final is not None:
-            run.model.load_state_dict(final[1]["model"])
+            if self.fsdp:
+                from bz.training.fsdp import load_full_weights
+
+                load_full_weights(run.model, final[1]["model"])
+            else:
+                run.model.load_state_dict(final[1]["model"])
             self.final_model = final[0]
         _log.info(
             "already_complete",
@@ -229,8 +244,13 @@ class CheckpointPolicy:
         run = self.run
         setup = run.setup
         try:
-            run.model.load_state_dict(payload["model"])
-            setup.optimizer.load_state_dict(payload["optimizer"])
+            if payload.get("sharded"):
+                from bz._checkpoint_sharded import load_shards
+
+                load_shards(path, run.model, setup.optimizer)
+            else:
+                run.model.load_state_dict(payload["model"])
+                setup.optimizer.load_state_dict(payload["optimizer"])
             scheduler_state = payload.get("scheduler")
             if scheduler_state is not None and hasattr(setup.scheduler, "state_dict"):
                 setup.scheduler.load_state_dict(scheduler_state)
@@ -300,16 +320,61 @@ class CheckpointPolicy:
     # -- saving --------------------------------------------------------------------
 
     def save(self, epoch: int, batch: int, *, stopped: bool = False) -> None:
-        """Write a checkpoint of ``epoch`` completed epochs plus ``batch`` batches."""
+        """Write a checkpoint of ``epoch`` completed epochs plus ``batch`` batches.
+
+        Every process calls it (they gather the interrupted epoch's numbers, and under
+        FSDP each writes its shards); rank 0 writes the rest. With ``checkpoint_async``
+        the write is handed to a background thread once its state is copied.
+        """
         store = self.store
         if store is None or not self._saves:
             return
         run = self.run
+        self.settle()  # at most one write in flight
         # Every process takes part in gathering the interrupted epoch's numbers.
-        loss_total, samples, metric_state = self._partial_epoch() if batch else (0.0, 0, {})
-        if not run.topology.is_main:
+        partial = self._partial_epoch() if batch else (0.0, 0, {})
+        shards = None
+        if self.fsdp:
+            from bz._checkpoint_sharded import shard_state, sharded_name
+
+            shards = shard_state(run.model, run.setup.optimizer)
+            path = store.folder / sharded_name(epoch, batch)
+        else:
+            path = store.folder / checkpoint_name(epoch, batch)
+        payload = None
+        if run.topology.is_main:
+            self._position = (epoch, batch, run.global_step)
+            payload = self._payload(epoch, batch, stopped, *partial, whole=shards is None)
+            if payload is None and shards is None:
+                return
+        elif shards is None:
             return
-        self._position = (epoch, batch, run.global_step)
+        tag = (path, epoch, run.global_step)
+        try:
+            job = self._start_write(store, path, payload, shards)
+            if self._writer is not None:
+                self._writer.submit(job, tag)
+                return
+            written = job()
+        except Exception as exc:  # a write that fails is reported; training goes on
+            self._failed(tag, exc)
+            return
+        self._written(written, tag)
+
+    def _payload(
+        self,
+        epoch: int,
+        batch: int,
+        stopped: bool,
+        loss_total: float,
+        samples: int,
+        metric_state: dict[str, list[torch.Tensor]],
+        *,
+        whole: bool,
+    ) -> CheckpointPayload | None:
+        """What rank 0 writes (``whole``: with the model and optimizer; else they are in
+        the shards), or None when something in it could not be read back."""
+        run = self.run
         setup = run.setup
         now = capture_rng(run.generators)
         epoch_start = run.epoch_rng if batch and run.epoch_rng is not None else now
@@ -324,8 +389,8 @@ class CheckpointPolicy:
             "loss_total": loss_total,
             "samples": samples,
             "metrics": metric_state,
-            "model": run.model.state_dict(),
-            "optimizer": setup.optimizer.state_dict(),
+            "model": run.model.state_dict() if whole else {},
+            "optimizer": setup.optimizer.state_dict() if whole else {},
             "scheduler": (
                 setup.scheduler.state_dict() if hasattr(setup.scheduler, "state_dict") else None
             ),
@@ -338,29 +403,10 @@ class CheckpointPolicy:
         problem = loadable_problem(payload, "checkpoint")
         if problem is not None:
             _log.error("checkpoint_skipped", epoch=epoch, step=run.global_step, error=problem)
-            return
+            return None
         payload["plugins"] = self._plugin_states()
-        try:
-            path = store.save(payload, epoch, batch)
-        except OSError as exc:
-            # A full disk must not end a run that is otherwise fine; the previous
-            # checkpoints are intact, and the next interval tries again. The count
-            # makes the run end non-zero: it asked for checkpoints it does not have.
-            self.lost += 1
-            _log.error(
-                "checkpoint_write_failed",
-                path=str(store.folder / checkpoint_name(epoch, batch)),
-                error=describe_exception(exc),
-            )
-            return
-        if self._discard_old:
-            self._discard_old = False
-            discarded = store.discard_all_but(path)
-            if discarded:
-                _log.info("checkpoints_discarded", folder=str(store.folder), count=discarded)
-        self.last = path
-        _log.info("checkpoint_saved", path=str(path), epoch=epoch, step=run.global_step)
-        run.checkpoint_hook("save_checkpoint", path)
+        # In the background, the live tensors change under the write: it gets copies.
+        return cpu_copy(payload) if self._writer is not None else payload
 
     def _loss_state(self) -> dict[str, Any] | None:
         """The loss module's state (a loss function has none)."""
@@ -374,8 +420,17 @@ class CheckpointPolicy:
         a mid-epoch checkpoint when no further epoch was trained since resuming from it.
         """
         store, run = self.store, self.run
-        if store is None or not self._saves or not run.topology.is_main:
+        if store is None or not self._saves:
             return
+        self.settle()  # the run is not done before its last checkpoint is
+        if self.fsdp:
+            from bz.training.fsdp import full_weights
+
+            weights = full_weights(run.model)  # every process takes part
+        if not run.topology.is_main:
+            return
+        if not self.fsdp:
+            weights = run.model.state_dict()
         epoch, batch, step = self._position
         if step != run.global_step or epoch != epochs:
             batch = 0  # whole epochs were trained since
@@ -385,7 +440,7 @@ class CheckpointPolicy:
             "epoch": epochs,
             "batch": batch,
             "global_step": run.global_step,
-            "model": run.model.state_dict(),
+            "model": weights,
             "loss": self._loss_state(),
         }
         try:

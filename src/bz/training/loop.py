@@ -200,10 +200,27 @@ class Run(EpochLoop):
             torch.cuda.set_device(self.device)
         backend = choose_backend(config.distributed.backend, self.device)
         check_model(self.setup.model)
+        fsdp = config.distributed.strategy == "fsdp"
+        if fsdp:
+            from bz.training import fsdp as sharding  # slow to import; only when asked
+
+            sharding.check_shardable(
+                self.setup.model, config.distributed.fsdp, self.topology, self.device
+            )
         self.owns_process_group = join(self.topology, backend, config.distributed.timeout)
         self.model = self.setup.model.to(self.device)
         self.forward = self.model
-        if self.topology.distributed:
+        if fsdp:
+            # Sharded in place: the model is its own forward, and gathers what it needs.
+            fsdp_config = config.distributed.fsdp
+            sharding.shard_model(
+                self.model, self.setup.optimizer, fsdp_config, config.precision, self.device
+            )
+            self.vote = InterruptVote(control_group(backend))
+            if config.checkpoint_async:
+                # Background writes agree among themselves on a group of their own.
+                self.checkpoints.async_group = torch.distributed.new_group(backend="gloo")
+        elif self.topology.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
             # Alone, Ctrl-C stops after the current step. Several processes must stop
@@ -322,6 +339,7 @@ class Run(EpochLoop):
         return record, record.partial or self._end_of_epoch()
 
     def _end_session(self, epochs: int) -> None:
+        self.checkpoints.settle()  # its save_checkpoint comes before the session's end
         self._hook("end_training_session")
         self.checkpoints.save_final_model(epochs)
 
@@ -403,6 +421,7 @@ class Run(EpochLoop):
         self.plugins.log_summary()
 
     def _stop_interrupted(self) -> NoReturn:
+        self.checkpoints.settle()  # the checkpoint reported is on disk
         last = self.checkpoints.last
         interrupted = TrainingInterrupted(last, self.interrupt.signal)
         self.context.exception = interrupted
