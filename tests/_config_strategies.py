@@ -150,6 +150,9 @@ def value_of(
         return entries(plugin_option_classes(), valid=valid)
     if annotation == tuple[MetricSpec, ...]:
         return entries(metric_option_classes(), valid=valid)
+    if origin is list or (origin is tuple and arguments[1:] == (Ellipsis,)):
+        # Arrays of one item type (FSDP's shard_modules): each item near or wrong too.
+        return st.lists(value_of(arguments[0], valid=valid), max_size=3) | wrong
     if origin is dict:
         return st.dictionaries(names, json_values, max_size=4) | wrong
     if isinstance(annotation, type) and attrs.has(annotation):

@@ -74,9 +74,17 @@ def _module_names(value: Any) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-def _named_classes(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, tuple) and not all(isinstance(n, str) and n for n in value):
-        raise ConfigValueError(attribute.name, "class names must be non-empty strings")
+@attrs.frozen
+class _NamedClasses:
+    """``shard_modules``' validator: every class name is a non-empty string."""
+
+    def __call__(self, _instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, tuple) and not all(isinstance(n, str) and n for n in value):
+            raise ConfigValueError(attribute.name, "class names must be non-empty strings")
+
+    def json_schema(self) -> dict[str, Any]:
+        # The same rule for editors: `items` applies only when the value is an array.
+        return {"items": {"minLength": 1}}
 
 
 @attrs.frozen
@@ -84,7 +92,7 @@ class FsdpConfig:
     """How ``strategy: "fsdp"`` shards the model (FSDP2's ``fully_shard``)."""
 
     shard_modules: tuple[str, ...] | None = attrs.field(
-        default=None, converter=_module_names, validator=_named_classes
+        default=None, converter=_module_names, validator=_NamedClasses()
     )
     """Class names of the submodules sharded as units (e.g. ``["TransformerBlock"]``);
     ``null``: each direct child of the model that has parameters. The root is always
