@@ -31,6 +31,9 @@ checkpoint is written there (``save_checkpoint``), then the epoch ends early
 (``end_training_loop`` with the batches done, validation, ``end_epoch``; the scheduler
 is not stepped) and ``end_training_session`` follows.
 
+With ``checkpoint_async``, a checkpoint's ``save_checkpoint`` comes once its background
+write is complete: at the next checkpoint, or before ``end_training_session``.
+
 When resuming, ``load_checkpoint`` follows ``start_training_session``. On Ctrl-C (or
 SIGTERM) the loop finishes the step, writes a checkpoint (``save_checkpoint``), then calls
 ``on_exception`` and ``end_training_session`` and raises :class:`TrainingInterrupted`.
