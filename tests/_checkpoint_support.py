@@ -85,14 +85,14 @@ def child_main() -> None:
     failing = os.environ.get("BZ_TEST_FAIL")
     if failing:
         names = set(failing.split(","))
-        real_write_tmp = _checkpoint_store._write_tmp
+        real_write_tmp = _checkpoint_store.write_tmp
 
         def write_tmp(path: Path, write: Any) -> tuple[Path, int, str]:
             if "*" in names or path.name in names:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real_write_tmp(path, write)
 
-        _checkpoint_store._write_tmp = write_tmp
+        _checkpoint_store.write_tmp = write_tmp
 
     fault_child_main()  # signals at a step, then bz itself
 

@@ -23,8 +23,8 @@ from tests._support import assert_same_weights, weights
 
 import bz
 from bz import _checkpoint_store
-from bz._checkpoint import list_entries, read_checkpoint, verify
-from bz._checkpoint_sharded import STATE_FILE, save_sharded, shard_state, sharded_name
+from bz._checkpoint import STATE_FILE, list_entries, read_checkpoint, verify
+from bz._checkpoint_sharded import save_sharded, shard_state, sharded_name
 from bz._checkpoint_store import CheckpointStore
 from bz.config import RunConfig
 from bz.plugins import PluginContext
@@ -115,7 +115,7 @@ KILLING_TRAIN_PY = textwrap.dedent(
     from bz import _checkpoint_store
     from tests._fault_support import resume_setup as setup
 
-    _save = _checkpoint_store._torch_save
+    _save = _checkpoint_store.torch_save
     _calls = []
 
 
@@ -132,7 +132,7 @@ KILLING_TRAIN_PY = textwrap.dedent(
         _save(payload, file)
 
 
-    _checkpoint_store._torch_save = _dies_in_the_second_write
+    _checkpoint_store.torch_save = _dies_in_the_second_write
     """
 )
 

@@ -63,6 +63,9 @@ FINAL_MODEL = "model.pt"
 """The weights a finished run ended with, beside its checkpoints: after the plugins'
 ``end_training_session`` (where ``early_stopping`` puts the best epoch's weights back),
 so not always those of the last checkpoint, which keeps the state training resumes from."""
+STATE_FILE = "state.pt"
+"""In a sharded checkpoint's folder, rank 0's part: everything but the model and the
+optimizer."""
 
 _log = get_logger("bz")
 
@@ -350,6 +353,29 @@ class UnreadableCheckpoint(Exception):
     """A checkpoint file that cannot be used (truncated, corrupt, another run's)."""
 
 
+def read_sharded(path: Path) -> dict[str, Any]:
+    """The rest of a sharded checkpoint, with ``model`` as the saved shapes (meta tensors,
+    for checking that it fits) and ``sharded`` set; the shards are not read."""
+    # Imported here: torch.distributed.checkpoint is slow to import.
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict):
+        raise ValueError("not a bz checkpoint")
+    metadata = FileSystemReader(path).read_metadata()
+    payload["model"] = {
+        key.removeprefix("model."): torch.empty(
+            item.size, dtype=item.properties.dtype, device="meta"
+        )
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(item, TensorStorageMetadata)
+    }
+    payload["optimizer"] = {}
+    payload["sharded"] = True
+    return payload
+
+
 @overload
 def read_checkpoint(
     path: Path,
@@ -396,9 +422,6 @@ def read_checkpoint(
             raise UnreadableCheckpoint(problem)
     try:
         if path.is_dir():
-            # Imported here: torch.distributed.checkpoint is slow to import.
-            from bz._checkpoint_sharded import read_sharded
-
             payload = read_sharded(path)
         else:
             payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -33,25 +33,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load
 from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
-from bz._checkpoint import Entry, checkpoint_name, hash_path, sidecar
+from bz._checkpoint import STATE_FILE, Entry, checkpoint_name, hash_path, sidecar
 from bz._checkpoint_store import (
-    _fsync_folder,
-    _torch_save,
-    _write_bytes,
-    _write_tmp,
     describe,
+    fsync_folder,
     sidecar_text,
+    torch_save,
+    write_bytes,
+    write_tmp,
 )
 
 SUFFIX = ".dcp"
-STATE_FILE = "state.pt"
-"""Rank 0's part of a sharded checkpoint: everything but the model and the optimizer."""
 
 
 def sharded_name(epoch: int, batch: int = 0) -> str:
@@ -104,12 +100,12 @@ def write_shards_async(state: dict[str, Any], tmp: Path, group: Any) -> Future[A
 def finish(rest: Mapping[str, Any], path: Path) -> Entry:
     """Rank 0, once every shard is written: add the rest, then publish the folder."""
     tmp = tmp_folder(path)
-    state_tmp, _, _ = _write_tmp(tmp / STATE_FILE, functools.partial(_torch_save, rest))
+    state_tmp, _, _ = write_tmp(tmp / STATE_FILE, functools.partial(torch_save, rest))
     os.replace(state_tmp, tmp / STATE_FILE)
-    _fsync_folder(tmp)
+    fsync_folder(tmp)
     size, digest = hash_path(tmp)
     entry = describe(rest, path, size, digest)
-    side, _, _ = _write_tmp(sidecar(path), functools.partial(_write_bytes, sidecar_text(entry)))
+    side, _, _ = write_tmp(sidecar(path), functools.partial(write_bytes, sidecar_text(entry)))
     try:
         # From here the old folder of that name (if any) no longer matches the sidecar.
         os.replace(side, sidecar(path))
@@ -120,27 +116,8 @@ def finish(rest: Mapping[str, Any], path: Path) -> Entry:
         with contextlib.suppress(OSError):
             side.unlink()
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     return entry
-
-
-def read_sharded(path: Path) -> dict[str, Any]:
-    """The rest of a sharded checkpoint, with ``model`` as the saved shapes (meta tensors,
-    for checking that it fits) and ``sharded`` set; the shards are not read."""
-    payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict):
-        raise ValueError("not a bz checkpoint")
-    metadata = FileSystemReader(path).read_metadata()
-    payload["model"] = {
-        key.removeprefix("model."): torch.empty(
-            item.size, dtype=item.properties.dtype, device="meta"
-        )
-        for key, item in metadata.state_dict_metadata.items()
-        if key.startswith("model.") and isinstance(item, TensorStorageMetadata)
-    }
-    payload["optimizer"] = {}
-    payload["sharded"] = True
-    return payload
 
 
 def _load(state: dict[str, Any], path: Path) -> None:

@@ -59,7 +59,7 @@ _STRAY = re.compile(
 )
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     # Makes the rename itself durable. Not possible on every platform (Windows cannot
     # open a folder), where the rename is as durable as the filesystem makes it.
     try:
@@ -91,12 +91,12 @@ class _HashingWriter:
         self.file.flush()
 
 
-def _torch_save(payload: Mapping[str, Any], file: _HashingWriter) -> None:
+def torch_save(payload: Mapping[str, Any], file: _HashingWriter) -> None:
     # torch.save takes any object with write(); its annotation names only IO[bytes].
     torch.save(dict(payload), cast("IO[bytes]", file))
 
 
-def _write_bytes(data: bytes, file: _HashingWriter) -> None:
+def write_bytes(data: bytes, file: _HashingWriter) -> None:
     file.write(data)
 
 
@@ -104,7 +104,7 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
 
 
-def _write_tmp(path: Path, write: Callable[[_HashingWriter], None]) -> tuple[Path, int, str]:
+def write_tmp(path: Path, write: Callable[[_HashingWriter], None]) -> tuple[Path, int, str]:
     """Write a temporary file beside ``path``, flushed and fsynced; its size and sha256."""
     tmp = _tmp_name(path)
     try:
@@ -132,11 +132,11 @@ def atomic_save(payload: Mapping[str, Any], path: Path) -> Entry:
     run's checkpoints reads no tensors).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    body, size, digest = _write_tmp(path, functools.partial(_torch_save, payload))
+    body, size, digest = write_tmp(path, functools.partial(torch_save, payload))
     entry = describe(payload, path, size, digest)
     try:
         text = sidecar_text(entry)
-        side, _, _ = _write_tmp(sidecar(path), functools.partial(_write_bytes, text))
+        side, _, _ = write_tmp(sidecar(path), functools.partial(write_bytes, text))
     except BaseException:
         with contextlib.suppress(OSError):
             body.unlink()
@@ -149,7 +149,7 @@ def atomic_save(payload: Mapping[str, Any], path: Path) -> Entry:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     return entry
 
 
