@@ -50,10 +50,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bz
-from bz._sandbox import PluginSet
 from bz.config import MetricSpec
 from bz.metrics import build_metrics
 from bz.plugins import HOOK_NAMES, HOOKS, PluginContext
+from bz.plugins._sandbox import PluginSet
 from bz.plugins.console_out import ConsoleOut, ConsoleOutConfig
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
 from bz.testing import count_host_reads

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 import bz
-from bz._context import PluginContext
-from bz._sandbox import PluginSet
+from bz.plugins._context import PluginContext
+from bz.plugins._sandbox import PluginSet
 from bz.training.loop import Run
 from bz.training.rewind import Snapshot
 

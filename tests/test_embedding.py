@@ -208,8 +208,8 @@ def _subclasses(cls: type) -> list[type]:
 
 
 def test_every_bz_error_class_is_exported() -> None:
-    import bz._loader  # import the modules that define error classes
-    import bz._sandbox
+    import bz.plugins._loader  # import the modules that define error classes
+    import bz.plugins._sandbox
 
     for cls in _subclasses(bz.BzError):
         assert getattr(bz, cls.__name__, None) is cls, cls

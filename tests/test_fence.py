@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bz._fence import RandomFence, _FastFence, _GenericFence, random_fence
+from bz.plugins._fence import RandomFence, _FastFence, _GenericFence, random_fence
 
 Draw = Callable[[], object]
 

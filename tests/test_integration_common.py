@@ -10,10 +10,10 @@ import torch
 from tests._integration_support import read_jsonl, run_config, tiny_setup, write_project
 
 import bz
-from bz._loader import load_plugins
 from bz.commands.catalog import describe_all
 from bz.config import load_config
 from bz.plugins import PluginContext
+from bz.plugins._loader import load_plugins
 from bz.plugins.optuna_search import OptunaSearch
 from bz.plugins.profiler import Profiler, ProfilerConfig
 from bz.plugins.run_log import RunLog, RunLogConfig

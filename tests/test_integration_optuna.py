@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from tests._integration_support import read_jsonl, run_config, tiny_setup, write_project
 
 import bz
-from bz._loader import load_plugins
 from bz._tune import tune
 from bz.commands.tune import tune_command
 from bz.config import load_config
+from bz.plugins._loader import load_plugins
 from bz.plugins.optuna_search import (
     OptunaSearch,
     SearchDimension,

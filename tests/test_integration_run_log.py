@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from tests._integration_support import fails_in_second_epoch, read_jsonl, run_config, tiny_setup
 
 import bz
-from bz._loader import implemented_hooks
 from bz.commands.report import read_run_log, report_command
+from bz.plugins._loader import implemented_hooks
 from bz.plugins.run_log import RunLog, RunLogConfig
 from bz.training.guards import NonFiniteLoss
 

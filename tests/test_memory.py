@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 import bz
-from bz._context import FOLD_EVERY, DeviceSum
 from bz.config import MetricSpec
 from bz.metrics import build_metrics
 from bz.plugins import PluginContext
+from bz.plugins._context import FOLD_EVERY, DeviceSum
 from bz.plugins.console_out import ConsoleOut
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
 from bz.testing import count_host_reads

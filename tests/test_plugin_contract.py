@@ -21,8 +21,6 @@ from tests._plugin_packages_support import Packages, packages
 from tests._support import tiny_setup
 
 import bz
-from bz._loader import load_plugins
-from bz._order import Order, sort_plugins
 from bz.commands import cli
 from bz.config import PluginSpec, RunConfig
 from bz.plugins import (
@@ -34,6 +32,8 @@ from bz.plugins import (
     model_of,
     optimizer_of,
 )
+from bz.plugins._loader import load_plugins
+from bz.plugins._order import Order, sort_plugins
 
 __all__ = ["packages"]  # the fixture, imported for the tests below
 
@@ -439,7 +439,7 @@ def test_every_attrs_validator_error_is_one_line_with_its_path(
 
 
 def _builtin_plugin_classes() -> list[type]:
-    from bz._loader import discover, load_factory
+    from bz.plugins._loader import discover, load_factory
 
     sources = discover().sources.values()
     return [load_factory(s) for s in sources if s.distribution == "bz-cli"]
@@ -450,8 +450,8 @@ def test_every_builtin_hook_is_marked_and_every_class_declares_its_contract() ->
 
     from structlog.typing import FilteringBoundLogger
 
-    from bz._typing import HOOK_MARKER
     from bz.commands.catalog import class_hooks
+    from bz.plugins._typing import HOOK_MARKER
 
     classes = _builtin_plugin_classes()
     assert len(classes) >= 7

@@ -20,10 +20,10 @@ import pytest
 from tests._plugin_packages_support import EXAMPLE_PACKAGE, REPO, Packages, packages
 from tests._spec_blocks import block_starting_with, code_blocks
 
-from bz._hooks import HOOKS
-from bz._loader import load_plugins
-from bz._sandbox import PluginFailure
 from bz.config import RunConfig, structure
+from bz.plugins._hooks import HOOKS
+from bz.plugins._loader import load_plugins
+from bz.plugins._sandbox import PluginFailure
 from bz.testing import check_plugin, load_plugin, make_context, run_plugin
 
 __all__ = ["packages"]  # the fixture, imported for the tests below

@@ -9,10 +9,10 @@ import pytest
 from tests._support import Events, tiny_setup
 
 import bz
-from bz._hooks import HOOKS
-from bz._loader import implemented_hooks, load_plugins, near_miss_hooks
 from bz.config import PluginSpec, RunConfig
 from bz.plugins import HOOK_NAMES, NamedPlugin, Plugin, PluginContext, StatefulPlugin
+from bz.plugins._hooks import HOOKS
+from bz.plugins._loader import implemented_hooks, load_plugins, near_miss_hooks
 
 CONFIG = RunConfig(epochs=1, device="cpu", plugins=())
 

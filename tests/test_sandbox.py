@@ -9,10 +9,10 @@ import pytest
 from tests._support import Events, assert_same_weights, tiny_setup, weights
 
 import bz
-from bz._loader import load_plugins
-from bz._sandbox import PluginFailure
 from bz.config import PluginSpec, RunConfig
 from bz.plugins import HOOK_NAMES, Plugin, PluginContext
+from bz.plugins._loader import load_plugins
+from bz.plugins._sandbox import PluginFailure
 
 CONFIG = RunConfig(epochs=2, device="cpu", plugins=())
 

@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 from tests._config_strategies import any_documents, documents, places, valid_documents
 
 from bz._entry_points import Discovery
-from bz._loader import discover, load_plugins
 from bz.commands import cli
 from bz.commands.schema import bzconfig_schema
 from bz.config import ConfigError, RunConfig, structure
 from bz.metrics import build_metrics
+from bz.plugins._loader import discover, load_plugins
 
 
 def _is_integer(_checker: jsonschema.TypeChecker, instance: object) -> bool:

@@ -22,9 +22,9 @@ from tests._spec_blocks import block_starting_with, code_blocks
 from tests._support import Events, tiny_setup
 
 import bz
-from bz._loader import implemented_hooks, load_plugins
 from bz.config import PluginSpec, RunConfig, structure
 from bz.plugins import Plugin, PluginContext
+from bz.plugins._loader import implemented_hooks, load_plugins
 
 CONFIG = RunConfig(epochs=2, device="cpu", plugins=())
 PYTHON_BLOCKS = code_blocks("python")

@@ -135,7 +135,7 @@ BAD = {
             def end_epoch(self, context: int) -> None: ...
         """,
         7,
-        'Argument 1 of "end_epoch" is incompatible with supertype "bz._plugin.Plugin"; '
+        'Argument 1 of "end_epoch" is incompatible with supertype "bz.plugins._protocol.Plugin"; '
         'supertype defines the argument type as "PluginContext"',
     ),
     "hook_returning_a_value": (

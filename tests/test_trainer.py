@@ -12,9 +12,9 @@ import torch
 from tests._support import assert_same_weights, tiny_setup, weights
 
 import bz
-from bz._context import DeviceSum
 from bz.config import RunConfig
 from bz.plugins import HOOK_NAMES, Plugin, PluginContext
+from bz.plugins._context import DeviceSum
 
 CONFIG = RunConfig(epochs=2, device="cpu", plugins=())
 

@@ -19,10 +19,10 @@ from bz.config import RunConfig, load_config
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from bz._order import OrderCycleError
     from bz._run import run
-    from bz._sandbox import PluginFailure, PluginFault, PluginReport
     from bz._setup import TrainingSetup
+    from bz.plugins._order import OrderCycleError
+    from bz.plugins._sandbox import PluginFailure, PluginFault, PluginReport
     from bz.training.device import seed_everything
     from bz.training.guards import NonFiniteLoss
     from bz.training.interrupts import TrainingInterrupted
@@ -37,10 +37,10 @@ _LAZY = {
     "TrainingInterrupted": "bz.training.interrupts",
     "NonFiniteLoss": "bz.training.guards",
     "TrainingSetup": "bz._setup",
-    "PluginFault": "bz._sandbox",
-    "PluginFailure": "bz._sandbox",
-    "OrderCycleError": "bz._order",
-    "PluginReport": "bz._sandbox",
+    "PluginFault": "bz.plugins._sandbox",
+    "PluginFailure": "bz.plugins._sandbox",
+    "OrderCycleError": "bz.plugins._order",
+    "PluginReport": "bz.plugins._sandbox",
     "run": "bz._run",
 }
 

@@ -22,7 +22,7 @@ from bz.config import (
 
 if TYPE_CHECKING:
     from bz._checkpoint import ModelPayload
-    from bz._sandbox import ErrorPolicy
+    from bz.plugins._sandbox import ErrorPolicy
     from bz.training.evaluate import Evaluation
     from bz.training.result import FitResult
 
@@ -126,9 +126,9 @@ def run(
     validation batch with every plugin and metric, writes and reads no checkpoint, and
     ignores the step and time limits: a quick check that a run would start.
     """
-    from bz._loader import load_plugins
     from bz._setup import call_setup, load_setup_function
     from bz.metrics import build_metrics
+    from bz.plugins._loader import load_plugins
     from bz.training.device import resolve_device, seed_everything
     from bz.training.precision import check_precision
     from bz.training.trainer import fit_seeded

@@ -37,7 +37,7 @@ from bz.plugins.optuna_search import (
 if TYPE_CHECKING:
     import optuna
 
-    from bz._sandbox import ErrorPolicy
+    from bz.plugins._sandbox import ErrorPolicy
     from bz.training.result import EpochRecord, FitResult
 
 _log = get_logger("bz")

@@ -33,16 +33,16 @@ import torch
 from structlog.testing import capture_logs
 from torch import nn
 
-from bz._context import PluginContext
 from bz._converter import nearest
-from bz._loader import check_plugin as _check_plugin
 from bz._setup import TrainingSetup
 from bz.config import RunConfig, structure
+from bz.plugins._context import PluginContext
+from bz.plugins._loader import check_plugin as _check_plugin
 from bz.training.trainer import FitResult, Trainer
 
 if TYPE_CHECKING:
-    from bz._plugin import NamedPlugin
-    from bz._sandbox import ErrorPolicy
+    from bz.plugins._protocol import NamedPlugin
+    from bz.plugins._sandbox import ErrorPolicy
 
 __all__ = [
     "HOST_READS",
@@ -164,7 +164,7 @@ def load_plugin(
     its ``create(config_data, training_config)``. ``None`` means "not created"
     (``enabled: false``).
     """
-    from bz._loader import load_plugins
+    from bz.plugins._loader import load_plugins
 
     name = str(getattr(factory, "name", getattr(factory, "__name__", "plugin")))
     data: dict[str, Any] = {"plugins": [{name: dict(options or {})}]}

@@ -15,8 +15,10 @@ import attrs
 import click
 
 from bz._errors import UsageError, describe_exception
-from bz._hooks import HOOK_NAMES
-from bz._loader import (
+from bz._options import describe_fields, value_type_name
+from bz.config import unstructure
+from bz.plugins._hooks import HOOK_NAMES
+from bz.plugins._loader import (
     PluginSource,
     config_class,
     default_problem,
@@ -24,9 +26,7 @@ from bz._loader import (
     duplicate_message,
     load_factory,
 )
-from bz._options import describe_fields, value_type_name
-from bz._plugin import Plugin
-from bz.config import unstructure
+from bz.plugins._protocol import Plugin
 
 if TYPE_CHECKING:
     from bz._entry_points import Discovery

@@ -44,8 +44,8 @@ _DISABLED = {
 
 def _plugin_options() -> dict[str, dict[str, Any]]:
     """name -> schema of the options object, for every installed plugin."""
-    from bz._loader import config_class, discover, load_factory
     from bz.commands.catalog import describe
+    from bz.plugins._loader import config_class, discover, load_factory
 
     schemas: dict[str, dict[str, Any]] = {}
     for name, source in discover().sources.items():

@@ -33,7 +33,7 @@ from bz.commands.options import (
 )
 
 if TYPE_CHECKING:
-    from bz._sandbox import PluginReport
+    from bz.plugins._sandbox import PluginReport
     from bz.training.result import FitResult
 
 __all__ = ["check_config", "train", "validate"]
@@ -293,9 +293,9 @@ def _overrides(assignments: Sequence[str], named: dict[str, Any]) -> dict[str, A
 
 def _check_before_launch(config_path: str | None, overrides: dict[str, Any]) -> None:
     """What each process would check first: the config, its metrics, plugin options, the device."""
-    from bz._loader import load_plugins
     from bz._run import config_and_base
     from bz.metrics import build_metrics
+    from bz.plugins._loader import load_plugins
     from bz.training.device import resolve_device
 
     run_config, _ = config_and_base(config_path, overrides, None)
@@ -432,9 +432,9 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     """
     import structlog
 
-    from bz._loader import load_plugins
     from bz.config import find_config_file, load_config
     from bz.metrics import build_metrics
+    from bz.plugins._loader import load_plugins
 
     file = find_config_file(config_path)
     config = load_config(file)

@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-from bz._context import PluginContext
-from bz._hooks import HOOK_NAMES, HOOKS, HookSpec
 from bz._logging import plugin_logger
-from bz._order import Order
-from bz._plugin import (
+from bz.plugins._context import PluginContext
+from bz.plugins._hooks import HOOK_NAMES, HOOKS, HookSpec
+from bz.plugins._order import Order
+from bz.plugins._protocol import (
     ContextNotReady,
     NamedPlugin,
     Plugin,
@@ -21,7 +21,7 @@ from bz._plugin import (
     model_of,
     optimizer_of,
 )
-from bz._typing import ConfiguredPluginClass, CreatingPluginClass, HookMethod, hook
+from bz.plugins._typing import ConfiguredPluginClass, CreatingPluginClass, HookMethod, hook
 
 __all__ = [
     "HOOKS",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bz._context import PluginContext
+    from bz.plugins._context import PluginContext
 
 RUN_DIR_KEY = "run_dir"
 """``context.extra`` key holding the shared run directory (a string)."""

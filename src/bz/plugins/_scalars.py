@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from bz._context import PluginContext
+    from bz.plugins._context import PluginContext
 
 EXTRA_SCALARS_KEY = "scalars"
 """``context.extra`` key: ``dict[str, float]`` other plugins want logged each epoch."""

@@ -31,7 +31,7 @@ from bz.plugins import ConfiguredPluginClass, hook
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from bz._context import PluginContext
+    from bz.plugins._context import PluginContext
 
 _BAR_WIDTH = 24
 _EPOCH_BAR_WIDTH = 10

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import torch
     from structlog.typing import FilteringBoundLogger
 
-    from bz._context import PluginContext
+    from bz.plugins._context import PluginContext
 
 
 @attrs.frozen

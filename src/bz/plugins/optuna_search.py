@@ -40,7 +40,7 @@ from bz.plugins import ConfiguredPluginClass, hook
 if TYPE_CHECKING:
     import optuna
 
-    from bz._context import PluginContext
+    from bz.plugins._context import PluginContext
 
 Choice = None | bool | int | float | str
 

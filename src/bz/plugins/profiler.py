@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
     from torch.profiler import profile
 
-    from bz._context import PluginContext
+    from bz.plugins._context import PluginContext
 
 TRACE_FILE = "profiler.pt.trace.json"
 """The Chrome trace (the ``.pt.trace.json`` suffix is what TensorBoard's viewer expects)."""

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from bz._context import PluginContext
+    from bz.plugins._context import PluginContext
 
 RUN_LOG_FILE = "run_log.jsonl"
 """The file name ``bz report`` looks for inside a run directory."""

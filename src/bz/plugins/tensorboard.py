@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from bz._context import PluginContext
+    from bz.plugins._context import PluginContext
 
 
 @attrs.frozen

@@ -28,7 +28,7 @@ from bz.plugins._scalars import epoch_scalars, learning_rates
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
 
-    from bz._context import PluginContext
+    from bz.plugins._context import PluginContext
 
 
 @attrs.frozen

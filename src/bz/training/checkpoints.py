@@ -34,9 +34,9 @@ from bz._checkpoint_store import CheckpointStore, RunLocked, writable_problem
 from bz._distributed import sum_across
 from bz._errors import TrainingError, UsageError, describe_exception
 from bz._logging import get_logger
-from bz._plugin import StatefulPlugin
 from bz._rng import capture_rng
-from bz._sandbox import guarded
+from bz.plugins._protocol import StatefulPlugin
+from bz.plugins._sandbox import guarded
 from bz.training.checkpoint_writes import CheckpointWrites
 from bz.training.result import FitResult
 

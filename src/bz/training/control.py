@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 
 if TYPE_CHECKING:
-    from bz._context import PluginContext
     from bz.config import RunConfig
+    from bz.plugins._context import PluginContext
     from bz.training.interrupts import InterruptGuard, InterruptVote
 
 EndReason = Literal["plugin", "max_steps", "max_time"]

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from bz._context import DeviceSum, PluginContext
 from bz._distributed import Topology, set_epoch, sum_across
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
+from bz.plugins._context import DeviceSum, PluginContext
 from bz.training.checkpoints import CheckpointPolicy, ResumePoint
 from bz.training.device import batch_size, to_device, unpack
 from bz.training.evaluate import mean
@@ -39,10 +39,10 @@ if TYPE_CHECKING:
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from bz._sandbox import PluginSet
     from bz._setup import TrainingSetup
     from bz.config import GradientClip, RunConfig
     from bz.metrics._set import MetricSet
+    from bz.plugins._sandbox import PluginSet
     from bz.training.control import EndReason, StepControl
     from bz.training.interrupts import InterruptVote
     from bz.training.precision import Precision

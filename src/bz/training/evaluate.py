@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
-from bz._context import DeviceSum
 from bz._errors import UsageError
 from bz.metrics._set import MetricSet
+from bz.plugins._context import DeviceSum
 from bz.training.device import resolve_device, to_device, unpack
 
 if TYPE_CHECKING:

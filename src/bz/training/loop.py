@@ -61,7 +61,6 @@ from torch.nn.parallel import DistributedDataParallel
 from bz._checkpoint import CheckpointPayload
 from bz._checkpoint import run_signature as _run_signature
 from bz._checkpoint_store import CheckpointStore
-from bz._context import DeviceSum, PluginContext
 from bz._distributed import (
     choose_backend,
     control_group,
@@ -76,6 +75,7 @@ from bz._errors import BzError, UsageError, add_training_context
 from bz._logging import get_logger
 from bz._rng import loader_generators
 from bz.metrics._set import MetricSet
+from bz.plugins._context import DeviceSum, PluginContext
 from bz.training.checkpoints import CheckpointPolicy, ResumePoint
 from bz.training.control import EndReason, StepControl
 from bz.training.device import loader_length, resolve_device
@@ -87,10 +87,10 @@ from bz.training.result import EpochRecord, FitResult
 from bz.training.rewind import Rewinder
 
 if TYPE_CHECKING:
-    from bz._sandbox import PluginSet
     from bz._setup import TrainingSetup
     from bz.config import RunConfig
     from bz.metrics import Metric
+    from bz.plugins._sandbox import PluginSet
 
 _log = get_logger("bz")
 T = TypeVar("T")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 
 if TYPE_CHECKING:
-    from bz._sandbox import PluginReport
+    from bz.plugins._sandbox import PluginReport
 
 
 @attrs.frozen

@@ -33,15 +33,15 @@ import torch
 
 from bz._checkpoint import list_entries
 from bz._logging import get_logger
-from bz._plugin import StatefulPlugin
 from bz._rng import capture_rng, restore_rng
-from bz._sandbox import RewindRequested
+from bz.plugins._protocol import StatefulPlugin
+from bz.plugins._sandbox import RewindRequested
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from bz._plugin import NamedPlugin
-    from bz._sandbox import PluginFault
+    from bz.plugins._protocol import NamedPlugin
+    from bz.plugins._sandbox import PluginFault
     from bz.training.loop import Run
 
 T = TypeVar("T")

@@ -9,19 +9,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bz._errors import describe_exception
-from bz._loader import plugin_set
 from bz._logging import get_logger
-from bz._sandbox import PluginSet
 from bz.config import RunConfig
+from bz.plugins._loader import plugin_set
+from bz.plugins._sandbox import PluginSet
 from bz.training.device import seed_everything
 from bz.training.interrupts import TrainingInterrupted
 from bz.training.loop import Run
 from bz.training.result import EpochRecord, FitResult
 
 if TYPE_CHECKING:
-    from bz._plugin import NamedPlugin
     from bz._setup import TrainingSetup
     from bz.metrics import Metric
+    from bz.plugins._protocol import NamedPlugin
 
 _log = get_logger("bz")
 

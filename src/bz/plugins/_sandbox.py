@@ -10,9 +10,9 @@ loop cannot rewind, it behaves as ``isolate``), ``isolate`` trains on from where
 fault happened, ``raise`` ends the run.
 
 Around each hook call the sandbox also fences the global random generators (see
-:mod:`bz._fence`), shows plugins a read-only view of the loop's values (see
-:class:`bz._context.LoopView`), and, with ``plugin_timeout``, interrupts a hook that runs
-too long (see :mod:`bz._watchdog`).
+:mod:`bz.plugins._fence`), shows plugins a read-only view of the loop's values (see
+:class:`bz.plugins._context.LoopView`), and, with ``plugin_timeout``, interrupts a hook that runs
+too long (see :mod:`bz.plugins._watchdog`).
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 import attrs
 
-from bz._context import LoopView, PluginContext
 from bz._errors import BzError, TrainingError, describe_exception
-from bz._fence import RandomFence, random_fence
-from bz._hooks import HOOK_NAMES
 from bz._logging import get_logger
-from bz._watchdog import PluginInterrupted, Watchdog
+from bz.plugins._context import LoopView, PluginContext
+from bz.plugins._fence import RandomFence, random_fence
+from bz.plugins._hooks import HOOK_NAMES
+from bz.plugins._watchdog import PluginInterrupted, Watchdog
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from bz._plugin import NamedPlugin
+    from bz.plugins._protocol import NamedPlugin
 
 ErrorPolicy = Literal["rewind", "isolate", "raise"]
 
@@ -116,7 +116,7 @@ class PluginSet:
     """Loaded plugins, the hooks each implements, and the boundary every call goes through.
 
     ``plugins`` pairs each plugin object with the hooks it really implements (the loader
-    works that out; :func:`bz._loader.implemented_hooks` does it for objects built in
+    works that out; :func:`bz.plugins._loader.implemented_hooks` does it for objects built in
     code). Faults found while loading (``load_faults``) are part of the end-of-run report.
     """
 

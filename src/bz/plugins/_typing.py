@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from bz._context import PluginContext
-    from bz._plugin import NamedPlugin
     from bz.config import RunConfig
+    from bz.plugins._context import PluginContext
+    from bz.plugins._protocol import NamedPlugin
 
 __all__ = ["HOOK_MARKER", "ConfiguredPluginClass", "CreatingPluginClass", "HookMethod", "hook"]
 

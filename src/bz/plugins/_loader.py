@@ -19,13 +19,13 @@ from bz._entry_points import Discovery, EntrySource
 from bz._entry_points import discover as discover_entries
 from bz._entry_points import duplicate_message as entry_duplicate_message
 from bz._errors import ConfigError, UsageError, describe_exception
-from bz._hooks import HOOK_NAMES
 from bz._logging import get_logger
-from bz._order import plugin_order, sort_plugins
-from bz._plugin import NamedPlugin, Plugin
-from bz._sandbox import ErrorPolicy, LoadBoundary, PluginFault, PluginSet
-from bz._typing import HOOK_MARKER
 from bz.config import PluginSpec, RunConfig, structure, unstructure
+from bz.plugins._hooks import HOOK_NAMES
+from bz.plugins._order import plugin_order, sort_plugins
+from bz.plugins._protocol import NamedPlugin, Plugin
+from bz.plugins._sandbox import ErrorPolicy, LoadBoundary, PluginFault, PluginSet
+from bz.plugins._typing import HOOK_MARKER
 
 ENTRY_POINT_GROUP = "bz.plugins"
 
@@ -365,7 +365,7 @@ def plugin_set(plugins: Sequence[NamedPlugin], policy: ErrorPolicy = "isolate") 
 def in_run_order(
     loaded: Sequence[tuple[NamedPlugin, tuple[str, ...]]],
 ) -> list[tuple[NamedPlugin, tuple[str, ...]]]:
-    """Loaded plugins sorted by their ``order`` declarations (see :mod:`bz._order`).
+    """Loaded plugins sorted by their ``order`` declarations (see :mod:`bz.plugins._order`).
 
     Sorted here, before the :class:`PluginSet` is built, so dispatch stays a plain
     precomputed list. A cycle raises :class:`bz.OrderCycleError` (exit 2).
