@@ -31,7 +31,7 @@ from bz.commands import cli
 from bz.config import MetricSpec, PluginSpec, RunConfig, structure
 from bz.plugins import Plugin, PluginContext
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ProjectFactory = Callable[..., Path]
 
 

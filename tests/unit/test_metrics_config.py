@@ -230,7 +230,7 @@ def test_a_metric_with_no_samples_reports_nan_after_building() -> None:
 
 def test_pyproject_registers_exactly_the_builtins() -> None:
     tomllib = pytest.importorskip("tomllib")
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     registered = pyproject["project"].get("entry-points", {}).get("bz.metrics")
     if registered is None:
         pytest.skip('pyproject.toml has no [project.entry-points."bz.metrics"] table yet')

@@ -260,7 +260,7 @@ def test_a_list_is_a_categorical_choice(choices: list[Any]) -> None:
 @pytest.mark.slow
 def test_tune_searches_the_digits_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The shipped example, unchanged, searched over its learning rate and width.
-    example = Path(__file__).resolve().parents[1] / "examples" / "digits"
+    example = Path(__file__).resolve().parents[2] / "examples" / "digits"
     shipped = json.loads((example / "bzconfig.json").read_text(encoding="utf-8"))
     search = {
         "n_trials": 3,

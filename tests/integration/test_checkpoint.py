@@ -454,7 +454,7 @@ def _project(folder: Path, **config: Any) -> Path:
 def test_cli_resumes_by_default_and_validate_reports_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     config = str(_project(tmp_path))
     runner = CliRunner()
     first = runner.invoke(cli, ["train", "--config", config, "--log-format", "json"])
@@ -483,7 +483,7 @@ def test_cli_resumes_by_default_and_validate_reports_the_checkpoint(
 def test_cli_no_resume_and_checkpoint_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     monkeypatch.chdir(tmp_path)
     config = str(_project(tmp_path))
     args = ["train", "--config", config, "--checkpoint-dir", "ckpt", "--checkpoint-interval", "2"]
@@ -500,7 +500,7 @@ def test_cli_no_resume_and_checkpoint_options(
 def test_validate_without_a_checkpoint_is_one_line_and_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     config = str(_project(tmp_path))
     result = CliRunner().invoke(cli, ["validate", "--config", config])
     assert result.exit_code == 2

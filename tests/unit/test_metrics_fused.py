@@ -25,7 +25,7 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
-from tests.test_metrics_host_reads import HostReads
+from tests.unit.test_metrics_host_reads import HostReads
 
 import bz.metrics._fused
 from bz.metrics import (
