@@ -147,7 +147,7 @@ def _project(folder: Path, *, kills: bool) -> None:
 
 
 def _start(folder: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [sys.executable, "-m", "bz", "train", "--log-format", "json"]
     return subprocess.Popen(
         command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL

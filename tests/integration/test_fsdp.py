@@ -28,7 +28,7 @@ from bz.commands import cli
 from bz.config import FsdpConfig
 from bz.training.fsdp import check_shardable
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "digits" / "train.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits" / "train.py"
 
 CONFIG = {
     "epochs": 2,
