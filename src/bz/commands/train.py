@@ -113,19 +113,71 @@ def train(
     (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130
     (143).
     """
+    with _sigterm_stops():
+        _train_command(
+            config_path,
+            assignments,
+            {
+                "epochs": epochs,
+                "device": device,
+                "seed": seed,
+                "compile": compile_model,
+                "checkpoint_interval": checkpoint_interval,
+                # A folder typed on the command line is relative to where the user is.
+                "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
+                "resume": resume,
+                "plugin_errors": "raise" if strict_plugins else None,
+            },
+            log_format,
+            log_level,
+            show_traceback,
+            smoke=smoke,
+            nproc_per_node=nproc_per_node,
+        )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM before training's own handlers are in place (while train.py's setup runs).
+
+    A ``KeyboardInterrupt`` with ``signal``, as a second signal during training is, so
+    the command exits 143 (128 + SIGTERM) and ``--log-format json`` ends with its
+    ``exit`` event instead of the process dying silently with -15.
+    """
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__("terminated")
+        self.signal = signal.Signals(signal_number)
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while ``bz train`` runs (``fit`` installs its own
+    handler on top, which finishes the step first, and puts this one back)."""
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train_command(
+    config_path: str | None,
+    assignments: Sequence[str],
+    named: dict[str, Any],
+    log_format: str,
+    log_level: str,
+    show_traceback: bool,
+    *,
+    smoke: bool,
+    nproc_per_node: int | None,
+) -> None:
+    """``bz train``'s body: launch several processes, or configure logging and train."""
     from bz import _logging
 
-    named: dict[str, Any] = {
-        "epochs": epochs,
-        "device": device,
-        "seed": seed,
-        "compile": compile_model,
-        "checkpoint_interval": checkpoint_interval,
-        # A folder typed on the command line is relative to where the user is.
-        "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
-        "resume": resume,
-        "plugin_errors": "raise" if strict_plugins else None,
-    }
     if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         # Checked once here, so a bad config is one line, not one per process.
         _check_before_launch(config_path, _overrides(assignments, named))
@@ -176,8 +228,12 @@ def _outcome_line(enabled: bool) -> Iterator[None]:
     except click.ClickException as exc:  # a bad --set
         log.error("exit", exit_code=exc.exit_code, error=exc.format_message())
         raise
-    except KeyboardInterrupt:
-        log.warning("exit", exit_code=EXIT_INTERRUPTED, error="interrupted")
+    except KeyboardInterrupt as exc:
+        # The code the group exits with: 128 + the signal when one is named (SIGTERM
+        # during setup, a second SIGTERM during training), else Ctrl-C's 130.
+        number = getattr(exc, "signal", None)
+        code = 128 + int(number) if number is not None else EXIT_INTERRUPTED
+        log.warning("exit", exit_code=code, error="interrupted")
         raise
     log.info("exit", exit_code=0)
 

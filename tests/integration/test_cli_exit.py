@@ -1,0 +1,71 @@
+"""How ``bz train`` ends when it cannot train: the exit code, the one error line, and
+(with ``--log-format json``) the closing ``exit`` event, wherever the stop comes from."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from tests.conftest import TINY_TRAIN_PY
+
+from bz.commands import cli
+
+ProjectFactory = Callable[..., Path]
+
+
+def bz(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def json_events(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+# -- SIGTERM while train.py's setup() runs ------------------------------------------------
+
+SLOW_SETUP = TINY_TRAIN_PY.replace(
+    "def setup(",
+    "import pathlib, time\n\n\n"
+    "def setup(config):\n"
+    "    pathlib.Path('in_setup').touch()\n"
+    "    time.sleep(600)\n\n\n"
+    "def _unused(",
+    1,
+)
+
+
+@pytest.mark.slow
+def test_sigterm_during_setup_exits_143_with_the_exit_event(project: ProjectFactory) -> None:
+    folder = project(train_py=SLOW_SETUP)
+    env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bz", "train", "--log-format", "json"],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not (folder / "in_setup").exists():  # setup() has started
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM.value, stderr
+    assert "bz: interrupted" in stderr
+    assert "Traceback" not in stderr
+    last = json_events(stdout)[-1]
+    assert (last["event"], last["exit_code"]) == ("exit", 143)
