@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from tests.conftest import TINY_TRAIN_PY
+from tests._support import TINY_TRAIN_PY
 
 from bz.commands import cli
 
@@ -69,3 +69,44 @@ def test_sigterm_during_setup_exits_143_with_the_exit_event(project: ProjectFact
     assert "Traceback" not in stderr
     last = json_events(stdout)[-1]
     assert (last["event"], last["exit_code"]) == ("exit", 143)
+
+
+# -- click's usage errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--bogus", "--log-format", "json"], "No such option '--bogus'"),
+        (["--log-format=json", "--epochs", "x"], "'x' is not a valid integer"),
+        (["--log-format", "console", "--log-format", "json", "--set"], "'--set' requires"),
+    ],
+)
+def test_a_usage_error_with_json_logs_ends_with_the_exit_event(
+    args: list[str], problem: str
+) -> None:
+    result = bz("train", *args)
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert problem in line
+    (event,) = json_events(result.stdout)
+    assert event["event"] == "exit"
+    assert event["exit_code"] == 2
+    assert f"bz: error: {event['error']}" == line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bogus"],
+        ["--bogus", "--log-format", "console"],
+        ["--log-format", "json", "--log-format", "console", "--bogus"],
+        ["--log-format", "xml"],  # the format itself is the error: unknown
+        ["--set", "--log-format", "--log-format", "console", "--bogus"],
+    ],
+)
+def test_a_usage_error_without_json_logs_prints_only_the_error_line(args: list[str]) -> None:
+    result = bz("train", *args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
