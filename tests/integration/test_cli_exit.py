@@ -110,3 +110,85 @@ def test_a_usage_error_without_json_logs_prints_only_the_error_line(args: list[s
     assert result.exit_code == 2
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
+
+
+# -- where a bad plugins / metrics list came from -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("assignment", "problem"),
+    [
+        ('plugins=["consol_out"]', "plugins[0]: unknown plugin 'consol_out'"),
+        ('plugins=[{"early_stopping": {"patience": "x"}}]', "plugins[0].early_stopping.patience"),
+        ('metrics=["acuracy"]', 'metrics[0]: unknown metric "acuracy"'),
+        ('metrics=[{"f1_score": {"averag": "macro"}}]', "metrics[0].f1_score.averag"),
+    ],
+)
+@pytest.mark.parametrize("processes", [[], ["--nproc-per-node", "2"]])
+def test_a_bad_list_given_with_set_is_blamed_on_set(
+    project: ProjectFactory, assignment: str, problem: str, processes: list[str]
+) -> None:
+    project({"plugins": ["console_out"], "metrics": ["accuracy"]})
+    result = bz("train", "--smoke", *processes, "--set", assignment)
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"bz: error: --set: {problem}"), line
+
+
+@pytest.mark.parametrize("processes", [[], ["--nproc-per-node", "2"]])
+def test_a_bad_list_in_the_file_is_blamed_on_the_file(
+    project: ProjectFactory, processes: list[str]
+) -> None:
+    project({"plugins": ["consol_out"]})
+    result = bz("train", *processes, "--set", "metrics=[]")
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("bz: error: bzconfig.json: plugins[0]: unknown plugin"), line
+
+
+# -- several processes: one error line ----------------------------------------------------------
+
+
+def test_train_py_problems_are_found_before_the_processes_start(project: ProjectFactory) -> None:
+    folder = project()
+    (folder / "train.py").unlink()
+    result = bz("train", "--nproc-per-node", "2")
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert "train.py: file not found" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("setup_body", "code", "lines"),
+    [
+        # Found only by running setup(), in every process: exit 2, its line once.
+        ("return None", 2, ["setup returned NoneType; it must return bz.TrainingSetup"]),
+        # A failure (exit 1): the process's reason once, then which process it was.
+        (
+            "raise RuntimeError('no data')",
+            1,
+            ["train.py:2: RuntimeError: no data", "process rank"],
+        ),
+    ],
+)
+def test_an_error_in_every_process_is_printed_once(
+    project: ProjectFactory, setup_body: str, code: int, lines: list[str]
+) -> None:
+    folder = project(train_py=f"def setup(config):\n    {setup_body}\n")
+    env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("bz: error:")]
+    assert len(errors) == len(lines), done.stderr
+    for error, expected in zip(errors, lines, strict=True):
+        assert expected in error
+    assert "bz: interrupted" not in done.stderr

@@ -7,6 +7,7 @@ interrupted. Errors are one line on stderr, never a traceback (``--traceback`` o
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from bz._errors import BzError
 from bz.commands.catalog import list_metrics, list_plugins
 from bz.commands.health import health
 from bz.commands.init import init
-from bz.commands.options import EXIT_INTERRUPTED, fail
+from bz.commands.options import EXIT_INTERRUPTED, LAUNCH_ERRORS_ENV, fail, report_to_launcher
 from bz.commands.report import report_command
 from bz.commands.schema import config_schema
 from bz.commands.train import check_config, train, validate
@@ -60,11 +61,16 @@ class _BzGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BzError as exc:
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                fail(line)
+            lines = str(exc).splitlines() or [type(exc).__name__]
+            if not report_to_launcher("\n".join(lines)):
+                for line in lines:
+                    fail(line)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
-            click.echo("bz: interrupted", err=True)
+            # A process bz's launcher started is stopped by it when another one failed:
+            # the launcher reports why (and a real Ctrl-C reaches it too).
+            if not os.environ.get(LAUNCH_ERRORS_ENV):
+                click.echo("bz: interrupted", err=True)
             # A second SIGTERM says which signal it was (143); plain Ctrl-C is 130.
             number = getattr(exc, "signal", None)
             ctx.exit(128 + int(number) if number is not None else EXIT_INTERRUPTED)

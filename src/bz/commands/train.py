@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ import click
 from bz._errors import BzError, ConfigError, UsageError
 from bz.commands.options import (
     EXIT_INTERRUPTED,
+    LAUNCH_ERRORS_ENV,
     config_option,
     fail,
     log_options,
@@ -179,8 +181,10 @@ def _train_command(
     from bz import _logging
 
     if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        # Checked once here, so a bad config is one line, not one per process.
-        _check_before_launch(config_path, _overrides(assignments, named))
+        # Checked once here, so bad input is one line, not one per process.
+        from bz._run import check_before_launch
+
+        check_before_launch(config_path, _overrides(assignments, named), smoke=smoke)
         _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
         return
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -347,19 +351,6 @@ def _overrides(assignments: Sequence[str], named: dict[str, Any]) -> dict[str, A
     return overrides
 
 
-def _check_before_launch(config_path: str | None, overrides: dict[str, Any]) -> None:
-    """What each process would check first: the config, its metrics, plugin options, the device."""
-    from bz._run import config_and_base
-    from bz.metrics import build_metrics
-    from bz.plugins._loader import load_plugins
-    from bz.training.device import resolve_device
-
-    run_config, _ = config_and_base(config_path, overrides, None)
-    build_metrics(run_config.metrics)
-    load_plugins(run_config.plugins, run_config)
-    resolve_device(run_config.device)
-
-
 def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
     """The command's own arguments again (``drop`` left out), to start it elsewhere."""
     assert ctx.info_name is not None
@@ -383,7 +374,17 @@ def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
 
 
 def _launch(nproc_per_node: int, args: list[str]) -> None:
-    """Run ``bz <args>`` in several processes; a failed process fails the command."""
+    """Run ``bz <args>`` in several processes; a failed process fails the command, with
+    the error it reported (see :data:`~bz.commands.options.LAUNCH_ERRORS_ENV`)."""
+    with tempfile.TemporaryDirectory(prefix="bz-launch-") as errors:
+        os.environ[LAUNCH_ERRORS_ENV] = errors  # the processes inherit it
+        try:
+            _launch_and_report(nproc_per_node, args, Path(errors))
+        finally:
+            del os.environ[LAUNCH_ERRORS_ENV]
+
+
+def _launch_and_report(nproc_per_node: int, args: list[str], errors: Path) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -404,9 +405,12 @@ def _launch(nproc_per_node: int, args: list[str]) -> None:
                 message += f" (killed by {signal.Signals(-first.exitcode).name})"
         if len(exc.failures) > 1:
             message += "; the other processes were stopped"
+        reported = errors / f"rank-{rank}.txt"
+        said = reported.read_text(encoding="utf-8") if reported.is_file() else None
         if first.exitcode == UsageError.exit_code:
-            raise UsageError(message) from None
-        raise BzError(message) from None
+            # Bad input is the same for every process: its line, once, is the whole story.
+            raise UsageError(said or message) from None
+        raise BzError(f"{said}\n{message}" if said else message) from None
 
 
 def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
