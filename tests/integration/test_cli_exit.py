@@ -80,6 +80,8 @@ def test_sigterm_during_setup_exits_143_with_the_exit_event(project: ProjectFact
         (["--bogus", "--log-format", "json"], "No such option '--bogus'"),
         (["--log-format=json", "--epochs", "x"], "'x' is not a valid integer"),
         (["--log-format", "console", "--log-format", "json", "--set"], "'--set' requires"),
+        # Found by train itself, which writes the event: still exactly one.
+        (["--log-format", "json", "--set", "novalue"], "expected KEY=VALUE"),
     ],
 )
 def test_a_usage_error_with_json_logs_ends_with_the_exit_event(

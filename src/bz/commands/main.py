@@ -19,7 +19,13 @@ from bz._errors import BzError
 from bz.commands.catalog import list_metrics, list_plugins
 from bz.commands.health import health
 from bz.commands.init import init
-from bz.commands.options import EXIT_INTERRUPTED, LAUNCH_ERRORS_ENV, fail, report_to_launcher
+from bz.commands.options import (
+    EXIT_EVENT_WRITTEN,
+    EXIT_INTERRUPTED,
+    LAUNCH_ERRORS_ENV,
+    fail,
+    report_to_launcher,
+)
 from bz.commands.report import report_command
 from bz.commands.schema import config_schema
 from bz.commands.train import check_config, train, validate
@@ -46,7 +52,8 @@ class _BzGroup(click.Group):
             command = exc.ctx.command_path if exc.ctx is not None else "bz"
             message = f"{command}: {exc.format_message()} (see '{command} --help')"
             fail(message)
-            if _asks_for_json(exc.ctx, _arguments(args, kwargs)):
+            written = exc.ctx is not None and exc.ctx.meta.get(EXIT_EVENT_WRITTEN, False)
+            if not written and _asks_for_json(exc.ctx, _arguments(args, kwargs)):
                 _exit_event(exc.exit_code, message)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:

@@ -19,6 +19,7 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
+    "EXIT_EVENT_WRITTEN",
     "EXIT_INTERRUPTED",
     "LAUNCH_ERRORS_ENV",
     "config_option",
@@ -35,6 +36,11 @@ __all__ = [
 
 EXIT_INTERRUPTED = 130
 """The shell's code for Ctrl-C (128 + SIGINT)."""
+
+
+EXIT_EVENT_WRITTEN = "bz.exit_event_written"
+"""Key in click's context ``meta``: ``bz train`` has ended its json stream with the
+``exit`` event already, so the group does not write a second one."""
 
 
 LAUNCH_ERRORS_ENV = "BZ_LAUNCH_ERROR_DIR"

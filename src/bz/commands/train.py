@@ -23,6 +23,7 @@ import click
 
 from bz._errors import BzError, ConfigError, UsageError
 from bz.commands.options import (
+    EXIT_EVENT_WRITTEN,
     EXIT_INTERRUPTED,
     LAUNCH_ERRORS_ENV,
     config_option,
@@ -231,6 +232,8 @@ def _outcome_line(enabled: bool) -> Iterator[None]:
         raise
     except click.ClickException as exc:  # a bad --set
         log.error("exit", exit_code=exc.exit_code, error=exc.format_message())
+        # The group writes the event for usage errors click finds before train runs.
+        click.get_current_context().meta[EXIT_EVENT_WRITTEN] = True
         raise
     except KeyboardInterrupt as exc:
         # The code the group exits with: 128 + the signal when one is named (SIGTERM
