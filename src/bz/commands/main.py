@@ -25,6 +25,7 @@ from bz.commands.options import (
     LAUNCH_ERRORS_ENV,
     fail,
     report_to_launcher,
+    usage_message,
 )
 from bz.commands.report import report_command
 from bz.commands.schema import config_schema
@@ -49,8 +50,7 @@ class _BzGroup(click.Group):
             if type(exc).__name__ == "NoArgsIsHelpError":  # plain `bz`: the help, as asked
                 exc.show()
                 sys.exit(exc.exit_code)
-            command = exc.ctx.command_path if exc.ctx is not None else "bz"
-            message = f"{command}: {exc.format_message()} (see '{command} --help')"
+            message = usage_message(exc)
             fail(message)
             written = exc.ctx is not None and exc.ctx.meta.get(EXIT_EVENT_WRITTEN, False)
             if not written and _asks_for_json(exc.ctx, _arguments(args, kwargs)):

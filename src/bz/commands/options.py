@@ -31,6 +31,7 @@ __all__ = [
     "set_option",
     "strict_plugins_option",
     "traceback_option",
+    "usage_message",
 ]
 
 
@@ -66,6 +67,12 @@ def report_to_launcher(message: str) -> bool:
 def fail(message: str) -> None:
     """One ``bz: error: ...`` line on stderr."""
     click.echo(f"bz: error: {message}", err=True)
+
+
+def usage_message(exc: click.UsageError) -> str:
+    """A usage error as ``bz: error:`` shows it: the command, the problem, where help is."""
+    command = exc.ctx.command_path if exc.ctx is not None else "bz"
+    return f"{command}: {exc.format_message()} (see '{command} --help')"
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

@@ -33,6 +33,7 @@ from bz.commands.options import (
     set_option,
     strict_plugins_option,
     traceback_option,
+    usage_message,
 )
 
 if TYPE_CHECKING:
@@ -230,8 +231,10 @@ def _outcome_line(enabled: bool) -> Iterator[None]:
     except click.exceptions.Exit as exc:  # interrupted: 130 / 143
         log.warning("exit", exit_code=exc.exit_code, error="interrupted")
         raise
-    except click.ClickException as exc:  # a bad --set
-        log.error("exit", exit_code=exc.exit_code, error=exc.format_message())
+    except click.UsageError as exc:  # a bad --set
+        if exc.ctx is None:  # click names the command later, as it leaves train
+            exc.ctx = click.get_current_context()
+        log.error("exit", exit_code=exc.exit_code, error=usage_message(exc))
         # The group writes the event for usage errors click finds before train runs.
         click.get_current_context().meta[EXIT_EVENT_WRITTEN] = True
         raise
