@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bz._errors import BzError, ConfigError, UsageError
+from bz.commands.launch import command_line, launch
 from bz.commands.options import (
     EXIT_EVENT_WRITTEN,
     EXIT_INTERRUPTED,
-    LAUNCH_ERRORS_ENV,
     config_option,
     fail,
     log_options,
@@ -187,7 +186,7 @@ def _train_command(
         from bz._run import check_before_launch
 
         check_before_launch(config_path, _overrides(assignments, named), smoke=smoke)
-        _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
+        launch(nproc_per_node, command_line(click.get_current_context(), {"nproc_per_node"}))
         return
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank:  # other ranks speak up only when something is wrong
@@ -355,68 +354,6 @@ def _overrides(assignments: Sequence[str], named: dict[str, Any]) -> dict[str, A
     overrides = parse_assignments(assignments)
     overrides.update({key: value for key, value in named.items() if value is not None})
     return overrides
-
-
-def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
-    """The command's own arguments again (``drop`` left out), to start it elsewhere."""
-    assert ctx.info_name is not None
-    args = [ctx.info_name]
-    for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name in drop or param.name is None:
-            continue
-        value = ctx.params.get(param.name)
-        if ctx.get_parameter_source(param.name) is not click.core.ParameterSource.COMMANDLINE:
-            continue
-        if param.is_flag and param.secondary_opts:  # --x/--no-x
-            args.append(param.opts[0] if value else param.secondary_opts[0])
-        elif param.is_flag:
-            args.append(param.opts[0])
-        elif param.multiple:
-            for item in value or ():
-                args += [param.opts[0], str(item)]
-        else:
-            args += [param.opts[0], str(value)]
-    return args
-
-
-def _launch(nproc_per_node: int, args: list[str]) -> None:
-    """Run ``bz <args>`` in several processes; a failed process fails the command, with
-    the error it reported (see :data:`~bz.commands.options.LAUNCH_ERRORS_ENV`)."""
-    with tempfile.TemporaryDirectory(prefix="bz-launch-") as errors:
-        os.environ[LAUNCH_ERRORS_ENV] = errors  # the processes inherit it
-        try:
-            _launch_and_report(nproc_per_node, args, Path(errors))
-        finally:
-            del os.environ[LAUNCH_ERRORS_ENV]
-
-
-def _launch_and_report(nproc_per_node: int, args: list[str], errors: Path) -> None:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from bz._distributed import launch
-
-    try:
-        launch(nproc_per_node, args)
-    except SignalException as exc:
-        # Ctrl-C or SIGTERM reached the launcher, which passed it on to the processes;
-        # they finished their step together and rank 0 said where the checkpoint is.
-        raise click.exceptions.Exit(128 + int(exc.sigval)) from None
-    except ChildFailedError as exc:
-        # The first process to fail is the cause; the launcher stops the others.
-        rank, first = exc.get_first_failure()
-        message = f"process rank {rank} exited with code {first.exitcode}"
-        if first.exitcode < 0:
-            with contextlib.suppress(ValueError):
-                message += f" (killed by {signal.Signals(-first.exitcode).name})"
-        if len(exc.failures) > 1:
-            message += "; the other processes were stopped"
-        reported = errors / f"rank-{rank}.txt"
-        said = reported.read_text(encoding="utf-8") if reported.is_file() else None
-        if first.exitcode == UsageError.exit_code:
-            # Bad input is the same for every process: its line, once, is the whole story.
-            raise UsageError(said or message) from None
-        raise BzError(f"{said}\n{message}" if said else message) from None
 
 
 def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
