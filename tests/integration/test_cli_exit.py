@@ -194,3 +194,41 @@ def test_an_error_in_every_process_is_printed_once(
     for error, expected in zip(errors, lines, strict=True):
         assert expected in error
     assert "bz: interrupted" not in done.stderr
+
+
+def test_bad_input_found_before_launching_ends_with_one_exit_event(
+    project: ProjectFactory,
+) -> None:
+    project()
+    result = bz(
+        "train", "--nproc-per-node", "2", "--log-format", "json", "--set", 'plugins=["nope"]'
+    )
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    (event,) = [e for e in json_events(result.stdout) if e["event"] == "exit"]
+    assert event["exit_code"] == 2
+    assert f"bz: error: {event['error']}" == line
+
+
+@pytest.mark.slow
+def test_several_processes_end_their_json_stream_with_one_exit_event(
+    project: ProjectFactory,
+) -> None:
+    folder = project(train_py="def setup(config):\n    return None\n")
+    env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2", "--log-format", "json"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    events = json_events(done.stdout)
+    exits = [e for e in events if e["event"] == "exit"]
+    assert len(exits) == 1, done.stdout
+    assert exits[0] == events[-1]
+    assert exits[0]["exit_code"] == 2
+    assert "setup returned NoneType" in exits[0]["error"]

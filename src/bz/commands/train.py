@@ -25,6 +25,7 @@ from bz.commands.launch import command_line, launch
 from bz.commands.options import (
     EXIT_EVENT_WRITTEN,
     EXIT_INTERRUPTED,
+    LAUNCH_ERRORS_ENV,
     config_option,
     fail,
     log_options,
@@ -178,16 +179,11 @@ def _train_command(
     smoke: bool,
     nproc_per_node: int | None,
 ) -> None:
-    """``bz train``'s body: launch several processes, or configure logging and train."""
+    """``bz train``'s body: configure logging, then launch several processes or train."""
     from bz import _logging
 
-    if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        # Checked once here, so bad input is one line, not one per process.
-        from bz._run import check_before_launch
-
-        check_before_launch(config_path, _overrides(assignments, named), smoke=smoke)
-        launch(nproc_per_node, command_line(click.get_current_context(), {"nproc_per_node"}))
-        return
+    processes = nproc_per_node or 1
+    launching = processes > 1 and "LOCAL_RANK" not in os.environ
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank:  # other ranks speak up only when something is wrong
         log_level = "warning" if log_level in ("debug", "info") else log_level
@@ -196,7 +192,18 @@ def _train_command(
         import structlog
 
         structlog.contextvars.bind_contextvars(rank=rank)
-    with _outcome_line(log_format == "json"):
+    # The processes bz's launcher starts leave the exit event to it: one for the run.
+    exit_event = log_format == "json" and not os.environ.get(LAUNCH_ERRORS_ENV)
+    with _outcome_line(exit_event):
+        if launching:
+            # Checked once here, so bad input is one line, not one per process.
+            from bz._run import check_before_launch
+
+            check_before_launch(config_path, _overrides(assignments, named), smoke=smoke)
+            launch(
+                nproc_per_node or 1, command_line(click.get_current_context(), {"nproc_per_node"})
+            )
+            return
         _train(
             config_path,
             assignments,
