@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bz._errors import ConfigError, UsageError
 from bz._logging import get_logger
@@ -22,7 +22,9 @@ from bz.config import (
 
 if TYPE_CHECKING:
     from bz._checkpoint import ModelPayload
-    from bz.plugins._sandbox import ErrorPolicy
+    from bz._setup import SetupFunction
+    from bz.metrics import Metric
+    from bz.plugins._sandbox import ErrorPolicy, PluginSet
     from bz.training.evaluate import Evaluation
     from bz.training.result import FitResult
 
@@ -108,6 +110,18 @@ def config_source(config: RunConfig | str | os.PathLike[str] | None) -> str | No
     return str(file) if file.exists() or explicit else None
 
 
+def blamed_source(
+    config: RunConfig | str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None,
+    key: str,
+) -> str | None:
+    """Where the value of ``key`` (``plugins`` or ``metrics``) came from, for its errors:
+    ``--set`` when an override replaced it, else the config file (None: built in code)."""
+    if overrides and any(name == key or name.startswith(f"{key}.") for name in overrides):
+        return "--set"
+    return config_source(config)
+
+
 def run(
     config: RunConfig | str | os.PathLike[str] | None = None,
     *,
@@ -126,42 +140,14 @@ def run(
     validation batch with every plugin and metric, writes and reads no checkpoint, and
     ignores the step and time limits: a quick check that a run would start.
     """
-    from bz._setup import call_setup, load_setup_function
-    from bz.metrics import build_metrics
-    from bz.plugins._loader import load_plugins
-    from bz.training.device import resolve_device, seed_everything
-    from bz.training.precision import check_precision
+    from bz._setup import call_setup
+    from bz.training.device import seed_everything
     from bz.training.trainer import fit_seeded
 
-    run_config, base = config_and_base(config, overrides, base_dir)
-    if plugin_errors is not None:
-        run_config = run_config.with_overrides(plugin_errors=plugin_errors)
-    if smoke:
-        run_config = run_config.with_overrides(**SMOKE_OVERRIDES)
-
-    # Everything the config names is checked before the user's code runs; problems in
-    # plugin and metric options name the file, as `bz check-config` does.
-    source = config_source(config)
-    with _attributed_to(source):
-        metrics = build_metrics(run_config.metrics)
+    run_config, base, metrics, setup_function, plugins = _prepare(
+        config, overrides, plugin_errors, base_dir, smoke
+    )
     script = base / run_config.train_script
-    setup_function = load_setup_function(script)
-    with _attributed_to(source):
-        plugins = load_plugins(run_config.plugins, run_config)
-    # An unusable device, or a precision it cannot do, is reported before setup() runs.
-    check_precision(run_config.precision, resolve_device(run_config.device))
-    if (
-        run_config.checkpoint_interval > 0
-        or run_config.checkpoint_every_steps is not None
-        or run_config.checkpoint_every_seconds is not None
-    ):
-        # A run that cannot keep what it trains should not start: a read-only or
-        # missing mount is found now, not after hours of training.
-        from bz._checkpoint_store import writable_problem
-
-        problem = writable_problem(base / run_config.checkpoint_dir)
-        if problem is not None:
-            raise UsageError(problem)
     if run_config.seed is not None:
         seed_everything(run_config.seed)
     setup = call_setup(setup_function, run_config, script)
@@ -179,6 +165,73 @@ def run(
         checkpoint_dir=base / run_config.checkpoint_dir,
         limit_batches=1 if smoke else None,
     )
+
+
+class _Prepared(NamedTuple):
+    """A run checked up to the user's ``setup()``: what ``fit`` needs besides it."""
+
+    config: RunConfig
+    base: Path
+    metrics: dict[str, Metric]
+    setup_function: SetupFunction
+    plugins: PluginSet
+
+
+def _prepare(
+    config: RunConfig | str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None,
+    plugin_errors: ErrorPolicy | None,
+    base_dir: str | os.PathLike[str] | None,
+    smoke: bool,
+) -> _Prepared:
+    """Everything :func:`run` checks before train.py's ``setup()`` runs (bad input: a
+    :class:`UsageError`), in order: config, metrics, train.py, plugins, device, folder."""
+    from bz._setup import load_setup_function
+    from bz.metrics import build_metrics
+    from bz.plugins._loader import load_plugins
+    from bz.training.device import resolve_device
+    from bz.training.precision import check_precision
+
+    run_config, base = config_and_base(config, overrides, base_dir)
+    if plugin_errors is not None:
+        run_config = run_config.with_overrides(plugin_errors=plugin_errors)
+    if smoke:
+        run_config = run_config.with_overrides(**SMOKE_OVERRIDES)
+
+    # Everything the config names is checked before the user's code runs; problems in
+    # plugin and metric options name the file, as `bz check-config` does (or `--set`,
+    # when the list came from the command line).
+    with _attributed_to(blamed_source(config, overrides, "metrics")):
+        metrics = build_metrics(run_config.metrics)
+    setup_function = load_setup_function(base / run_config.train_script)
+    with _attributed_to(blamed_source(config, overrides, "plugins")):
+        plugins = load_plugins(run_config.plugins, run_config)
+    # An unusable device, or a precision it cannot do, is reported before setup() runs.
+    check_precision(run_config.precision, resolve_device(run_config.device))
+    if (
+        run_config.checkpoint_interval > 0
+        or run_config.checkpoint_every_steps is not None
+        or run_config.checkpoint_every_seconds is not None
+    ):
+        # A run that cannot keep what it trains should not start: a read-only or
+        # missing mount is found now, not after hours of training.
+        from bz._checkpoint_store import writable_problem
+
+        problem = writable_problem(base / run_config.checkpoint_dir)
+        if problem is not None:
+            raise UsageError(problem)
+    return _Prepared(run_config, base, metrics, setup_function, plugins)
+
+
+def check_before_launch(
+    config: str | os.PathLike[str] | None, overrides: Mapping[str, Any], *, smoke: bool
+) -> None:
+    """What every process of ``bz train --nproc-per-node N`` checks before ``setup()``,
+    done once in the launcher, so that bad input is one error line, not one per process.
+
+    This imports train.py (to find its ``setup``) in the launcher as well.
+    """
+    _prepare(config, overrides, None, None, smoke)
 
 
 SMOKE_OVERRIDES: Mapping[str, Any] = {

@@ -7,6 +7,7 @@ interrupted. Errors are one line on stderr, never a traceback (``--traceback`` o
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,14 @@ from bz._errors import BzError
 from bz.commands.catalog import list_metrics, list_plugins
 from bz.commands.health import health
 from bz.commands.init import init
-from bz.commands.options import EXIT_INTERRUPTED, fail
+from bz.commands.options import (
+    EXIT_EVENT_WRITTEN,
+    EXIT_INTERRUPTED,
+    LAUNCH_ERRORS_ENV,
+    fail,
+    report_to_launcher,
+    usage_message,
+)
 from bz.commands.report import report_command
 from bz.commands.schema import config_schema
 from bz.commands.train import check_config, train, validate
@@ -42,8 +50,11 @@ class _BzGroup(click.Group):
             if type(exc).__name__ == "NoArgsIsHelpError":  # plain `bz`: the help, as asked
                 exc.show()
                 sys.exit(exc.exit_code)
-            command = exc.ctx.command_path if exc.ctx is not None else "bz"
-            fail(f"{command}: {exc.format_message()} (see '{command} --help')")
+            message = usage_message(exc)
+            fail(message)
+            written = exc.ctx is not None and exc.ctx.meta.get(EXIT_EVENT_WRITTEN, False)
+            if not written and _asks_for_json(exc.ctx, _arguments(args, kwargs)):
+                _exit_event(exc.exit_code, message)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             exc.show()
@@ -57,14 +68,60 @@ class _BzGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BzError as exc:
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                fail(line)
+            lines = str(exc).splitlines() or [type(exc).__name__]
+            if not report_to_launcher("\n".join(lines)):
+                for line in lines:
+                    fail(line)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
-            click.echo("bz: interrupted", err=True)
+            # A process bz's launcher started is stopped by it when another one failed:
+            # the launcher reports why (and a real Ctrl-C reaches it too).
+            if not os.environ.get(LAUNCH_ERRORS_ENV):
+                click.echo("bz: interrupted", err=True)
             # A second SIGTERM says which signal it was (143); plain Ctrl-C is 130.
             number = getattr(exc, "signal", None)
             ctx.exit(128 + int(number) if number is not None else EXIT_INTERRUPTED)
+
+
+def _arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """The command line click parsed (``main(args=...)``, else the process's own)."""
+    given = kwargs.get("args", args[0] if args else None)
+    return [str(a) for a in given] if given is not None else sys.argv[1:]
+
+
+def _asks_for_json(ctx: click.Context | None, arguments: Sequence[str]) -> bool:
+    """Whether the failed command is ``bz train`` (whose json stream always ends with an
+    ``exit`` event) and the command line says ``--log-format json``.
+
+    Read from the raw arguments, since click stopped before it parsed them all: the last
+    ``--log-format`` wins, as it would have. A bad value (``--log-format xml``) is not
+    json, and the format then is unknown: stderr's line is the only one.
+    """
+    # An option missing its value (`bz train --set`) fails before click has made train's
+    # context, so the error carries none: the command is then the first argument.
+    if ctx is None or isinstance(ctx.command, click.Group):
+        if arguments[:1] != ["train"]:
+            return False
+    elif ctx.command.name != "train":
+        return False
+    chosen = None
+    tokens = iter(arguments)
+    for token in tokens:
+        if token == "--":
+            break
+        if token == "--log-format":
+            chosen = next(tokens, None)
+        elif token.startswith("--log-format="):
+            chosen = token.partition("=")[2]
+    return chosen == "json"
+
+
+def _exit_event(exit_code: int, error: str) -> None:
+    """The ``exit`` event ``--log-format json`` ends stdout with, for a run that never began."""
+    from bz import _logging
+
+    _logging.configure("json", "info")
+    _logging.get_logger("bz").error("exit", exit_code=exit_code, error=error)
 
 
 @click.group(

@@ -9,7 +9,9 @@ and ``--strict-plugins``; ``train``, ``check-config`` and ``tune`` have ``--trac
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -17,15 +19,19 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
+    "EXIT_EVENT_WRITTEN",
     "EXIT_INTERRUPTED",
+    "LAUNCH_ERRORS_ENV",
     "config_option",
     "fail",
     "log_options",
     "parse_assignment",
     "parse_assignments",
+    "report_to_launcher",
     "set_option",
     "strict_plugins_option",
     "traceback_option",
+    "usage_message",
 ]
 
 
@@ -33,9 +39,40 @@ EXIT_INTERRUPTED = 130
 """The shell's code for Ctrl-C (128 + SIGINT)."""
 
 
+EXIT_EVENT_WRITTEN = "bz.exit_event_written"
+"""Key in click's context ``meta``: ``bz train`` has ended its json stream with the
+``exit`` event already, so the group does not write a second one."""
+
+
+LAUNCH_ERRORS_ENV = "BZ_LAUNCH_ERROR_DIR"
+"""Set by ``bz train --nproc-per-node N`` for its processes: the folder where each one
+writes its error (``rank-R.txt``) instead of printing it, so that the launcher prints
+the first failure's once rather than every process printing the same line."""
+
+
+def report_to_launcher(message: str) -> bool:
+    """Hand ``message`` to the launcher of this process (see :data:`LAUNCH_ERRORS_ENV`);
+    False when not launched by bz or the file cannot be written (print it then)."""
+    folder = os.environ.get(LAUNCH_ERRORS_ENV)
+    if not folder:
+        return False
+    try:
+        path = Path(folder) / f"rank-{int(os.environ.get('RANK', '0') or 0)}.txt"
+        path.write_text(message, encoding="utf-8")
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def fail(message: str) -> None:
     """One ``bz: error: ...`` line on stderr."""
     click.echo(f"bz: error: {message}", err=True)
+
+
+def usage_message(exc: click.UsageError) -> str:
+    """A usage error as ``bz: error:`` shows it: the command, the problem, where help is."""
+    command = exc.ctx.command_path if exc.ctx is not None else "bz"
+    return f"{command}: {exc.format_message()} (see '{command} --help')"
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

@@ -21,8 +21,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bz._errors import BzError, ConfigError, UsageError
+from bz.commands.launch import command_line, launch
 from bz.commands.options import (
+    EXIT_EVENT_WRITTEN,
     EXIT_INTERRUPTED,
+    LAUNCH_ERRORS_ENV,
     config_option,
     fail,
     log_options,
@@ -30,6 +33,7 @@ from bz.commands.options import (
     set_option,
     strict_plugins_option,
     traceback_option,
+    usage_message,
 )
 
 if TYPE_CHECKING:
@@ -113,24 +117,73 @@ def train(
     (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130
     (143).
     """
+    with _sigterm_stops():
+        _train_command(
+            config_path,
+            assignments,
+            {
+                "epochs": epochs,
+                "device": device,
+                "seed": seed,
+                "compile": compile_model,
+                "checkpoint_interval": checkpoint_interval,
+                # A folder typed on the command line is relative to where the user is.
+                "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
+                "resume": resume,
+                "plugin_errors": "raise" if strict_plugins else None,
+            },
+            log_format,
+            log_level,
+            show_traceback,
+            smoke=smoke,
+            nproc_per_node=nproc_per_node,
+        )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM before training's own handlers are in place (while train.py's setup runs).
+
+    A ``KeyboardInterrupt`` with ``signal``, as a second signal during training is, so
+    the command exits 143 (128 + SIGTERM) and ``--log-format json`` ends with its
+    ``exit`` event instead of the process dying silently with -15.
+    """
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__("terminated")
+        self.signal = signal.Signals(signal_number)
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while ``bz train`` runs (``fit`` installs its own
+    handler on top, which finishes the step first, and puts this one back)."""
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train_command(
+    config_path: str | None,
+    assignments: Sequence[str],
+    named: dict[str, Any],
+    log_format: str,
+    log_level: str,
+    show_traceback: bool,
+    *,
+    smoke: bool,
+    nproc_per_node: int | None,
+) -> None:
+    """``bz train``'s body: configure logging, then launch several processes or train."""
     from bz import _logging
 
-    named: dict[str, Any] = {
-        "epochs": epochs,
-        "device": device,
-        "seed": seed,
-        "compile": compile_model,
-        "checkpoint_interval": checkpoint_interval,
-        # A folder typed on the command line is relative to where the user is.
-        "checkpoint_dir": str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
-        "resume": resume,
-        "plugin_errors": "raise" if strict_plugins else None,
-    }
-    if nproc_per_node is not None and nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        # Checked once here, so a bad config is one line, not one per process.
-        _check_before_launch(config_path, _overrides(assignments, named))
-        _launch(nproc_per_node, _command_line(click.get_current_context(), {"nproc_per_node"}))
-        return
+    processes = nproc_per_node or 1
+    launching = processes > 1 and "LOCAL_RANK" not in os.environ
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank:  # other ranks speak up only when something is wrong
         log_level = "warning" if log_level in ("debug", "info") else log_level
@@ -139,7 +192,18 @@ def train(
         import structlog
 
         structlog.contextvars.bind_contextvars(rank=rank)
-    with _outcome_line(log_format == "json"):
+    # The processes bz's launcher starts leave the exit event to it: one for the run.
+    exit_event = log_format == "json" and not os.environ.get(LAUNCH_ERRORS_ENV)
+    with _outcome_line(exit_event):
+        if launching:
+            # Checked once here, so bad input is one line, not one per process.
+            from bz._run import check_before_launch
+
+            check_before_launch(config_path, _overrides(assignments, named), smoke=smoke)
+            launch(
+                nproc_per_node or 1, command_line(click.get_current_context(), {"nproc_per_node"})
+            )
+            return
         _train(
             config_path,
             assignments,
@@ -173,11 +237,19 @@ def _outcome_line(enabled: bool) -> Iterator[None]:
     except click.exceptions.Exit as exc:  # interrupted: 130 / 143
         log.warning("exit", exit_code=exc.exit_code, error="interrupted")
         raise
-    except click.ClickException as exc:  # a bad --set
-        log.error("exit", exit_code=exc.exit_code, error=exc.format_message())
+    except click.UsageError as exc:  # a bad --set
+        if exc.ctx is None:  # click names the command later, as it leaves train
+            exc.ctx = click.get_current_context()
+        log.error("exit", exit_code=exc.exit_code, error=usage_message(exc))
+        # The group writes the event for usage errors click finds before train runs.
+        click.get_current_context().meta[EXIT_EVENT_WRITTEN] = True
         raise
-    except KeyboardInterrupt:
-        log.warning("exit", exit_code=EXIT_INTERRUPTED, error="interrupted")
+    except KeyboardInterrupt as exc:
+        # The code the group exits with: 128 + the signal when one is named (SIGTERM
+        # during setup, a second SIGTERM during training), else Ctrl-C's 130.
+        number = getattr(exc, "signal", None)
+        code = 128 + int(number) if number is not None else EXIT_INTERRUPTED
+        log.warning("exit", exit_code=code, error="interrupted")
         raise
     log.info("exit", exit_code=0)
 
@@ -289,68 +361,6 @@ def _overrides(assignments: Sequence[str], named: dict[str, Any]) -> dict[str, A
     overrides = parse_assignments(assignments)
     overrides.update({key: value for key, value in named.items() if value is not None})
     return overrides
-
-
-def _check_before_launch(config_path: str | None, overrides: dict[str, Any]) -> None:
-    """What each process would check first: the config, its metrics, plugin options, the device."""
-    from bz._run import config_and_base
-    from bz.metrics import build_metrics
-    from bz.plugins._loader import load_plugins
-    from bz.training.device import resolve_device
-
-    run_config, _ = config_and_base(config_path, overrides, None)
-    build_metrics(run_config.metrics)
-    load_plugins(run_config.plugins, run_config)
-    resolve_device(run_config.device)
-
-
-def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
-    """The command's own arguments again (``drop`` left out), to start it elsewhere."""
-    assert ctx.info_name is not None
-    args = [ctx.info_name]
-    for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name in drop or param.name is None:
-            continue
-        value = ctx.params.get(param.name)
-        if ctx.get_parameter_source(param.name) is not click.core.ParameterSource.COMMANDLINE:
-            continue
-        if param.is_flag and param.secondary_opts:  # --x/--no-x
-            args.append(param.opts[0] if value else param.secondary_opts[0])
-        elif param.is_flag:
-            args.append(param.opts[0])
-        elif param.multiple:
-            for item in value or ():
-                args += [param.opts[0], str(item)]
-        else:
-            args += [param.opts[0], str(value)]
-    return args
-
-
-def _launch(nproc_per_node: int, args: list[str]) -> None:
-    """Run ``bz <args>`` in several processes; a failed process fails the command."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from bz._distributed import launch
-
-    try:
-        launch(nproc_per_node, args)
-    except SignalException as exc:
-        # Ctrl-C or SIGTERM reached the launcher, which passed it on to the processes;
-        # they finished their step together and rank 0 said where the checkpoint is.
-        raise click.exceptions.Exit(128 + int(exc.sigval)) from None
-    except ChildFailedError as exc:
-        # The first process to fail is the cause; the launcher stops the others.
-        rank, first = exc.get_first_failure()
-        message = f"process rank {rank} exited with code {first.exitcode}"
-        if first.exitcode < 0:
-            with contextlib.suppress(ValueError):
-                message += f" (killed by {signal.Signals(-first.exitcode).name})"
-        if len(exc.failures) > 1:
-            message += "; the other processes were stopped"
-        if first.exitcode == UsageError.exit_code:
-            raise UsageError(message) from None
-        raise BzError(message) from None
 
 
 def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
