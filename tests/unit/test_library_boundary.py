@@ -1,8 +1,7 @@
-"""The library never imports the command line, and both ways of starting ``bz`` work.
+"""Both ways of starting ``bz`` run the same command line.
 
-``bz.commands`` (click) sits on top of the library: an embedder who imports bz, runs
-training or writes a plugin must not load it, and an import of it from below would
-make a cycle again.
+(That the library never imports ``bz.commands`` is checked on the import graph, in
+``test_import_graph.py``.)
 """
 
 from __future__ import annotations
@@ -12,17 +11,6 @@ import sys
 from importlib.metadata import entry_points
 
 import pytest
-
-LIBRARY = (
-    "bz, bz.config, bz.plugins, bz.metrics, bz.testing, bz._run, bz._setup, "
-    "bz.training.trainer, bz.plugins._loader, bz.plugins.optuna_search"
-)
-
-
-def test_the_library_does_not_import_the_commands() -> None:
-    code = f"import sys, {LIBRARY}; print(sorted(m for m in sys.modules if 'commands' in m))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
 
 
 def test_python_dash_m_bz_runs_the_command_line() -> None:
