@@ -13,6 +13,7 @@ to import, and most runs never need it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from bz._errors import UsageError
 
@@ -145,3 +147,67 @@ def local_parameter_bytes(model: torch.nn.Module) -> int:
         local = param.to_local() if hasattr(param, "to_local") else param
         total += local.numel() * local.element_size()
     return total
+
+
+def whole_tensors(state: Any) -> Any:
+    """``state`` with every sharded tensor (``DTensor``) gathered whole, on every process.
+
+    A plugin's state is written by rank 0 alone; the shards of the others would be
+    lost (early stopping's best weights, a ``model.state_dict()`` copy, are sharded).
+    Every process must call it with states of the same structure (collectives).
+    """
+    if isinstance(state, DTensor):
+        return state.full_tensor()
+    if isinstance(state, Mapping):
+        return {key: whole_tensors(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(whole_tensors(value) for value in state)
+    return state
+
+
+def has_sharded_tensors(state: Any) -> bool:
+    """Whether ``state`` holds a ``DTensor`` anywhere."""
+    if isinstance(state, DTensor):
+        return True
+    if isinstance(state, Mapping):
+        return any(has_sharded_tensors(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(has_sharded_tensors(value) for value in state)
+    return False
+
+
+def shard_like_model(model: torch.nn.Module, state: Any) -> Any:
+    """``state`` (read from a checkpoint) with every whole tensor stored under one of the
+    model's state-dict keys, with that entry's shape, sharded as the model's entry is.
+
+    A plugin's copy of ``model.state_dict()`` is saved whole (:func:`whole_tensors`), and
+    ``load_state_dict`` of a sharded model takes only sharded tensors: this puts such a
+    copy back into the layout of the loading run, whatever number of processes wrote it.
+    """
+    entries = {
+        key: value for key, value in model.state_dict().items() if isinstance(value, DTensor)
+    }
+    return _shard_like(entries, state)
+
+
+def _shard_like(entries: Mapping[str, DTensor], state: Any) -> Any:
+    if isinstance(state, Mapping):
+        result: dict[Any, Any] = {}
+        for key, value in state.items():
+            like = entries.get(key) if isinstance(key, str) else None
+            if (
+                like is not None
+                and isinstance(value, torch.Tensor)
+                and not isinstance(value, DTensor)
+                and value.shape == like.shape
+            ):
+                value = distribute_tensor(
+                    value.to(like.device_mesh.device_type), like.device_mesh, like.placements
+                )
+            else:
+                value = _shard_like(entries, value)
+            result[key] = value
+        return result
+    if isinstance(state, (list, tuple)):
+        return type(state)(_shard_like(entries, value) for value in state)
+    return state
