@@ -141,3 +141,13 @@ def test_best_weights_kept_by_early_stopping_survive_a_sharded_resume(tmp_path: 
     whole = dict(final.named_parameters())
     for key, value in expected.named_parameters():
         assert torch.equal(whole[key], value), f"{key} is not the best epoch's"
+
+
+def test_a_single_file_checkpoint_resumes_on_two_fsdp_processes(tmp_path: Path) -> None:
+    folder = project(tmp_path / "run", epochs=2)
+    train(folder, "--set", "distributed.strategy=ddp", processes=1)
+    events = train(folder, "--epochs", "3")
+    (resumed,) = [e for e in events if e["event"] == "resumed" and e["rank"] == 0]
+    assert Path(resumed["path"]).name == "epoch-0002.pt"
+    assert sorted(e["epoch"] for e in events if e["event"] == "epoch_finished") == [3]
+    assert not [e for e in events if e["event"] == "plugin_failed"]

@@ -248,6 +248,11 @@ class CheckpointPolicy(CheckpointWrites):
                 from bz._checkpoint_sharded import load_shards
 
                 load_shards(path, run.model, setup.optimizer)
+            elif self.fsdp:  # one process, or DDP, wrote it whole
+                from bz.training.fsdp import load_whole_state
+
+                model_state, optimizer_state = payload["model"], payload["optimizer"]
+                load_whole_state(run.model, setup.optimizer, model_state, optimizer_state)
             else:
                 run.model.load_state_dict(payload["model"])
                 setup.optimizer.load_state_dict(payload["optimizer"])

@@ -211,3 +211,29 @@ def _shard_like(entries: Mapping[str, DTensor], state: Any) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(_shard_like(entries, value) for value in state)
     return state
+
+
+def load_whole_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, Any],
+) -> None:
+    """Load a single-file checkpoint (whole tensors: one process, or DDP) into a sharded
+    model and its optimizer: each process keeps its shard of every tensor."""
+    load_full_weights(model, dict(model_state))
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    state: dict[Any, Any] = {}
+    for index, entries in optimizer_state["state"].items():
+        param = params[index] if isinstance(index, int) and index < len(params) else None
+        if isinstance(param, DTensor):
+            # Per-parameter tensors (momentum, Adam's moments) have its shape; a step
+            # count is a scalar, kept whole as FSDP's optimizer keeps it.
+            entries = {
+                key: distribute_tensor(value, param.device_mesh, param.placements)
+                if isinstance(value, torch.Tensor) and value.shape == param.shape
+                else value
+                for key, value in entries.items()
+            }
+        state[index] = entries
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer_state["param_groups"]})
