@@ -109,7 +109,23 @@ def shard_model(
     for unit in _units(model, config.shard_modules):
         fully_shard(unit, **options)
     fully_shard(model, **options)
+    if any(True for _ in model.buffers()):
+        model.register_forward_hook(_broadcast_buffers)
     _repoint(optimizer, names, dict(model.named_parameters()))
+
+
+def _broadcast_buffers(model: torch.nn.Module, args: Any, output: Any) -> None:
+    """Give every process rank 0's buffers after a training forward.
+
+    FSDP shards parameters only; buffers (batch norm's running statistics) are updated
+    by each process from its own batch and would drift apart, so a checkpoint (DCP keeps
+    one process's copy) could not resume exactly, and model.pt (rank 0's) would not be
+    the weights a checkpoint holds. DDP broadcasts rank 0's before each forward; after
+    it, every process already holds the same ones when a checkpoint is taken.
+    """
+    if model.training and torch.is_grad_enabled():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def _repoint(
