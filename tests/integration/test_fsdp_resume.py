@@ -153,3 +153,52 @@ def test_a_single_file_checkpoint_resumes_on_two_fsdp_processes(tmp_path: Path) 
     assert Path(resumed["path"]).name == "epoch-0002.pt"
     assert sorted(e["epoch"] for e in events if e["event"] == "epoch_finished") == [3]
     assert not [e for e in events if e["event"] == "plugin_failed"]
+
+
+TIED = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    import bz
+
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(12, 8)
+            self.mid = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 12, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.mid(self.embed(x))))
+
+
+    def setup(config):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 12, (128,), generator=g)
+        batches = [(x[i : i + 16], (x[i : i + 16] + 1) % 12) for i in range(0, 128, 16)]
+        torch.manual_seed(0)
+        model = Tied()
+        return bz.TrainingSetup(
+            model=model,
+            loss_fn=nn.CrossEntropyLoss(),
+            optimizer=torch.optim.Adam(model.parameters(), lr=0.05),
+            train_loader=batches,
+            val_loader=batches[:2],
+        )
+    """
+)
+
+
+def test_tied_weights_are_sharded_by_the_root_and_stay_tied(tmp_path: Path) -> None:
+    # Each direct child is a unit by default; the embedding and the output layer share
+    # a weight, which fully_shard refuses to put in two units.
+    folder = project(tmp_path / "run", epochs=1, plugins=[], distributed={"strategy": "fsdp"})
+    (folder / "train.py").write_text(TIED, encoding="utf-8")
+    train(folder)
+    events = train(folder, "--epochs", "2")  # a sharded checkpoint of a tied model loads
+    assert [e for e in events if e["event"] == "resumed"]
+    weights = torch.load(run_dir(folder) / "model.pt", weights_only=True)["model"]
+    assert torch.equal(weights["embed.weight"], weights["head.weight"])

@@ -27,10 +27,13 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from bz._errors import UsageError
+from bz._logging import get_logger
 
 if TYPE_CHECKING:
     from bz._distributed import Topology
     from bz.config import FsdpConfig
+
+_log = get_logger("bz")
 
 _PARAM_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -66,17 +69,51 @@ def check_shardable(
             )
 
 
-def _units(model: torch.nn.Module, names: tuple[str, ...] | None) -> list[torch.nn.Module]:
+def units(model: torch.nn.Module, names: tuple[str, ...] | None) -> list[torch.nn.Module]:
+    """The submodules sharded as units before the root, innermost first.
+
+    ``names``: the classes named in ``shard_modules``; None: each direct child that has
+    parameters. A module that shares a parameter with a module outside it (tied
+    weights: an embedding and the output layer) is left out: ``fully_shard`` refuses a
+    parameter that another unit manages, so the root (or a unit enclosing both ends of
+    the tie) holds it.
+    """
     if names is None:
-        return [child for child in model.children() if any(True for _ in child.parameters())]
-    wanted = set(names)
-    # Innermost first: fully_shard on a module claims the parameters its own units do not.
-    matching = [
-        module
-        for module in model.modules()
-        if module is not model and type(module).__name__ in wanted
-    ]
-    return list(reversed(matching))
+        candidates = [child for child in model.children() if any(True for _ in child.parameters())]
+    else:
+        wanted = set(names)
+        # Innermost first: fully_shard on a module claims the parameters its units do not.
+        candidates = list(
+            reversed(
+                [
+                    module
+                    for module in model.modules()
+                    if module is not model and type(module).__name__ in wanted
+                ]
+            )
+        )
+    # Every name of every parameter, a tied one under each of its names.
+    places: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        places.setdefault(id(param), []).append(name)
+    prefixes = {id(module): f"{name}." for name, module in model.named_modules()}
+    chosen: list[torch.nn.Module] = []
+    claimed: set[int] = set()
+    for unit in candidates:
+        prefix = prefixes[id(unit)]
+        own = [id(param) for param in unit.parameters() if id(param) not in claimed]
+        shared = [place for key in own for place in places[key] if not place.startswith(prefix)]
+        if shared:
+            _log.info(
+                "fsdp_unit_skipped",
+                module=prefix[:-1],
+                shares=shared[0],
+                hint="a tied parameter: the root (or an enclosing unit) shards it",
+            )
+            continue
+        chosen.append(unit)
+        claimed.update(own)
+    return chosen
 
 
 def shard_model(
@@ -106,7 +143,7 @@ def shard_model(
     }
     if config.offload_to_cpu:
         options["offload_policy"] = CPUOffloadPolicy()
-    for unit in _units(model, config.shard_modules):
+    for unit in units(model, config.shard_modules):
         fully_shard(unit, **options)
     fully_shard(model, **options)
     if any(True for _ in model.buffers()):
