@@ -4,7 +4,8 @@ A model with nested blocks of one class (at two depths), buffers, a frozen layer
 scheduler, trained by two processes with ``early_stopping`` keeping its best weights:
 those weights are sharded (``DTensor``s) on every process, and a checkpoint must hold
 them whole, or a resumed run restores rank 0's shard on every process. Also: a
-single-file checkpoint (one process, DDP) resumed by two FSDP processes.
+single-file checkpoint (one process, DDP) resumed by two FSDP processes; tied weights;
+and the processes of a launcher killed with SIGKILL stopping instead of training on.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +204,60 @@ def test_tied_weights_are_sharded_by_the_root_and_stay_tied(tmp_path: Path) -> N
     assert [e for e in events if e["event"] == "resumed"]
     weights = torch.load(run_dir(folder) / "model.pt", weights_only=True)["model"]
     assert torch.equal(weights["embed.weight"], weights["head.weight"])
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_processes_stop_when_the_launcher_is_killed_with_sigkill(tmp_path: Path) -> None:
+    # kill -9 on `bz train --nproc-per-node 2` (or a scheduler killing the launcher)
+    # must not leave its processes training on, holding the run's lock.
+    folder = project(tmp_path / "run", epochs=100000, plugins=[])
+    env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2"],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        for _ in range(1200):  # until the first checkpoint: both processes train
+            if list(folder.glob(".bz/checkpoints/*/epoch-0001.dcp.json")):
+                break
+            assert launcher.poll() is None, "the run ended before its first checkpoint"
+            time.sleep(0.1)
+        workers = children(launcher.pid)
+        assert len(workers) == 2, workers
+        launcher.kill()
+        launcher.wait()
+        for _ in range(1200):
+            if not any(alive(pid) for pid in workers):
+                break
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers), "orphaned processes train on"
+    finally:
+        launcher.kill()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, 9)
