@@ -351,7 +351,7 @@ class CheckpointPolicy(CheckpointWrites):
             shards = shard_state(run.model, run.setup.optimizer)
             path = store.folder / sharded_name(epoch, batch)
             # Every process gathers the plugins' sharded tensors whole (rank 0 writes them).
-            plugins = whole_tensors(self._plugin_states())
+            plugins = whole_tensors(self._plugin_states(), keep=run.topology.is_main)
         else:
             path = store.folder / checkpoint_name(epoch, batch)
         payload = None

@@ -202,19 +202,22 @@ def local_parameter_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def whole_tensors(state: Any) -> Any:
-    """``state`` with every sharded tensor (``DTensor``) gathered whole, on every process.
+def whole_tensors(state: Any, *, keep: bool) -> Any:
+    """``state`` with every sharded tensor (``DTensor``) gathered whole on the CPU.
 
     A plugin's state is written by rank 0 alone; the shards of the others would be
     lost (early stopping's best weights, a ``model.state_dict()`` copy, are sharded).
-    Every process must call it with states of the same structure (collectives).
+    Every process must call it with states of the same structure (collectives); only
+    the one that ``keep``s the result holds the whole tensors, one at a time on the
+    device, so no process needs room for the whole model there.
     """
     if isinstance(state, DTensor):
-        return state.full_tensor()
+        whole = state.full_tensor()
+        return whole.cpu() if keep else None
     if isinstance(state, Mapping):
-        return {key: whole_tensors(value) for key, value in state.items()}
+        return {key: whole_tensors(value, keep=keep) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(whole_tensors(value) for value in state)
+        return type(state)(whole_tensors(value, keep=keep) for value in state)
     return state
 
 
