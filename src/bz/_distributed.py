@@ -9,8 +9,11 @@ loop needs. A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) uses none o
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -25,6 +28,9 @@ from bz._logging import get_logger
 Backend = Literal["auto", "gloo", "nccl"]
 
 _log = get_logger("bz")
+
+_PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal this process gets when its parent dies."""
 
 
 @attrs.frozen
@@ -89,6 +95,7 @@ def join(topology: Topology, backend: str, timeout_s: float) -> bool:
         return False
     if not dist.is_available():
         raise UsageError("this torch build has no torch.distributed support")
+    _stop_with_launcher()
     dist.init_process_group(
         backend=backend,
         rank=topology.rank,
@@ -102,6 +109,37 @@ def join(topology: Topology, backend: str, timeout_s: float) -> bool:
         backend=backend,
     )
     return True
+
+
+def _stop_with_launcher() -> None:
+    """Have this process get one SIGTERM when its launcher dies (Linux).
+
+    torchrun stops its processes when it is interrupted, but a launcher killed with
+    SIGKILL (``kill -9``, a scheduler, the OOM killer) cannot: they would train on as
+    orphans, holding the run's lock. The kernel's parent-death signal comes once per
+    thread of the launcher that dies (a child is handed to the next thread), so it is
+    SIGUSR2 here, turned into a single SIGTERM: the processes stop after the same step
+    and write a checkpoint, as when the launcher passes a signal on (a second SIGTERM
+    would stop them at once, without one).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    told: list[bool] = []
+
+    def launcher_died(signum: int, frame: object) -> None:
+        if not told:
+            told.append(True)
+            signal.raise_signal(signal.SIGTERM)
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        signal.signal(signal.SIGUSR2, launcher_died)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGUSR2)
+    except (OSError, AttributeError, ValueError):  # no libc, or not the main thread
+        return
+    if os.getppid() != launcher:  # it died before the request took effect
+        signal.raise_signal(signal.SIGTERM)
 
 
 def leave(created: bool) -> None:

@@ -248,6 +248,11 @@ class CheckpointPolicy(CheckpointWrites):
                 from bz._checkpoint_sharded import load_shards
 
                 load_shards(path, run.model, setup.optimizer)
+            elif self.fsdp:  # one process, or DDP, wrote it whole
+                from bz.training.fsdp import load_whole_state
+
+                model_state, optimizer_state = payload["model"], payload["optimizer"]
+                load_whole_state(run.model, setup.optimizer, model_state, optimizer_state)
             else:
                 run.model.load_state_dict(payload["model"])
                 setup.optimizer.load_state_dict(payload["optimizer"])
@@ -298,6 +303,11 @@ class CheckpointPolicy(CheckpointWrites):
             payload.get("metrics", {}) if carries else {},
         )
         states: Mapping[str, Any] = payload.get("plugins") or {}
+        if self.fsdp:
+            from bz.training.fsdp import shard_like_model
+
+            # Copies of the model's state were saved whole: back into this run's shards.
+            states = shard_like_model(run.model, states)
         for plugin in run.plugins.active:
             if isinstance(plugin, StatefulPlugin) and plugin.name in states:
                 restore = functools.partial(plugin.load_state_dict, states[plugin.name])
@@ -333,18 +343,21 @@ class CheckpointPolicy(CheckpointWrites):
         self.settle()  # at most one write in flight
         # Every process takes part in gathering the interrupted epoch's numbers.
         partial = self._partial_epoch() if batch else (0.0, 0, {})
-        shards = None
+        shards = plugins = None
         if self.fsdp:
             from bz._checkpoint_sharded import shard_state, sharded_name
+            from bz.training.fsdp import whole_tensors
 
             shards = shard_state(run.model, run.setup.optimizer)
             path = store.folder / sharded_name(epoch, batch)
+            # Every process gathers the plugins' sharded tensors whole (rank 0 writes them).
+            plugins = whole_tensors(self._plugin_states(), keep=run.topology.is_main)
         else:
             path = store.folder / checkpoint_name(epoch, batch)
         payload = None
         if run.topology.is_main:
             self._position = (epoch, batch, run.global_step)
-            payload = self._payload(epoch, batch, stopped, *partial, whole=shards is None)
+            payload = self._payload(epoch, batch, stopped, *partial, plugins=plugins)
             if payload is None and shards is None:
                 return
         elif shards is None:
@@ -370,11 +383,15 @@ class CheckpointPolicy(CheckpointWrites):
         samples: int,
         metric_state: dict[str, list[torch.Tensor]],
         *,
-        whole: bool,
+        plugins: dict[str, Any] | None,
     ) -> CheckpointPayload | None:
-        """What rank 0 writes (``whole``: with the model and optimizer; else they are in
-        the shards), or None when something in it could not be read back."""
+        """What rank 0 writes, or None when something in it could not be read back.
+
+        ``plugins``: the plugins' states, already gathered under FSDP, whose model and
+        optimizer are then in the shards; None: a single-file checkpoint, whole.
+        """
         run = self.run
+        whole = plugins is None
         setup = run.setup
         now = capture_rng(run.generators)
         epoch_start = run.epoch_rng if batch and run.epoch_rng is not None else now
@@ -404,7 +421,7 @@ class CheckpointPolicy(CheckpointWrites):
         if problem is not None:
             _log.error("checkpoint_skipped", epoch=epoch, step=run.global_step, error=problem)
             return None
-        payload["plugins"] = self._plugin_states()
+        payload["plugins"] = self._plugin_states() if plugins is None else plugins
         # In the background, the live tensors change under the write: it gets copies.
         return cpu_copy(payload) if self._writer is not None else payload
 
@@ -474,16 +491,27 @@ class CheckpointPolicy(CheckpointWrites):
         for plugin in run.plugins.active:
             if not isinstance(plugin, StatefulPlugin):
                 continue
-            read = functools.partial(_checked_state, plugin)
+            # Under FSDP, sharded tensors are gathered by every process: a plugin that
+            # runs on rank 0 alone cannot keep any (the other shards are not there).
+            alone = self.fsdp and getattr(plugin, "every_rank", False) is not True
+            read = functools.partial(_checked_state, plugin, alone=alone)
             state = guarded(run.plugins, plugin, "state_dict", context, read)
             if state is not None:
                 states[plugin.name] = state
         return states
 
 
-def _checked_state(plugin: StatefulPlugin) -> dict[str, Any]:
+def _checked_state(plugin: StatefulPlugin, *, alone: bool = False) -> dict[str, Any]:
     state = plugin.state_dict()
     problem = loadable_problem(state, "state_dict()")
+    if problem is None and alone:
+        from bz.training.fsdp import has_sharded_tensors
+
+        if has_sharded_tensors(state):
+            problem = (
+                "state_dict() holds sharded tensors (DTensor) but the plugin runs on "
+                "rank 0 only, which has only its own shards (set every_rank = True)"
+            )
     if problem is not None:
         raise TypeError(problem)
     return state

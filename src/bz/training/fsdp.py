@@ -13,6 +13,7 @@ to import, and most runs never need it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,12 +24,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from bz._errors import UsageError
+from bz._logging import get_logger
 
 if TYPE_CHECKING:
     from bz._distributed import Topology
     from bz.config import FsdpConfig
+
+_log = get_logger("bz")
 
 _PARAM_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -64,17 +69,51 @@ def check_shardable(
             )
 
 
-def _units(model: torch.nn.Module, names: tuple[str, ...] | None) -> list[torch.nn.Module]:
+def units(model: torch.nn.Module, names: tuple[str, ...] | None) -> list[torch.nn.Module]:
+    """The submodules sharded as units before the root, innermost first.
+
+    ``names``: the classes named in ``shard_modules``; None: each direct child that has
+    parameters. A module that shares a parameter with a module outside it (tied
+    weights: an embedding and the output layer) is left out: ``fully_shard`` refuses a
+    parameter that another unit manages, so the root (or a unit enclosing both ends of
+    the tie) holds it.
+    """
     if names is None:
-        return [child for child in model.children() if any(True for _ in child.parameters())]
-    wanted = set(names)
-    # Innermost first: fully_shard on a module claims the parameters its own units do not.
-    matching = [
-        module
-        for module in model.modules()
-        if module is not model and type(module).__name__ in wanted
-    ]
-    return list(reversed(matching))
+        candidates = [child for child in model.children() if any(True for _ in child.parameters())]
+    else:
+        wanted = set(names)
+        # Innermost first: fully_shard on a module claims the parameters its units do not.
+        candidates = list(
+            reversed(
+                [
+                    module
+                    for module in model.modules()
+                    if module is not model and type(module).__name__ in wanted
+                ]
+            )
+        )
+    # Every name of every parameter, a tied one under each of its names.
+    places: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        places.setdefault(id(param), []).append(name)
+    prefixes = {id(module): f"{name}." for name, module in model.named_modules()}
+    chosen: list[torch.nn.Module] = []
+    claimed: set[int] = set()
+    for unit in candidates:
+        prefix = prefixes[id(unit)]
+        own = [id(param) for param in unit.parameters() if id(param) not in claimed]
+        shared = [place for key in own for place in places[key] if not place.startswith(prefix)]
+        if shared:
+            _log.info(
+                "fsdp_unit_skipped",
+                module=prefix[:-1],
+                shares=shared[0],
+                hint="a tied parameter: the root (or an enclosing unit) shards it",
+            )
+            continue
+        chosen.append(unit)
+        claimed.update(own)
+    return chosen
 
 
 def shard_model(
@@ -104,10 +143,26 @@ def shard_model(
     }
     if config.offload_to_cpu:
         options["offload_policy"] = CPUOffloadPolicy()
-    for unit in _units(model, config.shard_modules):
+    for unit in units(model, config.shard_modules):
         fully_shard(unit, **options)
     fully_shard(model, **options)
+    if any(True for _ in model.buffers()):
+        model.register_forward_hook(_broadcast_buffers)
     _repoint(optimizer, names, dict(model.named_parameters()))
+
+
+def _broadcast_buffers(model: torch.nn.Module, args: Any, output: Any) -> None:
+    """Give every process rank 0's buffers after a training forward.
+
+    FSDP shards parameters only; buffers (batch norm's running statistics) are updated
+    by each process from its own batch and would drift apart, so a checkpoint (DCP keeps
+    one process's copy) could not resume exactly, and model.pt (rank 0's) would not be
+    the weights a checkpoint holds. DDP broadcasts rank 0's before each forward; after
+    it, every process already holds the same ones when a checkpoint is taken.
+    """
+    if model.training and torch.is_grad_enabled():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def _repoint(
@@ -145,3 +200,96 @@ def local_parameter_bytes(model: torch.nn.Module) -> int:
         local = param.to_local() if hasattr(param, "to_local") else param
         total += local.numel() * local.element_size()
     return total
+
+
+def whole_tensors(state: Any, *, keep: bool) -> Any:
+    """``state`` with every sharded tensor (``DTensor``) gathered whole on the CPU.
+
+    A plugin's state is written by rank 0 alone; the shards of the others would be
+    lost (early stopping's best weights, a ``model.state_dict()`` copy, are sharded).
+    Every process must call it with states of the same structure (collectives); only
+    the one that ``keep``s the result holds the whole tensors, one at a time on the
+    device, so no process needs room for the whole model there.
+    """
+    if isinstance(state, DTensor):
+        whole = state.full_tensor()
+        return whole.cpu() if keep else None
+    if isinstance(state, Mapping):
+        return {key: whole_tensors(value, keep=keep) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(whole_tensors(value, keep=keep) for value in state)
+    return state
+
+
+def has_sharded_tensors(state: Any) -> bool:
+    """Whether ``state`` holds a ``DTensor`` anywhere."""
+    if isinstance(state, DTensor):
+        return True
+    if isinstance(state, Mapping):
+        return any(has_sharded_tensors(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(has_sharded_tensors(value) for value in state)
+    return False
+
+
+def shard_like_model(model: torch.nn.Module, state: Any) -> Any:
+    """``state`` (read from a checkpoint) with every whole tensor stored under one of the
+    model's state-dict keys, with that entry's shape, sharded as the model's entry is.
+
+    A plugin's copy of ``model.state_dict()`` is saved whole (:func:`whole_tensors`), and
+    ``load_state_dict`` of a sharded model takes only sharded tensors: this puts such a
+    copy back into the layout of the loading run, whatever number of processes wrote it.
+    """
+    entries = {
+        key: value for key, value in model.state_dict().items() if isinstance(value, DTensor)
+    }
+    return _shard_like(entries, state)
+
+
+def _shard_like(entries: Mapping[str, DTensor], state: Any) -> Any:
+    if isinstance(state, Mapping):
+        result: dict[Any, Any] = {}
+        for key, value in state.items():
+            like = entries.get(key) if isinstance(key, str) else None
+            if (
+                like is not None
+                and isinstance(value, torch.Tensor)
+                and not isinstance(value, DTensor)
+                and value.shape == like.shape
+            ):
+                value = distribute_tensor(
+                    value.to(like.device_mesh.device_type), like.device_mesh, like.placements
+                )
+            else:
+                value = _shard_like(entries, value)
+            result[key] = value
+        return result
+    if isinstance(state, (list, tuple)):
+        return type(state)(_shard_like(entries, value) for value in state)
+    return state
+
+
+def load_whole_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, Any],
+) -> None:
+    """Load a single-file checkpoint (whole tensors: one process, or DDP) into a sharded
+    model and its optimizer: each process keeps its shard of every tensor."""
+    load_full_weights(model, dict(model_state))
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    state: dict[Any, Any] = {}
+    for index, entries in optimizer_state["state"].items():
+        param = params[index] if isinstance(index, int) and index < len(params) else None
+        if isinstance(param, DTensor):
+            # Per-parameter tensors (momentum, Adam's moments) have its shape; a step
+            # count is a scalar, kept whole as FSDP's optimizer keeps it.
+            entries = {
+                key: distribute_tensor(value, param.device_mesh, param.placements)
+                if isinstance(value, torch.Tensor) and value.shape == param.shape
+                else value
+                for key, value in entries.items()
+            }
+        state[index] = entries
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer_state["param_groups"]})
