@@ -290,6 +290,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     (summary,) = [e for e in events(done.stdout) if e["event"] == "plugin_summary"]
     assert summary["plugins"]["fails_on_rank_one"]["status"] == "quarantined"
 
+    # Started again, the finished run has nothing to train: said once, not once per rank.
+    again = launch(tmp_path, env)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("nothing to train") == 1, again.stderr
+
 
 @pytest.mark.slow
 def test_a_stop_request_on_one_rank_stops_every_rank(tmp_path: Path) -> None:

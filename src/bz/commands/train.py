@@ -267,6 +267,8 @@ def _train(
     """``bz train`` once logging is set up: run, then render the outcome."""
     result = _run(config_path, _overrides(assignments, named), show_traceback, rank, smoke)
     if result.already_complete:
+        if rank != 0:  # every process finds it; one line is enough
+            return
         longer = "--set max_steps=N" if result.stopped_by == "max_steps" else "--epochs"
         click.echo(
             f"bz: nothing to train: this run already finished {result.epochs_completed} "
