@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bz import _checkpoint_store, _rng
+from bz import _rng, _run_lock
 from bz._checkpoint import (
     FINAL_MODEL,
     FORMAT,
@@ -31,14 +31,8 @@ from bz._checkpoint import (
     sidecar,
     unusable_reason,
 )
-from bz._checkpoint_store import (
-    LOCK_FILE,
-    CheckpointStore,
-    RunLock,
-    RunLocked,
-    atomic_save,
-    writable_problem,
-)
+from bz._checkpoint_store import CheckpointStore, atomic_save, writable_problem
+from bz._run_lock import LOCK_FILE, RunLock, RunLocked
 
 
 def _model() -> nn.Module:
@@ -302,7 +296,7 @@ def test_a_second_lock_on_the_run_names_the_holder(tmp_path: Path) -> None:
 
 def test_the_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     script = (
-        "import os, sys; from pathlib import Path; from bz._checkpoint_store import RunLock; "
+        "import os, sys; from pathlib import Path; from bz._run_lock import RunLock; "
         "RunLock(Path(sys.argv[1])).acquire(); os._exit(0)"  # dies without releasing
     )
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
@@ -368,7 +362,7 @@ def test_a_filesystem_without_locks_warns_and_still_trains(
     def no_locks(fd: int) -> bool:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(_checkpoint_store, "_try_lock", no_locks)
+    monkeypatch.setattr(_run_lock, "_try_lock", no_locks)
     stray = tmp_path / ".epoch-0002.pt.4242.tmp"
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"maybe someone's write in progress")

@@ -30,11 +30,12 @@ from bz._checkpoint import (
     loadable_problem,
     unusable_reason,
 )
-from bz._checkpoint_store import CheckpointStore, RunLocked, writable_problem
+from bz._checkpoint_store import CheckpointStore, writable_problem
 from bz._distributed import sum_across
 from bz._errors import TrainingError, UsageError, describe_exception
 from bz._logging import get_logger
 from bz._rng import capture_rng
+from bz._run_lock import RunLocked
 from bz.plugins._protocol import StatefulPlugin
 from bz.plugins._sandbox import guarded
 from bz.training.checkpoint_writes import CheckpointWrites
