@@ -1,9 +1,15 @@
-"""Helpers shared by the tests: a tiny deterministic setup and weight comparison."""
+"""Helpers shared by the tests: a tiny deterministic setup, weight comparison, and
+starting ``bz`` as a user does (its own process)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import textwrap
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,3 +74,26 @@ def assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Te
 
 Events = list[MutableMapping[str, Any]]
 """What the ``events`` fixture yields: structlog's captured event dicts."""
+
+
+def run_bz(
+    folder: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """``python -m bz ARGS`` in ``folder``, in its own process, output captured. Without
+    ``env``: the test's environment less ``BZ_CONFIG`` (which would pick another config)."""
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
+    return subprocess.run(
+        [sys.executable, "-m", "bz", *args],
+        cwd=folder,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def json_events(stdout: str) -> list[dict[str, Any]]:
+    """The events of a ``--log-format json`` stdout (one JSON object per line)."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]

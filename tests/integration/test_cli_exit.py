@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,11 +10,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from tests._support import TINY_TRAIN_PY
+from tests._support import TINY_TRAIN_PY, json_events, run_bz
 
 from bz.commands import cli
 
@@ -24,10 +22,6 @@ ProjectFactory = Callable[..., Path]
 
 def bz(*args: str) -> Result:
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-def json_events(stdout: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 # -- SIGTERM while train.py's setup() runs ------------------------------------------------
@@ -178,16 +172,7 @@ def test_an_error_in_every_process_is_printed_once(
     project: ProjectFactory, setup_body: str, code: int, lines: list[str]
 ) -> None:
     folder = project(train_py=f"def setup(config):\n    {setup_body}\n")
-    env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
-    done = subprocess.run(
-        [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    done = run_bz(folder, "train", "--nproc-per-node", "2")
     assert done.returncode == code, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("bz: error:")]
     assert len(errors) == len(lines), done.stderr
@@ -215,16 +200,7 @@ def test_several_processes_end_their_json_stream_with_one_exit_event(
     project: ProjectFactory,
 ) -> None:
     folder = project(train_py="def setup(config):\n    return None\n")
-    env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
-    done = subprocess.run(
-        [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2", "--log-format", "json"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    done = run_bz(folder, "train", "--nproc-per-node", "2", "--log-format", "json")
     assert done.returncode == 2, done.stderr
     events = json_events(done.stdout)
     exits = [e for e in events if e["event"] == "exit"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests._support import json_events, run_bz
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import bz
@@ -214,15 +215,7 @@ def _snake(name: str) -> str:
 
 
 def launch(folder: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        launch_command(*args),
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    return run_bz(folder, "train", "--nproc-per-node", "2", *args, env=env)
 
 
 def launch_command(*args: str) -> list[str]:
@@ -244,10 +237,6 @@ def run_alone(folder: Path) -> bz.FitResult:
     return bz.run(config, base_dir=folder)
 
 
-def events(stdout: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path) -> None:
     plugins = ["rank_zero_probe", "every_rank_probe", "fails_on_rank_one"]
@@ -257,7 +246,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     )
     done = launch(tmp_path, env, "--log-format", "json")
     assert done.returncode == 0, done.stderr
-    ddp = [e for e in events(done.stdout) if e["event"] == "epoch_finished"]
+    ddp = [e for e in json_events(done.stdout) if e["event"] == "epoch_finished"]
     assert [e["rank"] for e in ddp] == [0, 0], "only rank 0 logs at info level"
 
     # The same run alone, with the global batch (2 processes x 8 = 16).
@@ -287,7 +276,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     # A plugin that failed on rank 1 is quarantined on rank 0 too, from the next epoch.
     ran = sorted(p.name for p in tmp_path.glob("fails_on_rank_one-*"))
     assert ran == ["fails_on_rank_one-0-0", "fails_on_rank_one-1-0"]
-    (summary,) = [e for e in events(done.stdout) if e["event"] == "plugin_summary"]
+    (summary,) = [e for e in json_events(done.stdout) if e["event"] == "plugin_summary"]
     assert summary["plugins"]["fails_on_rank_one"]["status"] == "quarantined"
 
     # Started again, the finished run has nothing to train: said once, not once per rank.
@@ -304,7 +293,7 @@ def test_a_stop_request_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     )
     done = launch(tmp_path, env, "--log-format", "json")
     assert done.returncode == 0, done.stderr
-    finished = [e for e in events(done.stdout) if e["event"] == "epoch_finished"]
+    finished = [e for e in json_events(done.stdout) if e["event"] == "epoch_finished"]
     assert [e["epoch"] for e in finished] == [1]
 
 
@@ -324,7 +313,7 @@ def test_a_mid_epoch_stop_request_ends_every_process_after_the_same_step(
     assert done.returncode == 0, done.stderr
     steps = [(tmp_path / f"stopped_at-{rank}").read_text() for rank in (0, 1)]
     assert steps == ["3", "3"], "both processes stop right after the step of the request"
-    (stop,) = [e for e in events(done.stdout) if e["event"] == "stop_requested"]
+    (stop,) = [e for e in json_events(done.stdout) if e["event"] == "stop_requested"]
     assert stop["reason"] == "plugin"
 
 
@@ -339,7 +328,7 @@ def test_accumulation_on_two_processes_matches_one_process_with_the_whole_batch(
     )
     done = launch(tmp_path, env, "--log-format", "json")
     assert done.returncode == 0, done.stderr
-    ddp = [e for e in events(done.stdout) if e["event"] == "epoch_finished"]
+    ddp = [e for e in json_events(done.stdout) if e["event"] == "epoch_finished"]
     single = tmp_path / "single"
     single.mkdir()
     (single / "train.py").write_text(TRAIN_PY, encoding="utf-8")
@@ -420,7 +409,7 @@ def test_ctrl_c_stops_every_process_after_the_same_step_and_resumes_exactly(
     lines = [line for line in stderr.splitlines() if line.startswith("bz: ")]
     assert len(lines) == 1, "rank 0 alone says where the checkpoint is"
     assert lines[0].startswith("bz: interrupted; checkpoint ")
-    interrupted = [e for e in events(stdout) if e["event"] == "training_interrupted"]
+    interrupted = [e for e in json_events(stdout) if e["event"] == "training_interrupted"]
     assert sorted(e["rank"] for e in interrupted) == [0, 1]
     (where,) = {(e["epoch"], e["step"]) for e in interrupted}  # the same step everywhere
     assert where[0] == 2, "the second epoch, counted from 1 as the console does"
@@ -429,15 +418,19 @@ def test_ctrl_c_stops_every_process_after_the_same_step_and_resumes_exactly(
 
     resumed = launch(folder, env, *args)
     assert resumed.returncode == 0, resumed.stderr
-    (event,) = [e for e in events(resumed.stdout) if e["event"] == "resumed"]
+    (event,) = [e for e in json_events(resumed.stdout) if e["event"] == "resumed"]
     assert event["path"] == str(checkpoint)
     clean = launch(clean_folder, clean_env, *args)
     assert clean.returncode == 0, clean.stderr
 
     # The interrupted epoch reports the numbers of the whole epoch, and training ends
     # with exactly the weights of the run that was never interrupted.
-    finished = {e["epoch"]: e for e in events(resumed.stdout) if e["event"] == "epoch_finished"}
-    reference = {e["epoch"]: e for e in events(clean.stdout) if e["event"] == "epoch_finished"}
+    finished = {
+        e["epoch"]: e for e in json_events(resumed.stdout) if e["event"] == "epoch_finished"
+    }
+    reference = {
+        e["epoch"]: e for e in json_events(clean.stdout) if e["event"] == "epoch_finished"
+    }
     assert sorted(finished) == [2, 3]
     for epoch in (2, 3):
         got, expected = finished[epoch], reference[epoch]
@@ -492,7 +485,7 @@ def test_two_nodes_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
     for node, (_, stderr) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, stderr
     epochs = [
-        [e for e in events(stdout) if e["event"] == "epoch_finished"] for stdout, _ in outputs
+        [e for e in json_events(stdout) if e["event"] == "epoch_finished"] for stdout, _ in outputs
     ]
     assert sorted(len(found) for found in epochs) == [0, 2], "one node has rank 0 and logs"
     (logged,) = [found for found in epochs if found]

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import attrs
 import pytest
 import torch
 from click.testing import CliRunner
-from tests._support import assert_same_weights
+from tests._support import assert_same_weights, json_events, run_bz
 
 import bz
 from bz._distributed import Topology
@@ -121,17 +120,8 @@ def train(
     folder: Path, env: dict[str, str], *args: str, processes: int = 2
 ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
     launcher = ["--nproc-per-node", str(processes)] if processes > 1 else []
-    done = subprocess.run(
-        [sys.executable, "-m", "bz", "train", *launcher, "--log-format", "json", *args],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return done, events
+    done = run_bz(folder, "train", *launcher, "--log-format", "json", *args, env=env)
+    return done, json_events(done.stdout)
 
 
 def epochs(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests._support import json_events, run_bz
 
 from bz._checkpoint_sharded import load_model_shards
 
@@ -99,18 +100,9 @@ def project(folder: Path, **changes: Any) -> Path:
 
 def train(folder: Path, *args: str, processes: int = 2) -> list[dict[str, Any]]:
     launcher = ["--nproc-per-node", str(processes)] if processes > 1 else []
-    env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
-    done = subprocess.run(
-        [sys.executable, "-m", "bz", "train", *launcher, "--log-format", "json", *args],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    done = run_bz(folder, "train", *launcher, "--log-format", "json", *args)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return json_events(done.stdout)
 
 
 def run_dir(folder: Path) -> Path:
