@@ -9,6 +9,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
+# Test processes (pytest-xdist), a test file each: most slow tests wait on subprocesses,
+# so two share two cores well. `make check JOBS=0` runs the tests in one process.
+JOBS   ?= 2
+PYTEST := $(BIN)/pytest $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile)
 
 .PHONY: demo check quick lint typecheck test bench clean
 
@@ -40,13 +44,13 @@ typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
 test: $(VENV)/.dev
-	$(BIN)/pytest
+	$(PYTEST)
 
 check: lint typecheck test
 
 # The quick part: lint, types and the tests not marked slow (about a minute of tests).
 quick: lint typecheck $(VENV)/.dev
-	$(BIN)/pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/run.py

@@ -9,6 +9,7 @@ loop needs. A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) uses none o
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -142,10 +143,21 @@ def _stop_with_launcher() -> None:
         signal.raise_signal(signal.SIGTERM)
 
 
-def leave(created: bool) -> None:
-    """Destroy the process group if :func:`join` created it."""
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
+def leave(created: bool, *, wait_for_all: bool = False) -> None:
+    """Destroy the process group if :func:`join` created it.
+
+    ``wait_for_all`` (a run that finished): first meet the other processes, so that none
+    tears its group down while another still works with it (rank 0 writes the final
+    weights last). Once in about twenty FSDP runs, a rank that left first aborted at exit
+    (SIGABRT, gloo's "terminate called without an active exception"); meeting first
+    closes that window. After a failure the others may be gone: no meeting then.
+    """
+    if not (created and dist.is_initialized()):
+        return
+    if wait_for_all:
+        with contextlib.suppress(RuntimeError):  # a peer gone: nothing left to wait for
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 # -- data ------------------------------------------------------------------------------

@@ -241,15 +241,18 @@ class Run(EpochLoop):
 
     def fit(self) -> FitResult:
         """Train; the process group and the DDP wrapper never outlive this call."""
+        finished = False
         try:
             self._prepare()
-            return self._fit()
+            result = self._fit()
+            finished = True
+            return result
         finally:
             self.plugins.close()
             self.checkpoints.close()
-            self._leave()
+            self._leave(finished)
 
-    def _leave(self) -> None:
+    def _leave(self, finished: bool = False) -> None:
         """Drop the DDP wrapper, then the process group, in that order.
 
         DDP's reducer holds a reference to the process group and torch frees the reducer
@@ -267,7 +270,7 @@ class Run(EpochLoop):
             if wrapper() is not None:
                 gc.collect()
         self.vote = self.control.vote = None
-        leave(self.owns_process_group)
+        leave(self.owns_process_group, wait_for_all=finished)
 
     def _fit(self) -> FitResult:
         started = time.perf_counter()
