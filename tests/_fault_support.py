@@ -7,7 +7,8 @@
   register ``faulty`` and ``broken_import`` (a module that raises when imported), so
   ``bz train`` discovers them exactly as it discovers installed packages.
 * :func:`resume_setup` (and :data:`RESUME_TRAIN_PY`, a ``train.py`` using it): a setup
-  that draws from every random generator a real run does.
+  that draws from every random generator a real run does; :func:`fit_resumable` trains
+  it in this process as ``bz train`` would.
 * :func:`child_main`: the entry of the subprocesses the kill tests start; it arranges
   for the process to kill itself at a chosen step or inside a checkpoint write.
 """
@@ -26,6 +27,7 @@ from typing import Any, Literal, NoReturn
 import attrs
 import numpy
 import torch
+from tests._support import weights
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -41,6 +43,17 @@ def jitter(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor
     targets = torch.stack([y for _, y in batch])
     scale = 1.0 + 0.01 * random.random() + 0.01 * float(numpy.random.rand())
     return inputs * scale, targets
+
+
+def fit_resumable(
+    folder: Path | None, config: bz.RunConfig, plugins: list[Any] | None = None
+) -> tuple[bz.FitResult, dict[str, torch.Tensor]]:
+    """Train :func:`resume_setup` with checkpoints in ``folder``: the result and the final
+    weights (copied). Seeded first, as ``bz train`` does before calling ``setup()``."""
+    bz.seed_everything(5)
+    setup = resume_setup(config)
+    result = bz.Trainer().fit(setup, config, plugins or [], checkpoint_dir=folder)
+    return result, weights(setup.model)
 
 
 def resume_setup(config: bz.RunConfig) -> bz.TrainingSetup:

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
-from tests._fault_support import BATCHES_PER_EPOCH, RESUME_TRAIN_PY, resume_setup
-from tests._support import assert_same_weights, weights
+from tests._fault_support import BATCHES_PER_EPOCH, RESUME_TRAIN_PY, fit_resumable, resume_setup
+from tests._support import assert_same_weights
 
 import bz
 from bz import _checkpoint, _checkpoint_store
@@ -29,10 +29,7 @@ CONFIG = RunConfig(epochs=4, device="cpu", plugins=(), seed=5)
 def fit(
     folder: Path | None, config: RunConfig = CONFIG, plugins: list[Any] | None = None
 ) -> tuple[bz.FitResult, dict[str, torch.Tensor]]:
-    bz.seed_everything(5)  # as `bz train` does before calling setup()
-    setup = resume_setup(config)
-    result = bz.Trainer().fit(setup, config, plugins or [], checkpoint_dir=folder)
-    return result, weights(setup.model)
+    return fit_resumable(folder, config, plugins)
 
 
 @pytest.fixture(scope="module")

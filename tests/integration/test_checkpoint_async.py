@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import torch
-from tests._fault_support import resume_setup
-from tests._support import assert_same_weights, weights
+from tests._fault_support import fit_resumable, resume_setup
+from tests._support import assert_same_weights
 
 import bz
 from bz import _checkpoint_store
@@ -52,10 +52,7 @@ class HookRecorder:
 def fit(
     folder: Path | None, config: RunConfig = CONFIG, plugins: list[Any] | None = None
 ) -> tuple[bz.FitResult, dict[str, torch.Tensor]]:
-    bz.seed_everything(5)  # as `bz train` does before calling setup()
-    setup = resume_setup(config)
-    result = bz.Trainer().fit(setup, config, plugins or [], checkpoint_dir=folder)
-    return result, weights(setup.model)
+    return fit_resumable(folder, config, plugins)
 
 
 # -- background writes of single files ---------------------------------------------------
