@@ -76,13 +76,19 @@ Events = list[MutableMapping[str, Any]]
 """What the ``events`` fixture yields: structlog's captured event dicts."""
 
 
+def bz_env() -> dict[str, str]:
+    """The test's environment less ``BZ_CONFIG`` (which would pick another config): what
+    a ``bz`` started by a test sees."""
+    return {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
+
+
 def run_bz(
     folder: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 240
 ) -> subprocess.CompletedProcess[str]:
     """``python -m bz ARGS`` in ``folder``, in its own process, output captured. Without
-    ``env``: the test's environment less ``BZ_CONFIG`` (which would pick another config)."""
+    ``env``: :func:`bz_env`."""
     if env is None:
-        env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
+        env = bz_env()
     return subprocess.run(
         [sys.executable, "-m", "bz", *args],
         cwd=folder,

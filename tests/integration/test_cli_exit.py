@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from tests._support import TINY_TRAIN_PY, json_events, run_bz
+from tests._support import TINY_TRAIN_PY, bz_env, json_events, run_bz
 
 from bz.commands import cli
 
@@ -40,7 +39,7 @@ SLOW_SETUP = TINY_TRAIN_PY.replace(
 @pytest.mark.slow
 def test_sigterm_during_setup_exits_143_with_the_exit_event(project: ProjectFactory) -> None:
     folder = project(train_py=SLOW_SETUP)
-    env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
+    env = bz_env()
     process = subprocess.Popen(
         [sys.executable, "-m", "bz", "train", "--log-format", "json"],
         cwd=folder,

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from tests._support import json_events, run_bz
+from tests._support import bz_env, json_events, run_bz
 
 from bz._checkpoint_sharded import load_model_shards
 
@@ -224,7 +224,7 @@ def test_the_processes_stop_when_the_launcher_is_killed_with_sigkill(tmp_path: P
     # kill -9 on `bz train --nproc-per-node 2` (or a scheduler killing the launcher)
     # must not leave its processes training on, holding the run's lock.
     folder = project(tmp_path / "run", epochs=100000, plugins=[])
-    env = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
+    env = bz_env()
     launcher = subprocess.Popen(
         [sys.executable, "-m", "bz", "train", "--nproc-per-node", "2"],
         cwd=folder,
