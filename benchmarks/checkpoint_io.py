@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from bz._checkpoint import FORMAT, read_checkpoint
-from bz._checkpoint_store import atomic_save
+from bz.training.checkpoint.files import FORMAT, read_checkpoint
+from bz.training.checkpoint.store import atomic_save
 
 
 def _median(action: Callable[[], object], rounds: int) -> float:

@@ -194,7 +194,7 @@ def held_bytes(setup: bz.TrainingSetup) -> int:
 
 
 def strategy_worker(variant: str) -> None:
-    from bz.training.checkpoints import CheckpointPolicy
+    from bz.training.checkpoint.policy import CheckpointPolicy
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     torch.set_num_threads(1)

@@ -48,7 +48,7 @@ def _final_name(tmp: str) -> str:
 
 def child_main() -> None:
     """Install the faults the environment asks for, then run ``bz`` with the arguments."""
-    from bz import _checkpoint_store
+    from bz.training.checkpoint import store as _checkpoint_store
 
     kill_before = os.environ.get("BZ_TEST_KILL_BEFORE")
     kill_after = os.environ.get("BZ_TEST_KILL_AFTER")

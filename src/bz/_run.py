@@ -21,10 +21,10 @@ from bz.config import (
 )
 
 if TYPE_CHECKING:
-    from bz._checkpoint import ModelPayload
     from bz._setup import SetupFunction
     from bz.metrics import Metric
     from bz.plugins._sandbox import ErrorPolicy, PluginSet
+    from bz.training.checkpoint.files import ModelPayload
     from bz.training.evaluate import Evaluation
     from bz.training.result import FitResult
 
@@ -215,7 +215,7 @@ def _prepare(
     ):
         # A run that cannot keep what it trains should not start: a read-only or
         # missing mount is found now, not after hours of training.
-        from bz._checkpoint_store import writable_problem
+        from bz.training.checkpoint.store import writable_problem
 
         problem = writable_problem(base / run_config.checkpoint_dir)
         if problem is not None:
@@ -266,7 +266,9 @@ def validate(
     """
     import torch
 
-    from bz._checkpoint import (
+    from bz._setup import call_setup, load_setup_function
+    from bz.metrics import build_metrics
+    from bz.training.checkpoint.files import (
         FINAL_MODEL,
         UnreadableCheckpoint,
         is_finished,
@@ -275,9 +277,7 @@ def validate(
         read_entry,
         run_signature,
     )
-    from bz._checkpoint_store import CheckpointStore
-    from bz._setup import call_setup, load_setup_function
-    from bz.metrics import build_metrics
+    from bz.training.checkpoint.store import CheckpointStore
     from bz.training.device import seed_everything
     from bz.training.evaluate import evaluate
 
@@ -337,7 +337,7 @@ def validate(
         path, payload = found
     try:
         if payload.get("sharded"):  # an unfinished FSDP run: its newest checkpoint's shards
-            from bz._checkpoint_sharded import load_model_shards
+            from bz.training.checkpoint.sharded import load_model_shards
 
             load_model_shards(path, setup.model)
         else:

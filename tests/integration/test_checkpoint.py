@@ -16,11 +16,12 @@ from tests._fault_support import BATCHES_PER_EPOCH, RESUME_TRAIN_PY, fit_resumab
 from tests._support import assert_same_weights
 
 import bz
-from bz import _checkpoint, _checkpoint_store
-from bz._checkpoint import list_checkpoints, read_checkpoint, run_signature
 from bz.commands import cli
 from bz.config import RunConfig, structure
 from bz.plugins import PluginContext
+from bz.training.checkpoint import files as _checkpoint
+from bz.training.checkpoint import store as _checkpoint_store
+from bz.training.checkpoint.files import list_checkpoints, read_checkpoint, run_signature
 from bz.training.interrupts import TrainingInterrupted
 
 CONFIG = RunConfig(epochs=4, device="cpu", plugins=(), seed=5)

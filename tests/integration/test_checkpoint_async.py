@@ -22,12 +22,12 @@ from tests._fault_support import fit_resumable, resume_setup
 from tests._support import assert_same_weights
 
 import bz
-from bz import _checkpoint_store
-from bz._checkpoint import STATE_FILE, list_entries, read_checkpoint, verify
-from bz._checkpoint_sharded import save_sharded, shard_state, sharded_name
-from bz._checkpoint_store import CheckpointStore
 from bz.config import RunConfig
 from bz.plugins import PluginContext
+from bz.training.checkpoint import store as _checkpoint_store
+from bz.training.checkpoint.files import STATE_FILE, list_entries, read_checkpoint, verify
+from bz.training.checkpoint.sharded import save_sharded, shard_state, sharded_name
+from bz.training.checkpoint.store import CheckpointStore
 
 CONFIG = RunConfig(epochs=3, device="cpu", plugins=(), seed=5)
 ASYNC = CONFIG.with_overrides(checkpoint_async=True)
@@ -109,7 +109,7 @@ KILLING_TRAIN_PY = textwrap.dedent(
     import threading
     from pathlib import Path
 
-    from bz import _checkpoint_store
+    from bz.training.checkpoint import store as _checkpoint_store
     from tests._fault_support import resume_setup as setup
 
     _save = _checkpoint_store.torch_save

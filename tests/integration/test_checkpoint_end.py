@@ -23,8 +23,8 @@ from tests._checkpoint_support import SETUP_MARKER, TRAIN_PY
 from tests._fault_support import BATCHES_PER_EPOCH, REPO_ROOT
 from tests._support import assert_same_weights
 
-from bz._checkpoint import FINAL_MODEL, read_checkpoint, sidecar
-from bz._checkpoint_store import atomic_save
+from bz.training.checkpoint.files import FINAL_MODEL, read_checkpoint, sidecar
+from bz.training.checkpoint.store import atomic_save
 
 pytestmark = pytest.mark.slow
 

@@ -48,7 +48,7 @@ KILL_IN_BACKGROUND_WRITE = textwrap.dedent(
     import threading as _threading
     from pathlib import Path as _Path
 
-    from bz import _checkpoint_sharded
+    from bz.training.checkpoint import sharded as _checkpoint_sharded
 
     _finish = _checkpoint_sharded.finish
 

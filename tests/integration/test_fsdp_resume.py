@@ -23,7 +23,7 @@ import pytest
 import torch
 from tests._support import bz_env, json_events, run_bz
 
-from bz._checkpoint_sharded import load_model_shards
+from bz.training.checkpoint.sharded import load_model_shards
 
 pytestmark = pytest.mark.slow
 

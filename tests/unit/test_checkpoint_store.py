@@ -21,8 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bz import _rng, _run_lock
-from bz._checkpoint import (
+from bz import _rng
+from bz.training.checkpoint import lock as _run_lock
+from bz.training.checkpoint.files import (
     FINAL_MODEL,
     FORMAT,
     UnreadableCheckpoint,
@@ -31,8 +32,8 @@ from bz._checkpoint import (
     sidecar,
     unusable_reason,
 )
-from bz._checkpoint_store import CheckpointStore, atomic_save, writable_problem
-from bz._run_lock import LOCK_FILE, RunLock, RunLocked
+from bz.training.checkpoint.lock import LOCK_FILE, RunLock, RunLocked
+from bz.training.checkpoint.store import CheckpointStore, atomic_save, writable_problem
 
 
 def _model() -> nn.Module:
@@ -296,7 +297,8 @@ def test_a_second_lock_on_the_run_names_the_holder(tmp_path: Path) -> None:
 
 def test_the_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     script = (
-        "import os, sys; from pathlib import Path; from bz._run_lock import RunLock; "
+        "import os, sys; from pathlib import Path; "
+        "from bz.training.checkpoint.lock import RunLock; "
         "RunLock(Path(sys.argv[1])).acquire(); os._exit(0)"  # dies without releasing
     )
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)

@@ -7,7 +7,7 @@
 ``precision``    autocast and the gradient scaler
 ``rewind``       plugin_errors: rewind (snapshots and replays)
 ``guards``       runs that would go wrong quietly (meta model, empty loader, NaN loss)
-``checkpoints``  when to save, what to save, resume and the final weights
+``checkpoint``   the checkpoint wing: files, store, lock, sharded and background writes, policy
 ``interrupts``   Ctrl-C / SIGTERM: the guard, and the vote between processes
 ``device``       device choice, seeding, moving and unpacking batches
 ``evaluate``     ``bz validate``'s single pass over the validation data

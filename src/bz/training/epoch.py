@@ -29,7 +29,7 @@ from bz._distributed import Topology, set_epoch, sum_across
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
-from bz.training.checkpoints import CheckpointPolicy, ResumePoint
+from bz.training.checkpoint.policy import CheckpointPolicy, ResumePoint
 from bz.training.device import batch_size, to_device, unpack
 from bz.training.evaluate import mean
 from bz.training.result import EpochRecord

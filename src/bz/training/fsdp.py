@@ -5,7 +5,7 @@ of all processes), of its gradient and of its optimizer state; a unit's whole
 parameters exist only while its forward or backward runs. The units are the
 submodules named in ``distributed.fsdp.shard_modules`` (or each direct child that has
 parameters), then the root. Checkpoints of such a model are sharded
-(:mod:`bz._checkpoint_sharded`); its final weights are gathered on rank 0.
+(:mod:`bz.training.checkpoint.sharded`); its final weights are gathered on rank 0.
 
 Imported only when the strategy asks for it: ``torch.distributed.fsdp`` takes a while
 to import, and most runs never need it.

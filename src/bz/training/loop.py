@@ -58,9 +58,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from bz._checkpoint import CheckpointPayload
-from bz._checkpoint import run_signature as _run_signature
-from bz._checkpoint_store import CheckpointStore
 from bz._distributed import (
     choose_backend,
     control_group,
@@ -76,7 +73,10 @@ from bz._logging import get_logger
 from bz._rng import loader_generators
 from bz.metrics._set import MetricSet
 from bz.plugins._context import DeviceSum, PluginContext
-from bz.training.checkpoints import CheckpointPolicy, ResumePoint
+from bz.training.checkpoint.files import CheckpointPayload
+from bz.training.checkpoint.files import run_signature as _run_signature
+from bz.training.checkpoint.policy import CheckpointPolicy, ResumePoint
+from bz.training.checkpoint.store import CheckpointStore
 from bz.training.control import EndReason, StepControl
 from bz.training.device import loader_length, resolve_device
 from bz.training.epoch import EpochLoop, capped

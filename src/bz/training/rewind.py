@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from bz._checkpoint import list_entries
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._protocol import StatefulPlugin
 from bz.plugins._sandbox import RewindRequested
+from bz.training.checkpoint.files import list_entries
 
 if TYPE_CHECKING:
     from pathlib import Path

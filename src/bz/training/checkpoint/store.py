@@ -1,8 +1,8 @@
 """Writing checkpoints: atomic, verified files and the store of one run.
 
 Reading and checking what was written (names, sidecars, payloads) is in
-:mod:`bz._checkpoint`; the one-writer lock in :mod:`bz._run_lock`; this module writes,
-prunes and guards a run's folder.
+:mod:`bz.training.checkpoint.files`; the one-writer lock in
+:mod:`bz.training.checkpoint.lock`; this module writes, prunes and guards a run's folder.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import (
 import attrs
 import torch
 
-from bz._checkpoint import (
+from bz._logging import get_logger
+from bz.training.checkpoint.files import (
     FINAL_MODEL,
     FORMAT,
     SIDECAR_SUFFIX,
@@ -43,8 +44,7 @@ from bz._checkpoint import (
     sidecar,
     verify,
 )
-from bz._logging import get_logger
-from bz._run_lock import NO_LOCKS, RunLock
+from bz.training.checkpoint.lock import NO_LOCKS, RunLock
 
 _log = get_logger("bz")
 
@@ -163,7 +163,7 @@ def describe(payload: Mapping[str, Any], path: Path, size: int, digest: str) -> 
 
 
 def sidecar_text(entry: Entry) -> bytes:
-    """The sidecar's bytes (see :func:`bz._checkpoint.read_entry`)."""
+    """The sidecar's bytes (see :func:`bz.training.checkpoint.files.read_entry`)."""
     meta = {
         "bz": FORMAT,
         "file": entry.path.name,

@@ -15,7 +15,7 @@ used and never deleted. Files are written atomically (temporary files in the sam
 folder, fsync, the sidecar renamed into place, then the file, fsync of the folder) and
 read with ``torch.load(weights_only=True)``, so a checkpoint cannot run code and a kill
 at any instant leaves either the previous file or the complete new one. Writing, the
-run's lock and the store are in :mod:`bz._checkpoint_store`; random states in
+run's lock and the store are in :mod:`bz.training.checkpoint.store`; random states in
 :mod:`bz._rng`.
 """
 
@@ -99,7 +99,8 @@ class ModelPayload(TypedDict):
     """The loss module's state (None for a loss function)."""
     sharded: NotRequired[bool]
     """Read from a sharded checkpoint: ``model`` holds only the shapes (meta tensors),
-    the weights and optimizer state load from the shards (:mod:`bz._checkpoint_sharded`)."""
+    the weights and optimizer state load from the shards
+    (:mod:`bz.training.checkpoint.sharded`)."""
 
 
 class CheckpointPayload(ModelPayload):

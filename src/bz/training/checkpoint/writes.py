@@ -1,7 +1,7 @@
 """How one checkpoint is written: at once, or handed to the background writer
 (``checkpoint_async``), and how its end is reported (the same either way).
 
-Split from :mod:`bz.training.checkpoints`, which decides what and when.
+Split from :mod:`bz.training.checkpoint.policy`, which decides what and when.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from bz._errors import describe_exception
 from bz._logging import get_logger
 
 if TYPE_CHECKING:
-    from bz._async_writer import BackgroundWriter
-    from bz._checkpoint import CheckpointPayload
-    from bz._checkpoint_store import CheckpointStore
+    from bz.training.checkpoint.background import BackgroundWriter
+    from bz.training.checkpoint.files import CheckpointPayload
+    from bz.training.checkpoint.store import CheckpointStore
     from bz.training.loop import Run
 
 _log = get_logger("bz")
 
 
 class CheckpointWrites:
-    """The writing half of :class:`~bz.training.checkpoints.CheckpointPolicy`."""
+    """The writing half of :class:`~bz.training.checkpoint.policy.CheckpointPolicy`."""
 
     run: Run
     store: CheckpointStore | None
@@ -46,7 +46,7 @@ class CheckpointWrites:
             assert payload is not None  # rank 0 writes single-file checkpoints alone
             epoch, batch = payload["epoch"], payload["batch"]
             return functools.partial(store.save, payload, epoch, batch)
-        from bz._checkpoint_sharded import save_sharded
+        from bz.training.checkpoint.sharded import save_sharded
 
         group = self.async_group if self._writer is not None else None
         complete = save_sharded(shards, payload, path, main=self.run.topology.is_main, group=group)

@@ -6,7 +6,7 @@ model and the optimizer (each process its own shards, ``__<rank>_0.distcp``, and
 checkpoint holds (counters, scheduler, loss module, plugin states, random states,
 gradient scaler). Its sidecar, ``epoch-0003.dcp.json``, is the one of a single-file
 checkpoint, with the size and hash of the folder's files taken together
-(:func:`bz._checkpoint.hash_path`), so listing, verifying, ``keep_last`` and resuming
+(:func:`bz.training.checkpoint.files.hash_path`), so listing, verifying, ``keep_last`` and resuming
 treat both kinds alike.
 
 A write is atomic from a reader's side: every process writes into
@@ -37,8 +37,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.state_dict_loader import load
 from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
-from bz._checkpoint import STATE_FILE, Entry, checkpoint_name, hash_path, sidecar
-from bz._checkpoint_store import (
+from bz.training.checkpoint.files import STATE_FILE, Entry, checkpoint_name, hash_path, sidecar
+from bz.training.checkpoint.store import (
     describe,
     fsync_folder,
     sidecar_text,

@@ -1,7 +1,7 @@
 """The checkpoint policy of a run: when to save, what to save, resuming, the final weights.
 
-The file format lives in :mod:`bz._checkpoint`, writing and the store in
-:mod:`bz._checkpoint_store`; this module
+The file format lives in :mod:`bz.training.checkpoint.files`, writing and the store in
+:mod:`bz.training.checkpoint.store`; this module
 decides, for one run, which file to resume from, what goes into the next one, and
 when a run that is started again has nothing left to train.
 """
@@ -17,8 +17,14 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from bz._async_writer import BackgroundWriter, cpu_copy
-from bz._checkpoint import (
+from bz._distributed import sum_across
+from bz._errors import TrainingError, UsageError, describe_exception
+from bz._logging import get_logger
+from bz._rng import capture_rng
+from bz.plugins._protocol import StatefulPlugin
+from bz.plugins._sandbox import guarded
+from bz.training.checkpoint.background import BackgroundWriter, cpu_copy
+from bz.training.checkpoint.files import (
     FINAL_MODEL,
     FORMAT,
     CheckpointPayload,
@@ -30,15 +36,9 @@ from bz._checkpoint import (
     loadable_problem,
     unusable_reason,
 )
-from bz._checkpoint_store import CheckpointStore, writable_problem
-from bz._distributed import sum_across
-from bz._errors import TrainingError, UsageError, describe_exception
-from bz._logging import get_logger
-from bz._rng import capture_rng
-from bz._run_lock import RunLocked
-from bz.plugins._protocol import StatefulPlugin
-from bz.plugins._sandbox import guarded
-from bz.training.checkpoint_writes import CheckpointWrites
+from bz.training.checkpoint.lock import RunLocked
+from bz.training.checkpoint.store import CheckpointStore, writable_problem
+from bz.training.checkpoint.writes import CheckpointWrites
 from bz.training.result import FitResult
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ class CheckpointPolicy(CheckpointWrites):
         setup = run.setup
         try:
             if payload.get("sharded"):
-                from bz._checkpoint_sharded import load_shards
+                from bz.training.checkpoint.sharded import load_shards
 
                 load_shards(path, run.model, setup.optimizer)
             elif self.fsdp:  # one process, or DDP, wrote it whole
@@ -346,7 +346,7 @@ class CheckpointPolicy(CheckpointWrites):
         partial = self._partial_epoch() if batch else (0.0, 0, {})
         shards = plugins = None
         if self.fsdp:
-            from bz._checkpoint_sharded import shard_state, sharded_name
+            from bz.training.checkpoint.sharded import shard_state, sharded_name
             from bz.training.fsdp import whole_tensors
 
             shards = shard_state(run.model, run.setup.optimizer)
