@@ -17,7 +17,6 @@ stop, validate or write a checkpoint.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +29,10 @@ from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
 from bz.training.checkpoint.policy import CheckpointPolicy, ResumePoint
-from bz.training.device import batch_size, to_device, unpack
-from bz.training.evaluate import mean
+from bz.training.device import sample_count, to_device, unpack
+from bz.training.evaluate import ValidationPass, for_metrics, limited
 from bz.training.result import EpochRecord
+from bz.training.state import Totals, mean
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -84,10 +84,9 @@ class EpochLoop:
     """Batches of the current accumulation group done so far."""
     train_batches: int
     train_samples: int
-    val_batches: int
-    val_samples: int
     train_loss: DeviceSum
-    val_loss: DeviceSum
+    val: Totals
+    """The validation loop's loss sum and counts (the last one's, between loops)."""
     resume_point: ResumePoint | None
     epoch_rng: dict[str, Any] | None
     stopped_by: EndReason | None
@@ -102,10 +101,10 @@ class EpochLoop:
         ctx.batch_index = self.batch_index
         ctx.training_batch_count = self.train_batches
         ctx.training_sample_count = self.train_samples
-        ctx.validation_batch_count = self.val_batches
-        ctx.validation_sample_count = self.val_samples
+        ctx.validation_batch_count = self.val.batches
+        ctx.validation_sample_count = self.val.samples
         ctx._training_loss = self.train_loss
-        ctx._validation_loss = self.val_loss
+        ctx._validation_loss = self.val.loss
         return ctx
 
     def _hook(self, hook: str) -> None:
@@ -130,10 +129,10 @@ class EpochLoop:
         ctx.extra["active_plugins"] = self.plugins.active_names
         ctx.training_metrics = {}
         ctx.validation_metrics = {}
-        self.train_batches = self.val_batches = self.batch_index = 0
-        self.train_samples = self.val_samples = 0
+        self.train_batches = self.batch_index = 0
+        self.train_samples = 0
         self.train_loss = DeviceSum()
-        self.val_loss = DeviceSum()
+        self.val = Totals()
         self._hook("start_epoch")
         outcome = self._train_loop()
         if outcome == "interrupted":
@@ -153,7 +152,7 @@ class EpochLoop:
         return EpochRecord(
             epoch=self.epoch,
             training_loss=mean(self.train_loss, self.train_samples),
-            validation_loss=mean(self.val_loss, self.val_samples) if validated else None,
+            validation_loss=self.val.mean() if validated else None,
             training_metrics=dict(ctx.training_metrics),
             validation_metrics=dict(ctx.validation_metrics),
             seconds=time.perf_counter() - started,
@@ -224,7 +223,7 @@ class EpochLoop:
         # Needed only to write a checkpoint in the middle of this epoch.
         self.epoch_rng = capture_rng(self.generators) if self.checkpoints.saving else None
         set_epoch(self.train_loader, self.epoch)
-        iterator = _limited(iter(self.train_loader), self.limit)
+        iterator = limited(iter(self.train_loader), self.limit)
         if point is None or point.batch == 0:
             return iterator, 0
         # Creating the iterator and drawing the batches already trained on consumes
@@ -248,7 +247,7 @@ class EpochLoop:
         if self.move_batches:
             batch = to_device(batch, self.device)
         inputs, targets = unpack(batch, "train_loader")
-        samples = _samples(inputs, targets)
+        samples = sample_count(inputs, targets)
         self.train_samples += samples
         ctx.batch = (inputs, targets)
         hook("start_training_batch")
@@ -276,7 +275,7 @@ class EpochLoop:
         detached = loss.detach()
         self.train_loss.add(detached, samples)
         if self.train_metrics.active:
-            self.train_metrics.update(self._for_metrics(outputs), targets)
+            self.train_metrics.update(for_metrics(outputs, self.precision), targets)
         self.train_batches += 1
         ctx.last_loss = detached
         hook("end_training_batch")
@@ -314,56 +313,37 @@ class EpochLoop:
             optimizer.step()
         self.global_step += 1
 
-    def _for_metrics(self, outputs: Any) -> Any:
-        """Outputs as metrics take them: detached, and float32 under mixed precision."""
-        if isinstance(outputs, torch.Tensor):
-            outputs = outputs.detach()
-            if self.precision.mixed and outputs.is_floating_point():
-                outputs = outputs.float()
-        return outputs
-
     # -- validation ------------------------------------------------------------------
 
     def _validation_loop(self) -> None:
         assert self.val_loader is not None
-        metrics, step = self.val_metrics, self._validation_step
+        metrics = self.val_metrics
         self.model.eval()
         metrics.reset()
-        self.batch_index = self.val_batches = self.val_samples = 0
-        self.val_loss = DeviceSum()
+        self.batch_index = 0
+        self.val = totals = Totals()
         self._hook("start_validation_loop")
-        with torch.no_grad():
-            for index, batch in enumerate(_limited(iter(self.val_loader), self.limit)):
-                self.batch_index = index
-                step(batch)
+        device = self.device if self.move_batches else None
+        validation = ValidationPass(
+            self.forward, self.setup.loss_fn, self.precision, device, self.limit, self
+        )
+        validation.run(self.val_loader, metrics, totals)
         if self.topology.distributed:
-            total, batches, samples = sum_across(
-                [self.val_loss.value(), float(self.val_batches), float(self.val_samples)],
-                self.device,
-            )
-            self.val_loss = DeviceSum(total)
-            self.val_batches, self.val_samples = int(batches), int(samples)
+            self.val = totals.summed(self.device)
         self.context.validation_metrics = metrics.compute()
         self._hook("end_validation_loop")
 
-    def _validation_step(self, batch: Any) -> None:
-        # Its own frame, like _step: outputs die before the next batch is fetched.
-        ctx, hook = self.context, self._hook
-        if self.move_batches:
-            batch = to_device(batch, self.device)
-        inputs, targets = unpack(batch, "val_loader")
-        ctx.batch = (inputs, targets)
-        hook("start_validation_batch")
-        with self.precision.autocast():
-            outputs = self.forward(inputs)
-            loss = self.setup.loss_fn(outputs, targets)
-        samples = _samples(inputs, targets)
-        self.val_loss.add(loss.detach(), samples)
-        self.val_metrics.update(self._for_metrics(outputs), targets)
-        self.val_batches += 1
-        self.val_samples += samples
+    def validation_batch_started(self, index: int, inputs: Any, targets: Any) -> None:
+        """``start_validation_batch`` (the :class:`ValidationPass`'s watcher)."""
+        self.batch_index = index
+        self.context.batch = (inputs, targets)
+        self._hook("start_validation_batch")
+
+    def validation_batch_ended(self, outputs: Any, loss: torch.Tensor) -> None:
+        """``end_validation_batch``; the batch's tensors leave the context after it."""
+        ctx = self.context
         ctx.outputs, ctx.loss = outputs, loss
-        hook("end_validation_batch")
+        self._hook("end_validation_batch")
         ctx.batch = ctx.outputs = ctx.loss = None
 
     def _step_scheduler(self, validated: bool) -> None:
@@ -371,8 +351,8 @@ class EpochLoop:
         if scheduler is None:
             return
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            loss = self.val_loss if validated else self.train_loss
-            scheduler.step(mean(loss, self.val_samples if validated else self.train_samples))
+            loss = self.val.mean() if validated else mean(self.train_loss, self.train_samples)
+            scheduler.step(loss)
         else:
             scheduler.step()
 
@@ -385,20 +365,8 @@ class EpochLoop:
 _NO_CONTEXT = contextlib.nullcontext()
 
 
-def _samples(inputs: Any, targets: Any) -> int:
-    """A batch's sample count, from shapes (no device read): the inputs' first dimension,
-    else the targets', else 1 (a batch bz cannot measure counts as one sample)."""
-    if isinstance(inputs, torch.Tensor) and inputs.ndim:
-        return int(inputs.shape[0])
-    return batch_size(inputs) or batch_size(targets) or 1
-
-
 def capped(length: int | None, limit: int | None) -> int | None:
     """A loader's batch count under ``limit`` (``--smoke``); None when unknown."""
     if limit is None:
         return length
     return limit if length is None else min(length, limit)
-
-
-def _limited(iterator: Iterator[Any], limit: int | None) -> Iterator[Any]:
-    return iterator if limit is None else itertools.islice(iterator, limit)

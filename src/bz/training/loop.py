@@ -85,6 +85,7 @@ from bz.training.interrupts import InterruptGuard, InterruptVote, TrainingInterr
 from bz.training.precision import precision_for
 from bz.training.result import EpochRecord, FitResult
 from bz.training.rewind import Rewinder
+from bz.training.state import Totals
 
 if TYPE_CHECKING:
     from bz._setup import TrainingSetup
@@ -164,10 +165,8 @@ class Run(EpochLoop):
         """Batches of the current accumulation group done so far."""
         self.train_batches = 0
         self.train_samples = 0
-        self.val_batches = 0
-        self.val_samples = 0
         self.train_loss = DeviceSum()
-        self.val_loss = DeviceSum()
+        self.val = Totals()
         self.resume_point: ResumePoint | None = None
         self.epoch_rng: dict[str, Any] | None = None
         self.stopped_by: EndReason | None = None
