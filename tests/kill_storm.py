@@ -50,6 +50,8 @@ SEED_ENV = "BZ_STORM_SEED"
 """A storm's seed, to replay a failure (the suite's storm and this script read it)."""
 
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+HANG_SECONDS = 300.0
+"""How long a signalled process may take to end before the attempt counts as hung."""
 
 TRAIN_PY = '''\
 """Noisy 4-class blobs: an MLP with dropout that overfits, so early stopping's best
@@ -279,17 +281,26 @@ class Attempt:
     after: list[str]
     """The events written after it (how the process ended)."""
     listing: list[str]
+    hung: bool = False
+    """The process did not end after the signal (killed after ``hang_after`` seconds)."""
 
     def report(self) -> str:
         sent = f"{self.signal} after {self.delay:.2f}s" if self.signal else "no signal"
-        lines = [f"attempt {self.number}: {sent}, exit {self.code}"]
+        state = "HUNG, killed" if self.hung else f"exit {self.code}"
+        lines = [f"attempt {self.number}: {sent}, {state}"]
         lines += [f"    before: {line}" for line in self.before] or ["    before: (nothing)"]
         lines += [f"    after:  {line}" for line in self.after]
         lines += [f"    folder: {line}" for line in self.listing]
         return "\n".join(lines)
 
 
-def attempt(folder: Path, number: int, rng: random.Random, delays: tuple[float, float]) -> Attempt:
+def attempt(
+    folder: Path,
+    number: int,
+    rng: random.Random,
+    delays: tuple[float, float],
+    hang_after: float = HANG_SECONDS,
+) -> Attempt:
     """Start ``bz train``, send a random signal after a random delay, wait for its end."""
     chosen = rng.choice(SIGNALS)
     delay = rng.uniform(*delays)
@@ -302,11 +313,17 @@ def attempt(folder: Path, number: int, rng: random.Random, delays: tuple[float, 
     if process.poll() is None:
         process.send_signal(chosen)
         sent = chosen.name
-    stdout, stderr = process.communicate(timeout=900)
+    try:
+        stdout, stderr = process.communicate(timeout=hang_after)
+    except subprocess.TimeoutExpired:  # a process that never ends is a window too
+        process.kill()
+        stdout, stderr = process.communicate()
+        stderr += f"\n(HUNG: still running {hang_after:.0f}s after the signal; killed)"
     events = _events(stdout)
     before = [e for e in events if (_when(e) or 0.0) <= sent_at] if sent else events
     after = [e for e in events if (_when(e) or 0.0) > sent_at] if sent else []
-    if process.returncode not in (0, -9, 130, 143):
+    hung = "(HUNG" in stderr
+    if hung or process.returncode not in (0, -9, 130, 143):
         after.append({"event": "stderr", "error": stderr[-2000:]})
     return Attempt(
         number=number,
@@ -316,6 +333,7 @@ def attempt(folder: Path, number: int, rng: random.Random, delays: tuple[float, 
         before=[describe_event(e) for e in before[-4:]],
         after=[describe_event(e) for e in after[:6]],
         listing=folder_listing(folder),
+        hung=hung,
     )
 
 
@@ -365,7 +383,9 @@ class Outcome:
         verdict = f"DIFFERENT ({', '.join(self.differs)})" if self.differs else "equal"
         lines.append(f"storm seed {self.seed}: final model.pt {verdict}")
         if self.differs:
-            lines.append(f"replay: {SEED_ENV}={self.seed} or python -m tests.kill_storm --seed {self.seed}")
+            lines.append(
+                f"replay: {SEED_ENV}={self.seed} or python -m tests.kill_storm --seed {self.seed}"
+            )
         return "\n".join(lines)
 
 
@@ -376,16 +396,13 @@ def storm(folder: Path, seed: int, shape: Shape, ref: Reference) -> Outcome:
     longest = shape.max_delay if shape.max_delay is not None else ref.seconds
     delays = (shape.min_delay, max(shape.min_delay, longest))
     attempts = [attempt(project, n + 1, rng, delays) for n in range(shape.attempts)]
+    hung = [f"(attempt {a.number} hung)" for a in attempts if a.hung]
     code, tail = finish(project)
+    if hung:
+        return Outcome(seed, attempts, hung, tail)
     if code != 0:
         return Outcome(seed, attempts, [f"(final bz train exited {code})"], tail)
     return Outcome(seed, attempts, differing(final_weights(project), ref.weights), tail)
-
-
-@attrs.frozen
-class Tally:
-    storms: int = 0
-    failed: list[int] = attrs.Factory(list)
 
 
 def storms(seeds: Sequence[int], shape: Shape, *, verbose: bool = False) -> Iterator[Outcome]:
@@ -420,7 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="print every storm's log")
     args = parser.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else [args.first_seed + i for i in range(args.storms)]
+    seeds = (
+        [args.seed] if args.seed is not None else [args.first_seed + i for i in range(args.storms)]
+    )
     shape = Shape(args.epochs, args.attempts, args.min_delay, args.max_delay)
     done = 0
     for outcome in storms(seeds, shape, verbose=True):
