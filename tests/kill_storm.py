@@ -177,16 +177,29 @@ def _env(folder: Path) -> dict[str, str]:
     return env
 
 
-def start(folder: Path) -> subprocess.Popen[str]:
-    """``bz train --log-format json`` in ``folder``, as a user starts it."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "bz", "train", "--log-format", "json"],
-        cwd=folder,
-        env=_env(folder),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+class Started:
+    """A ``bz train --log-format json`` in a project, its output going to files (a pipe
+    nobody reads until the end would stall a long run on a full pipe)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.out = folder / "stdout.log"
+        self.err = folder / "stderr.log"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bz", "train", "--log-format", "json"],
+                cwd=folder,
+                env=_env(folder),
+                stdout=out,
+                stderr=err,
+            )
+
+    def wait(self, timeout: float) -> tuple[str, str]:
+        """Its stdout and stderr once it has ended (raises ``TimeoutExpired``)."""
+        self.process.wait(timeout=timeout)
+        return self.output()
+
+    def output(self) -> tuple[str, str]:
+        return self.out.read_text(encoding="utf-8"), self.err.read_text(encoding="utf-8")
 
 
 def run_dir(folder: Path) -> Path | None:
@@ -304,7 +317,8 @@ def attempt(
     """Start ``bz train``, send a random signal after a random delay, wait for its end."""
     chosen = rng.choice(SIGNALS)
     delay = rng.uniform(*delays)
-    process = start(folder)
+    started = Started(folder)
+    process = started.process
     deadline = time.monotonic() + delay
     while process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -314,10 +328,10 @@ def attempt(
         process.send_signal(chosen)
         sent = chosen.name
     try:
-        stdout, stderr = process.communicate(timeout=hang_after)
+        stdout, stderr = started.wait(hang_after)
     except subprocess.TimeoutExpired:  # a process that never ends is a window too
         process.kill()
-        stdout, stderr = process.communicate()
+        stdout, stderr = started.wait(60)
         stderr += f"\n(HUNG: still running {hang_after:.0f}s after the signal; killed)"
     events = _events(stdout)
     before = [e for e in events if (_when(e) or 0.0) <= sent_at] if sent else events
@@ -339,10 +353,10 @@ def attempt(
 
 def finish(folder: Path) -> tuple[int, str]:
     """``bz train`` left alone until it ends: exit code and the last events."""
-    process = start(folder)
-    stdout, stderr = process.communicate(timeout=900)
+    started = Started(folder)
+    stdout, stderr = started.wait(900)
     events = [describe_event(e) for e in _events(stdout)[-6:]]
-    return process.returncode, "\n".join([*events, stderr[-2000:]])
+    return started.process.returncode, "\n".join([*events, stderr[-2000:]])
 
 
 # -- storms --------------------------------------------------------------------------------

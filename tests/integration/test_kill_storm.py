@@ -126,6 +126,25 @@ def test_sigterm_while_early_stopping_logs_its_restore_keeps_the_best_weights(
     assert_same_weights(_model(folder), clean)
 
 
+def test_ctrl_c_after_the_last_step_leaves_a_finished_run_whose_best_weights_come_next(
+    tmp_path: Path, clean: dict[str, torch.Tensor]
+) -> None:
+    folder = _project(tmp_path / "run")
+    # After the last step: validation and end_epoch still run, the last checkpoint is
+    # written, and the session ends interrupted, before early stopping restores.
+    last = str(EPOCHS * BATCHES_PER_EPOCH)
+    code, events = _train(folder, BZ_TEST_SIGNAL="INT", BZ_TEST_SIGNAL_AT_STEP=last)
+    assert code == 130, _names(events)
+    saved = [e for e in events if e["event"] == "checkpoint_saved"]
+    assert Path(saved[-1]["path"]).name == f"epoch-{EPOCHS:04d}.pt"
+    assert "model_saved" not in _names(events)
+    code, events = _train(folder)
+    assert code == 0, _names(events)
+    assert "model_rebuilding" in _names(events)
+    assert "epoch_finished" not in _names(events), "nothing is trained again"
+    assert_same_weights(_model(folder), clean)
+
+
 def test_a_short_kill_storm_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
     given = os.environ.get(kill_storm.SEED_ENV)
     seed = int(given) if given else random.randrange(1_000_000)
