@@ -177,6 +177,10 @@ def _env(folder: Path) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Started:
     """A ``bz train --log-format json`` in a project, its output going to files (a pipe
     nobody reads until the end would stall a long run on a full pipe)."""
@@ -191,6 +195,9 @@ class Started:
                 env=_env(folder),
                 stdout=out,
                 stderr=err,
+                # Ctrl-C as in a terminal, even when this runs in the background (where
+                # the shell has the children ignore SIGINT).
+                preexec_fn=_default_sigint,
             )
 
     def wait(self, timeout: float) -> tuple[str, str]:
