@@ -32,6 +32,7 @@ from bz.plugins._context import DeviceSum, PluginContext
 from bz.training.checkpoint.policy import CheckpointPolicy, ResumePoint
 from bz.training.device import batch_size, to_device, unpack
 from bz.training.evaluate import mean
+from bz.training.guards import check_step
 from bz.training.result import EpochRecord
 
 if TYPE_CHECKING:
@@ -269,9 +270,11 @@ class EpochLoop:
         ctx.outputs, ctx.loss = outputs, loss
         hook("after_backward")
         if steps:
-            self._optimizer_step()
+            self._optimizer_step(loss)
             self.micro = 0
         else:
+            if self.config.check_finite == "step":
+                self._check_finite(loss, None)
             self.micro += 1
         detached = loss.detach()
         self.train_loss.add(detached, samples)
@@ -281,6 +284,15 @@ class EpochLoop:
         ctx.last_loss = detached
         hook("end_training_batch")
         ctx.batch = ctx.outputs = ctx.loss = ctx._gradient_norm = None
+
+    def _check_finite(self, loss: torch.Tensor | None, norm: torch.Tensor | None) -> None:
+        check_step(
+            loss,
+            norm,
+            step=self.global_step + 1,
+            epoch=self.epoch + 1,
+            batch_index=self.batch_index,
+        )
 
     def _group_size(self, index: int) -> int:
         """Batches in the accumulation group of batch ``index``; an epoch's last group may
@@ -293,8 +305,10 @@ class EpochLoop:
             return accumulate
         return min(accumulate, batches - index + self.micro)
 
-    def _optimizer_step(self) -> None:
-        """Unscale, clip, ``before_optimizer_step``, step: once per accumulation group."""
+    def _optimizer_step(self, loss: torch.Tensor | None = None) -> None:
+        """Unscale, clip, (``check_finite: "step"``), ``before_optimizer_step``, step: once
+        per accumulation group. ``loss``: the group's last batch's (None after a loader
+        without a length ended inside a group: its batches were checked one by one)."""
         optimizer, scaler, clip = self.setup.optimizer, self.precision.scaler, self.clip
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -306,6 +320,9 @@ class EpochLoop:
                 )
             elif clip.value is not None:
                 torch.nn.utils.clip_grad_value_(parameters, clip.value)
+        if self.config.check_finite == "step":
+            # Under a gradient scaler an infinite norm is an overflow the scaler skips.
+            self._check_finite(loss, self.context._gradient_norm if scaler is None else None)
         self._hook("before_optimizer_step")
         if scaler is not None:
             scaler.step(optimizer)  # reads one flag back: GradScaler skips steps on overflow
