@@ -176,8 +176,11 @@ class Ema:
     def _pairs(self, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The averaged tensors and the parameters they follow, in the same order.
 
-        An average read from a checkpoint (on the CPU) moves to its parameter's device
-        the first time it is used.
+        Under FSDP both are sharded alike (``DTensor``): the pairs are their local
+        shards, views the updates write through (DTensor has no sharding rule for every
+        fused op, and each process only ever needs its own shard). An average read from
+        a checkpoint (on the CPU) moves to its parameter's device the first time it is
+        used.
         """
         weights = self.weights
         assert weights is not None
@@ -189,8 +192,8 @@ class Ema:
                 continue
             if average.device != param.device:
                 average = weights[name] = average.to(param.device)
-            averaged.append(average)
-            params.append(param.detach())
+            averaged.append(_local(average))
+            params.append(_local(param.detach()))
         return averaged, params
 
     def _put_back(self, context: PluginContext) -> None:
@@ -219,6 +222,13 @@ class Ema:
     def logger(self) -> FilteringBoundLogger:
         """Events carry ``plugin=ema`` and follow the host's logging set-up."""
         return plugin_logger(self)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a ``DTensor`` (a view of it), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)  # DTensor, without importing it here
+    local: torch.Tensor = to_local() if to_local is not None else tensor
+    return local
 
 
 # The contract the plugin guide asks of every plugin, checked by mypy: the loader
