@@ -292,6 +292,7 @@ class EpochLoop:
             step=self.global_step + 1,
             epoch=self.epoch + 1,
             batch_index=self.batch_index,
+            across_processes=self.topology.distributed,
         )
 
     def _group_size(self, index: int) -> int:

@@ -60,22 +60,30 @@ def check_step(
     step: int,
     epoch: int,
     batch_index: int,
+    across_processes: bool = False,
 ) -> None:
     """Stop at a batch whose loss or gradient norm is not finite (``check_finite: "step"``).
 
     One host read however many values are checked. ``step`` is the optimizer step the
     batch belongs to and ``epoch`` the epoch, both numbered from 1 as the console and the
     checkpoints number them; ``batch_index`` is the batch's index in its epoch (from 0).
+
+    ``across_processes``: the values are summed over the processes first (one small
+    all-reduce), so a non-finite value in any process stops every process at the same
+    batch with the same message, instead of one failing while the others wait for it.
     """
     candidates = (("training loss", loss), ("gradient norm", gradient_norm))
     named = [(what, value) for what, value in candidates if value is not None]
     if not named:
         return
-    read = torch.stack([value.detach().float().reshape(()) for _, value in named]).tolist()
-    for (what, _), number in zip(named, read, strict=True):
+    values = torch.stack([value.detach().float().reshape(()) for _, value in named])
+    if across_processes:  # a sum stays non-finite when any part of it is
+        torch.distributed.all_reduce(values)
+    where = " in one of the processes" if across_processes else ""
+    for (what, _), number in zip(named, values.tolist(), strict=True):
         if not math.isfinite(number):
             raise NonFiniteLoss(
-                f"the {what} is {number} at step {step} (epoch {epoch}, batch index "
+                f"the {what} is {number}{where} at step {step} (epoch {epoch}, batch index "
                 f"{batch_index}): stopped before the optimizer update, and no checkpoint "
                 "of this state was written (check the learning rate, the inputs and the loss)"
             )
