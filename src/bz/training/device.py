@@ -57,10 +57,6 @@ cuBLAS's deterministic setting with eight 4 MiB workspaces per stream (NVIDIA's)
 _NO_DETERMINISTIC_KERNEL = re.compile(r"^(\S+) does not have a deterministic implementation")
 
 
-class NondeterministicOp(TrainingError):
-    """``deterministic: true`` met an op that has no deterministic kernel (exit 1)."""
-
-
 def request_cublas_determinism() -> None:
     """Set ``CUBLAS_WORKSPACE_CONFIG`` (unless set) for ``deterministic: true``.
 
@@ -93,7 +89,8 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     ``torch.use_deterministic_algorithms(True)``, cuDNN's deterministic mode and no
     cuDNN benchmarking, and ``CUBLAS_WORKSPACE_CONFIG``; the previous settings come back
     afterwards (the environment variable stays). An op without a deterministic kernel
-    raises :class:`NondeterministicOp`, one line naming it.
+    raises a :class:`~bz.TrainingError` (exit 1), one line naming it; torch's error is
+    its ``__cause__``.
     """
     if not enabled:
         yield
@@ -115,7 +112,7 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         if found is None:
             raise
         where = training_context(exc)
-        raise NondeterministicOp(
+        raise TrainingError(
             (f"{where}: " if where else "")
             + f'"deterministic": true, but {found.group(1)} has no deterministic '
             "implementation on this device; replace that op, or set deterministic to false"
