@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import click
 
+from bz._converter import too_deep_message
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
@@ -84,6 +86,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         value = raw  # a bare word is a string: --set device=cpu
+    except RecursionError:  # the parser recurses per level: far past MAX_DEPTH
+        raise click.BadParameter(f"{key}: {too_deep_message()}", param_hint="--set") from None
     return key, value
 
 
