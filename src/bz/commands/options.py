@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from bz import _stdio
 from bz._converter import too_deep_message
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,7 +69,7 @@ def report_to_launcher(message: str) -> bool:
 
 def fail(message: str) -> None:
     """One ``bz: error: ...`` line on stderr."""
-    click.echo(f"bz: error: {message}", err=True)
+    click.echo(f"bz: error: {message}", file=_stdio.stderr())
 
 
 def usage_message(exc: click.UsageError) -> str:
