@@ -29,7 +29,7 @@ class _OwnedStream:
     copy of 1), so bz's lines and the text others printed before them keep their order.
     """
 
-    __slots__ = ("_beside", "_file")
+    __slots__ = ("__weakref__", "_beside", "_file")
 
     def __init__(self, fd: int, beside: str) -> None:
         self._beside = beside

@@ -34,17 +34,31 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from types import CodeType, FrameType
 
+_MAIN_THREAD = threading.main_thread().ident
+
 GRACE_S = 1.0
 """How long a hook has to return after its interruption before every line of it raises."""
 EXIT_AFTER_S = 10.0
 """How long after its interruption a hook that still has not returned ends the process."""
 
 
-class PluginTimeout(Exception):
+class _Interruption(Exception):
+    """The watchdog's exceptions. One raised to force a call out re-arms the force when
+    the plugin lets go of it (its ``except`` block ended): see ``Watchdog._line``."""
+
+    rearm: Callable[[FrameType | None], None] | None = None
+
+    def __del__(self) -> None:
+        rearm, self.rearm = self.rearm, None
+        if rearm is not None:
+            rearm(sys._getframe(1))
+
+
+class PluginTimeout(_Interruption):
     """A plugin's hook ran longer than ``plugin_timeout`` seconds."""
 
 
-class PluginInterrupted(Exception):
+class PluginInterrupted(_Interruption):
     """A second Ctrl-C or SIGTERM arrived while a plugin's hook was running."""
 
 
@@ -84,8 +98,8 @@ class Watchdog:
         self._stop: threading.Event | None = None
         self._escalating: tuple[object, float] | None = None
         """The call being escalated: (slot, since)."""
-        self._forced: BaseException | None = None
-        """What every line of the escalated call raises, once forced."""
+        self._forced: _Interruption | None = None
+        """What every line of the escalated call raises (a new one each time), once forced."""
         self._trace: Any = None
 
     def arm(self, seconds: float | None) -> None:
@@ -122,7 +136,7 @@ class Watchdog:
         forced = self._forced
         if forced is not None and self._forcing():
             self._force(frame)
-            raise forced
+            raise self._fresh(forced)
         expired, self._expired = self._expired, None
         if expired is not None and expired is self.running:
             name = getattr(expired, "name", "?")
@@ -141,7 +155,7 @@ class Watchdog:
 
     # -- escalation ----------------------------------------------------------------------
 
-    def escalate(self, slot: object, exit_code: int, error: BaseException) -> None:
+    def escalate(self, slot: object, exit_code: int, error: _Interruption) -> None:
         """``slot``'s running call was just interrupted with ``error``: make sure it ends.
 
         Starts (once per call) the thread that forces the call out after ``GRACE_S``
@@ -172,7 +186,7 @@ class Watchdog:
             frame = frame.f_back
         if self._trace is None:
             self._trace = (sys.gettrace(),)
-            sys.settrace(self._call)
+        sys.settrace(self._call)  # again: a raise from a trace function turned it off
 
     def _call(self, frame: FrameType, event: str, arg: object) -> Any:
         if frame.f_code in _OWN_CODES or not self._forcing():
@@ -180,13 +194,25 @@ class Watchdog:
         return self._line
 
     def _line(self, frame: FrameType, event: str, arg: object) -> Any:
-        # Not ``raise`` here: an exception from a trace function turns tracing off. The
-        # signal's handler raises at the next instruction instead, and tracing stays on
-        # for the line after, and the next (each ``except`` the hook has costs it a level).
-        if self._forced is not None and self._forcing():
-            signal.raise_signal(signal.SIGALRM)
-            return self._line
-        return None
+        # A line event in a frame of the forced call: the hook caught the exception and
+        # goes on (its ``except`` body): raise again, from there. An exception from a
+        # trace function turns tracing off, so this climbs one ``try`` per force; the
+        # escalation thread forces again every half second (see ``_escalate``).
+        forced = self._forced
+        if event == "line" and forced is not None and self._forcing():
+            raise self._fresh(forced)
+        return self._line
+
+    def _fresh(self, forced: _Interruption) -> _Interruption:
+        # A new exception each time: when the hook drops one, it turns tracing on again.
+        error = type(forced)(*forced.args)
+        error.rearm = self._rearm
+        return error
+
+    def _rearm(self, frame: FrameType | None) -> None:
+        # Only builtins before ``_force``: any Python frame here would be traced too.
+        if threading.get_ident() == _MAIN_THREAD and self._forcing():
+            self._force(frame)
 
     def _forcing(self) -> bool:
         escalating = self._escalating
@@ -204,7 +230,15 @@ class Watchdog:
 
 _OWN_CODES = frozenset(
     method.__code__
-    for method in (Watchdog._interrupt, Watchdog._force, Watchdog._line, Watchdog._forcing)
+    for method in (
+        Watchdog._interrupt,
+        Watchdog._force,
+        Watchdog._line,
+        Watchdog._forcing,
+        Watchdog._fresh,
+        Watchdog._rearm,
+        _Interruption.__del__,
+    )
 )
 
 
@@ -212,7 +246,7 @@ def _escalate(
     owner: weakref.ref[Watchdog],
     call: tuple[object, float],
     exit_code: int,
-    error: BaseException,
+    error: _Interruption,
     main: int | None,
 ) -> None:
     started = time.perf_counter()
