@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from bz._errors import describe_exception
 from bz._logging import get_logger
@@ -124,6 +124,8 @@ class PluginSet:
         self._keeper = ProcessKeeper(self._watchdog)
         self._ledger: HookLedger | None = None
         """The torch hooks plugins registered (while a run lasts: see ``_view_for``)."""
+        self._autocast: Any = None
+        """Autocast as it was before a plugin's hook changed it (see ``_touched``)."""
         self._rebuild()
 
     # -- what is loaded --------------------------------------------------------------
@@ -217,6 +219,8 @@ class PluginSet:
             fence.put_back(mark)
             if grad_mode is not None and grad_mode() is not grad:
                 _set_grad_mode(grad)
+            if self._autocast is not None:
+                self._put_back_autocast()
 
     def _view_for(self, context: PluginContext) -> PluginContext:
         # A new context (a new run, or a test's own): plugins see it through a read-only
@@ -227,7 +231,7 @@ class PluginSet:
         self._watchdog.arm(getattr(config, "plugin_timeout", None))
         if config is not None and self._ledger is None and "torch" in sys.modules:
             # A run: torch hooks registered inside plugins' hooks become theirs.
-            self._ledger = HookLedger(self._watchdog, self._run_torch_hook)
+            self._ledger = HookLedger(self._watchdog, self._run_torch_hook, self._touched)
             _torch_hooks.adopt(self._ledger)
         return self._view
 
@@ -306,6 +310,21 @@ class PluginSet:
             fence.put_back(mark)
             if grad_mode is not None and grad_mode() is not grad:
                 _set_grad_mode(grad)
+            if self._autocast is not None:
+                self._put_back_autocast()
+
+    def _touched(self) -> None:
+        # A plugin's hook is about to change autocast: keep the state it changes.
+        if self._autocast is None:
+            from bz.plugins import _autocast
+
+            self._autocast = _autocast.capture()
+
+    def _put_back_autocast(self) -> None:
+        from bz.plugins import _autocast
+
+        state, self._autocast = self._autocast, None
+        _autocast.restore(state)
 
     def interrupt_running(self, signum: int) -> None:
         """From a signal handler: fail the plugin whose hook is running now, if any.

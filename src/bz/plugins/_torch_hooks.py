@@ -63,11 +63,13 @@ class HookLedger:
     watchdog); ``run`` calls a hook inside the boundary.
     """
 
-    __slots__ = ("_entries", "_run", "_thread", "_watchdog")
+    __slots__ = ("_entries", "_run", "_thread", "_watchdog", "touched")
 
-    def __init__(self, watchdog: Any, run: HookRunner) -> None:
+    def __init__(self, watchdog: Any, run: HookRunner, touched: Callable[[], None]) -> None:
         self._watchdog = watchdog
         self._run = run
+        self.touched = touched
+        """Called before a running plugin changes autocast (see :mod:`._autocast`)."""
         self._thread = threading.get_ident()
         self._entries: list[tuple[object, Callable[[], object]]] = []
 
@@ -115,7 +117,7 @@ class HookLedger:
 
 _ledgers: list[HookLedger] = []
 """The ledgers of the plugin sets training now, innermost last."""
-_originals: dict[tuple[type, str], Any] = {}
+_originals: dict[tuple[Any, str], Any] = {}
 
 
 def _current() -> HookLedger | None:
@@ -136,6 +138,17 @@ def _adopting(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
     return register
 
 
+def _touching(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def change(*args: Any, **kwargs: Any) -> Any:
+        ledger = _current()
+        if ledger is not None and ledger.running_here() is not None:
+            ledger.touched()
+        return original(*args, **kwargs)
+
+    return change
+
+
 class _AdoptingTable(OrderedDict[int, Any]):
     """A global hook table that makes what a plugin writes into it the plugin's."""
 
@@ -151,11 +164,19 @@ class _AdoptingTable(OrderedDict[int, Any]):
 
 
 def _install() -> None:
+    from bz.plugins import _autocast  # noqa: F401  # keeps torch's own setter before wrapping
+
     for module_name, class_name, method, kind in _METHODS:
         cls = getattr(sys.modules[module_name], class_name)
         original = cls.__dict__[method]
         _originals[(cls, method)] = original
         setattr(cls, method, _adopting(original, kind))
+    torch = sys.modules["torch"]
+    autocast = sys.modules["torch.amp.autocast_mode"].autocast
+    for owner, name in ((autocast, "__enter__"), (torch, "set_autocast_enabled")):
+        original = getattr(owner, name)
+        _originals[(owner, name)] = original
+        setattr(owner, name, _touching(original))
     for module_name, table_name, kind in _TABLES:
         module = sys.modules[module_name]
         table = getattr(module, table_name)
