@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -20,7 +20,7 @@ from bz.plugins._watchdog import EXIT_AFTER_S
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from bz.plugins._sandbox import ErrorPolicy
+ErrorPolicy = Literal["rewind", "isolate", "raise"]
 
 _log = get_logger("bz")
 
@@ -148,6 +148,7 @@ def give_up(slot: object, exit_code: int, reason: str) -> None:
 
 
 __all__ = [
+    "ErrorPolicy",
     "LoadBoundary",
     "PluginFailure",
     "PluginFault",

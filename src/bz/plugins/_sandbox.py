@@ -23,13 +23,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bz._errors import describe_exception
 from bz._logging import get_logger
 from bz.plugins import _torch_hooks
 from bz.plugins._context import LoopView, PluginContext
 from bz.plugins._faults import (
+    ErrorPolicy,
     LoadBoundary,
     PluginFailure,
     PluginFault,
@@ -60,8 +61,6 @@ __all__ = [
     "guarded",
     "log_fault",
 ]
-
-ErrorPolicy = Literal["rewind", "isolate", "raise"]
 
 _log = get_logger("bz")
 _perf_counter = time.perf_counter
