@@ -183,6 +183,7 @@ RogueAct = Literal[
     "swallow_nested",
     "swallow_two_signals",
     "block_signals",
+    "block_timeout",
 ]
 
 
@@ -195,6 +196,8 @@ class RogueConfig:
     hook: str = "start_epoch"
     then_raise: bool = False
     """Raise after acting."""
+    signal_name: Literal["SIGTERM", "SIGINT"] = "SIGTERM"
+    """The signal ``swallow_two_signals`` and ``block_signals`` send themselves twice."""
 
 
 def _exit_zero(signum: int, frame: object) -> None:
@@ -217,10 +220,11 @@ def _swallow_nested() -> None:
             pass
 
 
-def _two_sigterms_then_swallow() -> None:
+def _two_signals_then_swallow(name: str) -> None:
+    number = getattr(signal, name)
     try:
-        os.kill(os.getpid(), signal.SIGTERM)  # the first: stop after this step, please
-        os.kill(os.getpid(), signal.SIGTERM)  # the second, while this hook still runs
+        os.kill(os.getpid(), number)  # the first: stop after this step, please
+        os.kill(os.getpid(), number)  # the second, while this hook still runs
     except BaseException:  # the point: a hook that will not stop
         pass
     _swallow_everything()
@@ -254,11 +258,14 @@ class RoguePlugin:
         elif act == "swallow_nested":
             _swallow_nested()
         elif act == "swallow_two_signals":
-            _two_sigterms_then_swallow()
+            _two_signals_then_swallow(self.config.signal_name)
         elif act == "block_signals":
             # Like native code that never returns: the escalation's force never lands.
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-            _two_sigterms_then_swallow()
+            _two_signals_then_swallow(self.config.signal_name)
+        elif act == "block_timeout":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            _swallow_everything()
         if self.config.then_raise:
             raise RuntimeError(f"rogue fails after {act}")
 

@@ -183,17 +183,22 @@ def test_a_hook_that_swallows_the_second_sigterm_is_forced_out_and_the_run_check
 
 
 @pytest.mark.slow
-def test_a_hook_that_never_returns_ends_the_process_with_the_signals_code(
-    plugin_path: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("rogue", "setting", "code"),
+    [
+        ({"act": "block_signals", "signal_name": "SIGTERM"}, "plugin_timeout=null", 143),
+        ({"act": "block_signals", "signal_name": "SIGINT"}, "plugin_timeout=null", 130),
+        ({"act": "block_timeout"}, "plugin_timeout=0.5", 1),
+    ],
+    ids=["SIGTERM", "SIGINT", "timeout"],
+)
+def test_a_hook_that_never_returns_ends_the_process_with_the_documented_code(
+    rogue: dict[str, Any], setting: str, code: int, plugin_path: Path, tmp_path: Path
 ) -> None:
     # The force never lands (SIGALRM blocked, as in native code that ignores signals):
-    # EXIT_AFTER_S after the second SIGTERM, bz reports the plugin and exits 143.
+    # EXIT_AFTER_S after the interruption, bz reports the plugin and exits.
     done = _bz_train(
-        tmp_path,
-        plugin_path,
-        {"act": "block_signals", "hook": "end_training_batch"},
-        "--set",
-        "plugin_timeout=null",
+        tmp_path, plugin_path, {**rogue, "hook": "end_training_batch"}, "--set", setting
     )
-    assert done.returncode == 143, done.stderr[-3000:]
+    assert done.returncode == code, done.stderr[-3000:]
     assert "plugin 'rogue' did not return" in done.stderr

@@ -296,6 +296,13 @@ def _watch(
         if overdue and repeat:
             watchdog.expire(running)
             deadline_of = (running, now + seconds)
+            # From here too, not only from the handler: the signal may never land.
+            name = getattr(running, "name", "?")
+            watchdog.escalate(
+                running,
+                1,
+                PluginTimeout(f"plugin {name!r} ran longer than plugin_timeout ({seconds:g} s)"),
+            )
             signal.pthread_kill(main, signal.SIGALRM)
         del watchdog, running
 
