@@ -28,10 +28,22 @@ _log = get_logger("bz")
 class PluginFailure(TrainingError):
     """A plugin raised while the policy was ``raise`` (exit 1)."""
 
+    _verdict = False
+    """True when the sandbox raised it (see :func:`is_verdict`)."""
 
-class Verdict(PluginFailure):
-    """The sandbox's own :class:`PluginFailure`: passes through every boundary it crosses
-    (a torch hook of one plugin failing inside another plugin's hook is not the other's)."""
+
+def verdict(message: str) -> PluginFailure:
+    """The sandbox's own :class:`PluginFailure`, which passes through every boundary."""
+    failure = PluginFailure(message)
+    failure._verdict = True
+    return failure
+
+
+def is_verdict(exc: BaseException) -> bool:
+    """Whether ``exc`` is the sandbox's decision about some plugin, not a new fault: a
+    rewind request or a verdict (a torch hook of one plugin can fail inside another
+    plugin's hook; that is not the other plugin's fault)."""
+    return isinstance(exc, RewindRequested) or (isinstance(exc, PluginFailure) and exc._verdict)
 
 
 class RewindRequested(BaseException):
@@ -154,7 +166,8 @@ __all__ = [
     "PluginFault",
     "PluginReport",
     "RewindRequested",
-    "Verdict",
     "give_up",
+    "is_verdict",
     "log_fault",
+    "verdict",
 ]

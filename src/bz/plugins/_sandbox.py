@@ -36,9 +36,10 @@ from bz.plugins._faults import (
     PluginFault,
     PluginReport,
     RewindRequested,
-    Verdict,
     give_up,
+    is_verdict,
     log_fault,
+    verdict,
 )
 from bz.plugins._fence import RandomFence, random_fence
 from bz.plugins._hooks import HOOK_NAMES, HOOKS
@@ -207,7 +208,7 @@ class PluginSet:
                     raise
                 except BaseException as exc:  # a plugin cannot end the process
                     watchdog.running = None
-                    if isinstance(exc, (RewindRequested, Verdict)):
+                    if is_verdict(exc):
                         raise  # another plugin's torch hook failed inside this one's hook
                     self._fail(slot, hook, exc, context)
                 finished = clock()
@@ -218,6 +219,8 @@ class PluginSet:
             fence.put_back(mark)
             if grad_mode is not None and grad_mode() is not grad:
                 _set_grad_mode(grad)
+            # Autocast too, but read only when a plugin's hook changed it (``_touched``):
+            # reading it costs a microsecond, this test nothing.
             if self._autocast is not None:
                 self._put_back_autocast()
 
@@ -298,7 +301,7 @@ class PluginSet:
             raise
         except BaseException as exc:  # the plugin's, as in its own hooks
             watchdog.running = outer
-            if isinstance(exc, (RewindRequested, Verdict)):
+            if is_verdict(exc):
                 raise
             shown = self._shown if self._shown is not None else PluginContext()
             self._fail(slot, f"torch {kind}", exc, shown)
@@ -356,7 +359,7 @@ class PluginSet:
         if self._ledger is not None:
             self._ledger.drop(slot)  # its torch hooks leave with it
         if self.policy == "raise":
-            raise Verdict(fault.describe()) from exc
+            raise verdict(fault.describe()) from exc
         log_fault(fault, exc)
         if self.policy == "rewind" and self.rewindable:
             raise RewindRequested(fault) from exc
