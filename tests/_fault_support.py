@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -165,6 +166,122 @@ for _hook in HOOK_NAMES:
     setattr(FaultPlugin, _hook, _hook_method(_hook))
 
 
+# -- the rogue plugin: what a plugin can do to the process it shares with bz ---------------------
+
+_SIGNAL = signal.signal
+"""Python's own ``signal.signal``, bound before bz trains: a library that kept a reference
+to it installs handlers without going through bz's wrapper."""
+
+RogueAct = Literal[
+    "sigterm_exit",
+    "sigterm_exit_bypass",
+    "close_stdout",
+    "close_stderr",
+    "close_fd1",
+    "close_fd2",
+    "swallow",
+    "swallow_nested",
+    "swallow_two_signals",
+    "block_signals",
+    "block_timeout",
+]
+
+
+@attrs.frozen
+class RogueConfig:
+    """Options of the ``rogue`` plugin."""
+
+    act: RogueAct = "sigterm_exit"
+    """What it does, once, in ``hook``."""
+    hook: str = "start_epoch"
+    then_raise: bool = False
+    """Raise after acting."""
+    signal_name: Literal["SIGTERM", "SIGINT"] = "SIGTERM"
+    """The signal ``swallow_two_signals`` and ``block_signals`` send themselves twice."""
+
+
+def _exit_zero(signum: int, frame: object) -> None:
+    sys.exit(0)  # what some logging clients' SIGTERM handlers do
+
+
+def _swallow_everything() -> None:
+    while True:
+        try:  # noqa: SIM105  # written as such plugins are: contextlib.suppress would hide it
+            time.sleep(0.05)
+        except BaseException:  # the point: a hook that will not stop
+            pass
+
+
+def _swallow_nested() -> None:
+    while True:
+        try:  # noqa: SIM105  # written as such plugins are: contextlib.suppress would hide it
+            _swallow_everything()
+        except BaseException:  # the point: a hook that will not stop
+            pass
+
+
+def _two_signals_then_swallow(name: str) -> None:
+    number = getattr(signal, name)
+    try:
+        os.kill(os.getpid(), number)  # the first: stop after this step, please
+        os.kill(os.getpid(), number)  # the second, while this hook still runs
+    except BaseException:  # the point: a hook that will not stop
+        pass
+    _swallow_everything()
+
+
+class RoguePlugin:
+    """A plugin that acts on the process it shares with bz (see :class:`RogueConfig`)."""
+
+    Config = RogueConfig
+
+    def __init__(self, config: RogueConfig) -> None:
+        self.name = "rogue"
+        self.config = config
+        self.done = False
+
+    def _act(self, hook: str) -> None:
+        if self.done or hook != self.config.hook:
+            return
+        self.done = True
+        act = self.config.act
+        if act == "sigterm_exit":
+            signal.signal(signal.SIGTERM, _exit_zero)
+        elif act == "sigterm_exit_bypass":
+            _SIGNAL(signal.SIGTERM, _exit_zero)
+        elif act in ("close_stdout", "close_stderr"):
+            getattr(sys, act.removeprefix("close_")).close()
+        elif act in ("close_fd1", "close_fd2"):
+            os.close(int(act[-1]))
+        elif act == "swallow":
+            _swallow_everything()
+        elif act == "swallow_nested":
+            _swallow_nested()
+        elif act == "swallow_two_signals":
+            _two_signals_then_swallow(self.config.signal_name)
+        elif act == "block_signals":
+            # Like native code that never returns: the escalation's force never lands.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            _two_signals_then_swallow(self.config.signal_name)
+        elif act == "block_timeout":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            _swallow_everything()
+        if self.config.then_raise:
+            raise RuntimeError(f"rogue fails after {act}")
+
+
+def _rogue_method(hook: str) -> Any:
+    def method(self: RoguePlugin, context: PluginContext) -> None:
+        self._act(hook)
+
+    method.__name__ = hook
+    return method
+
+
+for _hook in HOOK_NAMES:
+    setattr(RoguePlugin, _hook, _rogue_method(_hook))
+
+
 # -- a distribution that bz discovers --------------------------------------------------------
 
 
@@ -183,6 +300,7 @@ def install_fake_distribution(folder: Path) -> Path:
     (info / "entry_points.txt").write_text(
         "[bz.plugins]\n"
         "faulty = tests._fault_support:FaultPlugin\n"
+        "rogue = tests._fault_support:RoguePlugin\n"
         "broken_import = bz_fault_broken_module:Plugin\n",
         encoding="utf-8",
     )

@@ -302,8 +302,47 @@ def _attrs_validator_message(exc: ValueError) -> dict[str, str] | None:
     return {"field": match["field"], "message": match["message"]}
 
 
+MAX_DEPTH = 100
+"""How deeply objects and lists may nest in a configuration: far more than any option
+needs, and far less than the interpreter's recursion limit, which structuring, copying
+and pickling the config would otherwise hit."""
+
+
+def check_depth(data: Any, path: str = "") -> None:
+    """Raise a one-line :class:`ConfigError` when ``data`` nests deeper than ``MAX_DEPTH``.
+
+    Walks with a stack, never recursion, so any depth is answered with the same line.
+    """
+    stack: list[tuple[Any, str, int]] = [(data, path, 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[tuple[str | int, Any]] = value.items()
+        elif isinstance(value, list | tuple):
+            children = enumerate(value)
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise ConfigError([(where, f"nested deeper than {MAX_DEPTH} levels")])
+        # Paths are kept short: the first levels say where, the rest would be noise.
+        stack.extend(
+            (
+                child,
+                _join(where, key if isinstance(key, int) else str(key)) if depth < 3 else where,
+                depth + 1,
+            )
+            for key, child in children
+        )
+
+
+def too_deep_message() -> str:
+    """What a JSON reader that ran out of recursion reports (see ``MAX_DEPTH``)."""
+    return f"nested deeper than {MAX_DEPTH} levels"
+
+
 def structure(data: Any, cls: type[T], path: str = "") -> T:
     """Structure JSON ``data`` into ``cls``; raise :class:`ConfigError` with JSON paths."""
+    check_depth(data, path)
     if attrs.has(cls) and not isinstance(data, dict):
         raise ConfigError([(path, f"expected an object, got {quote_value(data)}")])
     try:

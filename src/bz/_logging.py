@@ -11,7 +11,8 @@ Every bz module logs through :func:`get_logger`. Each call looks at the host:
 
 Deciding per call, not at import, is what lets a host configure logging after importing
 bz. ``configure`` renders for the command line (``console`` on stderr, ``json`` lines on
-stdout); libraries embedding bz never call it.
+stdout, through bz's own copies of them: :mod:`bz._stdio`); libraries embedding bz never
+call it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TextIO, cast
 
 import structlog
+
+from bz import _stdio
 
 if TYPE_CHECKING:
     from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
@@ -201,9 +204,9 @@ def configure(
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(),
         ]
-        output = stream or sys.stdout
+        output = stream or _stdio.stdout()
     else:
-        output = stream or sys.stderr
+        output = stream or _stdio.stderr()
         colors = not os.environ.get("NO_COLOR") and output.isatty()
         processors = [
             *shared,

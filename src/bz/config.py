@@ -30,7 +30,7 @@ from bz._config_values import (
     metric_specs,
     plugin_specs,
 )
-from bz._converter import structure, unstructure
+from bz._converter import structure, too_deep_message, unstructure
 from bz._errors import ConfigError
 from bz._typecheck import check_field_types
 
@@ -279,6 +279,8 @@ def read_json(path: Path) -> Any:
         raise ConfigError([("", "not UTF-8 text")], str(path)) from None
     try:
         return json.loads(text)
+    except RecursionError:  # the parser recurses per level: far past MAX_DEPTH
+        raise ConfigError([("", too_deep_message())], str(path)) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
             [("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")],

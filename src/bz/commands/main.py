@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from bz import __version__
+from bz import __version__, _stdio
 from bz._errors import BzError
 from bz.commands.catalog import list_metrics, list_plugins
 from bz.commands.health import health
@@ -44,6 +44,16 @@ class _BzGroup(click.Group):
         if not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)
         kwargs["standalone_mode"] = False
+        # bz's reports go through copies of descriptors 1 and 2 (a plugin may close the
+        # originals), and whatever was closed is reopened before the process exits, so
+        # the interpreter's last flush cannot change the exit code.
+        _stdio.own()
+        try:
+            return self._main(*args, **kwargs)
+        finally:
+            _stdio.repair()
+
+    def _main(self, *args: Any, **kwargs: Any) -> Any:
         try:
             code = super().main(*args, **kwargs)
         except click.UsageError as exc:

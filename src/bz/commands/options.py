@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 
 import click
 
+from bz import _stdio
+from bz._converter import too_deep_message
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
@@ -66,7 +69,7 @@ def report_to_launcher(message: str) -> bool:
 
 def fail(message: str) -> None:
     """One ``bz: error: ...`` line on stderr."""
-    click.echo(f"bz: error: {message}", err=True)
+    click.echo(f"bz: error: {message}", file=_stdio.stderr())
 
 
 def usage_message(exc: click.UsageError) -> str:
@@ -84,6 +87,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         value = raw  # a bare word is a string: --set device=cpu
+    except RecursionError:  # the parser recurses per level: far past MAX_DEPTH
+        raise click.BadParameter(f"{key}: {too_deep_message()}", param_hint="--set") from None
     return key, value
 
 

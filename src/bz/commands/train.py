@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from bz import _stdio
 from bz._errors import BzError, ConfigError, UsageError
 from bz.commands.launch import command_line, launch
 from bz.commands.options import (
@@ -267,6 +268,7 @@ def _train_and_report(
     """``bz train`` once logging is set up: run, then render the outcome."""
     overrides = _overrides(assignments, named)
     result = _run_reporting_failures(config_path, overrides, show_traceback, rank, smoke)
+    _stdio.repair()  # what a plugin closed is open again for the closing lines
     if result.already_complete:
         if rank != 0:  # every process finds it; one line is enough
             return
@@ -312,16 +314,19 @@ def _run_reporting_failures(
     try:
         return run(config_path, overrides=overrides, smoke=smoke)
     except BzError as exc:
+        _stdio.repair()
         if show_traceback and exc.__cause__ is not None:
             traceback.print_exception(exc.__cause__, file=sys.stderr)
         raise
     except TrainingInterrupted as exc:
+        _stdio.repair()
         if rank == 0:  # the process that wrote the checkpoint speaks for all of them
             saved = f"; checkpoint {exc.checkpoint} written, `bz train` resumes from it"
             click.echo(f"bz: interrupted{saved if exc.checkpoint else ''}", err=True)
         # The shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
         raise click.exceptions.Exit(128 + exc.signal.value) from None
     except Exception as exc:  # the user's own exception, which bz.run lets through as itself
+        _stdio.repair()
         if show_traceback:
             traceback.print_exception(exc, file=sys.stderr)
         summary = training_context(exc) or "training failed"

@@ -12,7 +12,9 @@ fault happened, ``raise`` ends the run.
 Around each hook call the sandbox also fences the global random generators (see
 :mod:`bz.plugins._fence`), shows plugins a read-only view of the loop's values (see
 :class:`bz.plugins._context.LoopView`), and, with ``plugin_timeout``, interrupts a hook that runs
-too long (see :mod:`bz.plugins._watchdog`).
+too long (see :mod:`bz.plugins._watchdog`). Torch hooks a plugin registers from inside
+its hooks run inside the same boundary, as the plugin's (see :mod:`bz.plugins._torch_hooks`),
+and bz's signal handlers and standard streams stay bz's (see :mod:`bz.plugins._process`).
 """
 
 from __future__ import annotations
@@ -21,74 +23,51 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import attrs
-
-from bz._errors import BzError, TrainingError, describe_exception
+from bz._errors import describe_exception
 from bz._logging import get_logger
+from bz.plugins import _torch_hooks
 from bz.plugins._context import LoopView, PluginContext
+from bz.plugins._faults import (
+    ErrorPolicy,
+    LoadBoundary,
+    PluginFailure,
+    PluginFault,
+    PluginReport,
+    RewindRequested,
+    give_up,
+    is_verdict,
+    log_fault,
+    verdict,
+)
 from bz.plugins._fence import RandomFence, random_fence
-from bz.plugins._hooks import HOOK_NAMES
+from bz.plugins._hooks import HOOK_NAMES, HOOKS
+from bz.plugins._process import ProcessKeeper
+from bz.plugins._torch_hooks import HookLedger
 from bz.plugins._watchdog import PluginInterrupted, Watchdog
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from bz.plugins._protocol import NamedPlugin
 
-ErrorPolicy = Literal["rewind", "isolate", "raise"]
+# Faults live in _faults; their home for the rest of bz stays here.
+__all__ = [
+    "ErrorPolicy",
+    "LoadBoundary",
+    "PluginFailure",
+    "PluginFault",
+    "PluginReport",
+    "PluginSet",
+    "RewindRequested",
+    "guarded",
+    "log_fault",
+]
 
 _log = get_logger("bz")
 _perf_counter = time.perf_counter
 
 
-class PluginFailure(TrainingError):
-    """A plugin raised while the policy was ``raise`` (exit 1)."""
-
-
-class RewindRequested(BaseException):
-    """A plugin failed under ``rewind``: the loop goes back to its last consistent state.
-
-    Raised out of :meth:`PluginSet.call` only while the loop has said it can rewind
-    (:attr:`PluginSet.rewindable`). A ``BaseException`` so that no ``except Exception``
-    between the hook and the loop swallows it. The plugin is already quarantined.
-    """
-
-    def __init__(self, fault: PluginFault) -> None:
-        super().__init__(fault.describe())
-        self.fault = fault
-
-
-@attrs.frozen
-class PluginFault:
-    """What went wrong with a plugin, where, and when."""
-
-    plugin: str
-    stage: str
-    """The hook name, or ``import`` / ``config`` / ``create`` / ``load`` while loading."""
-    error: str
-    """``ExceptionType: message``."""
-    epoch: int | None = None
-    step: int | None = None
-    cause: BaseException | None = attrs.field(default=None, eq=False, repr=False)
-    """The exception, for faults while loading (``bz check-config --traceback``)."""
-
-    def describe(self) -> str:
-        """One line for people."""
-        where = f" (epoch {self.epoch}, step {self.step})" if self.epoch is not None else ""
-        return f"plugin {self.plugin!r} failed in {self.stage}{where}: {self.error}"
-
-
-@attrs.frozen
-class PluginReport:
-    """End-of-run numbers for one plugin."""
-
-    name: str
-    hooks: tuple[str, ...]
-    calls: int
-    seconds: float
-    fault: PluginFault | None
+_PER_BATCH = frozenset(spec.name for spec in HOOKS if spec.per_batch)
 
 
 class _Slot:
@@ -130,7 +109,6 @@ class PluginSet:
         self._slots = [_Slot(plugin.name, plugin, hooks) for plugin, hooks in plugins]
         self._load_faults = list(load_faults)
         self._table: dict[str, tuple[_Entry, ...]] = {}
-        self._rebuild()
         self.rewindable = False
         """Set by the loop while it can go back to a consistent state (``rewind``)."""
         self._fence: RandomFence | None = None
@@ -139,6 +117,16 @@ class PluginSet:
         self._shown: PluginContext | None = None
         self._view: PluginContext = LoopView(PluginContext())
         self._watchdog = Watchdog()
+        self._watchdog.boundaries = frozenset(
+            {PluginSet.call.__code__, PluginSet._run_torch_hook.__code__}
+        )
+        self._watchdog.give_up = give_up
+        self._keeper = ProcessKeeper(self._watchdog)
+        self._ledger: HookLedger | None = None
+        """The torch hooks plugins registered (while a run lasts: see ``_view_for``)."""
+        self._autocast: Any = None
+        """Autocast as it was before a plugin's hook changed it (see ``_touched``)."""
+        self._rebuild()
 
     # -- what is loaded --------------------------------------------------------------
 
@@ -168,9 +156,16 @@ class PluginSet:
     def _rebuild(self) -> None:
         # Precomputed per hook: a hook nobody implements is an empty tuple, so calling
         # it costs a dict lookup and nothing else.
+        # Hooks above the batch level also check bz's signal handlers around each call.
+        keeper = self._keeper
         self._table = {
             hook: tuple(
-                (slot, getattr(slot.plugin, hook))
+                (
+                    slot,
+                    getattr(slot.plugin, hook)
+                    if hook in _PER_BATCH
+                    else keeper.kept(getattr(slot.plugin, hook)),
+                )
                 for slot in self._slots
                 if slot.fault is None and not slot.dormant and hook in slot.hooks
             )
@@ -213,6 +208,8 @@ class PluginSet:
                     raise
                 except BaseException as exc:  # a plugin cannot end the process
                     watchdog.running = None
+                    if is_verdict(exc):
+                        raise  # another plugin's torch hook failed inside this one's hook
                     self._fail(slot, hook, exc, context)
                 finished = clock()
                 slot.seconds += finished - started
@@ -222,6 +219,10 @@ class PluginSet:
             fence.put_back(mark)
             if grad_mode is not None and grad_mode() is not grad:
                 _set_grad_mode(grad)
+            # Autocast too, but read only when a plugin's hook changed it (``_touched``):
+            # reading it costs a microsecond, this test nothing.
+            if self._autocast is not None:
+                self._put_back_autocast()
 
     def _view_for(self, context: PluginContext) -> PluginContext:
         # A new context (a new run, or a test's own): plugins see it through a read-only
@@ -230,6 +231,10 @@ class PluginSet:
         self._view = LoopView(context)
         config = context.run_config
         self._watchdog.arm(getattr(config, "plugin_timeout", None))
+        if config is not None and self._ledger is None and "torch" in sys.modules:
+            # A run: torch hooks registered inside plugins' hooks become theirs.
+            self._ledger = HookLedger(self._watchdog, self._run_torch_hook, self._touched)
+            _torch_hooks.adopt(self._ledger)
         return self._view
 
     def _new_fence(self) -> RandomFence:
@@ -242,8 +247,86 @@ class PluginSet:
         return self._fence
 
     def close(self) -> None:
-        """Stop the timeout watchdog (the loop calls this when the run ends)."""
+        """Stop the timeout watchdog and stop adopting torch hooks (when the run ends).
+
+        Torch hooks healthy plugins registered stay where they are, still guarded.
+        """
         self._watchdog.disarm()
+        self._keeper.release()
+        if self._ledger is not None:
+            _torch_hooks.release(self._ledger)
+
+    def keep_handlers(self, handlers: dict[int, object] | None) -> None:
+        """Keep bz's signal ``handlers`` installed against plugins (None: stop)."""
+        if handlers is None:
+            self._keeper.release()
+        else:
+            self._keeper.keep(handlers)
+
+    def hooks_mark(self) -> int:
+        """Where the torch hooks plugins registered stand now (for a snapshot)."""
+        return self._ledger.mark() if self._ledger is not None else 0
+
+    def drop_hooks_since(self, mark: int) -> None:
+        """Remove the torch hooks plugins registered since ``mark`` (a rewind)."""
+        if self._ledger is not None:
+            self._ledger.drop_since(mark)
+
+    def _run_torch_hook(
+        self,
+        slot: _Slot,
+        kind: str,
+        hook: Callable[..., object],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> object:
+        # A torch hook a plugin registered, called by torch in the middle of a forward,
+        # a backward or an optimizer step: the plugin's boundary, fence and clock.
+        if slot.fault is not None:
+            return None
+        watchdog = self._watchdog
+        outer = watchdog.running
+        fence = self._fence or self._new_fence()
+        mark = fence.mark()
+        grad_mode = self._grad_mode
+        grad = grad_mode is None or grad_mode()
+        started = _perf_counter()
+        if outer is None:
+            watchdog.since = started
+        slot.calls += 1
+        try:
+            watchdog.running = slot
+            return hook(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the plugin's, as in its own hooks
+            watchdog.running = outer
+            if is_verdict(exc):
+                raise
+            shown = self._shown if self._shown is not None else PluginContext()
+            self._fail(slot, f"torch {kind}", exc, shown)
+            return None  # isolate: as if the hook were not there
+        finally:
+            watchdog.running = outer
+            slot.seconds += _perf_counter() - started
+            fence.put_back(mark)
+            if grad_mode is not None and grad_mode() is not grad:
+                _set_grad_mode(grad)
+            if self._autocast is not None:
+                self._put_back_autocast()
+
+    def _touched(self) -> None:
+        # A plugin's hook is about to change autocast: keep the state it changes.
+        if self._autocast is None:
+            from bz.plugins import _autocast
+
+            self._autocast = _autocast.capture()
+
+    def _put_back_autocast(self) -> None:
+        from bz.plugins import _autocast
+
+        state, self._autocast = self._autocast, None
+        _autocast.restore(state)
 
     def interrupt_running(self, signum: int) -> None:
         """From a signal handler: fail the plugin whose hook is running now, if any.
@@ -256,10 +339,13 @@ class PluginSet:
         running = self._watchdog.running
         if running is not None:
             name = getattr(running, "name", "?")
-            raise PluginInterrupted(
+            error = PluginInterrupted(
                 f"plugin {name!r} was still running when a second "
                 f"{signal.Signals(signum).name} arrived"
             )
+            # Should the hook swallow it: forced out, or the process ends (143 / 130).
+            self._watchdog.escalate(running, 128 + signum, error)
+            raise error
 
     # -- the slow path ---------------------------------------------------------------
 
@@ -268,9 +354,12 @@ class PluginSet:
             slot.name, hook, describe_exception(exc), context.epoch, context.global_step
         )
         slot.fault = fault
+        self._watchdog.settle()
         self._rebuild()
+        if self._ledger is not None:
+            self._ledger.drop(slot)  # its torch hooks leave with it
         if self.policy == "raise":
-            raise PluginFailure(fault.describe()) from exc
+            raise verdict(fault.describe()) from exc
         log_fault(fault, exc)
         if self.policy == "rewind" and self.rewindable:
             raise RewindRequested(fault) from exc
@@ -348,55 +437,6 @@ def _set_grad_mode(enabled: bool) -> None:
     import torch  # imported already: only called once a hook has run under torch
 
     torch.set_grad_enabled(enabled)
-
-
-def log_fault(fault: PluginFault, exc: BaseException) -> None:
-    """The one structured event a fault produces, traceback included."""
-    _log.error(
-        "plugin_failed",
-        plugin=fault.plugin,
-        hook=fault.stage,
-        epoch=fault.epoch,
-        step=fault.step,
-        error=fault.error,
-        exc_info=exc,
-    )
-
-
-class LoadBoundary:
-    """The same boundary for loading: import, config structuring, ``create``.
-
-    A fault is appended to ``faults`` and logged (``isolate``), and the ``with`` block
-    is left as if it had finished, so code after it runs; under ``raise`` it becomes a
-    :class:`PluginFailure`. bz's own errors (a bad option in ``bzconfig.json``, a
-    nested boundary's verdict) pass through untouched.
-    """
-
-    __slots__ = ("_faults", "_plugin", "_policy", "_stage")
-
-    def __init__(
-        self, plugin: str, stage: str, policy: ErrorPolicy, faults: list[PluginFault]
-    ) -> None:
-        self._plugin, self._stage, self._policy, self._faults = plugin, stage, policy, faults
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        if exc is None or isinstance(exc, (KeyboardInterrupt, BzError)):
-            return False
-        fault = PluginFault(self._plugin, self._stage, describe_exception(exc), cause=exc)
-        if self._policy == "raise":
-            raise PluginFailure(fault.describe()) from exc
-        # Loading happens before training: there is nothing to rewind.
-        self._faults.append(fault)
-        log_fault(fault, exc)
-        return True
 
 
 # -- plugin states inside the sandbox ---------------------------------------------------------

@@ -8,28 +8,57 @@ whose handler raises :class:`PluginTimeout` in the plugin's own frame. A hook bl
 stops at its next bytecode. The exception's traceback is the plugin's stack, which the
 fault report logs, and the plugin is quarantined like any other faulty plugin.
 
+A hook that swallows its interruption (``except BaseException: pass`` in a loop) is
+escalated (:meth:`Watchdog.escalate`): ``GRACE_S`` after the interruption, if the same
+call still runs, every line of Python the hook executes raises (a trace function on its
+frames), which no ``try`` in Python code survives; ``EXIT_AFTER_S`` after it, if the call
+still has not returned (blocked in native code that ignores signals), the run reports
+the plugin and ends the process with the interruption's exit code (143 for SIGTERM, 130
+for Ctrl-C, 1 for a timeout): the newest checkpoint on disk is where it resumes.
+
 Limits: signals reach only the main thread, so the timeout is enforced only when
-training runs there (as ``bz train`` does); C code that never returns to Python (a
-native call holding the GIL) cannot be interrupted this way.
+training runs there (as ``bz train`` does); C code that never returns to Python and
+holds the GIL cannot be interrupted, and keeps the escalation's thread from running.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from types import FrameType
+    from types import CodeType, FrameType
+
+_MAIN_THREAD = threading.main_thread().ident
+
+GRACE_S = 1.0
+"""How long a hook has to return after its interruption before every line of it raises."""
+EXIT_AFTER_S = 10.0
+"""How long after its interruption a hook that still has not returned ends the process."""
 
 
-class PluginTimeout(Exception):
+class _Interruption(Exception):
+    """The watchdog's exceptions. One raised to force a call out re-arms the force when
+    the plugin lets go of it (its ``except`` block ended): see ``Watchdog._line``."""
+
+    rearm: Callable[[FrameType | None], None] | None = None
+
+    def __del__(self) -> None:
+        rearm, self.rearm = self.rearm, None
+        if rearm is not None:
+            rearm(sys._getframe(1))
+
+
+class PluginTimeout(_Interruption):
     """A plugin's hook ran longer than ``plugin_timeout`` seconds."""
 
 
-class PluginInterrupted(Exception):
+class PluginInterrupted(_Interruption):
     """A second Ctrl-C or SIGTERM arrived while a plugin's hook was running."""
 
 
@@ -38,9 +67,15 @@ class Watchdog:
 
     __slots__ = (
         "__weakref__",
+        "_alarm",
+        "_escalating",
         "_expired",
+        "_forced",
         "_previous",
         "_stop",
+        "_trace",
+        "boundaries",
+        "give_up",
         "running",
         "seconds",
         "since",
@@ -52,9 +87,20 @@ class Watchdog:
         self.since = 0.0
         """``time.perf_counter()`` when that call began."""
         self.seconds: float | None = None
+        self.boundaries: frozenset[CodeType] = frozenset()
+        """The sandbox's frames a plugin's call starts from (tracing stops there)."""
+        self.give_up: Callable[[object, int, str], None] | None = None
+        """Called from the escalation thread when a hook never returns: reports and exits."""
         self._expired: object | None = None
         self._previous: Any = None
+        self._alarm = False
+        """Whether our SIGALRM handler is installed (``_previous`` is what it replaced)."""
         self._stop: threading.Event | None = None
+        self._escalating: tuple[object, float] | None = None
+        """The call being escalated: (slot, since)."""
+        self._forced: _Interruption | None = None
+        """What every line of the escalated call raises (a new one each time), once forced."""
+        self._trace: Any = None
 
     def arm(self, seconds: float | None) -> None:
         """Start watching with this timeout (None: off). Main thread only, else a no-op."""
@@ -62,7 +108,7 @@ class Watchdog:
         if seconds is None or threading.current_thread() is not threading.main_thread():
             return
         self.seconds = seconds
-        self._previous = signal.signal(signal.SIGALRM, self._interrupt)
+        self._install_alarm()
         self._stop = threading.Event()
         thread = threading.Thread(
             target=_watch,
@@ -72,22 +118,33 @@ class Watchdog:
         )
         thread.start()
 
+    def _install_alarm(self) -> None:
+        if not self._alarm:
+            self._previous = signal.signal(signal.SIGALRM, self._interrupt)
+            self._alarm = True
+
     def disarm(self) -> None:
         """Stop the thread and put the previous SIGALRM handler back."""
-        if self._stop is None:
-            return
-        self._stop.set()
-        self._stop = None
-        if threading.current_thread() is threading.main_thread():
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+        if self._alarm and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGALRM, self._previous)
+            self._alarm = False
 
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        forced = self._forced
+        if forced is not None and self._forcing():
+            self._force(frame)
+            raise self._fresh(forced)
         expired, self._expired = self._expired, None
         if expired is not None and expired is self.running:
             name = getattr(expired, "name", "?")
-            raise PluginTimeout(
+            error = PluginTimeout(
                 f"plugin {name!r} ran longer than plugin_timeout ({self.seconds:g} s)"
             )
+            self.escalate(expired, 1, error)
+            raise error
         previous = self._previous
         if callable(previous):  # someone else's SIGALRM
             previous(signum, frame)
@@ -95,6 +152,129 @@ class Watchdog:
     def expire(self, running: object) -> None:
         """Called by the thread: mark ``running`` as overdue (the signal follows)."""
         self._expired = running
+
+    # -- escalation ----------------------------------------------------------------------
+
+    def escalate(self, slot: object, exit_code: int, error: _Interruption) -> None:
+        """``slot``'s running call was just interrupted with ``error``: make sure it ends.
+
+        Starts (once per call) the thread that forces the call out after ``GRACE_S``
+        and ends the process with ``exit_code`` after ``EXIT_AFTER_S``.
+        """
+        call = (slot, self.since)
+        if self._escalating == call:
+            return
+        self._escalating = call
+        self._forced = None
+        if threading.current_thread() is threading.main_thread():
+            self._install_alarm()  # the force arrives as SIGALRM, also without a timeout
+        main = threading.main_thread().ident
+        thread = threading.Thread(
+            target=_escalate,
+            args=(weakref.ref(self), call, exit_code, error, main),
+            name="bz-plugin-escalation",
+            daemon=True,
+        )
+        thread.start()
+
+    def _force(self, frame: FrameType | None) -> None:
+        # In the main thread (a signal handler): every frame of the plugin's call, and
+        # every frame it starts, raises at its next line until the call is left.
+        boundaries = self.boundaries
+        while frame is not None and frame.f_code not in boundaries:
+            frame.f_trace = self._line
+            frame = frame.f_back
+        if self._trace is None:
+            self._trace = (sys.gettrace(),)
+        sys.settrace(self._call)  # again: a raise from a trace function turned it off
+
+    def _call(self, frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code in _OWN_CODES or not self._forcing():
+            return None
+        return self._line
+
+    def _line(self, frame: FrameType, event: str, arg: object) -> Any:
+        # A line event in a frame of the forced call: the hook caught the exception and
+        # goes on (its ``except`` body): raise again, from there. An exception from a
+        # trace function turns tracing off, so this climbs one ``try`` per force; the
+        # escalation thread forces again every half second (see ``_escalate``).
+        forced = self._forced
+        if event == "line" and forced is not None and self._forcing():
+            raise self._fresh(forced)
+        return self._line
+
+    def _fresh(self, forced: _Interruption) -> _Interruption:
+        # A new exception each time: when the hook drops one, it turns tracing on again.
+        error = type(forced)(*forced.args)
+        error.rearm = self._rearm
+        return error
+
+    def _rearm(self, frame: FrameType | None) -> None:
+        # Only builtins before ``_force``: any Python frame here would be traced too.
+        if threading.get_ident() == _MAIN_THREAD and self._forcing():
+            self._force(frame)
+
+    def _forcing(self) -> bool:
+        escalating = self._escalating
+        return escalating is not None and escalating[0] is self.running
+
+    def settle(self) -> None:
+        """The escalated call has ended (its exception reached the sandbox): stop tracing."""
+        self._escalating = None
+        self._forced = None
+        if self._trace is not None:
+            (previous,) = self._trace
+            self._trace = None
+            sys.settrace(previous)
+
+
+_OWN_CODES = frozenset(
+    method.__code__
+    for method in (
+        Watchdog._interrupt,
+        Watchdog._force,
+        Watchdog._line,
+        Watchdog._forcing,
+        Watchdog._fresh,
+        Watchdog._rearm,
+        _Interruption.__del__,
+    )
+)
+
+
+def _escalate(
+    owner: weakref.ref[Watchdog],
+    call: tuple[object, float],
+    exit_code: int,
+    error: _Interruption,
+    main: int | None,
+) -> None:
+    started = time.perf_counter()
+
+    def still_running() -> Watchdog | None:
+        watchdog = owner()
+        if watchdog is None or watchdog._escalating != call or watchdog.running is not call[0]:
+            return None
+        return watchdog
+
+    time.sleep(GRACE_S)
+    watchdog = still_running()
+    if watchdog is None or main is None:
+        return
+    watchdog._forced = type(error)(f"{error} (did not return when interrupted: forced out)")
+    del watchdog
+    deadline = started + EXIT_AFTER_S
+    # Again every half second, should a signal be lost (two arriving as one).
+    while time.perf_counter() < deadline:
+        watchdog = still_running()
+        if watchdog is None:
+            return
+        signal.pthread_kill(main, signal.SIGALRM)
+        del watchdog
+        time.sleep(min(0.5, max(0.0, deadline - time.perf_counter())))
+    watchdog = still_running()
+    if watchdog is not None and watchdog.give_up is not None:
+        watchdog.give_up(call[0], exit_code, str(error))
 
 
 def _watch(
@@ -116,6 +296,13 @@ def _watch(
         if overdue and repeat:
             watchdog.expire(running)
             deadline_of = (running, now + seconds)
+            # From here too, not only from the handler: the signal may never land.
+            name = getattr(running, "name", "?")
+            watchdog.escalate(
+                running,
+                1,
+                PluginTimeout(f"plugin {name!r} ran longer than plugin_timeout ({seconds:g} s)"),
+            )
             signal.pthread_kill(main, signal.SIGALRM)
         del watchdog, running
 

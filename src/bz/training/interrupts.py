@@ -102,25 +102,38 @@ class InterruptGuard:
     (the one Python delivers signals to); the previous handlers are put back afterwards.
     A second signal while a plugin hook runs fails that plugin (it kept the run from
     stopping); otherwise it raises :class:`StoppedAtOnce` (a ``KeyboardInterrupt``) at once.
+    While installed, the handlers are kept against plugins that would replace them
+    (``keep``: see ``PluginSet.keep_handlers``).
     """
 
-    def __init__(self, blame: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        blame: Callable[[int], None] | None = None,
+        keep: Callable[[dict[int, Any] | None], None] | None = None,
+    ) -> None:
         self.requested = False
         self.signal: int = signal.SIGINT.value
         self.blame = blame
         """Called on a second signal before stopping at once: it raises inside a plugin
         hook that is still running (see ``PluginSet.interrupt_running``), so a hung
         plugin is blamed and the loop still stops after its step, with a checkpoint."""
+        self.keep = keep
         self._previous: dict[int, Any] = {}
+        self._handler = self._handle
+        """The very object installed: what the keeper compares the handlers with."""
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
             for number in _STOP_SIGNALS:
                 self._previous[number] = signal.getsignal(number)
-                signal.signal(number, self._handle)
+                signal.signal(number, self._handler)
+            if self.keep is not None:
+                self.keep({number.value: self._handler for number in _STOP_SIGNALS})
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self.keep is not None and self._previous:
+            self.keep(None)
         previous, self._previous = self._previous, {}
         for number, handler in previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)

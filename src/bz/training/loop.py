@@ -153,7 +153,7 @@ class Run(EpochLoop):
         self.val_metrics = MetricSet({name: copy.deepcopy(m) for name, m in metrics.items()})
         self.move_batches = self.device.type != "cpu"
         self.generators = loader_generators(self.train_loader)
-        self.interrupt = InterruptGuard(plugins.interrupt_running)
+        self.interrupt = InterruptGuard(plugins.interrupt_running, plugins.keep_handlers)
         self.vote: InterruptVote | None = None
         self.owns_process_group = False
         self.accumulate = config.accumulate_grad_batches

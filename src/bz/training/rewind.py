@@ -9,14 +9,17 @@ puts the snapshot back, tells the remaining plugins (``on_rewind``, with
 ``context.extra["rewind"]``) and runs the part again, without the faulty plugin. Each
 fault quarantines one plugin, so a part is run at most once more than there are plugins.
 
-What a snapshot holds: the model's and the loss module's state, which parameters
-require gradients, the optimizer's parameter groups and state, the
-scheduler's (learning rates included), every random state a step draws from (torch,
-CUDA, Python, NumPy, the loaders' generators), the loop's counters and where the epoch
-starts, the stop flag and why the run stopped, the gradient scaler (``16-mixed``),
-``extra`` (shallow) and the state of every stateful plugin. It
-costs one copy of those, on the device, per part: no per-batch work. Large models opt
-out with ``plugin_errors: "isolate"``, which keeps training from the point of the fault.
+What a snapshot holds: the model's and the loss module's state, the modules as objects
+(their attributes, the Parameter, buffer and submodule objects under each name,
+reparametrizations, hooks, each tensor's dtype and device: :mod:`bz.training.modules`),
+the torch hooks plugins registered during the part, which parameters require
+gradients, the optimizer's parameter groups and state, the scheduler's (learning rates
+included), every random state a step draws from (torch, CUDA, Python, NumPy, the
+loaders' generators), the loop's counters and where the epoch starts, the stop flag and
+why the run stopped, the gradient scaler (``16-mixed``), ``extra`` (shallow) and the
+state of every stateful plugin. It costs one copy of those, on the device, per part: no
+per-batch work. Large models opt out with ``plugin_errors: "isolate"``, which keeps
+training from the point of the fault.
 
 Several processes do not rewind (one process going back alone would desynchronise the
 others): there ``rewind`` acts as ``isolate``.
@@ -33,6 +36,7 @@ from bz._rng import capture_rng, restore_rng
 from bz.plugins._sandbox import RewindRequested
 from bz.training.capture import capture, deep_copy, load_plugin_states, plugin_states, restore
 from bz.training.checkpoint.files import list_entries
+from bz.training.modules import ModuleSnapshot, model_modules
 from bz.training.state import RunParts
 
 if TYPE_CHECKING:
@@ -62,7 +66,9 @@ class Snapshot:
         "extra",
         "frozen",
         "groups",
+        "hooks",
         "loop",
+        "modules",
         "plugins",
         "rng",
         "stop",
@@ -73,6 +79,11 @@ class Snapshot:
         # What a checkpoint holds (model, optimizer, scheduler, loss module, gradient
         # scaler; the plugins' states), captured as a checkpoint captures it, copied.
         self.training = capture(run).copied()
+        # Not in the state dicts either: the modules as objects (attributes, which
+        # Parameter sits under a name, reparametrizations, hooks, dtype and device), and
+        # the torch hooks plugins registered elsewhere (tensors, optimizer, global).
+        self.modules = ModuleSnapshot(model_modules(run.model, run.setup.loss_fn))
+        self.hooks = run.plugins.hooks_mark()
         # Not in the state dicts, yet a plugin can change them: which parameters train
         # (``requires_grad_``) and which the optimizer holds (``add_param_group``).
         optimizer = run.setup.optimizer
@@ -89,6 +100,8 @@ class Snapshot:
 
     def put_back(self, run: RewindableRun) -> None:
         """Make ``run`` what it was when the snapshot was taken."""
+        self.modules.put_back()  # first: the state dicts load into these objects
+        run.plugins.drop_hooks_since(self.hooks)
         frozen = {id(p) for p in self.frozen}  # the snapshot keeps them alive: ids hold
         for parameter in run.model.parameters():
             parameter.requires_grad_(id(parameter) not in frozen)
