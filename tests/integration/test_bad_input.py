@@ -252,6 +252,7 @@ def test_a_second_signal_stops_at_once_and_exits_with_that_signals_code(
     flushed: list[BaseException | None] = []
     setup = tiny_setup()
     loss_fn = setup.loss_fn
+    assert loss_fn is not None
 
     def signalling_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # The user's own code, not a plugin's: nobody to blame, so bz stops at once.

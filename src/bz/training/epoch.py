@@ -30,7 +30,7 @@ from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
 from bz.training.checkpoint.policy import CheckpointPolicy, ResumePoint
-from bz.training.device import batch_size, to_device, unpack
+from bz.training.device import to_device
 from bz.training.evaluate import mean
 from bz.training.result import EpochRecord
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from bz.metrics._set import MetricSet
     from bz.plugins._sandbox import PluginSet
     from bz.training.control import EndReason, StepControl
+    from bz.training.forward import Forward
     from bz.training.interrupts import InterruptVote
     from bz.training.precision import Precision
 
@@ -76,6 +77,10 @@ class EpochLoop:
     accumulate: int
     clip: GradientClip | None
     move_batches: bool
+    train_forward: Forward
+    val_forward: Forward
+    step_scheduler: Any
+    """The scheduler when it steps after every optimizer step, else None."""
     # The loop's state (the context only ever shows copies of these).
     epoch: int
     global_step: int
@@ -247,10 +252,8 @@ class EpochLoop:
         setup, hook, ctx = self.setup, self._hook, self.context
         if self.move_batches:
             batch = to_device(batch, self.device)
-        inputs, targets = unpack(batch, "train_loader")
-        samples = _samples(inputs, targets)
-        self.train_samples += samples
-        ctx.batch = (inputs, targets)
+        forward = self.train_forward
+        ctx.batch = batch = forward.prepare(batch)
         hook("start_training_batch")
         group = 1 if self.accumulate == 1 else self._group_size(index)
         if self.micro == 0:
@@ -260,8 +263,7 @@ class EpochLoop:
         # makes DDP average the group's sum over the processes.
         with self.ddp.no_sync() if self.ddp is not None and not steps else _NO_CONTEXT:
             with self.precision.autocast():
-                outputs = self.forward(inputs)
-                loss = setup.loss_fn(outputs, targets)
+                loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
             scaled = loss if group == 1 else loss / group
             scaler = self.precision.scaler
             # torch.autograd.backward is what Tensor.backward calls (and it is typed).
@@ -274,9 +276,10 @@ class EpochLoop:
         else:
             self.micro += 1
         detached = loss.detach()
+        self.train_samples += samples
         self.train_loss.add(detached, samples)
         if self.train_metrics.active:
-            self.train_metrics.update(self._for_metrics(outputs), targets)
+            self.train_metrics.update(self._for_metrics(predictions), targets)
         self.train_batches += 1
         ctx.last_loss = detached
         hook("end_training_batch")
@@ -312,6 +315,8 @@ class EpochLoop:
             scaler.update()
         else:
             optimizer.step()
+        if self.step_scheduler is not None:
+            self.step_scheduler.step()
         self.global_step += 1
 
     def _for_metrics(self, outputs: Any) -> Any:
@@ -351,15 +356,14 @@ class EpochLoop:
         ctx, hook = self.context, self._hook
         if self.move_batches:
             batch = to_device(batch, self.device)
-        inputs, targets = unpack(batch, "val_loader")
-        ctx.batch = (inputs, targets)
+        forward = self.val_forward
+        ctx.batch = batch = forward.prepare(batch)
         hook("start_validation_batch")
         with self.precision.autocast():
-            outputs = self.forward(inputs)
-            loss = self.setup.loss_fn(outputs, targets)
-        samples = _samples(inputs, targets)
+            loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
         self.val_loss.add(loss.detach(), samples)
-        self.val_metrics.update(self._for_metrics(outputs), targets)
+        if self.val_metrics.active:
+            self.val_metrics.update(self._for_metrics(predictions), targets)
         self.val_batches += 1
         self.val_samples += samples
         ctx.outputs, ctx.loss = outputs, loss
@@ -368,7 +372,7 @@ class EpochLoop:
 
     def _step_scheduler(self, validated: bool) -> None:
         scheduler = self.setup.scheduler
-        if scheduler is None:
+        if scheduler is None or self.step_scheduler is not None:
             return
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             loss = self.val_loss if validated else self.train_loss
@@ -383,14 +387,6 @@ class EpochLoop:
 
 
 _NO_CONTEXT = contextlib.nullcontext()
-
-
-def _samples(inputs: Any, targets: Any) -> int:
-    """A batch's sample count, from shapes (no device read): the inputs' first dimension,
-    else the targets', else 1 (a batch bz cannot measure counts as one sample)."""
-    if isinstance(inputs, torch.Tensor) and inputs.ndim:
-        return int(inputs.shape[0])
-    return batch_size(inputs) or batch_size(targets) or 1
 
 
 def capped(length: int | None, limit: int | None) -> int | None:

@@ -11,7 +11,8 @@ import torch
 from bz._errors import UsageError
 from bz.metrics._set import MetricSet
 from bz.plugins._context import DeviceSum
-from bz.training.device import resolve_device, to_device, unpack
+from bz.training.device import resolve_device, to_device
+from bz.training.forward import forward_for
 
 if TYPE_CHECKING:
     from bz._setup import TrainingSetup
@@ -37,16 +38,19 @@ def evaluate(setup: TrainingSetup, config: RunConfig, metrics: Mapping[str, Metr
     tracked = MetricSet({**metrics, **setup.metrics})
     tracked.to(device)
     tracked.reset()
-    total, batches = DeviceSum(), 0
+    forward = forward_for(setup, "val_loader", metrics=tracked.active)
+    total, batches, samples = DeviceSum(), 0, 0
     model.eval()
     with torch.no_grad():
         for batch in setup.val_loader:
-            inputs, targets = unpack(to_device(batch, device), "val_loader")
-            outputs = model(inputs)
-            total.add(setup.loss_fn(outputs, targets).detach())
-            tracked.update(outputs, targets)
+            prepared = forward.prepare(to_device(batch, device))
+            loss, _, predictions, targets, count = forward.compute(model, prepared)
+            total.add(loss.detach(), count)
+            if tracked.active:
+                tracked.update(predictions, targets)
             batches += 1
-    return Evaluation(mean(total, batches), tracked.compute(), batches)
+            samples += count
+    return Evaluation(mean(total, samples), tracked.compute(), batches)
 
 
 def mean(total: DeviceSum, count: int) -> float:
