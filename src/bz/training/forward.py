@@ -90,7 +90,11 @@ def _mapping_compute(loader: str, metrics: bool) -> Callable[[torch.nn.Module, A
         if metrics:
             predictions, targets = output_field(outputs, "logits"), batch.get("labels")
             if not isinstance(predictions, torch.Tensor) or not isinstance(targets, torch.Tensor):
-                missing = "the output has no logits" if predictions is None else "no labels"
+                missing = (
+                    "the output has no logits"
+                    if predictions is None
+                    else "the batch has no labels"
+                )
                 raise UsageError(
                     "metrics read the output's 'logits' and the batch's 'labels', and "
                     f"{missing} ({loader}): give TrainingSetup a step that returns "
