@@ -84,12 +84,16 @@ def restore(run: RunParts, state: TrainingState, *, copies: bool = False) -> Non
         scaler.load_state_dict(fresh(state.grad_scaler))
 
 
+PluginStates = list[tuple[StatefulPlugin, Any]]
+"""Stateful plugins and their states, in the plugins' order."""
+
+
 def plugin_states(
     run: RunParts, read: Callable[[StatefulPlugin], Any] | None = None
-) -> dict[str, Any]:
-    """Every active stateful plugin's ``state_dict()`` by name, each read inside the
-    sandbox (a plugin that fails is quarantined and left out). ``read`` reads one."""
-    states: dict[str, Any] = {}
+) -> PluginStates:
+    """Every active stateful plugin's ``state_dict()``, each read inside the sandbox (a
+    plugin that fails is quarantined and left out). ``read`` reads one."""
+    states: PluginStates = []
     context = run.refresh_context()
     plugins = run.plugins
     for plugin in plugins.active:
@@ -98,17 +102,26 @@ def plugin_states(
         action = functools.partial(read or _state_dict, plugin)
         state = guarded(plugins, plugin, "state_dict", context, action)
         if state is not None:
-            states[plugin.name] = state
+            states.append((plugin, state))
     return states
 
 
-def load_plugin_states(run: RunParts, states: Mapping[str, Any], *, copies: bool = False) -> None:
-    """``load_state_dict`` for each active stateful plugin ``states`` has a state of,
-    inside the sandbox (``copies``: of a copy, so ``states`` survives)."""
+def by_name(run: RunParts, states: Mapping[str, Any]) -> PluginStates:
+    """The active stateful plugins ``states`` (a checkpoint's, by name) has a state for."""
+    return [
+        (plugin, states[plugin.name])
+        for plugin in run.plugins.active
+        if isinstance(plugin, StatefulPlugin) and plugin.name in states
+    ]
+
+
+def load_plugin_states(run: RunParts, states: PluginStates, *, copies: bool = False) -> None:
+    """``load_state_dict`` for each plugin of ``states`` still active, inside the sandbox
+    (``copies``: of a copy, so ``states`` survives to be loaded again)."""
     plugins = run.plugins
-    for plugin in plugins.active:
-        if isinstance(plugin, StatefulPlugin) and plugin.name in states:
-            state = states[plugin.name]
+    active = plugins.active
+    for plugin, state in states:
+        if any(plugin is other for other in active):
             load = functools.partial(plugin.load_state_dict, deep_copy(state) if copies else state)
             guarded(plugins, plugin, "load_state_dict", run.refresh_context(), load)
 

@@ -13,13 +13,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import torch
 
 from bz._errors import TrainingError, UsageError, describe_exception
 from bz._logging import get_logger
 from bz._rng import capture_rng
-from bz.training.capture import TrainingState, capture, load_plugin_states, plugin_states, restore
+from bz.training.capture import (
+    TrainingState,
+    by_name,
+    capture,
+    load_plugin_states,
+    plugin_states,
+    restore,
+)
 from bz.training.checkpoint.background import BackgroundWriter, cpu_copy
 from bz.training.checkpoint.files import (
     FINAL_MODEL,
@@ -227,25 +233,24 @@ class CheckpointPolicy(CheckpointWrites):
 
     def _restore_training_state(self, path: Path, payload: CheckpointPayload) -> None:
         run = self.run
-        training = TrainingState(
-            payload["model"],
-            payload["optimizer"],
-            payload.get("scheduler"),
-            payload.get("loss"),
-            payload.get("grad_scaler"),
-        )
+        model, optimizer = run.model, run.setup.optimizer
+        whole = not payload.get("sharded") and not self.fsdp
         try:
             if payload.get("sharded"):
                 from bz.training.checkpoint.sharded import load_shards
 
-                load_shards(path, run.model, run.setup.optimizer)
-                training = attrs.evolve(training, model=None, optimizer=None)
+                load_shards(path, model, optimizer)
             elif self.fsdp:  # one process, or DDP, wrote it whole
                 from bz.training.fsdp import load_whole_state
 
-                model_state, optimizer_state = payload["model"], payload["optimizer"]
-                load_whole_state(run.model, run.setup.optimizer, model_state, optimizer_state)
-                training = attrs.evolve(training, model=None, optimizer=None)
+                load_whole_state(model, optimizer, payload["model"], payload["optimizer"])
+            training = TrainingState(
+                payload["model"] if whole else None,  # else loaded above
+                payload["optimizer"] if whole else None,
+                payload.get("scheduler"),
+                payload.get("loss"),
+                payload.get("grad_scaler"),
+            )
             restore(run, training)
         except Exception as exc:
             raise TrainingError(
@@ -289,7 +294,7 @@ class CheckpointPolicy(CheckpointWrites):
 
             # Copies of the model's state were saved whole: back into this run's shards.
             states = shard_like_model(run.model, states)
-        load_plugin_states(run, states)
+        load_plugin_states(run, by_name(run, states))
         self.resumed_from = path
         self._position = (payload["epoch"], payload["batch"], payload["global_step"])
         if self.rebuilding:
@@ -465,7 +470,7 @@ class CheckpointPolicy(CheckpointWrites):
                 plugin, alone=fsdp and getattr(plugin, "every_rank", False) is not True
             )
 
-        return plugin_states(self.run, read)
+        return {plugin.name: state for plugin, state in plugin_states(self.run, read)}
 
 
 def _checked_state(plugin: StatefulPlugin, *, alone: bool = False) -> dict[str, Any]:
