@@ -67,7 +67,8 @@ def model(device: torch.device) -> torch.nn.Module:
         max_position_embeddings=16,
         id2label={0: "mostly high", 1: "mostly low"},
     )
-    return BertForSequenceClassification(config).to(device)
+    net: torch.nn.Module = BertForSequenceClassification(config)
+    return net.to(device)
 
 
 def data(count: int, device: torch.device, size: int = 32, length: int = 16) -> list[Batch]:
