@@ -167,3 +167,12 @@ def test_the_hf_classifier_learns_in_process(tmp_path: Path) -> None:
     first, last = result.history[0], result.history[-1]
     assert last.training_loss < first.training_loss
     assert last.validation_metrics["accuracy"] > 0.75
+
+
+def test_smoke_runs_the_step_in_training_and_validation(tmp_path: Path) -> None:
+    folder = _project(tmp_path, "two_inputs")
+    outcome = _bz(folder, "train", "--smoke", "--log-format", "json")
+    assert outcome.returncode == 0, outcome.stderr[-3000:]
+    (finished,) = [e for e in _events(outcome) if e["event"] == "epoch_finished"]
+    assert finished["step"] == 1
+    assert finished["validation_metrics"]["accuracy"] >= 0.0
