@@ -41,8 +41,8 @@ class StepResult:
 
     ``loss`` is the batch's scalar loss tensor (bz scales it for accumulation and calls
     backward). ``predictions`` and ``targets`` are what the metrics named in
-    ``bzconfig.json`` (and ``TrainingSetup.metrics``) see: leave them out and the run
-    may have no metrics. ``samples`` is the batch's sample count as a Python ``int``,
+    ``bzconfig.json`` (and ``TrainingSetup.metrics``) see: they are needed exactly when
+    there are metrics. ``samples`` is the batch's sample count as a Python ``int``,
     for the sample-weighted epoch loss; left out, it is the first dimension of the
     batch's first tensor.
     """

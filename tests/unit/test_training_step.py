@@ -304,6 +304,15 @@ def test_reduce_on_plateau_cannot_step_per_optimizer_step() -> None:
         attrs.evolve(setup, scheduler_interval="batch")  # type: ignore[arg-type]  # wrong on purpose
 
 
+@given(st.text(max_size=8).filter(lambda text: text not in ("epoch", "step")))
+def test_scheduler_interval_is_epoch_or_step_and_nothing_else(interval: str) -> None:
+    setup = setup_for("pairs")
+    with pytest.raises(bz.UsageError, match=r"scheduler_interval must be 'epoch' or 'step', got"):
+        attrs.evolve(setup, scheduler_interval=interval)  # type: ignore[arg-type]  # any text
+    for accepted in ("epoch", "step"):
+        assert attrs.evolve(setup, scheduler_interval=accepted).scheduler_interval == accepted
+
+
 # -- schedulers per optimizer step ---------------------------------------------------------
 
 
