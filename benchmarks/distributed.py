@@ -81,6 +81,7 @@ def hand_written(batches: list[Batch]) -> None:
     mine = batches[rank::world]  # what bz deals this process
     model = DistributedDataParallel(setup.model)
     loss_fn, optimizer = setup.loss_fn, setup.optimizer
+    assert loss_fn is not None
     for _ in range(EPOCHS):
         for inputs, targets in mine:
             optimizer.zero_grad(set_to_none=True)

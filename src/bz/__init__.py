@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from bz._run import run
-    from bz._setup import TrainingSetup
+    from bz._setup import StepResult, TrainingSetup
     from bz.plugins._order import OrderCycleError
     from bz.plugins._sandbox import PluginFailure, PluginFault, PluginReport
     from bz.training.device import seed_everything
@@ -37,6 +37,7 @@ _LAZY = {
     "TrainingInterrupted": "bz.training.interrupts",
     "NonFiniteLoss": "bz.training.guards",
     "TrainingSetup": "bz._setup",
+    "StepResult": "bz._setup",
     "PluginFault": "bz.plugins._sandbox",
     "PluginFailure": "bz.plugins._sandbox",
     "OrderCycleError": "bz.plugins._order",
@@ -71,6 +72,7 @@ __all__ = [
     "PluginFault",
     "PluginReport",
     "RunConfig",
+    "StepResult",
     "Trainer",
     "TrainingError",
     "TrainingInterrupted",

@@ -17,7 +17,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
@@ -30,7 +30,36 @@ if TYPE_CHECKING:
     from bz.metrics import Metric
 
 Batch = Any
-"""A batch from a loader: ``(inputs, targets)``; tensors are moved to the device."""
+"""A batch from a loader, of any structure: ``(inputs, targets)`` pairs for a
+``loss_fn``, mappings for a model that computes its own loss, anything for a ``step``.
+bz moves the tensors in it to the device, keeping every container's type."""
+
+
+@attrs.frozen
+class StepResult:
+    """What a ``step`` returns when the loss alone is not enough.
+
+    ``loss`` is the batch's scalar loss tensor (bz scales it for accumulation and calls
+    backward). ``predictions`` and ``targets`` are what the metrics named in
+    ``bzconfig.json`` (and ``TrainingSetup.metrics``) see: they are needed exactly when
+    there are metrics. ``samples`` is the batch's sample count as a Python ``int``,
+    for the sample-weighted epoch loss; left out, it is the first dimension of the
+    batch's first tensor.
+    """
+
+    loss: torch.Tensor
+    predictions: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    samples: int | None = None
+
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    Step: TypeAlias = Callable[[torch.nn.Module, Any], "torch.Tensor | StepResult"]
+    """A user's step: ``(model, batch) -> loss`` or ``-> StepResult``."""
+
+SchedulerInterval = Literal["epoch", "step"]
 
 
 def _is_module(_instance: Any, _attribute: Any, value: Any) -> None:
@@ -48,7 +77,7 @@ def _is_optimizer(_instance: Any, _attribute: Any, value: Any) -> None:
 
 
 def _is_callable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not callable(value):
+    if value is not None and not callable(value):
         raise TypeError(f"{attribute.name} must be callable, got {type(value).__name__}")
 
 
@@ -57,24 +86,68 @@ def _is_iterable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) ->
         raise TypeError(f"{attribute.name} must be iterable, got {type(value).__name__}")
 
 
+def _is_interval(_instance: Any, _attribute: Any, value: Any) -> None:
+    if value not in ("epoch", "step"):
+        raise UsageError(
+            f"TrainingSetup: scheduler_interval must be 'epoch' or 'step', got {value!r}"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class TrainingSetup:
     """What ``train.py`` hands bz: the model and everything needed to train it.
 
-    Loaders yield ``(inputs, targets)`` pairs. ``loss_fn(outputs, targets)`` returns a
-    scalar tensor. ``scheduler`` (optional) is stepped once per epoch, after the
-    training loop (``ReduceLROnPlateau`` receives the validation loss). ``metrics``
-    adds metric objects of your own (anything with ``update``/``compute``/``reset``,
-    torchmetrics included) to those named in ``bzconfig.json``.
+    How a batch becomes a loss, one of three ways:
+
+    - ``loss_fn``: loaders yield ``(inputs, targets)`` pairs and the loss is
+      ``loss_fn(model(inputs), targets)``, a scalar tensor; metrics see
+      ``model(inputs)`` and ``targets``.
+    - neither ``loss_fn`` nor ``step`` (the Hugging Face convention): loaders yield
+      mappings, bz calls ``model(**batch)`` and trains on the output's ``loss``
+      (attribute or key); metrics see its ``logits`` and ``batch["labels"]``.
+    - ``step(model, batch)``: your function returns the loss tensor or a
+      :class:`StepResult` (the loss, what metrics see, the sample count). It runs under
+      autocast; bz does the rest (devices, accumulation, backward, clipping, the
+      optimizer step, sums, metrics, plugins). The same step validates (in eval mode,
+      without gradients).
+
+    ``scheduler`` (optional) is stepped once per epoch, after the training loop
+    (``ReduceLROnPlateau`` receives the validation loss), or with
+    ``scheduler_interval="step"`` after every optimizer step. ``metrics`` adds metric
+    objects of your own (anything with ``update``/``compute``/``reset``, torchmetrics
+    included) to those named in ``bzconfig.json``.
     """
 
     model: torch.nn.Module = attrs.field(validator=_is_module)
-    loss_fn: Callable[[Any, Any], torch.Tensor] = attrs.field(validator=_is_callable)
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = attrs.field(
+        default=None, validator=_is_callable
+    )
     optimizer: torch.optim.Optimizer = attrs.field(validator=_is_optimizer)
     train_loader: Iterable[Batch] = attrs.field(validator=_is_iterable)
     val_loader: Iterable[Batch] | None = attrs.field(default=None, validator=_is_iterable)
     scheduler: Any = None
     metrics: Mapping[str, Metric] = attrs.field(factory=dict)
+    step: Step | None = attrs.field(default=None, validator=_is_callable)
+    scheduler_interval: SchedulerInterval = attrs.field(default="epoch", validator=_is_interval)
+
+    def __attrs_post_init__(self) -> None:
+        if self.step is not None and self.loss_fn is not None:
+            raise UsageError(
+                "TrainingSetup: give loss_fn or step, not both (a step computes its own loss)"
+            )
+        if self.scheduler_interval == "step" and _is_plateau(self.scheduler):
+            raise UsageError(
+                "TrainingSetup: ReduceLROnPlateau cannot step per optimizer step (it "
+                "needs the epoch's validation loss): leave scheduler_interval at 'epoch'"
+            )
+
+
+def _is_plateau(scheduler: object) -> bool:
+    if scheduler is None:
+        return False
+    import torch
+
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
 SetupFunction = Callable[["RunConfig"], TrainingSetup]
@@ -120,6 +193,8 @@ def call_setup(setup: SetupFunction, config: RunConfig, path: Path | None = None
     where = str(path) if path else "setup"
     try:
         result = setup(config)
+    except UsageError as exc:  # TrainingSetup refused what it was given: bad input
+        raise UsageError(f"{_location(exc, path) or where + ': '}{exc}") from None
     except Exception as exc:
         raise TrainingError(f"{where}: setup failed: {user_frame(exc, path)}") from exc
     if not isinstance(result, TrainingSetup):
@@ -127,6 +202,13 @@ def call_setup(setup: SetupFunction, config: RunConfig, path: Path | None = None
             f"{where}: setup returned {type(result).__name__}; it must return bz.TrainingSetup"
         )
     return result
+
+
+def _location(exc: BaseException, path: Path | None) -> str:
+    """``file:line: `` of the user's line that raised ``exc`` (empty when unknown)."""
+    text = user_frame(exc, path)
+    described = describe_exception(exc)
+    return text[: -len(described)] if text.endswith(described) else ""
 
 
 def user_frame(exc: BaseException, path: Path | None = None) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import textwrap
 import time
@@ -286,6 +287,7 @@ def test_a_second_signal_stops_at_once_and_exits_with_that_signals_code(
     flushed: list[BaseException | None] = []
     setup = tiny_setup()
     loss_fn = setup.loss_fn
+    assert loss_fn is not None
 
     def signalling_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # The user's own code, not a plugin's: nobody to blame, so bz stops at once.
@@ -349,3 +351,66 @@ def _raiser(error: BaseException) -> Any:
         raise error
 
     return run
+
+
+# -- how a batch becomes a loss: misuse found when TrainingSetup is built or at the first batch --
+
+_STEP_TRAIN_PY = """
+import torch
+from torch import nn
+
+import bz
+
+
+def setup(config: bz.RunConfig) -> bz.TrainingSetup:
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [{{"x": torch.ones(4, 3), "labels": torch.zeros(4, dtype=torch.long)}}] * 3
+    return bz.TrainingSetup(
+        model=model,
+        optimizer=optimizer,
+        train_loader=batches,
+        {extra}
+    )
+"""
+
+_STEP_MISUSES = {
+    "plateau_per_step": (
+        "scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer), "
+        'scheduler_interval="step",',
+        r"train\.py:\d+: TrainingSetup: ReduceLROnPlateau cannot step per optimizer step",
+    ),
+    "loss_fn_and_step": (
+        "loss_fn=nn.CrossEntropyLoss(), step=lambda m, b: m(b['x']).sum(),",
+        r"train\.py:\d+: TrainingSetup: give loss_fn or step, not both",
+    ),
+    "no_loss_in_the_output": (
+        "",
+        r"model\(\*\*batch\) returned Tensor without a loss",
+    ),
+    "a_vector_loss": (
+        "step=lambda m, b: m(b['x']).sum(dim=1),",
+        r"step returned a loss of shape \(4,\); it must be a scalar",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_STEP_MISUSES))
+def test_a_misused_step_or_schedule_is_one_line_and_exit_2(case: str, tmp_path: Path) -> None:
+    extra, message = _STEP_MISUSES[case]
+    # nn.Linear takes no keyword "x": model(**batch) fails in the model, not in bz; a
+    # model that takes the batch's keys and returns no loss is what the third case needs.
+    train_py = _STEP_TRAIN_PY.format(extra=extra)
+    if case == "no_loss_in_the_output":
+        train_py = train_py.replace(
+            "model = nn.Linear(3, 2)",
+            "class Net(nn.Linear):\n"
+            "        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:\n"
+            "            return super().forward(x)\n"
+            "    model = Net(3, 2)",
+        )
+    config = _project(tmp_path, train_py)
+    result, _ = _bz("train", "--config", str(config))
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    assert re.search(message, line), line

@@ -1,4 +1,4 @@
-"""The static contract: mypy --strict accepts correct plugins and rejects broken ones.
+"""The static contract: mypy --strict accepts correct plugins (and steps) and rejects broken ones.
 
 Plugin modules are written to a temporary folder and checked in one ``mypy.api.run``,
 the way a plugin package's own CI would check them (see docs/plugin-guide.md, "Static
@@ -43,6 +43,43 @@ GOOD = {
 
         _contract: ConfiguredPluginClass[TimerConfig] = Timer
         _plugin: NamedPlugin = Timer(TimerConfig(every=3))
+    """,
+    "own_step": """
+        from dataclasses import dataclass
+
+        import torch
+        from torch import nn
+
+        import bz
+
+
+        @dataclass
+        class Readings:
+            signal: torch.Tensor
+            label: torch.Tensor
+
+
+        def step(model: nn.Module, batch: Readings) -> bz.StepResult:
+            logits = model(batch.signal)
+            loss = nn.functional.cross_entropy(logits, batch.label)
+            return bz.StepResult(loss, predictions=logits, targets=batch.label, samples=8)
+
+
+        def loss_only(model: nn.Module, batch: Readings) -> torch.Tensor:
+            return nn.functional.cross_entropy(model(batch.signal), batch.label)
+
+
+        model = nn.Linear(3, 2)
+        _setup = bz.TrainingSetup(
+            model=model, step=step, optimizer=torch.optim.SGD(model.parameters()), train_loader=[]
+        )
+        _other = bz.TrainingSetup(
+            model=model,
+            step=loss_only,
+            optimizer=torch.optim.SGD(model.parameters()),
+            train_loader=[],
+            scheduler_interval="step",
+        )
     """,
     "structural_without_options": """
         from bz.plugins import NamedPlugin, PluginContext, hook
@@ -208,6 +245,54 @@ BAD = {
         15,
         'Incompatible types in assignment (expression has type "type[MyPlugin]", '
         'variable has type "CreatingPluginClass")',
+    ),
+    "step_without_the_batch": (
+        """
+        import torch
+        from torch import nn
+
+        import bz
+
+
+        def step(model: nn.Module) -> torch.Tensor:
+            return torch.zeros(())
+
+
+        model = nn.Linear(3, 2)
+        bz.TrainingSetup(
+            model=model, step=step, optimizer=torch.optim.SGD(model.parameters()), train_loader=[]
+        )
+        """,
+        13,
+        'Argument "step" to "TrainingSetup" has incompatible type',
+    ),
+    "step_result_samples_not_an_int": (
+        """
+        from typing import Any
+
+        import bz
+
+
+        def step(model: Any, batch: Any) -> bz.StepResult:
+            return bz.StepResult(model(batch), samples="8")
+        """,
+        7,
+        'Argument "samples" to "StepResult" has incompatible type "str"',
+    ),
+    "scheduler_interval_unknown": (
+        """
+        from typing import Any
+
+        import bz
+
+
+        def setup(model: Any, optimizer: Any) -> bz.TrainingSetup:
+            return bz.TrainingSetup(
+                model=model, optimizer=optimizer, train_loader=[], scheduler_interval="batch"
+            )
+        """,
+        8,
+        'Argument "scheduler_interval" to "TrainingSetup" has incompatible type',
     ),
     "name_not_a_string_structural": (
         """

@@ -58,6 +58,7 @@ def test_a_smaller_last_batch_weighs_by_its_samples(project: Callable[..., Path]
     setup.model.load_state_dict(weights)
     setup.model.eval()
     assert setup.val_loader is not None
+    assert setup.loss_fn is not None
     total, count, means = 0.0, 0, []
     with torch.no_grad():
         for inputs, targets in setup.val_loader:

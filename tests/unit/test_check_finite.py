@@ -73,7 +73,8 @@ def test_epoch_the_default_stops_at_the_end_of_the_epoch() -> None:
     setup = poisoned_setup(at_call=7)
     with pytest.raises(bz.NonFiniteLoss, match="in epoch 2:"):
         bz.Trainer().fit(setup, CONFIG)
-    assert setup.loss_fn.calls == 8  # type: ignore[attr-defined]  # the PoisonedLoss above
+    assert isinstance(setup.loss_fn, PoisonedLoss)
+    assert setup.loss_fn.calls == 8
 
 
 def test_step_stops_at_a_nan_gradient_norm_when_clipping_computes_one() -> None:

@@ -103,6 +103,7 @@ def test_validation_runs_on_the_average_when_asked() -> None:
     averaged = tiny_setup()
     averaged.model.load_state_dict({**weights(setup.model), **ema.weights})
     assert setup.val_loader is not None
+    assert averaged.loss_fn is not None
     with torch.no_grad():
         losses = [(averaged.loss_fn(averaged.model(x), y), len(x)) for x, y in setup.val_loader]
     expected = sum(float(loss) * n for loss, n in losses) / sum(n for _, n in losses)

@@ -20,6 +20,7 @@ PUBLIC: dict[str, set[str]] = {
         "RunConfig",
         "load_config",
         "TrainingSetup",
+        "StepResult",
         "run",
         "Trainer",
         "FitResult",

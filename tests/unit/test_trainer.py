@@ -109,6 +109,7 @@ def test_training_matches_a_hand_written_loop() -> None:
     for _ in range(3):
         for inputs, targets in reference.train_loader:
             reference.optimizer.zero_grad(set_to_none=True)
+            assert reference.loss_fn is not None
             loss = reference.loss_fn(reference.model(inputs), targets)
             torch.autograd.backward(loss)
             reference.optimizer.step()

@@ -148,12 +148,15 @@ class PluginContext:
         self.last_loss: torch.Tensor | None = None
         """The latest training batch's loss, detached, as a device tensor (reading its
         value syncs; avoid per batch)."""
-        self.batch: tuple[Any, Any] | None = None
-        """The current batch as ``(inputs, targets)`` on the training device, in the
-        per-batch hooks (a reference, not a copy); None elsewhere."""
+        self.batch: Any = None
+        """The current batch on the training device, in the per-batch hooks (a
+        reference, not a copy): ``(inputs, targets)`` with a ``loss_fn``, the batch as
+        the loader yielded it otherwise (a mapping, the argument of ``step``); None
+        elsewhere."""
         self.outputs: Any = None
-        """The model's outputs for the current batch, from ``after_backward`` (training)
-        or ``end_validation_batch`` (validation) to the end of the batch; None elsewhere."""
+        """The model's outputs for the current batch (a ``step``'s ``predictions``), from
+        ``after_backward`` (training) or ``end_validation_batch`` (validation) to the end
+        of the batch; None elsewhere."""
         self.loss: torch.Tensor | None = None
         """The current batch's loss as computed (unscaled, still attached to the graph in
         ``after_backward``), where ``outputs`` is set; reading its value syncs."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -123,44 +125,122 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (in lists, tuples and dicts) moved to ``device``."""
+    """``batch`` with every tensor in it moved to ``device``, each container keeping its type.
+
+    Tensors are moved (``non_blocking``); tuples, lists, namedtuples, mappings (``dict``,
+    ``OrderedDict``, ``UserDict`` and so Hugging Face's ``BatchEncoding``) and dataclasses
+    are rebuilt as the same type around their moved contents; any other object with a
+    ``to`` method is moved by ``obj.to(device)``; anything else (strings, numbers,
+    None) is left as it is.
+    """
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
+    if isinstance(batch, tuple):
+        moved = [to_device(item, device) for item in batch]
+        # A namedtuple is built from its fields, a plain tuple (or subclass) from one iterable.
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    if isinstance(batch, list):
         return type(batch)(to_device(item, device) for item in batch)
     if isinstance(batch, Mapping):
-        return {key: to_device(value, device) for key, value in batch.items()}
+        return _mapping_to(batch, device)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return _dataclass_to(batch, device)
+    move = getattr(batch, "to", None)
+    if callable(move) and not isinstance(batch, type):
+        return move(device)
     return batch
+
+
+def _mapping_to(batch: Mapping[Any, Any], device: torch.device) -> Any:
+    moved = {key: to_device(value, device) for key, value in batch.items()}
+    if type(batch) is dict:
+        return moved
+    if isinstance(batch, MutableMapping):
+        # A shallow copy keeps the mapping's type and attributes (a BatchEncoding's
+        # encodings, a defaultdict's factory); only the values are replaced.
+        copied = copy.copy(batch)
+        copied.update(moved)
+        return copied
+    return moved  # a read-only mapping (MappingProxyType): a dict of the moved values
+
+
+def _dataclass_to(batch: Any, device: torch.device) -> Any:
+    changes = {
+        field.name: to_device(getattr(batch, field.name), device)
+        for field in dataclasses.fields(batch)
+        if field.init
+    }
+    return dataclasses.replace(batch, **changes)
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor of ``batch`` in order (depth first through tuples, lists, mappings
+    and dataclasses), or None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)):
+        items: Iterable[Any] = batch
+    elif isinstance(batch, Mapping):
+        items = batch.values()
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        items = (getattr(batch, field.name) for field in dataclasses.fields(batch))
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def count_samples(batch: Any) -> int | None:
+    """A batch's sample count by the one rule: the first dimension of its first tensor
+    (a 0-d tensor is one sample); None when it holds no tensor. Shape metadata only,
+    never a device read."""
+    tensor = first_tensor(batch)
+    if tensor is None:
+        return None
+    return int(tensor.shape[0]) if tensor.ndim else 1
+
+
+def uncountable(batch: Any, loader: str) -> UsageError:
+    """The error for a batch with no tensor to count its samples by."""
+    return UsageError(
+        f"{loader} yielded a {type(batch).__name__} batch with no tensor to count its "
+        "samples by (the first dimension of its first tensor): put tensors in it, or "
+        "give TrainingSetup a step that returns bz.StepResult(loss, samples=N)"
+    )
 
 
 def unpack(batch: Any, loader: str) -> tuple[Any, Any]:
     """A batch's ``(inputs, targets)``; anything else is the user's mistake."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
+    kind = type(batch).__name__ + (
+        f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+    )
+    hint = (
+        "leave loss_fn out to train model(**batch).loss (the Hugging Face convention), "
+        "or give TrainingSetup a step"
+        if isinstance(batch, Mapping)
+        else "give TrainingSetup a step(model, batch) for batches of another shape"
+    )
     raise UsageError(
-        f"{loader} yielded {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        + "; bz expects (inputs, targets) pairs"
+        f"{loader} yielded {kind}; with a loss_fn bz expects (inputs, targets) pairs: {hint}"
     )
 
 
-def batch_size(inputs: Any) -> int:
-    """Samples in a batch's inputs: the first dimension (shape metadata, no sync)."""
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.ndim else 1
-    if isinstance(inputs, Mapping):
-        return next((batch_size(v) for v in inputs.values()), 0)
-    if isinstance(inputs, (list, tuple)) and inputs:
-        return batch_size(inputs[0])
-    return 0
-
-
-def sample_count(inputs: Any, targets: Any) -> int:
-    """A batch's sample count, from shapes (no device read): the inputs' first dimension,
-    else the targets', else 1 (a batch bz cannot measure counts as one sample)."""
+def samples_of_pair(inputs: Any, targets: Any, loader: str) -> int:
+    """A pair's sample count by the rule of :func:`count_samples` (no device read): the
+    inputs' first tensor, else the targets'."""
     if isinstance(inputs, torch.Tensor) and inputs.ndim:
         return int(inputs.shape[0])
-    return batch_size(inputs) or batch_size(targets) or 1
+    count = count_samples(inputs)
+    if count is None:
+        count = count_samples(targets)
+    if count is None:
+        raise uncountable((inputs, targets), loader)
+    return count
 
 
 def loader_length(loader: Iterable[Any] | None) -> int | None:

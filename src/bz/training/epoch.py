@@ -7,10 +7,12 @@ checkpoints at their ends, faults). The parts declared here are set by
 :class:`~bz.training.state.LoopState`, ``self.state``, which only the loop writes.
 
 One training step, top to bottom (``_step``): move the batch, ``start_training_batch``,
-zero the gradients at the start of an accumulation group, forward and loss under
-autocast, backward (scaled by the group size, DDP's ``no_sync`` inside a group),
-``after_backward``; at the group's end unscale, clip, ``before_optimizer_step`` and
-step; then the loss sum and metrics (on the device) and ``end_training_batch``.
+zero the gradients at the start of an accumulation group, the loss under autocast (the
+setup's way, a :class:`~bz.training.forward.Forward`: ``loss_fn`` over pairs,
+``model(**batch).loss``, or the user's step), backward (scaled by the group size, DDP's
+``no_sync`` inside a group), ``after_backward``; at the group's end unscale, clip,
+``before_optimizer_step`` and step; then the loss sum and metrics (on the device) and
+``end_training_batch``.
 Between optimizer steps :class:`~bz.training.control.StepControl` decides whether to
 stop, validate or write a checkpoint.
 """
@@ -29,7 +31,7 @@ from bz._distributed import set_epoch
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
-from bz.training.device import sample_count, to_device, unpack
+from bz.training.device import to_device
 from bz.training.evaluate import ValidationPass, for_metrics, limited
 from bz.training.guards import check_step
 from bz.training.result import EpochRecord
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from bz.metrics._set import MetricSet
     from bz.training.checkpoint.policy import CheckpointPolicy
     from bz.training.control import EndReason, StepControl
+    from bz.training.forward import Forward
     from bz.training.interrupts import InterruptVote
 
 _log = get_logger("bz")
@@ -66,6 +69,10 @@ class EpochLoop(RunParts):
     accumulate: int
     clip: GradientClip | None
     move_batches: bool
+    train_forward: Forward
+    val_forward: Forward
+    step_scheduler: Any
+    """The scheduler when it steps after every optimizer step, else None."""
 
     # -- context ---------------------------------------------------------------------
 
@@ -207,10 +214,8 @@ class EpochLoop(RunParts):
         train = state.train
         if self.move_batches:
             batch = to_device(batch, self.device)
-        inputs, targets = unpack(batch, "train_loader")
-        samples = sample_count(inputs, targets)
-        train.samples += samples
-        ctx.batch = (inputs, targets)
+        forward = self.train_forward
+        ctx.batch = batch = forward.prepare(batch)
         hook("start_training_batch")
         group = 1 if self.accumulate == 1 else self._group_size(index)
         if state.micro == 0:
@@ -220,8 +225,7 @@ class EpochLoop(RunParts):
         # makes DDP average the group's sum over the processes.
         with self.ddp.no_sync() if self.ddp is not None and not steps else _NO_CONTEXT:
             with self.precision.autocast():
-                outputs = self.forward(inputs)
-                loss = setup.loss_fn(outputs, targets)
+                loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
             scaled = loss if group == 1 else loss / group
             scaler = self.precision.scaler
             # torch.autograd.backward is what Tensor.backward calls (and it is typed).
@@ -236,9 +240,10 @@ class EpochLoop(RunParts):
                 self._check_finite(loss, None)
             state.micro += 1
         detached = loss.detach()
+        train.samples += samples
         train.loss.add(detached, samples)
         if self.train_metrics.active:
-            self.train_metrics.update(for_metrics(outputs, self.precision), targets)
+            self.train_metrics.update(for_metrics(predictions, self.precision), targets)
         train.batches += 1
         ctx.last_loss = detached
         hook("end_training_batch")
@@ -289,6 +294,8 @@ class EpochLoop(RunParts):
             scaler.update()
         else:
             optimizer.step()
+        if self.step_scheduler is not None:
+            self.step_scheduler.step()
         self.state.global_step += 1
 
     # -- validation ------------------------------------------------------------------
@@ -304,7 +311,7 @@ class EpochLoop(RunParts):
         self._hook("start_validation_loop")
         device = self.device if self.move_batches else None
         validation = ValidationPass(
-            self.forward, self.setup.loss_fn, self.precision, device, self.limit, self
+            self.forward, self.val_forward, self.precision, device, self.limit, self
         )
         validation.run(self.val_loader, metrics, totals)
         if self.topology.distributed:
@@ -312,10 +319,10 @@ class EpochLoop(RunParts):
         self.context.validation_metrics = metrics.compute()
         self._hook("end_validation_loop")
 
-    def validation_batch_started(self, index: int, inputs: Any, targets: Any) -> None:
+    def validation_batch_started(self, index: int, batch: Any) -> None:
         """``start_validation_batch`` (the :class:`ValidationPass`'s watcher)."""
         self.state.batch_index = index
-        self.context.batch = (inputs, targets)
+        self.context.batch = batch
         self._hook("start_validation_batch")
 
     def validation_batch_ended(self, outputs: Any, loss: torch.Tensor) -> None:
@@ -327,7 +334,7 @@ class EpochLoop(RunParts):
 
     def _step_scheduler(self, validated: bool) -> None:
         scheduler = self.setup.scheduler
-        if scheduler is None:
+        if scheduler is None or self.step_scheduler is not None:
             return
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             state = self.state

@@ -1,18 +1,20 @@
 """The validation pass: one pass of a model over validation data, as the loop validates
 and as ``bz validate`` evaluates a checkpoint (one function for both, so they agree).
 
-Per batch: move it to the device, unpack ``(inputs, targets)``
-(:meth:`ValidationPass.inputs_and_targets`), forward and loss under the run's autocast
-(:meth:`ValidationPass.outputs_and_loss`: what one batch computes), then the loss is
-added weighted by the batch's samples and the metrics are updated (in float32 under
-mixed precision). The loss reported is the mean over samples, so a smaller last batch
-weighs what its samples weigh. Nothing is read back to the host per batch.
+Per batch: move it to the device and prepare it as the setup's way of computing a loss
+takes it (:meth:`ValidationPass.prepared`: ``(inputs, targets)`` for pairs), compute the
+loss under the run's autocast (:meth:`ValidationPass.computed`: the same
+:class:`~bz.training.forward.Forward` training uses: pairs, ``model(**batch)`` or the
+user's step), then the loss is added weighted by the batch's samples and the metrics are
+updated (in float32 under mixed precision). The loss reported is the mean over samples,
+so a smaller last batch weighs what its samples weigh. Nothing is read back to the host
+per batch.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -20,7 +22,8 @@ import torch
 
 from bz._errors import UsageError
 from bz.metrics._set import MetricSet
-from bz.training.device import resolve_device, sample_count, to_device, unpack
+from bz.training.device import resolve_device, to_device
+from bz.training.forward import Computed, Forward, forward_for
 from bz.training.precision import Precision, precision_for
 from bz.training.state import Totals
 
@@ -33,8 +36,8 @@ if TYPE_CHECKING:
 class BatchWatcher(Protocol):
     """What the loop does around each validation batch (its hooks)."""
 
-    def validation_batch_started(self, index: int, inputs: Any, targets: Any) -> None:
-        """Batch ``index`` is unpacked; its forward pass comes next."""
+    def validation_batch_started(self, index: int, batch: Any) -> None:
+        """Batch ``index`` is prepared (on the device); its forward pass comes next."""
 
     def validation_batch_ended(self, outputs: Any, loss: torch.Tensor) -> None:
         """The batch's loss and metrics are counted."""
@@ -44,8 +47,10 @@ class BatchWatcher(Protocol):
 class ValidationPass:
     """One pass over validation data: the loop's validation and ``bz validate``."""
 
-    forward: Callable[[Any], Any]
-    loss_fn: Callable[[Any, Any], torch.Tensor]
+    model: torch.nn.Module
+    """The model as training calls it (DDP-wrapped, compiled)."""
+    batches: Forward
+    """How a batch becomes a loss (the setup's way, for ``val_loader``)."""
     precision: Precision
     device: torch.device | None = None
     """Where batches are moved; None leaves them where the loader puts them (CPU)."""
@@ -63,28 +68,29 @@ class ValidationPass:
 
     def _batch(self, batch: Any, index: int, metrics: MetricSet, totals: Totals) -> None:
         # A frame of its own: outputs die before the next batch is fetched.
-        inputs, targets = self.inputs_and_targets(batch)
+        batch = self.prepared(batch)
         watcher = self.watcher
         if watcher is not None:
-            watcher.validation_batch_started(index, inputs, targets)
-        outputs, loss = self.outputs_and_loss(inputs, targets)
-        totals.add(loss.detach(), sample_count(inputs, targets))
-        metrics.update(for_metrics(outputs, self.precision), targets)
+            watcher.validation_batch_started(index, batch)
+        loss, outputs, predictions, targets, samples = self.computed(batch)
+        totals.add(loss.detach(), samples)
+        if metrics.active:
+            metrics.update(for_metrics(predictions, self.precision), targets)
         if watcher is not None:
             watcher.validation_batch_ended(outputs, loss)
 
-    def inputs_and_targets(self, batch: Any) -> tuple[Any, Any]:
-        """One batch as the model takes it: on the device, split into inputs and targets."""
+    def prepared(self, batch: Any) -> Any:
+        """One batch as the loss is computed from it: on the device, and for pairs split
+        into ``(inputs, targets)``."""
         if self.device is not None:
             batch = to_device(batch, self.device)
-        return unpack(batch, "val_loader")
+        return self.batches.prepare(batch)
 
-    def outputs_and_loss(self, inputs: Any, targets: Any) -> tuple[Any, torch.Tensor]:
-        """What one batch computes: the forward pass and the loss, under autocast."""
+    def computed(self, batch: Any) -> Computed:
+        """What one batch computes (loss, outputs, predictions, targets, samples), under
+        autocast."""
         with self.precision.autocast():
-            outputs = self.forward(inputs)
-            loss = self.loss_fn(outputs, targets)
-        return outputs, loss
+            return self.batches.compute(self.model, batch)
 
 
 def for_metrics(outputs: Any, precision: Precision) -> Any:
@@ -124,5 +130,6 @@ def evaluate(setup: TrainingSetup, config: RunConfig, metrics: Mapping[str, Metr
     totals = Totals()
     model.eval()
     moves = device if device.type != "cpu" else None
-    ValidationPass(model, setup.loss_fn, precision, moves).run(setup.val_loader, tracked, totals)
+    batches = forward_for(setup, "val_loader", metrics=tracked.active)
+    ValidationPass(model, batches, precision, moves).run(setup.val_loader, tracked, totals)
     return Evaluation(totals.mean(), tracked.compute(), totals.batches)

@@ -81,6 +81,7 @@ from bz.training.checkpoint.store import CheckpointStore
 from bz.training.control import StepControl
 from bz.training.device import loader_length, resolve_device
 from bz.training.epoch import EpochLoop, capped
+from bz.training.forward import forward_for
 from bz.training.guards import check_batches, check_epoch_loss, check_model
 from bz.training.interrupts import InterruptGuard, InterruptVote, TrainingInterrupted
 from bz.training.precision import precision_for
@@ -152,6 +153,10 @@ class Run(EpochLoop):
         self.train_metrics = MetricSet(metrics)
         self.val_metrics = MetricSet({name: copy.deepcopy(m) for name, m in metrics.items()})
         self.move_batches = self.device.type != "cpu"
+        # How batches become losses is decided here, once, from the setup alone.
+        self.train_forward = forward_for(setup, "train_loader", metrics=self.train_metrics.active)
+        self.val_forward = forward_for(setup, "val_loader", metrics=self.val_metrics.active)
+        self.step_scheduler = setup.scheduler if setup.scheduler_interval == "step" else None
         self.generators = loader_generators(self.train_loader)
         self.interrupt = InterruptGuard(plugins.interrupt_running, plugins.keep_handlers)
         self.vote: InterruptVote | None = None

@@ -156,7 +156,8 @@ def run_signature(setup: TrainingSetup, config: RunConfig) -> str:
 
     Covered: the model (state-dict keys, shapes and dtypes, and its ``repr``), the
     optimizer (class and every param group's hyperparameters), the scheduler's class,
-    the loss (a module's ``repr``, a function's qualified name), and the config's
+    the loss (a module's ``repr``, a function's qualified name), the ``step`` and the
+    ``scheduler_interval`` (when set), and the config's
     ``hyperparameters`` and ``seed``. Not covered: ``epochs`` (training longer resumes),
     the device, the plugins, the data itself.
     """
@@ -185,6 +186,12 @@ def run_signature(setup: TrainingSetup, config: RunConfig) -> str:
         "hyperparameters": _plain(config.hyperparameters),
         "seed": config.seed,
     }
+    # Keys added only when set, so that the runs of earlier releases keep their signature.
+    if setup.step is not None:
+        # By name only: train.py's module name differs between processes.
+        described["step"] = getattr(setup.step, "__qualname__", type(setup.step).__qualname__)
+    if setup.scheduler_interval != "epoch":
+        described["scheduler_interval"] = setup.scheduler_interval
     text = json.dumps(described, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
