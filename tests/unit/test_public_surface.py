@@ -81,6 +81,7 @@ PUBLIC: dict[str, set[str]] = {
         "DistributedConfig",
         "FsdpConfig",
         "GradientClip",
+        "KeepBest",
         "PluginSpec",
         "MetricSpec",
         "Seconds",

@@ -32,6 +32,7 @@ from bz.plugins._context import DeviceSum, PluginContext
 from bz.training.checkpoint.policy import CheckpointPolicy, ResumePoint
 from bz.training.device import batch_size, to_device, unpack
 from bz.training.evaluate import mean
+from bz.training.position import epoch_batches
 from bz.training.result import EpochRecord
 
 if TYPE_CHECKING:
@@ -224,14 +225,19 @@ class EpochLoop:
         # Needed only to write a checkpoint in the middle of this epoch.
         self.epoch_rng = capture_rng(self.generators) if self.checkpoints.saving else None
         set_epoch(self.train_loader, self.epoch)
-        iterator = _limited(iter(self.train_loader), self.limit)
+        skip = 0 if point is None else point.batch
+        # The loader draws from its random state exactly as the interrupted run did
+        # (see bz.training.position), without reading the batches already trained; the
+        # step's own random state (dropout, augmentation) is then put back as it was.
+        iterator = epoch_batches(
+            self.train_loader,
+            epoch=self.epoch,
+            skip=skip,
+            state=None if point is None else point.loader,
+            limit=self.limit,
+        )
         if point is None or point.batch == 0:
             return iterator, 0
-        # Creating the iterator and drawing the batches already trained on consumes
-        # the loader's random state exactly as the interrupted run did; the step's
-        # own random state (dropout, augmentation) is then put back as it was.
-        for _ in range(point.batch):
-            next(iterator, None)
         restore_rng(point.now, self.generators)
         self.train_batches = point.batch
         self.train_samples = point.samples

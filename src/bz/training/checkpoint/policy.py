@@ -24,6 +24,7 @@ from bz._rng import capture_rng
 from bz.plugins._protocol import StatefulPlugin
 from bz.plugins._sandbox import guarded
 from bz.training.checkpoint.background import BackgroundWriter, cpu_copy
+from bz.training.checkpoint.best import monitored_value
 from bz.training.checkpoint.files import (
     FINAL_MODEL,
     FORMAT,
@@ -39,6 +40,7 @@ from bz.training.checkpoint.files import (
 from bz.training.checkpoint.lock import RunLocked
 from bz.training.checkpoint.store import CheckpointStore, writable_problem
 from bz.training.checkpoint.writes import CheckpointWrites
+from bz.training.position import loader_state
 from bz.training.result import FitResult
 
 if TYPE_CHECKING:
@@ -61,6 +63,8 @@ class ResumePoint:
     samples: int = 0
     metrics: Mapping[str, Sequence[torch.Tensor]] = attrs.Factory(dict)
     """Training-metric state of the batches already done (see ``MetricSet.carry``)."""
+    loader: dict[str, Any] | None = None
+    """The training loader's own saved state, for a loader that has one."""
 
 
 class CheckpointPolicy(CheckpointWrites):
@@ -302,6 +306,7 @@ class CheckpointPolicy(CheckpointWrites):
             # Checkpoints written before these were kept hold neither.
             payload.get("samples", 0) if carries else 0,
             payload.get("metrics", {}) if carries else {},
+            payload.get("loader") if saved_world == run.topology.world_size else None,
         )
         states: Mapping[str, Any] = payload.get("plugins") or {}
         if self.fsdp:
@@ -422,9 +427,29 @@ class CheckpointPolicy(CheckpointWrites):
         if problem is not None:
             _log.error("checkpoint_skipped", epoch=epoch, step=run.global_step, error=problem)
             return None
+        keep_best = run.config.keep_best
+        if keep_best is not None and batch == 0:
+            value = monitored_value(keep_best.monitor, run.refresh_context())
+            payload["monitored"] = (keep_best.monitor, value)
         payload["plugins"] = self._plugin_states() if plugins is None else plugins
+        loader = self._loader_state()
+        if loader is not None:
+            payload["loader"] = loader
         # In the background, the live tensors change under the write: it gets copies.
         return cpu_copy(payload) if self._writer is not None else payload
+
+    def _loader_state(self) -> dict[str, Any] | None:
+        """The training loader's own state (``state_dict()``), when it has one a
+        checkpoint can hold; without it a resume repositions the loader by other means."""
+        try:
+            state = loader_state(self.run.train_loader)
+            problem = None if state is None else loadable_problem(state, "loader state")
+        except Exception as exc:  # the user's loader: reported, never fatal
+            state, problem = None, describe_exception(exc)
+        if problem is not None:
+            _log.warning("loader_state_skipped", error=problem)
+            return None
+        return state
 
     def _loss_state(self) -> dict[str, Any] | None:
         """The loss module's state (a loss function has none)."""

@@ -1,0 +1,245 @@
+"""Putting the training loader where an interrupted epoch left it, without re-reading.
+
+Resuming in the middle of an epoch needs the loader's next batch to be the one the
+interrupted run would have trained next, drawn from the same random state. How depends
+on the loader, from cheapest to dearest:
+
+* **Its own state** (torchdata's ``StatefulDataLoader``, or any loader with
+  ``state_dict()`` / ``load_state_dict()``): the state is saved in every checkpoint and
+  handed back before the epoch's ``iter()``; the loader positions itself.
+* **A map-style** ``DataLoader`` (any sampler: shuffled, sequential,
+  ``DistributedSampler``, a batch sampler; any ``num_workers``; ``drop_last``): the
+  iterator over the batch sampler is advanced past the batches already trained before
+  the first index reaches a worker. Only indices are drawn, exactly as the interrupted
+  run drew them (the sampler's random draws happen where they happened, after the
+  iterator's base seed), so nothing is fetched, collated or moved.
+* **Anything else** (an iterable dataset without state, a generator): the batches
+  already trained are drawn and dropped, with a progress line and the expected time.
+
+Workers (``num_workers > 0``): a worker's random state would depend on which batches it
+fetched before, which a repositioned loader never fetches. So bz seeds the workers'
+generators (torch, Python's, NumPy's) before every batch from the worker seed torch
+gives the epoch, the epoch and the batch's number: a batch's random augmentations are
+the same whichever worker fetches it and whatever it fetched before, in the
+uninterrupted run and the resumed one alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from bz._logging import get_logger
+
+_log = get_logger("bz")
+_END = object()
+_REPLAY_REPORT_SECONDS = 10.0
+"""How often a replay that takes long says how far it is."""
+
+
+@runtime_checkable
+class StatefulLoader(Protocol):
+    """A loader that saves and restores its own position (torchdata's
+    ``StatefulDataLoader`` is one)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None: ...
+
+
+def loader_state(loader: Iterable[Any]) -> dict[str, Any] | None:
+    """What a checkpoint keeps of ``loader``: its ``state_dict()`` when it has one."""
+    if isinstance(loader, StatefulLoader):
+        return loader.state_dict()
+    return None
+
+
+def epoch_batches(
+    loader: Iterable[Any],
+    *,
+    epoch: int,
+    skip: int = 0,
+    state: dict[str, Any] | None = None,
+    limit: int | None = None,
+) -> Iterator[Any]:
+    """The epoch's training batches, from batch ``skip`` on (``skip`` already trained).
+
+    ``state`` is the loader's saved ``state_dict()`` (a stateful loader), ``limit`` the
+    epoch's batch cap (``--smoke``), counted from the epoch's first batch. Every random
+    state the loader draws from must be the epoch's starting one when this is called.
+    """
+    if state is not None and isinstance(loader, StatefulLoader):
+        loader.load_state_dict(state)
+        return _capped(iter(loader), limit, skip)
+    if isinstance(loader, DataLoader) and _map_style(loader):
+        return _capped(_positioned(loader, skip, epoch), limit, skip)
+    iterator = iter(loader)
+    if skip:
+        _replay(iterator, skip, free=isinstance(loader, Sequence))
+    return _capped(iterator, limit, skip)
+
+
+def _capped(iterator: Iterator[Any], limit: int | None, skip: int) -> Iterator[Any]:
+    return iterator if limit is None else itertools.islice(iterator, max(limit - skip, 0))
+
+
+def _map_style(loader: DataLoader[Any]) -> bool:
+    # Batches by index (not an IterableDataset); with workers, bz must see each batch's
+    # indices to seed it (a batch sampler, the usual case with a batch_size).
+    if isinstance(loader.dataset, IterableDataset):
+        return False
+    return loader.num_workers == 0 or loader.batch_sampler is not None
+
+
+# -- map-style DataLoaders -------------------------------------------------------------
+
+
+class _Batch(list[Any]):
+    """One batch's indices, with the seed its worker draws its random numbers from."""
+
+    __slots__ = ("seed",)
+
+    def __init__(self, indices: Iterable[Any], seed: int) -> None:
+        super().__init__(indices)
+        self.seed = seed
+
+    def __reduce__(self) -> tuple[Any, ...]:  # sent to the workers through a queue
+        return _Batch, (list(self), self.seed)
+
+
+class _PositionedSampler:
+    """The loader's index sampler, started ``skip`` batches in; with workers, each
+    batch's indices carry the epoch and the batch's number (for :class:`_Seeded`)."""
+
+    def __init__(self, sampler: Iterable[Any], skip: int, epoch: int | None) -> None:
+        self.sampler = sampler
+        self.skip = skip
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]  # the loader asks only when it has one
+
+    def __iter__(self) -> Iterator[Any]:
+        # iter() now, as the loader would; the batches already trained are drawn when
+        # the first batch is asked for, which is when the loader drew them.
+        return self._batches(iter(self.sampler))
+
+    def _batches(self, indices: Iterator[Any]) -> Iterator[Any]:
+        for _ in range(self.skip):
+            if next(indices, _END) is _END:
+                return
+        if self.epoch is None:
+            yield from indices
+            return
+        for number, batch in enumerate(indices, start=self.skip):
+            yield _Batch(batch, self.epoch * 1_000_003 + number)
+
+
+class _Seeded(torch.utils.data.Dataset[Any]):
+    """The loader's dataset, seeding a worker's generators before each batch it fetches."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[Any]) -> Any:
+        worker = get_worker_info()
+        seed = getattr(indices, "seed", None)
+        if worker is not None and seed is not None:
+            _seed_worker(worker.seed - worker.id, seed)
+        plain = list(indices)
+        fetch: Callable[[list[Any]], Any] | None = getattr(self.dataset, "__getitems__", None)
+        return fetch(plain) if fetch is not None else [self.dataset[i] for i in plain]
+
+
+def _seed_worker(base: int, batch: int) -> None:
+    seed = (base * 6_364_136_223_846_793_005 + batch) % 2**64
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+
+
+def _positioned(loader: DataLoader[Any], skip: int, epoch: int) -> Iterator[Any]:
+    """``iter(loader)`` with its index sampler started ``skip`` batches in.
+
+    A ``DataLoader`` forbids replacing its sampler or dataset once built, so they are
+    swapped for the one ``iter()`` (which is when its iterator copies them) and put
+    back; a persistent-workers iterator keeps its own copy, which is swapped likewise.
+    """
+    workers = loader.num_workers > 0
+    if skip == 0 and not workers:
+        return iter(loader)
+    name = "batch_sampler" if loader.batch_sampler is not None else "sampler"
+    original = getattr(loader, name)
+    sampler = _PositionedSampler(original, skip, epoch if workers else None)
+    dataset = loader.dataset
+    existing = getattr(loader, "_iterator", None)  # persistent workers, from an earlier epoch
+    object.__setattr__(loader, name, sampler)
+    if workers and existing is None:
+        object.__setattr__(loader, "dataset", _Seeded(dataset))
+    if existing is not None:
+        existing._index_sampler = sampler
+    try:
+        iterator = iter(loader)
+    finally:
+        object.__setattr__(loader, name, original)
+        object.__setattr__(loader, "dataset", dataset)
+    if getattr(iterator, "_index_sampler", None) is sampler:
+        iterator._index_sampler = original  # the next epoch starts at 0
+    return iterator
+
+
+# -- everything else: replay ---------------------------------------------------------
+
+
+def _replay(iterator: Iterator[Any], count: int, *, free: bool) -> None:
+    """Draw and drop ``count`` batches, saying how long it takes (unless ``free``: a list
+    of batches in memory)."""
+    if free:
+        for _ in range(count):
+            if next(iterator, _END) is _END:
+                return
+        return
+    started = time.perf_counter()
+    reported = started
+    _log.info(
+        "resume_replaying",
+        batches=count,
+        hint="this loader cannot be repositioned (no state_dict(), not a map-style "
+        "DataLoader): the batches already trained are read again and dropped",
+    )
+    for done in range(1, count + 1):
+        if next(iterator, _END) is _END:
+            break
+        now = time.perf_counter()
+        if now - reported >= _REPLAY_REPORT_SECONDS or done == 1:
+            reported = now if done > 1 else reported
+            per_batch = (now - started) / done
+            if done == 1:
+                _log.info(
+                    "resume_replay_estimate",
+                    batches=count,
+                    expected_seconds=round(per_batch * count, 1),
+                )
+            else:
+                _log.info(
+                    "resume_replay_progress",
+                    done=done,
+                    batches=count,
+                    remaining_seconds=round(per_batch * (count - done), 1),
+                )
+    _log.info("resume_replayed", batches=count, seconds=round(time.perf_counter() - started, 3))
