@@ -129,7 +129,8 @@ def loader(kind: str) -> Any:
     if kind == "stateful":
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        return StatefulDataLoader(dataset, shuffle=True, num_workers=2, **plain)
+        # In this process: torchdata does not save its workers' random states.
+        return StatefulDataLoader(dataset, shuffle=True, **plain)
     if kind == "user_stateful":
         return CountingLoader()
     if kind == "iterable":

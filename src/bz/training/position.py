@@ -75,10 +75,16 @@ def epoch_batches(
     epoch's batch cap (``--smoke``), counted from the epoch's first batch. Every random
     state the loader draws from must be the epoch's starting one when this is called.
     """
-    if state is not None and isinstance(loader, StatefulLoader):
-        loader.load_state_dict(state)
-        return _capped(iter(loader), limit, skip)
-    if isinstance(loader, DataLoader) and _map_style(loader):
+    if isinstance(loader, StatefulLoader):
+        # Left to itself: it saves and restores its own sampler's and workers' positions.
+        # A DataLoader's epoch starts where its sampler and random state say, so its own
+        # state matters only in the middle of an epoch (loaded at an epoch's end,
+        # torchdata's StatefulDataLoader would draw its base seed twice); a loader of
+        # another kind may carry anything across epochs (a stream's position, an epoch).
+        if state is not None and (skip or not isinstance(loader, DataLoader)):
+            loader.load_state_dict(state)
+            return _capped(iter(loader), limit, skip)
+    elif isinstance(loader, DataLoader) and _map_style(loader):
         return _capped(_positioned(loader, skip, epoch), limit, skip)
     iterator = iter(loader)
     if skip:
@@ -122,19 +128,33 @@ class _PositionedSampler:
         self.sampler = sampler
         self.skip = skip
         self.epoch = epoch
+        self._indices: Iterator[Any] = iter(())
+        self._primed = True  # until iter() starts an epoch
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]  # the loader asks only when it has one
 
     def __iter__(self) -> Iterator[Any]:
-        # iter() now, as the loader would; the batches already trained are drawn when
-        # the first batch is asked for, which is when the loader drew them.
-        return self._batches(iter(self.sampler))
+        # iter() now, as the loader's iterator does before it draws its base seed; the
+        # batches already trained are drawn by prime(), right after that seed, which is
+        # where the interrupted run's first batch drew them (a RandomSampler draws its
+        # permutation's seed then).
+        self._indices = iter(self.sampler)
+        self._primed = False
+        return self._batches()
 
-    def _batches(self, indices: Iterator[Any]) -> Iterator[Any]:
+    def prime(self) -> None:
+        """Draw the indices of the batches already trained (once)."""
+        if self._primed:
+            return
+        self._primed = True
         for _ in range(self.skip):
-            if next(indices, _END) is _END:
+            if next(self._indices, _END) is _END:
                 return
+
+    def _batches(self) -> Iterator[Any]:
+        self.prime()
+        indices = self._indices
         if self.epoch is None:
             yield from indices
             return
@@ -187,11 +207,12 @@ def _positioned(loader: DataLoader[Any], skip: int, epoch: int) -> Iterator[Any]
     original = getattr(loader, name)
     sampler = _PositionedSampler(original, skip, epoch if workers else None)
     dataset = loader.dataset
-    existing = getattr(loader, "_iterator", None)  # persistent workers, from an earlier epoch
+    existing = getattr(loader, "_iterator", None)
+    reused = existing is not None and loader.persistent_workers  # workers of an earlier epoch
     object.__setattr__(loader, name, sampler)
-    if workers and existing is None:
+    if workers and not reused:  # new workers: they get the dataset that seeds them
         object.__setattr__(loader, "dataset", _Seeded(dataset))
-    if existing is not None:
+    if reused and existing is not None:
         existing._index_sampler = sampler
     try:
         iterator = iter(loader)
@@ -200,6 +221,7 @@ def _positioned(loader: DataLoader[Any], skip: int, epoch: int) -> Iterator[Any]
         object.__setattr__(loader, "dataset", dataset)
     if getattr(iterator, "_index_sampler", None) is sampler:
         iterator._index_sampler = original  # the next epoch starts at 0
+    sampler.prime()  # a single-process iterator has drawn no index yet
     return iterator
 
 

@@ -47,7 +47,7 @@ from bz.training.checkpoint.files import (
     verify,
 )
 from bz.training.checkpoint.lock import NO_LOCKS, RunLock
-from bz.training.checkpoint.sidecars import new_hasher, read_sidecar
+from bz.training.checkpoint.sidecars import new_hasher
 
 if TYPE_CHECKING:
     from bz.config import KeepBest
@@ -210,13 +210,10 @@ def remove_stray_files(folder: Path) -> None:
         elif name.endswith(SIDECAR_SUFFIX):
             target = path.with_name(name[: -len(SIDECAR_SUFFIX)])
             ours = _position(target) is not None or target.name == FINAL_MODEL
-            if ours and not target.exists() and _is_bz_sidecar(path):
+            # Only a whole sidecar of bz's: anything else is junk, left alone.
+            if ours and not target.exists() and read_entry(target) is not None:
                 with contextlib.suppress(OSError):
                     path.unlink()
-
-
-def _is_bz_sidecar(path: Path) -> bool:
-    return read_sidecar(path) is not None
 
 
 def writable_problem(folder: Path) -> str | None:
