@@ -223,3 +223,22 @@ def test_validate_best_without_keep_best_is_one_line_and_exit_2(
     assert shown.exit_code == 2
     assert shown.stderr.count("\n") == 1
     assert "keep_best" in shown.stderr
+
+
+def test_sharded_checkpoints_are_kept_by_the_same_rule(tmp_path: Path) -> None:
+    from bz.training.checkpoint.sharded import save_sharded, shard_state, sharded_name
+
+    keep_best = KeepBest(monitor="validation_loss", count=1)
+    store = CheckpointStore(tmp_path, 1, keep_best)
+    setup = tiny_setup()
+    for epoch, value in ((1, 0.5), (2, 0.2), (3, 0.9), (4, 0.4)):
+        rest = _payload(epoch, 0, value, "validation_loss")
+        shards = shard_state(setup.model, setup.optimizer)
+        entry = save_sharded(shards, rest, tmp_path / sharded_name(epoch), main=True)()
+        assert entry is not None
+        store.adopt(entry)
+    assert sorted(p.name for p in tmp_path.glob("*.dcp")) == ["epoch-0002.dcp", "epoch-0004.dcp"]
+    best = store.best()
+    assert best is not None
+    assert best.path.name == "epoch-0002.dcp"
+    assert best.value == 0.2
