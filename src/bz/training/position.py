@@ -36,7 +36,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bz._errors import describe_exception
 from bz._logging import get_logger
+from bz.training.checkpoint.files import loadable_problem
 
 _log = get_logger("bz")
 _END = object()
@@ -59,6 +61,21 @@ def loader_state(loader: Iterable[Any]) -> dict[str, Any] | None:
     if isinstance(loader, StatefulLoader):
         return loader.state_dict()
     return None
+
+
+def checkpointable_loader_state(loader: Iterable[Any]) -> dict[str, Any] | None:
+    """:func:`loader_state`, when a checkpoint can hold it (``weights_only``); a loader
+    whose ``state_dict()`` fails or holds anything else is reported and resumed by the
+    other means."""
+    try:
+        state = loader_state(loader)
+        problem = None if state is None else loadable_problem(state, "loader state_dict()")
+    except Exception as exc:  # the user's loader: reported, never fatal
+        state, problem = None, describe_exception(exc)
+    if problem is not None:
+        _log.warning("loader_state_skipped", error=problem)
+        return None
+    return state
 
 
 def epoch_batches(
