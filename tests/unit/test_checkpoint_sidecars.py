@@ -21,6 +21,7 @@ from tests._support import tiny_setup
 import bz
 from bz import _rng
 from bz.training.checkpoint.files import FORMAT, read_checkpoint
+from bz.training.checkpoint.lock import RunLocked
 from bz.training.checkpoint.sidecars import (
     HASH,
     SIDECAR_MAX_BYTES,
@@ -185,3 +186,12 @@ def test_training_goes_on_beside_junk_sidecars(tmp_path: Path, kind: str) -> Non
     for path in (stray, newest):
         assert path.read_bytes() == _junk(kind)
     assert read_checkpoint(run / "epoch-0002.pt")["epoch"] == 2
+
+
+def test_junk_in_the_lock_file_is_never_a_recursion_error(tmp_path: Path) -> None:
+    holder = _saved(tmp_path)
+    holder.lock()
+    (tmp_path / ".lock").write_bytes(b"[" * 4000)  # deeper than the JSON parser goes
+    with pytest.raises(RunLocked, match="another bz process"):
+        CheckpointStore(tmp_path).lock()  # names nobody, but says the run is taken
+    holder.unlock()

@@ -17,6 +17,7 @@ import numpy
 import pytest
 import torch
 from tests._loader_kinds import KINDS, loader
+from tests._support import Events
 from torch.utils.data import DataLoader, Dataset
 
 import bz
@@ -136,3 +137,19 @@ def test_workers_draw_the_same_numbers_whichever_batches_they_skipped() -> None:
     torch.manual_seed(1)
     got = _batches(epoch_batches(made, epoch=0, skip=3))
     _same(got, replay)
+
+
+def test_a_replay_says_how_many_batches_and_how_long(events: Events) -> None:
+    made = loader("iterable")
+    batches = list(epoch_batches(made, epoch=0, skip=4))
+    assert len(batches) == 2
+    names = [event["event"] for event in events]
+    assert names == ["resume_replaying", "resume_replay_estimate", "resume_replayed"]
+    assert events[0]["batches"] == 4
+    assert events[1]["expected_seconds"] >= 0
+
+
+def test_map_style_loaders_are_never_replayed(events: Events) -> None:
+    for kind in ("shuffled", "workers", "distributed_sampler"):
+        list(epoch_batches(loader(kind), epoch=0, skip=4))
+    assert events == []

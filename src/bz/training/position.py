@@ -265,20 +265,20 @@ def _replay(iterator: Iterator[Any], count: int, *, free: bool) -> None:
         if next(iterator, _END) is _END:
             break
         now = time.perf_counter()
-        if now - reported >= _REPLAY_REPORT_SECONDS or done == 1:
-            reported = now if done > 1 else reported
-            per_batch = (now - started) / done
-            if done == 1:
-                _log.info(
-                    "resume_replay_estimate",
-                    batches=count,
-                    expected_seconds=round(per_batch * count, 1),
-                )
-            else:
-                _log.info(
-                    "resume_replay_progress",
-                    done=done,
-                    batches=count,
-                    remaining_seconds=round(per_batch * (count - done), 1),
-                )
+        per_batch = (now - started) / done
+        if done == 1:
+            _log.info(
+                "resume_replay_estimate",
+                batches=count,
+                expected_seconds=round(per_batch * count, 1),
+            )
+            reported = now
+        elif now - reported >= _REPLAY_REPORT_SECONDS:
+            _log.info(
+                "resume_replay_progress",
+                done=done,
+                batches=count,
+                remaining_seconds=round(per_batch * (count - done), 1),
+            )
+            reported = now
     _log.info("resume_replayed", batches=count, seconds=round(time.perf_counter() - started, 3))
