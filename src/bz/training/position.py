@@ -21,7 +21,9 @@ fetched before, which a repositioned loader never fetches. So bz seeds the worke
 generators (torch, Python's, NumPy's) before every batch from the worker seed torch
 gives the epoch, the epoch and the batch's number: a batch's random augmentations are
 the same whichever worker fetches it and whatever it fetched before, in the
-uninterrupted run and the resumed one alike.
+uninterrupted run and the resumed one alike. (Not for a stateful loader, which keeps
+its workers as it likes, and not across a resume with ``persistent_workers``, whose
+seed comes from the epoch the workers started in.)
 """
 
 from __future__ import annotations
