@@ -3,9 +3,9 @@
 An epoch of ``--batches`` batches (100,000) from a map-style dataset whose
 ``__getitem__`` costs 1 ms (a sleep: the disk or decoding a real dataset waits on), a
 shuffled ``DataLoader`` of batch size 1, a tiny model. Mid-epoch checkpoints are made at
-10% and at 90% of the epoch (training with the 1 ms turned off, so that making them is
-quick), then each is resumed twice, timed from ``Trainer.fit`` to the first
-``start_training_batch``:
+10% and at 90% of the epoch (a one-step checkpoint rewritten as if further in: training
+90,000 steps to get there would take longer than all that is measured), then each is
+resumed twice, timed from ``Trainer.fit`` to the first ``start_training_batch``:
 
 * ``replay``: the loader is put in place by reading the batches already trained and
   dropping them (what bz did before it repositioned loaders, and still does for an
@@ -33,6 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import bz
 from bz.training import position
+from bz.training.checkpoint.files import FINAL_MODEL, checkpoint_name, read_checkpoint
+from bz.training.checkpoint.store import CheckpointStore
 
 if TYPE_CHECKING:
     from bz.plugins import PluginContext
@@ -85,6 +87,26 @@ def _fit(folder: Path, batches: int, max_steps: int, plugins: list[Any]) -> None
     bz.Trainer().fit(_setup(batches), config, plugins, checkpoint_dir=folder)
 
 
+def _checkpoint_at(folder: Path, batches: int, step: int) -> Path:
+    """A folder whose newest checkpoint is ``step`` batches into the first epoch.
+
+    Training ``step`` steps to get there would take longer than everything measured, so
+    one step is trained and its checkpoint rewritten, by bz's own store, as if it stood
+    ``step`` batches in (its random states are those after the first step: a resume
+    from it is as costly as from a real one)."""
+    _fit(folder, batches, 1, [])
+    (run,) = folder.iterdir()
+    first = run / checkpoint_name(0, 1)
+    payload = read_checkpoint(first)
+    payload["batch"] = payload["global_step"] = step
+    store = CheckpointStore(run)
+    store.save(payload, 0, step)
+    store.delete(first)
+    (run / FINAL_MODEL).unlink()
+    (run / f"{FINAL_MODEL}.json").unlink()
+    return folder
+
+
 def _time_resume(template: Path, batches: int, step: int, *, replay: bool) -> float:
     folder = Path(tempfile.mkdtemp(prefix="bz-resume-"))
     shutil.rmtree(folder)
@@ -114,10 +136,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bz-resume-bench-"))
     try:
         points = {"10%": batches // 10, "90%": batches * 9 // 10}
-        templates = {}
-        for label, step in points.items():
-            templates[label] = root / label
-            _fit(templates[label], batches, step, [])
+        templates = {
+            label: _checkpoint_at(root / label, batches, step) for label, step in points.items()
+        }
+        (root / "empty").mkdir()
         fresh = _time_resume(root / "empty", batches, 0, replay=False)
         print(f"fresh epoch (for scale)        {fresh:8.3f} s")
         now = {}
