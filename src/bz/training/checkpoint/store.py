@@ -47,7 +47,7 @@ from bz.training.checkpoint.files import (
     verify,
 )
 from bz.training.checkpoint.lock import NO_LOCKS, RunLock
-from bz.training.checkpoint.sidecars import new_hasher
+from bz.training.checkpoint.sidecars import new_hasher, read_sidecar
 
 if TYPE_CHECKING:
     from bz.config import KeepBest
@@ -210,10 +210,16 @@ def remove_stray_files(folder: Path) -> None:
         elif name.endswith(SIDECAR_SUFFIX):
             target = path.with_name(name[: -len(SIDECAR_SUFFIX)])
             ours = _position(target) is not None or target.name == FINAL_MODEL
-            # Only a whole sidecar of bz's: anything else is junk, left alone.
-            if ours and not target.exists() and read_entry(target) is not None:
+            if ours and not target.exists() and _describes(path, target):
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+
+def _describes(path: Path, target: Path) -> bool:
+    """Whether the sidecar ``path`` is bz's sidecar of ``target`` (anything else is junk,
+    left alone)."""
+    data = read_sidecar(path)
+    return data is not None and data.get("file") == target.name
 
 
 def writable_problem(folder: Path) -> str | None:
