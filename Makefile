@@ -56,6 +56,8 @@ bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/distributed.py
+	$(BIN)/python benchmarks/checkpoint_io.py
+	$(BIN)/python benchmarks/resume.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from bz.metrics import Metric
     from bz.plugins._sandbox import ErrorPolicy, PluginSet
     from bz.training.checkpoint.files import ModelPayload
+    from bz.training.checkpoint.store import CheckpointStore
     from bz.training.evaluate import Evaluation
     from bz.training.result import FitResult
 
@@ -255,6 +256,7 @@ def validate(
     checkpoint: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    best: bool = False,
 ) -> tuple[Path, ModelPayload, Evaluation]:
     """Evaluate a checkpoint on the validation data: what ``bz validate`` does.
 
@@ -262,7 +264,8 @@ def validate(
     run the configuration describes is evaluated as it ended (its ``model.pt``) when it
     finished, else its newest verified checkpoint that fits the model. A finished run
     whose ``model.pt`` is missing or damaged is an error (``bz train`` rebuilds it): its
-    last checkpoint may hold other weights than the run ended with. Returns the file,
+    last checkpoint may hold other weights than the run ended with. ``best``: the
+    checkpoint ``keep_best`` ranks first instead. Returns the file,
     its contents (``epoch``, ``global_step``, ...) and the
     :class:`~bz.training.evaluate.Evaluation`.
     """
@@ -312,6 +315,11 @@ def validate(
                 hint="it was written by a run with another model, optimizer or "
                 "hyperparameters; evaluating it anyway",
             )
+    elif best:
+        path, payload = _best_checkpoint(
+            CheckpointStore(base / run_config.checkpoint_dir / signature, 1, run_config.keep_best),
+            signature,
+        )
     else:
         folder = base / run_config.checkpoint_dir / signature
         store = CheckpointStore(folder)
@@ -352,6 +360,25 @@ def validate(
         raise UsageError(f"{path}: does not fit the model train.py builds: {message}") from None
     _log.info("validating", path=str(path), epoch=payload["epoch"], step=payload["global_step"])
     return path, payload, evaluate(setup, run_config, metrics)
+
+
+def _best_checkpoint(store: CheckpointStore, signature: str) -> tuple[Path, ModelPayload]:
+    """The checkpoint ``keep_best`` ranks first (``bz validate --best``)."""
+    from bz.training.checkpoint.files import UnreadableCheckpoint, read_checkpoint
+
+    keep_best = store.keep_best
+    if keep_best is None:
+        raise UsageError("--best needs keep_best in the configuration (which value ranks them)")
+    entry = store.best()
+    if entry is None:
+        raise UsageError(
+            f"no verified checkpoint in {store.folder} recorded {keep_best.monitor!r} "
+            "(keep_best records it at the end of each epoch)"
+        )
+    try:
+        return entry.path, read_checkpoint(entry.path, signature, model_only=True)
+    except UnreadableCheckpoint as exc:
+        raise UsageError(f"{entry.path}: cannot be used as a checkpoint: {exc}") from None
 
 
 __all__ = ["UsageError", "apply_overrides", "resolve_config", "run", "validate"]

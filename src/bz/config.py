@@ -42,6 +42,7 @@ __all__ = [
     "DistributedConfig",
     "FsdpConfig",
     "GradientClip",
+    "KeepBest",
     "MetricSpec",
     "PluginSpec",
     "RunConfig",
@@ -164,6 +165,28 @@ def _clip_table(value: GradientClip | Mapping[str, Any] | None) -> GradientClip 
 
 
 @attrs.frozen
+class KeepBest:
+    """Which epoch-end checkpoints to keep by a metric, besides ``keep_last``'s newest."""
+
+    monitor: str = "validation_loss"
+    """The value that ranks them: ``validation_loss``, ``training_loss``, a configured
+    metric (``accuracy``: the validation one when there is validation data) or
+    ``training_<metric>`` / ``validation_<metric>``."""
+    mode: Literal["min", "max"] = "min"
+    """``min``: lower is better; ``max``: higher is better."""
+    count: int = attrs.field(default=1, validator=at_least(1))
+    """How many of the best to keep."""
+
+    def __attrs_post_init__(self) -> None:
+        check_field_types(self)
+
+
+def _keep_best_table(value: KeepBest | Mapping[str, Any] | None) -> KeepBest | None:
+    """In Python, ``keep_best`` may be given as a dict, read like the JSON table."""
+    return structure(dict(value), KeepBest) if isinstance(value, Mapping) else value
+
+
+@attrs.frozen
 class RunConfig:
     """Everything ``bzconfig.json`` can say about a run."""
 
@@ -202,6 +225,9 @@ class RunConfig:
     """Where run folders (``<signature>/epoch-0003.pt``) go, relative to the config."""
     keep_last: int = attrs.field(default=3, validator=at_least(1))
     """How many checkpoints of a run to keep (the newest ones)."""
+    keep_best: KeepBest | None = attrs.field(default=None, converter=_keep_best_table)
+    """``{"monitor": "validation_loss", "mode": "min", "count": 3}``: also keep the
+    ``count`` best epoch-end checkpoints by ``monitor``; null: only ``keep_last``."""
     resume: bool = True
     """Resume from the newest checkpoint of the same run, if there is one."""
     distributed: DistributedConfig = attrs.field(

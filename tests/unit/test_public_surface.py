@@ -82,6 +82,7 @@ PUBLIC: dict[str, set[str]] = {
         "DistributedConfig",
         "FsdpConfig",
         "GradientClip",
+        "KeepBest",
         "PluginSpec",
         "MetricSpec",
         "Seconds",

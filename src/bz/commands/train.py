@@ -396,10 +396,19 @@ def _print_plugin_summary(reports: Sequence[PluginReport]) -> None:
     help="Checkpoint (a file, or a sharded checkpoint's folder) or model.pt to evaluate "
     "(default: the run's model.pt when it finished, else its newest checkpoint).",
 )
+@click.option(
+    "--best",
+    is_flag=True,
+    help="Evaluate the checkpoint `keep_best` ranks first (by its monitored value).",
+)
 @click.option("--device", help="Override `device` (auto, cpu, cuda, cuda:N, mps).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def validate(
-    config_path: str | None, checkpoint_path: str | None, device: str | None, as_json: bool
+    config_path: str | None,
+    checkpoint_path: str | None,
+    best: bool,
+    device: str | None,
+    as_json: bool,
 ) -> None:
     """Evaluate a trained run on the validation data: loss and configured metrics.
 
@@ -412,8 +421,10 @@ def validate(
     # Warnings (a damaged checkpoint skipped) go to stderr; stdout holds the report.
     _logging.configure("console", "warning", stream=sys.stderr)
     overrides = {"device": device} if device is not None else None
+    if best and checkpoint_path is not None:
+        raise UsageError("--best and --checkpoint name two checkpoints: give one of them")
     path, payload, result = run_validation(
-        config_path, checkpoint=checkpoint_path, overrides=overrides
+        config_path, checkpoint=checkpoint_path, overrides=overrides, best=best
     )
     report: dict[str, Any] = {
         "checkpoint": str(path),

@@ -32,8 +32,9 @@ from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
 from bz.training.device import to_device
-from bz.training.evaluate import ValidationPass, for_metrics, limited
+from bz.training.evaluate import ValidationPass, for_metrics
 from bz.training.guards import check_step
+from bz.training.position import epoch_batches
 from bz.training.result import EpochRecord
 from bz.training.state import ResumePoint, RunParts, Totals
 
@@ -192,14 +193,19 @@ class EpochLoop(RunParts):
         # Needed only to write a checkpoint in the middle of this epoch.
         state.epoch_rng = capture_rng(self.generators) if self.checkpoints.saving else None
         set_epoch(self.train_loader, state.epoch)
-        iterator = limited(iter(self.train_loader), self.limit)
+        skip = 0 if point is None else point.batch
+        # The loader draws from its random state exactly as the interrupted run did
+        # (see bz.training.position), without reading the batches already trained; the
+        # step's own random state (dropout, augmentation) is then put back as it was.
+        iterator = epoch_batches(
+            self.train_loader,
+            epoch=state.epoch,
+            skip=skip,
+            state=None if point is None else point.loader,
+            limit=self.limit,
+        )
         if point is None or point.batch == 0:
             return iterator, 0
-        # Creating the iterator and drawing the batches already trained on consumes
-        # the loader's random state exactly as the interrupted run did; the step's
-        # own random state (dropout, augmentation) is then put back as it was.
-        for _ in range(point.batch):
-            next(iterator, None)
         restore_rng(point.now, self.generators)
         state.train = Totals(DeviceSum(point.loss_total), point.batch, point.samples)
         self.train_metrics.carry(point.metrics)

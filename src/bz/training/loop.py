@@ -74,6 +74,7 @@ from bz._logging import get_logger
 from bz._rng import loader_generators
 from bz.metrics._set import MetricSet
 from bz.plugins._context import PluginContext
+from bz.training.checkpoint.best import check_monitor
 from bz.training.checkpoint.files import CheckpointPayload
 from bz.training.checkpoint.files import run_signature as _run_signature
 from bz.training.checkpoint.policy import CheckpointPolicy
@@ -141,8 +142,9 @@ class Run(EpochLoop):
         )
         uses_checkpoints = checkpoint_root is not None and (saves or config.resume)
         signature = _run_signature(setup, config) if uses_checkpoints else ""
+        check_monitor(config.keep_best, metrics, validates=self.val_loader is not None)
         store = (
-            CheckpointStore(checkpoint_root / signature, config.keep_last)
+            CheckpointStore(checkpoint_root / signature, config.keep_last, config.keep_best)
             if checkpoint_root is not None and uses_checkpoints
             else None
         )

@@ -8,7 +8,7 @@ do not import the loop that imports them).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -75,6 +75,9 @@ class ResumePoint:
     samples: int = 0
     metrics: Mapping[str, Sequence[torch.Tensor]] = attrs.Factory(dict)
     """Training-metric state of the batches already done (see ``MetricSet.carry``)."""
+    loader: dict[str, Any] | None = None
+    """The training loader's own saved state, for a loader that has one
+    (:mod:`bz.training.position`)."""
 
 
 @attrs.define(eq=False)
@@ -143,6 +146,7 @@ class RunParts(Protocol):
     context: PluginContext
     model: torch.nn.Module
     train_metrics: MetricSet
+    train_loader: Iterable[Any]
     generators: list[torch.Generator]
     state: LoopState
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,23 +36,26 @@ from typing import (
     overload,
 )
 
-import attrs
 import torch
 
 from bz._logging import get_logger
+from bz.training.checkpoint.sidecars import FORMAT as FORMAT
+from bz.training.checkpoint.sidecars import HASH as HASH
+from bz.training.checkpoint.sidecars import SIDECAR_SUFFIX as SIDECAR_SUFFIX
+from bz.training.checkpoint.sidecars import Entry as Entry
+from bz.training.checkpoint.sidecars import _position as _position
+from bz.training.checkpoint.sidecars import checkpoint_name as checkpoint_name
+from bz.training.checkpoint.sidecars import hash_path as hash_path
+from bz.training.checkpoint.sidecars import list_checkpoints as list_checkpoints
+from bz.training.checkpoint.sidecars import list_entries as list_entries
+from bz.training.checkpoint.sidecars import read_entry as read_entry
+from bz.training.checkpoint.sidecars import sidecar as sidecar
+from bz.training.checkpoint.sidecars import verify as verify
 
 if TYPE_CHECKING:
     from bz._setup import TrainingSetup
     from bz.config import RunConfig
 
-FORMAT = 2
-"""Version of the checkpoint layout; files of another version are not resumed from.
-(Version 1 had no sidecars: such files are left alone like any file bz did not write.)"""
-
-SIDECAR_SUFFIX = ".json"
-"""``epoch-0003.pt.json`` describes ``epoch-0003.pt`` (see :func:`atomic_save`)."""
-# ``.pt``: one file; ``.dcp``: a folder of shards (``distributed.strategy: "fsdp"``).
-_NAME = re.compile(r"epoch-(\d{4,})(?:-batch-(\d{5,}))?\.(?:pt|dcp)")
 _REQUIRED_KEYS = frozenset(
     {"format", "signature", "epoch", "batch", "global_step", "model", "optimizer", "rng"}
 )
@@ -122,6 +124,11 @@ class CheckpointPayload(ModelPayload):
     """``torch.amp.GradScaler`` state under ``precision: 16-mixed``."""
     plugins: NotRequired[dict[str, Any]]
     """Each stateful plugin's ``state_dict()``, by plugin name."""
+    monitored: NotRequired[tuple[str, float | None]]
+    """With ``keep_best``, at the end of an epoch: the monitored value's name and value
+    (repeated in the sidecar, which ``keep_best`` ranks by)."""
+    loader: NotRequired[dict[str, Any]]
+    """The training loader's ``state_dict()``, for a loader that has one."""
 
 
 # -- the run signature -----------------------------------------------------------------
@@ -230,131 +237,6 @@ def loadable_problem(value: object, where: str = "state") -> str | None:
         f"{where} is a {type(value).__name__}; checkpoints hold only tensors, numbers, "
         "strings, None, and lists, tuples and dicts of them"
     )
-
-
-# -- files ---------------------------------------------------------------------------------
-
-
-def checkpoint_name(epoch: int, batch: int = 0) -> str:
-    """``epoch-0003.pt`` (3 epochs done) or ``epoch-0002-batch-00017.pt`` (mid-epoch)."""
-    return f"epoch-{epoch:04d}.pt" if batch == 0 else f"epoch-{epoch:04d}-batch-{batch:05d}.pt"
-
-
-def sidecar(path: Path) -> Path:
-    """The small JSON file beside ``path`` that says bz wrote it, and its checksum."""
-    return path.with_name(path.name + SIDECAR_SUFFIX)
-
-
-def _position(path: Path) -> tuple[int, int] | None:
-    match = _NAME.fullmatch(path.name)
-    if match is None:
-        return None
-    return int(match.group(1)), int(match.group(2) or 0)
-
-
-@attrs.frozen
-class Entry:
-    """A file bz wrote, as its sidecar describes it (not yet checked against the bytes)."""
-
-    path: Path
-    sha256: str
-    size: int
-    signature: str
-    epoch: int
-    """Epochs completed when it was written (the number in its name)."""
-    batch: int
-    """Batches of the next epoch completed (0 at an epoch boundary)."""
-    step: int
-    """Optimizer steps completed."""
-    stopped: bool = False
-    """A plugin asked to stop training after this checkpoint."""
-
-    @property
-    def position(self) -> tuple[int, int]:
-        """How far into training it is, for ordering: ``(epoch, batch)``."""
-        return self.epoch, self.batch
-
-
-def read_entry(path: Path) -> Entry | None:
-    """The sidecar of ``path`` when it is bz's and describes this file, else None."""
-    try:
-        data = json.loads(sidecar(path).read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("bz") != FORMAT or data.get("file") != path.name:
-            return None
-        return Entry(
-            path=path,
-            sha256=str(data["sha256"]),
-            size=int(data["size"]),
-            signature=str(data["signature"]),
-            epoch=int(data["epoch"]),
-            batch=int(data["batch"]),
-            step=int(data["step"]),
-            stopped=bool(data.get("stopped", False)),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """Files in ``folder`` named like checkpoints, newest (furthest into training) first.
-
-    Only the name is looked at; :func:`list_entries` gives those bz wrote.
-    """
-    if not folder.is_dir():
-        return []
-    found = [(pos, path) for path in folder.iterdir() if (pos := _position(path)) is not None]
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def list_entries(folder: Path) -> list[Entry]:
-    """The checkpoints in ``folder`` that have bz's sidecar, newest first.
-
-    Files named like checkpoints without one (copied in, written by hand, or left by a
-    write that was killed before it finished) are not listed: nothing counts them.
-    """
-    found = []
-    for path in list_checkpoints(folder):
-        entry = read_entry(path)
-        if entry is not None and entry.position == _position(path):
-            found.append(entry)
-    return found
-
-
-def hash_path(path: Path) -> tuple[int, str]:
-    """Size and SHA-256 of a checkpoint: of its bytes, or for a sharded checkpoint (a
-    folder) the total size and the hash of every file's name, size and hash."""
-    if not path.is_dir():
-        return _hash_file(path)
-    manifest = hashlib.sha256()
-    total = 0
-    for file in sorted(path.iterdir()):
-        size, digest = _hash_file(file)
-        total += size
-        manifest.update(f"{file.name}\0{size}\0{digest}\n".encode())
-    return total, manifest.hexdigest()
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def verify(entry: Entry) -> str | None:
-    """Why the file does not match its sidecar (damaged, replaced, half-written), or None."""
-    try:
-        size, digest = hash_path(entry.path)
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}"
-    if size != entry.size:
-        return f"{size} bytes where bz wrote {entry.size} (truncated or replaced)"
-    if digest != entry.sha256:
-        return "its checksum does not match what bz wrote (damaged or replaced)"
-    return None
 
 
 class UnreadableCheckpoint(Exception):

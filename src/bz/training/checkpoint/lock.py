@@ -107,6 +107,6 @@ def _read_owner(fd: int) -> dict[str, Any]:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         data = json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # junk in the lock file names nobody
         return {}
     return data if isinstance(data, dict) else {}

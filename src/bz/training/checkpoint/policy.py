@@ -27,6 +27,7 @@ from bz.training.capture import (
     restore,
 )
 from bz.training.checkpoint.background import BackgroundWriter, cpu_copy
+from bz.training.checkpoint.best import monitored_value
 from bz.training.checkpoint.files import (
     FINAL_MODEL,
     FORMAT,
@@ -42,6 +43,7 @@ from bz.training.checkpoint.files import (
 from bz.training.checkpoint.lock import RunLocked
 from bz.training.checkpoint.store import CheckpointStore, writable_problem
 from bz.training.checkpoint.writes import CheckpointWrites
+from bz.training.position import checkpointable_loader_state
 from bz.training.result import FitResult
 from bz.training.state import ResumePoint
 
@@ -286,6 +288,7 @@ class CheckpointPolicy(CheckpointWrites):
             # Checkpoints written before these were kept hold neither.
             payload.get("samples", 0) if carries else 0,
             payload.get("metrics", {}) if carries else {},
+            payload.get("loader") if saved_world == run.topology.world_size else None,
         )
         run.state.resume_at(payload["epoch"], payload["global_step"], point)
         states: Mapping[str, Any] = payload.get("plugins") or {}
@@ -398,7 +401,14 @@ class CheckpointPolicy(CheckpointWrites):
         if problem is not None:
             _log.error("checkpoint_skipped", epoch=epoch, step=state.global_step, error=problem)
             return None
+        keep_best = run.config.keep_best
+        if keep_best is not None and batch == 0:
+            value = monitored_value(keep_best.monitor, run.refresh_context())
+            payload["monitored"] = (keep_best.monitor, value)
         payload["plugins"] = self._plugin_states() if plugins is None else plugins
+        loader = checkpointable_loader_state(run.train_loader)
+        if loader is not None:
+            payload["loader"] = loader
         # In the background, the live tensors change under the write: it gets copies.
         return cpu_copy(payload) if self._writer is not None else payload
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import (
     IO,
+    TYPE_CHECKING,
     Any,
     BinaryIO,
     cast,
@@ -27,9 +27,11 @@ import attrs
 import torch
 
 from bz._logging import get_logger
+from bz.training.checkpoint.best import ranked, retained
 from bz.training.checkpoint.files import (
     FINAL_MODEL,
     FORMAT,
+    HASH,
     SIDECAR_SUFFIX,
     CheckpointPayload,
     Entry,
@@ -45,6 +47,10 @@ from bz.training.checkpoint.files import (
     verify,
 )
 from bz.training.checkpoint.lock import NO_LOCKS, RunLock
+from bz.training.checkpoint.sidecars import new_hasher, read_sidecar
+
+if TYPE_CHECKING:
+    from bz.config import KeepBest
 
 _log = get_logger("bz")
 
@@ -70,11 +76,12 @@ def fsync_folder(folder: Path) -> None:
 
 
 class _HashingWriter:
-    """A file that hashes what is written through it, so checksumming costs no re-read."""
+    """A file that hashes what is written through it, so checksumming costs no re-read
+    (:data:`~bz.training.checkpoint.files.HASH`, at memory speed)."""
 
     def __init__(self, file: BinaryIO) -> None:
         self.file = file
-        self.digest = hashlib.sha256()
+        self.digest = new_hasher(HASH)
         self.size = 0
 
     def write(self, data: bytes) -> int:
@@ -100,7 +107,7 @@ def _tmp_name(path: Path) -> Path:
 
 
 def write_tmp(path: Path, write: Callable[[_HashingWriter], None]) -> tuple[Path, int, str]:
-    """Write a temporary file beside ``path``, flushed and fsynced; its size and sha256."""
+    """Write a temporary file beside ``path``, flushed and fsynced; its size and checksum."""
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as file:
@@ -150,24 +157,29 @@ def atomic_save(payload: Mapping[str, Any], path: Path) -> Entry:
 
 def describe(payload: Mapping[str, Any], path: Path, size: int, digest: str) -> Entry:
     """The sidecar's description of ``payload`` written to ``path``."""
+    monitored = payload.get("monitored")
     return Entry(
         path=path,
-        sha256=digest,
+        digest=digest,
+        hash=HASH,
         size=size,
         signature=str(payload["signature"]),
         epoch=int(payload["epoch"]),
         batch=int(payload.get("batch", 0)),
         step=int(payload["global_step"]),
         stopped=bool(payload.get("stopped", False)),
+        monitor=monitored[0] if monitored else None,
+        value=monitored[1] if monitored else None,
     )
 
 
 def sidecar_text(entry: Entry) -> bytes:
     """The sidecar's bytes (see :func:`bz.training.checkpoint.files.read_entry`)."""
-    meta = {
+    meta: dict[str, Any] = {
         "bz": FORMAT,
         "file": entry.path.name,
-        "sha256": entry.sha256,
+        "hash": entry.hash,
+        "digest": entry.digest,
         "size": entry.size,
         "signature": entry.signature,
         "epoch": entry.epoch,
@@ -175,6 +187,9 @@ def sidecar_text(entry: Entry) -> bytes:
         "step": entry.step,
         "stopped": entry.stopped,
     }
+    if entry.monitor is not None:
+        meta["monitor"] = entry.monitor
+        meta["value"] = entry.value
     return json.dumps(meta, indent=1).encode("utf-8")
 
 
@@ -195,17 +210,16 @@ def remove_stray_files(folder: Path) -> None:
         elif name.endswith(SIDECAR_SUFFIX):
             target = path.with_name(name[: -len(SIDECAR_SUFFIX)])
             ours = _position(target) is not None or target.name == FINAL_MODEL
-            if ours and not target.exists() and _is_bz_sidecar(path):
+            if ours and not target.exists() and _describes(path, target):
                 with contextlib.suppress(OSError):
                     path.unlink()
 
 
-def _is_bz_sidecar(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("bz") == FORMAT
+def _describes(path: Path, target: Path) -> bool:
+    """Whether the sidecar ``path`` is bz's sidecar of ``target`` (anything else is junk,
+    left alone)."""
+    data = read_sidecar(path)
+    return data is not None and data.get("file") == target.name
 
 
 def writable_problem(folder: Path) -> str | None:
@@ -242,8 +256,9 @@ class CheckpointStore:
 
     folder: Path
     keep_last: int = 3
+    keep_best: KeepBest | None = None
     _lock: RunLock | None = attrs.field(default=None, init=False)
-    # Files checked in this process: name -> (size, mtime_ns, sha256). A file that has
+    # Files checked in this process: name -> (size, mtime_ns, checksum). A file that has
     # not changed since is not hashed again when pruning.
     _checked: dict[str, tuple[int, int, str]] = attrs.field(factory=dict, init=False)
 
@@ -290,11 +305,11 @@ class CheckpointStore:
         except OSError as exc:
             return f"cannot be read: {exc.strerror or exc}"
         known = self._checked.get(entry.path.name)
-        if known == (*stamp, entry.sha256):
+        if known == (*stamp, entry.digest):
             return None
         problem = verify(entry)
         if problem is None:
-            self._checked[entry.path.name] = (*stamp, entry.sha256)
+            self._checked[entry.path.name] = (*stamp, entry.digest)
         return problem
 
     def verified(self) -> list[Entry]:
@@ -364,7 +379,7 @@ class CheckpointStore:
         """Count a checkpoint just written (verified), then drop all but ``keep_last``."""
         path = entry.path
         with contextlib.suppress(OSError):
-            self._checked[path.name] = (*_stamp(path), entry.sha256)
+            self._checked[path.name] = (*_stamp(path), entry.digest)
         self.prune(keep=path)
 
     def save_final(self, payload: Mapping[str, Any]) -> Path:
@@ -374,14 +389,26 @@ class CheckpointStore:
         return path
 
     def prune(self, keep: Path) -> None:
-        """Delete all but the newest ``keep_last`` verified checkpoints (never ``keep``).
+        """Delete the verified checkpoints that are neither among the newest
+        ``keep_last`` nor among ``keep_best``'s best (never ``keep``).
 
         Files bz did not write, and checkpoints whose bytes no longer match, are neither
         counted nor deleted: junk can never push a good checkpoint out.
         """
-        others = [entry.path for entry in self.verified() if entry.path != keep]
-        for path in others[self.keep_last - 1 :]:
-            self.delete(path)
+        verified = self.verified()
+        # ``keep`` (just written) counts as the newest, whatever its name says.
+        entries = sorted(verified, key=lambda entry: entry.path != keep)
+        kept = {entry.path for entry in retained(entries, self.keep_last, self.keep_best)}
+        for entry in entries:
+            if entry.path != keep and entry.path not in kept:
+                self.delete(entry.path)
+
+    def best(self) -> Entry | None:
+        """The verified checkpoint ``keep_best`` ranks first, if any recorded its value."""
+        if self.keep_best is None:
+            return None
+        ranking = ranked(self.verified(), self.keep_best)
+        return ranking[0] if ranking else None
 
     def discard_all_but(self, keep: Path) -> int:
         """Delete every verified checkpoint except ``keep``, and the final model (a run

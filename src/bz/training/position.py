@@ -1,0 +1,286 @@
+"""Putting the training loader where an interrupted epoch left it, without re-reading.
+
+Resuming in the middle of an epoch needs the loader's next batch to be the one the
+interrupted run would have trained next, drawn from the same random state. How depends
+on the loader, from cheapest to dearest:
+
+* **Its own state** (torchdata's ``StatefulDataLoader``, or any loader with
+  ``state_dict()`` / ``load_state_dict()``): the state is saved in every checkpoint and
+  handed back before the epoch's ``iter()``; the loader positions itself.
+* **A map-style** ``DataLoader`` (any sampler: shuffled, sequential,
+  ``DistributedSampler``, a batch sampler; any ``num_workers``; ``drop_last``): the
+  iterator over the batch sampler is advanced past the batches already trained before
+  the first index reaches a worker. Only indices are drawn, exactly as the interrupted
+  run drew them (the sampler's random draws happen where they happened, after the
+  iterator's base seed), so nothing is fetched, collated or moved.
+* **Anything else** (an iterable dataset without state, a generator): the batches
+  already trained are drawn and dropped, with a progress line and the expected time.
+
+Workers (``num_workers > 0``): a worker's random state would depend on which batches it
+fetched before, which a repositioned loader never fetches. So bz seeds the workers'
+generators (torch, Python's, NumPy's) before every batch from the worker seed torch
+gives the epoch, the epoch and the batch's number: a batch's random augmentations are
+the same whichever worker fetches it and whatever it fetched before, in the
+uninterrupted run and the resumed one alike. (Not for a stateful loader, which keeps
+its workers as it likes, and not across a resume with ``persistent_workers``, whose
+seed comes from the epoch the workers started in.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from bz._errors import describe_exception
+from bz._logging import get_logger
+from bz.training.checkpoint.files import loadable_problem
+
+_log = get_logger("bz")
+_END = object()
+_REPLAY_REPORT_SECONDS = 10.0
+"""How often a replay that takes long says how far it is."""
+
+
+@runtime_checkable
+class StatefulLoader(Protocol):
+    """A loader that saves and restores its own position (torchdata's
+    ``StatefulDataLoader`` is one)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None: ...
+
+
+def loader_state(loader: Iterable[Any]) -> dict[str, Any] | None:
+    """What a checkpoint keeps of ``loader``: its ``state_dict()`` when it has one."""
+    if isinstance(loader, StatefulLoader):
+        return loader.state_dict()
+    return None
+
+
+def checkpointable_loader_state(loader: Iterable[Any]) -> dict[str, Any] | None:
+    """:func:`loader_state`, when a checkpoint can hold it (``weights_only``); a loader
+    whose ``state_dict()`` fails or holds anything else is reported and resumed by the
+    other means."""
+    try:
+        state = loader_state(loader)
+        problem = None if state is None else loadable_problem(state, "loader state_dict()")
+    except Exception as exc:  # the user's loader: reported, never fatal
+        state, problem = None, describe_exception(exc)
+    if problem is not None:
+        _log.warning("loader_state_skipped", error=problem)
+        return None
+    return state
+
+
+def epoch_batches(
+    loader: Iterable[Any],
+    *,
+    epoch: int,
+    skip: int = 0,
+    state: dict[str, Any] | None = None,
+    limit: int | None = None,
+) -> Iterator[Any]:
+    """The epoch's training batches, from batch ``skip`` on (``skip`` already trained).
+
+    ``state`` is the loader's saved ``state_dict()`` (a stateful loader), ``limit`` the
+    epoch's batch cap (``--smoke``), counted from the epoch's first batch. Every random
+    state the loader draws from must be the epoch's starting one when this is called.
+    """
+    if isinstance(loader, StatefulLoader):
+        # Left to itself: it saves and restores its own sampler's and workers' positions.
+        # A DataLoader's epoch starts where its sampler and random state say, so its own
+        # state matters only in the middle of an epoch (loaded at an epoch's end,
+        # torchdata's StatefulDataLoader would draw its base seed twice); a loader of
+        # another kind may carry anything across epochs (a stream's position, an epoch).
+        if state is not None and (skip or not isinstance(loader, DataLoader)):
+            loader.load_state_dict(state)
+            return _capped(iter(loader), limit, skip)
+    elif isinstance(loader, DataLoader) and _map_style(loader):
+        return _capped(_positioned(loader, skip, epoch), limit, skip)
+    iterator = iter(loader)
+    if skip:
+        _replay(iterator, skip, free=isinstance(loader, Sequence))
+    return _capped(iterator, limit, skip)
+
+
+def _capped(iterator: Iterator[Any], limit: int | None, skip: int) -> Iterator[Any]:
+    return iterator if limit is None else itertools.islice(iterator, max(limit - skip, 0))
+
+
+def _map_style(loader: DataLoader[Any]) -> bool:
+    # Batches by index (not an IterableDataset); with workers, bz must see each batch's
+    # indices to seed it (a batch sampler, the usual case with a batch_size).
+    if isinstance(loader.dataset, IterableDataset):
+        return False
+    return loader.num_workers == 0 or loader.batch_sampler is not None
+
+
+# -- map-style DataLoaders -------------------------------------------------------------
+
+
+class _Batch(list[Any]):
+    """One batch's indices, with the seed its worker draws its random numbers from."""
+
+    __slots__ = ("seed",)
+
+    def __init__(self, indices: Iterable[Any], seed: int) -> None:
+        super().__init__(indices)
+        self.seed = seed
+
+    def __reduce__(self) -> tuple[Any, ...]:  # sent to the workers through a queue
+        return _Batch, (list(self), self.seed)
+
+
+class _PositionedSampler:
+    """The loader's index sampler, started ``skip`` batches in; with workers, each
+    batch's indices carry the epoch and the batch's number (for :class:`_Seeded`)."""
+
+    def __init__(self, sampler: Iterable[Any], skip: int, epoch: int | None) -> None:
+        self.sampler = sampler
+        self.skip = skip
+        self.epoch = epoch
+        self._indices: Iterator[Any] = iter(())
+        self._primed = True  # until iter() starts an epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]  # the loader asks only when it has one
+
+    def __iter__(self) -> Iterator[Any]:
+        # iter() now, as the loader's iterator does before it draws its base seed; the
+        # batches already trained are drawn by prime(), right after that seed, which is
+        # where the interrupted run's first batch drew them (a RandomSampler draws its
+        # permutation's seed then).
+        self._indices = iter(self.sampler)
+        self._primed = False
+        return self._batches()
+
+    def prime(self) -> None:
+        """Draw the indices of the batches already trained (once)."""
+        if self._primed:
+            return
+        self._primed = True
+        for _ in range(self.skip):
+            if next(self._indices, _END) is _END:
+                return
+
+    def _batches(self) -> Iterator[Any]:
+        self.prime()
+        indices = self._indices
+        if self.epoch is None:
+            yield from indices
+            return
+        for number, batch in enumerate(indices, start=self.skip):
+            yield _Batch(batch, self.epoch * 1_000_003 + number)
+
+
+class _Seeded(torch.utils.data.Dataset[Any]):
+    """The loader's dataset, seeding a worker's generators before each batch it fetches."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[Any]) -> Any:
+        worker = get_worker_info()
+        seed = getattr(indices, "seed", None)
+        if worker is not None and seed is not None:
+            _seed_worker(worker.seed - worker.id, seed)
+        plain = list(indices)
+        fetch: Callable[[list[Any]], Any] | None = getattr(self.dataset, "__getitems__", None)
+        return fetch(plain) if fetch is not None else [self.dataset[i] for i in plain]
+
+
+def _seed_worker(base: int, batch: int) -> None:
+    seed = (base * 6_364_136_223_846_793_005 + batch) % 2**64
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+
+
+def _positioned(loader: DataLoader[Any], skip: int, epoch: int) -> Iterator[Any]:
+    """``iter(loader)`` with its index sampler started ``skip`` batches in.
+
+    A ``DataLoader`` forbids replacing its sampler or dataset once built, so they are
+    swapped for the one ``iter()`` (which is when its iterator copies them) and put
+    back; a persistent-workers iterator keeps its own copy, which is swapped likewise.
+    """
+    workers = loader.num_workers > 0
+    if skip == 0 and not workers:
+        return iter(loader)
+    name = "batch_sampler" if loader.batch_sampler is not None else "sampler"
+    original = getattr(loader, name)
+    sampler = _PositionedSampler(original, skip, epoch if workers else None)
+    dataset = loader.dataset
+    existing = getattr(loader, "_iterator", None)
+    reused = existing is not None and loader.persistent_workers  # workers of an earlier epoch
+    object.__setattr__(loader, name, sampler)
+    if workers and not reused:  # new workers: they get the dataset that seeds them
+        object.__setattr__(loader, "dataset", _Seeded(dataset))
+    if reused and existing is not None:
+        existing._index_sampler = sampler
+    try:
+        iterator = iter(loader)
+    finally:
+        object.__setattr__(loader, name, original)
+        object.__setattr__(loader, "dataset", dataset)
+    if getattr(iterator, "_index_sampler", None) is sampler:
+        iterator._index_sampler = original  # the next epoch starts at 0
+    sampler.prime()  # a single-process iterator has drawn no index yet
+    return iterator
+
+
+# -- everything else: replay ---------------------------------------------------------
+
+
+def _replay(iterator: Iterator[Any], count: int, *, free: bool) -> None:
+    """Draw and drop ``count`` batches, saying how long it takes (unless ``free``: a list
+    of batches in memory)."""
+    if free:
+        for _ in range(count):
+            if next(iterator, _END) is _END:
+                return
+        return
+    started = time.perf_counter()
+    reported = started
+    _log.info(
+        "resume_replaying",
+        batches=count,
+        hint="this loader cannot be repositioned (no state_dict(), not a map-style "
+        "DataLoader): the batches already trained are read again and dropped",
+    )
+    for done in range(1, count + 1):
+        if next(iterator, _END) is _END:
+            break
+        now = time.perf_counter()
+        per_batch = (now - started) / done
+        if done == 1:
+            _log.info(
+                "resume_replay_estimate",
+                batches=count,
+                expected_seconds=round(per_batch * count, 1),
+            )
+            reported = now
+        elif now - reported >= _REPLAY_REPORT_SECONDS:
+            _log.info(
+                "resume_replay_progress",
+                done=done,
+                batches=count,
+                remaining_seconds=round(per_batch * (count - done), 1),
+            )
+            reported = now
+    _log.info("resume_replayed", batches=count, seconds=round(time.perf_counter() - started, 3))

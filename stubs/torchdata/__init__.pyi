@@ -1,0 +1,1 @@
+# torchdata ships no type information; bz's tests use only its StatefulDataLoader.

@@ -1,0 +1,9 @@
+from typing import Any, TypeVar
+
+from torch.utils.data import DataLoader
+
+_T_co = TypeVar("_T_co", covariant=True)
+
+class StatefulDataLoader(DataLoader[_T_co]):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
