@@ -75,6 +75,8 @@ class EpochLoop:
     limit: int | None
     accumulate: int
     clip: GradientClip | None
+    norm_every: tuple[int, ...]
+    """Step intervals at which plugins asked for the gradient norm."""
     move_batches: bool
     # The loop's state (the context only ever shows copies of these).
     epoch: int
@@ -298,14 +300,17 @@ class EpochLoop:
         optimizer, scaler, clip = self.setup.optimizer, self.precision.scaler, self.clip
         if scaler is not None:
             scaler.unscale_(optimizer)
-        if clip is not None:
+        norm_due = self._norm_due()
+        if clip is not None or norm_due:
             parameters = [p for p in self.model.parameters() if p.grad is not None]
-            if clip.max_norm is not None:
-                self.context._gradient_norm = torch.nn.utils.clip_grad_norm_(
-                    parameters, clip.max_norm, clip.norm_type
-                )
-            elif clip.value is not None:
-                torch.nn.utils.clip_grad_value_(parameters, clip.value)
+            if clip is not None and clip.max_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, clip.norm_type)
+                self.context._gradient_norm = _whole(norm) if norm_due else norm
+            else:
+                if norm_due:  # before clipping by value, if that is asked for too
+                    self.context._gradient_norm = _whole(_total_norm(parameters))
+                if clip is not None and clip.value is not None:
+                    torch.nn.utils.clip_grad_value_(parameters, clip.value)
         self._hook("before_optimizer_step")
         if scaler is not None:
             scaler.step(optimizer)  # reads one flag back: GradScaler skips steps on overflow
@@ -313,6 +318,12 @@ class EpochLoop:
         else:
             optimizer.step()
         self.global_step += 1
+
+    def _norm_due(self) -> bool:
+        """Whether a plugin asked for the gradient norm of the step about to be taken
+        (``gradient_norm_every``; the same answer on every process)."""
+        step = self.global_step + 1
+        return any(step % every == 0 for every in self.norm_every)
 
     def _for_metrics(self, outputs: Any) -> Any:
         """Outputs as metrics take them: detached, and float32 under mixed precision."""
@@ -398,6 +409,22 @@ def capped(length: int | None, limit: int | None) -> int | None:
     if limit is None:
         return length
     return limit if length is None else min(length, limit)
+
+
+def _total_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all gradients together, on the device (no host read)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    # Older torch: clipping at infinity scales by exactly 1 and returns the norm.
+    return torch.nn.utils.clip_grad_norm_(parameters, float("inf"))
+
+
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    """A norm over FSDP's sharded gradients made whole (a collective every process
+    makes on the same steps), so that rank 0 alone can read it."""
+    full = getattr(norm, "full_tensor", None)
+    return full() if callable(full) else norm
 
 
 def _limited(iterator: Iterator[Any], limit: int | None) -> Iterator[Any]:
