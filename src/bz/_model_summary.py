@@ -83,23 +83,28 @@ def summarize(model: torch.nn.Module) -> ModelSummary:
 
 
 def format_count(count: int) -> str:
-    """``1234567`` as ``1.2M``: three significant digits, like the console's rates."""
+    """``1234567`` as ``1.23M``: three significant digits, like the console's rates."""
+    if count < 1000:
+        return str(count)
     value = float(count)
-    for unit in ("", "k", "M", "B"):
-        if abs(value) < 1000:
-            return f"{int(value)}" if unit == "" else f"{value:.3g}{unit}"
+    for unit in ("k", "M", "B"):
         value /= 1000
-    return f"{value:.3g}T"
+        text = f"{value:.3g}"
+        if float(text) < 1000:  # 999.7k is written 1M, not 1e+03k
+            return f"{text}{unit}"
+    return f"{value / 1000:.3g}T"
 
 
 def format_bytes(size: int) -> str:
-    """``size`` in B, KiB, MiB, GiB or TiB."""
+    """``size`` in B, KiB, MiB, GiB or TiB, one decimal."""
+    if size < 1024:
+        return f"{size} B"
     value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("KiB", "MiB", "GiB"):
         value /= 1024
-    return f"{value:.1f} TiB"
+        if round(value, 1) < 1024:  # 1023.97 KiB is written 1.0 MiB
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"
 
 
 def summary_lines(summary: ModelSummary, *, max_modules: int = 20) -> list[str]:

@@ -20,7 +20,7 @@ from bz.plugins.run_log import RunLog, RunLogConfig
 from bz.plugins.tensorboard import TensorBoard, TensorBoardConfig
 from bz.plugins.wandb_logger import Wandb
 
-INTEGRATIONS = ("tensorboard", "run_log", "wandb", "profiler", "optuna")
+INTEGRATIONS = ("tensorboard", "run_log", "wandb", "profiler", "optuna", "csv_logger", "mlflow")
 
 
 def test_each_plugin_is_installed_with_documented_options() -> None:

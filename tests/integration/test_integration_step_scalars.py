@@ -98,7 +98,7 @@ def test_every_logger_records_the_same_step_scalars(
 
 def test_several_parameter_groups_have_a_rate_each(tmp_path: Path) -> None:
     setup = tiny_setup()
-    first, second = setup.model[0], setup.model[2]
+    first, _, second = setup.model.children()
     optimizer = torch.optim.SGD(
         [
             {"params": first.parameters(), "lr": 0.1},

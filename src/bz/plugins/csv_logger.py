@@ -53,8 +53,7 @@ class CsvLoggerConfig:
     log_dir: str | None = None
     """Folder for ``metrics.csv``; default: the run directory (``runs/<timestamp>``)."""
     step_interval: int | None = attrs.field(default=None, validator=at_least(1))
-    """Also write a row every this many optimizer steps: batch loss, gradient norm and
-    learning rate (host reads on those steps only; null: never)."""
+    """Also write a row of batch loss, gradient norm and learning rate every N steps."""
 
 
 def _cell(value: float | int | str) -> str:

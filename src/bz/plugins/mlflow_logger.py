@@ -64,11 +64,9 @@ class MlflowConfig:
     """Options of ``mlflow``."""
 
     tracking_uri: str | None = None
-    """Tracking server or store (``http://host:5000``, ``sqlite:///mlflow.db``);
-    default: MLflow's own (``MLFLOW_TRACKING_URI``, else its local default)."""
+    """Tracking server or store URI; default: MLflow's own (``MLFLOW_TRACKING_URI`` first)."""
     experiment_name: str | None = None
-    """Experiment of the run, created if missing; default: ``MLFLOW_EXPERIMENT_NAME``,
-    else MLflow's ``Default`` experiment."""
+    """Experiment (created if missing); default: ``MLFLOW_EXPERIMENT_NAME``, else ``Default``."""
     run_name: str | None = None
     """Name of the MLflow run (default: MLflow picks one)."""
     tags: dict[str, str] = attrs.field(factory=dict)
@@ -76,8 +74,7 @@ class MlflowConfig:
     log_model: bool = False
     """Log the weights the run ended with as the artifact ``model.pt``."""
     step_interval: int | None = attrs.field(default=None, validator=at_least(1))
-    """Also log the batch loss, gradient norm and learning rate every this many
-    optimizer steps (host reads on those steps only; null: never)."""
+    """Also log the batch loss, gradient norm and learning rate every N steps (null: never)."""
 
 
 def safe_key(key: str) -> str:
@@ -114,8 +111,7 @@ def run_params(context: PluginContext, limit: int = MAX_VALUE_LENGTH) -> dict[st
 
 
 class Mlflow:
-    """Logs params, per-epoch scalars and, if asked, the final weights to MLflow; rank 0
-    only.
+    """Logs params, per-epoch scalars and the final weights to MLflow; rank 0 only.
 
     Other ranks of a distributed run create no MLflow run.
     """

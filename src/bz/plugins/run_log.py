@@ -61,8 +61,7 @@ class RunLogConfig:
     log_dir: str | None = None
     """Folder for ``run_log.jsonl``; default: the run directory (``runs/<timestamp>``)."""
     step_interval: int | None = attrs.field(default=None, validator=at_least(1))
-    """Also log the batch loss, gradient norm and learning rate every this many steps
-    (one host sync each; null: never)."""
+    """Also log the batch loss, gradient norm and learning rate every N steps (null: never)."""
 
 
 def json_safe(value: Any) -> Any:

@@ -46,8 +46,7 @@ class TensorBoardConfig:
     flush_secs: float = attrs.field(default=30.0, validator=at_least(0.0))
     """Seconds between flushes of pending events to disk (always flushed at the end)."""
     step_interval: int | None = attrs.field(default=None, validator=at_least(1))
-    """Also write the batch loss, gradient norm and learning rate every this many
-    optimizer steps (host reads on those steps only; null: never)."""
+    """Also log the batch loss, gradient norm and learning rate every N steps (null: never)."""
 
 
 class TensorBoard:

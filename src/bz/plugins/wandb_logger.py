@@ -57,8 +57,7 @@ class WandbConfig:
     dir: str | None = None
     """Where W&B keeps its local files (default: ``$WANDB_DIR``, else the run directory)."""
     step_interval: int | None = attrs.field(default=None, validator=at_least(1))
-    """Also log the batch loss, gradient norm and learning rate every this many
-    optimizer steps (host reads on those steps only; null: never)."""
+    """Also log the batch loss, gradient norm and learning rate every N steps (null: never)."""
 
 
 class Wandb:
