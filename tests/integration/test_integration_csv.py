@@ -159,3 +159,24 @@ def test_rows_after_the_checkpoint_are_dropped_even_with_new_columns(tmp_path: P
     table = _table(path)
     assert list(table["step"]) == [1, 2]
     assert "time/epoch_seconds" in table.columns  # the header stays as wide as it became
+
+
+class _FailsInSecondEpoch:
+    """A plugin that fails at the end of the second epoch (after csv_logger wrote it)."""
+
+    name = "fails"
+
+    def end_epoch(self, context: bz.plugins.PluginContext) -> None:
+        if context.epoch == 1:
+            raise RuntimeError("plugin bug")
+
+
+def test_a_rewound_epoch_is_written_once(tmp_path: Path) -> None:
+    def rows(folder: Path, plugins: list[bz.plugins.NamedPlugin]) -> list[tuple[str, int, int]]:
+        logger = CsvLogger(CsvLoggerConfig(log_dir=str(folder), step_interval=2))
+        config = run_config(epochs=3, plugin_errors="rewind")
+        bz.Trainer().fit(tiny_setup(), config, [logger, *plugins])
+        table = _table(folder / "metrics.csv")
+        return list(zip(table["kind"], table["epoch"], table["step"], strict=True))
+
+    assert rows(tmp_path / "rewound", [_FailsInSecondEpoch()]) == rows(tmp_path / "plain", [])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from tests._integration_support import fails_in_second_epoch, run_config, tiny_s
 import bz
 from bz.plugins import PluginContext
 from bz.plugins.mlflow_logger import Mlflow, MlflowConfig, safe_key
+from bz.testing import count_host_reads
+from bz.testing import tiny_setup as sized_setup
 
 
 @pytest.fixture(autouse=True)
@@ -254,3 +257,21 @@ def test_a_run_logged_to_an_mlflow_server(tmp_path: Path) -> None:
         logged = [value for _, value in _history(client, run, "loss/training")]
         assert logged == pytest.approx([r.training_loss for r in result.history])
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["model.pt"]
+
+
+def _reads(store: str, batches: int, interval: int) -> Counter[str]:
+    plugin = Mlflow(
+        MlflowConfig(tracking_uri=store, experiment_name="reads", step_interval=interval)
+    )
+    counter: Counter[str] = Counter()
+    with count_host_reads(counter):
+        bz.Trainer().fit(sized_setup(batches=batches), run_config(epochs=2, metrics=[]), [plugin])
+    return counter
+
+
+def test_no_host_read_on_the_steps_nothing_is_logged(store: str) -> None:
+    never = _reads(store, 16, interval=1000)
+    assert _reads(store, 8, interval=1000) == never
+    # 8 of the 32 steps logged, each one read of the loss and one of the gradient norm.
+    extra = _reads(store, 16, interval=4) - never
+    assert sum(extra.values()) == 8 * 2
