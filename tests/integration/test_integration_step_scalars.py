@@ -197,3 +197,28 @@ def test_a_step_is_due_once_on_the_batch_that_took_it(
             due.append(context.global_step)
     taken = range(start + 1, start + batches // accumulate + 1)
     assert due == [step for step in taken if step % interval == 0]
+
+
+@pytest.mark.slow
+def test_fsdp_logs_the_same_gradient_norm_as_ddp(tmp_path: Path) -> None:
+    # Two processes each: under FSDP the norm is over sharded gradients, made whole on
+    # every process on the logged steps (a collective that must not hang rank 0).
+    from tests.integration.test_fsdp import make_project, train
+
+    logger = {"csv_logger": {"step_interval": 3, "log_dir": "csv"}}
+    norms = {}
+    for strategy in ("fsdp", "ddp"):
+        folder = tmp_path / strategy
+        env = make_project(
+            folder,
+            plugins=["fsdp_probe", logger],
+            distributed={"strategy": strategy},
+            checkpoint_every_steps=None,
+            epochs=1,
+        )
+        done, _ = train(folder, env)
+        assert done.returncode == 0, done.stderr
+        table = pandas.read_csv(folder / "csv" / "metrics.csv").query("kind == 'step'")
+        norms[strategy] = list(table["step/grad_norm"])
+    assert len(norms["ddp"]) >= 3
+    assert norms["fsdp"] == pytest.approx(norms["ddp"], rel=1e-4)
