@@ -300,17 +300,17 @@ class EpochLoop:
         optimizer, scaler, clip = self.setup.optimizer, self.precision.scaler, self.clip
         if scaler is not None:
             scaler.unscale_(optimizer)
-        norm_due = self._norm_due()
-        if clip is not None or norm_due:
+        asked = self._asked_norm()  # before clipping
+        if clip is not None:
             parameters = [p for p in self.model.parameters() if p.grad is not None]
-            if clip is not None and clip.max_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, clip.norm_type)
-                self.context._gradient_norm = _whole(norm) if norm_due else norm
-            else:
-                if norm_due:  # before clipping by value, if that is asked for too
-                    self.context._gradient_norm = _whole(_total_norm(parameters))
-                if clip is not None and clip.value is not None:
-                    torch.nn.utils.clip_grad_value_(parameters, clip.value)
+            if clip.max_norm is not None:
+                self.context._gradient_norm = torch.nn.utils.clip_grad_norm_(
+                    parameters, clip.max_norm, clip.norm_type
+                )
+            elif clip.value is not None:
+                torch.nn.utils.clip_grad_value_(parameters, clip.value)
+        if asked is not None:
+            self.context._gradient_norm = asked
         self._hook("before_optimizer_step")
         if scaler is not None:
             scaler.step(optimizer)  # reads one flag back: GradScaler skips steps on overflow
@@ -319,11 +319,16 @@ class EpochLoop:
             optimizer.step()
         self.global_step += 1
 
-    def _norm_due(self) -> bool:
-        """Whether a plugin asked for the gradient norm of the step about to be taken
-        (``gradient_norm_every``; the same answer on every process)."""
+    def _asked_norm(self) -> torch.Tensor | None:
+        """The total gradient norm, on the device, when a plugin asked for this step's
+        (``gradient_norm_every``: every process computes it on the same steps)."""
         step = self.global_step + 1
-        return any(step % every == 0 for every in self.norm_every)
+        if not any(step % every == 0 for every in self.norm_every):
+            return None
+        clip = self.clip
+        norm_type = clip.norm_type if clip is not None and clip.max_norm is not None else 2.0
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return _whole(_total_norm(grads, norm_type))
 
     def _for_metrics(self, outputs: Any) -> Any:
         """Outputs as metrics take them: detached, and float32 under mixed precision."""
@@ -411,13 +416,15 @@ def capped(length: int | None, limit: int | None) -> int | None:
     return limit if length is None else min(length, limit)
 
 
-def _total_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The 2-norm of all gradients together, on the device (no host read)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The norm of all gradients together, on the device (no host read)."""
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads)
-    # Older torch: clipping at infinity scales by exactly 1 and returns the norm.
-    return torch.nn.utils.clip_grad_norm_(parameters, float("inf"))
+        return torch.nn.utils.get_total_norm(grads, norm_type)
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(grad, norm_type) for grad in grads]
+    total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    return total
 
 
 def _whole(norm: torch.Tensor) -> torch.Tensor:
