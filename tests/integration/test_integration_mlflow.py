@@ -194,11 +194,18 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(folder: Path, timeout: float = 120.0) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1, stopped (and waited for) however the test ends."""
+def _server(folder: Path, timeout: float = 120.0, lifetime: float = 600.0) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1, stopped (and waited for) however the test ends.
+
+    It runs under ``timeout``, in a process group of its own that ``timeout`` ends after
+    ``lifetime`` seconds: a test process that dies first leaves no server behind.
+    """
     port = _free_port()
     log = (folder / "server.log").open("wb")
     command = [
+        "timeout",
+        "--kill-after=10",
+        str(int(lifetime)),
         sys.executable,
         "-m",
         "mlflow",
@@ -214,9 +221,7 @@ def _server(folder: Path, timeout: float = 120.0) -> Iterator[str]:
         "--artifacts-destination",
         str(folder / "artifacts"),
     ]
-    server = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ
-    )
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -237,7 +242,8 @@ def _server(folder: Path, timeout: float = 120.0) -> Iterator[str]:
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
 
