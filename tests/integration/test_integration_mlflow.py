@@ -194,7 +194,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(folder: Path, timeout: float = 120.0, lifetime: float = 600.0) -> Iterator[str]:
+def _server(folder: Path, timeout: float = 300.0, lifetime: float = 900.0) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1, stopped (and waited for) however the test ends.
 
     It runs under ``timeout``, in a process group of its own that ``timeout`` ends after
@@ -233,7 +233,10 @@ def _server(folder: Path, timeout: float = 120.0, lifetime: float = 600.0) -> It
                         break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "mlflow server did not start"
+            if time.monotonic() > deadline:
+                log.flush()
+                output = (folder / "server.log").read_text(errors="replace")
+                pytest.fail(f"mlflow server did not answer in {timeout:.0f} s:\n{output}")
             time.sleep(0.5)
         yield url
     finally:
