@@ -141,7 +141,7 @@ def run(
     ignores the step and time limits: a quick check that a run would start.
     """
     from bz._setup import call_setup
-    from bz.training.device import seed_everything
+    from bz.training.device import request_cublas_determinism, seed_everything
     from bz.training.trainer import fit_seeded
 
     run_config, base, metrics, setup_function, plugins = _prepare(
@@ -150,6 +150,8 @@ def run(
     script = base / run_config.train_script
     if run_config.seed is not None:
         seed_everything(run_config.seed)
+    if run_config.deterministic:  # cuBLAS reads it once: before setup() can use CUDA
+        request_cublas_determinism()
     setup = call_setup(setup_function, run_config, script)
     _log.info(
         "training_started",

@@ -232,6 +232,16 @@ class RunConfig:
     checkpoint_async: bool = False
     """Write checkpoints in the background (one at a time): training goes on while the
     previous checkpoint reaches the disk; the run ends only once the last one has."""
+    check_finite: Literal["epoch", "step"] = "epoch"
+    """When a non-finite training loss stops the run: ``epoch`` (read from the epoch's
+    loss sum, no extra host read); ``step``: at the first batch whose loss (or gradient
+    norm, when clipping computes one) is ``nan`` or infinite, before its optimizer step
+    and any checkpoint of it (one host read per batch)."""
+    deterministic: bool = False
+    """Deterministic kernels only (``torch.use_deterministic_algorithms``, cuDNN's
+    deterministic mode without benchmarking, ``CUBLAS_WORKSPACE_CONFIG``): the same
+    seed gives the same weights on the same machine, often slower; an op without a
+    deterministic kernel stops the run."""
 
     def __attrs_post_init__(self) -> None:
         # In Python, a value of the wrong type is refused here, not deep in training.

@@ -3,7 +3,9 @@
 ``bz check-config`` on plugins that cannot be imported or created, seeds torch cannot
 take, a model on the meta device, an unusable ``--device`` (found before ``setup()``
 runs), a bad config with ``--nproc-per-node`` (found once, before any process starts),
-an empty training loader; a non-finite training loss (exit 1, naming the epoch); and
+an empty training loader; a non-finite training loss (exit 1, naming the epoch, or with
+``check_finite: "step"`` the step and batch); an op without a deterministic kernel under
+``deterministic: true`` (exit 1); and
 ``early_stopping`` on a NaN monitor.
 """
 
@@ -226,9 +228,41 @@ def test_a_non_finite_training_loss_stops_the_run_naming_the_epoch(tmp_path: Pat
     result, events = _bz("train", "--config", str(config))
     assert result.exit_code == 1
     line = _one_error_line(result)
-    assert "epoch 0" in line
+    assert "in epoch 1:" in line
     assert "non-finite" in line
     assert not [e for e in events if e["event"] == "epoch_finished"]
+
+
+def test_check_finite_step_stops_at_the_first_non_finite_batch(tmp_path: Path) -> None:
+    config = _project(tmp_path, _NAN_TRAIN_PY, epochs=5)
+    args = ["train", "--config", str(config), "--set", "check_finite=step"]
+    result, _ = _bz(*args)
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert "the training loss is" in line
+    assert "at step 2 (epoch 1, batch index 1)" in line
+
+
+_PUT_TRAIN_PY = TINY_TRAIN_PY.replace(
+    "def setup(config: bz.RunConfig) -> bz.TrainingSetup:",
+    """class Put(nn.Module):  # Tensor.put_ has no deterministic kernel on the CPU
+    def forward(self, x):
+        return x + torch.zeros(x.numel()).put_(torch.tensor([0]), torch.tensor([1.0])).view_as(x)
+
+
+def setup(config: bz.RunConfig) -> bz.TrainingSetup:""",
+).replace("nn.Linear(8, 2))", "nn.Linear(8, 2), Put())")
+
+
+def test_deterministic_with_an_op_that_has_no_deterministic_kernel_is_one_line(
+    tmp_path: Path,
+) -> None:
+    config = _project(tmp_path, _PUT_TRAIN_PY)
+    result, _ = _bz("train", "--config", str(config), "--set", "deterministic=true")
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert '"deterministic": true, but put_ has no deterministic implementation' in line
+    assert _bz("train", "--config", str(config))[0].exit_code == 0
 
 
 def test_early_stopping_counts_a_nan_monitor_as_no_improvement() -> None:

@@ -119,3 +119,33 @@ def test_killed_three_ways_and_resumed_ends_bit_identical(tmp_path: Path) -> Non
 
     _finish(clean, 0)
     assert_same_weights(_final(folder), _final(clean_folder))
+
+
+@pytest.mark.slow
+def test_ema_killed_mid_epoch_resumes_to_the_same_average(tmp_path: Path) -> None:
+    # The average is the ema plugin's state: written with each checkpoint, continued
+    # after kill -9 from the last one; model.pt (apply_at_end) and the last checkpoint's
+    # average match a run never interrupted, bit for bit.
+    ema = {"decay": 0.9, "validate_with_ema": True, "apply_at_end": True}
+    changes = {"epochs": 3, "checkpoint_every_steps": 4, "plugins": [{"ema": ema}]}
+    clean_folder, folder = _project(tmp_path / "clean"), _project(tmp_path / "interrupted")
+    for project in (clean_folder, folder):
+        config = json.loads((project / "bzconfig.json").read_text())
+        (project / "bzconfig.json").write_text(json.dumps({**config, **changes}))
+    clean = _start(clean_folder)
+    kill_step = BATCHES_PER_EPOCH + 3  # epoch 2, one step after the checkpoint at step 8
+    _finish(_start(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)), -9)
+    output = _finish(_start(folder), 0)
+    assert _events(output, "resumed")[0]["step"] == 8
+    _finish(clean, 0)
+
+    def finished(project: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        (run_dir,) = (project / ".bz" / "checkpoints").iterdir()
+        last = torch.load(run_dir / "epoch-0003.pt", weights_only=True)
+        final = torch.load(run_dir / "model.pt", weights_only=True)
+        return last["plugins"]["ema"]["weights"], final["model"]
+
+    (average, model), (clean_average, clean_model) = finished(folder), finished(clean_folder)
+    assert_same_weights(average, clean_average)
+    assert_same_weights(model, clean_model)
+    assert all(torch.equal(model[name], value) for name, value in average.items())

@@ -178,6 +178,16 @@ PROBES = textwrap.dedent(
         def end_epoch(self, context):
             if context.rank == 1 and context.epoch == 1:
                 os.kill(os.getpid(), 9)
+
+
+    class PoisonsRankOne:
+        name = "poisons_rank_one"
+        every_rank = True
+
+        def after_backward(self, context):
+            # After DDP's all-reduce: only rank 1's gradients (and norm) are nan.
+            if context.rank == 1 and context.global_step == 6:
+                next(context.model.parameters()).grad.fill_(float("nan"))
     """
 )
 
@@ -201,6 +211,7 @@ def make_project(folder: Path, config: dict[str, Any]) -> dict[str, str]:
         "StopsMidEpochOnRankOne",
         "SlowSteps",
         "KillsRankOne",
+        "PoisonsRankOne",
     ]
     lines = [f"{_snake(n)} = bz_probes:{n}" for n in names]
     (info / "entry_points.txt").write_text("[bz.plugins]\n" + "\n".join(lines) + "\n")
@@ -357,6 +368,27 @@ def test_a_killed_process_ends_the_job_with_a_clear_message(tmp_path: Path) -> N
     assert done.returncode == 1
     assert "bz: error: process rank 1 exited with code -9 (killed by SIGKILL)" in done.stderr
     assert "Traceback" not in done.stderr.split("bz: error:")[-1]
+
+
+@pytest.mark.slow
+def test_check_finite_step_stops_every_process_at_the_same_batch(tmp_path: Path) -> None:
+    config = {
+        "epochs": 3,
+        "hyperparameters": {"batch_size": 8},  # 6 steps an epoch
+        "plugins": ["poisons_rank_one"],
+        "check_finite": "step",
+        "gradient_clip": {"max_norm": 100.0},
+        "checkpoint_every_steps": 2,
+    }
+    done = launch(tmp_path, make_project(tmp_path, config))
+    assert done.returncode == 1
+    assert (
+        "bz: error: the gradient norm is nan in one of the processes at step 7 "
+        "(epoch 2, batch index 0): stopped before the optimizer update" in done.stderr
+    )
+    (run_dir,) = (tmp_path / ".bz" / "checkpoints").iterdir()
+    steps = [torch.load(p, weights_only=True)["global_step"] for p in run_dir.glob("*.pt")]
+    assert max(steps) == 6
 
 
 def _final_model(folder: Path, epochs: int) -> dict[str, torch.Tensor]:

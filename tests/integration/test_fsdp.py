@@ -213,6 +213,27 @@ def test_fsdp_trains_like_ddp_with_half_the_parameters_on_each_process(
 
 
 @pytest.mark.slow
+def test_ema_averages_like_ddp_and_validates_on_the_average(tmp_path: Path) -> None:
+    # Each FSDP process averages its shards; DDP's processes each the whole model. The
+    # validation losses (on the average) and model.pt (the average) agree.
+    ema = {"ema": {"decay": 0.9, "validate_with_ema": True, "apply_at_end": True}}
+    results = {}
+    for strategy in ("fsdp", "ddp"):
+        folder = tmp_path / strategy
+        env = make_project(folder, plugins=[ema], distributed={"strategy": strategy})
+        done, events = train(folder, env)
+        assert done.returncode == 0, done.stderr
+        assert not [e for e in events if e["event"] == "plugin_failed"]
+        results[strategy] = (epochs(events), final_weights(folder))
+    (fsdp, fsdp_model), (ddp, ddp_model) = results["fsdp"], results["ddp"]
+    for epoch, expected in ddp.items():
+        got = fsdp[epoch]["validation_loss"]
+        assert got == pytest.approx(expected["validation_loss"], rel=1e-5)
+    for key, value in ddp_model.items():
+        torch.testing.assert_close(fsdp_model[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_sigterm_and_kill_9_in_a_background_write_then_resume_end_like_no_interruption(
     reference: Reference, tmp_path: Path
 ) -> None:

@@ -4,8 +4,9 @@ A model with nested blocks of one class (at two depths), buffers, a frozen layer
 scheduler, trained by two processes with ``early_stopping`` keeping its best weights:
 those weights are sharded (``DTensor``s) on every process, and a checkpoint must hold
 them whole, or a resumed run restores rank 0's shard on every process. Also: a
-single-file checkpoint (one process, DDP) resumed by two FSDP processes; tied weights;
-and the processes of a launcher killed with SIGKILL stopping instead of training on.
+single-file checkpoint (one process, DDP) resumed by two FSDP processes; ``ema``'s
+sharded average; tied weights; and the processes of a launcher killed with SIGKILL
+stopping instead of training on.
 """
 
 from __future__ import annotations
@@ -137,6 +138,32 @@ def test_best_weights_kept_by_early_stopping_survive_a_sharded_resume(tmp_path: 
     whole = final.state_dict()
     for key, value in expected.state_dict().items():
         assert torch.equal(whole[key], value), f"{key} is not the best epoch's"
+
+
+def test_ema_shards_resume_exactly(tmp_path: Path) -> None:
+    # Under FSDP each process averages its own shards; checkpoints hold the average
+    # whole and a resumed run shards it again. model.pt holds the average.
+    ema = {"ema": {"decay": 0.9, "validate_with_ema": True, "apply_at_end": True}}
+    whole = project(tmp_path / "whole", plugins=[ema])
+    train(whole)
+    split = project(tmp_path / "split", plugins=[ema], epochs=2)
+    train(split)
+    events = train(split, "--epochs", "4")
+    assert [e for e in events if e["event"] == "resumed"]
+    assert not [e for e in events if e["event"] == "plugin_failed"]
+
+    def final(folder: Path) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = torch.load(
+            run_dir(folder) / "model.pt", weights_only=True
+        )["model"]
+        return state
+
+    resumed, reference = final(split), final(whole)
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), f"{key} differs after the resume"
+    trained = net(whole)
+    load_model_shards(run_dir(whole) / "epoch-0004.dcp", trained)
+    assert not torch.equal(trained.state_dict()["head.weight"], reference["head.weight"])
 
 
 def test_a_single_file_checkpoint_resumes_on_two_fsdp_processes(tmp_path: Path) -> None:

@@ -318,3 +318,19 @@ def test_schema_accepts_what_bz_accepts(timer: Packages) -> None:
         "metrics": ["accuracy", {"top_k_accuracy": {"k": 3}}],
     }
     assert schema_errors(config, bzconfig_schema()) == []
+
+
+def test_ema_shows_its_options_with_their_bounds() -> None:
+    result = invoke("--verbose", "ema")
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "  stateful:     yes (saved in checkpoints)" in text
+    for option in (
+        "decay: number (default 0.999",
+        "warmup: boolean (default true)",
+        "every_n_steps: integer (default 1",
+        "validate_with_ema: boolean (default false)",
+        "apply_at_end: boolean (default false)",
+    ):
+        assert f"    {option}" in text, option
+    assert "(1 + n) / (10 + n)" in text

@@ -222,3 +222,30 @@ def test_bad_fsdp_settings_are_config_errors_naming_the_key(table: dict[str, Any
     (path, _message), *_ = caught.value.problems
     assert path.startswith("distributed.")
     assert path.split(".")[-1].split("[")[0] in {"strategy", "shard_modules", "offload_to_cpu"}
+
+
+@given(st.text(max_size=8) | st.integers() | st.booleans() | st.none())
+@settings(max_examples=100, deadline=None)
+def test_check_finite_is_epoch_or_step_and_nothing_else(value: Any) -> None:
+    if value in ("epoch", "step") and isinstance(value, str):
+        assert structure({"check_finite": value}, RunConfig).check_finite == value
+        return
+    with pytest.raises(ConfigError) as caught:
+        structure({"check_finite": value}, RunConfig)
+    assert [path for path, _ in caught.value.problems] == ["check_finite"]
+
+
+@given(json_values)
+@settings(max_examples=100, deadline=None)
+def test_deterministic_takes_only_a_boolean(value: Any) -> None:
+    if isinstance(value, bool):
+        assert structure({"deterministic": value}, RunConfig).deterministic is value
+        return
+    with pytest.raises(ConfigError) as caught:
+        structure({"deterministic": value}, RunConfig)
+    assert [path for path, _ in caught.value.problems] == ["deterministic"]
+
+
+def test_check_finite_and_deterministic_default_to_todays_behaviour() -> None:
+    config = RunConfig()
+    assert (config.check_finite, config.deterministic) == ("epoch", False)

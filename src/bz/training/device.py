@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from bz._errors import UsageError
+from bz._errors import TrainingError, UsageError, training_context
+from bz._logging import get_logger
+
+_log = get_logger("bz")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,6 +48,78 @@ def seed_everything(seed: int) -> None:
     except ImportError:
         return
     numpy.random.seed(seed % 2**32)
+
+
+CUBLAS_WORKSPACE = ":4096:8"
+"""What ``CUBLAS_WORKSPACE_CONFIG`` is set to (when unset) by ``deterministic: true``:
+cuBLAS's deterministic setting with eight 4 MiB workspaces per stream (NVIDIA's)."""
+
+_NO_DETERMINISTIC_KERNEL = re.compile(r"^(\S+) does not have a deterministic implementation")
+
+
+def request_cublas_determinism() -> None:
+    """Set ``CUBLAS_WORKSPACE_CONFIG`` (unless set) for ``deterministic: true``.
+
+    cuBLAS reads it when CUDA first uses it: ``bz train`` calls this before ``setup()``
+    builds the model. Called later, after CUDA is in use, it may come too late; a
+    warning says so.
+    """
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        return
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    if _cuda_initialized():
+        _log.warning(
+            "deterministic_cublas_late",
+            hint="CUDA was initialised before deterministic mode set "
+            f"CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE}; set it in the environment "
+            "before starting the program",
+        )
+
+
+def _cuda_initialized() -> bool:
+    # torch.cuda.is_initialized carries no annotations; it returns a bool.
+    check: Callable[[], bool] = torch.cuda.is_initialized
+    return check()
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels only, inside the block (``RunConfig.deterministic``).
+
+    ``torch.use_deterministic_algorithms(True)``, cuDNN's deterministic mode and no
+    cuDNN benchmarking, and ``CUBLAS_WORKSPACE_CONFIG``; the previous settings come back
+    afterwards (the environment variable stays). An op without a deterministic kernel
+    raises a :class:`~bz.TrainingError` (exit 1), one line naming it; torch's error is
+    its ``__cause__``.
+    """
+    if not enabled:
+        yield
+        return
+    request_cublas_determinism()
+    cudnn = torch.backends.cudnn
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.deterministic,
+        cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    except RuntimeError as exc:
+        found = _NO_DETERMINISTIC_KERNEL.match(str(exc))
+        if found is None:
+            raise
+        where = training_context(exc)
+        raise TrainingError(
+            (f"{where}: " if where else "")
+            + f'"deterministic": true, but {found.group(1)} has no deterministic '
+            "implementation on this device; replace that op, or set deterministic to false"
+        ) from exc
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -31,6 +31,7 @@ from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
 from bz.training.device import sample_count, to_device, unpack
 from bz.training.evaluate import ValidationPass, for_metrics, limited
+from bz.training.guards import check_step
 from bz.training.result import EpochRecord
 from bz.training.state import ResumePoint, RunParts, Totals
 
@@ -230,9 +231,11 @@ class EpochLoop(RunParts):
         ctx.outputs, ctx.loss = outputs, loss
         hook("after_backward")
         if steps:
-            self._optimizer_step()
+            self._optimizer_step(loss)
             state.micro = 0
         else:
+            if self.config.check_finite == "step":
+                self._check_finite(loss, None)
             state.micro += 1
         detached = loss.detach()
         train.loss.add(detached, samples)
@@ -242,6 +245,16 @@ class EpochLoop(RunParts):
         ctx.last_loss = detached
         hook("end_training_batch")
         ctx.batch = ctx.outputs = ctx.loss = ctx._gradient_norm = None
+
+    def _check_finite(self, loss: torch.Tensor | None, norm: torch.Tensor | None) -> None:
+        check_step(
+            loss,
+            norm,
+            step=self.state.global_step + 1,
+            epoch=self.state.epoch + 1,
+            batch_index=self.state.batch_index,
+            across_processes=self.topology.distributed,
+        )
 
     def _group_size(self, index: int) -> int:
         """Batches in the accumulation group of batch ``index``; an epoch's last group may
@@ -254,8 +267,10 @@ class EpochLoop(RunParts):
             return accumulate
         return min(accumulate, batches - index + self.state.micro)
 
-    def _optimizer_step(self) -> None:
-        """Unscale, clip, ``before_optimizer_step``, step: once per accumulation group."""
+    def _optimizer_step(self, loss: torch.Tensor | None = None) -> None:
+        """Unscale, clip, (``check_finite: "step"``), ``before_optimizer_step``, step: once
+        per accumulation group. ``loss``: the group's last batch's (None after a loader
+        without a length ended inside a group: its batches were checked one by one)."""
         optimizer, scaler, clip = self.setup.optimizer, self.precision.scaler, self.clip
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -270,6 +285,9 @@ class EpochLoop(RunParts):
                 torch.nn.utils.clip_grad_value_(parameters, clip.value)
         if asked is not None:
             self.context._gradient_norm = asked
+        if self.config.check_finite == "step":
+            # Under a gradient scaler an infinite norm is an overflow the scaler skips.
+            self._check_finite(loss, self.context._gradient_norm if scaler is None else None)
         self._hook("before_optimizer_step")
         if scaler is not None:
             scaler.step(optimizer)  # reads one flag back: GradScaler skips steps on overflow

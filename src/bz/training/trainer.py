@@ -14,7 +14,7 @@ from bz._model_summary import summarize
 from bz.config import RunConfig
 from bz.plugins._loader import plugin_set
 from bz.plugins._sandbox import PluginSet
-from bz.training.device import seed_everything
+from bz.training.device import deterministic_algorithms, seed_everything
 from bz.training.interrupts import TrainingInterrupted
 from bz.training.loop import Run
 from bz.training.result import EpochRecord, FitResult
@@ -111,7 +111,8 @@ def fit_seeded(
     try:
         all_metrics = {**metrics, **setup.metrics}
         run = Run(setup, config, plugins, all_metrics, folder, limit_batches=limit_batches)
-        result = run.fit()
+        with deterministic_algorithms(config.deterministic):
+            result = run.fit()
     except TrainingInterrupted as exc:
         _log.warning(
             "run_finished",
