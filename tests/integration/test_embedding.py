@@ -145,7 +145,9 @@ def test_without_structlog_configured_events_are_records_with_fields(
     assert started.name == "bz"
     assert started.levelno == logging.INFO
     assert getattr(started, "epochs") == 1  # noqa: B009  # a field set through `extra`
-    assert started.bz == {  # type: ignore[attr-defined]  # set through `extra`
+    fields = dict(started.bz)  # type: ignore[attr-defined]  # set through `extra`
+    assert fields.pop("model")["parameters"] == 58  # the model's summary
+    assert fields == {
         "event": "run_started",
         "epochs": 1,
         "device": "auto",

@@ -14,13 +14,15 @@ from bz.commands.catalog import describe_all
 from bz.config import load_config
 from bz.plugins import PluginContext
 from bz.plugins._loader import load_plugins
+from bz.plugins.csv_logger import CsvLogger, CsvLoggerConfig
+from bz.plugins.mlflow_logger import Mlflow
 from bz.plugins.optuna_search import OptunaSearch
 from bz.plugins.profiler import Profiler, ProfilerConfig
 from bz.plugins.run_log import RunLog, RunLogConfig
 from bz.plugins.tensorboard import TensorBoard, TensorBoardConfig
 from bz.plugins.wandb_logger import Wandb
 
-INTEGRATIONS = ("tensorboard", "run_log", "wandb", "profiler", "optuna")
+INTEGRATIONS = ("tensorboard", "run_log", "wandb", "profiler", "optuna", "csv_logger", "mlflow")
 
 
 def test_each_plugin_is_installed_with_documented_options() -> None:
@@ -34,7 +36,9 @@ def test_each_plugin_is_installed_with_documented_options() -> None:
         assert not undocumented, f"{name}: options without a docstring: {undocumented}"
 
 
-@pytest.mark.parametrize("cls", [TensorBoard, RunLog, Wandb, Profiler, OptunaSearch])
+@pytest.mark.parametrize(
+    "cls", [TensorBoard, RunLog, Wandb, Profiler, OptunaSearch, CsvLogger, Mlflow]
+)
 def test_each_plugin_declares_what_it_does_on_other_ranks(cls: type) -> None:
     assert "rank" in (cls.__doc__ or "")
 
@@ -94,8 +98,9 @@ def test_bad_options_name_the_plugin_and_the_key(
         TensorBoard(),
         RunLog(),
         Profiler(ProfilerConfig(skip_steps=0, warmup_steps=0, active_steps=1)),
+        CsvLogger(CsvLoggerConfig(step_interval=1)),
     ],
-    ids=["tensorboard", "run_log", "profiler"],
+    ids=["tensorboard", "run_log", "profiler", "csv_logger"],
 )
 def test_other_ranks_write_nothing(
     plugin: bz.plugins.NamedPlugin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -114,6 +114,25 @@ def test_offline_run_holds_the_scalars_and_the_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_step_scalars_have_the_global_step_as_their_axis(tmp_path: Path) -> None:
+    plugin = Wandb(WandbConfig(mode="offline", dir=str(tmp_path / "w"), step_interval=2))
+    bz.Trainer().fit(tiny_setup(), run_config(epochs=2), [plugin])
+
+    records = _records(_run_file(tmp_path / "w"))
+    steps = [row for row in _history(records) if "global_step" in row]
+    assert [row["global_step"] for row in steps] == [2, 4, 6, 8]
+    assert all(row["step/grad_norm"] > 0 for row in steps)
+    assert [row["step/lr"] for row in steps] == pytest.approx([0.1] * 4)
+    assert [row["epoch"] for row in _history(records) if "epoch" in row] == [1, 2]
+    axes = {
+        r.metric.name: r.metric.step_metric
+        for r in records
+        if r.WhichOneof("record_type") == "metric" and r.metric.name
+    }
+    assert axes["step/grad_norm"] == axes["step/loss"] == "global_step"
+
+
+@pytest.mark.slow
 def test_a_failed_run_is_finished_and_keeps_what_was_logged(tmp_path: Path) -> None:
     setup = fails_in_second_epoch()
     plugin = Wandb(WandbConfig(mode="offline", dir=str(tmp_path / "w")))

@@ -136,7 +136,7 @@ def run_console(stream: io.StringIO, **options: Any) -> str:
 
 
 def test_console_out_prints_one_summary_line_per_epoch_without_bars_off_a_terminal() -> None:
-    output = run_console(io.StringIO())
+    output = run_console(io.StringIO(), model_summary=False)
     lines = output.splitlines()
     assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert all(

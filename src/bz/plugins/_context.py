@@ -214,7 +214,8 @@ class PluginContext:
     @property
     def gradient_norm(self) -> float | None:
         """The total gradient norm before clipping, in ``before_optimizer_step`` and
-        ``end_training_batch`` of a step that clips by norm (``gradient_clip.max_norm``);
+        ``end_training_batch`` of a step that clips by norm (``gradient_clip.max_norm``)
+        or that a plugin asked for (``gradient_norm_every``, see ``docs/integrations.md``);
         None otherwise. Kept on the device: one device read when accessed."""
         norm = self._gradient_norm
         return None if norm is None else float(norm)

@@ -11,11 +11,26 @@
 ``time/epoch_seconds``    wall time from ``start_epoch`` to ``end_epoch``
 anything else             entries of ``context.extra["scalars"]`` (e.g. ``profiler``)
 ========================  ==========================================================
+
+With a ``step_interval`` option a logger also records, every that many optimizer steps,
+the scalars of the step that just ended, on an x-axis of global steps:
+
+==============================  ====================================================
+``step/loss``                   that batch's training loss
+``step/grad_norm``              total gradient norm before clipping (after unscaling
+                                under mixed precision)
+``step/lr`` / ``step/lr/group<i>``  learning rate of that step (per param group)
+==============================  ====================================================
+
+Those are the only host reads a logger makes on a training step, and only on the steps
+it logs. The loop computes the gradient norm on exactly those steps: a logger declares
+``gradient_norm_every = N`` (see :func:`gradient_norm_intervals`); a step that clips by
+norm has it anyway.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,6 +40,9 @@ if TYPE_CHECKING:
 
 EXTRA_SCALARS_KEY = "scalars"
 """``context.extra`` key: ``dict[str, float]`` other plugins want logged each epoch."""
+
+GRADIENT_NORM_ATTRIBUTE = "gradient_norm_every"
+"""A plugin attribute: ask the loop for the gradient norm every this many steps."""
 
 
 def learning_rates(optimizer: torch.optim.Optimizer | None) -> list[float]:
@@ -73,4 +91,66 @@ def epoch_scalars(
     scalars.update(lr_tags(rates))
     scalars["time/epoch_seconds"] = seconds
     scalars.update(extra_scalars(context))
+    return scalars
+
+
+# -- every N steps ------------------------------------------------------------------------
+
+
+def gradient_norm_intervals(plugins: Iterable[object]) -> tuple[int, ...]:
+    """The step intervals at which plugins asked for the gradient norm.
+
+    A plugin asks by having an attribute ``gradient_norm_every`` (an ``int`` >= 1); the
+    loop then computes the total norm of the gradients before clipping on every step
+    whose number (counted from 1, as ``context.global_step`` after the step) is a
+    multiple of one of them, and shows it as ``context.gradient_norm``. Anything else in
+    that attribute is ignored.
+    """
+    intervals: set[int] = set()
+    for plugin in plugins:
+        every = getattr(plugin, GRADIENT_NORM_ATTRIBUTE, None)
+        if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
+            intervals.add(every)
+    return tuple(sorted(intervals))
+
+
+class StepSchedule:
+    """When a logger with ``step_interval`` records a step: once per optimizer step whose
+    number is a multiple of the interval.
+
+    ``end_training_batch`` runs for every batch; with gradient accumulation several
+    batches share one ``global_step``, and after a resume the first batches may show the
+    step the checkpoint was written at. :meth:`due` is true once, on the batch that took
+    the step. Call :meth:`start` at ``start_epoch``.
+    """
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self._last = -1
+
+    def start(self, context: PluginContext) -> None:
+        """The step the epoch starts from (logged already, or before this session)."""
+        self._last = context.global_step
+
+    def due(self, context: PluginContext) -> bool:
+        """Whether the batch that just ended took a step to record (no host read)."""
+        step = context.global_step
+        if step == self._last:
+            return False
+        self._last = step
+        return step % self.interval == 0
+
+
+def step_scalars(context: PluginContext) -> dict[str, float]:
+    """The scalars of the step that just ended (see the module docstring): reads the
+    batch loss and, when the loop computed it, the gradient norm back to the host."""
+    scalars: dict[str, float] = {}
+    loss = context.last_loss
+    if loss is not None:
+        scalars["step/loss"] = float(loss)
+    norm = context.gradient_norm
+    if norm is not None:
+        scalars["step/grad_norm"] = norm
+    for tag, rate in lr_tags(learning_rates(context.optimizer)).items():
+        scalars[f"step/{tag}"] = rate
     return scalars

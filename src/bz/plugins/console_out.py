@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 
 import attrs
 
+from bz._model_summary import summarize, summary_lines
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, hook
 
@@ -52,6 +53,8 @@ class ConsoleOutConfig:
     """``auto`` draws bars only when stderr is a terminal."""
     summary: bool = True
     """Print one line per epoch with losses, metrics and time."""
+    model_summary: bool = True
+    """Print the model's parameters, size and top-level modules when training starts."""
 
 
 def _use_color(stream: TextIO) -> bool:
@@ -145,13 +148,16 @@ class ConsoleOut:
 
     @hook
     def start_training_session(self, context: PluginContext) -> None:
-        """Decide once whether to draw bars and use colour; start the run's clock."""
+        """Decide once whether to draw bars and use colour; start the run's clock; print
+        the model's summary."""
         stream = self.stream
         mode = self.config.bars
         self._bars = mode == "always" or (mode == "auto" and stream.isatty())
         self._color = _use_color(stream)
         self._session_started = self._clock()
         self._per_batch = self._epoch_seconds = None
+        if self.config.model_summary and context.model is not None:
+            print("\n".join(summary_lines(summarize(context.model))), file=stream, flush=True)
 
     @hook
     def start_epoch(self, context: PluginContext) -> None:

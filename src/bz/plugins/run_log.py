@@ -5,7 +5,8 @@ Built in (no extra). Writes ``run_log.jsonl`` into the run directory
 ``event`` says what it is:
 
 * ``start``: time, configured epochs, hyperparameters, device, world size, plugins.
-* ``step`` (only with ``step_interval``): epoch, global step, that batch's loss.
+* ``step`` (only with ``step_interval``): epoch, global step, that batch's loss, the
+  gradient norm before clipping and the learning rates.
 * ``epoch``: losses, training and validation metrics, learning rates, seconds, the
   global step, and the scalars other plugins published in ``context.extra["scalars"]``.
 * ``end``: epochs completed, whether training stopped early, total seconds, the active
@@ -15,9 +16,9 @@ Built in (no extra). Writes ``run_log.jsonl`` into the run directory
 Lines are written as they happen (line-buffered), so a crashed run keeps its history.
 Numbers that are not finite (a diverged loss) are written as ``null``.
 
-``step_interval`` reads the batch loss back to the host every that many steps: one
-device synchronisation each time. Leave it off on GPUs unless you need it; every 50 or
-100 steps costs little.
+``step_interval`` reads the batch loss and the gradient norm back to the host every that
+many steps: one device synchronisation each time, none on the other steps. Leave it off
+on GPUs unless you need it; every 50 or 100 steps costs little.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ import attrs
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, hook
 from bz.plugins._run_dir import run_directory
-from bz.plugins._scalars import EXTRA_SCALARS_KEY, extra_scalars, learning_rates
+from bz.plugins._scalars import (
+    EXTRA_SCALARS_KEY,
+    StepSchedule,
+    extra_scalars,
+    learning_rates,
+    step_scalars,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,7 +61,7 @@ class RunLogConfig:
     log_dir: str | None = None
     """Folder for ``run_log.jsonl``; default: the run directory (``runs/<timestamp>``)."""
     step_interval: int | None = attrs.field(default=None, validator=at_least(1))
-    """Also log the batch loss every this many steps (one host sync each; null: never)."""
+    """Also log the batch loss, gradient norm and learning rate every N steps (null: never)."""
 
 
 def json_safe(value: Any) -> Any:
@@ -96,13 +103,18 @@ class RunLog:
         self._epoch_started = 0.0
         self._rates: list[float] = []
         self._epochs_done = 0
+        interval = self.config.step_interval
+        self._steps = StepSchedule(interval) if interval is not None else None
         # The per-batch hook exists only when asked for, so that by default the loop
         # makes no call into this plugin per batch.
-        if self.config.step_interval is not None:
+        if interval is not None:
+            self.gradient_norm_every = interval
             self.end_training_batch = self._log_step
 
     end_training_batch: Callable[[PluginContext], None]
     """The step line; present only with ``step_interval``."""
+    gradient_norm_every: int
+    """Asks the loop for the gradient norm on the steps logged (with ``step_interval``)."""
 
     # -- writing ------------------------------------------------------------------------
 
@@ -140,20 +152,23 @@ class RunLog:
             return
         self._epoch_started = time.perf_counter()
         self._rates = learning_rates(context.optimizer)
+        if self._steps is not None:
+            self._steps.start(context)
 
     def _log_step(self, context: PluginContext) -> None:
-        """Every ``step_interval`` steps, the batch loss (one host read)."""
-        interval = self.config.step_interval
-        if interval is None or self._file is None or context.global_step % interval:
+        """Every ``step_interval`` steps, the step's line (its only host reads)."""
+        if self._file is None or self._steps is None or not self._steps.due(context):
             return
-        loss = context.last_loss
+        scalars = step_scalars(context)
         self._write(
             {
                 "event": "step",
                 "epoch": context.epoch,
                 "step": context.global_step,
                 "batch": context.batch_index,
-                "loss": float(loss) if loss is not None else None,
+                "loss": scalars.get("step/loss"),
+                "grad_norm": scalars.get("step/grad_norm"),
+                "lr": learning_rates(context.optimizer),
             }
         )
 

@@ -3,7 +3,9 @@
 Needs the ``tensorboard`` extra (``pip install 'bz-cli[tensorboard]'``); the events are
 written by ``torch.utils.tensorboard.SummaryWriter``. Tags are those of
 :mod:`bz.plugins._scalars` (``loss/training``, ``accuracy/validation``, ``lr``, ...),
-one point per epoch, on an x-axis that counts epochs from 1 as the console does.
+one point per epoch, on an x-axis that counts epochs from 1 as the console does. With
+``step_interval`` the step scalars (``step/loss``, ``step/grad_norm``, ``step/lr``) are
+written every that many optimizer steps, on an x-axis of global steps.
 
 With ``histogram_interval`` the weights and gradients of every parameter are logged as
 histograms every that many epochs (the gradients are those of the epoch's last batch,
@@ -22,9 +24,11 @@ import attrs
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, hook
 from bz.plugins._run_dir import run_directory
-from bz.plugins._scalars import epoch_scalars, learning_rates
+from bz.plugins._scalars import StepSchedule, epoch_scalars, learning_rates, step_scalars
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
@@ -41,6 +45,8 @@ class TensorBoardConfig:
     """Log weight and gradient histograms every this many epochs (null: never)."""
     flush_secs: float = attrs.field(default=30.0, validator=at_least(0.0))
     """Seconds between flushes of pending events to disk (always flushed at the end)."""
+    step_interval: int | None = attrs.field(default=None, validator=at_least(1))
+    """Also log the batch loss, gradient norm and learning rate every N steps (null: never)."""
 
 
 class TensorBoard:
@@ -66,6 +72,16 @@ class TensorBoard:
         self._writer: SummaryWriter | None = None
         self._epoch_started = 0.0
         self._rates: list[float] = []
+        interval = self.config.step_interval
+        self._steps = StepSchedule(interval) if interval is not None else None
+        if interval is not None:  # no call per batch unless asked for
+            self.gradient_norm_every = interval
+            self.end_training_batch = self._log_step
+
+    end_training_batch: Callable[[PluginContext], None]
+    """The step scalars; present only with ``step_interval``."""
+    gradient_norm_every: int
+    """Asks the loop for the gradient norm on the steps written (with ``step_interval``)."""
 
     @hook
     def start_training_session(self, context: PluginContext) -> None:
@@ -87,6 +103,16 @@ class TensorBoard:
             return
         self._epoch_started = time.perf_counter()
         self._rates = learning_rates(context.optimizer)
+        if self._steps is not None:
+            self._steps.start(context)
+
+    def _log_step(self, context: PluginContext) -> None:
+        """Every ``step_interval`` steps, the step scalars (the only per-step host reads)."""
+        writer = self._writer
+        if writer is None or self._steps is None or not self._steps.due(context):
+            return
+        for tag, value in step_scalars(context).items():
+            writer.add_scalar(tag, value, global_step=context.global_step)
 
     @hook
     def end_epoch(self, context: PluginContext) -> None:

@@ -6,8 +6,10 @@ for a later ``wandb sync``, and ``mode: "disabled"`` turns W&B into a no-op. Wit
 ``mode`` option W&B decides (``WANDB_MODE``, then online).
 
 Each epoch is one ``run.log`` call with the tags of :mod:`bz.plugins._scalars` plus
-``epoch`` (counted from 1), which is declared as the x-axis of every other tag. The
-config holds ``hyperparameters`` and ``run`` (epochs, device, world size).
+``epoch`` (counted from 1), which is declared as the x-axis of every other tag. With
+``step_interval`` every that many optimizer steps one more ``run.log`` call carries the
+step scalars (``step/loss``, ``step/grad_norm``, ``step/lr``) and ``global_step``, their
+x-axis. The config holds ``hyperparameters`` and ``run`` (epochs, device, world size).
 
 The module is called ``wandb_logger`` so that it never shadows the ``wandb`` package.
 """
@@ -21,11 +23,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
+from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, hook
 from bz.plugins._run_dir import run_directory
-from bz.plugins._scalars import epoch_scalars, learning_rates
+from bz.plugins._scalars import StepSchedule, epoch_scalars, learning_rates, step_scalars
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from wandb.sdk.wandb_run import Run
 
     from bz.plugins._context import PluginContext
@@ -51,6 +56,8 @@ class WandbConfig:
     """A longer description of the run."""
     dir: str | None = None
     """Where W&B keeps its local files (default: ``$WANDB_DIR``, else the run directory)."""
+    step_interval: int | None = attrs.field(default=None, validator=at_least(1))
+    """Also log the batch loss, gradient norm and learning rate every N steps (null: never)."""
 
 
 class Wandb:
@@ -73,6 +80,17 @@ class Wandb:
         self._epoch_started = 0.0
         self._rates: list[float] = []
         self._epochs_done = 0
+        self._step_tags: set[str] = set()
+        interval = self.config.step_interval
+        self._steps = StepSchedule(interval) if interval is not None else None
+        if interval is not None:  # no call per batch unless asked for
+            self.gradient_norm_every = interval
+            self.end_training_batch = self._log_step
+
+    end_training_batch: Callable[[PluginContext], None]
+    """The step scalars; present only with ``step_interval``."""
+    gradient_norm_every: int
+    """Asks the loop for the gradient norm on the steps logged (with ``step_interval``)."""
 
     def _directory(self, context: PluginContext) -> str | None:
         if self.config.dir is not None:
@@ -114,6 +132,7 @@ class Wandb:
         )
         run.define_metric("epoch")
         run.define_metric("*", step_metric="epoch")
+        self._step_tags = set()
         self.run = run
 
     @hook
@@ -123,6 +142,23 @@ class Wandb:
             return
         self._epoch_started = time.perf_counter()
         self._rates = learning_rates(context.optimizer)
+        if self._steps is not None:
+            self._steps.start(context)
+
+    def _log_step(self, context: PluginContext) -> None:
+        """Every ``step_interval`` steps, the step scalars (the only per-step host reads)."""
+        run = self.run
+        if run is None or self._steps is None or not self._steps.due(context):
+            return
+        scalars: dict[str, Any] = step_scalars(context)
+        if not self._step_tags:
+            run.define_metric("global_step")
+        for tag in scalars.keys() - self._step_tags:
+            # Named, so that the "*" glob's epoch axis does not apply to them.
+            run.define_metric(tag, step_metric="global_step")
+            self._step_tags.add(tag)
+        scalars["global_step"] = context.global_step
+        run.log(scalars)
 
     @hook
     def end_epoch(self, context: PluginContext) -> None:

@@ -69,6 +69,8 @@ class EpochLoop(RunParts):
     limit: int | None
     accumulate: int
     clip: GradientClip | None
+    norm_every: tuple[int, ...]
+    """Step intervals at which plugins asked for the gradient norm."""
     move_batches: bool
     train_forward: Forward
     val_forward: Forward
@@ -283,6 +285,7 @@ class EpochLoop(RunParts):
         optimizer, scaler, clip = self.setup.optimizer, self.precision.scaler, self.clip
         if scaler is not None:
             scaler.unscale_(optimizer)
+        asked = self._asked_norm()  # before clipping
         if clip is not None:
             parameters = [p for p in self.model.parameters() if p.grad is not None]
             if clip.max_norm is not None:
@@ -291,6 +294,8 @@ class EpochLoop(RunParts):
                 )
             elif clip.value is not None:
                 torch.nn.utils.clip_grad_value_(parameters, clip.value)
+        if asked is not None:
+            self.context._gradient_norm = asked
         if self.config.check_finite == "step":
             # Under a gradient scaler an infinite norm is an overflow the scaler skips.
             self._check_finite(loss, self.context._gradient_norm if scaler is None else None)
@@ -303,6 +308,17 @@ class EpochLoop(RunParts):
         if self.step_scheduler is not None:
             self.step_scheduler.step()
         self.state.global_step += 1
+
+    def _asked_norm(self) -> torch.Tensor | None:
+        """The total gradient norm, on the device, when a plugin asked for this step's
+        (``gradient_norm_every``: every process computes it on the same steps)."""
+        step = self.state.global_step + 1
+        if not any(step % every == 0 for every in self.norm_every):
+            return None
+        clip = self.clip
+        norm_type = clip.norm_type if clip is not None and clip.max_norm is not None else 2.0
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return _whole(_total_norm(grads, norm_type))
 
     # -- validation ------------------------------------------------------------------
 
@@ -363,3 +379,21 @@ def capped(length: int | None, limit: int | None) -> int | None:
     if limit is None:
         return length
     return limit if length is None else min(length, limit)
+
+
+def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The norm of all gradients together, on the device (no host read)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads, norm_type)
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(grad, norm_type) for grad in grads]
+    total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    return total
+
+
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    """A norm over FSDP's sharded gradients made whole (a collective every process
+    makes on the same steps), so that rank 0 alone can read it."""
+    full = getattr(norm, "full_tensor", None)
+    return full() if callable(full) else norm

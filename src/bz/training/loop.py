@@ -74,6 +74,7 @@ from bz._logging import get_logger
 from bz._rng import loader_generators
 from bz.metrics._set import MetricSet
 from bz.plugins._context import PluginContext
+from bz.plugins._scalars import gradient_norm_intervals
 from bz.training.checkpoint.best import check_monitor
 from bz.training.checkpoint.files import CheckpointPayload
 from bz.training.checkpoint.files import run_signature as _run_signature
@@ -125,6 +126,9 @@ class Run(EpochLoop):
         self.topology = topology_from_env()
         self.device = local_device(resolve_device(config.device), self.topology)
         self.precision = precision_for(config.precision, self.device)
+        # Read before the other ranks' loggers go dormant: every process must compute
+        # the norm on the same steps (under FSDP it is a collective).
+        self.norm_every = gradient_norm_intervals(plugins.active)
         plugins.for_rank(self.topology.rank)
         seed = config.seed or 0
         self.train_loader = shard_loader(setup.train_loader, self.topology, seed, training=True)

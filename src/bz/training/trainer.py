@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from bz._errors import describe_exception
 from bz._logging import get_logger
+from bz._model_summary import summarize
 from bz.config import RunConfig
 from bz.plugins._loader import plugin_set
 from bz.plugins._sandbox import PluginSet
@@ -59,7 +60,9 @@ class Trainer:
         a note naming the epoch and step; bz's own failures are ``bz.*`` classes
         (:class:`~bz.PluginFailure` under ``plugin_errors="raise"``). Every call logs a
         ``run_started`` and a ``run_finished`` event (``outcome``: ``completed``,
-        ``stopped_early``, ``already_complete``, ``failed`` or ``interrupted``).
+        ``stopped_early``, ``already_complete``, ``failed`` or ``interrupted``);
+        ``run_started`` carries the model's summary as ``model`` (parameters, trainable
+        ones, bytes, and the same per top-level module).
 
         ``checkpoint_dir`` turns checkpoints on: the run's files go to
         ``<checkpoint_dir>/<signature>/`` every ``config.checkpoint_interval`` epochs,
@@ -102,6 +105,7 @@ def fit_seeded(
         plugins=plugins.active_names,
         metrics=sorted({*metrics, *setup.metrics}),
         checkpoints=str(folder) if folder is not None else None,
+        model=summarize(setup.model).as_dict(),
     )
     started = time.perf_counter()
     try:
