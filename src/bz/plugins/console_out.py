@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 import attrs
 
 from bz.config import at_least
-from bz.plugins import ConfiguredPluginClass, hook
+from bz.plugins import ConfiguredPluginClass, Order, hook
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -109,6 +109,8 @@ class ConsoleOut:
     """Progress bars for epochs and batches, and a summary line per epoch."""
 
     Config = ConsoleOutConfig
+    order = Order(last=True)
+    """It reports the epoch: after every other plugin, so it sees the metrics they add."""
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import attrs
 
 from bz.config import at_least
-from bz.plugins import ConfiguredPluginClass, hook
+from bz.plugins import ConfiguredPluginClass, Order, hook
 from bz.plugins._run_dir import run_directory
 from bz.plugins._scalars import EXTRA_SCALARS_KEY, extra_scalars, learning_rates
 
@@ -85,6 +85,8 @@ class RunLog:
     """
 
     Config = RunLogConfig
+    order = Order(last=True)
+    """It reports the epoch: after every other plugin, so it sees the metrics they add."""
 
     def __init__(self, config: RunLogConfig | None = None) -> None:
         self.name = "run_log"

@@ -206,11 +206,11 @@ class EpochLoop:
             self.checkpoints.save(self.epoch, self.train_batches, stopped=stopped == "plugin")
             self._stop(stopped)
         if self.vote is not None:
-            total, batch_count, samples = sum_across(
-                [self.train_loss.value(), float(self.train_batches), float(self.train_samples)],
-                self.device,
+            loss, counted = self.train_loss, float(self.train_batches)
+            total, batch_total, batch_count, samples = sum_across(
+                [loss.value(), loss.batch_sum(), counted, float(self.train_samples)], self.device
             )
-            self.train_loss = DeviceSum(total)
+            self.train_loss = DeviceSum(total, batch_total)
             self.train_batches, self.train_samples = int(batch_count), int(samples)
         self.context.training_metrics = metrics.compute()
         self._hook("end_training_loop")
@@ -235,7 +235,7 @@ class EpochLoop:
         restore_rng(point.now, self.generators)
         self.train_batches = point.batch
         self.train_samples = point.samples
-        self.train_loss = DeviceSum(point.loss_total)
+        self.train_loss = DeviceSum(point.loss_total, point.batch_loss_total)
         self.train_metrics.carry(point.metrics)
         return iterator, point.batch
 
@@ -337,11 +337,12 @@ class EpochLoop:
                 self.batch_index = index
                 step(batch)
         if self.topology.distributed:
-            total, batches, samples = sum_across(
-                [self.val_loss.value(), float(self.val_batches), float(self.val_samples)],
+            loss = self.val_loss
+            total, batch_total, batches, samples = sum_across(
+                [loss.value(), loss.batch_sum(), float(self.val_batches), float(self.val_samples)],
                 self.device,
             )
-            self.val_loss = DeviceSum(total)
+            self.val_loss = DeviceSum(total, batch_total)
             self.val_batches, self.val_samples = int(batches), int(samples)
         self.context.validation_metrics = metrics.compute()
         self._hook("end_validation_loop")

@@ -61,6 +61,8 @@ class ResumePoint:
     samples: int = 0
     metrics: Mapping[str, Sequence[torch.Tensor]] = attrs.Factory(dict)
     """Training-metric state of the batches already done (see ``MetricSet.carry``)."""
+    batch_loss_total: float = 0.0
+    """The sum of the batches' mean losses (``PluginContext.training_loss_total``)."""
 
 
 class CheckpointPolicy(CheckpointWrites):
@@ -302,6 +304,7 @@ class CheckpointPolicy(CheckpointWrites):
             # Checkpoints written before these were kept hold neither.
             payload.get("samples", 0) if carries else 0,
             payload.get("metrics", {}) if carries else {},
+            _batch_loss_total(payload, batch) if carries else 0.0,
         )
         states: Mapping[str, Any] = payload.get("plugins") or {}
         if self.fsdp:
@@ -343,7 +346,7 @@ class CheckpointPolicy(CheckpointWrites):
         run = self.run
         self.settle()  # at most one write in flight
         # Every process takes part in gathering the interrupted epoch's numbers.
-        partial = self._partial_epoch() if batch else (0.0, 0, {})
+        partial = self._partial_epoch() if batch else (0.0, 0, {}, 0.0)
         shards = plugins = None
         if self.fsdp:
             from bz.training.checkpoint.sharded import shard_state, sharded_name
@@ -383,6 +386,7 @@ class CheckpointPolicy(CheckpointWrites):
         loss_total: float,
         samples: int,
         metric_state: dict[str, list[torch.Tensor]],
+        batch_loss_total: float,
         *,
         plugins: dict[str, Any] | None,
     ) -> CheckpointPayload | None:
@@ -405,6 +409,9 @@ class CheckpointPolicy(CheckpointWrites):
             "world_size": run.topology.world_size,
             "stopped": stopped,
             "loss_total": loss_total,
+            "batch_loss_total": batch_loss_total,
+            # The logging plugins' shared folder: a resumed run writes on into it.
+            "run_dir": str(run.context.extra.get("run_dir") or ""),
             "samples": samples,
             "metrics": metric_state,
             "model": run.model.state_dict() if whole else {},
@@ -474,16 +481,20 @@ class CheckpointPolicy(CheckpointWrites):
         self.final_model = path
         _log.info("model_saved", path=str(path), epoch=epochs, batch=batch, step=run.global_step)
 
-    def _partial_epoch(self) -> tuple[float, int, dict[str, list[torch.Tensor]]]:
-        """The epoch's loss sum, sample count and metric state so far, summed over the
-        processes (a resumed run has rank 0 carry them). Nothing in the run changes:
-        the epoch may go on after a checkpoint."""
+    def _partial_epoch(self) -> tuple[float, int, dict[str, list[torch.Tensor]], float]:
+        """The epoch's loss sum, sample count, metric state and sum of batch losses so
+        far, summed over the processes (a resumed run has rank 0 carry them). Nothing in
+        the run changes: the epoch may go on after a checkpoint."""
         run = self.run
         loss_total, samples = run.train_loss.value(), run.train_samples
+        batch_total = run.train_loss.batch_sum()
         if run.topology.distributed:
-            loss_total, summed_samples = sum_across([loss_total, float(samples)], run.device)
+            loss_total, summed_samples, batch_total = sum_across(
+                [loss_total, float(samples), batch_total], run.device
+            )
             samples = int(summed_samples)
-        return loss_total, samples, run.train_metrics.state(summed=run.topology.distributed)
+        metrics = run.train_metrics.state(summed=run.topology.distributed)
+        return loss_total, samples, metrics, batch_total
 
     def _plugin_states(self) -> dict[str, Any]:
         run = self.run
@@ -516,3 +527,12 @@ def _checked_state(plugin: StatefulPlugin, *, alone: bool = False) -> dict[str, 
     if problem is not None:
         raise TypeError(problem)
     return state
+
+
+def _batch_loss_total(payload: CheckpointPayload, batch: int) -> float:
+    """The interrupted epoch's sum of batch losses; for a checkpoint written before it
+    was kept, the sample-weighted mean times the batches (exact when they share a size)."""
+    if "batch_loss_total" in payload:
+        return payload["batch_loss_total"]
+    samples = payload.get("samples", 0)
+    return payload.get("loss_total", 0.0) * batch / samples if samples else 0.0
