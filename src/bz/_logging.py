@@ -148,6 +148,15 @@ def _drop_rendered_by_cli(_logger: WrappedLogger, _method: str, event: EventDict
     return event
 
 
+def _short_import_failures(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    # A plugin package that fails to import is one line on the console (the error names
+    # the distribution); the traceback is noise there. JSON keeps it.
+    if event.get("event") == "plugin_failed" and event.get("hook") == "import":
+        if event.pop("exc_info", None) is not None:
+            event["hint"] = "`bz check-config --traceback` shows the traceback"
+    return event
+
+
 def configure(
     log_format: LogFormat = "console", level: str = "info", stream: TextIO | None = None
 ) -> None:
@@ -170,6 +179,7 @@ def configure(
         processors = [
             *shared,
             _drop_rendered_by_cli,
+            _short_import_failures,
             structlog.dev.ConsoleRenderer(colors=colors),
         ]
     structlog.configure(

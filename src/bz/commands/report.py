@@ -45,6 +45,9 @@ class RunHistory:
     failed: dict[str, Any] | None
     unreadable_lines: int
     """Lines that were not JSON objects (a run killed mid-write leaves one)."""
+    outcome: dict[str, Any] | None = None
+    """The last ``start``, ``end``, ``failed`` or ``interrupted`` line: where the run
+    stands (a resumed run appends a new ``start`` to the same log)."""
 
     @property
     def metric_names(self) -> list[str]:
@@ -57,10 +60,14 @@ class RunHistory:
 
     @property
     def status(self) -> str:
-        """``finished``, ``stopped early``, ``failed: ...`` or ``incomplete``."""
-        if self.failed is not None:
-            return f"failed: {self.failed.get('error')}"
-        if self.end is None:
+        """``finished``, ``stopped early``, ``failed: ...``, ``interrupted`` or
+        ``incomplete``."""
+        kind = (self.outcome or {}).get("event")
+        if kind == "failed":
+            return f"failed: {(self.outcome or {}).get('error')}"
+        if kind == "interrupted":
+            return "interrupted (`bz train` resumes it)"
+        if kind != "end" or self.end is None:
             return "incomplete (still running, or killed)"
         return "stopped early" if self.end.get("stopped_early") else "finished"
 
@@ -69,6 +76,7 @@ def read_run_log(path: Path) -> RunHistory:
     """Parse ``path`` (a ``run_log.jsonl``), skipping lines that are not JSON objects."""
     records: dict[str, list[dict[str, Any]]] = {}
     unreadable = 0
+    outcome: dict[str, Any] | None = None
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -87,6 +95,8 @@ def read_run_log(path: Path) -> RunHistory:
             unreadable += 1
             continue
         records.setdefault(str(record.get("event")), []).append(record)
+        if record.get("event") in ("start", "end", "failed", "interrupted"):
+            outcome = record
 
     def last(kind: str) -> dict[str, Any] | None:
         found = records.get(kind)
@@ -100,6 +110,7 @@ def read_run_log(path: Path) -> RunHistory:
         end=last("end"),
         failed=last("failed"),
         unreadable_lines=unreadable,
+        outcome=outcome,
     )
 
 

@@ -328,6 +328,9 @@ def _run(
         raise TrainingError(f"{summary}: {user_frame(exc)}") from exc
 
 
+_LOADING = frozenset({"import", "config", "create", "load"})
+"""Fault stages before training: a plugin faulted there never ran."""
+
 _STOPPED = {
     None: "",
     "plugin": " (stopped early)",
@@ -339,6 +342,13 @@ _STOPPED = {
 def _print_outcome(result: FitResult, *, smoke: bool) -> None:
     """The console's closing lines: plugin times, then what was trained and written."""
     _print_plugin_summary(result.plugins)
+    for report in result.plugins:
+        if report.fault is not None and report.fault.stage in _LOADING:
+            click.echo(
+                f"bz: plugin {report.name!r} did not run: it failed in {report.fault.stage} "
+                "(`bz train --strict-plugins` stops instead of training without it)",
+                err=True,
+            )
     if smoke:
         click.echo(
             f"bz: smoke run passed: {result.global_step} step(s), {len(result.plugins)} plugin(s)",

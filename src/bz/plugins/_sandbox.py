@@ -70,6 +70,7 @@ class PluginFault:
     error: str
     """``ExceptionType: message``."""
     epoch: int | None = None
+    """The epoch, counted from 1 as the console and training failures count it."""
     step: int | None = None
     cause: BaseException | None = attrs.field(default=None, eq=False, repr=False)
     """The exception, for faults while loading (``bz check-config --traceback``)."""
@@ -265,7 +266,7 @@ class PluginSet:
 
     def _fail(self, slot: _Slot, hook: str, exc: BaseException, context: PluginContext) -> None:
         fault = PluginFault(
-            slot.name, hook, describe_exception(exc), context.epoch, context.global_step
+            slot.name, hook, describe_exception(exc), context.epoch + 1, context.global_step
         )
         slot.fault = fault
         self._rebuild()
@@ -312,7 +313,7 @@ class PluginSet:
                     slot.name,
                     "another process",
                     "quarantined because it failed on another rank",
-                    context.epoch,
+                    context.epoch + 1,
                     context.global_step,
                 )
                 changed = True

@@ -205,13 +205,14 @@ class RunLog:
 
     @hook
     def on_exception(self, context: PluginContext) -> None:
-        """The ``failed`` line; close the file."""
+        """The ``failed`` line (``interrupted`` for Ctrl-C / SIGTERM: the run resumes);
+        close the file."""
         if self._file is None:
             return
         error = context.exception
         self._write(
             {
-                "event": "failed",
+                "event": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
                 "time": _now(),
                 "epoch": context.epoch,
                 "step": context.global_step,

@@ -324,7 +324,7 @@ class CheckpointPolicy(CheckpointWrites):
         _log.info(
             "resumed",
             path=str(path),
-            epoch=run.epoch,
+            epoch=event_epoch(payload["epoch"], payload["batch"]),
             batch=payload["batch"],
             step=run.global_step,
         )
@@ -366,7 +366,7 @@ class CheckpointPolicy(CheckpointWrites):
                 return
         elif shards is None:
             return
-        tag = (path, epoch, run.global_step)
+        tag = (path, event_epoch(epoch, batch), run.global_step)
         try:
             job = self._start_write(store, path, payload, shards)
             if self._writer is not None:
@@ -536,3 +536,10 @@ def _batch_loss_total(payload: CheckpointPayload, batch: int) -> float:
         return payload["batch_loss_total"]
     samples = payload.get("samples", 0)
     return payload.get("loss_total", 0.0) * batch / samples if samples else 0.0
+
+
+def event_epoch(epochs_done: int, batch: int) -> int:
+    """The epoch a checkpoint position lies in, counted from 1 as the console and
+    ``training_interrupted`` count: ``epoch-0004.pt`` is the end of epoch 4,
+    ``epoch-0004-batch-00001.pt`` is inside epoch 5."""
+    return epochs_done + 1 if batch else epochs_done
