@@ -151,9 +151,9 @@ def _drop_rendered_by_cli(_logger: WrappedLogger, _method: str, event: EventDict
 def _short_import_failures(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
     # A plugin package that fails to import is one line on the console (the error names
     # the distribution); the traceback is noise there. JSON keeps it.
-    if event.get("event") == "plugin_failed" and event.get("hook") == "import":
-        if event.pop("exc_info", None) is not None:
-            event["hint"] = "`bz check-config --traceback` shows the traceback"
+    import_failure = event.get("event") == "plugin_failed" and event.get("hook") == "import"
+    if import_failure and event.pop("exc_info", None) is not None:
+        event["hint"] = "`bz check-config --traceback` shows the traceback"
     return event
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -277,3 +279,23 @@ def test_make_demo_trains_again_when_run_again(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr[-2000:]
         outcomes.append(done.stderr)
     assert all("bz: trained 1 epoch(s)" in stderr for stderr in outcomes), outcomes[1]
+
+
+# -- 14. the README's install commands are true -------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_readme_installs_from_a_checkout_or_the_wheel_it_names(tmp_path: Path) -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "pip install bz-cli" not in quick_start  # not published
+    (wheel_name,) = set(re.findall(r"dist/(bz_cli-[^ \]']+\.whl)", quick_start))
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(REPO_ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert [path.name for path in tmp_path.glob("*.whl")] == [wheel_name]

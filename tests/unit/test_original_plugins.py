@@ -11,6 +11,8 @@ import io
 import json
 import logging
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -94,6 +96,43 @@ def test_an_original_style_plugin_runs_and_sees_the_epochs_in_extra() -> None:
     result = bz.Trainer().fit(uneven_setup(), attrs.evolve(CONFIG, epochs=3), [plugin])
     assert [report.fault for report in result.plugins] == [None]
     assert plugin.seen == [3]
+
+
+def _guide_extra_keys() -> set[str]:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "plugin-guide.md").read_text("utf-8")
+    table = guide.split("### What bz puts in `extra`", 1)[1].split("\n#", 1)[0]
+    return set(re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE))
+
+
+def test_the_guide_lists_every_extra_key_bz_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bz.plugins.run_log import RunLog
+
+    seen: set[str] = set()
+
+    class Watcher:
+        name = "watcher"
+
+        def __init__(self) -> None:
+            for hook in ("start_training_session", "end_epoch", "end_training_session"):
+                setattr(self, hook, self._look)
+            self.on_rewind = self._look
+
+        def _look(self, context: PluginContext) -> None:
+            seen.update(context.extra)
+
+    class Failing:
+        name = "failing"
+
+        def end_epoch(self, context: PluginContext) -> None:
+            raise RuntimeError("rewind me")
+
+    monkeypatch.chdir(tmp_path)
+    config = attrs.evolve(CONFIG, plugin_errors="rewind")
+    bz.Trainer().fit(uneven_setup(), config, [RunLog(), Failing(), Watcher()])
+    assert {"active_plugins", "epochs", "plugin_reports", "rewind", "run_dir"} <= seen
+    assert seen <= _guide_extra_keys()
 
 
 # -- 2. the loss totals are the original's ------------------------------------------------
