@@ -70,7 +70,6 @@ class PluginFault:
     error: str
     """``ExceptionType: message``."""
     epoch: int | None = None
-    """The epoch, counted from 1 as the console and training failures count it."""
     step: int | None = None
     cause: BaseException | None = attrs.field(default=None, eq=False, repr=False)
     """The exception, for faults while loading (``bz check-config --traceback``)."""
