@@ -118,8 +118,11 @@ def _setup(sizes: tuple[int, ...]) -> bz.TrainingSetup:
 
 
 def _state_bytes(snapshot: Snapshot) -> int:
-    total: int = sum(t.numel() * t.element_size() for t in snapshot.model.values())
-    for state in snapshot.optimizer["state"].values():
+    model, optimizer = snapshot.training.model, snapshot.training.optimizer
+    assert model is not None  # captured whole
+    assert optimizer is not None
+    total: int = sum(t.numel() * t.element_size() for t in model.values())
+    for state in optimizer["state"].values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
                 total += int(value.numel() * value.element_size())

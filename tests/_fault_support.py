@@ -239,7 +239,7 @@ def child_main() -> None:
 
         def step(self: EpochLoop, batch: Any, index: int) -> None:
             original_step(self, batch, index)
-            if self.global_step == at_step:
+            if self.state.global_step == at_step:
                 os.kill(os.getpid(), chosen)
 
         EpochLoop._step = step  # type: ignore[method-assign]  # the test's fault injection

@@ -118,7 +118,7 @@ def train(
     (143).
     """
     with _sigterm_stops():
-        _train_command(
+        _log_then_launch_or_train(
             config_path,
             assignments,
             {
@@ -168,7 +168,7 @@ def _sigterm_stops() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _train_command(
+def _log_then_launch_or_train(
     config_path: str | None,
     assignments: Sequence[str],
     named: dict[str, Any],
@@ -205,7 +205,7 @@ def _train_command(
                 nproc_per_node or 1, command_line(click.get_current_context(), {"nproc_per_node"})
             )
             return
-        _train(
+        _train_and_report(
             config_path,
             assignments,
             named,
@@ -255,7 +255,7 @@ def _outcome_line(enabled: bool) -> Iterator[None]:
     log.info("exit", exit_code=0)
 
 
-def _train(
+def _train_and_report(
     config_path: str | None,
     assignments: Sequence[str],
     named: dict[str, Any],
@@ -266,7 +266,8 @@ def _train(
     smoke: bool = False,
 ) -> None:
     """``bz train`` once logging is set up: run, then render the outcome."""
-    result = _run(config_path, _overrides(assignments, named), show_traceback, rank, smoke)
+    overrides = _overrides(assignments, named)
+    result = _run_reporting_failures(config_path, overrides, show_traceback, rank, smoke)
     if result.already_complete:
         if rank != 0:  # every process finds it; one line is enough
             return
@@ -296,7 +297,7 @@ def _train(
         raise click.exceptions.Exit(1)
 
 
-def _run(
+def _run_reporting_failures(
     config_path: str | None,
     overrides: dict[str, Any],
     show_traceback: bool,

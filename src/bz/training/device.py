@@ -77,6 +77,14 @@ def batch_size(inputs: Any) -> int:
     return 0
 
 
+def sample_count(inputs: Any, targets: Any) -> int:
+    """A batch's sample count, from shapes (no device read): the inputs' first dimension,
+    else the targets', else 1 (a batch bz cannot measure counts as one sample)."""
+    if isinstance(inputs, torch.Tensor) and inputs.ndim:
+        return int(inputs.shape[0])
+    return batch_size(inputs) or batch_size(targets) or 1
+
+
 def loader_length(loader: Iterable[Any] | None) -> int | None:
     """``len(loader)``, or None for a loader without a length (or no loader)."""
     try:

@@ -38,8 +38,9 @@ When resuming, ``load_checkpoint`` follows ``start_training_session``. On Ctrl-C
 SIGTERM) the loop finishes the step, writes a checkpoint (``save_checkpoint``), then calls
 ``on_exception`` and ``end_training_session`` and raises :class:`TrainingInterrupted`.
 
-The loop owns every counter and the loss sums. Before hooks run it copies them into
-the context, so what a plugin writes there never changes what the loop does next.
+The loop owns every counter and the loss sums, in one
+:class:`~bz.training.state.LoopState` (``run.state``). Before hooks run it copies them
+into the context, so what a plugin writes there never changes what the loop does next.
 Nothing here reads a device value back to the host per batch.
 """
 
@@ -72,12 +73,12 @@ from bz._errors import BzError, UsageError, add_training_context
 from bz._logging import get_logger
 from bz._rng import loader_generators
 from bz.metrics._set import MetricSet
-from bz.plugins._context import DeviceSum, PluginContext
+from bz.plugins._context import PluginContext
 from bz.training.checkpoint.files import CheckpointPayload
 from bz.training.checkpoint.files import run_signature as _run_signature
-from bz.training.checkpoint.policy import CheckpointPolicy, ResumePoint
+from bz.training.checkpoint.policy import CheckpointPolicy
 from bz.training.checkpoint.store import CheckpointStore
-from bz.training.control import EndReason, StepControl
+from bz.training.control import StepControl
 from bz.training.device import loader_length, resolve_device
 from bz.training.epoch import EpochLoop, capped
 from bz.training.guards import check_batches, check_epoch_loss, check_model
@@ -85,6 +86,7 @@ from bz.training.interrupts import InterruptGuard, InterruptVote, TrainingInterr
 from bz.training.precision import precision_for
 from bz.training.result import EpochRecord, FitResult
 from bz.training.rewind import Rewinder
+from bz.training.state import LoopState
 
 if TYPE_CHECKING:
     from bz._setup import TrainingSetup
@@ -116,6 +118,7 @@ class Run(EpochLoop):
     ) -> None:
         self.setup = setup
         self.config = config
+        self.state = LoopState()
         self.plugins = plugins
         self.topology = topology_from_env()
         self.device = local_device(resolve_device(config.device), self.topology)
@@ -155,22 +158,6 @@ class Run(EpochLoop):
         self.owns_process_group = False
         self.accumulate = config.accumulate_grad_batches
         self.clip = config.gradient_clip
-        # Loop state (the context only ever shows copies of these).
-        self.start_epoch = 0
-        self.epoch = 0
-        self.global_step = 0
-        self.batch_index = 0
-        self.micro = 0
-        """Batches of the current accumulation group done so far."""
-        self.train_batches = 0
-        self.train_samples = 0
-        self.val_batches = 0
-        self.val_samples = 0
-        self.train_loss = DeviceSum()
-        self.val_loss = DeviceSum()
-        self.resume_point: ResumePoint | None = None
-        self.epoch_rng: dict[str, Any] | None = None
-        self.stopped_by: EndReason | None = None
         self.context = PluginContext(
             model=setup.model,
             optimizer=setup.optimizer,
@@ -274,7 +261,7 @@ class Run(EpochLoop):
 
     def _fit(self) -> FitResult:
         started = time.perf_counter()
-        checkpoints = self.checkpoints
+        checkpoints, state = self.checkpoints, self.state
         found = checkpoints.find()
         if (
             found is not None
@@ -296,8 +283,9 @@ class Run(EpochLoop):
             try:
                 part(lambda: self._start_session(found))
                 # A finished run whose final model is rebuilt trains no epoch.
-                last = self.start_epoch if checkpoints.rebuilding else self.config.epochs
-                for epoch in range(self.start_epoch, last):
+                first = state.start_epoch
+                last = first if checkpoints.rebuilding else self.config.epochs
+                for epoch in range(first, last):
                     record, stop = part(functools.partial(self._epoch_and_checkpoint, epoch))
                     history.append(record)
                     if stop:
@@ -314,21 +302,24 @@ class Run(EpochLoop):
                 # The user's exception leaves as itself (`except ValueError` still catches
                 # it); where it happened travels with it as a note.
                 add_training_context(
-                    exc, epoch=self.epoch + 1, step=self.global_step, where="in the training loop"
+                    exc,
+                    epoch=state.epoch + 1,
+                    step=state.global_step,
+                    where="in the training loop",
                 )
                 raise
         self.plugins.log_summary()
         return FitResult(
             epochs_completed=self._epochs_done(history),
-            global_step=self.global_step,
-            stopped_early=self.stopped_by is not None,
+            global_step=state.global_step,
+            stopped_early=state.stopped_by is not None,
             history=tuple(history),
             plugins=tuple(self.plugins.report()),
             seconds=time.perf_counter() - started,
             resumed_from=checkpoints.resumed_from,
             checkpoint=checkpoints.last,
             model=checkpoints.final_model,
-            stopped_by=self.stopped_by,
+            stopped_by=state.stopped_by,
             checkpoints_lost=checkpoints.lost,
             model_rebuilt=checkpoints.rebuilding,
         )
@@ -336,16 +327,17 @@ class Run(EpochLoop):
     def _start_session(self, found: tuple[Path, CheckpointPayload] | None) -> None:
         self._hook("start_training_session")
         if found is not None:
-            self.resume_point = self.checkpoints.resume(*found)
+            self.checkpoints.resume(*found)
 
     def _epoch_and_checkpoint(self, epoch: int) -> tuple[EpochRecord, bool]:
         """One epoch and its checkpoint; whether the run stops after it."""
-        self.epoch = epoch
+        state = self.state
+        state.epoch = epoch
         record = self._epoch()
         if record is None:  # Ctrl-C in the middle of the epoch
-            self.checkpoints.save(epoch, self.train_batches)
+            self.checkpoints.save(epoch, state.train.batches)
             self._stop_interrupted()
-        check_epoch_loss(record, self.train_batches)
+        check_epoch_loss(record, state.train.batches)
         self._log_epoch(record)
         return record, record.partial or self._end_of_epoch()
 
@@ -355,7 +347,7 @@ class Run(EpochLoop):
         self.checkpoints.save_final_model(epochs)
 
     def _epochs_done(self, history: list[EpochRecord]) -> int:
-        return self.start_epoch + sum(1 for record in history if not record.partial)
+        return self.state.start_epoch + sum(1 for record in history if not record.partial)
 
     def _end_of_epoch(self) -> bool:
         """Stop requests, checkpoints and interrupts after a whole epoch; True to stop."""
@@ -363,8 +355,9 @@ class Run(EpochLoop):
         stop, interrupted, time_up, checkpoint_time = self._agree(
             self.context.should_stop_training, self.interrupt.requested, time_up, checkpoint_time
         )
-        done = self.epoch + 1
-        reason = self.control.at_epoch_end(self.global_step, stop, time_up)
+        state = self.state
+        done = state.epoch + 1
+        reason = self.control.at_epoch_end(state.global_step, stop, time_up)
         if (
             reason is not None
             or interrupted
@@ -414,7 +407,7 @@ class Run(EpochLoop):
         _log.info(
             "epoch_finished",
             epoch=record.epoch + 1,  # numbered as the console and the checkpoints do
-            step=self.global_step,
+            step=self.state.global_step,
             training_loss=record.training_loss,
             validation_loss=record.validation_loss,
             training_metrics=record.training_metrics,
@@ -442,8 +435,8 @@ class Run(EpochLoop):
         self.plugins.log_summary()
         _log.warning(
             "training_interrupted",
-            epoch=self.epoch + 1,
-            step=self.global_step,
+            epoch=self.state.epoch + 1,
+            step=self.state.global_step,
             checkpoint=str(last) if last else None,
         )
         raise interrupted

@@ -25,33 +25,32 @@ others): there ``rewind`` acts as ``isolate``.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
-from bz.plugins._protocol import StatefulPlugin
 from bz.plugins._sandbox import RewindRequested
+from bz.training.capture import capture, deep_copy, load_plugin_states, plugin_states, restore
 from bz.training.checkpoint.files import list_entries
+from bz.training.state import RunParts
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from bz.plugins._protocol import NamedPlugin
+    from bz.plugins._protocol import StatefulPlugin
     from bz.plugins._sandbox import PluginFault
-    from bz.training.loop import Run
+    from bz.training.checkpoint.policy import CheckpointPolicy
 
 T = TypeVar("T")
 
 _log = get_logger("bz")
 
 
-def _tensor_copy(value: Any) -> Any:
-    """A deep copy; tensors are cloned where they are (no host round trip)."""
-    return copy.deepcopy(value)
+class RewindableRun(RunParts, Protocol):
+    """What rewind needs of a run: its parts and its checkpoint policy."""
+
+    checkpoints: CheckpointPolicy
 
 
 class Snapshot:
@@ -60,98 +59,57 @@ class Snapshot:
     __slots__ = (
         "checkpoint",
         "checkpoints",
-        "epoch",
         "extra",
         "frozen",
-        "global_step",
         "groups",
-        "loss",
-        "model",
-        "optimizer",
+        "loop",
         "plugins",
-        "resume_point",
         "rng",
-        "scaler",
-        "scheduler",
         "stop",
-        "stopped_by",
+        "training",
     )
 
-    def __init__(self, run: Run) -> None:
-        setup = run.setup
-        self.model = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-        self.optimizer = _tensor_copy(setup.optimizer.state_dict())
+    def __init__(self, run: RewindableRun) -> None:
+        # What a checkpoint holds (model, optimizer, scheduler, loss module, gradient
+        # scaler; the plugins' states), captured as a checkpoint captures it, copied.
+        self.training = capture(run).copied()
         # Not in the state dicts, yet a plugin can change them: which parameters train
         # (``requires_grad_``) and which the optimizer holds (``add_param_group``).
+        optimizer = run.setup.optimizer
         self.frozen = [p for p in run.model.parameters() if not p.requires_grad]
-        self.groups = [dict(g, params=list(g["params"])) for g in setup.optimizer.param_groups]
-        scheduler = setup.scheduler
-        self.scheduler = (
-            _tensor_copy(scheduler.state_dict()) if hasattr(scheduler, "state_dict") else None
-        )
-        loss_fn = setup.loss_fn
-        self.loss = (
-            _tensor_copy(loss_fn.state_dict()) if isinstance(loss_fn, torch.nn.Module) else None
-        )
-        scaler = run.precision.scaler
-        self.scaler = None if scaler is None else _tensor_copy(scaler.state_dict())
-        self.stopped_by = run.stopped_by
+        self.groups = [dict(g, params=list(g["params"])) for g in optimizer.param_groups]
+        self.loop = run.state.copy()
         self.checkpoint = run.checkpoints.last
         self.checkpoints = _checkpoint_files(run)
         self.rng = capture_rng(run.generators)
-        self.epoch = run.epoch
-        self.global_step = run.global_step
-        self.resume_point = run.resume_point
         context = run.context
         self.stop = context.should_stop_training
         self.extra = dict(context.extra)
-        self.plugins: list[tuple[StatefulPlugin, Any]] = []
-        for plugin in run.plugins.active:
-            if isinstance(plugin, StatefulPlugin):
-                state = _plugin_state(run, plugin)
-                if state is not None:
-                    self.plugins.append((plugin, state))
+        self.plugins = plugin_states(run, _copied_state)
 
-    def put_back(self, run: Run) -> None:
+    def put_back(self, run: RewindableRun) -> None:
         """Make ``run`` what it was when the snapshot was taken."""
-        setup = run.setup
-        run.model.load_state_dict(self.model)
         frozen = {id(p) for p in self.frozen}  # the snapshot keeps them alive: ids hold
         for parameter in run.model.parameters():
             parameter.requires_grad_(id(parameter) not in frozen)
-        groups = setup.optimizer.param_groups
-        groups[:] = [dict(g, params=list(g["params"])) for g in self.groups]
-        # Optimizers and schedulers keep references to what they load: give them copies,
+        optimizer = run.setup.optimizer
+        optimizer.param_groups[:] = [dict(g, params=list(g["params"])) for g in self.groups]
+        # Optimizers and schedulers keep references to what they load: they get copies,
         # so a second rewind to the same snapshot still finds it intact.
-        setup.optimizer.load_state_dict(_tensor_copy(self.optimizer))
-        setup.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            setup.scheduler.load_state_dict(_tensor_copy(self.scheduler))
-        loss_fn = setup.loss_fn
-        if self.loss is not None and isinstance(loss_fn, torch.nn.Module):
-            loss_fn.load_state_dict(_tensor_copy(self.loss))
-        if self.scaler is not None and run.precision.scaler is not None:
-            run.precision.scaler.load_state_dict(_tensor_copy(self.scaler))
-        run.stopped_by = self.stopped_by
+        restore(run, self.training, copies=True)
+        optimizer.zero_grad(set_to_none=True)
+        run.state.put_back(self.loop)
         self._drop_new_checkpoints(run)
-        run.micro = 0
         restore_rng(self.rng, run.generators)
-        run.epoch = self.epoch
-        run.global_step = self.global_step
-        run.resume_point = self.resume_point
         context = run.context
         context.should_stop_training = self.stop
         context.extra.clear()
         context.extra.update(self.extra)
         context.training_metrics = {}
         context.validation_metrics = {}
-        active = run.plugins.active
-        for plugin, state in self.plugins:
-            if any(plugin is other for other in active):
-                restore = _loader(plugin, _tensor_copy(state))
-                _guarded(run, plugin, "load_state_dict", restore)
+        load_plugin_states(run, self.plugins, copies=True)
 
-    def _drop_new_checkpoints(self, run: Run) -> None:
+    def _drop_new_checkpoints(self, run: RewindableRun) -> None:
         # What the failed attempt wrote holds what the plugin did: left on disk, it
         # would be the newest checkpoint for a resume after a crash or Ctrl-C during
         # the replay (which writes its own, clean, ones as it goes).
@@ -163,7 +121,7 @@ class Snapshot:
                 store.delete(path)
 
 
-def _checkpoint_files(run: Run) -> dict[Path, int]:
+def _checkpoint_files(run: RewindableRun) -> dict[Path, int]:
     """The run's checkpoint files and when each was last written (none: not saving)."""
     store = run.checkpoints.store
     if store is None or not run.checkpoints.saving:
@@ -175,44 +133,22 @@ def _checkpoint_files(run: Run) -> dict[Path, int]:
     return files
 
 
-def _plugin_state(run: Run, plugin: StatefulPlugin) -> Any:
-    state = _guarded(run, plugin, "state_dict", plugin.state_dict)
-    return _tensor_copy(state) if state is not None else None
-
-
-def _loader(plugin: StatefulPlugin, state: Any) -> Callable[[], None]:
-    def load() -> None:
-        plugin.load_state_dict(state)
-
-    return load
-
-
-def _guarded(run: Run, plugin: NamedPlugin, stage: str, action: Callable[[], T]) -> T | None:
-    # Like a hook: a fault quarantines the plugin. Never a rewind from here: the
-    # snapshot is being taken or put back, and the part has not started.
-    plugins = run.plugins
-    rewindable, plugins.rewindable = plugins.rewindable, False
-    try:
-        return action()
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # everything else is the plugin's fault
-        plugins.quarantine(plugin, stage, exc, run.refresh_context())
-        return None
-    finally:
-        plugins.rewindable = rewindable
+def _copied_state(plugin: StatefulPlugin) -> Any:
+    # A fault here quarantines the plugin, never rewinds: snapshots are taken and put
+    # back outside a part's run, where the plugin set is not rewindable.
+    return deep_copy(plugin.state_dict())
 
 
 class Rewinder:
     """Runs the parts of a run so that a plugin's fault sends the part back to its start."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: RewindableRun) -> None:
         self.run = run
         self.rewinds = 0
         """How many times this run went back."""
 
     @staticmethod
-    def wanted(run: Run) -> bool:
+    def wanted(run: RewindableRun) -> bool:
         """Whether this run rewinds (``rewind`` policy, one process)."""
         return run.config.plugin_errors == "rewind" and not run.topology.distributed
 
@@ -246,8 +182,8 @@ class Rewinder:
             # fault itself counts from 1, as the console does.
             "failed_at_epoch": None if fault.epoch is None else fault.epoch - 1,
             "failed_at_step": fault.step,
-            "epoch": run.epoch,
-            "step": run.global_step,
+            "epoch": run.state.epoch,
+            "step": run.state.global_step,
             "count": self.rewinds,
         }
         run.context.extra["rewind"] = where

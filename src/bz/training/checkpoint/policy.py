@@ -8,21 +8,24 @@ when a run that is started again has nothing left to train.
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import torch
 
-from bz._distributed import sum_across
 from bz._errors import TrainingError, UsageError, describe_exception
 from bz._logging import get_logger
 from bz._rng import capture_rng
-from bz.plugins._protocol import StatefulPlugin
-from bz.plugins._sandbox import guarded
+from bz.training.capture import (
+    TrainingState,
+    by_name,
+    capture,
+    load_plugin_states,
+    plugin_states,
+    restore,
+)
 from bz.training.checkpoint.background import BackgroundWriter, cpu_copy
 from bz.training.checkpoint.files import (
     FINAL_MODEL,
@@ -40,29 +43,14 @@ from bz.training.checkpoint.lock import RunLocked
 from bz.training.checkpoint.store import CheckpointStore, writable_problem
 from bz.training.checkpoint.writes import CheckpointWrites
 from bz.training.result import FitResult
+from bz.training.state import ResumePoint
 
 if TYPE_CHECKING:
+    from bz.plugins._protocol import StatefulPlugin
     from bz.training.control import EndReason
-    from bz.training.loop import Run
+    from bz.training.state import RunParts
 
 _log = get_logger("bz")
-
-
-@attrs.define
-class ResumePoint:
-    """Where the next training loop starts: random states and batches already done."""
-
-    epoch_start: dict[str, Any]
-    """Random states right before the loop's ``iter(train_loader)``."""
-    now: dict[str, Any]
-    """Random states after the last finished step (differs only mid-epoch)."""
-    batch: int = 0
-    loss_total: float = 0.0
-    samples: int = 0
-    metrics: Mapping[str, Sequence[torch.Tensor]] = attrs.Factory(dict)
-    """Training-metric state of the batches already done (see ``MetricSet.carry``)."""
-    batch_loss_total: float = 0.0
-    """The sum of the batches' mean losses (``PluginContext.training_loss_total``)."""
 
 
 class CheckpointPolicy(CheckpointWrites):
@@ -73,7 +61,7 @@ class CheckpointPolicy(CheckpointWrites):
     """
 
     def __init__(
-        self, run: Run, store: CheckpointStore | None, signature: str, *, saves: bool
+        self, run: RunParts, store: CheckpointStore | None, signature: str, *, saves: bool
     ) -> None:
         self.run = run
         self.store = store
@@ -245,41 +233,35 @@ class CheckpointPolicy(CheckpointWrites):
 
     def _restore_training_state(self, path: Path, payload: CheckpointPayload) -> None:
         run = self.run
-        setup = run.setup
+        model, optimizer = run.model, run.setup.optimizer
+        whole = not payload.get("sharded") and not self.fsdp
         try:
             if payload.get("sharded"):
                 from bz.training.checkpoint.sharded import load_shards
 
-                load_shards(path, run.model, setup.optimizer)
+                load_shards(path, model, optimizer)
             elif self.fsdp:  # one process, or DDP, wrote it whole
                 from bz.training.fsdp import load_whole_state
 
-                model_state, optimizer_state = payload["model"], payload["optimizer"]
-                load_whole_state(run.model, setup.optimizer, model_state, optimizer_state)
-            else:
-                run.model.load_state_dict(payload["model"])
-                setup.optimizer.load_state_dict(payload["optimizer"])
-            scheduler_state = payload.get("scheduler")
-            if scheduler_state is not None and hasattr(setup.scheduler, "state_dict"):
-                setup.scheduler.load_state_dict(scheduler_state)
-            loss_state = payload.get("loss")
-            if loss_state is not None and isinstance(setup.loss_fn, torch.nn.Module):
-                setup.loss_fn.load_state_dict(loss_state)
-            scaler, scaler_state = run.precision.scaler, payload.get("grad_scaler")
-            if scaler is not None and scaler_state:
-                scaler.load_state_dict(scaler_state)
+                load_whole_state(model, optimizer, payload["model"], payload["optimizer"])
+            training = TrainingState(
+                payload["model"] if whole else None,  # else loaded above
+                payload["optimizer"] if whole else None,
+                payload.get("scheduler"),
+                payload.get("loss"),
+                payload.get("grad_scaler"),
+            )
+            restore(run, training)
         except Exception as exc:
             raise TrainingError(
                 f"cannot resume from {path}: {describe_exception(exc)} "
                 "(start over with --no-resume)"
             ) from exc
 
-    def resume(self, path: Path, payload: CheckpointPayload) -> ResumePoint:
-        """Put the run back where ``payload`` left it; returns where its next loop starts."""
+    def resume(self, path: Path, payload: CheckpointPayload) -> None:
+        """Put the run back where ``payload`` left it, up to where its next loop starts."""
         run = self.run
         self._restore_training_state(path, payload)
-        run.start_epoch = run.epoch = payload["epoch"]
-        run.global_step = payload["global_step"]
         rng = payload["rng"]
         batch = payload["batch"]
         saved_world = payload.get("world_size", 1)
@@ -306,17 +288,14 @@ class CheckpointPolicy(CheckpointWrites):
             payload.get("metrics", {}) if carries else {},
             _batch_loss_total(payload, batch) if carries else 0.0,
         )
+        run.state.resume_at(payload["epoch"], payload["global_step"], point)
         states: Mapping[str, Any] = payload.get("plugins") or {}
         if self.fsdp:
             from bz.training.fsdp import shard_like_model
 
             # Copies of the model's state were saved whole: back into this run's shards.
             states = shard_like_model(run.model, states)
-        for plugin in run.plugins.active:
-            if isinstance(plugin, StatefulPlugin) and plugin.name in states:
-                restore = functools.partial(plugin.load_state_dict, states[plugin.name])
-                context = run.refresh_context()
-                guarded(run.plugins, plugin, "load_state_dict", context, restore)
+        load_plugin_states(run, by_name(run, states))
         self.resumed_from = path
         self._position = (payload["epoch"], payload["batch"], payload["global_step"])
         if self.rebuilding:
@@ -326,10 +305,9 @@ class CheckpointPolicy(CheckpointWrites):
             path=str(path),
             epoch=event_epoch(payload["epoch"], payload["batch"]),
             batch=payload["batch"],
-            step=run.global_step,
+            step=payload["global_step"],
         )
         run.checkpoint_hook("load_checkpoint", path)
-        return point
 
     # -- saving --------------------------------------------------------------------
 
@@ -360,13 +338,13 @@ class CheckpointPolicy(CheckpointWrites):
             path = store.folder / checkpoint_name(epoch, batch)
         payload = None
         if run.topology.is_main:
-            self._position = (epoch, batch, run.global_step)
+            self._position = (epoch, batch, run.state.global_step)
             payload = self._payload(epoch, batch, stopped, *partial, plugins=plugins)
             if payload is None and shards is None:
                 return
         elif shards is None:
             return
-        tag = (path, event_epoch(epoch, batch), run.global_step)
+        tag = (path, event_epoch(epoch, batch), run.state.global_step)
         try:
             job = self._start_write(store, path, payload, shards)
             if self._writer is not None:
@@ -395,17 +373,17 @@ class CheckpointPolicy(CheckpointWrites):
         ``plugins``: the plugins' states, already gathered under FSDP, whose model and
         optimizer are then in the shards; None: a single-file checkpoint, whole.
         """
-        run = self.run
+        run, state = self.run, self.run.state
         whole = plugins is None
-        setup = run.setup
+        training = capture(run, whole=whole)
         now = capture_rng(run.generators)
-        epoch_start = run.epoch_rng if batch and run.epoch_rng is not None else now
+        epoch_start = state.epoch_rng if batch and state.epoch_rng is not None else now
         payload: CheckpointPayload = {
             "format": FORMAT,
             "signature": self.signature,
             "epoch": epoch,
             "batch": batch,
-            "global_step": run.global_step,
+            "global_step": state.global_step,
             "world_size": run.topology.world_size,
             "stopped": stopped,
             "loss_total": loss_total,
@@ -414,20 +392,16 @@ class CheckpointPolicy(CheckpointWrites):
             "run_dir": str(run.context.extra.get("run_dir") or ""),
             "samples": samples,
             "metrics": metric_state,
-            "model": run.model.state_dict() if whole else {},
-            "optimizer": setup.optimizer.state_dict() if whole else {},
-            "scheduler": (
-                setup.scheduler.state_dict() if hasattr(setup.scheduler, "state_dict") else None
-            ),
-            "loss": self._loss_state(),
-            "grad_scaler": (
-                None if run.precision.scaler is None else run.precision.scaler.state_dict()
-            ),
+            "model": training.model or {},
+            "optimizer": training.optimizer or {},
+            "scheduler": training.scheduler,
+            "loss": training.loss,
+            "grad_scaler": training.grad_scaler,
             "rng": RngStates(epoch_start=epoch_start, now=now),
         }
         problem = loadable_problem(payload, "checkpoint")
         if problem is not None:
-            _log.error("checkpoint_skipped", epoch=epoch, step=run.global_step, error=problem)
+            _log.error("checkpoint_skipped", epoch=epoch, step=state.global_step, error=problem)
             return None
         payload["plugins"] = self._plugin_states() if plugins is None else plugins
         # In the background, the live tensors change under the write: it gets copies.
@@ -457,14 +431,15 @@ class CheckpointPolicy(CheckpointWrites):
         if not self.fsdp:
             weights = run.model.state_dict()
         epoch, batch, step = self._position
-        if step != run.global_step or epoch != epochs:
+        global_step = run.state.global_step
+        if step != global_step or epoch != epochs:
             batch = 0  # whole epochs were trained since
         payload: ModelPayload = {
             "format": FORMAT,
             "signature": self.signature,
             "epoch": epochs,
             "batch": batch,
-            "global_step": run.global_step,
+            "global_step": global_step,
             "model": weights,
             "loss": self._loss_state(),
         }
@@ -479,38 +454,29 @@ class CheckpointPolicy(CheckpointWrites):
             )
             return
         self.final_model = path
-        _log.info("model_saved", path=str(path), epoch=epochs, batch=batch, step=run.global_step)
+        _log.info("model_saved", path=str(path), epoch=epochs, batch=batch, step=global_step)
 
     def _partial_epoch(self) -> tuple[float, int, dict[str, list[torch.Tensor]], float]:
         """The epoch's loss sum, sample count, metric state and sum of batch losses so
         far, summed over the processes (a resumed run has rank 0 carry them). Nothing in
         the run changes: the epoch may go on after a checkpoint."""
         run = self.run
-        loss_total, samples = run.train_loss.value(), run.train_samples
-        batch_total = run.train_loss.batch_sum()
-        if run.topology.distributed:
-            loss_total, summed_samples, batch_total = sum_across(
-                [loss_total, float(samples), batch_total], run.device
-            )
-            samples = int(summed_samples)
-        metrics = run.train_metrics.state(summed=run.topology.distributed)
-        return loss_total, samples, metrics, batch_total
+        distributed = run.topology.distributed
+        train = run.state.train.summed(run.device) if distributed else run.state.train
+        metrics = run.train_metrics.state(summed=distributed)
+        return train.loss.value(), train.samples, metrics, train.loss.batch_sum()
 
     def _plugin_states(self) -> dict[str, Any]:
-        run = self.run
-        states: dict[str, Any] = {}
-        context = run.refresh_context()
-        for plugin in run.plugins.active:
-            if not isinstance(plugin, StatefulPlugin):
-                continue
-            # Under FSDP, sharded tensors are gathered by every process: a plugin that
-            # runs on rank 0 alone cannot keep any (the other shards are not there).
-            alone = self.fsdp and getattr(plugin, "every_rank", False) is not True
-            read = functools.partial(_checked_state, plugin, alone=alone)
-            state = guarded(run.plugins, plugin, "state_dict", context, read)
-            if state is not None:
-                states[plugin.name] = state
-        return states
+        # Under FSDP, sharded tensors are gathered by every process: a plugin that
+        # runs on rank 0 alone cannot keep any (the other shards are not there).
+        fsdp = self.fsdp
+
+        def read(plugin: StatefulPlugin) -> dict[str, Any]:
+            return _checked_state(
+                plugin, alone=fsdp and getattr(plugin, "every_rank", False) is not True
+            )
+
+        return {plugin.name: state for plugin, state in plugin_states(self.run, read)}
 
 
 def _checked_state(plugin: StatefulPlugin, *, alone: bool = False) -> dict[str, Any]:

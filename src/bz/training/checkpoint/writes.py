@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from bz.training.checkpoint.background import BackgroundWriter
     from bz.training.checkpoint.files import CheckpointPayload
     from bz.training.checkpoint.store import CheckpointStore
-    from bz.training.loop import Run
+    from bz.training.state import RunParts
 
 _log = get_logger("bz")
 
@@ -26,7 +26,7 @@ _log = get_logger("bz")
 class CheckpointWrites:
     """The writing half of :class:`~bz.training.checkpoint.policy.CheckpointPolicy`."""
 
-    run: Run
+    run: RunParts
     store: CheckpointStore | None
     last: Path | None
     lost: int
