@@ -221,11 +221,29 @@ def write_half_and_die(real_save: Any, obj: object, file: Any) -> NoReturn:
     raise AssertionError("unreachable: SIGKILL ends the process")
 
 
+def _signal_in_event(name: str, chosen: signal.Signals) -> None:
+    """Send ``chosen`` to this process while bz writes the first ``name`` event's line
+    to stdout (``--log-format json``): the signal lands inside a log write."""
+    real_write = sys.stdout.write
+    marker = f'"event": "{name}"'
+    sent = [False]
+
+    def write(text: str) -> int:
+        if not sent[0] and marker in text:
+            sent[0] = True
+            os.kill(os.getpid(), chosen)
+        return real_write(text)
+
+    sys.stdout.write = write  # type: ignore[method-assign]  # the test's fault injection
+
+
 def child_main() -> None:
     """Run ``bz`` with ``sys.argv[1:]``, dying where the environment says.
 
     ``BZ_TEST_SIGNAL_AT_STEP=N`` and ``BZ_TEST_SIGNAL=KILL|INT|TERM``: send the signal to
-    this process right after optimizer step N. ``BZ_TEST_KILL_IN_WRITE=N``: during the
+    this process right after optimizer step N, or with ``BZ_TEST_SIGNAL_IN_EVENT=NAME``
+    while the line of the first event ``NAME`` is being written (``--log-format json``).
+    ``BZ_TEST_KILL_IN_WRITE=N``: during the
     N-th checkpoint write, write half of the file and die with SIGKILL (the state a
     crash leaves behind).
     """
@@ -243,6 +261,10 @@ def child_main() -> None:
                 os.kill(os.getpid(), chosen)
 
         EpochLoop._step = step  # type: ignore[method-assign]  # the test's fault injection
+
+    in_event = os.environ.get("BZ_TEST_SIGNAL_IN_EVENT")
+    if in_event:
+        _signal_in_event(in_event, chosen)
 
     kill_in_write = int(os.environ.get("BZ_TEST_KILL_IN_WRITE", "0"))
     if kill_in_write:

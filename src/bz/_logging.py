@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TextIO, cast
 
@@ -157,6 +158,52 @@ def _short_import_failures(_logger: WrappedLogger, _method: str, event: EventDic
     return event
 
 
+class _LineWriter:
+    """Writes rendered events to a stream, one line per event, safe to call from a signal
+    handler.
+
+    Ctrl-C and SIGTERM log ``interrupt_requested`` from their handler, which runs in the
+    main thread between two bytecodes, possibly in the middle of this thread's own write
+    of another line. structlog's ``WriteLogger`` holds a plain lock around each write,
+    so the handler would wait forever on the lock its own thread holds: the process
+    hung, and a plugin whose line it was was blamed when ``plugin_timeout`` ran out (a
+    run quarantining ``early_stopping`` ended without its best weights). Here the lock
+    is reentrant and a line that arrives while this thread is writing is kept and
+    written right after the line it interrupted.
+
+    One write per line (message and newline together), so lines from several processes
+    sharing a pipe (torchrun) do not interleave.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._lock = threading.RLock()
+        self._writing = False
+        self._pending: list[str] = []
+
+    def factory(self, *_args: object) -> _LineWriter:
+        """structlog's ``logger_factory``: every logger writes through this one object."""
+        return self
+
+    def msg(self, message: str) -> None:
+        with self._lock:  # another thread waits; this thread, in a handler, gets in
+            if self._writing:  # a signal handler interrupted this thread's own line
+                self._pending.append(message)
+                return
+            self._writing = True
+            try:
+                self.stream.write(message + "\n")
+                self.stream.flush()
+                while self._pending:
+                    self.stream.write(self._pending.pop(0) + "\n")
+                    self.stream.flush()
+            finally:
+                self._writing = False
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure(
     log_format: LogFormat = "console", level: str = "info", stream: TextIO | None = None
 ) -> None:
@@ -187,9 +234,7 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        # One write per line (message and newline together), so lines from several
-        # processes sharing a pipe (torchrun) do not interleave.
-        logger_factory=structlog.WriteLoggerFactory(output),
+        logger_factory=_LineWriter(output).factory,
         cache_logger_on_first_use=False,
     )
 

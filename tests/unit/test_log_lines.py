@@ -1,0 +1,77 @@
+"""The command line's log lines: a signal handler may log in the middle of another line.
+
+Ctrl-C and SIGTERM log ``interrupt_requested`` from their handler, which Python runs in
+the main thread between two bytecodes, possibly while that thread is writing a line.
+The handler must neither wait for the line it interrupted (it would wait forever: the
+process hung, and a plugin whose line it was got blamed when ``plugin_timeout`` ran
+out) nor write into the middle of it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+import structlog
+
+from bz._logging import configure, get_logger
+from bz.training.interrupts import InterruptGuard
+
+
+class _Interrupting(io.StringIO):
+    """A stream that runs ``during`` once, in the middle of the first line written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during: Callable[[], None] | None = None
+
+    def write(self, text: str, /) -> int:
+        during, self.during = self.during, None
+        if during is not None:
+            half = len(text) // 2
+            written = super().write(text[:half])
+            during()  # the signal arrives here
+            return written + super().write(text[half:])
+        return super().write(text)
+
+
+@pytest.fixture
+def cli_logging() -> Iterator[None]:
+    saved = structlog.get_config()
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+@pytest.mark.usefixtures("cli_logging")
+def test_a_line_logged_by_a_signal_handler_comes_whole_right_after_the_one_it_interrupted(
+    log_format: str,
+) -> None:
+    stream = _Interrupting()
+    configure("json" if log_format == "json" else "console", "info", stream)
+    guard = InterruptGuard()
+    stream.during = lambda: guard._handle(signal.SIGTERM.value, None)
+    # In a thread of its own, so that a handler waiting forever fails the test.
+    writer = threading.Thread(
+        target=lambda: get_logger("bz").info("early_stopping_restored", epoch=1), daemon=True
+    )
+    writer.start()
+    writer.join(timeout=60)
+    assert not writer.is_alive(), "the handler waited for the line it interrupted"
+    assert guard.requested
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    if log_format == "json":
+        assert [json.loads(line)["event"] for line in lines] == [
+            "early_stopping_restored",
+            "interrupt_requested",
+        ]
+    else:
+        assert "early_stopping_restored" in lines[0]
+        assert "interrupt_requested" in lines[1]
