@@ -34,7 +34,7 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	touch $@ $(VENV)/.examples
 
 demo: $(VENV)/.examples
-	cd examples/digits && ../../$(BIN)/bz train
+	cd examples/digits && ../../$(BIN)/bz train --no-resume
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -17,11 +17,13 @@ call it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TextIO, cast
 
 import structlog
@@ -31,7 +33,14 @@ from bz import _stdio
 if TYPE_CHECKING:
     from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
-__all__ = ["LogFormat", "configure", "get_logger", "plugin_logger"]
+__all__ = [
+    "LogFormat",
+    "configure",
+    "get_logger",
+    "host_plugin_output",
+    "note_plugin_module",
+    "plugin_logger",
+]
 
 LogFormat = Literal["console", "json"]
 
@@ -143,6 +152,15 @@ def _drop_rendered_by_cli(_logger: WrappedLogger, _method: str, event: EventDict
     return event
 
 
+def _short_import_failures(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    # A plugin package that fails to import is one line on the console (the error names
+    # the distribution); the traceback is noise there. JSON keeps it.
+    import_failure = event.get("event") == "plugin_failed" and event.get("hook") == "import"
+    if import_failure and event.pop("exc_info", None) is not None:
+        event["hint"] = "`bz check-config --traceback` shows the traceback"
+    return event
+
+
 class _LineWriter:
     """Writes rendered events to a stream, one line per event, safe to call from a signal
     handler.
@@ -211,6 +229,7 @@ def configure(
         processors = [
             *shared,
             _drop_rendered_by_cli,
+            _short_import_failures,
             structlog.dev.ConsoleRenderer(colors=colors),
         ]
     structlog.configure(
@@ -221,3 +240,170 @@ def configure(
         logger_factory=_LineWriter(output).factory,
         cache_logger_on_first_use=False,
     )
+
+
+# -- plugins' own output under `bz train` -------------------------------------------------
+#
+# Plugins written for the original bz-cli log through `logging.getLogger(__name__)` and
+# `print()`. As a library bz leaves both alone (the host decides). Under `bz train` bz is
+# the host: `host_plugin_output` shows plugins' stdlib records at bz's level as bz events
+# (console on stderr, or JSON), and with `--log-format json` turns what anything prints
+# into `printed` events, so stdout stays one JSON object per line. Nothing here runs per
+# batch: a record or a print costs only when a plugin makes one.
+
+_PLUGIN_LOGGERS: dict[str, str] = {}
+"""Logger-name prefix (a plugin's top-level package) -> the plugin's name."""
+
+
+class _Hosting:
+    """What :func:`host_plugin_output` set up, to undo it."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.leveled: list[logging.Logger] = []
+
+    def let_through(self, prefix: str) -> None:
+        logger = logging.getLogger(prefix)
+        if logger.level == logging.NOTSET:  # a level the plugin set itself wins
+            logger.setLevel(self.level)
+            self.leveled.append(logger)
+
+
+_hosting: _Hosting | None = None
+
+
+def note_plugin_module(module: str, plugin: str) -> None:
+    """Record that stdlib loggers under ``module``'s top-level package are ``plugin``'s.
+
+    Called by the loader for every plugin it imports. It configures nothing by itself;
+    under :func:`host_plugin_output` those loggers' records are shown at bz's level and
+    what the package prints is attributed to ``plugin``.
+    """
+    prefix = module.split(".", 1)[0]
+    if prefix == "bz" or not prefix:
+        return  # bz's own modules log through bz's route
+    _PLUGIN_LOGGERS.setdefault(prefix, plugin)
+    if _hosting is not None:
+        _hosting.let_through(prefix)
+
+
+def _plugin_of(name: str) -> str | None:
+    """The plugin a module or logger name belongs to, if any."""
+    return _PLUGIN_LOGGERS.get(name.split(".", 1)[0])
+
+
+class _ForeignRecords(logging.Handler):
+    """Stdlib records as bz events: plugins' at bz's level, anyone's warnings and errors.
+
+    Installed on the root logger by :func:`host_plugin_output`, so it replaces Python's
+    last-resort handler (which would print only the message, on stderr, even in JSON mode).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "bz" or record.name.startswith("bz."):
+            return  # bz's own events are rendered by structlog already
+        plugin = _plugin_of(record.name)
+        if plugin is None and record.levelno < logging.WARNING:
+            return  # other libraries' chatter stays as quiet as Python keeps it
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if plugin is not None:
+                fields["plugin"] = plugin
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            log = structlog.get_logger("bz")
+            log.log(record.levelno, record.getMessage(), **fields)
+        except Exception:
+            self.handleError(record)
+
+
+class _PrintedLines(io.TextIOBase):
+    """``sys.stdout`` under ``--log-format json``: each printed line becomes an event.
+
+    The event is ``printed`` with the line as ``text`` and, when a plugin's module
+    printed it, ``plugin``. JSON events themselves go to the real stdout, which
+    structlog was given before this replaced ``sys.stdout``.
+    """
+
+    def __init__(self, real: TextIO) -> None:
+        super().__init__()
+        self._real = real
+        self._pending = ""
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]  # a plain attribute in TextIOBase's stub
+        return self._real.encoding
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    def write(self, text: str) -> int:
+        # The printing frame is the caller's (print is C code and adds no frame).
+        plugin = _printing_plugin(sys._getframe(1))
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            _printed(line, plugin)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            line, self._pending = self._pending, ""
+            _printed(line, _printing_plugin(sys._getframe(1)))
+
+
+def _printing_plugin(frame: Any) -> str | None:
+    """The plugin whose code is on the stack where something was printed, if any."""
+    for _ in range(16):
+        if frame is None:
+            return None
+        plugin = _plugin_of(str(frame.f_globals.get("__name__", "")))
+        if plugin is not None:
+            return plugin
+        frame = frame.f_back
+    return None
+
+
+def _printed(line: str, plugin: str | None) -> None:
+    fields = {"text": line} if plugin is None else {"text": line, "plugin": plugin}
+    structlog.get_logger("bz").info("printed", **fields)
+
+
+@contextlib.contextmanager
+def host_plugin_output(log_format: LogFormat, level: str) -> Iterator[None]:
+    """Under a bz command: plugins' stdlib records and prints become bz events.
+
+    Call after :func:`configure`. Records from the loggers of plugins' packages (see
+    :func:`note_plugin_module`) show at ``level``; anyone's warnings and errors show as
+    events too. With ``json``, ``sys.stdout`` turns printed lines into ``printed``
+    events. Everything is put back on exit.
+    """
+    global _hosting
+    hosting = _Hosting(logging.getLevelNamesMapping()[level.upper()])
+    handler = _ForeignRecords()
+    root = logging.getLogger()
+    previous, _hosting = _hosting, hosting
+    for prefix in _PLUGIN_LOGGERS:
+        hosting.let_through(prefix)
+    root.addHandler(handler)
+    stdout = sys.stdout
+    printed = _PrintedLines(stdout) if log_format == "json" else None
+    if printed is not None:
+        sys.stdout = printed
+    try:
+        yield
+    finally:
+        if printed is not None:
+            printed.flush()
+            if sys.stdout is printed:
+                sys.stdout = stdout
+        root.removeHandler(handler)
+        for logger in hosting.leveled:
+            logger.setLevel(logging.NOTSET)
+        _hosting = previous

@@ -175,6 +175,12 @@ def load_setup_function(path: Path) -> SetupFunction:
     except SyntaxError as exc:
         raise UsageError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
     except Exception as exc:
+        if _written_for_bz_cli_0(exc):
+            raise UsageError(
+                f"{path}: `get_config()` is how bz-cli 0.x's train.py began; bz imports "
+                "train.py and calls its `def setup(config: bz.RunConfig) -> "
+                'bz.TrainingSetup` (see "Coming from bz-cli 0.x" in bz\'s README)'
+            ) from None
         raise TrainingError(f"{path} failed while importing: {user_frame(exc, path)}") from exc
     setup = getattr(module, "setup", None)
     if setup is None:
@@ -186,6 +192,14 @@ def load_setup_function(path: Path) -> SetupFunction:
         raise UsageError(f"{path}: setup is {type(setup).__name__}, not a function")
     checked: SetupFunction = setup
     return checked
+
+
+def _written_for_bz_cli_0(exc: Exception) -> bool:
+    """Whether importing train.py failed on the original bz-cli's ``get_config``
+    (``from bz import get_config``, or ``bz.get_config()``)."""
+    if isinstance(exc, ImportError):
+        return exc.name in ("bz", "bz.config") and "'get_config'" in str(exc)
+    return isinstance(exc, AttributeError) and "'get_config'" in str(exc) and "bz" in str(exc)
 
 
 def call_setup(setup: SetupFunction, config: RunConfig, path: Path | None = None) -> TrainingSetup:

@@ -57,8 +57,9 @@ def test_options_from_bzconfig_are_structured_and_checked(tmp_path: Path) -> Non
     )
     run = load_config(config)
     plugins = load_plugins(run.plugins, run)
-    assert plugins.active_names == ["tensorboard", "run_log", "profiler", "wandb"]
-    tensorboard, run_log, profiler, wandb = plugins.active
+    # The loggers summarise the epoch: they run after the others (Order(last=True)).
+    assert plugins.active_names == ["profiler", "tensorboard", "run_log", "wandb"]
+    profiler, tensorboard, run_log, wandb = plugins.active
     assert isinstance(tensorboard, TensorBoard)
     assert tensorboard.config == TensorBoardConfig(log_dir="tb", histogram_interval=2)
     assert isinstance(profiler, Profiler)

@@ -129,6 +129,22 @@ GOOD = {
         def train(setup: TrainingSetup) -> None:
             Trainer().fit(setup, RunConfig(epochs=1), plugins=[MyPlugin()])
     """,
+    "subclass_with_its_own_stdlib_logger": """
+        import logging
+
+        from bz.plugins import Plugin, PluginContext
+
+
+        class OldStyle(Plugin):
+            name = "old_style"
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.logger = logging.getLogger(__name__)  # as bz-cli 0.x plugins do
+
+            def end_epoch(self, context: PluginContext) -> None:
+                self.logger.info("epoch %d", context.epoch)
+    """,
 }
 
 # module -> (line, the part of mypy's message that names the problem)

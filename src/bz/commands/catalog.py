@@ -244,10 +244,11 @@ def _print_plugin(d: PluginDescription) -> None:
         click.echo("  options:      free-form (the plugin reads them itself)")
     elif not d.options:
         click.echo("  options:      none")
-    elif d.options_from == "load_config":
-        click.echo("  options (defaults from load_config; bz does not check them):")
     else:
-        click.echo("  options:")
+        if d.options_from == "load_config":
+            click.echo("  options (defaults from load_config; bz does not check them):")
+        else:
+            click.echo("  options:")
         for field in d.options:
             default = "required" if field.required else f"default {json.dumps(field.default)}"
             allowed = f"; {field.constraints}" if field.constraints else ""

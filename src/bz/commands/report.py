@@ -45,6 +45,9 @@ class RunHistory:
     failed: dict[str, Any] | None
     unreadable_lines: int
     """Lines that were not JSON objects (a run killed mid-write leaves one)."""
+    outcome: dict[str, Any] | None = None
+    """The last ``start``, ``end``, ``failed`` or ``interrupted`` line: where the run
+    stands (a resumed run appends a new ``start`` to the same log)."""
 
     @property
     def metric_names(self) -> list[str]:
@@ -57,10 +60,14 @@ class RunHistory:
 
     @property
     def status(self) -> str:
-        """``finished``, ``stopped early``, ``failed: ...`` or ``incomplete``."""
-        if self.failed is not None:
-            return f"failed: {self.failed.get('error')}"
-        if self.end is None:
+        """``finished``, ``stopped early``, ``failed: ...``, ``interrupted`` or
+        ``incomplete``."""
+        kind = (self.outcome or {}).get("event")
+        if kind == "failed":
+            return f"failed: {(self.outcome or {}).get('error')}"
+        if kind == "interrupted":
+            return "interrupted (`bz train` resumes it)"
+        if kind != "end" or self.end is None:
             return "incomplete (still running, or killed)"
         return "stopped early" if self.end.get("stopped_early") else "finished"
 
@@ -69,19 +76,27 @@ def read_run_log(path: Path) -> RunHistory:
     """Parse ``path`` (a ``run_log.jsonl``), skipping lines that are not JSON objects."""
     records: dict[str, list[dict[str, Any]]] = {}
     unreadable = 0
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                unreadable += 1
-                continue
-            if not isinstance(record, dict):
-                unreadable += 1
-                continue
-            records.setdefault(str(record.get("event")), []).append(record)
+    outcome: dict[str, Any] | None = None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a run log (not UTF-8 text)") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            unreadable += 1
+            continue
+        if not isinstance(record, dict):
+            unreadable += 1
+            continue
+        records.setdefault(str(record.get("event")), []).append(record)
+        if record.get("event") in ("start", "end", "failed", "interrupted"):
+            outcome = record
 
     def last(kind: str) -> dict[str, Any] | None:
         found = records.get(kind)
@@ -95,13 +110,18 @@ def read_run_log(path: Path) -> RunHistory:
         end=last("end"),
         failed=last("failed"),
         unreadable_lines=unreadable,
+        outcome=outcome,
     )
 
 
 def find_run_logs(path: Path) -> list[Path]:
-    """The run logs ``path`` names: its own, or those of the runs inside it."""
+    """The run logs ``path`` names: its own, or those of the runs inside it.
+
+    A file that is not JSON Lines (``runs/report.png``, which ``bz report runs/*``
+    names too) names no run log: an empty list.
+    """
     if path.is_file():
-        return [path]
+        return [path] if path.suffix == ".jsonl" else []
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
     own = path / _run_log_file()
@@ -265,7 +285,14 @@ def report_command(run_dirs: Sequence[str], output: Path | None, no_plot: bool) 
     RUN_DIR is a run directory (runs/<timestamp>), its run_log.jsonl, or a folder of
     runs (all of them are shown together).
     """
-    logs = [log for run_dir in run_dirs for log in find_run_logs(Path(run_dir))]
+    logs = []
+    for run_dir in run_dirs:
+        found = find_run_logs(Path(run_dir))
+        if not found:
+            click.echo(f"bz: {run_dir}: not a run directory or run log, skipped", err=True)
+        logs.extend(found)
+    if not logs:
+        raise UsageError(f"no run log in {', '.join(run_dirs)} (give runs/<timestamp> or runs/)")
     runs = [read_run_log(log) for log in logs]
     for index, run in enumerate(runs):
         if index:

@@ -188,14 +188,15 @@ def _log_then_launch_or_train(
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank:  # other ranks speak up only when something is wrong
         log_level = "warning" if log_level in ("debug", "info") else log_level
-    _logging.configure("json" if log_format == "json" else "console", log_level)
+    rendering: _logging.LogFormat = "json" if log_format == "json" else "console"
+    _logging.configure(rendering, log_level)
     if "WORLD_SIZE" in os.environ:
         import structlog
 
         structlog.contextvars.bind_contextvars(rank=rank)
     # The processes bz's launcher starts leave the exit event to it: one for the run.
     exit_event = log_format == "json" and not os.environ.get(LAUNCH_ERRORS_ENV)
-    with _outcome_line(exit_event):
+    with _outcome_line(exit_event), _logging.host_plugin_output(rendering, log_level):
         if launching:
             # Checked once here, so bad input is one line, not one per process.
             from bz._run import check_before_launch
@@ -333,6 +334,9 @@ def _run_reporting_failures(
         raise TrainingError(f"{summary}: {user_frame(exc)}") from exc
 
 
+_LOADING = frozenset({"import", "config", "create", "load"})
+"""Fault stages before training: a plugin faulted there never ran."""
+
 _STOPPED = {
     None: "",
     "plugin": " (stopped early)",
@@ -344,6 +348,13 @@ _STOPPED = {
 def _print_outcome(result: FitResult, *, smoke: bool) -> None:
     """The console's closing lines: plugin times, then what was trained and written."""
     _print_plugin_summary(result.plugins)
+    for report in result.plugins:
+        if report.fault is not None and report.fault.stage in _LOADING:
+            click.echo(
+                f"bz: plugin {report.name!r} did not run: it failed in {report.fault.stage} "
+                "(`bz train --strict-plugins` stops instead of training without it)",
+                err=True,
+            )
     if smoke:
         click.echo(
             f"bz: smoke run passed: {result.global_step} step(s), {len(result.plugins)} plugin(s)",
@@ -452,33 +463,57 @@ def validate(
 
 @click.command("check-config")
 @config_option
-@traceback_option("Print the traceback of each plugin that cannot be imported or created.")
+@traceback_option("Print the traceback of each plugin that cannot be imported or configured.")
 def check_config(config_path: str | None, show_traceback: bool) -> None:
     """Validate bzconfig.json, including every plugin's and metric's options.
 
-    Exits 2 when a listed plugin cannot be imported, configured or created (one line
-    each on stderr).
+    Plugins are imported and their options checked, but none is created (creating one
+    may open files or connections). Exits 2 when train_script is missing or a listed
+    plugin cannot be imported or configured (one line each on stderr).
     """
     import structlog
 
     from bz.config import find_config_file, load_config
     from bz.metrics import build_metrics
-    from bz.plugins._loader import load_plugins
+    from bz.plugins._loader import check_plugin_options
+    from bz.plugins._names import check_monitors
 
     file = find_config_file(config_path)
     config = load_config(file)
+    script = file.resolve().parent / config.train_script
     try:
-        build_metrics(config.metrics)
+        metrics = build_metrics(config.metrics)
         # The faults are reported here, once each, not as plugin_failed events too.
         with structlog.testing.capture_logs():
-            plugins = load_plugins(config.plugins, config, policy="isolate")
+            options, faults = check_plugin_options(config.plugins, config)
     except ConfigError as exc:
         raise exc.with_source(str(file)) from None
-    if plugins.faults:
-        for fault in plugins.faults:
+    if faults:
+        for fault in faults:
             if show_traceback and fault.cause is not None:
                 traceback.print_exception(fault.cause, file=sys.stderr)
-        raise UsageError("\n".join(f"{file}: {fault.describe()}" for fault in plugins.faults))
-    click.echo(
-        f"{file}: OK ({len(plugins.active_names)} plugin(s), {len(config.metrics)} metric(s))"
-    )
+        raise UsageError("\n".join(f"{file}: {fault.describe()}" for fault in faults))
+    if not script.is_file():
+        raise UsageError(
+            f"{file}: train_script: {script} does not exist (bz looks for train.py next to "
+            "bzconfig.json; set train_script or run `bz init`)"
+        )
+    try:
+        check_monitors(_Configured.all(options), metrics)
+    except ConfigError as exc:
+        # train.py's setup may add metrics of its own, which only `bz train` knows.
+        for line in exc.with_source(str(file)).render().splitlines():
+            click.echo(f"{line} (unless train.py's setup adds it)", err=True)
+    click.echo(f"{file}: OK ({len(options)} plugin(s), {len(config.metrics)} metric(s))")
+
+
+class _Configured:
+    """A plugin's checked options standing in for the plugin (check-config creates none)."""
+
+    def __init__(self, name: str, config: object) -> None:
+        self.name = name
+        self.config = config
+
+    @classmethod
+    def all(cls, options: dict[str, object]) -> list[_Configured]:
+        return [cls(name, config) for name, config in options.items()]

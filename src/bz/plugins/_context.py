@@ -25,26 +25,32 @@ FOLD_EVERY = 256
 
 
 class DeviceSum:
-    """A weighted sum of per-batch device scalars that reaches the host only when read.
+    """Per-batch device scalars summed on the device; they reach the host only when read.
 
     The loop appends each batch's detached mean loss with the batch's sample count as
-    its weight (no host sync: the count comes from shapes); reading ``value()`` folds
-    everything pending into one device tensor and converts it once. Every
-    :data:`FOLD_EVERY` additions the pending scalars are folded on the device (a few
-    kernels, no sync, no host-to-device copy: equal weights are summed together and
-    multiplied by a Python number), so a long epoch holds a bounded number of tensors.
-    The total is kept in float64 (float32 on MPS, which has no float64).
+    its weight (no host sync: the count comes from shapes). Two sums come out of it:
+    :meth:`value`, weighted by the counts (the sample-weighted total bz's epoch means
+    divide), and :meth:`batch_sum`, the plain sum of the batches' mean losses (what the
+    original bz-cli called ``training_loss_total``). Reading one folds everything pending
+    and converts once. Every :data:`FOLD_EVERY` additions the pending scalars are folded
+    on the device (a few kernels, no sync, no host-to-device copy: equal weights are
+    summed together and multiplied by a Python number), so a long epoch holds a bounded
+    number of tensors. The totals are kept in float64 (float32 on MPS, which has no
+    float64).
     """
 
-    __slots__ = ("_folded", "_pending", "_weights")
+    __slots__ = ("_folded", "_folded_batches", "_pending", "_weights")
 
-    def __init__(self, initial: float = 0.0) -> None:
+    def __init__(self, initial: float = 0.0, batches: float | None = None) -> None:
+        """``initial``: the weighted sum so far; ``batches``: the plain sum so far (the
+        weighted one when not given, as for weights of 1)."""
         self._pending: list[torch.Tensor] = []
         self._weights: list[int] = []
         self._folded: torch.Tensor | float = initial
+        self._folded_batches: torch.Tensor | float = initial if batches is None else batches
 
     def add(self, value: torch.Tensor, weight: int = 1) -> None:
-        """Record ``value * weight`` for one device scalar; never synchronises."""
+        """Record ``value`` with ``weight`` for one device scalar; never synchronises."""
         pending = self._pending
         pending.append(value)
         self._weights.append(weight)
@@ -58,20 +64,28 @@ class DeviceSum:
         groups: dict[int, list[torch.Tensor]] = {}
         for value, weight in zip(self._pending, self._weights, strict=True):
             groups.setdefault(weight, []).append(value)
-        total = self._folded
+        total, batches = self._folded, self._folded_batches
         for weight, values in groups.items():
             stacked = torch.stack(values)
             dtype = torch.float32 if stacked.device.type == "mps" else torch.float64
-            total = total + stacked.sum(dtype=dtype) * weight
-        self._folded = total
+            summed = stacked.sum(dtype=dtype)
+            total = total + summed * weight
+            batches = batches + summed
+        self._folded, self._folded_batches = total, batches
         self._pending.clear()
         self._weights.clear()
 
     def value(self) -> float:
-        """The sum so far, as a Python float (one device-to-host read)."""
+        """The weighted sum so far, as a Python float (one device-to-host read)."""
         if self._pending:
             self._fold()
         return float(self._folded)
+
+    def batch_sum(self) -> float:
+        """The plain sum of the values so far, weights ignored (one device-to-host read)."""
+        if self._pending:
+            self._fold()
+        return float(self._folded_batches)
 
 
 class PluginContext:
@@ -181,19 +195,22 @@ class PluginContext:
 
     @property
     def training_loss_total(self) -> float:
-        """Sum of the training loss over this epoch's samples: each batch's (mean) loss
-        times its sample count (one device read when accessed)."""
-        return self._training_loss.value()
+        """Sum of this epoch's training batches' mean losses, as the original bz-cli
+        summed them: ``training_loss_total / training_batch_count`` is the mean batch
+        loss (one device read when accessed). For the loss bz reports (weighted by
+        batch sizes) read :attr:`training_loss`."""
+        return self._training_loss.batch_sum()
 
     @training_loss_total.setter
     def training_loss_total(self, value: float) -> None:
+        # A context built by hand (a plugin's test): both sums start at ``value``.
         self._training_loss = DeviceSum(float(value))
 
     @property
     def validation_loss_total(self) -> float:
-        """Sum of the validation loss over this epoch's samples, like
-        ``training_loss_total`` (one device read when accessed)."""
-        return self._validation_loss.value()
+        """Sum of this epoch's validation batches' mean losses, like
+        ``training_loss_total``; :attr:`validation_loss` is the reported loss."""
+        return self._validation_loss.batch_sum()
 
     @validation_loss_total.setter
     def validation_loss_total(self, value: float) -> None:
@@ -202,14 +219,15 @@ class PluginContext:
     @property
     def training_loss(self) -> float:
         """Training loss this epoch, weighted by batch sizes: the mean over the samples
-        seen so far (``nan`` before the first batch). One device read when accessed."""
-        return _mean(self.training_loss_total, self.training_sample_count)
+        seen so far (``nan`` before the first batch); the loss every built-in plugin,
+        the console and ``FitResult`` report. One device read when accessed."""
+        return _mean(self._training_loss.value(), self.training_sample_count)
 
     @property
     def validation_loss(self) -> float:
         """Validation loss this epoch, weighted by batch sizes: the mean over the samples
         seen so far (``nan`` before the first batch). One device read when accessed."""
-        return _mean(self.validation_loss_total, self.validation_sample_count)
+        return _mean(self._validation_loss.value(), self.validation_sample_count)
 
     @property
     def gradient_norm(self) -> float | None:

@@ -19,7 +19,7 @@ from bz._entry_points import Discovery, EntrySource
 from bz._entry_points import discover as discover_entries
 from bz._entry_points import duplicate_message as entry_duplicate_message
 from bz._errors import ConfigError, UsageError, describe_exception
-from bz._logging import get_logger
+from bz._logging import get_logger, note_plugin_module
 from bz.config import PluginSpec, RunConfig, structure, unstructure
 from bz.plugins._hooks import HOOK_NAMES
 from bz.plugins._order import plugin_order, sort_plugins
@@ -34,7 +34,7 @@ _log = get_logger("bz")
 # Attributes a plugin class may have that are not hooks (never "near misses").
 _NOT_HOOKS = frozenset(
     {"name", "logger", "state_dict", "load_state_dict", "Config", "config", "create"}
-    | {"load_config", "rank_zero_only", "order", "every_rank"}
+    | {"load_config", "rank_zero_only", "order", "every_rank", "monitor_problem"}
 )
 
 PluginSource = EntrySource
@@ -192,6 +192,41 @@ def check_plugin(name: str, plugin: object) -> tuple[str, ...]:
 # -- creating a plugin ---------------------------------------------------------------
 
 
+_NOT_CHECKED = object()
+"""What :func:`_options` returns when the options could not be checked (a fault)."""
+
+
+def _options(
+    factory: Any, spec: PluginSpec, faults: list[PluginFault], policy: ErrorPolicy
+) -> object:
+    """A plugin's checked options, without creating it: its ``Config`` object, the dict
+    its ``load_config`` returns (guide style), the raw options (``create`` without
+    ``load_config``) or None (no options); :data:`_NOT_CHECKED` after a fault."""
+    options = dict(spec.options)
+    if callable(getattr(factory, "create", None)):
+        load_config = getattr(factory, "load_config", None)
+        if not callable(load_config):
+            return options
+        with LoadBoundary(spec.name, "config", policy, faults):
+            loaded: object = load_config(options)
+            return loaded
+        return _NOT_CHECKED
+    options.pop("enabled", None)
+    config_cls = config_class(factory)
+    if config_cls is not None:
+        with LoadBoundary(spec.name, "config", policy, faults):
+            check_defaults(config_cls)
+            config: object = structure(options, config_cls, options_path(spec))
+            return config
+        return _NOT_CHECKED
+    if options:
+        keys = ", ".join(sorted(options))
+        raise ConfigError(
+            [(options_path(spec), f"plugin {spec.name!r} takes no options (got {keys})")]
+        )
+    return None
+
+
 def _create(
     factory: Any,
     spec: PluginSpec,
@@ -199,33 +234,67 @@ def _create(
     faults: list[PluginFault],
     policy: ErrorPolicy,
 ) -> NamedPlugin | None:
-    options = dict(spec.options)
     create = getattr(factory, "create", None)
     if callable(create):
-        # The plugin guide's style: create(config_data, training_config) -> plugin | None.
+        # The plugin guide's style: create(config_data, training_config) -> plugin | None
+        # (its load_config runs inside, as the guide writes it).
         with LoadBoundary(spec.name, "create", policy, faults):
-            created: NamedPlugin | None = create(options, run_config)
+            created: NamedPlugin | None = create(dict(spec.options), run_config)
             return created
         return None
-    options.pop("enabled", None)
-    config_cls = config_class(factory)
-    if config_cls is not None:
-        with LoadBoundary(spec.name, "config", policy, faults):
-            check_defaults(config_cls)
-            config: object = structure(options, config_cls, options_path(spec))
-            with LoadBoundary(spec.name, "create", policy, faults):
-                plugin: NamedPlugin = factory(config)
-                return plugin
+    config = _options(factory, spec, faults, policy)
+    if config is _NOT_CHECKED:
         return None
-    if options:
-        keys = ", ".join(sorted(options))
-        raise ConfigError(
-            [(options_path(spec), f"plugin {spec.name!r} takes no options (got {keys})")]
-        )
     with LoadBoundary(spec.name, "create", policy, faults):
-        made: NamedPlugin = factory()
-        return made
+        plugin: NamedPlugin = factory() if config is None else factory(config)
+        return plugin
     return None
+
+
+def check_plugin_options(
+    specs: Sequence[PluginSpec],
+    run_config: RunConfig,
+    *,
+    discovery: Discovery | None = None,
+) -> tuple[dict[str, object], list[PluginFault]]:
+    """What ``bz check-config`` checks: every listed plugin imports and its options
+    pass its ``Config`` class (or its ``load_config``), without creating any plugin, so
+    nothing a plugin does when created (open a file, connect somewhere) happens.
+
+    Returns the checked options by plugin name and the faults found. Unknown names and
+    bad options raise :class:`ConfigError`, as :func:`load_plugins` does.
+    """
+    discovery = discovery or discover()
+    _check_names(specs, discovery, {})
+    faults: list[PluginFault] = []
+    checked: dict[str, object] = {}
+    for spec in specs:
+        if not spec.enabled:
+            continue
+        factory = _import(discovery.sources[spec.name], "isolate", faults)
+        if factory is None:
+            continue
+        options = _options(factory, spec, faults, "isolate")
+        if options is not _NOT_CHECKED:
+            checked[spec.name] = options
+    return checked, faults
+
+
+def _check_names(
+    specs: Sequence[PluginSpec], discovery: Discovery, registry: Mapping[str, object]
+) -> None:
+    """Unknown and repeated plugin names: a :class:`ConfigError` naming each."""
+    known = sorted({*discovery.sources, *registry})
+    unknown = [s for s in specs if s.name not in discovery.sources and s.name not in registry]
+    if unknown:
+        raise ConfigError([(s.path, _unknown_message(s.name, known)) for s in unknown])
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(
+                [(spec.path, f"plugin {spec.name!r} is already listed at {seen[spec.name]}")]
+            )
+        seen[spec.name] = spec.path
 
 
 def load_plugins(
@@ -246,18 +315,7 @@ def load_plugins(
     policy = policy or run_config.plugin_errors
     discovery = discovery or discover()
     registry = registry or {}
-    known = sorted({*discovery.sources, *registry})
-    unknown = [s for s in specs if s.name not in discovery.sources and s.name not in registry]
-    if unknown:
-        raise ConfigError([(s.path, _unknown_message(s.name, known)) for s in unknown])
-    seen: dict[str, str] = {}
-    for spec in specs:
-        if spec.name in seen:
-            raise ConfigError(
-                [(spec.path, f"plugin {spec.name!r} is already listed at {seen[spec.name]}")]
-            )
-        seen[spec.name] = spec.path
-
+    _check_names(specs, discovery, registry)
     faults: list[PluginFault] = []
     loaded: list[tuple[NamedPlugin, tuple[str, ...]]] = []
     for spec in specs:
@@ -275,6 +333,8 @@ def load_plugins(
             factory = _import(discovery.sources[spec.name], policy, faults)
             if factory is None:
                 continue
+        # Its stdlib loggers and prints are attributed to it (shown under `bz train`).
+        note_plugin_module(str(getattr(factory, "__module__", "")), spec.name)
         plugin = _create(factory, spec, run_config, faults, policy)
         if plugin is None:
             continue

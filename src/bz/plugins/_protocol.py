@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, runtime_checkable
 
 if TYPE_CHECKING:
+    import logging
     from collections.abc import Mapping
 
     import torch
     from structlog.typing import FilteringBoundLogger
 
     from bz.plugins._context import PluginContext
+
+    StdlibLogger: TypeAlias = logging.Logger | logging.LoggerAdapter[Any]
+
+
+_OWN_LOGGER = "_bz_own_logger"
+"""Where an assigned ``Plugin.logger`` lives on the instance."""
 
 
 class Plugin(Protocol):
@@ -42,12 +49,22 @@ class Plugin(Protocol):
         """A structlog-style logger bound to ``plugin=<name>`` (see :func:`plugin_logger`).
 
         Events follow the host: its structlog processors, else stdlib records on
-        ``bz.plugin.<name>``.
+        ``bz.plugin.<name>``. A plugin may assign its own (``self.logger =
+        logging.getLogger(__name__)``, as the original bz-cli's examples do): the
+        plugin's own logger wins, and under ``bz train`` its records reach the console
+        like bz's events (see ``docs/plugin-guide.md``).
         """
+        own = self.__dict__.get(_OWN_LOGGER)
+        if own is not None:
+            return cast("FilteringBoundLogger", own)
         # Imported here, not at the top: `bz --help` should not pay for structlog.
         from bz._logging import plugin_logger
 
         return plugin_logger(self)
+
+    @logger.setter
+    def logger(self, value: FilteringBoundLogger | StdlibLogger) -> None:
+        self.__dict__[_OWN_LOGGER] = value
 
     def start_training_session(self, context: PluginContext) -> None:
         """Once, before the first epoch."""

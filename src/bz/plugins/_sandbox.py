@@ -351,7 +351,7 @@ class PluginSet:
 
     def _fail(self, slot: _Slot, hook: str, exc: BaseException, context: PluginContext) -> None:
         fault = PluginFault(
-            slot.name, hook, describe_exception(exc), context.epoch, context.global_step
+            slot.name, hook, describe_exception(exc), context.epoch + 1, context.global_step
         )
         slot.fault = fault
         self._watchdog.settle()
@@ -401,7 +401,7 @@ class PluginSet:
                     slot.name,
                     "another process",
                     "quarantined because it failed on another rank",
-                    context.epoch,
+                    context.epoch + 1,
                     context.global_step,
                 )
                 changed = True

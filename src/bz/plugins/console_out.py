@@ -27,7 +27,7 @@ import attrs
 
 from bz._model_summary import summarize, summary_lines
 from bz.config import at_least
-from bz.plugins import ConfiguredPluginClass, hook
+from bz.plugins import ConfiguredPluginClass, Order, hook
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -112,6 +112,8 @@ class ConsoleOut:
     """Progress bars for epochs and batches, and a summary line per epoch."""
 
     Config = ConsoleOutConfig
+    order = Order(last=True)
+    """It reports the epoch: after every other plugin, so it sees the metrics they add."""
 
     def __init__(
         self,

@@ -2,8 +2,10 @@
 
 The monitored value is read once per epoch, in ``end_epoch``: ``validation_loss``,
 ``training_loss``, any metric by name (validation first: ``accuracy`` means the
-validation accuracy when there is validation data), or ``training_<metric>`` /
-``validation_<metric>`` explicitly.
+validation accuracy when there is validation data), ``training_<metric>`` /
+``validation_<metric>`` explicitly, or the names the console prints (``loss``,
+``val_loss``, ``val_<metric>``). A ``monitor`` that names nothing the run produces is
+refused before training (exit 2), with the names it could be.
 
 Strategies:
 
@@ -27,13 +29,15 @@ is the zero-based index.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
+from bz._converter import nearest
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, hook, plugin_logger
+from bz.plugins._names import resolve
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +51,9 @@ class EarlyStoppingConfig:
     """Options of ``early_stopping``."""
 
     monitor: str = "validation_loss"
-    """What to watch: ``validation_loss``, ``training_loss`` or a metric name."""
+    """What to watch: ``validation_loss``, ``training_loss`` or a metric name, also as
+    the console prints them (``val_loss``, ``val_accuracy``); a name the run does not
+    produce is refused before training."""
     mode: Literal["min", "max"] = "min"
     """Whether smaller (``min``) or larger (``max``) is better."""
     patience: int = attrs.field(default=10, validator=at_least(1))
@@ -62,6 +68,17 @@ class EarlyStoppingConfig:
     """A value the monitored quantity must beat before it counts as improving at all."""
     verbose: bool = True
     """Log improvements and the stop decision."""
+
+    def monitor_problem(self, names: Collection[str]) -> str | None:
+        """Why ``monitor`` is none of ``names`` (what the run produces), or None."""
+        if self.monitor in names:
+            return None
+        hint = nearest(self.monitor, names)
+        suggestion = f'did you mean "{hint}"? ' if hint else ""
+        return (
+            f"monitor: {self.monitor!r} is no value this run produces; {suggestion}"
+            f"it could be one of: {', '.join(names)}"
+        )
 
 
 class EarlyStopping:
@@ -89,19 +106,19 @@ class EarlyStopping:
     # -- reading the monitored value ---------------------------------------------------
 
     def monitored_value(self, context: PluginContext) -> float | None:
-        """The current value of ``monitor``, or None when the run does not produce it."""
-        key = self.config.monitor
-        if key == "validation_loss":
-            return context.validation_loss if context.validation_batch_count else None
-        if key == "training_loss":
-            return context.training_loss if context.training_batch_count else None
-        for prefix, table in (
-            ("validation_", context.validation_metrics),
-            ("training_", context.training_metrics),
-        ):
-            if key.startswith(prefix) and key[len(prefix) :] in table:
-                return float(table[key[len(prefix) :]])
-        for table in (context.validation_metrics, context.training_metrics):
+        """The current value of ``monitor``, or None when the run does not produce it.
+
+        Names as :mod:`bz.plugins._names` describes them: the console's ``val_loss`` /
+        ``val_accuracy`` mean what ``validation_loss`` / ``validation_accuracy`` do.
+        """
+        for phase, key in resolve(self.config.monitor):
+            if key == "loss":
+                if phase == "validation":
+                    count = context.validation_batch_count
+                    return context.validation_loss if count else None
+                return context.training_loss if context.training_batch_count else None
+            validation = phase == "validation"
+            table = context.validation_metrics if validation else context.training_metrics
             if key in table:
                 return float(table[key])
         return None

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import attrs
 
 from bz.config import at_least
-from bz.plugins import ConfiguredPluginClass, hook
+from bz.plugins import ConfiguredPluginClass, Order, hook
 from bz.plugins._run_dir import run_directory
 from bz.plugins._scalars import (
     EXTRA_SCALARS_KEY,
@@ -92,6 +92,8 @@ class RunLog:
     """
 
     Config = RunLogConfig
+    order = Order(last=True)
+    """It reports the epoch: after every other plugin, so it sees the metrics they add."""
 
     def __init__(self, config: RunLogConfig | None = None) -> None:
         self.name = "run_log"
@@ -218,13 +220,14 @@ class RunLog:
 
     @hook
     def on_exception(self, context: PluginContext) -> None:
-        """The ``failed`` line; close the file."""
+        """The ``failed`` line (``interrupted`` for Ctrl-C / SIGTERM: the run resumes);
+        close the file."""
         if self._file is None:
             return
         error = context.exception
         self._write(
             {
-                "event": "failed",
+                "event": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
                 "time": _now(),
                 "epoch": context.epoch,
                 "step": context.global_step,

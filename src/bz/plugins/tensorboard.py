@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from bz.config import at_least
-from bz.plugins import ConfiguredPluginClass, hook
+from bz.plugins import ConfiguredPluginClass, Order, hook
 from bz.plugins._run_dir import run_directory
 from bz.plugins._scalars import StepSchedule, epoch_scalars, learning_rates, step_scalars
 
@@ -57,6 +57,8 @@ class TensorBoard:
     """
 
     Config = TensorBoardConfig
+    order = Order(last=True)
+    """It reports the epoch: after every other plugin, so it sees the metrics they add."""
 
     def __init__(self, config: TensorBoardConfig | None = None) -> None:
         # Checked here (cheaply: no import) so that a missing extra is reported when the

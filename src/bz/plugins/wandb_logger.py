@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from bz.config import at_least
-from bz.plugins import ConfiguredPluginClass, hook
+from bz.plugins import ConfiguredPluginClass, Order, hook
 from bz.plugins._run_dir import run_directory
 from bz.plugins._scalars import StepSchedule, epoch_scalars, learning_rates, step_scalars
 
@@ -67,6 +67,8 @@ class Wandb:
     """
 
     Config = WandbConfig
+    order = Order(last=True)
+    """It reports the epoch: after every other plugin, so it sees the metrics they add."""
 
     def __init__(self, config: WandbConfig | None = None) -> None:
         # Checked here (cheaply: no import) so that a missing extra is reported when the

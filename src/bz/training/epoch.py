@@ -209,7 +209,8 @@ class EpochLoop(RunParts):
         if point is None or point.batch == 0:
             return iterator, 0
         restore_rng(point.now, self.generators)
-        state.train = Totals(DeviceSum(point.loss_total), point.batch, point.samples)
+        loss = DeviceSum(point.loss_total, point.batch_loss_total)
+        state.train = Totals(loss, point.batch, point.samples)
         self.train_metrics.carry(point.metrics)
         return iterator, point.batch
 

@@ -282,6 +282,11 @@ class Run(EpochLoop):
             return checkpoints.already_complete(*found, started)
         history: list[EpochRecord] = []
         self.context.extra["active_plugins"] = self.plugins.active_names
+        self.context.extra["epochs"] = self.config.epochs  # where the original bz-cli had it
+        previous = found[1].get("run_dir") if found is not None else None
+        if previous and Path(previous).is_dir():
+            # Resuming: the logging plugins write on into the run's folder.
+            self.context.extra["run_dir"] = previous
         check_batches(self.context.training_batches_per_epoch)
         # Each part runs again from its start, without the plugin, when one fails in it.
         part = Rewinder(self).part if Rewinder.wanted(self) else _once

@@ -191,7 +191,9 @@ class Rewinder:
         where = {
             "plugin": fault.plugin,
             "hook": fault.stage,
-            "failed_at_epoch": fault.epoch,
+            # Epochs as context.epoch counts them (from 0), like "epoch" beside it; the
+            # fault itself counts from 1, as the console does.
+            "failed_at_epoch": None if fault.epoch is None else fault.epoch - 1,
             "failed_at_step": fault.step,
             "epoch": run.state.epoch,
             "step": run.state.global_step,

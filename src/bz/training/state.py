@@ -51,10 +51,9 @@ class Totals:
 
     def summed(self, device: torch.device) -> Totals:
         """These totals summed over every process (one collective; itself alone)."""
-        loss, batches, samples = sum_across(
-            [self.loss.value(), float(self.batches), float(self.samples)], device
-        )
-        return Totals(DeviceSum(loss), int(batches), int(samples))
+        values = [self.loss.value(), self.loss.batch_sum(), float(self.batches)]
+        loss, batch_sum, batches, samples = sum_across([*values, float(self.samples)], device)
+        return Totals(DeviceSum(loss, batch_sum), int(batches), int(samples))
 
 
 def mean(total: DeviceSum, count: int) -> float:
@@ -78,6 +77,8 @@ class ResumePoint:
     loader: dict[str, Any] | None = None
     """The training loader's own saved state, for a loader that has one
     (:mod:`bz.training.position`)."""
+    batch_loss_total: float = 0.0
+    """The sum of the batches' mean losses (``PluginContext.training_loss_total``)."""
 
 
 @attrs.define(eq=False)

@@ -13,6 +13,7 @@ from bz._logging import get_logger
 from bz._model_summary import summarize
 from bz.config import RunConfig
 from bz.plugins._loader import plugin_set
+from bz.plugins._names import check_monitors
 from bz.plugins._sandbox import PluginSet
 from bz.training.device import deterministic_algorithms, seed_everything
 from bz.training.interrupts import TrainingInterrupted
@@ -95,6 +96,8 @@ def fit_seeded(
 
         metrics = build_metrics(config.metrics)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    # A plugin watching a value the run never produces would never act: refused now.
+    check_monitors(plugins.active, [*metrics, *setup.metrics])
     # run_started / run_finished frame every fit, library or CLI, whatever its outcome,
     # so a host reading bz's events always sees how a run ended.
     _log.info(

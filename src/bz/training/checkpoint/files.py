@@ -115,6 +115,10 @@ class CheckpointPayload(ModelPayload):
     """A plugin or ``max_steps`` ended the run here: it is finished."""
     loss_total: NotRequired[float]
     """The interrupted epoch's loss sum so far, over all processes."""
+    run_dir: NotRequired[str]
+    """``context.extra["run_dir"]`` when written ("" when no plugin made one)."""
+    batch_loss_total: NotRequired[float]
+    """The interrupted epoch's sum of batch (mean) losses so far, over all processes."""
     samples: NotRequired[int]
     """The interrupted epoch's sample count so far, over all processes."""
     metrics: NotRequired[dict[str, list[torch.Tensor]]]

@@ -288,7 +288,8 @@ class CheckpointPolicy(CheckpointWrites):
             # Checkpoints written before these were kept hold neither.
             payload.get("samples", 0) if carries else 0,
             payload.get("metrics", {}) if carries else {},
-            payload.get("loader") if saved_world == run.topology.world_size else None,
+            loader=payload.get("loader") if saved_world == run.topology.world_size else None,
+            batch_loss_total=_batch_loss_total(payload, batch) if carries else 0.0,
         )
         run.state.resume_at(payload["epoch"], payload["global_step"], point)
         states: Mapping[str, Any] = payload.get("plugins") or {}
@@ -305,7 +306,7 @@ class CheckpointPolicy(CheckpointWrites):
         _log.info(
             "resumed",
             path=str(path),
-            epoch=payload["epoch"],
+            epoch=event_epoch(payload["epoch"], payload["batch"]),
             batch=payload["batch"],
             step=payload["global_step"],
         )
@@ -326,7 +327,7 @@ class CheckpointPolicy(CheckpointWrites):
         run = self.run
         self.settle()  # at most one write in flight
         # Every process takes part in gathering the interrupted epoch's numbers.
-        partial = self._partial_epoch() if batch else (0.0, 0, {})
+        partial = self._partial_epoch() if batch else (0.0, 0, {}, 0.0)
         shards = plugins = None
         if self.fsdp:
             from bz.training.checkpoint.sharded import shard_state, sharded_name
@@ -346,7 +347,7 @@ class CheckpointPolicy(CheckpointWrites):
                 return
         elif shards is None:
             return
-        tag = (path, epoch, run.state.global_step)
+        tag = (path, event_epoch(epoch, batch), run.state.global_step)
         try:
             job = self._start_write(store, path, payload, shards)
             if self._writer is not None:
@@ -366,6 +367,7 @@ class CheckpointPolicy(CheckpointWrites):
         loss_total: float,
         samples: int,
         metric_state: dict[str, list[torch.Tensor]],
+        batch_loss_total: float,
         *,
         plugins: dict[str, Any] | None,
     ) -> CheckpointPayload | None:
@@ -388,6 +390,9 @@ class CheckpointPolicy(CheckpointWrites):
             "world_size": run.topology.world_size,
             "stopped": stopped,
             "loss_total": loss_total,
+            "batch_loss_total": batch_loss_total,
+            # The logging plugins' shared folder: a resumed run writes on into it.
+            "run_dir": str(run.context.extra.get("run_dir") or ""),
             "samples": samples,
             "metrics": metric_state,
             "model": training.model or {},
@@ -461,14 +466,15 @@ class CheckpointPolicy(CheckpointWrites):
         self.final_model = path
         _log.info("model_saved", path=str(path), epoch=epochs, batch=batch, step=global_step)
 
-    def _partial_epoch(self) -> tuple[float, int, dict[str, list[torch.Tensor]]]:
-        """The epoch's loss sum, sample count and metric state so far, summed over the
-        processes (a resumed run has rank 0 carry them). Nothing in the run changes:
-        the epoch may go on after a checkpoint."""
+    def _partial_epoch(self) -> tuple[float, int, dict[str, list[torch.Tensor]], float]:
+        """The epoch's loss sum, sample count, metric state and sum of batch losses so
+        far, summed over the processes (a resumed run has rank 0 carry them). Nothing in
+        the run changes: the epoch may go on after a checkpoint."""
         run = self.run
         distributed = run.topology.distributed
         train = run.state.train.summed(run.device) if distributed else run.state.train
-        return train.loss.value(), train.samples, run.train_metrics.state(summed=distributed)
+        metrics = run.train_metrics.state(summed=distributed)
+        return train.loss.value(), train.samples, metrics, train.loss.batch_sum()
 
     def _plugin_states(self) -> dict[str, Any]:
         # Under FSDP, sharded tensors are gathered by every process: a plugin that
@@ -497,3 +503,19 @@ def _checked_state(plugin: StatefulPlugin, *, alone: bool = False) -> dict[str, 
     if problem is not None:
         raise TypeError(problem)
     return state
+
+
+def _batch_loss_total(payload: CheckpointPayload, batch: int) -> float:
+    """The interrupted epoch's sum of batch losses; for a checkpoint written before it
+    was kept, the sample-weighted mean times the batches (exact when they share a size)."""
+    if "batch_loss_total" in payload:
+        return payload["batch_loss_total"]
+    samples = payload.get("samples", 0)
+    return payload.get("loss_total", 0.0) * batch / samples if samples else 0.0
+
+
+def event_epoch(epochs_done: int, batch: int) -> int:
+    """The epoch a checkpoint position lies in, counted from 1 as the console and
+    ``training_interrupted`` count: ``epoch-0004.pt`` is the end of epoch 4,
+    ``epoch-0004-batch-00001.pt`` is inside epoch 5."""
+    return epochs_done + 1 if batch else epochs_done
