@@ -12,6 +12,7 @@ with the file and line where it happened.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 import traceback
@@ -152,6 +153,9 @@ def _is_plateau(scheduler: object) -> bool:
 
 SetupFunction = Callable[["RunConfig"], TrainingSetup]
 
+TRAIN_SCRIPT_MODULE_PREFIX = "_bz_train_script_"
+"""The start of the module name train.py is imported under (then a hash of its path)."""
+
 
 def load_setup_function(path: Path) -> SetupFunction:
     """Import ``path`` and return its ``setup`` function."""
@@ -160,7 +164,10 @@ def load_setup_function(path: Path) -> SetupFunction:
             f"{path}: file not found (bz looks for train.py next to bzconfig.json; "
             "set train_script in bzconfig.json or run `bz init`)"
         )
-    module_name = f"_bz_train_script_{abs(hash(str(path.resolve())))}"
+    # A name that is the same in every process (str hashes are salted per process):
+    # the run signature names train.py's functions by it.
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    module_name = f"{TRAIN_SCRIPT_MODULE_PREFIX}{digest}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise UsageError(f"{path}: cannot be imported as a Python module")

@@ -504,3 +504,56 @@ def test_validate_without_a_checkpoint_is_one_line_and_exit_2(
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1
     assert "no checkpoint of this run" in result.stderr
+
+
+_SIGNATURE_OF_TRAIN_PY = """
+import sys
+from pathlib import Path
+from bz._setup import load_setup_function
+from bz.config import RunConfig
+from bz.training.checkpoint.files import run_signature
+config = RunConfig(epochs=1, device="cpu", plugins=(), seed=5)
+print(run_signature(load_setup_function(Path(sys.argv[1]))(config), config))
+"""
+
+_TRAIN_PY_WITH_A_LOSS_FUNCTION = """
+import torch
+import bz
+
+def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(outputs, targets)
+
+def setup(config: bz.RunConfig) -> bz.TrainingSetup:
+    model = torch.nn.Linear(2, 1)
+    data = [(torch.zeros(4, 2), torch.zeros(4, 1))]
+    return bz.TrainingSetup(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=loss_fn, train_loader=data,
+    )
+"""
+
+
+@pytest.mark.slow
+def test_a_loss_function_in_train_py_is_the_same_run_in_every_process_and_folder(
+    tmp_path: Path,
+) -> None:
+    # train.py's functions were named by a module name holding hash(path), which Python
+    # salts per process: a run with a loss function never found its own checkpoints.
+    import os
+    import subprocess
+    import sys
+
+    signatures = set()
+    for seed, folder in (("1", "a"), ("2", "a"), ("3", "b")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        script = tmp_path / folder / "train.py"
+        script.write_text(_TRAIN_PY_WITH_A_LOSS_FUNCTION)
+        done = subprocess.run(
+            [sys.executable, "-c", _SIGNATURE_OF_TRAIN_PY, str(script)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        signatures.add(done.stdout.strip())
+    assert len(signatures) == 1

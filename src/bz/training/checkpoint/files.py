@@ -39,6 +39,7 @@ from typing import (
 import torch
 
 from bz._logging import get_logger
+from bz._setup import TRAIN_SCRIPT_MODULE_PREFIX
 from bz.training.checkpoint.sidecars import FORMAT as FORMAT
 from bz.training.checkpoint.sidecars import HASH as HASH
 from bz.training.checkpoint.sidecars import SIDECAR_SUFFIX as SIDECAR_SUFFIX
@@ -159,6 +160,8 @@ def _callable_name(value: object) -> str:
     owner = value if isinstance(value, type) else type(value)
     name = getattr(value, "__qualname__", None) or owner.__qualname__
     module = getattr(value, "__module__", None) or owner.__module__
+    if module.startswith(TRAIN_SCRIPT_MODULE_PREFIX):
+        module = "train_script"  # the same run wherever its folder is
     return f"{module}.{name}"
 
 
