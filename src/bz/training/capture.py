@@ -20,6 +20,7 @@ import torch
 
 from bz.plugins._protocol import StatefulPlugin
 from bz.plugins._sandbox import guarded
+from bz.training.checkpoint.files import loadable_problem
 
 if TYPE_CHECKING:
     from bz.training.state import RunParts
@@ -137,3 +138,20 @@ def _same(value: Any) -> Any:
 
 def _state_dict(plugin: StatefulPlugin) -> Any:
     return plugin.state_dict()
+
+
+def checked_plugin_state(plugin: StatefulPlugin, *, alone: bool = False) -> dict[str, Any]:
+    """``plugin.state_dict()``, checked to be loadable (``TypeError`` naming what is not)."""
+    state = plugin.state_dict()
+    problem = loadable_problem(state, "state_dict()")
+    if problem is None and alone:
+        from bz.training.fsdp import has_sharded_tensors
+
+        if has_sharded_tensors(state):
+            problem = (
+                "state_dict() holds sharded tensors (DTensor) but the plugin runs on "
+                "rank 0 only, which has only its own shards (set every_rank = True)"
+            )
+    if problem is not None:
+        raise TypeError(problem)
+    return state

@@ -401,3 +401,12 @@ def is_finished(payload: Mapping[str, Any], epochs: int, max_steps: int | None =
         or int(payload["epoch"]) >= epochs
         or (max_steps is not None and int(payload["global_step"]) >= max_steps)
     )
+
+
+def batch_loss_total(payload: CheckpointPayload, batch: int) -> float:
+    """The interrupted epoch's sum of batch losses; for a checkpoint written before it
+    was kept, the sample-weighted mean times the batches (exact when they share a size)."""
+    if "batch_loss_total" in payload:
+        return payload["batch_loss_total"]
+    samples = payload.get("samples", 0)
+    return payload.get("loss_total", 0.0) * batch / samples if samples else 0.0

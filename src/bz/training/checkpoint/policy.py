@@ -22,6 +22,7 @@ from bz.training.capture import (
     TrainingState,
     by_name,
     capture,
+    checked_plugin_state,
     load_plugin_states,
     plugin_states,
     restore,
@@ -34,6 +35,7 @@ from bz.training.checkpoint.files import (
     CheckpointPayload,
     ModelPayload,
     RngStates,
+    batch_loss_total,
     checkpoint_name,
     is_finished,
     list_entries,
@@ -289,7 +291,7 @@ class CheckpointPolicy(CheckpointWrites):
             payload.get("samples", 0) if carries else 0,
             payload.get("metrics", {}) if carries else {},
             loader=payload.get("loader") if saved_world == run.topology.world_size else None,
-            batch_loss_total=_batch_loss_total(payload, batch) if carries else 0.0,
+            batch_loss_total=batch_loss_total(payload, batch) if carries else 0.0,
         )
         run.state.resume_at(payload["epoch"], payload["global_step"], point)
         states: Mapping[str, Any] = payload.get("plugins") or {}
@@ -482,36 +484,11 @@ class CheckpointPolicy(CheckpointWrites):
         fsdp = self.fsdp
 
         def read(plugin: StatefulPlugin) -> dict[str, Any]:
-            return _checked_state(
+            return checked_plugin_state(
                 plugin, alone=fsdp and getattr(plugin, "every_rank", False) is not True
             )
 
         return {plugin.name: state for plugin, state in plugin_states(self.run, read)}
-
-
-def _checked_state(plugin: StatefulPlugin, *, alone: bool = False) -> dict[str, Any]:
-    state = plugin.state_dict()
-    problem = loadable_problem(state, "state_dict()")
-    if problem is None and alone:
-        from bz.training.fsdp import has_sharded_tensors
-
-        if has_sharded_tensors(state):
-            problem = (
-                "state_dict() holds sharded tensors (DTensor) but the plugin runs on "
-                "rank 0 only, which has only its own shards (set every_rank = True)"
-            )
-    if problem is not None:
-        raise TypeError(problem)
-    return state
-
-
-def _batch_loss_total(payload: CheckpointPayload, batch: int) -> float:
-    """The interrupted epoch's sum of batch losses; for a checkpoint written before it
-    was kept, the sample-weighted mean times the batches (exact when they share a size)."""
-    if "batch_loss_total" in payload:
-        return payload["batch_loss_total"]
-    samples = payload.get("samples", 0)
-    return payload.get("loss_total", 0.0) * batch / samples if samples else 0.0
 
 
 def event_epoch(epochs_done: int, batch: int) -> int:
