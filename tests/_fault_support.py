@@ -342,17 +342,31 @@ def write_half_and_die(real_save: Any, obj: object, file: Any) -> NoReturn:
 def _signal_in_event(name: str, chosen: signal.Signals) -> None:
     """Send ``chosen`` to this process while bz writes the first ``name`` event's line
     to stdout (``--log-format json``): the signal lands inside a log write."""
-    real_write = sys.stdout.write
+    from bz import _stdio
+
     marker = f'"event": "{name}"'
     sent = [False]
 
-    def write(text: str) -> int:
+    def signal_first(text: str) -> None:
         if not sent[0] and marker in text:
             sent[0] = True
             os.kill(os.getpid(), chosen)
+
+    real_write = sys.stdout.write
+
+    def write(text: str) -> int:
+        signal_first(text)
         return real_write(text)
 
     sys.stdout.write = write  # type: ignore[method-assign]  # the test's fault injection
+    # bz writes its lines through its own copy of descriptor 1 (bz._stdio) when it has one.
+    owned_write = _stdio._OwnedStream.write
+
+    def owned(self: Any, text: str) -> int:
+        signal_first(text)
+        return owned_write(self, text)
+
+    _stdio._OwnedStream.write = owned  # type: ignore[method-assign]  # the test's fault injection
 
 
 def child_main() -> None:
