@@ -109,6 +109,9 @@ class PluginSet:
         self._slots = [_Slot(plugin.name, plugin, hooks) for plugin, hooks in plugins]
         self._load_faults = list(load_faults)
         self._table: dict[str, tuple[_Entry, ...]] = {}
+        self.implemented: dict[str, bool] = {}
+        """Per hook, whether an active plugin implements it: one dict for the set's life,
+        kept current (the loop holds it and tests a hook before preparing its call)."""
         self.rewindable = False
         """Set by the loop while it can go back to a consistent state (``rewind``)."""
         self._fence: RandomFence | None = None
@@ -151,7 +154,7 @@ class PluginSet:
 
     def implements(self, hook: str) -> bool:
         """Whether any active plugin implements ``hook``."""
-        return bool(self._table[hook])
+        return self.implemented[hook]
 
     def _rebuild(self) -> None:
         # Precomputed per hook: a hook nobody implements is an empty tuple, so calling
@@ -171,6 +174,7 @@ class PluginSet:
             )
             for hook in HOOK_NAMES
         }
+        self.implemented.update((hook, bool(entries)) for hook, entries in self._table.items())
 
     # -- the hot path ----------------------------------------------------------------
 

@@ -85,8 +85,13 @@ class EpochLoop(RunParts):
 
     def _hook(self, hook: str) -> None:
         # The context is refreshed only when someone will look at it.
-        if self.plugins.implements(hook):
-            self.plugins.call(hook, self.refresh_context())
+        if self.plugins.implemented[hook]:
+            self.plugins.call(hook, self.state.show(self.context))
+
+    def _call(self, hook: str) -> None:
+        """``hook``, which the caller saw implemented (``plugins.implemented``): the
+        per-batch path tests the flag inline and calls only when someone listens."""
+        self.plugins.call(hook, self.state.show(self.context))
 
     def checkpoint_hook(self, hook: str, path: Path) -> None:
         """Call ``save_checkpoint`` / ``load_checkpoint`` with ``checkpoint_path`` set."""
@@ -219,16 +224,17 @@ class EpochLoop(RunParts):
     def _step(self, batch: Any, index: int) -> None:
         # A method of its own so that the batch, outputs and graph die when it returns
         # instead of living in the loop's frame until the next batch replaces them.
-        setup, hook, ctx, state = self.setup, self._hook, self.context, self.state
+        ctx, state, implemented = self.context, self.state, self.plugins.implemented
         train = state.train
         if self.move_batches:
             batch = to_device(batch, self.device)
         forward = self.train_forward
         ctx.batch = batch = forward.prepare(batch)
-        hook("start_training_batch")
+        if implemented["start_training_batch"]:
+            self._call("start_training_batch")
         group = 1 if self.accumulate == 1 else self._group_size(index)
         if state.micro == 0:
-            setup.optimizer.zero_grad(set_to_none=True)
+            self.setup.optimizer.zero_grad(set_to_none=True)
         steps = state.micro + 1 == group
         # Batches that do not step add their gradients locally; the one that steps
         # makes DDP average the group's sum over the processes.
@@ -240,7 +246,8 @@ class EpochLoop(RunParts):
             # torch.autograd.backward is what Tensor.backward calls (and it is typed).
             torch.autograd.backward(scaled if scaler is None else scaler.scale(scaled))
         ctx.outputs, ctx.loss = outputs, loss
-        hook("after_backward")
+        if implemented["after_backward"]:
+            self._call("after_backward")
         if steps:
             self._optimizer_step(loss)
             state.micro = 0
@@ -255,7 +262,8 @@ class EpochLoop(RunParts):
             self.train_metrics.update(for_metrics(predictions, self.precision), targets)
         train.batches += 1
         ctx.last_loss = detached
-        hook("end_training_batch")
+        if implemented["end_training_batch"]:
+            self._call("end_training_batch")
         ctx.batch = ctx.outputs = ctx.loss = ctx._gradient_norm = None
 
     def _check_finite(self, loss: torch.Tensor | None, norm: torch.Tensor | None) -> None:
@@ -300,7 +308,8 @@ class EpochLoop(RunParts):
         if self.config.check_finite == "step":
             # Under a gradient scaler an infinite norm is an overflow the scaler skips.
             self._check_finite(loss, self.context._gradient_norm if scaler is None else None)
-        self._hook("before_optimizer_step")
+        if self.plugins.implemented["before_optimizer_step"]:
+            self._call("before_optimizer_step")
         if scaler is not None:
             scaler.step(optimizer)  # reads one flag back: GradScaler skips steps on overflow
             scaler.update()
