@@ -19,7 +19,6 @@ stop, validate or write a checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
     from bz.metrics._set import MetricSet
     from bz.training.checkpoint.policy import CheckpointPolicy
     from bz.training.control import EndReason, StepControl
-    from bz.training.forward import Forward
+    from bz.training.forward import Computed, Forward
     from bz.training.interrupts import InterruptVote
 
 _log = get_logger("bz")
@@ -238,13 +237,12 @@ class EpochLoop(RunParts):
         steps = state.micro + 1 == group
         # Batches that do not step add their gradients locally; the one that steps
         # makes DDP average the group's sum over the processes.
-        with self.ddp.no_sync() if self.ddp is not None and not steps else _NO_CONTEXT:
-            with self.precision.autocast():
-                loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
-            scaled = loss if group == 1 else loss / group
-            scaler = self.precision.scaler
-            # torch.autograd.backward is what Tensor.backward calls (and it is typed).
-            torch.autograd.backward(scaled if scaler is None else scaler.scale(scaled))
+        if self.ddp is not None and not steps:
+            with self.ddp.no_sync():
+                computed = self._forward_backward(forward, batch, group)
+        else:
+            computed = self._forward_backward(forward, batch, group)
+        loss, outputs, predictions, targets, samples = computed
         ctx.outputs, ctx.loss = outputs, loss
         if implemented["after_backward"]:
             self._call("after_backward")
@@ -265,6 +263,22 @@ class EpochLoop(RunParts):
         if implemented["end_training_batch"]:
             self._call("end_training_batch")
         ctx.batch = ctx.outputs = ctx.loss = ctx._gradient_norm = None
+
+    def _forward_backward(self, forward: Forward, batch: Any, group: int) -> Computed:
+        """The loss under autocast (when the precision has one), and its backward pass
+        (scaled by the group size, and by the gradient scaler of ``16-mixed``)."""
+        autocast = self.precision.autocast
+        if autocast is None:
+            computed = forward.compute(self.forward, batch)
+        else:
+            with autocast():
+                computed = forward.compute(self.forward, batch)
+        loss = computed[0]
+        scaled = loss if group == 1 else loss / group
+        scaler = self.precision.scaler
+        # torch.autograd.backward is what Tensor.backward calls (and it is typed).
+        torch.autograd.backward(scaled if scaler is None else scaler.scale(scaled))
+        return computed
 
     def _check_finite(self, loss: torch.Tensor | None, norm: torch.Tensor | None) -> None:
         check_step(
@@ -379,9 +393,6 @@ class EpochLoop(RunParts):
         state.stopped_by = reason
         # Numbered from 1, as the console and the checkpoint names do.
         _log.info("stop_requested", reason=reason, epoch=state.epoch + 1, step=state.global_step)
-
-
-_NO_CONTEXT = contextlib.nullcontext()
 
 
 def capped(length: int | None, limit: int | None) -> int | None:

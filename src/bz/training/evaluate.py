@@ -89,7 +89,10 @@ class ValidationPass:
     def computed(self, batch: Any) -> Computed:
         """What one batch computes (loss, outputs, predictions, targets, samples), under
         autocast."""
-        with self.precision.autocast():
+        autocast = self.precision.autocast
+        if autocast is None:
+            return self.batches.compute(self.model, batch)
+        with autocast():
             return self.batches.compute(self.model, batch)
 
 
