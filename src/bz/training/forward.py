@@ -12,7 +12,6 @@ check here reads shapes and types only, never a device value.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -54,13 +53,24 @@ def forward_for(setup: TrainingSetup, loader: str, *, metrics: bool) -> Forward:
     if setup.loss_fn is not None:
         loss_fn = setup.loss_fn
 
+        def prepare(batch: Any) -> tuple[Any, Any]:
+            # A plain pair is already what unpack would build (a tuple of the two).
+            if type(batch) is tuple and len(batch) == 2:
+                return batch
+            return unpack(batch, loader)
+
         def compute(model: torch.nn.Module, batch: tuple[Any, Any]) -> Computed:
             inputs, targets = batch
             outputs = model(inputs)
-            samples = samples_of_pair(inputs, targets, loader)
+            # samples_of_pair's first rule inline (a tensor's first dimension): it runs
+            # for every batch, and a call and two tensor attributes are measurable.
+            if isinstance(inputs, torch.Tensor) and (shape := inputs.shape):
+                samples: int = shape[0]
+            else:
+                samples = samples_of_pair(inputs, targets, loader)
             return loss_fn(outputs, targets), outputs, outputs, targets, samples
 
-        return Forward("pairs", functools.partial(unpack, loader=loader), compute)
+        return Forward("pairs", prepare, compute)
     return Forward("mapping", _same, _mapping_compute(loader, metrics))
 
 
