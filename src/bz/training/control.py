@@ -67,13 +67,15 @@ class StepControl:
             None if self.checkpoint_seconds is None else started + self.checkpoint_seconds
         )
         self._clocked = self.deadline is not None or self.next_checkpoint_time is not None
-        self._idle = not (
+        self.idle = not (
             self._clocked
             or vote is not None
             or self.max_steps is not None
             or self.validate_every
             or self.checkpoint_every
         )
+        """Nothing to decide after a step but a Ctrl-C / SIGTERM or a plugin's stop request
+        (the loop tests those two itself, and asks :meth:`after_step` when one is set)."""
         self.checkpoint_at_epoch_end = False
         """A step-based checkpoint fell on an epoch's last step: the epoch's end writes it."""
 
@@ -85,7 +87,7 @@ class StepControl:
         """
         interrupted = self.interrupt.requested
         stop_requested = self.context.should_stop_training
-        if self._idle:  # the common case, decided once: nothing but requests to look at
+        if self.idle:  # the common case, decided once: nothing but requests to look at
             if last_in_epoch or not (interrupted or stop_requested):
                 return _NOTHING
             return _INTERRUPT if interrupted else _PLUGIN_STOP

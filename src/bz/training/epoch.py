@@ -153,10 +153,15 @@ class EpochLoop(RunParts):
             self.vote.start_epoch()
         stopped: EndReason | None = None
         interrupted = False
+        # StepControl.after_step's common case, inline: with no step or time rule to
+        # apply, only a Ctrl-C or a plugin's stop request can make a step count.
+        quiet, guard, ctx = control.idle, control.interrupt, self.context
         for index, batch in enumerate(iterator, start=skipped):
             state.batch_index = index
             step(batch, index)
             if state.micro:  # in the middle of an accumulation group: nothing can happen
+                continue
+            if quiet and not (guard.requested or ctx.should_stop_training):
                 continue
             decision = control.after_step(state.global_step, index + 1 == batches)
             if decision.interrupt:
@@ -308,7 +313,7 @@ class EpochLoop(RunParts):
         optimizer, scaler, clip = self.setup.optimizer, self.precision.scaler, self.clip
         if scaler is not None:
             scaler.unscale_(optimizer)
-        asked = self._asked_norm()  # before clipping
+        asked = self._asked_norm() if self.norm_every else None  # before clipping
         if clip is not None:
             parameters = [p for p in self.model.parameters() if p.grad is not None]
             if clip.max_norm is not None:
