@@ -110,3 +110,43 @@ def test_a_fence_with_no_draws_changes_nothing_and_can_be_used_again(kind: str) 
         fence.put_back(mark)
         got.append(_next_numbers())
     assert got == expected
+
+
+def _torch_draws(kind: int, count: int) -> None:
+    if kind == 0:
+        torch.randn(1)  # takes the cached normal, or leaves one behind
+    elif kind == 1:
+        torch.randn(count)
+    elif kind == 2:
+        torch.randint(0, 10, (count,))
+    elif kind == 3:
+        # The same 624 words as the seed it replaces (only the low 32 bits make the
+        # words): the fence must still see the new seed (torch.initial_seed()).
+        torch.manual_seed(torch.initial_seed() + 2**32)
+    else:
+        torch.normal(0.0, 1.0, (1,))
+
+
+@pytest.mark.parametrize("kind", list(FENCES))
+@settings(max_examples=40)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    cached=st.booleans(),
+    draws=st.lists(st.tuples(st.integers(0, 4), st.integers(1, 1300)), max_size=4),
+)
+def test_torchs_whole_generator_state_comes_back(
+    kind: str, seed: int, cached: bool, draws: list[tuple[int, int]]
+) -> None:
+    # torch's CPU generator state is more than its words: the seed, and a cached
+    # normal sample (randn of a few numbers takes one or leaves one behind).
+    fence = FENCES[kind]()
+    torch.manual_seed(seed)
+    if cached:
+        torch.randn(1)
+    before, initial = torch.get_rng_state(), torch.initial_seed()
+    mark = fence.mark()
+    for draw, count in draws:
+        _torch_draws(draw, count)
+    fence.put_back(mark)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.initial_seed() == initial
