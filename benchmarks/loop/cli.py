@@ -149,17 +149,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(device)
     print(f"# bz loop benchmark on {env['device']}")
     print(f"python {env['python']}, torch {env['torch']}, bz {env['bz']}, {env['platform']}")
-    print(
-        f"median of {repeats} rounds in rotating order after {args.warmup} warm-up round(s); "
-        f"clock: {'CUDA events' if device.type == 'cuda' else 'thread CPU time'}"
-    )
+    if not args.no_timing:
+        print(
+            f"median of {repeats} rounds in rotating order after {args.warmup} warm-up "
+            f"round(s); clock: {'CUDA events' if device.type == 'cuda' else 'thread CPU time'}"
+        )
     if not with_lightning:
         print("(PyTorch Lightning not installed: pip install 'bz-cli[bench]' to include it)")
     if not args.no_bf16 and not precision_supported():
         print(f"({BZ_BF16}: skipped (needs precision support))")
     counting = args.instructions and instructions.valgrind() is not None
-    if args.instructions and not counting:
-        print("(instructions: skipped: valgrind is not installed)")
     results: dict[str, Any] = {"environment": env, "repeats": repeats, "workloads": {}}
     summaries = []
     counted: dict[str, dict[str, float]] = {}
@@ -193,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as out:
             json.dump(results, out, indent=2)
+    if args.instructions and not counting:
+        print()
+        print("instructions: skipped (valgrind is not installed; it is what counts them)")
     if "tiny" in counted:
         tiny, baselines = counted["tiny"], _baselines(variants(True, True))
         print()
@@ -222,9 +224,10 @@ def _baselines(chosen: list[Variant]) -> dict[str, str]:
 def _count(workload: str, chosen: list[Variant], steps: int | None) -> dict[str, float]:
     """Instructions per step of ``chosen`` on ``workload``, and their table printed."""
     names = [variant.name for variant in chosen]
-    counts = instructions.count(workload, names, steps or instructions.STEPS[workload])
+    steps = steps or instructions.STEPS[workload]
+    counts = instructions.count(workload, names, steps)
     by_name = {counted.variant: counted.per_step for counted in counts}
     print()
-    print(instructions.markdown(workload, by_name, _baselines(chosen), HAND))
+    print(instructions.markdown(workload, steps, by_name, _baselines(chosen), HAND))
     sys.stdout.flush()
     return by_name

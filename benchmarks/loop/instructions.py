@@ -169,12 +169,14 @@ def ratios(counts: dict[str, float], baselines: dict[str, str]) -> dict[str, flo
     }
 
 
-def markdown(workload: str, counts: dict[str, float], baselines: dict[str, str], hand: str) -> str:
-    """The instructions table of one workload."""
+def markdown(
+    workload: str, steps: int, counts: dict[str, float], baselines: dict[str, str], hand: str
+) -> str:
+    """The instructions table of one workload, counted with runs of ``steps`` and 2×."""
     ratio = ratios(counts, baselines)
     lines = [
         f"**{workload}, instructions** (callgrind, per step: (2N-step run - N-step run) / N,"
-        f" N = {STEPS.get(workload, 0)}, one process, one thread)",
+        f" N = {steps}, one process, one thread)",
         "",
         "| variant | compared with | instructions per step | vs that row | vs hand loop |",
         "|---|---|---:|---:|---:|",

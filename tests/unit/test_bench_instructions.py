@@ -86,7 +86,8 @@ def test_ratios_compare_each_variant_with_its_baseline() -> None:
     ratios = instructions.ratios(counts, baselines)
     assert ratios[BZ] == pytest.approx(1.024)
     assert ratios[BZ_ACCURACY] == pytest.approx(1.03)
-    table = instructions.markdown("tiny", counts, baselines, HAND)
+    table = instructions.markdown("tiny", 64, counts, baselines, HAND)
+    assert "N = 64" in table
     assert f"| {BZ_ACCURACY} | {HAND_ACCURACY} | 0.001 M | 1.030× | 1.133× |" in table
 
 
