@@ -21,7 +21,7 @@ from bz.config import (
 )
 
 if TYPE_CHECKING:
-    from bz._setup import SetupFunction
+    from bz._setup import SetupFunction, TrainingSetup
     from bz.metrics import Metric
     from bz.plugins._sandbox import ErrorPolicy, PluginSet
     from bz.training.checkpoint.files import ModelPayload
@@ -154,6 +154,7 @@ def run(
     if run_config.deterministic:  # cuBLAS reads it once: before setup() can use CUDA
         request_cublas_determinism()
     setup = call_setup(setup_function, run_config, script)
+    _check_monitors(config, overrides, run_config, setup, plugins, metrics)
     _log.info(
         "training_started",
         script=str(script),
@@ -168,6 +169,28 @@ def run(
         checkpoint_dir=base / run_config.checkpoint_dir,
         limit_batches=1 if smoke else None,
     )
+
+
+def _check_monitors(
+    config: RunConfig | str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None,
+    run_config: RunConfig,
+    setup: TrainingSetup,
+    plugins: PluginSet,
+    metrics: Mapping[str, Metric],
+) -> None:
+    """Refuse a watched name the run never produces (``early_stopping``'s ``monitor``,
+    ``keep_best.monitor``) before training, naming where it was configured; ``fit``
+    checks the same for callers in Python."""
+    from bz.plugins._names import check_monitors
+    from bz.training.checkpoint.best import check_monitor
+
+    names = [*metrics, *setup.metrics]
+    validates = setup.val_loader is not None
+    with _attributed_to(blamed_source(config, overrides, "plugins")):
+        check_monitors(plugins.active, names, validates=validates)
+    with _attributed_to(blamed_source(config, overrides, "keep_best")):
+        check_monitor(run_config.keep_best, names, validates=validates)
 
 
 class _Prepared(NamedTuple):

@@ -477,6 +477,7 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     from bz.metrics import build_metrics
     from bz.plugins._loader import check_plugin_options
     from bz.plugins._names import check_monitors
+    from bz.training.checkpoint.best import check_monitor
 
     file = find_config_file(config_path)
     config = load_config(file)
@@ -498,12 +499,18 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
             f"{file}: train_script: {script} does not exist (bz looks for train.py next to "
             "bzconfig.json; set train_script or run `bz init`)"
         )
-    try:
-        check_monitors(_Configured.all(options), metrics)
-    except ConfigError as exc:
-        # train.py's setup may add metrics of its own, which only `bz train` knows.
-        for line in exc.with_source(str(file)).render().splitlines():
-            click.echo(f"{line} (unless train.py's setup adds it)", err=True)
+    # train.py's setup may add metrics of its own, and decides whether there is
+    # validation data, which only `bz train` knows: a watched name that none of the
+    # config's metrics gives is reported, as `bz train` would refuse it, but not fatal.
+    for check in (
+        lambda: check_monitors(_Configured.all(options), metrics),
+        lambda: check_monitor(config.keep_best, metrics, validates=True),
+    ):
+        try:
+            check()
+        except ConfigError as exc:
+            for line in exc.with_source(str(file)).render().splitlines():
+                click.echo(f"{line} (unless train.py's setup adds it)", err=True)
     click.echo(f"{file}: OK ({len(options)} plugin(s), {len(config.metrics)} metric(s))")
 
 
