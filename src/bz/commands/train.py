@@ -9,6 +9,7 @@ elastic launcher) and renders the outcome; ``validate`` and ``check-config`` cal
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -503,8 +504,8 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     # validation data, which only `bz train` knows: a watched name that none of the
     # config's metrics gives is reported, as `bz train` would refuse it, but not fatal.
     for check in (
-        lambda: check_monitors(_Configured.all(options), metrics),
-        lambda: check_monitor(config.keep_best, metrics, validates=True),
+        functools.partial(check_monitors, _Configured.all(options), metrics),
+        functools.partial(check_monitor, config.keep_best, metrics, validates=True),
     ):
         try:
             check()
