@@ -4,8 +4,9 @@ bz hashes the bytes while writing them (XXH3-128, no second pass) and writes a s
 sidecar with two renames and fsyncs; before writing, it gives back the page cache of
 the file it replaces (as ``torch.save``'s truncating open does), so that the new file's
 pages are memory just freed rather than memory free for long, which a virtual machine
-may have handed back to its host (a host fault per page); reading verifies the checksum in one pass over the
-file (through a memory map: the page cache, no copy) before ``torch.load``. The bare
+may have handed back to its host (a host fault per page); reading verifies the
+checksum in one pass over the file (through a memory map: the page cache, no copy)
+before ``torch.load``. The bare
 baseline is ``torch.save`` to an open file + fsync, and ``torch.load``. Prints the median
 of ``--rounds`` per size, then, as its last line, the ratios at the largest size::
 
