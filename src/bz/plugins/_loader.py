@@ -22,6 +22,7 @@ from bz._errors import ConfigError, UsageError, describe_exception
 from bz._logging import get_logger, note_plugin_module
 from bz.config import PluginSpec, RunConfig, structure, unstructure
 from bz.plugins._hooks import HOOK_NAMES
+from bz.plugins._isolated import PROCESS, isolation_of, start_isolated, without_isolation
 from bz.plugins._order import plugin_order, sort_plugins
 from bz.plugins._protocol import NamedPlugin, Plugin
 from bz.plugins._sandbox import ErrorPolicy, LoadBoundary, PluginFault, PluginSet
@@ -35,6 +36,7 @@ _log = get_logger("bz")
 _NOT_HOOKS = frozenset(
     {"name", "logger", "state_dict", "load_state_dict", "Config", "config", "create"}
     | {"load_config", "rank_zero_only", "order", "every_rank", "monitor_problem"}
+    | {"needs_training_process"}
 )
 
 PluginSource = EntrySource
@@ -202,7 +204,7 @@ def _options(
     """A plugin's checked options, without creating it: its ``Config`` object, the dict
     its ``load_config`` returns (guide style), the raw options (``create`` without
     ``load_config``) or None (no options); :data:`_NOT_CHECKED` after a fault."""
-    options = dict(spec.options)
+    options = without_isolation(spec.options)
     if callable(getattr(factory, "create", None)):
         load_config = getattr(factory, "load_config", None)
         if not callable(load_config):
@@ -239,7 +241,7 @@ def _create(
         # The plugin guide's style: create(config_data, training_config) -> plugin | None
         # (its load_config runs inside, as the guide writes it).
         with LoadBoundary(spec.name, "create", policy, faults):
-            created: NamedPlugin | None = create(dict(spec.options), run_config)
+            created: NamedPlugin | None = create(without_isolation(spec.options), run_config)
             return created
         return None
     config = _options(factory, spec, faults, policy)
@@ -271,6 +273,7 @@ def check_plugin_options(
     for spec in specs:
         if not spec.enabled:
             continue
+        isolation_of(spec.options, options_path(spec))
         factory = _import(discovery.sources[spec.name], "isolate", faults)
         if factory is None:
             continue
@@ -328,6 +331,18 @@ def load_plugins(
                 plugin=spec.name,
                 hint=duplicate_message(spec.name, chosen, discovery.duplicates[spec.name]),
             )
+        if isolation_of(spec.options, options_path(spec)) == PROCESS:
+            if spec.name in registry:
+                raise ConfigError(
+                    [(options_path(spec), f'"isolation": "{PROCESS}" needs an installed plugin')]
+                )
+            # Created in a process of its own; the training process holds a proxy.
+            isolated = start_isolated(
+                spec.name, spec.options, options_path(spec), run_config, policy, faults
+            )
+            if isolated is not None:
+                loaded.append((isolated, check_plugin(spec.name, isolated)))
+            continue
         factory = registry.get(spec.name)
         if factory is None:
             factory = _import(discovery.sources[spec.name], policy, faults)
