@@ -31,7 +31,7 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 # -- plugins and metrics -------------------------------------------------------------------
 
-_ENABLED = {
+_ENABLED: dict[str, dict[str, Any]] = {
     "enabled": {"type": "boolean", "description": "false: the plugin is not created."},
     "isolation": {
         "enum": ["in-process", "process"],

@@ -49,7 +49,6 @@ import sys
 import time
 from collections.abc import Mapping
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bz._errors import ConfigError
@@ -58,9 +57,10 @@ from bz.plugins._faults import PluginFailure, PluginFault
 from bz.plugins._hooks import HOOKS
 from bz.plugins._run_dir import run_dir_hint
 from bz.plugins._scalars import GRADIENT_NORM_ATTRIBUTE
+from bz.plugins._snapshot import COUNTERS, epoch_values, plain_entries, source_of, step_values
 
 if TYPE_CHECKING:
-    from bz.config import RunConfig
+    from bz.config import PluginSpec, RunConfig
     from bz.plugins._context import PluginContext
     from bz.plugins._faults import ErrorPolicy
 
@@ -86,23 +86,6 @@ START_TIMEOUT_S = 120.0
 PER_BATCH = frozenset(spec.name for spec in HOOKS if spec.per_batch)
 SYNC_HOOKS = ("end_epoch", "end_training_session")
 """Hooks every proxy implements: where replies of batch-level hooks are waited for."""
-
-COUNTERS = (
-    "epoch",
-    "epochs",
-    "global_step",
-    "batch_index",
-    "training_batch_count",
-    "training_sample_count",
-    "validation_batch_count",
-    "validation_sample_count",
-    "training_batches_per_epoch",
-    "validation_batches_per_epoch",
-    "rank",
-    "world_size",
-    "should_stop_training",
-)
-"""Plain fields of the context every snapshot carries."""
 
 _log = get_logger("bz")
 
@@ -130,25 +113,6 @@ def isolation_of(options: Mapping[str, Any], path: str) -> str:
 def without_isolation(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options a plugin itself reads (the framework's ``isolation`` key removed)."""
     return {key: value for key, value in options.items() if key != ISOLATION_KEY}
-
-
-# -- plain values ---------------------------------------------------------------------------
-
-
-def plain(value: Any) -> bool:
-    """Whether ``value`` can travel to and from a plugin's process: JSON-like data."""
-    if value is None or isinstance(value, (bool, int, float, str, Path)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(plain(item) for item in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and plain(v) for k, v in value.items())
-    return False
-
-
-def plain_entries(table: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``table`` whose values are plain (the rest stays where it is)."""
-    return {key: value for key, value in table.items() if plain(value)}
 
 
 # -- the channel ----------------------------------------------------------------------------
@@ -263,12 +227,12 @@ def _log_format() -> str | None:
 
 
 def start_isolated(
-    name: str,
-    options: Mapping[str, Any],
+    spec: PluginSpec,
     path: str,
     run_config: RunConfig,
     policy: ErrorPolicy,
     faults: list[PluginFault],
+    registry: Mapping[str, object],
 ) -> IsolatedPlugin | None:
     """Create plugin ``name`` in a process of its own and return its proxy.
 
@@ -277,6 +241,9 @@ def start_isolated(
     importing or creating it follow ``policy`` (appended to ``faults`` and None, or a
     :class:`PluginFailure`).
     """
+    name, options = spec.name, spec.options
+    if name in registry:  # a factory given in code: the child cannot import it
+        raise ConfigError([(path, f'"isolation": "{PROCESS}" needs an installed plugin')])
     timeout = run_config.plugin_timeout
     deadline = time.monotonic() + (timeout if timeout is not None else START_TIMEOUT_S)
     channel = _spawn()
@@ -369,7 +336,7 @@ class IsolatedPlugin:
             raise IsolatedPluginError("its process has ended")
         while channel.ready():
             self._apply(channel.receive(None, hook), context)
-        source = _source(context)
+        source = source_of(context)
         fields = source.__dict__
         snapshot = {field: fields[field] for field in COUNTERS}
         snapshot["extra"] = plain_entries(source.extra)
@@ -378,17 +345,17 @@ class IsolatedPlugin:
             if step != self._last_step:
                 self._last_step = step
                 if step % self._values_every == 0:
-                    snapshot.update(_step_values(source))
+                    snapshot.update(step_values(source))
         if not channel.post(("hook", hook, snapshot), limit=True):
             self.dropped += 1
 
     # -- everything else: waits ----------------------------------------------------------
 
     def _ask(self, hook: str, context: PluginContext) -> None:
-        source = _source(context)
+        source = source_of(context)
         self._last_step = source.global_step
         snapshot = {field: source.__dict__[field] for field in COUNTERS}
-        snapshot.update(_epoch_values(source))
+        snapshot.update(epoch_values(source))
         self._request(("hook", hook, snapshot), hook, context)
         if hook == "end_training_session":
             self._finish(context)
@@ -448,73 +415,12 @@ class StatefulIsolatedPlugin(IsolatedPlugin):
         if self._channel.closed and self._state is not None:
             state: dict[str, Any] = self._state  # its last state, sent as it closed
             return state
-        state = self._request(("state_dict",), "state_dict", None)
-        return state
+        fresh: dict[str, Any] = self._request(("state_dict",), "state_dict", None)
+        return fresh
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Hand ``state`` to the plugin in its process."""
         self._request(("load_state_dict", dict(state)), "load_state_dict", None)
-
-
-def _source(context: PluginContext) -> PluginContext:
-    # The loop's context behind the sandbox's read-only view (a test's own context as is).
-    try:
-        source: PluginContext = object.__getattribute__(context, "_source")
-    except AttributeError:
-        return context
-    return source
-
-
-def _step_values(source: PluginContext) -> dict[str, Any]:
-    """The step's loss, gradient norm and learning rates: host reads, on due steps only."""
-    loss = source.last_loss
-    return {
-        "last_loss": None if loss is None else float(loss),
-        "gradient_norm": source.gradient_norm,
-        "param_groups": _param_groups(source),
-    }
-
-
-def _epoch_values(source: PluginContext) -> dict[str, Any]:
-    """What epoch-level hooks see beyond the counters (one device read per loss)."""
-    training = source._training_loss
-    validation = source._validation_loss
-    values = _step_values(source)
-    exception = source.exception
-    values.update(
-        extra=plain_entries(source.extra),
-        training_metrics=dict(source.training_metrics),
-        validation_metrics=dict(source.validation_metrics),
-        hyperparameters=source.hyperparameters if plain(source.hyperparameters) else {},
-        losses=(training.value(), training.batch_sum(), validation.value(), validation.batch_sum()),
-        checkpoint_path=source.checkpoint_path,
-        exception=None if exception is None else _portable(exception),
-    )
-    return values
-
-
-def _param_groups(source: PluginContext) -> list[dict[str, Any]]:
-    optimizer = source.optimizer
-    if optimizer is None:
-        return []
-    return [
-        {key: _number(value) for key, value in group.items() if key != "params"}
-        for group in optimizer.param_groups
-    ]
-
-
-def _number(value: Any) -> Any:
-    # A capturable optimizer keeps lr as a tensor: one read, as learning_rates() does.
-    return value if plain(value) else float(value) if hasattr(value, "item") else None
-
-
-def _portable(exception: BaseException) -> BaseException:
-    """``exception`` as it pickles, or a RuntimeError that describes it."""
-    try:
-        copy: BaseException = pickle.loads(pickle.dumps(exception))
-    except Exception:
-        return RuntimeError(f"{type(exception).__name__}: {exception}")
-    return copy
 
 
 __all__ = [
@@ -528,7 +434,6 @@ __all__ = [
     "IsolatedPluginError",
     "StatefulIsolatedPlugin",
     "isolation_of",
-    "plain",
     "start_isolated",
     "without_isolation",
 ]

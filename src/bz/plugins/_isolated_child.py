@@ -49,7 +49,7 @@ def _die_with_parent(parent: int) -> None:
 def main(fd: int) -> None:
     """Serve one plugin over the socket ``fd`` until told to close."""
     connection = Connection(fd)
-    kind, start = pickle.loads(connection.recv_bytes())
+    _kind, start = pickle.loads(connection.recv_bytes())
     _die_with_parent(start.get("parent", os.getppid()))
     sys.path[:] = start["sys_path"]
 
@@ -190,7 +190,7 @@ class _Server:
             weighted, batches, val_weighted, val_batches = losses
             fields["_training_loss"] = self._sum(weighted, batches)
             fields["_validation_loss"] = self._sum(val_weighted, val_batches)
-        metrics = {}
+        metrics: dict[str, dict[str, float]] = {}
         for field in ("training_metrics", "validation_metrics"):
             if field in snapshot:
                 metrics[field] = snapshot.pop(field)
@@ -206,7 +206,7 @@ class _Server:
     def _changes(
         self, before: dict[str, Any], stop: bool, metrics: dict[str, dict[str, float]]
     ) -> tuple[dict[str, Any], list[str], bool | None, dict[str, dict[str, float]]]:
-        from bz.plugins._isolated import plain
+        from bz.plugins._snapshot import plain
 
         context = self._context
         after = context.extra

@@ -36,7 +36,6 @@ _log = get_logger("bz")
 _NOT_HOOKS = frozenset(
     {"name", "logger", "state_dict", "load_state_dict", "Config", "config", "create"}
     | {"load_config", "rank_zero_only", "order", "every_rank", "monitor_problem"}
-    | {"needs_training_process"}
 )
 
 PluginSource = EntrySource
@@ -332,16 +331,9 @@ def load_plugins(
                 hint=duplicate_message(spec.name, chosen, discovery.duplicates[spec.name]),
             )
         if isolation_of(spec.options, options_path(spec)) == PROCESS:
-            if spec.name in registry:
-                raise ConfigError(
-                    [(options_path(spec), f'"isolation": "{PROCESS}" needs an installed plugin')]
-                )
-            # Created in a process of its own; the training process holds a proxy.
-            isolated = start_isolated(
-                spec.name, spec.options, options_path(spec), run_config, policy, faults
-            )
-            if isolated is not None:
-                loaded.append((isolated, check_plugin(spec.name, isolated)))
+            proxy = start_isolated(spec, options_path(spec), run_config, policy, faults, registry)
+            if proxy is not None:
+                loaded.append((proxy, check_plugin(spec.name, proxy)))
             continue
         factory = registry.get(spec.name)
         if factory is None:

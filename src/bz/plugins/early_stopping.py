@@ -106,7 +106,11 @@ class EarlyStopping:
     @property
     def needs_training_process(self) -> str | None:
         """Why ``"isolation": "process"`` is refused with these options (None: it is not)."""
-        return "restore_best_weights copies the model's weights" if self.config.restore_best_weights else None
+        return (
+            "restore_best_weights copies the model's weights"
+            if self.config.restore_best_weights
+            else None
+        )
 
     # -- reading the monitored value ---------------------------------------------------
 

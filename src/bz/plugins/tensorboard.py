@@ -83,7 +83,11 @@ class TensorBoard:
     @property
     def needs_training_process(self) -> str | None:
         """Why ``"isolation": "process"`` is refused with these options (None: it is not)."""
-        return "histogram_interval reads the model's weights" if self.config.histogram_interval is not None else None
+        return (
+            "histogram_interval reads the model's weights"
+            if self.config.histogram_interval is not None
+            else None
+        )
 
     end_training_batch: Callable[[PluginContext], None]
     """The step scalars; present only with ``step_interval``."""
