@@ -226,13 +226,27 @@ class _Server:
         return changed, removed, (now if now != stop else None), added
 
 
-def _tensor(value: float | None) -> Any:
-    """The loss as a tensor, as plugins read it in process (``float(loss)``, ``.item()``)."""
-    if value is None:
-        return None
-    import torch
+class HostScalar(float):
+    """The step's loss as a process plugin sees it: a number that also answers the
+    tensor calls plugins make on a loss (``.item()``, ``.detach()``, ``.cpu()``), so the
+    plugin's process need not import torch for it."""
 
-    return torch.tensor(value)
+    def item(self) -> float:
+        """The value, as ``Tensor.item()`` gives it."""
+        return float(self)
+
+    def detach(self) -> HostScalar:
+        """Itself (it holds no graph)."""
+        return self
+
+    def cpu(self) -> HostScalar:
+        """Itself (it is on the host)."""
+        return self
+
+
+def _tensor(value: float | None) -> Any:
+    """The loss as plugins read it in process (``float(loss)``, ``loss.item()``)."""
+    return None if value is None else HostScalar(value)
 
 
 if __name__ == "__main__":
