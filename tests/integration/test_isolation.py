@@ -251,3 +251,40 @@ def test_an_unknown_isolation_is_one_line_naming_the_plugin_and_the_file(
         'bzconfig.json: plugins[0].run_log.isolation: expected "in-process" or "process", '
         'got "thread"'
     )
+
+
+_TIMES = {"time", "seconds", "time/epoch_seconds", "_timestamp", "_runtime", "started", "ended"}
+
+
+def _timeless(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if key not in _TIMES}
+
+
+def test_run_log_and_wandb_in_their_process_record_what_they_record_in_process(
+    site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.integration.test_integration_wandb import _history, _records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    logs, histories = [], []
+    for isolation in ("in-process", "process"):
+        folder = tmp_path / isolation
+        for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+            monkeypatch.setenv(variable, str(folder / "wandb-home"))
+        plugins = [
+            {"run_log": {"isolation": isolation, "log_dir": "rl", "step_interval": 2}},
+            {"wandb": {"isolation": isolation, "dir": "wb", "step_interval": 2}},
+        ]
+        done = _train(folder, site, plugins)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert _failed(done.stdout) == []
+        lines = (folder / "rl" / "run_log.jsonl").read_text().splitlines()
+        logs.append([_timeless(json.loads(line)) for line in lines])
+        (run_file,) = folder.glob("wb/**/offline-run-*/run-*.wandb")
+        histories.append([_timeless(row) for row in _history(_records(run_file))])
+    assert logs[0] == logs[1]
+    assert any(line.get("event") == "step" for line in logs[0])
+    assert histories[0] == histories[1]
+    assert any("step/loss" in row for row in histories[0])
