@@ -27,6 +27,8 @@ from typing import Any
 
 PARENT_POLL_S = 0.5
 
+_HOSTING = contextlib.ExitStack()
+
 
 def _die_with_parent(parent: int) -> None:
     if sys.platform.startswith("linux"):
@@ -88,7 +90,10 @@ def _create(start: dict[str, Any], send: Any) -> tuple[Any, frozenset[str]]:
     from bz.plugins._scalars import GRADIENT_NORM_ATTRIBUTE
 
     if start["log_format"] is not None:
+        # Rendered like the training process's events; its prints and stdlib records
+        # become events too (kept for the life of the process).
         _logging.configure(start["log_format"])
+        _HOSTING.enter_context(_logging.host_plugin_output(start["log_format"], "info"))
     if start["run_dir_hint"] is not None:
         run_dir_hint.set(start["run_dir_hint"])
     path = start["path"]
