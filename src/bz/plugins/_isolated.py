@@ -24,8 +24,9 @@ How the training process waits on it:
   in its batch hooks.
 * **Every other hook waits** for the child to finish every message sent before it and
   then that hook, so ``extra`` and ``should_stop_training`` set there are exact. What a
-  batch-level hook sets takes effect at the proxy's first hook call after the child's
-  reply arrived, and at the latest at ``end_epoch`` (the proxy always waits there).
+  batch-level hook sets takes effect at a later batch-level call of the proxy (it reads
+  the replies that arrived once :data:`READ_AT` messages are out), and at the latest at
+  ``end_epoch`` (the proxy always waits there).
 * ``state_dict`` / ``load_state_dict`` wait, like epoch-level hooks.
 
 Waiting is bounded by ``plugin_timeout``. Whatever ends the child (an exception in a
@@ -80,6 +81,8 @@ QUEUE_LIMIT = 64
 """Batch-level messages on their way to a process plugin at most (then: dropped)."""
 BYTES_LIMIT = 64 * 1024
 """Bytes of messages on their way at most (below a socket's buffer: a send never blocks)."""
+READ_AT = 8
+"""Batch-level calls read the replies that arrived once this many messages are out."""
 START_TIMEOUT_S = 120.0
 """How long the child may take to import and create the plugin (without plugin_timeout)."""
 
@@ -156,8 +159,9 @@ class _Channel:
         return True
 
     def ready(self) -> bool:
-        """Whether a reply (or the child's end) can be read without waiting."""
-        return bool(self.in_flight) and self.connection.poll(0)
+        """Whether a reply (or the child's end) can be read without waiting; asked only
+        once :data:`READ_AT` messages are on their way (each question is a system call)."""
+        return len(self.in_flight) >= READ_AT and self.connection.poll(0)
 
     def receive(self, deadline: float | None, waiting_for: str) -> Any:
         """The next reply, waiting until ``deadline`` (``time.monotonic``) at most."""
