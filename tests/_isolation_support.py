@@ -63,6 +63,8 @@ class IsoConfig:
     stop_at_epoch: int | None = None
     sleep: float = 0.0
     step_interval: int | None = None
+    block_until: str | None = None
+    """Its first end_training_batch waits until this file exists (``reader`` writes it)."""
 
 
 def _exit_soon() -> None:
@@ -118,6 +120,9 @@ class IsoPlugin:
     def end_training_batch(self, context: PluginContext) -> None:
         if self.config.sleep:
             time.sleep(self.config.sleep)
+        release = self.config.block_until
+        while release is not None and not Path(release).exists():
+            time.sleep(0.01)
         loss = context.last_loss
         if loss is not None:
             self.seen["losses"].append([context.global_step, float(loss)])
@@ -148,6 +153,8 @@ class ReaderConfig:
     """Options of ``reader``."""
 
     record: str
+    release: str | None = None
+    """A file it writes at ``end_training_loop`` (``iso``'s ``block_until``)."""
 
 
 class ReaderPlugin:
@@ -159,6 +166,10 @@ class ReaderPlugin:
         self.name = "reader"
         self.config = config
         self.seen: list[Any] = []
+
+    def end_training_loop(self, context: PluginContext) -> None:
+        if self.config.release is not None:
+            Path(self.config.release).write_text("go", encoding="utf-8")
 
     def end_epoch(self, context: PluginContext) -> None:
         self.seen.append(context.extra.get("iso"))

@@ -21,6 +21,8 @@ from tests._fault_support import REPO_ROOT, final_model_state
 from tests._isolation_support import TRAIN_PY, install_isolation_distribution
 from tests._support import assert_same_weights, json_events
 
+from bz.plugins._isolated import QUEUE_LIMIT
+
 pytestmark = pytest.mark.slow
 
 EPOCHS = 3
@@ -83,9 +85,9 @@ def _failed(stdout: str) -> list[tuple[str, str]]:
     ]
 
 
-def _epochs_completed(stdout: str) -> int:
+def _epochs_completed(stdout: str, outcome: str = "completed") -> int:
     (finished,) = [e for e in json_events(stdout) if e["event"] == "run_finished"]
-    assert finished["outcome"] == "completed"
+    assert finished["outcome"] == outcome
     return int(finished["epochs_completed"])
 
 
@@ -155,7 +157,7 @@ def test_extra_comes_back_to_other_plugins_and_a_stop_request_stops(
     seen = json.loads(read.read_text())
     assert [entry["epoch"] for entry in seen] == [1, 2]  # stopped after epoch 2 of 5
     assert all(entry["loss"] > 0 for entry in seen)  # the epoch's loss reached its process
-    assert _epochs_completed(done.stdout) == 2
+    assert _epochs_completed(done.stdout, "stopped_early") == 2
 
 
 def test_its_state_is_checkpointed_and_restored_on_resume(site: Path, tmp_path: Path) -> None:
@@ -171,16 +173,22 @@ def test_its_state_is_checkpointed_and_restored_on_resume(site: Path, tmp_path: 
 
 
 def test_a_full_queue_drops_batch_calls_and_counts_them(site: Path, tmp_path: Path) -> None:
-    # The plugin takes 0.1 s per batch; training does not wait for it. What does not fit
-    # the queue is dropped: the calls it saw plus those dropped are every batch.
-    record = tmp_path / "iso.json"
-    batches = 120
-    done = _train(tmp_path / "run", site, [_iso(record, sleep=0.1)], epochs=1, batches=batches)
+    # The plugin blocks in its first batch until the training loop has ended (the
+    # in-process reader releases it then): training never waits for it, 64 calls fill its
+    # queue, the rest are dropped and counted, and the epoch's end waits for the 64.
+    record, release = tmp_path / "iso.json", tmp_path / "release"
+    batches = 100
+    plugins = [
+        {"reader": {"record": str(tmp_path / "reader.json"), "release": str(release)}},
+        _iso(record, block_until=str(release)),
+    ]
+    done = _train(tmp_path / "run", site, plugins, epochs=1, batches=batches)
     assert done.returncode == 0, done.stderr[-3000:]
     (dropped,) = [e for e in json_events(done.stdout) if e["event"] == "isolated_plugin_dropped"]
     hooks = [entry[0] for entry in json.loads(record.read_text())["hooks"]]
-    assert dropped["dropped"] > 0
-    assert hooks.count("end_training_batch") + dropped["dropped"] == batches
+    assert dropped["dropped"] == batches - QUEUE_LIMIT
+    assert hooks.count("end_training_batch") == QUEUE_LIMIT
+    assert hooks[-1] == "end_training_session"
 
 
 def test_the_loss_reaches_it_only_on_the_steps_it_asks_for(site: Path, tmp_path: Path) -> None:
