@@ -190,6 +190,9 @@ class _Server:
         fields["_gradient_norm"] = norm
         groups = snapshot.pop("param_groups", None)
         fields["_optimizer"] = None if groups is None else _OptimizerValues(groups)
+        if "device" in snapshot:
+            device = snapshot.pop("device")
+            fields["device"] = None if device is None else DeviceName(device)
         losses = snapshot.pop("losses", None)
         if losses is not None:
             weighted, batches, val_weighted, val_batches = losses
@@ -229,6 +232,18 @@ class _Server:
             if new:
                 added[field] = new
         return changed, removed, (now if now != stop else None), added
+
+
+class DeviceName(str):
+    """The training device as a process plugin sees it: its name (``str(device)`` as in
+    process), with ``type`` like a ``torch.device``."""
+
+    __slots__ = ()
+
+    @property
+    def type(self) -> str:
+        """``cuda`` of ``cuda:1``."""
+        return self.split(":")[0]
 
 
 class HostScalar(float):

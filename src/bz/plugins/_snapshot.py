@@ -87,6 +87,7 @@ def epoch_values(source: PluginContext) -> dict[str, Any]:
             validation.batch_sum(),
         ),
         checkpoint_path=source.checkpoint_path,
+        device=None if source.device is None else str(source.device),
         exception=None if exception is None else _portable(exception),
     )
     return values
