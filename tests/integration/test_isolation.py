@@ -271,8 +271,11 @@ def test_an_unknown_isolation_is_one_line_naming_the_plugin_and_the_file(
 _TIMES = {"time", "seconds", "time/epoch_seconds", "_timestamp", "_runtime", "started", "ended"}
 
 
-def _timeless(row: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in row.items() if key not in _TIMES}
+def _timeless(row: Any) -> Any:
+    """``row`` without the times in it, at any depth (they differ between two runs)."""
+    if not isinstance(row, dict):
+        return row
+    return {key: _timeless(value) for key, value in row.items() if key not in _TIMES}
 
 
 def test_run_log_and_wandb_in_their_process_record_what_they_record_in_process(
