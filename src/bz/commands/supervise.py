@@ -130,11 +130,10 @@ def supervise(options: Supervision) -> int:
             ending = _run_child(command, block, fd, quarantined, stops)
             if ending.outcome is not None:
                 return ending.outcome
-            if ending.stopped_by is not None:
-                click.echo(f"bz: interrupted: training {ending.how()}", file=_stdio.stderr())
-                return 128 + ending.stopped_by
-            if stops:  # a stop request came as the child ended: no restart
-                return 128 + stops[-1][0]
+            # A stop request while the child ran, or as it ended: no restart.
+            stopped_by = ending.stopped_by or (stops[-1][0] if stops else None)
+            if stopped_by is not None:
+                return _interrupted(ending, stopped_by, options)
             retry = ending.plugin is not None or options.restart_on_crash
             if retry and restarts < options.max_restarts:
                 restarts += 1
@@ -177,6 +176,15 @@ def _give_up(ending: _Ending, options: Supervision, retried: bool) -> None:
     click.echo(f"bz: error: {message}", file=_stdio.stderr())
     if options.json_events:
         _event("exit", exit_code=1, error=message, plugin=ending.plugin, hook=ending.hook)
+
+
+def _interrupted(ending: _Ending, number: int, options: Supervision) -> int:
+    """Ctrl-C or SIGTERM came, and the child ended without finishing: 130 / 143."""
+    message = f"interrupted: training {ending.how()}"
+    click.echo(f"bz: {message}", file=_stdio.stderr())
+    if options.json_events:
+        _event("exit", exit_code=128 + number, error=message)
+    return 128 + number
 
 
 def _quarantine_entry(ending: _Ending) -> dict[str, str]:
