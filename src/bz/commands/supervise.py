@@ -31,8 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import attrs
 import click
@@ -49,7 +49,9 @@ from bz._supervision import (
     TORCH_HOOK,
 )
 
-__all__ = ["Supervision", "is_entry_point", "may_supervise", "supervise"]
+__all__ = ["Supervision", "is_entry_point", "may_supervise", "options", "supervise"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _STOPS = (signal.SIGINT, signal.SIGTERM)
 _OWN_SIGNAL_S = 0.5
@@ -80,6 +82,26 @@ def may_supervise() -> bool:
         and "LOCAL_RANK" not in os.environ
         and "WORLD_SIZE" not in os.environ
     )
+
+
+def options(command: F) -> F:
+    """``bz train``'s ``--max-restarts N`` and ``--restart-on-crash``."""
+    max_restarts = click.option(
+        "--max-restarts",
+        type=click.IntRange(min=0),
+        default=3,
+        show_default=True,
+        help="Restart training at most N times when its process dies inside a plugin's hook "
+        "(os._exit, a segfault, a signal): from the last checkpoint, without that plugin. "
+        "0: report the death instead.",
+    )
+    restart_on_crash = click.option(
+        "--restart-on-crash",
+        is_flag=True,
+        help="Also restart (within --max-restarts) when the training process dies outside "
+        "any plugin's hook.",
+    )
+    return max_restarts(restart_on_crash(command))
 
 
 @attrs.frozen

@@ -96,21 +96,7 @@ __all__ = ["check_config", "train", "validate"]
     help="Train in N processes on this machine (torch.distributed's elastic launcher; "
     "for several machines run `torchrun ... -m bz train`).",
 )
-@click.option(
-    "--max-restarts",
-    type=click.IntRange(min=0),
-    default=3,
-    show_default=True,
-    help="Restart training at most N times when its process dies inside a plugin's hook "
-    "(os._exit, a segfault, a signal): from the last checkpoint, without that plugin. "
-    "0: report the death instead.",
-)
-@click.option(
-    "--restart-on-crash",
-    is_flag=True,
-    help="Also restart (within --max-restarts) when the training process dies outside any "
-    "plugin's hook.",
-)
+@supervise.options
 def train(
     config_path: str | None,
     epochs: int | None,
