@@ -209,6 +209,7 @@ def _prepare(
     setup_function = load_setup_function(base / run_config.train_script)
     with _attributed_to(blamed_source(config, overrides, "plugins")):
         plugins = load_plugins(run_config.plugins, run_config)
+    _tell_supervisor(plugins)
     # An unusable device, or a precision it cannot do, is reported before setup() runs.
     check_precision(run_config.precision, resolve_device(run_config.device))
     if (
@@ -224,6 +225,31 @@ def _prepare(
         if problem is not None:
             raise UsageError(problem)
     return _Prepared(run_config, base, metrics, setup_function, plugins)
+
+
+def _tell_supervisor(plugins: PluginSet) -> None:
+    """Under a supervising ``bz train``: leave out the plugins it restarted training
+    without, and tell it the names behind the plugin numbers it watches."""
+    from bz import _supervision
+    from bz.plugins._faults import PluginFault
+    from bz.plugins._hooks import HOOK_NAMES
+
+    faults = [
+        PluginFault(str(entry["plugin"]), str(entry.get("hook", "?")), str(entry.get("error")))
+        for entry in _supervision.quarantined()
+    ]
+    if faults:
+        plugins.set_aside(faults)
+        for fault in faults:
+            _log.warning(
+                "plugin_quarantined",
+                plugin=fault.plugin,
+                hook=fault.stage,
+                error=fault.error,
+                hint="it ended the training process; training resumed without it",
+            )
+    names = [report.name for report in plugins.report()][: len(plugins)]
+    _supervision.announce(names, HOOK_NAMES)
 
 
 def check_before_launch(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests._fault_support import BATCHES_PER_EPOCH, REPO_ROOT, RESUME_TRAIN_PY
-from tests._support import assert_same_weights
+from tests._support import TRAINING_DIED, assert_same_weights
 
 EPOCHS = 5
 CHILD = "from tests._fault_support import child_main; child_main()"
@@ -89,10 +88,12 @@ def test_killed_three_ways_and_resumed_ends_bit_identical(tmp_path: Path) -> Non
     clean = _start(clean_folder)  # runs alongside the interrupted chain
 
     # 1. SIGKILL in the middle of the second epoch: epoch-0001.pt survives.
-    _finish(_start(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)), -9)
+    _finish(
+        _start(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)), TRAINING_DIED
+    )
     # 2. Resumes from epoch 1, writes epoch-0002.pt, then dies halfway through writing
     #    epoch-0003.pt: a half-written temporary file is all that is left of it.
-    output = _finish(_start(folder, BZ_TEST_KILL_IN_WRITE="2"), -signal.SIGKILL)
+    output = _finish(_start(folder, BZ_TEST_KILL_IN_WRITE="2"), TRAINING_DIED)
     assert _events(output, "resumed")[0]["epoch"] == 1
     (run_dir,) = (folder / ".bz" / "checkpoints").iterdir()
     assert any(p.name.endswith(".tmp") for p in run_dir.iterdir())
@@ -134,7 +135,9 @@ def test_ema_killed_mid_epoch_resumes_to_the_same_average(tmp_path: Path) -> Non
         (project / "bzconfig.json").write_text(json.dumps({**config, **changes}))
     clean = _start(clean_folder)
     kill_step = BATCHES_PER_EPOCH + 3  # epoch 2, one step after the checkpoint at step 8
-    _finish(_start(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)), -9)
+    _finish(
+        _start(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)), TRAINING_DIED
+    )
     output = _finish(_start(folder), 0)
     assert _events(output, "resumed")[0]["step"] == 8
     _finish(clean, 0)

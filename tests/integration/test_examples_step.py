@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import pytest
 import torch
+from tests._support import TRAINING_DIED
 
 import bz
 from bz._setup import call_setup, load_setup_function
@@ -89,7 +90,7 @@ def test_the_hf_classifier_resumes_bit_identical_after_kill_9_mid_epoch(tmp_path
     died = _bz(
         killed, "train", "--log-format", "json", BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP="9"
     )
-    assert died.returncode == -9
+    assert died.returncode == TRAINING_DIED
     resumed = _bz(killed, "train", "--log-format", "json")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert any(e["event"] == "resumed" for e in _events(resumed))

@@ -20,7 +20,7 @@ import pytest
 import torch
 from tests._fault_support import REPO_ROOT
 from tests._loader_kinds import KINDS, TRAIN_PY
-from tests._support import assert_same_weights, json_events
+from tests._support import TRAINING_DIED, assert_same_weights, json_events
 
 EPOCHS = 3
 CHILD = "from tests._fault_support import child_main; child_main()"
@@ -84,7 +84,7 @@ def test_killed_mid_epoch_resumes_bit_identical(tmp_path: Path, kind: str) -> No
 
     kill_at = 2 * every + 1  # right after the step following the checkpoint at 2 * every
     killed = _run(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_at))
-    assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert killed.returncode == TRAINING_DIED, killed.stdout[-3000:] + killed.stderr[-3000:]
     resumed = _run(folder)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     events = json_events(resumed.stdout)
