@@ -11,8 +11,9 @@ zero the gradients at the start of an accumulation group, the loss under autocas
 setup's way, a :class:`~bz.training.forward.Forward`: ``loss_fn`` over pairs,
 ``model(**batch).loss``, or the user's step), backward (scaled by the group size, DDP's
 ``no_sync`` inside a group), ``after_backward``; at the group's end unscale, clip,
-``before_optimizer_step`` and step; then the loss sum and metrics (on the device) and
-``end_training_batch``.
+``before_optimizer_step`` and step; then the loss sum and metrics (on the device),
+``end_training_batch`` and, under ``scheduler_interval="step"``, the scheduler's step
+(after the hook, so that it sees the learning rate the step used).
 Between optimizer steps :class:`~bz.training.control.StepControl` decides whether to
 stop, validate or write a checkpoint.
 """
@@ -171,6 +172,8 @@ class EpochLoop(RunParts):
             # After the group's last end_training_batch (the loader could not say it was
             # the last), so batch, outputs and loss are None in before_optimizer_step.
             self._optimizer_step()
+            if self.step_scheduler is not None:
+                self.step_scheduler.step()
             state.micro = 0
             self.context._gradient_norm = None
         if interrupted:
@@ -256,6 +259,9 @@ class EpochLoop(RunParts):
         train.batches += 1
         ctx.last_loss = detached
         hook("end_training_batch")
+        if steps and self.step_scheduler is not None:
+            # After end_training_batch, which shows the rate this step used (step/lr).
+            self.step_scheduler.step()
         ctx.batch = ctx.outputs = ctx.loss = ctx._gradient_norm = None
 
     def _check_finite(self, loss: torch.Tensor | None, norm: torch.Tensor | None) -> None:
@@ -306,8 +312,6 @@ class EpochLoop(RunParts):
             scaler.update()
         else:
             optimizer.step()
-        if self.step_scheduler is not None:
-            self.step_scheduler.step()
         self.state.global_step += 1
 
     def _asked_norm(self) -> torch.Tensor | None:

@@ -8,7 +8,8 @@ Hook order for one run (``[...]`` only when there is validation data)::
         start_training_loop
         for each batch: start_training_batch, (forward, loss, backward), after_backward,
                         [every accumulate_grad_batches batches: (unscale, clip)
-                         before_optimizer_step, (optimizer step)], end_training_batch
+                         before_optimizer_step, (optimizer step)], end_training_batch,
+                        [(scheduler step, under scheduler_interval "step")]
                         [every validate_every_steps steps: the validation loop below]
                         [every checkpoint_every_steps steps / _seconds: save_checkpoint]
         end_training_loop            # training_metrics are set
