@@ -285,6 +285,7 @@ def validate(
     from bz.training.checkpoint.store import CheckpointStore
     from bz.training.device import seed_everything
     from bz.training.evaluate import evaluate
+    from bz.training.modules import materialize
 
     run_config, base = config_and_base(config, overrides, base_dir)
     metrics = build_metrics(run_config.metrics)
@@ -293,6 +294,7 @@ def validate(
     if run_config.seed is not None:
         seed_everything(run_config.seed)
     setup = call_setup(setup_function, run_config, script)
+    materialize(setup)  # lazy modules shaped as training shaped them: the same signature
     signature = run_signature(setup, run_config)
     if checkpoint is not None:
         path = Path(checkpoint)
