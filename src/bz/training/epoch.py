@@ -296,9 +296,7 @@ class EpochLoop(RunParts):
         if clip is not None:
             parameters = [p for p in self.model.parameters() if p.grad is not None]
             if clip.max_norm is not None:
-                self.context._gradient_norm = torch.nn.utils.clip_grad_norm_(
-                    parameters, clip.max_norm, clip.norm_type
-                )
+                self.context._gradient_norm = _clip_norm(parameters, clip, asked)
             elif clip.value is not None:
                 torch.nn.utils.clip_grad_value_(parameters, clip.value)
         if asked is not None:
@@ -395,6 +393,24 @@ def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     norms = [torch.linalg.vector_norm(grad, norm_type) for grad in grads]
     total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return total
+
+
+def _clip_norm(
+    parameters: list[torch.nn.Parameter], clip: GradientClip, norm: torch.Tensor | None
+) -> torch.Tensor:
+    """Clip by the total norm (``norm``: this step's, computed already) and return it,
+    whole on every process: under FSDP ``clip_grad_norm_`` returns a norm of sharded
+    gradients, which rank 0 alone could not read without hanging. Making it whole is the
+    one collective clipping needs anyway: the clipping then uses the whole norm."""
+    assert clip.max_norm is not None
+    if not hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch < 2.6
+        return _whole(torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, clip.norm_type))
+    if norm is None:
+        norm = _whole(
+            _total_norm([p.grad for p in parameters if p.grad is not None], clip.norm_type)
+        )
+    torch.nn.utils.clip_grads_with_norm_(parameters, clip.max_norm, norm)
+    return norm
 
 
 def _whole(norm: torch.Tensor) -> torch.Tensor:
