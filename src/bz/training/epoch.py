@@ -403,14 +403,18 @@ def _clip_norm(
     gradients, which rank 0 alone could not read without hanging. Making it whole is the
     one collective clipping needs anyway: the clipping then uses the whole norm."""
     assert clip.max_norm is not None
-    if not hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch < 2.6
+    if _CLIP_WITH_NORM is None:  # torch < 2.6
         return _whole(torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, clip.norm_type))
     if norm is None:
         norm = _whole(
             _total_norm([p.grad for p in parameters if p.grad is not None], clip.norm_type)
         )
-    torch.nn.utils.clip_grads_with_norm_(parameters, clip.max_norm, norm)
+    _CLIP_WITH_NORM(parameters, clip.max_norm, norm)
     return norm
+
+
+_CLIP_WITH_NORM = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+"""``torch.nn.utils.clip_grads_with_norm_`` (torch >= 2.6), else None."""
 
 
 def _whole(norm: torch.Tensor) -> torch.Tensor:
