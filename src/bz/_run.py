@@ -8,6 +8,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import attrs
+
 from bz._errors import ConfigError, UsageError
 from bz._logging import get_logger
 from bz.config import (
@@ -21,6 +23,8 @@ from bz.config import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from bz._setup import SetupFunction
     from bz.metrics import Metric
     from bz.plugins._sandbox import ErrorPolicy, PluginSet
@@ -299,6 +303,7 @@ def validate(
 
     from bz._setup import call_setup, load_setup_function
     from bz.metrics import build_metrics
+    from bz.plugins.ema import load_average, validates_with_average
     from bz.training.checkpoint.files import (
         FINAL_MODEL,
         UnreadableCheckpoint,
@@ -311,6 +316,7 @@ def validate(
     from bz.training.checkpoint.store import CheckpointStore
     from bz.training.device import seed_everything
     from bz.training.evaluate import evaluate
+    from bz.training.modules import materialize
 
     run_config, base = config_and_base(config, overrides, base_dir)
     metrics = build_metrics(run_config.metrics)
@@ -319,6 +325,7 @@ def validate(
     if run_config.seed is not None:
         seed_everything(run_config.seed)
     setup = call_setup(setup_function, run_config, script)
+    materialize(setup)  # lazy modules shaped as training shaped them: the same signature
     signature = run_signature(setup, run_config)
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -384,8 +391,46 @@ def validate(
     except (RuntimeError, KeyError, ValueError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"{path}: does not fit the model train.py builds: {message}") from None
-    _log.info("validating", path=str(path), epoch=payload["epoch"], step=payload["global_step"])
-    return path, payload, evaluate(setup, run_config, metrics)
+    weights = "model"
+    if validates_with_average(run_config.plugins):
+        average = _validated_average(path, payload, signature)
+        if average is None:
+            _log.warning(
+                "ema_average_missing",
+                path=str(path),
+                hint="validate_with_ema is on but no checkpoint at this step holds ema's "
+                "average; evaluating the weights in the file",
+            )
+        else:
+            load_average(setup.model, average)
+            weights = "ema"
+    _log.info(
+        "validating",
+        path=str(path),
+        epoch=payload["epoch"],
+        step=payload["global_step"],
+        weights=weights,
+    )
+    evaluation = evaluate(setup, run_config, metrics)
+    return path, payload, attrs.evolve(evaluation, weights=weights)
+
+
+def _validated_average(
+    path: Path, payload: ModelPayload, signature: str
+) -> dict[str, torch.Tensor] | None:
+    """``ema``'s average the run validated with at ``payload``'s step: a checkpoint's own;
+    for a final model (which holds no plugin states), the run's newest checkpoint's when
+    it was written at the same step (the end of the last epoch)."""
+    from bz.plugins.ema import saved_average
+    from bz.training.checkpoint.files import FINAL_MODEL
+    from bz.training.checkpoint.store import CheckpointStore
+
+    states = payload.get("plugins")
+    if states is None and path.name == FINAL_MODEL:
+        newest = CheckpointStore(path.parent).newest(signature)
+        if newest is not None and newest[1]["global_step"] == payload["global_step"]:
+            states = newest[1].get("plugins")
+    return saved_average(states if isinstance(states, dict) else None)
 
 
 def _best_checkpoint(store: CheckpointStore, signature: str) -> tuple[Path, ModelPayload]:

@@ -10,10 +10,12 @@ computes its own loss: ``kill -9`` in the middle of an epoch and resuming ends w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,16 +137,38 @@ class Rates:
         self.clipped.append(context.gradient_norm is not None)
 
 
+class _Records(logging.Handler):
+    """Every record a logger passes on."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_the_causal_lm_warms_up_per_optimizer_step_under_accumulation(tmp_path: Path) -> None:
     # 96 sequences in batches of 8: 12 batches, 3 optimizer steps an epoch (groups of 4).
     rates = Rates()
-    setup, result = _fit_example(
-        tmp_path,
-        "causal_lm",
-        [rates],
-        epochs=3,
-        hyperparameters={"sequences": 96, "warmup_steps": 3, "lr": 0.003},
-    )
+    # transformers warns through its own logger (which does not propagate to the root).
+    records = _Records()
+    logging.getLogger("transformers").addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            setup, result = _fit_example(
+                tmp_path,
+                "causal_lm",
+                [rates],
+                epochs=3,
+                hyperparameters={"sequences": 96, "warmup_steps": 3, "lr": 0.003},
+            )
+    finally:
+        logging.getLogger("transformers").removeHandler(records)
+    # A model built right warns about nothing (bos/eos ids inside the vocabulary, ...).
+    assert records.messages == []
+    assert [str(w.message) for w in caught] == []
     assert result.global_step == 9
     assert setup.scheduler.last_epoch == 9
     warmup = [0.001, 0.002, 0.003]

@@ -433,7 +433,8 @@ def validate(
     """Evaluate a trained run on the validation data: loss and configured metrics.
 
     A finished run is evaluated as it ended (its model.pt, with early stopping's best
-    weights if they were restored); an unfinished one from its newest checkpoint.
+    weights if they were restored); an unfinished one from its newest checkpoint. Under
+    ema's validate_with_ema, on the average the run's validation used.
     """
     from bz import _logging
     from bz._run import validate as run_validation
@@ -452,6 +453,7 @@ def validate(
         "batch": payload.get("batch", 0),
         "step": payload["global_step"],
         "batches": result.batches,
+        "weights": result.weights,
         "validation_loss": result.loss,
         "metrics": result.metrics,
     }
@@ -462,6 +464,8 @@ def validate(
     batches = f" + {batch} batches" if batch else ""
     where = f"epoch {payload['epoch']}{batches}, step {payload['global_step']}"
     click.echo(f"checkpoint       {path} ({where})")
+    if result.weights == "ema":
+        click.echo("weights          ema's average (validate_with_ema), as the run validated")
     click.echo(f"validation_loss  {result.loss:.6g}")
     for name, value in result.metrics.items():
         click.echo(f"{name:<16} {value:.6g}")
