@@ -73,6 +73,9 @@ class Ema:
     """Runs in every process: each averages (and, under FSDP, holds the shards of) the
     weights it has, and each validates with them."""
 
+    needs_training_process = "it keeps an average of the model's weights"
+    """``"isolation": "process"`` is refused: the plugin works on the model."""
+
     def __init__(self, config: EmaConfig | None = None) -> None:
         self.name = "ema"
         self.config = config or EmaConfig()

@@ -142,6 +142,11 @@ class Mlflow:
             self.gradient_norm_every = interval
             self.end_training_batch = self._log_step
 
+    @property
+    def needs_training_process(self) -> str | None:
+        """Why ``"isolation": "process"`` is refused with these options (None: it is not)."""
+        return "log_model saves the model's weights" if self.config.log_model else None
+
     end_training_batch: Callable[[PluginContext], None]
     """The step scalars; present only with ``step_interval``."""
     gradient_norm_every: int
