@@ -36,6 +36,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest.mock import patch
 
@@ -44,6 +45,12 @@ import structlog
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+# Run as a script, Python puts benchmarks/ on the path; the shared clock is imported as
+# ``benchmarks.clock``, so the repository's root goes there too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.clock import compare, per_step, timed
 
 import bz
 from bz.config import MetricSpec
@@ -221,22 +228,6 @@ def prepare_bz(
 # -- timing ------------------------------------------------------------------------------
 
 
-def timed(run: Run, device: torch.device) -> float:
-    """Seconds ``run`` takes: CUDA events (one sync at the end) or thread CPU time."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]  # untyped in torch's stubs
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]  # untyped in torch's stubs
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return float(start.elapsed_time(end)) / 1000.0
-    started = time.thread_time()
-    run()
-    return time.thread_time() - started
-
-
 @dataclass
 class Row:
     """One variant at one precision."""
@@ -277,23 +268,22 @@ def measure(shape: Shape, device: torch.device, precision: str, rounds: int) -> 
     one = {name: make(1) for name, make in variants.items()}
     for run in (*full.values(), *one.values()):
         timed(run, device)  # warm-up: kernels, allocator, autotuning
-    per_step: dict[str, list[float]] = {name: [] for name in variants}
+    steps_of: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
             long, short = timed(full[name], device), timed(one[name], device)
-            per_step[name].append((long - short) / (steps - 1))
-    base = per_step["hand-written"]
+            steps_of[name] += per_step([long], [short], steps)
+    base = steps_of["hand-written"]
     rows = []
     for name in names:
-        ratios = [mine / theirs for mine, theirs in zip(per_step[name], base, strict=True)]
         rows.append(
             Row(
                 precision=precision,
                 variant=name,
-                step_ms=statistics.median(per_step[name]) * 1e3,
-                ratio=statistics.median(ratios),
+                step_ms=statistics.median(steps_of[name]) * 1e3,
+                ratio=compare(steps_of[name], base).ratio,
                 peak_mib=_peak_mib(full[name], device),
             )
         )

@@ -30,19 +30,24 @@ model reads some itself, so bz adds none when the two numbers are equal.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import statistics
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
 from transformers import BertConfig, BertForSequenceClassification
+
+# Run as a script, Python puts benchmarks/ on the path; the shared clock is imported as
+# ``benchmarks.clock``, so the repository's root goes there too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.clock import compare, per_step, timed
 
 import bz
 from bz.testing import count_host_reads
@@ -119,23 +124,6 @@ def under_bz(batches: list[Batch], device: torch.device) -> Run:
 VARIANTS: dict[str, Callable[[list[Batch], torch.device], Run]] = {HAND: hand, BZ: under_bz}
 
 
-def timed(run: Run, device: torch.device) -> float:
-    """Seconds ``run`` takes: CUDA events on a GPU, this thread's CPU time on a CPU."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]  # torch leaves it untyped
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]  # as above
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return float(start.elapsed_time(end)) / 1000.0
-    started = time.thread_time()
-    run()
-    return time.thread_time() - started
-
-
 def measure(steps: int, repeats: int, device: torch.device) -> dict[str, dict[str, list[float]]]:
     """Per variant: ``full`` (runs of ``steps``) and ``one`` (runs of one step) timings."""
     many, one = data(steps, device), data(1, device)
@@ -183,18 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 9)
     times = measure(steps, repeats, device)
 
-    def per_step(name: str) -> list[float]:
-        return [
-            (full - one) / (steps - 1)
-            for full, one in zip(times[name]["full"], times[name]["one"], strict=True)
-        ]
-
-    mine, theirs = per_step(BZ), per_step(HAND)
-    ratios = sorted(m / t for m, t in zip(mine, theirs, strict=True))
-    ratio = statistics.median(ratios)
-    quarter = len(ratios) // 4
-    spread = (ratios[-1 - quarter] - ratios[quarter]) / 2
-    overhead = statistics.median(m - t for m, t in zip(mine, theirs, strict=True))
+    mine = per_step(times[BZ]["full"], times[BZ]["one"], steps)
+    theirs = per_step(times[HAND]["full"], times[HAND]["one"], steps)
+    comparison = compare(mine, theirs)
+    ratio, spread, overhead = comparison.ratio, comparison.spread, comparison.overhead
 
     def fastest(name: str) -> float:
         # Noise on a shared machine only ever adds time: the fastest runs are the least

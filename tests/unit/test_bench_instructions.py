@@ -1,0 +1,144 @@
+"""benchmarks/run.py --instructions: reading callgrind's dumps and the per-step difference.
+
+The arithmetic runs on recorded dumps; one slow test runs the real thing (valgrind) on a
+pure-Python workload whose second variant does exactly twice the work of the first.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from benchmarks.loop import instructions
+from benchmarks.loop.variants import BZ, BZ_ACCURACY, HAND, HAND_ACCURACY, KEYS, only, variants
+
+# The head and the tail of a dump callgrind 3.19 wrote for --dump-before (the cost lines
+# between them are left out: only the counts are read).
+RECORDED = """\
+# callgrind format
+version: 1
+creator: callgrind-3.19.0
+pid: 18641
+cmd:  /usr/bin/python3.11 probe.py
+part: 2
+
+desc: Timerange: Basic block 30518330 - 30596604
+desc: Trigger: --dump-before=closure_fcn
+
+positions: line
+events: Ir
+summary: 398040
+
+
+ob=(3) /usr/lib/x86_64-linux-gnu/libc.so.6
+fl=(281) ./nptl/./nptl/pthread_mutex_lock.c
+fn=(1560) pthread_mutex_lock@@GLIBC_2.2.5
+80 18
++4 12
+
+totals: 398040
+"""
+
+
+def test_a_dump_is_read_as_its_instruction_count() -> None:
+    assert instructions.totals(RECORDED) == 398_040
+    assert instructions.totals(RECORDED.replace("summary: 398040\n", "")) == 398_040
+
+
+def test_a_file_that_is_not_a_dump_is_an_error() -> None:
+    with pytest.raises(ValueError, match="not a callgrind dump"):
+        instructions.totals("events: Ir\n")
+
+
+def test_dumps_are_taken_in_the_order_callgrind_numbered_them(tmp_path: Path) -> None:
+    out = tmp_path / "callgrind.out"
+    for number in (1, 2, 10, 11, 3):
+        (tmp_path / f"callgrind.out.{number}").write_text("totals: 1\n")
+    out.write_text("totals: 1\n")  # the program's end: not a marked stretch
+    (tmp_path / "callgrind.out.old").write_text("totals: 1\n")
+    assert [p.name.rpartition(".")[2] for p in instructions.dump_files(out)] == [
+        "1",
+        "2",
+        "3",
+        "10",
+        "11",
+    ]
+
+
+def test_per_step_is_the_difference_of_the_2n_and_n_runs_over_n() -> None:
+    # Per variant: before N (ignored), N steps, between (ignored), 2N steps. A fixed
+    # cost of 5,000 in both runs drops out.
+    counts = [999, 5_000 + 10 * 100, 77, 5_000 + 20 * 100]
+    counts += [1, 7_000 + 10 * 300, 1, 7_000 + 20 * 300]
+    assert instructions.per_step(counts, steps=10) == [100.0, 300.0]
+
+
+def test_a_count_of_dumps_that_is_not_whole_variants_is_an_error() -> None:
+    with pytest.raises(ValueError, match="multiple of 4"):
+        instructions.per_step([1, 2, 3, 4, 5], steps=10)
+
+
+def test_ratios_compare_each_variant_with_its_baseline() -> None:
+    counts = {HAND: 1_000.0, BZ: 1_024.0, HAND_ACCURACY: 1_100.0, BZ_ACCURACY: 1_133.0}
+    baselines = {HAND: HAND, BZ: HAND, HAND_ACCURACY: HAND, BZ_ACCURACY: HAND_ACCURACY}
+    ratios = instructions.ratios(counts, baselines)
+    assert ratios[BZ] == pytest.approx(1.024)
+    assert ratios[BZ_ACCURACY] == pytest.approx(1.03)
+    table = instructions.markdown("tiny", 64, counts, baselines, HAND)
+    assert "N = 64" in table
+    assert f"| {BZ_ACCURACY} | {HAND_ACCURACY} | 0.001 M | 1.030× | 1.133× |" in table
+
+
+def test_the_last_line_names_every_ratio_and_says_what_was_not_counted() -> None:
+    names = {"bare": "b", "accuracy": "a", "defaults": "d", "noop": "n", "hand": "h"}
+    baselines = {"b": "h", "a": "ha", "d": "h", "n": "h", "h": "h", "ha": "h"}
+    counts = {"h": 1000.0, "b": 1010.0, "ha": 1100.0, "a": 1111.0, "n": 1040.0}
+    assert instructions.last_line(counts, baselines, names, plugins=10) == (
+        "instructions: bare 1.010x, accuracy 1.010x, defaults n/a, per no-op plugin 0.30%"
+    )
+
+
+def test_only_keeps_the_named_variants_and_their_hand_written_baselines() -> None:
+    chosen = only(variants(with_lightning=False, with_bf16=True), ["accuracy"])
+    assert [variant.name for variant in chosen] == [HAND_ACCURACY, BZ_ACCURACY]
+    every = variants(with_lightning=False, with_bf16=True)
+    assert only(every, []) == every
+    assert set(KEYS.values()) >= {variant.name for variant in every}
+
+
+CHILD = textwrap.dedent(
+    """
+    from benchmarks.loop.instructions import measured
+
+    def work(units):
+        def make(steps):
+            def run():
+                total = 0
+                for _ in range(steps):
+                    for i in range(units * 50):
+                        total += i
+            return run
+        return make
+
+    measured(work(1), 200)
+    measured(work(2), 200)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_callgrind_counts_twice_the_work_as_twice_the_instructions() -> None:
+    counts = instructions.callgrind(["-c", CHILD], dumps=2 * instructions.MARKS_PER_VARIANT)
+    once, twice = instructions.per_step(counts, steps=200)
+    assert once > 50 * 10  # at least a few instructions per loop turn
+    assert twice / once == pytest.approx(2.0, rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_a_process_that_never_marks_is_an_error_not_a_number() -> None:
+    with pytest.raises(RuntimeError, match="expected 4 callgrind dumps, got 0"):
+        instructions.callgrind(["-c", "pass"], dumps=4)
