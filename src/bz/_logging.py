@@ -31,7 +31,7 @@ import structlog
 from bz import _stdio
 
 if TYPE_CHECKING:
-    from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+    from structlog.typing import EventDict, ExceptionRenderer, FilteringBoundLogger, WrappedLogger
 
 __all__ = [
     "LogFormat",
@@ -207,6 +207,25 @@ class _LineWriter:
     fatal = failure = err = error = critical = exception = msg
 
 
+# Tracebacks without the frames' local variables. structlog's defaults show them (rich's
+# console tracebacks, and `dict_tracebacks` in JSON): a plugin's API key held in a local
+# would reach the terminal and every log collector reading the JSON lines.
+_JSON_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
+def _console_tracebacks() -> ExceptionRenderer:
+    """rich's traceback when rich is installed (as structlog would pick), else plain;
+    locals never shown (``better-exceptions``, structlog's other choice, always shows
+    them, so it is never used)."""
+    try:
+        import rich  # noqa: F401  # structlog's own test: is rich there?
+    except ImportError:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)
+
+
 def configure(
     log_format: LogFormat = "console", level: str = "info", stream: TextIO | None = None
 ) -> None:
@@ -219,7 +238,7 @@ def configure(
         processors = [
             *shared,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
+            _JSON_TRACEBACKS,
             structlog.processors.JSONRenderer(),
         ]
         output = stream or _stdio.stdout()
@@ -230,7 +249,9 @@ def configure(
             *shared,
             _drop_rendered_by_cli,
             _short_import_failures,
-            structlog.dev.ConsoleRenderer(colors=colors),
+            structlog.dev.ConsoleRenderer(
+                colors=colors, exception_formatter=_console_tracebacks()
+            ),
         ]
     structlog.configure(
         processors=processors,

@@ -75,3 +75,39 @@ def test_a_line_logged_by_a_signal_handler_comes_whole_right_after_the_one_it_in
     else:
         assert "early_stopping_restored" in lines[0]
         assert "interrupt_requested" in lines[1]
+
+
+_SECRET = "sk-live-0123456789abcdef"
+
+
+class _LeakyPlugin:
+    """A plugin that fails while an API key sits in one of its frame's locals."""
+
+    name = "leaky"
+
+    def end_epoch(self, context: object) -> None:
+        api_key = _SECRET
+        self._send(api_key)
+
+    def _send(self, token: str) -> None:
+        headers = {"Authorization": f"Bearer {token}"}
+        raise ConnectionError(f"upload refused ({len(headers)} header)")
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+@pytest.mark.usefixtures("cli_logging")
+def test_a_plugins_traceback_never_shows_its_locals(log_format: str) -> None:
+    from bz.testing import run_plugin
+
+    stream = io.StringIO()
+    configure("json" if log_format == "json" else "console", "info", stream)
+    result = run_plugin(_LeakyPlugin(), epochs=1, policy="isolate")
+    output = stream.getvalue()
+    # The fault is reported, traceback and all, only without the values of locals.
+    assert [r.fault is not None for r in result.plugins] == [True]
+    assert "plugin_failed" in output
+    assert "ConnectionError: upload refused" in output or (
+        log_format == "json" and "upload refused" in output
+    )
+    assert "_send" in output  # the frames are there
+    assert _SECRET not in output
