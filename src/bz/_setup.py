@@ -63,28 +63,41 @@ if TYPE_CHECKING:
 SchedulerInterval = Literal["epoch", "step"]
 
 
+class SetupFieldError(UsageError, TypeError):
+    """A ``TrainingSetup`` field of the wrong kind: bad ``train.py`` input (exit 2), and
+    a ``TypeError`` to Python code that builds a setup itself."""
+
+
 def _is_module(_instance: Any, _attribute: Any, value: Any) -> None:
     import torch
 
     if not isinstance(value, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
+        raise SetupFieldError(
+            f"TrainingSetup: model must be a torch.nn.Module, got {type(value).__name__}"
+        )
 
 
 def _is_optimizer(_instance: Any, _attribute: Any, value: Any) -> None:
     import torch
 
     if not isinstance(value, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(value).__name__}")
+        raise SetupFieldError(
+            f"TrainingSetup: optimizer must be a torch.optim.Optimizer, got {type(value).__name__}"
+        )
 
 
 def _is_callable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not callable(value):
-        raise TypeError(f"{attribute.name} must be callable, got {type(value).__name__}")
+        raise SetupFieldError(
+            f"TrainingSetup: {attribute.name} must be callable, got {type(value).__name__}"
+        )
 
 
 def _is_iterable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not isinstance(value, Iterable):
-        raise TypeError(f"{attribute.name} must be iterable, got {type(value).__name__}")
+        raise SetupFieldError(
+            f"TrainingSetup: {attribute.name} must be iterable, got {type(value).__name__}"
+        )
 
 
 def _is_interval(_instance: Any, _attribute: Any, value: Any) -> None:
@@ -135,6 +148,11 @@ class TrainingSetup:
         if self.step is not None and self.loss_fn is not None:
             raise UsageError(
                 "TrainingSetup: give loss_fn or step, not both (a step computes its own loss)"
+            )
+        if self.scheduler_interval == "step" and self.scheduler is None:
+            raise UsageError(
+                "TrainingSetup: scheduler_interval='step' steps a scheduler, and no "
+                "scheduler is given (pass scheduler=..., or leave scheduler_interval out)"
             )
         if self.scheduler_interval == "step" and _is_plateau(self.scheduler):
             raise UsageError(

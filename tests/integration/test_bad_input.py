@@ -380,6 +380,19 @@ _STEP_MISUSES = {
         'scheduler_interval="step",',
         r"train\.py:\d+: TrainingSetup: ReduceLROnPlateau cannot step per optimizer step",
     ),
+    "per_step_without_a_scheduler": (
+        'scheduler_interval="step",',
+        r"train\.py:\d+: TrainingSetup: scheduler_interval='step' steps a scheduler, and no "
+        "scheduler is given",
+    ),
+    "a_step_that_is_not_callable": (
+        'step="x",',
+        r"train\.py:\d+: TrainingSetup: step must be callable, got str$",
+    ),
+    "a_loader_that_is_not_iterable": (
+        "val_loader=3,",
+        r"train\.py:\d+: TrainingSetup: val_loader must be iterable, got int$",
+    ),
     "loss_fn_and_step": (
         "loss_fn=nn.CrossEntropyLoss(), step=lambda m, b: m(b['x']).sum(),",
         r"train\.py:\d+: TrainingSetup: give loss_fn or step, not both",
