@@ -393,6 +393,11 @@ _STEP_MISUSES = {
         "val_loader=3,",
         r"train\.py:\d+: TrainingSetup: val_loader must be iterable, got int$",
     ),
+    "a_loss_without_grad": (
+        "step=lambda m, b: m(b['x']).sum().detach(),",
+        r"train\.py:\d+: step returned a loss that does not require grad: it must be the "
+        r"loss computed from the model's forward",
+    ),
     "loss_fn_and_step": (
         "loss_fn=nn.CrossEntropyLoss(), step=lambda m, b: m(b['x']).sum(),",
         r"train\.py:\d+: TrainingSetup: give loss_fn or step, not both",
