@@ -195,18 +195,22 @@ def load_setup_function(path: Path) -> SetupFunction:
     if folder not in sys.path:
         sys.path.insert(0, folder)
     sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        raise UsageError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:
-        if _written_for_bz_cli_0(exc):
-            raise UsageError(
-                f"{path}: `get_config()` is how bz-cli 0.x's train.py began; bz imports "
-                "train.py and calls its `def setup(config: bz.RunConfig) -> "
-                'bz.TrainingSetup` (see "Coming from bz-cli 0.x" in bz\'s README)'
-            ) from None
-        raise TrainingError(f"{path} failed while importing: {user_frame(exc, path)}") from exc
+    from bz.training.interrupts import StopSignalWitness
+
+    with StopSignalWitness() as witness:  # as in call_setup: a signal stops the import
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as exc:
+            raise UsageError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
+        except Exception as exc:
+            witness.raise_if_stopped(exc)
+            if _written_for_bz_cli_0(exc):
+                raise UsageError(
+                    f"{path}: `get_config()` is how bz-cli 0.x's train.py began; bz imports "
+                    "train.py and calls its `def setup(config: bz.RunConfig) -> "
+                    'bz.TrainingSetup` (see "Coming from bz-cli 0.x" in bz\'s README)'
+                ) from None
+            raise TrainingError(f"{path} failed while importing: {user_frame(exc, path)}") from exc
     setup = getattr(module, "setup", None)
     if setup is None:
         raise UsageError(
@@ -229,13 +233,19 @@ def _written_for_bz_cli_0(exc: Exception) -> bool:
 
 def call_setup(setup: SetupFunction, config: RunConfig, path: Path | None = None) -> TrainingSetup:
     """Run the user's ``setup`` and check what it returns."""
+    from bz.training.interrupts import StopSignalWitness
+
     where = str(path) if path else "setup"
-    try:
-        result = setup(config)
-    except UsageError as exc:  # TrainingSetup refused what it was given: bad input
-        raise UsageError(f"{_location(exc, path) or where + ': '}{exc}") from None
-    except Exception as exc:
-        raise TrainingError(f"{where}: setup failed: {user_frame(exc, path)}") from exc
+    # A Ctrl-C or SIGTERM while setup runs stops the run (130 / 143), even when its
+    # handler failed where it landed and left another exception in its place.
+    with StopSignalWitness() as witness:
+        try:
+            result = setup(config)
+        except UsageError as exc:  # TrainingSetup refused what it was given: bad input
+            raise UsageError(f"{_location(exc, path) or where + ': '}{exc}") from None
+        except Exception as exc:
+            witness.raise_if_stopped(exc)
+            raise TrainingError(f"{where}: setup failed: {user_frame(exc, path)}") from exc
     if not isinstance(result, TrainingSetup):
         raise UsageError(
             f"{where}: setup returned {type(result).__name__}; it must return bz.TrainingSetup"

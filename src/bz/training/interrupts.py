@@ -6,7 +6,9 @@ stop after the same step: they vote on it every few steps (:class:`InterruptVote
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -91,6 +93,79 @@ class StoppedAtOnce(KeyboardInterrupt):
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignalWitness:
+    """Which stop signal (SIGINT, SIGTERM) arrived while a block ran, known even when
+    its Python handler could not run.
+
+    A handler is Python code run on top of whatever frame the signal lands in. Landing
+    near the recursion limit (deep in a library's imports, in a recursive model
+    builder) makes the handler itself fail with ``RecursionError``, and ``train.py``'s
+    setup then seemed to fail on its own (``setup failed: RecursionError``, exit 1)
+    instead of being stopped (143). The interpreter's C handler writes each signal's
+    number to the wakeup file descriptor before any Python runs; this reads them back.
+    Main thread only (as signals); elsewhere, and where no pipe can be made, it
+    witnesses nothing. The bytes are handed on to a wakeup descriptor set before
+    (an event loop's), so its owner still hears of them.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        """The first stop signal seen (read by :meth:`raise_if_stopped`)."""
+        self._pipe: tuple[int, int] | None = None
+        self._previous = -1
+
+    def __enter__(self) -> StopSignalWitness:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            read, write = os.pipe()
+        except OSError:
+            return self
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        try:
+            self._previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            os.close(read)
+            os.close(write)
+            return self
+        self._pipe = (read, write)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pipe is None:
+            return
+        self._read()
+        signal.set_wakeup_fd(self._previous)
+        for fd in self._pipe:
+            os.close(fd)
+        self._pipe = None
+
+    def _read(self) -> None:
+        assert self._pipe is not None
+        while True:
+            try:
+                numbers = os.read(self._pipe[0], 512)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not numbers:
+                return
+            if self._previous >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._previous, numbers)
+            for number in numbers:
+                if self.signal is None and number in _STOP_SIGNALS:
+                    self.signal = number
+
+    def raise_if_stopped(self, failure: BaseException) -> None:
+        """Raise :class:`TrainingInterrupted` (from ``failure``) when a stop signal
+        arrived: whatever the block raised then is what the signal's handler became."""
+        if self._pipe is not None:
+            self._read()
+        if self.signal is not None:
+            raise TrainingInterrupted(None, self.signal) from failure
 
 
 class InterruptGuard:
