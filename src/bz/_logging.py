@@ -152,12 +152,20 @@ def _drop_rendered_by_cli(_logger: WrappedLogger, _method: str, event: EventDict
     return event
 
 
-def _short_import_failures(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
-    # A plugin package that fails to import is one line on the console (the error names
-    # the distribution); the traceback is noise there. JSON keeps it.
-    import_failure = event.get("event") == "plugin_failed" and event.get("hook") == "import"
-    if import_failure and event.pop("exc_info", None) is not None:
-        event["hint"] = "`bz check-config --traceback` shows the traceback"
+def _short_expected_failures(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    # One line on the console, the traceback being noise there (JSON keeps it): a plugin
+    # package that fails to import (the error names the distribution), and a plugin that
+    # cannot use a file or folder (the error names it: a log_dir that is not writable).
+    if event.get("event") != "plugin_failed":
+        return event
+    raised = event.get("exc_info")
+    if isinstance(raised, tuple):
+        raised = raised[1]
+    if event.get("hook") == "import":
+        if event.pop("exc_info", None) is not None:
+            event["hint"] = "`bz check-config --traceback` shows the traceback"
+    elif isinstance(raised, OSError) and raised.filename is not None:
+        event.pop("exc_info", None)
     return event
 
 
@@ -248,7 +256,7 @@ def configure(
         processors = [
             *shared,
             _drop_rendered_by_cli,
-            _short_import_failures,
+            _short_expected_failures,
             structlog.dev.ConsoleRenderer(
                 colors=colors, exception_formatter=_console_tracebacks()
             ),

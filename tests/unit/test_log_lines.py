@@ -14,6 +14,7 @@ import json
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -111,3 +112,20 @@ def test_a_plugins_traceback_never_shows_its_locals(log_format: str) -> None:
     )
     assert "_send" in output  # the frames are there
     assert _SECRET not in output
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_a_plugin_that_cannot_use_its_folder_is_one_line_on_the_console(tmp_path: Path) -> None:
+    from bz.plugins.csv_logger import CsvLogger, CsvLoggerConfig
+    from bz.testing import run_plugin
+
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    stream = io.StringIO()
+    configure("console", "info", stream)
+    plugin = CsvLogger(CsvLoggerConfig(log_dir=str(tmp_path / "file" / "csv")))
+    run_plugin(plugin, epochs=1, policy="isolate")
+    failed = [line for line in stream.getvalue().splitlines() if "plugin_failed" in line]
+    assert len(failed) == 1
+    assert "csv_logger" in failed[0]
+    assert str(tmp_path / "file") in failed[0]
+    assert "Traceback" not in stream.getvalue()
