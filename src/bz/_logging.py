@@ -40,6 +40,7 @@ __all__ = [
     "host_plugin_output",
     "note_plugin_module",
     "plugin_logger",
+    "writes_reentrantly",
 ]
 
 LogFormat = Literal["console", "json"]
@@ -232,6 +233,21 @@ def _console_tracebacks() -> ExceptionRenderer:
     except ImportError:
         return structlog.dev.plain_traceback
     return structlog.dev.RichTracebackFormatter(show_locals=False)
+
+
+def writes_reentrantly() -> bool:
+    """Whether an event logged from a signal handler, in the middle of another line of
+    the same thread, is written without waiting for that line.
+
+    True for bz's own writer (:class:`_LineWriter`) and for the stdlib route (logging's
+    handlers hold a reentrant lock). False when a host configured structlog itself:
+    structlog's ``PrintLogger`` and ``WriteLogger`` hold a plain lock around each write,
+    which the interrupted line still holds (see ``InterruptGuard``).
+    """
+    if not structlog.is_configured():
+        return True
+    factory = structlog.get_config().get("logger_factory")
+    return isinstance(getattr(factory, "__self__", None), _LineWriter)
 
 
 def configure(

@@ -129,3 +129,27 @@ def test_a_plugin_that_cannot_use_its_folder_is_one_line_on_the_console(tmp_path
     assert "csv_logger" in failed[0]
     assert str(tmp_path / "file") in failed[0]
     assert "Traceback" not in stream.getvalue()
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_a_signal_during_a_line_of_the_hosts_own_structlog_logger_does_not_hang() -> None:
+    # An embedder's structlog writes through PrintLogger, whose lock is not reentrant:
+    # bz's handler logging into it mid-line would wait forever on its own thread.
+    stream = _Interrupting()
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    guard = InterruptGuard()
+    stream.during = lambda: guard._handle(signal.SIGTERM.value, None)
+    writer = threading.Thread(
+        target=lambda: structlog.get_logger("host").info("hosts_own_line"), daemon=True
+    )
+    writer.start()
+    writer.join(timeout=60)
+    assert not writer.is_alive(), "bz's handler waited for the host's line it interrupted"
+    assert guard.requested
+    guard.flush_report(timeout=60)
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert events == ["hosts_own_line", "interrupt_requested"]

@@ -7,6 +7,7 @@ stop after the same step: they vote on it every few steps (:class:`InterruptVote
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bz._distributed import vote_across
-from bz._logging import get_logger
+from bz._logging import get_logger, writes_reentrantly
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -196,6 +197,7 @@ class InterruptGuard:
         self._previous: dict[int, Any] = {}
         self._handler = self._handle
         """The very object installed: what the keeper compares the handlers with."""
+        self._reporter: threading.Thread | None = None
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
@@ -207,6 +209,7 @@ class InterruptGuard:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.flush_report(timeout=5)  # the line is out before fit returns
         if self.keep is not None and self._previous:
             self.keep(None)
         previous, self._previous = self._previous, {}
@@ -220,9 +223,30 @@ class InterruptGuard:
             raise StoppedAtOnce(signum)
         self.requested = True
         self.signal = signum
-        _log.warning(
-            "interrupt_requested",
-            signal=signal.Signals(signum).name,
-            hint="finishing the current step and writing a checkpoint; "
+        fields = {
+            "signal": signal.Signals(signum).name,
+            "hint": "finishing the current step and writing a checkpoint; "
             "press Ctrl-C again to stop at once",
+        }
+        if writes_reentrantly():
+            _log.warning("interrupt_requested", **fields)
+            return
+        # A host's own structlog logger may be in the middle of a line on this thread,
+        # holding a lock that is not reentrant: logging here would wait for it forever.
+        # Another thread waits for that line to end instead (with this one's context).
+        run = contextvars.copy_context().run
+        self._reporter = threading.Thread(
+            target=run,
+            args=(_log.warning, "interrupt_requested"),
+            kwargs=fields,
+            name="bz-interrupt-report",
+            daemon=True,
         )
+        self._reporter.start()
+
+    def flush_report(self, timeout: float | None = None) -> None:
+        """Wait (up to ``timeout`` seconds) until ``interrupt_requested`` is logged, when
+        another thread logs it (see :meth:`_handle`)."""
+        reporter = self._reporter
+        if reporter is not None:
+            reporter.join(timeout)
