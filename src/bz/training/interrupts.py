@@ -6,6 +6,7 @@ stop after the same step: they vote on it every few steps (:class:`InterruptVote
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import contextvars
 import math
@@ -197,7 +198,7 @@ class InterruptGuard:
         self._previous: dict[int, Any] = {}
         self._handler = self._handle
         """The very object installed: what the keeper compares the handlers with."""
-        self._reporter: threading.Thread | None = None
+        self._reported: threading.Event | None = None
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
@@ -234,19 +235,23 @@ class InterruptGuard:
         # A host's own structlog logger may be in the middle of a line on this thread,
         # holding a lock that is not reentrant: logging here would wait for it forever.
         # Another thread waits for that line to end instead (with this one's context).
-        run = contextvars.copy_context().run
-        self._reporter = threading.Thread(
-            target=run,
-            args=(_log.warning, "interrupt_requested"),
-            kwargs=fields,
-            name="bz-interrupt-report",
-            daemon=True,
-        )
-        self._reporter.start()
+        # Started with _thread: threading.Thread.start takes a lock of threading's own,
+        # which the interrupted thread may be holding too.
+        done = threading.Event()
+        context = contextvars.copy_context()
+
+        def report() -> None:
+            try:
+                context.run(_log.warning, "interrupt_requested", **fields)
+            finally:
+                done.set()
+
+        self._reported = done
+        _thread.start_new_thread(report, ())
 
     def flush_report(self, timeout: float | None = None) -> None:
         """Wait (up to ``timeout`` seconds) until ``interrupt_requested`` is logged, when
         another thread logs it (see :meth:`_handle`)."""
-        reporter = self._reporter
-        if reporter is not None:
-            reporter.join(timeout)
+        reported = self._reported
+        if reported is not None:
+            reported.wait(timeout)
