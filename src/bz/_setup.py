@@ -63,16 +63,11 @@ if TYPE_CHECKING:
 SchedulerInterval = Literal["epoch", "step"]
 
 
-class SetupFieldError(UsageError, TypeError):
-    """A ``TrainingSetup`` field of the wrong kind: bad ``train.py`` input (exit 2), and
-    a ``TypeError`` to Python code that builds a setup itself."""
-
-
 def _is_module(_instance: Any, _attribute: Any, value: Any) -> None:
     import torch
 
     if not isinstance(value, torch.nn.Module):
-        raise SetupFieldError(
+        raise UsageError(
             f"TrainingSetup: model must be a torch.nn.Module, got {type(value).__name__}"
         )
 
@@ -81,21 +76,21 @@ def _is_optimizer(_instance: Any, _attribute: Any, value: Any) -> None:
     import torch
 
     if not isinstance(value, torch.optim.Optimizer):
-        raise SetupFieldError(
+        raise UsageError(
             f"TrainingSetup: optimizer must be a torch.optim.Optimizer, got {type(value).__name__}"
         )
 
 
 def _is_callable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not callable(value):
-        raise SetupFieldError(
+        raise UsageError(
             f"TrainingSetup: {attribute.name} must be callable, got {type(value).__name__}"
         )
 
 
 def _is_iterable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not isinstance(value, Iterable):
-        raise SetupFieldError(
+        raise UsageError(
             f"TrainingSetup: {attribute.name} must be iterable, got {type(value).__name__}"
         )
 
