@@ -101,6 +101,7 @@ def test_verbose_shows_hooks_state_and_every_option(timer: Packages) -> None:
         "  entry point:  timer_plugin:Timer",
         "  hooks:        start_epoch, end_epoch",
         "  stateful:     yes (saved in checkpoints)",
+        '  isolation:    "in-process" (default) or "process"',
         "  options:",
         "    every: integer (default 2)",
         "        Report every N epochs.",
@@ -145,10 +146,15 @@ def test_json_has_every_field(timer: Packages) -> None:
         ],
         "options_from": "Config",
         "stateful": True,
+        "isolation": '"in-process" (default) or "process"',
         "error": None,
         "duplicate_of": None,
     }
     assert described["early_stopping"]["stateful"] is True
+    assert described["ema"]["isolation"] == (
+        '"in-process" only (needs the training process: it keeps an average of the '
+        "model's weights)"
+    )
 
 
 def test_guide_style_options_come_from_load_config(packages: Packages) -> None:

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from bz import _stdio
+from bz import _stdio, _supervision
 from bz._errors import BzError, ConfigError, UsageError
+from bz.commands import supervise
 from bz.commands.launch import command_line, launch
 from bz.commands.options import (
     EXIT_EVENT_WRITTEN,
@@ -95,6 +96,7 @@ __all__ = ["check_config", "train", "validate"]
     help="Train in N processes on this machine (torch.distributed's elastic launcher; "
     "for several machines run `torchrun ... -m bz train`).",
 )
+@supervise.options
 def train(
     config_path: str | None,
     epochs: int | None,
@@ -111,13 +113,20 @@ def train(
     show_traceback: bool,
     smoke: bool,
     nproc_per_node: int | None,
+    max_restarts: int,
+    restart_on_crash: bool,
 ) -> None:
     """Train the model that train.py sets up, with the plugins bzconfig.json lists.
 
     Resumes from the newest checkpoint of the same run when there is one; Ctrl-C
     (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130
-    (143).
+    (143). Training runs in a child process: one that ends without finishing is
+    reported (exit 1), or restarted without the plugin it died in.
     """
+    if (nproc_per_node or 1) == 1 and supervise.may_supervise():
+        options = supervise.Supervision(max_restarts, restart_on_crash, log_format == "json")
+        raise click.exceptions.Exit(supervise.supervise(options))
+    _supervision.attach()  # the child of a supervising `bz train`: tell it how far it got
     with _sigterm_stops():
         _log_then_launch_or_train(
             config_path,
@@ -424,7 +433,8 @@ def validate(
     """Evaluate a trained run on the validation data: loss and configured metrics.
 
     A finished run is evaluated as it ended (its model.pt, with early stopping's best
-    weights if they were restored); an unfinished one from its newest checkpoint.
+    weights if they were restored); an unfinished one from its newest checkpoint. Under
+    ema's validate_with_ema, on the average the run's validation used.
     """
     from bz import _logging
     from bz._run import validate as run_validation
@@ -443,6 +453,7 @@ def validate(
         "batch": payload.get("batch", 0),
         "step": payload["global_step"],
         "batches": result.batches,
+        "weights": result.weights,
         "validation_loss": result.loss,
         "metrics": result.metrics,
     }
@@ -453,6 +464,8 @@ def validate(
     batches = f" + {batch} batches" if batch else ""
     where = f"epoch {payload['epoch']}{batches}, step {payload['global_step']}"
     click.echo(f"checkpoint       {path} ({where})")
+    if result.weights == "ema":
+        click.echo("weights          ema's average (validate_with_ema), as the run validated")
     click.echo(f"validation_loss  {result.loss:.6g}")
     for name, value in result.metrics.items():
         click.echo(f"{name:<16} {value:.6g}")

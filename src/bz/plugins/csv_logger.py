@@ -23,7 +23,6 @@ import csv
 import errno
 import math
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ import attrs
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, hook
 from bz.plugins._run_dir import RUN_DIR_KEY, RUNS_ROOT, run_dir_hint, run_directory
-from bz.plugins._scalars import StepSchedule, epoch_scalars, learning_rates, step_scalars
+from bz.plugins._scalars import LoggerClock, step_scalars
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -81,14 +80,7 @@ class CsvLogger:
         self._rows = 0
         self._fresh = True
         """The file is to be started afresh at the first row (not a resumed one)."""
-        self._epoch_started = 0.0
-        self._rates: list[float] = []
-        interval = self.config.step_interval
-        self._steps = StepSchedule(interval) if interval is not None else None
-        if interval is not None:
-            # The per-batch hook exists only when asked for, and so does the norm.
-            self.gradient_norm_every = interval
-            self.end_training_batch = self._log_step
+        self._clock = LoggerClock(self, self.config.step_interval, self._log_step)
 
     end_training_batch: Callable[[PluginContext], None]
     """The step row; present only with ``step_interval``."""
@@ -149,14 +141,11 @@ class CsvLogger:
         """Note the epoch's learning rate and start its clock."""
         if not self._active:
             return
-        self._epoch_started = time.perf_counter()
-        self._rates = learning_rates(context.optimizer)
-        if self._steps is not None:
-            self._steps.start(context)
+        self._clock.start_epoch(context)
 
     def _log_step(self, context: PluginContext) -> None:
         """Every ``step_interval`` steps, the step's row (the only per-step host reads)."""
-        if not self._active or self._steps is None or not self._steps.due(context):
+        if not self._active or not self._clock.due(context):
             return
         self._append("step", context, step_scalars(context))
 
@@ -165,8 +154,7 @@ class CsvLogger:
         """The epoch's row."""
         if not self._active:
             return
-        seconds = time.perf_counter() - self._epoch_started
-        self._append("epoch", context, epoch_scalars(context, seconds=seconds, rates=self._rates))
+        self._append("epoch", context, self._clock.epoch_scalars(context))
 
     @hook
     def end_training_session(self, context: PluginContext) -> None:

@@ -103,6 +103,15 @@ class EarlyStopping:
         self._best_weights: dict[str, torch.Tensor] | None = None
         self._warned_missing = False
 
+    @property
+    def needs_training_process(self) -> str | None:
+        """Why ``"isolation": "process"`` is refused with these options (None: it is not)."""
+        return (
+            "restore_best_weights copies the model's weights"
+            if self.config.restore_best_weights
+            else None
+        )
+
     # -- reading the monitored value ---------------------------------------------------
 
     def monitored_value(self, context: PluginContext) -> float | None:
