@@ -340,3 +340,19 @@ def test_ema_shows_its_options_with_their_bounds() -> None:
     ):
         assert f"    {option}" in text, option
     assert "(1 + n) / (10 + n)" in text
+
+
+def test_an_options_doc_of_several_lines_stays_under_its_option() -> None:
+    # ema's docs run over two lines each: every line of a doc is indented as its first.
+    result = invoke("--verbose", "ema")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = lines.index("  options:") + 1
+    options = lines[start:]
+    assert options
+    for line in options:
+        assert line.startswith("    "), f"{line!r} is not under an option"
+    docs = [line for line in options if line.startswith("        ")]
+    assert any(line.strip().startswith("memory early in training") for line in docs), (
+        "the second line of warmup's doc"
+    )

@@ -269,7 +269,7 @@ def _print_plugin(d: PluginDescription) -> None:
             allowed = f"; {field.constraints}" if field.constraints else ""
             click.echo(f"    {field.name}: {field.type} ({default}{allowed})")
             if field.doc:
-                click.echo(f"        {field.doc}")
+                click.echo(textwrap.indent(field.doc, " " * 8))
 
 
 # -- list-metrics ------------------------------------------------------------------------

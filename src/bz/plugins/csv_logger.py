@@ -20,6 +20,7 @@ a run killed and resumed has each epoch and step once.
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import os
 from collections.abc import Mapping
@@ -30,7 +31,7 @@ import attrs
 
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, hook
-from bz.plugins._run_dir import run_directory
+from bz.plugins._run_dir import RUN_DIR_KEY, RUNS_ROOT, run_dir_hint, run_directory
 from bz.plugins._scalars import LoggerClock, step_scalars
 
 if TYPE_CHECKING:
@@ -123,6 +124,17 @@ class CsvLogger:
         self._rows = 0
         self._fresh = True
         self._columns = list(FIXED_COLUMNS)
+        if self._active:
+            check_writable(self._folder(context))
+
+    def _folder(self, context: PluginContext) -> Path:
+        """Where ``metrics.csv`` will go (nothing created yet)."""
+        if self.config.log_dir is not None:
+            return Path(self.config.log_dir)
+        shared = context.extra.get(RUN_DIR_KEY)
+        if isinstance(shared, (str, Path)):
+            return Path(shared)
+        return run_dir_hint.get() or RUNS_ROOT
 
     @hook
     def start_epoch(self, context: PluginContext) -> None:
@@ -182,6 +194,27 @@ class CsvLogger:
             with path.open("a", encoding="utf-8", newline="") as file:
                 csv.DictWriter(file, self._columns, restval="").writerow(row)
         self._rows += 1
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, before training, a folder the first row could not be written into.
+
+    Nothing is created: the folder, or the nearest part of its path that exists, must
+    be a writable folder. Raised in ``start_training_session``, the error quarantines
+    the plugin there, as a ``tensorboard`` whose ``log_dir`` cannot be made is; without
+    this check the first row failed at the end of the first epoch.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"cannot create {folder} for {CSV_FILE}: not a folder", str(existing)
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            errno.EACCES, f"cannot write {CSV_FILE} into {folder}: not writable", str(existing)
+        )
 
 
 def _read(path: Path) -> tuple[list[str] | None, list[dict[str, str]]]:
