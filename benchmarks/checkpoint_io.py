@@ -1,8 +1,12 @@
 """What verified checkpoints cost: bz's write and read against plain ``torch.save``/``load``.
 
 bz hashes the bytes while writing them (XXH3-128, no second pass) and writes a small
-sidecar with two renames and fsyncs; reading verifies the checksum in one pass over the
-file (through a memory map: the page cache, no copy) before ``torch.load``. The bare
+sidecar with two renames and fsyncs; before writing, it gives back the page cache of
+the file it replaces (as ``torch.save``'s truncating open does), so that the new file's
+pages are memory just freed rather than memory free for long, which a virtual machine
+may have handed back to its host (a host fault per page); reading verifies the
+checksum in one pass over the file (through a memory map: the page cache, no copy)
+before ``torch.load``. The bare
 baseline is ``torch.save`` to an open file + fsync, and ``torch.load``. Prints the median
 of ``--rounds`` per size, then, as its last line, the ratios at the largest size::
 
@@ -94,6 +98,8 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     write, read = ratios[-1]
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"load average {load} (timings on a busy machine move; the ratios less)")
     print(f"write {write:.2f}x, read {read:.2f}x of bare torch")
 
 

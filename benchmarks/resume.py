@@ -12,7 +12,10 @@ resumed twice, timed from ``Trainer.fit`` to the first ``start_training_batch``:
   iterable dataset without state);
 * ``reposition``: bz's repositioning at the sampler (nothing fetched).
 
-``fresh`` is the same from the start of an epoch, for scale. Run::
+``fresh`` is the same from the start of an epoch, for scale. The replays run once (they
+are the slow part); the repositioning resumes and the fresh start ``--rounds`` times each
+(median), since one resume takes a fraction of a second and a busy machine moves it by
+as much. The load average is printed with the results. Run::
 
     .venv/bin/python benchmarks/resume.py                  # about 2 minutes of replay
     .venv/bin/python benchmarks/resume.py --batches 20000  # quicker
@@ -21,7 +24,9 @@ resumed twice, timed from ``Trainer.fit`` to the first ``start_training_batch``:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -131,8 +136,9 @@ def main() -> None:
     """Make the two checkpoints, time the resumes, print one line each and the verdict."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    batches = args.batches
+    batches, rounds = args.batches, args.rounds
     root = Path(tempfile.mkdtemp(prefix="bz-resume-bench-"))
     try:
         points = {"10%": batches // 10, "90%": batches * 9 // 10}
@@ -140,17 +146,23 @@ def main() -> None:
             label: _checkpoint_at(root / label, batches, step) for label, step in points.items()
         }
         (root / "empty").mkdir()
-        fresh = _time_resume(root / "empty", batches, 0, replay=False)
+        fresh = statistics.median(
+            _time_resume(root / "empty", batches, 0, replay=False) for _ in range(rounds)
+        )
         print(f"fresh epoch (for scale)        {fresh:8.3f} s")
         now = {}
         for label, step in points.items():
             today = _time_resume(templates[label], batches, step, replay=True)
-            now[label] = _time_resume(templates[label], batches, step, replay=False)
+            now[label] = statistics.median(
+                _time_resume(templates[label], batches, step, replay=False) for _ in range(rounds)
+            )
             print(
                 f"resume at {label} ({step} batches): replay {today:8.3f} s, "
                 f"reposition {now[label]:6.3f} s"
             )
         ratio = max(now.values()) / min(now.values())
+        load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+        print(f"load average {load}; reposition medians of {rounds}")
         print(f"reposition: {now['10%']:.3f} s at 10%, {now['90%']:.3f} s at 90% ({ratio:.2f}x)")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -8,6 +8,12 @@
 Each command runs in a fresh process, the commands taking turns so that a busy
 machine slows them alike; the median and the fastest wall time are reported. A
 separate run of each with ``PYTHONPROFILEIMPORTTIME=1`` says whether it imported torch.
+
+The two ``bz train --smoke`` rows train one batch of a tiny project (written to a
+temporary folder, where every command runs): as ``bz train`` does, supervising a child
+process that trains, and in one process (the command group called from Python, which
+does not supervise). Their difference is what the supervisor adds to a run's start; the
+supervised row's "imports torch" is its child's.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +51,38 @@ def commands() -> dict[str, list[str]]:
         "bz --help": [*bz, "--help"],
         "bz list-plugins": [*bz, "list-plugins"],
         "bz list-plugins --verbose": [*bz, "list-plugins", "--verbose"],
+        "bz train --smoke (supervised)": [*bz, "train", "--smoke"],
+        "bz train --smoke (one process)": [python, "-c", _IN_ONE_PROCESS, "train", "--smoke"],
     }
+
+
+_IN_ONE_PROCESS = "import sys; from bz.commands import cli; cli.main(sys.argv[1:])"
+
+_TRAIN_PY = """\
+import torch
+from torch import nn
+
+import bz
+
+
+def setup(config):
+    model = nn.Linear(4, 2)
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    return bz.TrainingSetup(
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_loader=data,
+        val_loader=data,
+    )
+"""
+
+
+def write_project(folder: Path) -> None:
+    """The tiny project the ``bz train --smoke`` rows train."""
+    (folder / "train.py").write_text(_TRAIN_PY, encoding="utf-8")
+    config = {"epochs": 1, "device": "cpu", "plugins": []}
+    (folder / "bzconfig.json").write_text(json.dumps(config), encoding="utf-8")
 
 
 def imported_modules(command: Sequence[str]) -> set[str]:
@@ -74,18 +112,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")
     args = parser.parse_args(argv)
 
+    json_path = str(Path(args.json_path).resolve()) if args.json_path else None
+    with tempfile.TemporaryDirectory(prefix="bz-startup-") as folder:
+        write_project(Path(folder))
+        os.chdir(folder)
+        return _measure(args.runs, json_path)
+
+
+def _measure(runs: int, json_path: str | None) -> int:
     timed = commands()
     times: dict[str, list[float]] = {name: [] for name in timed}
     for command in timed.values():
         wall_time(command)  # warm the file cache; not counted
-    for run in range(args.runs):
+    for run in range(runs):
         names = list(timed)
         shift = run % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(wall_time(timed[name]))
     torch_imported = {name: imports_torch(command) for name, command in timed.items()}
 
-    print(f"# start-up, median of {args.runs} alternating runs (wall time)")
+    print(f"# start-up, median of {runs} alternating runs (wall time)")
     print()
     print("| command | median | fastest | imports torch |")
     print("|---|---:|---:|---|")
@@ -94,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| `{name}` | {statistics.median(times[name]) * 1e3:.0f} ms "
             f"| {min(times[name]) * 1e3:.0f} ms | {'yes' if torch_imported[name] else 'no'} |"
         )
-    if args.json_path:
-        with open(args.json_path, "w", encoding="utf-8") as out:
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as out:
             json.dump({"times": times, "imports_torch": torch_imported}, out, indent=2)
     return 0
 

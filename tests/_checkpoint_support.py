@@ -11,6 +11,10 @@ the environment says, at the store's own seams (no knowledge of the loop needed)
   a full disk.
 * ``BZ_TEST_SIGNAL=INT|TERM|KILL`` with ``BZ_TEST_SIGNAL_AT_STEP=N``: as in
   :mod:`tests._fault_support`.
+
+The kill tests start those subprocesses with :func:`start_child` / :func:`run_child`
+and compare the final checkpoints with :func:`final_state`; :func:`train_each` trains
+several projects in one process (the clean reference runs, which nothing interrupts).
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tests._fault_support import RESUME_TRAIN_PY, write_half_and_die
+from tests._fault_support import REPO_ROOT, RESUME_TRAIN_PY, write_half_and_die
 from tests._fault_support import child_main as fault_child_main
 
 SETUP_MARKER = "setup-ran"
@@ -38,7 +43,108 @@ TRAIN_PY = (
 )
 """``train.py`` that leaves ``setup-ran`` behind, so tests see whether setup() ran."""
 
-__all__ = ["RESUME_TRAIN_PY", "SETUP_MARKER", "TRAIN_PY", "child_main"]
+__all__ = [
+    "FAULT_CHILD",
+    "RESUME_TRAIN_PY",
+    "SETUP_MARKER",
+    "STORE_CHILD",
+    "TRAIN_PY",
+    "child_env",
+    "child_main",
+    "final_state",
+    "run_child",
+    "start_child",
+    "train_each",
+]
+
+FAULT_CHILD = "from tests._fault_support import child_main; child_main()"
+"""``python -c`` code of a ``bz`` that dies at a step (:mod:`tests._fault_support`)."""
+STORE_CHILD = "from tests._checkpoint_support import child_main; child_main()"
+"""``python -c`` code of a ``bz`` with the store's faults too (:func:`child_main`)."""
+
+
+def child_env(**faults: str) -> dict[str, str]:
+    """The test's environment less ``BZ_TEST_*`` and ``BZ_CONFIG``, with the repository
+    importable (``tests._*`` modules) and ``faults`` added."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("BZ_TEST_") and key != "BZ_CONFIG"
+    }
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    env.update(faults)
+    return env
+
+
+def start_child(
+    folder: Path, *args: str, child: str = FAULT_CHILD, **faults: str
+) -> subprocess.Popen[str]:
+    """``bz ARGS`` (``train --log-format json`` without ``args``) in ``folder``, in its own
+    process with the ``faults`` in its environment; stdout and stderr in one pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-c", child, *(args or ("train", "--log-format", "json"))],
+        cwd=folder,
+        env=child_env(**faults),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def run_child(
+    folder: Path, *args: str, child: str = FAULT_CHILD, **faults: str
+) -> tuple[int, str]:
+    """:func:`start_child`, waited for: its exit code and output (stdout and stderr)."""
+    process = start_child(folder, *args, child=child, **faults)
+    output, _ = process.communicate(timeout=600)  # a safety net for a hung child
+    return process.returncode, output
+
+
+def final_state(folder: Path, epochs: int) -> dict[str, torch.Tensor]:
+    """The model and optimizer state of the checkpoint after epoch ``epochs`` (counted
+    from 1) of the one run in ``folder``, by name (``optimizer.<index>.<key>``)."""
+    (run_dir,) = (folder / ".bz" / "checkpoints").iterdir()
+    path = run_dir / f"epoch-{epochs:04d}.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, torch.Tensor] = dict(payload["model"])
+    for index, per_param in payload["optimizer"]["state"].items():
+        for key, value in per_param.items():
+            state[f"optimizer.{index}.{key}"] = value
+    return state
+
+
+EXIT_CODE_FILE = "exit-code"
+"""What :func:`train_each` leaves in each folder: the exit code of its ``bz train``."""
+
+
+def train_each(folders: list[Path]) -> None:
+    """``bz train`` in each folder in turn, in one process started for them (one
+    interpreter start instead of one per run); each folder gets :data:`EXIT_CODE_FILE`."""
+    code = (
+        "import sys; from tests._checkpoint_support import train_each_main; "
+        "train_each_main(sys.argv[1:])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, *map(str, folders)],
+        env=child_env(),
+        capture_output=True,
+        timeout=900,  # a safety net for a hung child, not a timing assertion
+        check=False,
+    )
+
+
+def train_each_main(folders: list[str]) -> None:
+    """The process :func:`train_each` starts."""
+    from bz import commands as cli
+
+    for folder in folders:
+        os.chdir(folder)
+        try:
+            cli.main(["train", "--log-format", "json"])
+            code: object = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        Path(EXIT_CODE_FILE).write_text(str(code if isinstance(code, int) else 1))
 
 
 def _final_name(tmp: str) -> str:

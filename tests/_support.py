@@ -72,6 +72,11 @@ def assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Te
         assert torch.equal(left[key], right[key]), f"{key} differs"
 
 
+TRAINING_DIED = 1
+"""What ``bz train`` exits with when its training process died without finishing (a
+test's SIGKILL in the middle of training): the supervising process reports it."""
+
+
 Events = list[MutableMapping[str, Any]]
 """What the ``events`` fixture yields: structlog's captured event dicts."""
 

@@ -16,6 +16,7 @@ call would be an error, not a wrong number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import os
@@ -24,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,6 +116,9 @@ def callgrind(argv: Sequence[str], dumps: int) -> list[int]:
         command = [
             executable,
             "--tool=callgrind",
+            # Imports, set-up and warm-up run uninstrumented (several times faster); the
+            # child switches instrumentation on around its marked runs (instrumented).
+            "--instr-atstart=no",
             f"--dump-before={MARKER}",
             f"--callgrind-out-file={out_file}",
             sys.executable,
@@ -220,6 +224,33 @@ def last_line(
 # -- the child: runs under callgrind -----------------------------------------------------
 
 
+def _instrumentation(state: str) -> None:
+    """Switch callgrind's instrumentation of this process ``on`` or ``off``.
+
+    ``callgrind_control`` reaches the process through valgrind's gdbserver, which answers
+    while the process runs, so this waits busily.
+    """
+    control = subprocess.Popen(
+        ["callgrind_control", f"--instr={state}", str(os.getpid())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while control.poll() is None:
+        pass
+    if control.returncode != 0:
+        raise RuntimeError(f"callgrind_control --instr={state} failed")
+
+
+@contextlib.contextmanager
+def instrumented() -> Iterator[None]:
+    """Callgrind's instrumentation on inside, off again after (marks count only inside)."""
+    _instrumentation("on")
+    try:
+        yield
+    finally:
+        _instrumentation("off")
+
+
 def measured(make: Callable[[int], Callable[[], None]], steps: int) -> None:
     """Warm up, then run N and 2N steps between marks (see ``per_step``)."""
     for _ in range(2):  # the first runs: lazy imports, caches, the interpreter's specialising
@@ -227,13 +258,14 @@ def measured(make: Callable[[int], Callable[[], None]], steps: int) -> None:
     single, double = make(steps), make(2 * steps)
     gc.collect()
     gc.freeze()  # collections then skip what already exists: no stray full collection
-    mark()
-    single()
-    mark()
-    gc.collect()
-    mark()
-    double()
-    mark()
+    with instrumented():
+        mark()
+        single()
+        mark()
+        gc.collect()
+        mark()
+        double()
+        mark()
     gc.unfreeze()
 
 

@@ -58,8 +58,21 @@ def setup(config: bz.RunConfig) -> bz.TrainingSetup:
     hp = config.hyperparameters
     seed = config.seed or 0
     model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=VOCABULARY, n_positions=LENGTH, n_embd=32, n_layer=2, n_head=2)
+        GPT2Config(
+            vocab_size=VOCABULARY,
+            n_positions=LENGTH,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            # No beginning or end of text in this language: GPT-2's own ids (50256) would
+            # lie outside the 32-token vocabulary.
+            bos_token_id=None,
+            eos_token_id=None,
+        )
     )
+    # Said outright: transformers finds no loss in the class name GPT2LMHeadModel, and
+    # warns before using this one.
+    model.loss_type = "ForCausalLM"
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(hp.get("lr", 3e-3)))
     batch_size = int(hp.get("batch_size", 8))
     train = counting(int(hp.get("sequences", 256)), seed)

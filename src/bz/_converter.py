@@ -180,10 +180,30 @@ def _arrays_only(conv: cattrs.Converter) -> Callable[[Any], Callable[[Any, Any],
     return factory
 
 
+def _mappings_only(conv: cattrs.Converter) -> Callable[[Any], Callable[[Any, Any], Any]]:
+    """``dict[K, V]`` and ``Mapping[K, V]`` from JSON objects only: cattrs alone calls
+    ``.items()`` on whatever it is given, so ``"tags": ["a"]`` raised AttributeError,
+    which the loader took for a bug in the plugin (quarantined, exit 0) instead of a
+    mistake in the file."""
+
+    def factory(annotation: Any) -> Callable[[Any, Any], Any]:
+        items: Callable[[Any, Any], Any] = cattrs.cols.mapping_structure_factory(annotation, conv)
+
+        def hook(value: Any, kind: Any) -> Any:
+            if not isinstance(value, Mapping):
+                raise TypeError(f"expected an object, got {quote_value(value)}")
+            return items(value, kind)
+
+        return hook
+
+    return factory
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     conv.register_structure_hook_factory(attrs.has, _objects_only(conv))
     conv.register_structure_hook_factory(_is_array, _arrays_only(conv))
+    conv.register_structure_hook_factory(cattrs.cols.is_mapping, _mappings_only(conv))
     conv.register_structure_hook(bool, _strict_scalar(bool, "boolean", (bool,)))
     conv.register_structure_hook(int, _strict_scalar(int, "int", (int,)))
     conv.register_structure_hook(float, _strict_scalar(float, "number", (int, float)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import inspect
 import os
 import signal
 import sys
@@ -184,7 +185,7 @@ def shard_loader(
 
     A ``DataLoader`` is rebuilt around a :class:`DistributedSampler` (shuffled when the
     original shuffled, with the run's seed; ``set_epoch`` is called every epoch), keeping
-    its batch size, workers, collate function and pinning. A plain sequence of batches
+    every other setting it was built with (:func:`loader_settings`). A plain sequence of batches
     (a list) is dealt out round-robin, truncated so that every rank has as many batches.
     """
     if not topology.distributed:
@@ -205,24 +206,30 @@ def shard_loader(
             seed=seed,
             drop_last=loader.drop_last if training else False,
         )
-        return DataLoader(
-            loader.dataset,
-            batch_size=loader.batch_size,
-            sampler=sampler,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            drop_last=loader.drop_last,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-            persistent_workers=loader.persistent_workers,
-        )
+        return DataLoader(loader.dataset, sampler=sampler, **loader_settings(loader))
     if isinstance(loader, Sequence):
         return _Shard(loader, topology)
     raise UsageError(
         f"cannot split a {type(loader).__name__} between processes; return a DataLoader "
         "or a list of batches from setup(), or shard the data yourself"
     )
+
+
+_SAMPLING = frozenset({"self", "dataset", "shuffle", "sampler", "batch_sampler"})
+"""``DataLoader`` arguments :func:`shard_loader` replaces (the sampler) or that went into
+the loader's batch sampler (``batch_size`` and ``drop_last`` are kept as attributes)."""
+
+
+def loader_settings(loader: DataLoader[Any]) -> dict[str, Any]:
+    """Every argument ``loader`` was built with, besides its data and sampling, as this
+    torch's ``DataLoader`` takes them (``generator``, ``prefetch_factor``,
+    ``multiprocessing_context``, ``in_order``, ... whatever the release has)."""
+    parameters = inspect.signature(DataLoader.__init__).parameters
+    return {
+        name: getattr(loader, name)
+        for name in parameters
+        if name not in _SAMPLING and hasattr(loader, name)
+    }
 
 
 def set_epoch(loader: Iterable[Any] | None, epoch: int) -> None:

@@ -39,13 +39,21 @@ class ConfigError(UsageError):
         """One line per problem: ``source: path: message``."""
         where = f"{self.source}: " if self.source else ""
         return "\n".join(
-            f"{where}{path}: {message}" if path else f"{where}{message}"
+            _one_line(f"{where}{path}: {message}" if path else f"{where}{message}")
             for path, message in self.problems
         )
 
     def with_source(self, source: str) -> ConfigError:
         """The same problems, attributed to a file."""
         return ConfigError(self.problems, source)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped: a key in the
+    file may hold a newline, and a problem must still be one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class TrainingError(BzError):

@@ -31,7 +31,7 @@ import structlog
 from bz import _stdio
 
 if TYPE_CHECKING:
-    from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+    from structlog.typing import EventDict, ExceptionRenderer, FilteringBoundLogger, WrappedLogger
 
 __all__ = [
     "LogFormat",
@@ -40,6 +40,7 @@ __all__ = [
     "host_plugin_output",
     "note_plugin_module",
     "plugin_logger",
+    "writes_reentrantly",
 ]
 
 LogFormat = Literal["console", "json"]
@@ -152,12 +153,20 @@ def _drop_rendered_by_cli(_logger: WrappedLogger, _method: str, event: EventDict
     return event
 
 
-def _short_import_failures(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
-    # A plugin package that fails to import is one line on the console (the error names
-    # the distribution); the traceback is noise there. JSON keeps it.
-    import_failure = event.get("event") == "plugin_failed" and event.get("hook") == "import"
-    if import_failure and event.pop("exc_info", None) is not None:
-        event["hint"] = "`bz check-config --traceback` shows the traceback"
+def _short_expected_failures(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    # One line on the console, the traceback being noise there (JSON keeps it): a plugin
+    # package that fails to import (the error names the distribution), and a plugin that
+    # cannot use a file or folder (the error names it: a log_dir that is not writable).
+    if event.get("event") != "plugin_failed":
+        return event
+    raised = event.get("exc_info")
+    if isinstance(raised, tuple):
+        raised = raised[1]
+    if event.get("hook") == "import":
+        if event.pop("exc_info", None) is not None:
+            event["hint"] = "`bz check-config --traceback` shows the traceback"
+    elif isinstance(raised, OSError) and raised.filename is not None:
+        event.pop("exc_info", None)
     return event
 
 
@@ -207,6 +216,40 @@ class _LineWriter:
     fatal = failure = err = error = critical = exception = msg
 
 
+# Tracebacks without the frames' local variables. structlog's defaults show them (rich's
+# console tracebacks, and `dict_tracebacks` in JSON): a plugin's API key held in a local
+# would reach the terminal and every log collector reading the JSON lines.
+_JSON_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
+def _console_tracebacks() -> ExceptionRenderer:
+    """rich's traceback when rich is installed (as structlog would pick), else plain;
+    locals never shown (``better-exceptions``, structlog's other choice, always shows
+    them, so it is never used)."""
+    try:
+        import rich  # noqa: F401  # structlog's own test: is rich there?
+    except ImportError:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)
+
+
+def writes_reentrantly() -> bool:
+    """Whether an event logged from a signal handler, in the middle of another line of
+    the same thread, is written without waiting for that line.
+
+    True for bz's own writer (:class:`_LineWriter`) and for the stdlib route (logging's
+    handlers hold a reentrant lock). False when a host configured structlog itself:
+    structlog's ``PrintLogger`` and ``WriteLogger`` hold a plain lock around each write,
+    which the interrupted line still holds (see ``InterruptGuard``).
+    """
+    if not structlog.is_configured():
+        return True
+    factory = structlog.get_config().get("logger_factory")
+    return isinstance(getattr(factory, "__self__", None), _LineWriter)
+
+
 def configure(
     log_format: LogFormat = "console", level: str = "info", stream: TextIO | None = None
 ) -> None:
@@ -219,7 +262,7 @@ def configure(
         processors = [
             *shared,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
+            _JSON_TRACEBACKS,
             structlog.processors.JSONRenderer(),
         ]
         output = stream or _stdio.stdout()
@@ -229,8 +272,10 @@ def configure(
         processors = [
             *shared,
             _drop_rendered_by_cli,
-            _short_import_failures,
-            structlog.dev.ConsoleRenderer(colors=colors),
+            _short_expected_failures,
+            structlog.dev.ConsoleRenderer(
+                colors=colors, exception_formatter=_console_tracebacks()
+            ),
         ]
     structlog.configure(
         processors=processors,

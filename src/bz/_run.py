@@ -8,6 +8,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import attrs
+
 from bz._errors import ConfigError, UsageError
 from bz._logging import get_logger
 from bz.config import (
@@ -21,7 +23,9 @@ from bz.config import (
 )
 
 if TYPE_CHECKING:
-    from bz._setup import SetupFunction
+    import torch
+
+    from bz._setup import SetupFunction, TrainingSetup
     from bz.metrics import Metric
     from bz.plugins._sandbox import ErrorPolicy, PluginSet
     from bz.training.checkpoint.files import ModelPayload
@@ -154,6 +158,7 @@ def run(
     if run_config.deterministic:  # cuBLAS reads it once: before setup() can use CUDA
         request_cublas_determinism()
     setup = call_setup(setup_function, run_config, script)
+    _check_monitors(config, overrides, run_config, setup, plugins, metrics)
     _log.info(
         "training_started",
         script=str(script),
@@ -168,6 +173,28 @@ def run(
         checkpoint_dir=base / run_config.checkpoint_dir,
         limit_batches=1 if smoke else None,
     )
+
+
+def _check_monitors(
+    config: RunConfig | str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None,
+    run_config: RunConfig,
+    setup: TrainingSetup,
+    plugins: PluginSet,
+    metrics: Mapping[str, Metric],
+) -> None:
+    """Refuse a watched name the run never produces (``early_stopping``'s ``monitor``,
+    ``keep_best.monitor``) before training, naming where it was configured; ``fit``
+    checks the same for callers in Python."""
+    from bz.plugins._names import check_monitors
+    from bz.training.checkpoint.best import check_monitor
+
+    names = [*metrics, *setup.metrics]
+    validates = setup.val_loader is not None
+    with _attributed_to(blamed_source(config, overrides, "plugins")):
+        check_monitors(plugins.active, names, validates=validates)
+    with _attributed_to(blamed_source(config, overrides, "keep_best")):
+        check_monitor(run_config.keep_best, names, validates=validates)
 
 
 class _Prepared(NamedTuple):
@@ -209,6 +236,7 @@ def _prepare(
     setup_function = load_setup_function(base / run_config.train_script)
     with _attributed_to(blamed_source(config, overrides, "plugins")):
         plugins = load_plugins(run_config.plugins, run_config)
+    _tell_supervisor(plugins)
     # An unusable device, or a precision it cannot do, is reported before setup() runs.
     check_precision(run_config.precision, resolve_device(run_config.device))
     if (
@@ -224,6 +252,31 @@ def _prepare(
         if problem is not None:
             raise UsageError(problem)
     return _Prepared(run_config, base, metrics, setup_function, plugins)
+
+
+def _tell_supervisor(plugins: PluginSet) -> None:
+    """Under a supervising ``bz train``: leave out the plugins it restarted training
+    without, and tell it the names behind the plugin numbers it watches."""
+    from bz import _supervision
+    from bz.plugins._faults import PluginFault
+    from bz.plugins._hooks import HOOK_NAMES
+
+    faults = [
+        PluginFault(str(entry["plugin"]), str(entry.get("hook", "?")), str(entry.get("error")))
+        for entry in _supervision.quarantined()
+    ]
+    if faults:
+        plugins.set_aside(faults)
+        for fault in faults:
+            _log.warning(
+                "plugin_quarantined",
+                plugin=fault.plugin,
+                hook=fault.stage,
+                error=fault.error,
+                hint="it ended the training process; training resumed without it",
+            )
+    names = [report.name for report in plugins.report()][: len(plugins)]
+    _supervision.announce(names, HOOK_NAMES)
 
 
 def check_before_launch(
@@ -273,6 +326,7 @@ def validate(
 
     from bz._setup import call_setup, load_setup_function
     from bz.metrics import build_metrics
+    from bz.plugins.ema import load_average, validates_with_average
     from bz.training.checkpoint.files import (
         FINAL_MODEL,
         UnreadableCheckpoint,
@@ -285,6 +339,7 @@ def validate(
     from bz.training.checkpoint.store import CheckpointStore
     from bz.training.device import seed_everything
     from bz.training.evaluate import evaluate
+    from bz.training.modules import materialize
 
     run_config, base = config_and_base(config, overrides, base_dir)
     metrics = build_metrics(run_config.metrics)
@@ -293,6 +348,7 @@ def validate(
     if run_config.seed is not None:
         seed_everything(run_config.seed)
     setup = call_setup(setup_function, run_config, script)
+    materialize(setup)  # lazy modules shaped as training shaped them: the same signature
     signature = run_signature(setup, run_config)
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -358,8 +414,46 @@ def validate(
     except (RuntimeError, KeyError, ValueError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"{path}: does not fit the model train.py builds: {message}") from None
-    _log.info("validating", path=str(path), epoch=payload["epoch"], step=payload["global_step"])
-    return path, payload, evaluate(setup, run_config, metrics)
+    weights = "model"
+    if validates_with_average(run_config.plugins):
+        average = _validated_average(path, payload, signature)
+        if average is None:
+            _log.warning(
+                "ema_average_missing",
+                path=str(path),
+                hint="validate_with_ema is on but no checkpoint at this step holds ema's "
+                "average; evaluating the weights in the file",
+            )
+        else:
+            load_average(setup.model, average)
+            weights = "ema"
+    _log.info(
+        "validating",
+        path=str(path),
+        epoch=payload["epoch"],
+        step=payload["global_step"],
+        weights=weights,
+    )
+    evaluation = evaluate(setup, run_config, metrics)
+    return path, payload, attrs.evolve(evaluation, weights=weights)
+
+
+def _validated_average(
+    path: Path, payload: ModelPayload, signature: str
+) -> dict[str, torch.Tensor] | None:
+    """``ema``'s average the run validated with at ``payload``'s step: a checkpoint's own;
+    for a final model (which holds no plugin states), the run's newest checkpoint's when
+    it was written at the same step (the end of the last epoch)."""
+    from bz.plugins.ema import saved_average
+    from bz.training.checkpoint.files import FINAL_MODEL
+    from bz.training.checkpoint.store import CheckpointStore
+
+    states = payload.get("plugins")
+    if states is None and path.name == FINAL_MODEL:
+        newest = CheckpointStore(path.parent).newest(signature)
+        if newest is not None and newest[1]["global_step"] == payload["global_step"]:
+            states = newest[1].get("plugins")
+    return saved_average(states if isinstance(states, dict) else None)
 
 
 def _best_checkpoint(store: CheckpointStore, signature: str) -> tuple[Path, ModelPayload]:

@@ -67,24 +67,32 @@ def _is_module(_instance: Any, _attribute: Any, value: Any) -> None:
     import torch
 
     if not isinstance(value, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(value).__name__}")
+        raise UsageError(
+            f"TrainingSetup: model must be a torch.nn.Module, got {type(value).__name__}"
+        )
 
 
 def _is_optimizer(_instance: Any, _attribute: Any, value: Any) -> None:
     import torch
 
     if not isinstance(value, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(value).__name__}")
+        raise UsageError(
+            f"TrainingSetup: optimizer must be a torch.optim.Optimizer, got {type(value).__name__}"
+        )
 
 
 def _is_callable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not callable(value):
-        raise TypeError(f"{attribute.name} must be callable, got {type(value).__name__}")
+        raise UsageError(
+            f"TrainingSetup: {attribute.name} must be callable, got {type(value).__name__}"
+        )
 
 
 def _is_iterable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not isinstance(value, Iterable):
-        raise TypeError(f"{attribute.name} must be iterable, got {type(value).__name__}")
+        raise UsageError(
+            f"TrainingSetup: {attribute.name} must be iterable, got {type(value).__name__}"
+        )
 
 
 def _is_interval(_instance: Any, _attribute: Any, value: Any) -> None:
@@ -136,6 +144,11 @@ class TrainingSetup:
             raise UsageError(
                 "TrainingSetup: give loss_fn or step, not both (a step computes its own loss)"
             )
+        if self.scheduler_interval == "step" and self.scheduler is None:
+            raise UsageError(
+                "TrainingSetup: scheduler_interval='step' steps a scheduler, and no "
+                "scheduler is given (pass scheduler=..., or leave scheduler_interval out)"
+            )
         if self.scheduler_interval == "step" and _is_plateau(self.scheduler):
             raise UsageError(
                 "TrainingSetup: ReduceLROnPlateau cannot step per optimizer step (it "
@@ -177,18 +190,22 @@ def load_setup_function(path: Path) -> SetupFunction:
     if folder not in sys.path:
         sys.path.insert(0, folder)
     sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        raise UsageError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:
-        if _written_for_bz_cli_0(exc):
-            raise UsageError(
-                f"{path}: `get_config()` is how bz-cli 0.x's train.py began; bz imports "
-                "train.py and calls its `def setup(config: bz.RunConfig) -> "
-                'bz.TrainingSetup` (see "Coming from bz-cli 0.x" in bz\'s README)'
-            ) from None
-        raise TrainingError(f"{path} failed while importing: {user_frame(exc, path)}") from exc
+    from bz.training.interrupts import StopSignalWitness
+
+    with StopSignalWitness() as witness:  # as in call_setup: a signal stops the import
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as exc:
+            raise UsageError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
+        except Exception as exc:
+            witness.raise_if_stopped(exc)
+            if _written_for_bz_cli_0(exc):
+                raise UsageError(
+                    f"{path}: `get_config()` is how bz-cli 0.x's train.py began; bz imports "
+                    "train.py and calls its `def setup(config: bz.RunConfig) -> "
+                    'bz.TrainingSetup` (see "Coming from bz-cli 0.x" in bz\'s README)'
+                ) from None
+            raise TrainingError(f"{path} failed while importing: {user_frame(exc, path)}") from exc
     setup = getattr(module, "setup", None)
     if setup is None:
         raise UsageError(
@@ -211,13 +228,19 @@ def _written_for_bz_cli_0(exc: Exception) -> bool:
 
 def call_setup(setup: SetupFunction, config: RunConfig, path: Path | None = None) -> TrainingSetup:
     """Run the user's ``setup`` and check what it returns."""
+    from bz.training.interrupts import StopSignalWitness
+
     where = str(path) if path else "setup"
-    try:
-        result = setup(config)
-    except UsageError as exc:  # TrainingSetup refused what it was given: bad input
-        raise UsageError(f"{_location(exc, path) or where + ': '}{exc}") from None
-    except Exception as exc:
-        raise TrainingError(f"{where}: setup failed: {user_frame(exc, path)}") from exc
+    # A Ctrl-C or SIGTERM while setup runs stops the run (130 / 143), even when its
+    # handler failed where it landed and left another exception in its place.
+    with StopSignalWitness() as witness:
+        try:
+            result = setup(config)
+        except UsageError as exc:  # TrainingSetup refused what it was given: bad input
+            raise UsageError(f"{_location(exc, path) or where + ': '}{exc}") from None
+        except Exception as exc:
+            witness.raise_if_stopped(exc)
+            raise TrainingError(f"{where}: setup failed: {user_frame(exc, path)}") from exc
     if not isinstance(result, TrainingSetup):
         raise UsageError(
             f"{where}: setup returned {type(result).__name__}; it must return bz.TrainingSetup"

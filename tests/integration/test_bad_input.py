@@ -380,6 +380,24 @@ _STEP_MISUSES = {
         'scheduler_interval="step",',
         r"train\.py:\d+: TrainingSetup: ReduceLROnPlateau cannot step per optimizer step",
     ),
+    "per_step_without_a_scheduler": (
+        'scheduler_interval="step",',
+        r"train\.py:\d+: TrainingSetup: scheduler_interval='step' steps a scheduler, and no "
+        "scheduler is given",
+    ),
+    "a_step_that_is_not_callable": (
+        'step="x",',
+        r"train\.py:\d+: TrainingSetup: step must be callable, got str$",
+    ),
+    "a_loader_that_is_not_iterable": (
+        "val_loader=3,",
+        r"train\.py:\d+: TrainingSetup: val_loader must be iterable, got int$",
+    ),
+    "a_loss_without_grad": (
+        "step=lambda m, b: m(b['x']).sum().detach(),",
+        r"train\.py:\d+: step returned a loss that does not require grad: it must be the "
+        r"loss computed from the model's forward",
+    ),
     "loss_fn_and_step": (
         "loss_fn=nn.CrossEntropyLoss(), step=lambda m, b: m(b['x']).sum(),",
         r"train\.py:\d+: TrainingSetup: give loss_fn or step, not both",

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from tests._fault_support import fit_resumable, resume_setup
-from tests._support import assert_same_weights
+from tests._support import TRAINING_DIED, assert_same_weights
 
 import bz
 from bz.config import RunConfig
@@ -165,7 +165,7 @@ def test_kill_9_during_a_background_write_leaves_the_previous_checkpoint(tmp_pat
     _project(clean, kills=False)
     uninterrupted = _start(clean)  # alongside the interrupted one
     code, _ = _train(folder)
-    assert code == -9
+    assert code == TRAINING_DIED
     (run_dir,) = (folder / ".bz" / "checkpoints").iterdir()
     assert [entry.path.name for entry in list_entries(run_dir)] == ["epoch-0001.pt"]
     assert list(run_dir.glob(".epoch-0002.pt.*.tmp")), "the write was cut off half-way"

@@ -21,7 +21,7 @@ import pytest
 import torch
 from tests._checkpoint_support import SETUP_MARKER, TRAIN_PY
 from tests._fault_support import BATCHES_PER_EPOCH, REPO_ROOT
-from tests._support import assert_same_weights
+from tests._support import TRAINING_DIED, assert_same_weights
 
 from bz.training.checkpoint.files import FINAL_MODEL, read_checkpoint, sidecar
 from bz.training.checkpoint.store import atomic_save
@@ -141,7 +141,7 @@ def test_killed_at_the_end_then_train_and_validate_give_the_weights_it_ended_wit
 ) -> None:
     expected, expected_report, _ = reference("restores")
     folder = _project(tmp_path / "run", [RESTORES])
-    train(folder, **END_OF_RUN[stage]).expect(-9)
+    train(folder, **END_OF_RUN[stage]).expect(TRAINING_DIED)
 
     again = train(folder).expect(0)
     final = run_dir(folder) / FINAL_MODEL
@@ -162,7 +162,7 @@ def test_killed_before_model_pt_validate_refuses_to_guess_until_train_rebuilds_i
 ) -> None:
     expected, _, _ = reference("restores")
     folder = _project(tmp_path / "run", [RESTORES])
-    train(folder, BZ_TEST_KILL_AFTER="epoch-0004.pt").expect(-9)
+    train(folder, BZ_TEST_KILL_AFTER="epoch-0004.pt").expect(TRAINING_DIED)
     refused = validate(folder).expect(2)
     assert refused.stderr.count("\n") == 1
     assert "run `bz train` to rebuild them" in refused.stderr
@@ -178,7 +178,7 @@ def test_a_run_stopped_early_and_killed_at_its_end_keeps_its_restored_weights(
     expected, expected_report, clean = reference("stops")
     assert len(clean.events("early_stopping_restored")) == 1
     folder = _project(tmp_path / "run", [STOPS])
-    train(folder, BZ_TEST_KILL_BEFORE=name).expect(-9)
+    train(folder, BZ_TEST_KILL_BEFORE=name).expect(TRAINING_DIED)
     again = train(folder).expect(0)
     assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), expected)
     report = json.loads(validate(folder).expect(0).stdout)

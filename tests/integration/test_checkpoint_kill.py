@@ -10,20 +10,17 @@ The final weights and optimizer state must equal those of a run never interrupte
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tests._fault_support import BATCHES_PER_EPOCH, REPO_ROOT, RESUME_TRAIN_PY
-from tests._support import assert_same_weights
+from tests._checkpoint_support import final_state, start_child
+from tests._fault_support import BATCHES_PER_EPOCH, RESUME_TRAIN_PY
+from tests._support import TRAINING_DIED, assert_same_weights
 
 EPOCHS = 5
-CHILD = "from tests._fault_support import child_main; child_main()"
 
 
 def _project(folder: Path) -> Path:
@@ -34,39 +31,10 @@ def _project(folder: Path) -> Path:
     return folder
 
 
-def _start(folder: Path, **faults: str) -> subprocess.Popen[str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("BZ_TEST_") and key != "BZ_CONFIG"
-    }
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    env.update(faults)
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, "train", "--log-format", "json"],
-        cwd=folder,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def _finish(process: subprocess.Popen[str], expected: int) -> str:
     output, _ = process.communicate(timeout=600)
     assert process.returncode == expected, output[-3000:]
     return output
-
-
-def _final(folder: Path) -> dict[str, torch.Tensor]:
-    (run_dir,) = (folder / ".bz" / "checkpoints").iterdir()
-    path = run_dir / f"epoch-{EPOCHS:04d}.pt"
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    state: dict[str, torch.Tensor] = dict(payload["model"])
-    for index, per_param in payload["optimizer"]["state"].items():
-        for key, value in per_param.items():
-            state[f"optimizer.{index}.{key}"] = value
-    return state
 
 
 def _events(output: str, name: str) -> list[dict[str, object]]:
@@ -86,39 +54,42 @@ def test_killed_three_ways_and_resumed_ends_bit_identical(tmp_path: Path) -> Non
     term_step = points.randint(2 * BATCHES_PER_EPOCH + 1, 3 * BATCHES_PER_EPOCH - 1)
     interrupt_step = points.randint(3 * BATCHES_PER_EPOCH + 1, EPOCHS * BATCHES_PER_EPOCH - 1)
     clean_folder, folder = _project(tmp_path / "clean"), _project(tmp_path / "interrupted")
-    clean = _start(clean_folder)  # runs alongside the interrupted chain
+    clean = start_child(clean_folder)  # runs alongside the interrupted chain
 
     # 1. SIGKILL in the middle of the second epoch: epoch-0001.pt survives.
-    _finish(_start(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)), -9)
+    _finish(
+        start_child(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)),
+        TRAINING_DIED,
+    )
     # 2. Resumes from epoch 1, writes epoch-0002.pt, then dies halfway through writing
     #    epoch-0003.pt: a half-written temporary file is all that is left of it.
-    output = _finish(_start(folder, BZ_TEST_KILL_IN_WRITE="2"), -signal.SIGKILL)
+    output = _finish(start_child(folder, BZ_TEST_KILL_IN_WRITE="2"), TRAINING_DIED)
     assert _events(output, "resumed")[0]["epoch"] == 1
     (run_dir,) = (folder / ".bz" / "checkpoints").iterdir()
     assert any(p.name.endswith(".tmp") for p in run_dir.iterdir())
     assert not (run_dir / "epoch-0003.pt").exists()
     # 3. Resumes from epoch 2; SIGTERM after a step: checkpoint, exit 143 (128 + 15).
     output = _finish(
-        _start(folder, BZ_TEST_SIGNAL="TERM", BZ_TEST_SIGNAL_AT_STEP=str(term_step)), 143
+        start_child(folder, BZ_TEST_SIGNAL="TERM", BZ_TEST_SIGNAL_AT_STEP=str(term_step)), 143
     )
     assert _events(output, "resumed")[0]["epoch"] == 2
     assert _events(output, "checkpoint_saved")[-1]["step"] == term_step
     assert _events(output, "interrupt_requested")[0]["signal"] == "SIGTERM"
     # 4. Resumes there; Ctrl-C after a later step: checkpoint, exit 130.
     output = _finish(
-        _start(folder, BZ_TEST_SIGNAL="INT", BZ_TEST_SIGNAL_AT_STEP=str(interrupt_step)), 130
+        start_child(folder, BZ_TEST_SIGNAL="INT", BZ_TEST_SIGNAL_AT_STEP=str(interrupt_step)), 130
     )
     assert _events(output, "resumed")[0]["step"] == term_step
     assert _events(output, "checkpoint_saved")[-1]["step"] == interrupt_step
     assert "bz: interrupted; checkpoint" in output
     # 5. Resumes where Ctrl-C stopped it and finishes.
-    output = _finish(_start(folder), 0)
+    output = _finish(start_child(folder), 0)
     resumed = _events(output, "resumed")[0]
     assert resumed["step"] == interrupt_step, (kill_step, term_step, interrupt_step)
     assert not any(p.name.endswith(".tmp") for p in run_dir.iterdir())
 
     _finish(clean, 0)
-    assert_same_weights(_final(folder), _final(clean_folder))
+    assert_same_weights(final_state(folder, EPOCHS), final_state(clean_folder, EPOCHS))
 
 
 @pytest.mark.slow
@@ -132,10 +103,13 @@ def test_ema_killed_mid_epoch_resumes_to_the_same_average(tmp_path: Path) -> Non
     for project in (clean_folder, folder):
         config = json.loads((project / "bzconfig.json").read_text())
         (project / "bzconfig.json").write_text(json.dumps({**config, **changes}))
-    clean = _start(clean_folder)
+    clean = start_child(clean_folder)
     kill_step = BATCHES_PER_EPOCH + 3  # epoch 2, one step after the checkpoint at step 8
-    _finish(_start(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)), -9)
-    output = _finish(_start(folder), 0)
+    _finish(
+        start_child(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)),
+        TRAINING_DIED,
+    )
+    output = _finish(start_child(folder), 0)
     assert _events(output, "resumed")[0]["step"] == 8
     _finish(clean, 0)
 

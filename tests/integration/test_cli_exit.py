@@ -64,6 +64,42 @@ def test_sigterm_during_setup_exits_143_with_the_exit_event(project: ProjectFact
     assert (last["event"], last["exit_code"]) == ("exit", 143)
 
 
+# A signal that lands deep in the stack (a library's nested imports, a recursive model
+# builder): its Python handler has no room to run and fails with RecursionError.
+DEEP_SETUP = TINY_TRAIN_PY.replace(
+    "def setup(",
+    "import os, signal, sys\n\n\n"
+    "def _depth() -> int:\n"
+    "    frame, n = sys._getframe(), 0\n"
+    "    while frame is not None:\n"
+    "        frame, n = frame.f_back, n + 1\n"
+    "    return n\n\n\n"
+    "def _deep(n: int, number: int) -> None:\n"
+    "    if n <= 4:\n"
+    "        os.kill(os.getpid(), number)\n"
+    "        return\n"
+    "    _deep(n - 1, number)\n\n\n"
+    "def setup(config):\n"
+    "    _deep(sys.getrecursionlimit() - _depth(), int(os.environ['BZ_TEST_SIGNAL']))\n\n\n"
+    "def _unused(",
+    1,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_whose_handler_cannot_run_still_stops_setup_with_its_exit_code(
+    project: ProjectFactory, number: signal.Signals
+) -> None:
+    folder = project(train_py=DEEP_SETUP)
+    env = {**bz_env(), "BZ_TEST_SIGNAL": str(number.value)}
+    result = run_bz(folder, "train", "--log-format", "json", env=env)
+    assert result.returncode == 128 + number.value, result.stderr
+    assert result.stderr.strip().splitlines() == ["bz: interrupted"]
+    last = json_events(result.stdout)[-1]
+    assert (last["event"], last["exit_code"]) == ("exit", 128 + number.value)
+
+
 # -- click's usage errors ------------------------------------------------------------------
 
 

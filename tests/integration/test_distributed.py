@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -539,3 +541,42 @@ def test_two_nodes_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
         "model.pt",
         "model.pt.json",
     ]
+
+
+def _init_worker(worker: int) -> None:
+    torch.manual_seed(worker)
+
+
+def _collate(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def test_a_sharded_data_loader_keeps_every_setting_it_was_built_with() -> None:
+    generator = torch.Generator().manual_seed(7)
+    context = multiprocessing.get_context("spawn")
+    settings: dict[str, Any] = {
+        "batch_size": 3,
+        "drop_last": True,
+        "num_workers": 2,
+        "collate_fn": _collate,
+        "pin_memory": True,
+        "timeout": 30.0,
+        "worker_init_fn": _init_worker,
+        "multiprocessing_context": context,
+        "generator": generator,
+        "prefetch_factor": 5,
+        "persistent_workers": True,
+        "pin_memory_device": "cpu",
+        "in_order": False,
+    }
+    parameters = set(inspect.signature(DataLoader.__init__).parameters)
+    sampling = {"self", "dataset", "shuffle", "sampler", "batch_sampler"}
+    # A DataLoader argument this test does not set would go unchecked.
+    assert parameters - sampling <= set(settings)
+    settings = {name: value for name, value in settings.items() if name in parameters}
+    loader = DataLoader(TensorDataset(torch.arange(20.0)), shuffle=True, **settings)
+    shard = shard_loader(loader, Topology(1, 2, 1), seed=5, training=True)
+    assert isinstance(shard, DataLoader)
+    assert isinstance(shard.sampler, DistributedSampler)
+    for name, value in settings.items():
+        assert getattr(shard, name) is value or getattr(shard, name) == value, name

@@ -28,10 +28,11 @@ EPOCHS = 2
 
 
 def train(
-    folder: Path, plugins: list[Any], *extra: str
+    folder: Path, plugins: list[Any], *extra: str, source: str = TINY_TRAIN_PY
 ) -> tuple[Result, list[MutableMapping[str, Any]]]:
     """``bz train`` in ``folder`` with ``plugins``; the result and the events it logged."""
-    (folder / "train.py").write_text(TINY_TRAIN_PY, encoding="utf-8")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.py").write_text(source, encoding="utf-8")
     config = {"epochs": EPOCHS, "device": "cpu", "seed": 3, "plugins": plugins}
     (folder / "bzconfig.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.MonkeyPatch.context() as patch, structlog.testing.capture_logs() as events:
@@ -170,3 +171,29 @@ def test_a_fault_in_on_exception_never_hides_the_training_error(
         assert result.exit_code == 1
         assert "ZeroDivisionError" in result.stderr
         assert faults(events) == [("faulty", "on_exception")]
+
+
+LAZY_TRAIN_PY = TINY_TRAIN_PY.replace("nn.Linear(4, 8)", "nn.LazyLinear(8)").replace(
+    "nn.Linear(8, 2)", "nn.LazyLinear(2)"
+)
+
+
+def test_a_model_with_lazy_modules_trains_and_a_fault_rewinds_it_exactly(
+    plugin_path: Path, tmp_path: Path
+) -> None:
+    assert LAZY_TRAIN_PY.count("nn.LazyLinear") == 2
+    clean_run, _ = train(tmp_path / "clean", [], source=LAZY_TRAIN_PY)
+    assert clean_run.exit_code == 0, clean_run.output
+    plugins = [{"faulty": {"fail_in": "end_training_batch"}}]
+    result, events = train(tmp_path / "faulty", plugins, source=LAZY_TRAIN_PY)
+    assert result.exit_code == 0, result.output
+    assert faults(events) == [("faulty", "end_training_batch")]
+    assert [e["event"] for e in events].count("training_rewound") == 1
+    weights = final_model_state(tmp_path / "faulty")
+    assert weights["0.weight"].shape == (8, 4)
+    assert_same_weights(weights, final_model_state(tmp_path / "clean"))
+    # bz validate builds the model afresh (lazy again): it finds and evaluates the run.
+    config = str(tmp_path / "clean" / "bzconfig.json")
+    done = CliRunner().invoke(cli, ["validate", "--config", config, "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["step"] == 8

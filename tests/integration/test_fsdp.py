@@ -93,6 +93,21 @@ PROBE = textwrap.dedent(
                 if context.global_step == 6 and not marker.exists():
                     marker.write_text("")
                     os.kill(os.getppid(), signal.SIGTERM)
+
+
+    class NormProbe:
+        # On rank 0 alone, as loggers run: the gradient norm of every step.
+
+        name = "norm_probe"
+
+        def before_optimizer_step(self, context):
+            norm = context._gradient_norm
+            kind = type(norm).__name__
+            # A norm of sharded gradients is a DTensor: reading it on rank 0 alone would
+            # wait forever for the other process, so only its kind is recorded then.
+            value = context.gradient_norm if kind == "Tensor" else None
+            with open("norms.jsonl", "a") as out:
+                out.write(json.dumps([context.global_step + 1, kind, value]) + "\\n")
     """
 )
 
@@ -109,7 +124,10 @@ def make_project(folder: Path, **changes: Any) -> dict[str, str]:
     info = site / "bz_fsdp_probe-0.0.0.dist-info"
     info.mkdir(exist_ok=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bz-fsdp-probe\nVersion: 0.0.0\n")
-    (info / "entry_points.txt").write_text("[bz.plugins]\nfsdp_probe = bz_fsdp_probe:FsdpProbe\n")
+    (info / "entry_points.txt").write_text(
+        "[bz.plugins]\nfsdp_probe = bz_fsdp_probe:FsdpProbe\n"
+        "norm_probe = bz_fsdp_probe:NormProbe\n"
+    )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     env.pop("BZ_CONFIG", None)
@@ -231,6 +249,28 @@ def test_ema_averages_like_ddp_and_validates_on_the_average(tmp_path: Path) -> N
         assert got == pytest.approx(expected["validation_loss"], rel=1e-5)
     for key, value in ddp_model.items():
         torch.testing.assert_close(fsdp_model[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_gradient_norm_is_whole_on_rank_0_and_the_same_as_under_ddp(tmp_path: Path) -> None:
+    norms = {}
+    for strategy in ("fsdp", "ddp"):
+        folder = tmp_path / strategy
+        env = make_project(
+            folder,
+            epochs=1,
+            plugins=["norm_probe"],
+            gradient_clip={"max_norm": 0.5},
+            distributed={"strategy": strategy},
+        )
+        done, _ = train(folder, env)
+        assert done.returncode == 0, done.stderr
+        norms[strategy] = [json.loads(line) for line in (folder / "norms.jsonl").open()]
+    fsdp, ddp = norms["fsdp"], norms["ddp"]
+    assert [kind for _, kind, _ in fsdp] == ["Tensor"] * len(ddp)
+    assert [step for step, _, _ in fsdp] == [step for step, _, _ in ddp]
+    expected = [value for _, _, value in ddp]
+    assert [value for _, _, value in fsdp] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow

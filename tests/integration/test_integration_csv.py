@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pandas
@@ -11,7 +12,7 @@ import torch
 from tests._integration_support import run_config, tiny_setup
 
 import bz
-from bz.plugins.csv_logger import CsvLogger, CsvLoggerConfig
+from bz.plugins.csv_logger import CsvLogger, CsvLoggerConfig, check_writable
 from bz.plugins.run_log import RunLog
 
 
@@ -180,3 +181,46 @@ def test_a_rewound_epoch_is_written_once(tmp_path: Path) -> None:
         return list(zip(table["kind"], table["epoch"], table["step"], strict=True))
 
     assert rows(tmp_path / "rewound", [_FailsInSecondEpoch()]) == rows(tmp_path / "plain", [])
+
+
+# -- a folder it cannot write: found before training, the plugin quarantined there ------
+
+
+def _fault_stage(plugin: CsvLogger) -> str | None:
+    result = bz.Trainer().fit(tiny_setup(), run_config(epochs=2), [plugin])
+    (report,) = result.plugins
+    return None if report.fault is None else report.fault.stage
+
+
+def test_a_log_dir_under_a_file_is_refused_when_the_session_starts(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("a file, not a folder", encoding="utf-8")
+    folder = tmp_path / "notes.txt" / "csv"
+    plugin = CsvLogger(CsvLoggerConfig(log_dir=str(folder)))
+    # Not at the end of the first epoch, with an epoch of rows lost and a traceback.
+    assert _fault_stage(plugin) == "start_training_session"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
+def test_a_read_only_log_dir_is_refused_when_the_session_starts(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        plugin = CsvLogger(CsvLoggerConfig(log_dir=str(locked / "csv")))
+        assert _fault_stage(plugin) == "start_training_session"
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_writable_folder_that_does_not_exist_yet_is_fine_and_made_at_the_first_row(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "a" / "b"
+    assert _fault_stage(CsvLogger(CsvLoggerConfig(log_dir=str(folder)))) is None
+    assert (folder / "metrics.csv").is_file()
+
+
+def test_the_folder_check_creates_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "a" / "b"
+    check_writable(folder)
+    assert list(tmp_path.iterdir()) == []

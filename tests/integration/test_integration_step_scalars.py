@@ -222,3 +222,37 @@ def test_fsdp_logs_the_same_gradient_norm_as_ddp(tmp_path: Path) -> None:
         norms[strategy] = list(table["step/grad_norm"])
     assert len(norms["ddp"]) >= 3
     assert norms["fsdp"] == pytest.approx(norms["ddp"], rel=1e-4)
+
+
+class _RatesUsed:
+    """Records the learning rate the optimizer steps with, per optimizer step."""
+
+    name = "rates_used"
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}
+
+    def before_optimizer_step(self, context: PluginContext) -> None:
+        assert context.optimizer is not None
+        self.rates[context.global_step + 1] = float(context.optimizer.param_groups[0]["lr"])
+
+
+def test_step_lr_is_the_rate_that_step_used_under_a_per_step_scheduler(tmp_path: Path) -> None:
+    setup = tiny_setup(validation=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(setup.optimizer, lambda done: 1 / (done + 1))
+    setup = attrs.evolve(setup, scheduler=scheduler, scheduler_interval="step")
+    used = _RatesUsed()
+    plugins: list[Any] = [
+        used,
+        CsvLogger(CsvLoggerConfig(log_dir=str(tmp_path / "csv"), step_interval=1)),
+        TensorBoard(TensorBoardConfig(log_dir=str(tmp_path / "tb"), step_interval=2)),
+    ]
+    bz.Trainer().fit(setup, run_config(epochs=2), plugins)
+
+    # Step k (from 1) runs with 0.1 / k: LambdaLR has stepped k - 1 times before it.
+    expected = {step: 0.1 / step for step in range(1, 9)}
+    assert used.rates == pytest.approx(expected)
+    rows = pandas.read_csv(tmp_path / "csv" / "metrics.csv").query("kind == 'step'")
+    assert dict(zip(rows["step"], rows["step/lr"], strict=True)) == pytest.approx(expected)
+    logged = _tensorboard_steps(tmp_path / "tb", "step/lr")
+    assert logged == pytest.approx({step: expected[step] for step in (2, 4, 6, 8)})

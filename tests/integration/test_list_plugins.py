@@ -101,6 +101,7 @@ def test_verbose_shows_hooks_state_and_every_option(timer: Packages) -> None:
         "  entry point:  timer_plugin:Timer",
         "  hooks:        start_epoch, end_epoch",
         "  stateful:     yes (saved in checkpoints)",
+        '  isolation:    "in-process" (default) or "process"',
         "  options:",
         "    every: integer (default 2)",
         "        Report every N epochs.",
@@ -145,10 +146,15 @@ def test_json_has_every_field(timer: Packages) -> None:
         ],
         "options_from": "Config",
         "stateful": True,
+        "isolation": '"in-process" (default) or "process"',
         "error": None,
         "duplicate_of": None,
     }
     assert described["early_stopping"]["stateful"] is True
+    assert described["ema"]["isolation"] == (
+        '"in-process" only (needs the training process: it keeps an average of the '
+        "model's weights)"
+    )
 
 
 def test_guide_style_options_come_from_load_config(packages: Packages) -> None:
@@ -334,3 +340,19 @@ def test_ema_shows_its_options_with_their_bounds() -> None:
     ):
         assert f"    {option}" in text, option
     assert "(1 + n) / (10 + n)" in text
+
+
+def test_an_options_doc_of_several_lines_stays_under_its_option() -> None:
+    # ema's docs run over two lines each: every line of a doc is indented as its first.
+    result = invoke("--verbose", "ema")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = lines.index("  options:") + 1
+    options = lines[start:]
+    assert options
+    for line in options:
+        assert line.startswith("    "), f"{line!r} is not under an option"
+    docs = [line for line in options if line.startswith("        ")]
+    assert any(line.strip().startswith("memory early in training") for line in docs), (
+        "the second line of warmup's doc"
+    )

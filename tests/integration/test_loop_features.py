@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 from tests._fault_support import REPO_ROOT, RESUME_TRAIN_PY
-from tests._support import assert_same_weights, tiny_setup, weights
+from tests._support import TRAINING_DIED, assert_same_weights, tiny_setup, weights
 from torch import nn
 
 import bz
@@ -580,7 +580,7 @@ def test_kill_after_a_step_checkpoint_resumes_bit_identical(tmp_path: Path) -> N
     # Six batches per epoch, two per step: step 5 is inside the second epoch, one step
     # after the step-4 checkpoint.
     died = _child(killed, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP="5")
-    assert died.returncode == -9
+    assert died.returncode == TRAINING_DIED
     resumed = _child(killed)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert '"resumed"' in resumed.stdout

@@ -70,3 +70,42 @@ def test_a_smaller_last_batch_weighs_by_its_samples(project: Callable[..., Path]
     by_sample = total / count
     assert report["validation_loss"] == pytest.approx(by_sample, rel=1e-6)
     assert sum(means) / len(means) != pytest.approx(by_sample, rel=1e-3), "batch means differ"
+
+
+@pytest.mark.parametrize("apply_at_end", [False, True], ids=["trained-weights", "apply-at-end"])
+def test_validate_evaluates_the_ema_average_the_run_validated_with(
+    project: Callable[..., Path], apply_at_end: bool
+) -> None:
+    ema = {"decay": 0.9, "validate_with_ema": True, "apply_at_end": apply_at_end}
+    train_py = (TEMPLATE / "train.py").read_text(encoding="utf-8")
+    settings = {
+        "epochs": 3,
+        "seed": 0,
+        "metrics": ["accuracy"],
+        "plugins": [{"ema": ema}],
+        "keep_best": {"monitor": "validation_loss"},
+        "hyperparameters": {"lr": 0.3},
+    }
+    folder = project(settings, train_py=train_py)
+    runner = CliRunner()
+    trained = runner.invoke(cli, ["train", "--log-format", "json"])
+    assert trained.exit_code == 0, trained.output
+    logged = [e for e in json_events(trained.stdout) if e["event"] == "epoch_finished"]
+    losses = [e["validation_loss"] for e in logged]
+
+    def validate(*args: str) -> dict[str, Any]:
+        shown = runner.invoke(cli, ["validate", "--json", *args])
+        assert shown.exit_code == 0, shown.output
+        report: dict[str, Any] = json.loads(shown.stdout)
+        assert report["weights"] == "ema"
+        return report
+
+    # The finished run (model.pt), the checkpoint keep_best ranks first, and each epoch's.
+    assert validate()["validation_loss"] == losses[-1]
+    assert validate()["metrics"] == logged[-1]["validation_metrics"]
+    best = validate("--best")
+    assert best["validation_loss"] == min(losses)
+    assert best["epoch"] == 1 + losses.index(min(losses))
+    for epoch, loss in enumerate(losses, start=1):
+        (path,) = folder.glob(f".bz/checkpoints/*/epoch-{epoch:04d}.pt")
+        assert validate("--checkpoint", str(path))["validation_loss"] == loss

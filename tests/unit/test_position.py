@@ -16,6 +16,8 @@ from typing import Any
 import numpy
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests._loader_kinds import KINDS, loader
 from tests._support import Events
 from torch.utils.data import DataLoader, Dataset
@@ -112,6 +114,45 @@ class Counting(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.read.append(index)
         noise = torch.rand(1) + random.random() + float(numpy.random.rand())
         return torch.full((2,), float(index)) + noise, torch.tensor(index)
+
+
+class _Indices(Dataset[int]):
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    length=st.integers(0, 60),
+    batch_size=st.integers(1, 7),
+    drop_last=st.booleans(),
+    shuffle=st.booleans(),
+    skip=st.integers(0, 70),
+)
+def test_a_positioned_loader_continues_exactly_where_the_epoch_would(
+    length: int, batch_size: int, drop_last: bool, shuffle: bool, skip: int
+) -> None:
+    # The batches already trained are skipped as indices of the batch sampler's sampler:
+    # the rest must be the batches BatchSampler itself makes, last one and drop_last
+    # included, from the same permutation, and the generator left where it would be.
+    def made() -> DataLoader[int]:
+        return DataLoader(
+            _Indices(length), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last
+        )
+
+    torch.manual_seed(3)
+    expected = [batch.tolist() for batch in made()][skip:]
+    after = torch.get_rng_state()
+    torch.manual_seed(3)
+    got = [batch.tolist() for batch in epoch_batches(made(), epoch=0, skip=skip)]
+    assert got == expected
+    assert torch.equal(torch.get_rng_state(), after)
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

@@ -18,6 +18,7 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, cast
 
+import attrs
 import numpy
 import pytest
 import structlog
@@ -25,6 +26,7 @@ import torch
 import torch.nn.utils.prune
 from tests._fault_support import resume_setup
 from tests._support import assert_same_weights
+from torch import nn
 
 import bz
 from bz.plugins import HOOK_NAMES, PluginContext
@@ -467,3 +469,71 @@ def test_a_learning_rate_changed_before_a_fault_never_reaches_a_checkpoint(
         return [group["lr"] for group in payload["optimizer"]["param_groups"]]
 
     assert learning_rates(result.checkpoint) == learning_rates(clean_result.checkpoint)
+
+
+# -- lazy modules -------------------------------------------------------------------------
+
+
+def _lazy_setup(config: bz.RunConfig) -> bz.TrainingSetup:
+    """``resume_setup`` with ``nn.LazyLinear`` layers (shaped by the first batch)."""
+    setup = resume_setup(config)
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Dropout(0.3), nn.LazyLinear(2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+    return attrs.evolve(setup, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+class _SeesBatches:
+    """Records the inputs of every training batch; with ``fail``, fails in the last step
+    after scaling the weights (what rewind must undo)."""
+
+    name = "sees_batches"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.inputs: list[torch.Tensor] = []
+
+    def start_training_batch(self, context: PluginContext) -> None:
+        inputs, _ = context.batch
+        self.inputs.append(inputs.clone())
+
+    def end_training_batch(self, context: PluginContext) -> None:
+        if self.fail and context.global_step == EPOCHS * 6:
+            with torch.no_grad():
+                for parameter in bz.plugins.model_of(context).parameters():
+                    parameter.mul_(2.0)
+            raise RuntimeError("injected fault after scaling the weights")
+
+
+def _fit_lazy(plugin: _SeesBatches) -> dict[str, torch.Tensor]:
+    config = bz.RunConfig(epochs=EPOCHS, device="cpu", seed=5)  # no checkpoints
+    seed_everything(5)
+    setup = _lazy_setup(config)
+    result = bz.Trainer().fit(setup, config, [plugin])
+    (report,) = result.plugins
+    assert (report.fault is not None) == plugin.fail
+    return _weights(setup.model)
+
+
+def test_a_lazy_model_trains_on_the_same_batches_and_rewinds_exactly() -> None:
+    clean, faulty = _SeesBatches(), _SeesBatches(fail=True)
+    weights = _fit_lazy(clean)
+    assert weights["0.weight"].shape == (16, 6)
+    assert_same_weights(_fit_lazy(faulty), weights)
+    # The forward that shapes the lazy layers draws nothing training draws from: the
+    # batches (shuffle, collate jitter) are those of the same model built eagerly.
+    seed_everything(5)
+    eager = resume_setup(CONFIG)
+    seen = _SeesBatches()
+    bz.Trainer().fit(eager, bz.RunConfig(epochs=EPOCHS, device="cpu", seed=5), [seen])
+    assert len(clean.inputs) == len(seen.inputs) == EPOCHS * 6
+    for lazy_batch, eager_batch in zip(clean.inputs, seen.inputs, strict=True):
+        assert torch.equal(lazy_batch, eager_batch)
+
+
+def test_a_lazy_model_with_a_loader_read_once_is_one_clear_error() -> None:
+    config = bz.RunConfig(epochs=1, device="cpu")
+    setup = _lazy_setup(config)
+    once = attrs.evolve(setup, train_loader=iter(list(setup.train_loader)))
+    with pytest.raises(bz.UsageError, match=r"lazy modules .* can be read only once"):
+        bz.Trainer().fit(once, config, [])

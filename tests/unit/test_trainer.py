@@ -260,7 +260,7 @@ def test_a_failure_in_user_code_keeps_its_type_and_gains_a_note() -> None:
 
 
 def test_training_setup_checks_its_fields() -> None:
-    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+    with pytest.raises(bz.UsageError, match=r"model must be a torch\.nn\.Module"):
         bz.TrainingSetup(
             model="not a model",  # type: ignore[arg-type]  # the point of the test
             loss_fn=torch.nn.MSELoss(),

@@ -309,8 +309,24 @@ def test_scheduler_interval_is_epoch_or_step_and_nothing_else(interval: str) -> 
     setup = setup_for("pairs")
     with pytest.raises(bz.UsageError, match=r"scheduler_interval must be 'epoch' or 'step', got"):
         attrs.evolve(setup, scheduler_interval=interval)  # type: ignore[arg-type]  # any text
+    scheduler = torch.optim.lr_scheduler.StepLR(setup.optimizer, 1)
     for accepted in ("epoch", "step"):
-        assert attrs.evolve(setup, scheduler_interval=accepted).scheduler_interval == accepted
+        chosen = attrs.evolve(setup, scheduler=scheduler, scheduler_interval=accepted)
+        assert chosen.scheduler_interval == accepted
+
+
+def test_scheduler_interval_step_without_a_scheduler_is_refused() -> None:
+    with pytest.raises(bz.UsageError, match="no scheduler is given"):
+        attrs.evolve(setup_for("pairs"), scheduler_interval="step")
+
+
+def test_a_field_of_the_wrong_kind_is_bad_input() -> None:
+    # bz train reports it as one line (the line of train.py that built it), exit 2.
+    changes: dict[str, Any]
+    for field, value in (("step", "x"), ("loss_fn", 3), ("train_loader", 3)):
+        changes = {"loss_fn": None, field: value}
+        with pytest.raises(bz.UsageError, match=f"TrainingSetup: {field} must be"):
+            attrs.evolve(setup_for("pairs"), **changes)
 
 
 # -- schedulers per optimizer step ---------------------------------------------------------

@@ -62,6 +62,8 @@ class PluginDescription:
     """``Config`` (an attrs class: checked by bz), ``load_config`` (the defaults the
     plugin's own ``load_config({})`` returns: not checked by bz), or None."""
     stateful: bool = False
+    isolation: str = ""
+    """Where the plugin may run (its ``isolation`` framework option)."""
     error: str | None = None
     duplicate_of: str | None = None
     """Set on a plugin that lost a name clash: why another one is used."""
@@ -177,7 +179,19 @@ def describe(source: PluginSource, *, load: bool) -> PluginDescription:
         options_from=options_from,
         stateful=callable(getattr(cls, "state_dict", None))
         and callable(getattr(cls, "load_state_dict", None)),
+        isolation=isolation_choices(cls),
     )
+
+
+def isolation_choices(cls: type) -> str:
+    """What ``isolation`` a plugin class allows, from its ``needs_training_process``."""
+    declared = inspect.getattr_static(cls, "needs_training_process", False)
+    if declared is True or (isinstance(declared, str) and declared):
+        reason = f": {declared}" if isinstance(declared, str) else ""
+        return f'"in-process" only (needs the training process{reason})'
+    if isinstance(declared, property):
+        return '"in-process" (default) or "process" (some options need the training process)'
+    return '"in-process" (default) or "process"'
 
 
 def describe_all(*, load: bool, discovery: Discovery | None = None) -> list[PluginDescription]:
@@ -240,6 +254,7 @@ def _print_plugin(d: PluginDescription) -> None:
         return
     click.echo(f"  hooks:        {', '.join(d.hooks) if d.hooks else '(none)'}")
     click.echo(f"  stateful:     {'yes (saved in checkpoints)' if d.stateful else 'no'}")
+    click.echo(f"  isolation:    {d.isolation}")
     if d.options is None:
         click.echo("  options:      free-form (the plugin reads them itself)")
     elif not d.options:
@@ -254,7 +269,7 @@ def _print_plugin(d: PluginDescription) -> None:
             allowed = f"; {field.constraints}" if field.constraints else ""
             click.echo(f"    {field.name}: {field.type} ({default}{allowed})")
             if field.doc:
-                click.echo(f"        {field.doc}")
+                click.echo(textwrap.indent(field.doc, " " * 8))
 
 
 # -- list-metrics ------------------------------------------------------------------------

@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
-from bz import __version__, _stdio
+from bz import __version__, _stdio, _supervision
 from bz._errors import BzError
+from bz.commands import supervise
 from bz.commands.catalog import list_metrics, list_plugins
 from bz.commands.health import health
 from bz.commands.init import init
@@ -50,6 +51,9 @@ class _BzGroup(click.Group):
         _stdio.own()
         try:
             return self._main(*args, **kwargs)
+        except SystemExit as exc:  # the code chosen: a supervisor's child has finished
+            _supervision.report_outcome(exc.code)
+            raise
         finally:
             _stdio.repair()
 
@@ -163,4 +167,5 @@ for _command in (
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``bz`` console script (exits with the command's exit code)."""
+    supervise.is_entry_point(argv)
     cli.main(args=list(argv) if argv is not None else None, prog_name="bz")

@@ -31,7 +31,15 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 # -- plugins and metrics -------------------------------------------------------------------
 
-_ENABLED = {"enabled": {"type": "boolean", "description": "false: the plugin is not created."}}
+_ENABLED: dict[str, dict[str, Any]] = {
+    "enabled": {"type": "boolean", "description": "false: the plugin is not created."},
+    "isolation": {
+        "enum": ["in-process", "process"],
+        "default": "in-process",
+        "description": '"process": the plugin runs in a process of its own, seeing the '
+        "run's values, never the model (docs/plugins.md)",
+    },
+}
 
 
 _DISABLED = {

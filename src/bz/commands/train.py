@@ -9,6 +9,7 @@ elastic launcher) and renders the outcome; ``validate`` and ``check-config`` cal
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -20,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from bz import _stdio
+from bz import _stdio, _supervision
 from bz._errors import BzError, ConfigError, UsageError
+from bz.commands import supervise
 from bz.commands.launch import command_line, launch
 from bz.commands.options import (
     EXIT_EVENT_WRITTEN,
@@ -95,6 +97,7 @@ __all__ = ["check_config", "train", "validate"]
     help="Train in N processes on this machine (torch.distributed's elastic launcher; "
     "for several machines run `torchrun ... -m bz train`).",
 )
+@supervise.options
 def train(
     config_path: str | None,
     epochs: int | None,
@@ -111,13 +114,20 @@ def train(
     show_traceback: bool,
     smoke: bool,
     nproc_per_node: int | None,
+    max_restarts: int,
+    restart_on_crash: bool,
 ) -> None:
     """Train the model that train.py sets up, with the plugins bzconfig.json lists.
 
     Resumes from the newest checkpoint of the same run when there is one; Ctrl-C
     (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130
-    (143).
+    (143). Training runs in a child process: one that ends without finishing is
+    reported (exit 1), or restarted without the plugin it died in.
     """
+    if (nproc_per_node or 1) == 1 and supervise.may_supervise():
+        options = supervise.Supervision(max_restarts, restart_on_crash, log_format == "json")
+        raise click.exceptions.Exit(supervise.supervise(options))
+    _supervision.attach()  # the child of a supervising `bz train`: tell it how far it got
     with _sigterm_stops():
         _log_then_launch_or_train(
             config_path,
@@ -424,7 +434,8 @@ def validate(
     """Evaluate a trained run on the validation data: loss and configured metrics.
 
     A finished run is evaluated as it ended (its model.pt, with early stopping's best
-    weights if they were restored); an unfinished one from its newest checkpoint.
+    weights if they were restored); an unfinished one from its newest checkpoint. Under
+    ema's validate_with_ema, on the average the run's validation used.
     """
     from bz import _logging
     from bz._run import validate as run_validation
@@ -443,6 +454,7 @@ def validate(
         "batch": payload.get("batch", 0),
         "step": payload["global_step"],
         "batches": result.batches,
+        "weights": result.weights,
         "validation_loss": result.loss,
         "metrics": result.metrics,
     }
@@ -453,6 +465,8 @@ def validate(
     batches = f" + {batch} batches" if batch else ""
     where = f"epoch {payload['epoch']}{batches}, step {payload['global_step']}"
     click.echo(f"checkpoint       {path} ({where})")
+    if result.weights == "ema":
+        click.echo("weights          ema's average (validate_with_ema), as the run validated")
     click.echo(f"validation_loss  {result.loss:.6g}")
     for name, value in result.metrics.items():
         click.echo(f"{name:<16} {value:.6g}")
@@ -477,6 +491,7 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     from bz.metrics import build_metrics
     from bz.plugins._loader import check_plugin_options
     from bz.plugins._names import check_monitors
+    from bz.training.checkpoint.best import check_monitor
 
     file = find_config_file(config_path)
     config = load_config(file)
@@ -498,12 +513,18 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
             f"{file}: train_script: {script} does not exist (bz looks for train.py next to "
             "bzconfig.json; set train_script or run `bz init`)"
         )
-    try:
-        check_monitors(_Configured.all(options), metrics)
-    except ConfigError as exc:
-        # train.py's setup may add metrics of its own, which only `bz train` knows.
-        for line in exc.with_source(str(file)).render().splitlines():
-            click.echo(f"{line} (unless train.py's setup adds it)", err=True)
+    # train.py's setup may add metrics of its own, and decides whether there is
+    # validation data, which only `bz train` knows: a watched name that none of the
+    # config's metrics gives is reported, as `bz train` would refuse it, but not fatal.
+    for check in (
+        functools.partial(check_monitors, _Configured.all(options), metrics),
+        functools.partial(check_monitor, config.keep_best, metrics, validates=True),
+    ):
+        try:
+            check()
+        except ConfigError as exc:
+            for line in exc.with_source(str(file)).render().splitlines():
+                click.echo(f"{line} (unless train.py's setup adds it)", err=True)
     click.echo(f"{file}: OK ({len(options)} plugin(s), {len(config.metrics)} metric(s))")
 
 

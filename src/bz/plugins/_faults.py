@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from bz import _stdio
+from bz import _stdio, _supervision
 from bz._errors import BzError, TrainingError, describe_exception
 from bz._logging import get_logger
 from bz.plugins._watchdog import EXIT_AFTER_S
@@ -156,6 +156,8 @@ def give_up(slot: object, exit_code: int, reason: str) -> None:
         stream = _stdio.stderr()
         stream.write(f"bz: error: {message}\n")
         stream.flush()
+    if exit_code != 1:  # stopped by a second signal: a finished command, not a crash
+        _supervision.report_outcome(exit_code)
     os._exit(exit_code)
 
 

@@ -22,6 +22,7 @@ from bz._errors import ConfigError, UsageError, describe_exception
 from bz._logging import get_logger, note_plugin_module
 from bz.config import PluginSpec, RunConfig, structure, unstructure
 from bz.plugins._hooks import HOOK_NAMES
+from bz.plugins._isolated import PROCESS, isolation_of, start_isolated, without_isolation
 from bz.plugins._order import plugin_order, sort_plugins
 from bz.plugins._protocol import NamedPlugin, Plugin
 from bz.plugins._sandbox import ErrorPolicy, LoadBoundary, PluginFault, PluginSet
@@ -202,7 +203,7 @@ def _options(
     """A plugin's checked options, without creating it: its ``Config`` object, the dict
     its ``load_config`` returns (guide style), the raw options (``create`` without
     ``load_config``) or None (no options); :data:`_NOT_CHECKED` after a fault."""
-    options = dict(spec.options)
+    options = without_isolation(spec.options)
     if callable(getattr(factory, "create", None)):
         load_config = getattr(factory, "load_config", None)
         if not callable(load_config):
@@ -239,7 +240,7 @@ def _create(
         # The plugin guide's style: create(config_data, training_config) -> plugin | None
         # (its load_config runs inside, as the guide writes it).
         with LoadBoundary(spec.name, "create", policy, faults):
-            created: NamedPlugin | None = create(dict(spec.options), run_config)
+            created: NamedPlugin | None = create(without_isolation(spec.options), run_config)
             return created
         return None
     config = _options(factory, spec, faults, policy)
@@ -271,6 +272,7 @@ def check_plugin_options(
     for spec in specs:
         if not spec.enabled:
             continue
+        isolation_of(spec.options, options_path(spec))
         factory = _import(discovery.sources[spec.name], "isolate", faults)
         if factory is None:
             continue
@@ -328,6 +330,11 @@ def load_plugins(
                 plugin=spec.name,
                 hint=duplicate_message(spec.name, chosen, discovery.duplicates[spec.name]),
             )
+        if isolation_of(spec.options, options_path(spec)) == PROCESS:
+            proxy = start_isolated(spec, options_path(spec), run_config, policy, faults, registry)
+            if proxy is not None:
+                loaded.append((proxy, check_plugin(spec.name, proxy)))
+            continue
         factory = registry.get(spec.name)
         if factory is None:
             factory = _import(discovery.sources[spec.name], policy, faults)

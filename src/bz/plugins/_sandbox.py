@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from bz import _supervision
 from bz._errors import describe_exception
 from bz._logging import get_logger
 from bz.plugins import _torch_hooks
@@ -68,15 +69,21 @@ _perf_counter = time.perf_counter
 
 
 _PER_BATCH = frozenset(spec.name for spec in HOOKS if spec.per_batch)
+_HOOK_NUMBERS = {name: number for number, name in enumerate(HOOK_NAMES, start=1)}
+"""What the supervisor is told for each hook (see :mod:`bz._supervision`)."""
 
 
 class _Slot:
     """A plugin's bookkeeping: mutated in place on the hot path, so no allocation."""
 
-    __slots__ = ("calls", "dormant", "fault", "hooks", "name", "plugin", "seconds")
+    __slots__ = ("calls", "dormant", "fault", "hooks", "name", "number", "plugin", "seconds")
 
-    def __init__(self, name: str, plugin: NamedPlugin, hooks: tuple[str, ...]) -> None:
+    def __init__(
+        self, name: str, plugin: NamedPlugin, hooks: tuple[str, ...], number: int = 0
+    ) -> None:
         self.name = name
+        self.number = number
+        """1-based position: what the supervisor is told while its hooks run."""
         self.plugin = plugin
         self.hooks = hooks
         self.calls = 0
@@ -106,7 +113,12 @@ class PluginSet:
         load_faults: Sequence[PluginFault] = (),
     ) -> None:
         self.policy: ErrorPolicy = policy
-        self._slots = [_Slot(plugin.name, plugin, hooks) for plugin, hooks in plugins]
+        self._slots = [
+            _Slot(plugin.name, plugin, hooks, number)
+            for number, (plugin, hooks) in enumerate(plugins, start=1)
+        ]
+        self._where = _supervision.where
+        """Which plugin and hook run now, for a supervising ``bz train`` (shared memory)."""
         self._load_faults = list(load_faults)
         self._table: dict[str, tuple[_Entry, ...]] = {}
         self.implemented: dict[str, bool] = {}
@@ -197,6 +209,8 @@ class PluginSet:
         grad = grad_mode is None or grad_mode()
         watchdog = self._watchdog
         clock = _perf_counter
+        where = self._where
+        where[1] = _HOOK_NUMBERS[hook]
         started = clock()
         try:
             for slot, method in entries:
@@ -206,6 +220,7 @@ class PluginSet:
                     # Inside the try: an interruption aimed at this plugin (timeout, a
                     # second Ctrl-C) is caught here even if it lands on these lines.
                     watchdog.running = slot
+                    where[0] = slot.number
                     method(view)
                     watchdog.running = None
                 except KeyboardInterrupt:
@@ -220,6 +235,7 @@ class PluginSet:
                 started = finished
         finally:
             watchdog.running = None
+            where[0] = 0
             fence.put_back(mark)
             if grad_mode is not None and grad_mode() is not grad:
                 _set_grad_mode(grad)
@@ -298,8 +314,11 @@ class PluginSet:
         if outer is None:
             watchdog.since = started
         slot.calls += 1
+        where = self._where
+        outer_where = where[0], where[1]
         try:
             watchdog.running = slot
+            where[0], where[1] = slot.number, _supervision.TORCH_HOOK
             return hook(*args, **kwargs)
         except KeyboardInterrupt:
             raise
@@ -312,6 +331,7 @@ class PluginSet:
             return None  # isolate: as if the hook were not there
         finally:
             watchdog.running = outer
+            where[0], where[1] = outer_where
             slot.seconds += _perf_counter() - started
             fence.put_back(mark)
             if grad_mode is not None and grad_mode() is not grad:
@@ -411,6 +431,15 @@ class PluginSet:
                 changed = True
         if changed:
             self._rebuild()
+
+    def set_aside(self, faults: Sequence[PluginFault]) -> None:
+        """Quarantine plugins before the run starts: a supervised ``bz train`` restarted
+        training without them, each having ended the process it ran in."""
+        by_name = {fault.plugin: fault for fault in faults}
+        for slot in self._slots:
+            if slot.fault is None and slot.name in by_name:
+                slot.fault = by_name[slot.name]
+        self._rebuild()
 
     def report(self) -> list[PluginReport]:
         """Time spent and faults, per plugin (loading faults included)."""

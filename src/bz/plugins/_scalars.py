@@ -30,8 +30,9 @@ norm has it anyway.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -154,3 +155,52 @@ def step_scalars(context: PluginContext) -> dict[str, float]:
     for tag, rate in lr_tags(learning_rates(context.optimizer)).items():
         scalars[f"step/{tag}"] = rate
     return scalars
+
+
+class _StepHooks(Protocol):
+    """What a logger declares for :class:`LoggerClock` to fill in with ``step_interval``."""
+
+    end_training_batch: Callable[[PluginContext], None]
+    gradient_norm_every: int
+
+
+class LoggerClock:
+    """The bookkeeping every logging plugin shares: the epoch's clock and learning rates
+    (noted at ``start_epoch``), and with ``step_interval`` the per-step wiring.
+
+    With an interval it gives the plugin its ``end_training_batch`` hook (``log_step``)
+    and its ``gradient_norm_every``; without one the plugin has neither, so that by
+    default the loop makes no call into it per batch and computes no gradient norm.
+    ``log_step`` asks :meth:`due` whether the batch that just ended is to be recorded.
+    """
+
+    def __init__(
+        self, plugin: _StepHooks, interval: int | None, log_step: Callable[[PluginContext], None]
+    ) -> None:
+        self.rates: list[float] = []
+        """The learning rate of each parameter group at the start of the epoch."""
+        self._epoch_started = 0.0
+        self._steps = StepSchedule(interval) if interval is not None else None
+        if interval is not None:
+            plugin.gradient_norm_every = interval
+            plugin.end_training_batch = log_step
+
+    def start_epoch(self, context: PluginContext) -> None:
+        """Start the epoch's clock, note its learning rates and the step it starts from."""
+        self._epoch_started = time.perf_counter()
+        self.rates = learning_rates(context.optimizer)
+        if self._steps is not None:
+            self._steps.start(context)
+
+    def due(self, context: PluginContext) -> bool:
+        """Whether the batch that just ended took a step to record (see
+        :meth:`StepSchedule.due`); never without ``step_interval``."""
+        return self._steps is not None and self._steps.due(context)
+
+    def epoch_seconds(self) -> float:
+        """Wall time since :meth:`start_epoch`."""
+        return time.perf_counter() - self._epoch_started
+
+    def epoch_scalars(self, context: PluginContext) -> dict[str, float]:
+        """:func:`epoch_scalars` of the epoch that just ended."""
+        return epoch_scalars(context, seconds=self.epoch_seconds(), rates=self.rates)

@@ -31,6 +31,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from bz._supervision import heartbeat
+
 if TYPE_CHECKING:
     from types import CodeType, FrameType
 
@@ -128,6 +130,7 @@ class Watchdog:
         if self._stop is not None:
             self._stop.set()
             self._stop = None
+            heartbeat(None)
         if self._alarm and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGALRM, self._previous)
             self._alarm = False
@@ -284,10 +287,13 @@ def _watch(
     # a hung call is stopped within ~10% of the timeout, and an idle run pays nothing.
     interval = min(1.0, max(0.01, seconds / 10))
     deadline_of: tuple[object, float] | None = None  # the call signalled, and when
+    heartbeat(seconds)
     while not stop.wait(interval):
         watchdog = owner()
         if watchdog is None or main is None:
+            heartbeat(None)
             return
+        heartbeat(seconds)  # a supervising `bz train` sees that this thread can run
         running, since = watchdog.running, watchdog.since
         now = time.perf_counter()
         overdue = running is not None and now - since > seconds
@@ -305,6 +311,7 @@ def _watch(
             )
             signal.pthread_kill(main, signal.SIGALRM)
         del watchdog, running
+    heartbeat(None)
 
 
 __all__ = ["PluginInterrupted", "PluginTimeout", "Watchdog"]

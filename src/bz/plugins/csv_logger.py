@@ -20,9 +20,9 @@ a run killed and resumed has each epoch and step once.
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,8 +31,8 @@ import attrs
 
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, hook
-from bz.plugins._run_dir import run_directory
-from bz.plugins._scalars import StepSchedule, epoch_scalars, learning_rates, step_scalars
+from bz.plugins._run_dir import RUN_DIR_KEY, RUNS_ROOT, run_dir_hint, run_directory
+from bz.plugins._scalars import LoggerClock, step_scalars
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -80,14 +80,7 @@ class CsvLogger:
         self._rows = 0
         self._fresh = True
         """The file is to be started afresh at the first row (not a resumed one)."""
-        self._epoch_started = 0.0
-        self._rates: list[float] = []
-        interval = self.config.step_interval
-        self._steps = StepSchedule(interval) if interval is not None else None
-        if interval is not None:
-            # The per-batch hook exists only when asked for, and so does the norm.
-            self.gradient_norm_every = interval
-            self.end_training_batch = self._log_step
+        self._clock = LoggerClock(self, self.config.step_interval, self._log_step)
 
     end_training_batch: Callable[[PluginContext], None]
     """The step row; present only with ``step_interval``."""
@@ -131,20 +124,28 @@ class CsvLogger:
         self._rows = 0
         self._fresh = True
         self._columns = list(FIXED_COLUMNS)
+        if self._active:
+            check_writable(self._folder(context))
+
+    def _folder(self, context: PluginContext) -> Path:
+        """Where ``metrics.csv`` will go (nothing created yet)."""
+        if self.config.log_dir is not None:
+            return Path(self.config.log_dir)
+        shared = context.extra.get(RUN_DIR_KEY)
+        if isinstance(shared, (str, Path)):
+            return Path(shared)
+        return run_dir_hint.get() or RUNS_ROOT
 
     @hook
     def start_epoch(self, context: PluginContext) -> None:
         """Note the epoch's learning rate and start its clock."""
         if not self._active:
             return
-        self._epoch_started = time.perf_counter()
-        self._rates = learning_rates(context.optimizer)
-        if self._steps is not None:
-            self._steps.start(context)
+        self._clock.start_epoch(context)
 
     def _log_step(self, context: PluginContext) -> None:
         """Every ``step_interval`` steps, the step's row (the only per-step host reads)."""
-        if not self._active or self._steps is None or not self._steps.due(context):
+        if not self._active or not self._clock.due(context):
             return
         self._append("step", context, step_scalars(context))
 
@@ -153,8 +154,7 @@ class CsvLogger:
         """The epoch's row."""
         if not self._active:
             return
-        seconds = time.perf_counter() - self._epoch_started
-        self._append("epoch", context, epoch_scalars(context, seconds=seconds, rates=self._rates))
+        self._append("epoch", context, self._clock.epoch_scalars(context))
 
     @hook
     def end_training_session(self, context: PluginContext) -> None:
@@ -194,6 +194,27 @@ class CsvLogger:
             with path.open("a", encoding="utf-8", newline="") as file:
                 csv.DictWriter(file, self._columns, restval="").writerow(row)
         self._rows += 1
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, before training, a folder the first row could not be written into.
+
+    Nothing is created: the folder, or the nearest part of its path that exists, must
+    be a writable folder. Raised in ``start_training_session``, the error quarantines
+    the plugin there, as a ``tensorboard`` whose ``log_dir`` cannot be made is; without
+    this check the first row failed at the end of the first epoch.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"cannot create {folder} for {CSV_FILE}: not a folder", str(existing)
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            errno.EACCES, f"cannot write {CSV_FILE} into {folder}: not writable", str(existing)
+        )
 
 
 def _read(path: Path) -> tuple[list[str] | None, list[dict[str, str]]]:

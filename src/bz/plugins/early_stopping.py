@@ -4,8 +4,10 @@ The monitored value is read once per epoch, in ``end_epoch``: ``validation_loss`
 ``training_loss``, any metric by name (validation first: ``accuracy`` means the
 validation accuracy when there is validation data), ``training_<metric>`` /
 ``validation_<metric>`` explicitly, or the names the console prints (``loss``,
-``val_loss``, ``val_<metric>``). A ``monitor`` that names nothing the run produces is
-refused before training (exit 2), with the names it could be.
+``val_loss``, ``val_<metric>``): the names ``keep_best.monitor`` accepts too
+(:mod:`bz.plugins._names`). A ``monitor`` that names nothing the run produces, a
+validation value in a run without a ``val_loader`` included, is refused before training
+(exit 2), with the names it could be.
 
 Strategies:
 
@@ -34,10 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from bz._converter import nearest
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, hook, plugin_logger
-from bz.plugins._names import resolve
+from bz.plugins._names import find_value, monitor_problem, run_value_names
 
 if TYPE_CHECKING:
     import torch
@@ -71,14 +72,8 @@ class EarlyStoppingConfig:
 
     def monitor_problem(self, names: Collection[str]) -> str | None:
         """Why ``monitor`` is none of ``names`` (what the run produces), or None."""
-        if self.monitor in names:
-            return None
-        hint = nearest(self.monitor, names)
-        suggestion = f'did you mean "{hint}"? ' if hint else ""
-        return (
-            f"monitor: {self.monitor!r} is no value this run produces; {suggestion}"
-            f"it could be one of: {', '.join(names)}"
-        )
+        problem = monitor_problem(self.monitor, names)
+        return None if problem is None else f"monitor: {problem}"
 
 
 class EarlyStopping:
@@ -103,6 +98,15 @@ class EarlyStopping:
         self._best_weights: dict[str, torch.Tensor] | None = None
         self._warned_missing = False
 
+    @property
+    def needs_training_process(self) -> str | None:
+        """Why ``"isolation": "process"`` is refused with these options (None: it is not)."""
+        return (
+            "restore_best_weights copies the model's weights"
+            if self.config.restore_best_weights
+            else None
+        )
+
     # -- reading the monitored value ---------------------------------------------------
 
     def monitored_value(self, context: PluginContext) -> float | None:
@@ -111,17 +115,7 @@ class EarlyStopping:
         Names as :mod:`bz.plugins._names` describes them: the console's ``val_loss`` /
         ``val_accuracy`` mean what ``validation_loss`` / ``validation_accuracy`` do.
         """
-        for phase, key in resolve(self.config.monitor):
-            if key == "loss":
-                if phase == "validation":
-                    count = context.validation_batch_count
-                    return context.validation_loss if count else None
-                return context.training_loss if context.training_batch_count else None
-            validation = phase == "validation"
-            table = context.validation_metrics if validation else context.training_metrics
-            if key in table:
-                return float(table[key])
-        return None
+        return find_value(self.config.monitor, context)
 
     def _improves(self, value: float, reference: float | None) -> bool:
         if reference is None:
@@ -153,12 +147,10 @@ class EarlyStopping:
                 self.logger.warning(
                     "early_stopping_monitor_missing",
                     monitor=self.config.monitor,
-                    available=[
-                        "training_loss",
-                        "validation_loss",
-                        *context.validation_metrics,
-                        *context.training_metrics,
-                    ],
+                    available=run_value_names(
+                        dict.fromkeys([*context.training_metrics, *context.validation_metrics]),
+                        validates=bool(context.validation_batch_count),
+                    ),
                 )
             return
         self.history.append(value)

@@ -31,7 +31,7 @@ whole into checkpoints and sharded again on resume.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -43,6 +43,7 @@ from bz.plugins import ConfiguredPluginClass, hook, model_of, plugin_logger
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
+    from bz.config import PluginSpec
     from bz.plugins._context import PluginContext
 
 
@@ -72,6 +73,9 @@ class Ema:
     every_rank = True
     """Runs in every process: each averages (and, under FSDP, holds the shards of) the
     weights it has, and each validates with them."""
+
+    needs_training_process = "it keeps an average of the model's weights"
+    """``"isolation": "process"`` is refused: the plugin works on the model."""
 
     def __init__(self, config: EmaConfig | None = None) -> None:
         self.name = "ema"
@@ -222,6 +226,37 @@ class Ema:
     def logger(self) -> FilteringBoundLogger:
         """Events carry ``plugin=ema`` and follow the host's logging set-up."""
         return plugin_logger(self)
+
+
+# -- what bz validate evaluates ----------------------------------------------------------
+
+
+def validates_with_average(specs: Iterable[PluginSpec]) -> bool:
+    """Whether a configuration's ``plugins`` run validation on ``ema``'s average."""
+    return any(
+        spec.name == "ema" and spec.enabled and spec.options.get("validate_with_ema") is True
+        for spec in specs
+    )
+
+
+def saved_average(states: Mapping[str, Any] | None) -> dict[str, torch.Tensor] | None:
+    """``ema``'s average in a checkpoint's plugin states (whole, by parameter name), or
+    None when the checkpoint holds none."""
+    state = (states or {}).get("ema")
+    weights = state.get("weights") if isinstance(state, Mapping) else None
+    if not isinstance(weights, Mapping):
+        return None
+    return {str(name): tensor for name, tensor in weights.items()}
+
+
+def load_average(model: torch.nn.Module, average: Mapping[str, torch.Tensor]) -> None:
+    """Put ``average`` into ``model``'s parameters, as a validation pass on it does
+    (buffers stay the model's own)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            saved = average.get(name)
+            if saved is not None:
+                param.copy_(saved)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

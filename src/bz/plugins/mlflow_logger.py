@@ -40,7 +40,7 @@ import attrs
 
 from bz.config import at_least, unstructure
 from bz.plugins import ConfiguredPluginClass, Order, hook, plugin_logger
-from bz.plugins._scalars import StepSchedule, epoch_scalars, learning_rates, step_scalars
+from bz.plugins._scalars import LoggerClock, step_scalars
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -134,13 +134,12 @@ class Mlflow:
         self._experiment_id: str | None = None
         self._started = False
         """This session has started (or resumed) ``run_id``."""
-        self._epoch_started = 0.0
-        self._rates: list[float] = []
-        interval = self.config.step_interval
-        self._steps = StepSchedule(interval) if interval is not None else None
-        if interval is not None:  # no call per batch unless asked for
-            self.gradient_norm_every = interval
-            self.end_training_batch = self._log_step
+        self._clock = LoggerClock(self, self.config.step_interval, self._log_step)
+
+    @property
+    def needs_training_process(self) -> str | None:
+        """Why ``"isolation": "process"`` is refused with these options (None: it is not)."""
+        return "log_model saves the model's weights" if self.config.log_model else None
 
     end_training_batch: Callable[[PluginContext], None]
     """The step scalars; present only with ``step_interval``."""
@@ -239,14 +238,11 @@ class Mlflow:
         """Start (or resume) the MLflow run; note the epoch's learning rate and clock."""
         if self._run(context) is None:
             return
-        self._epoch_started = time.perf_counter()
-        self._rates = learning_rates(context.optimizer)
-        if self._steps is not None:
-            self._steps.start(context)
+        self._clock.start_epoch(context)
 
     def _log_step(self, context: PluginContext) -> None:
         """Every ``step_interval`` steps, the step scalars (the only per-step host reads)."""
-        if self.client is None or self._steps is None or not self._steps.due(context):
+        if self.client is None or not self._clock.due(context):
             return
         self._log_metrics(context, step_scalars(context), context.global_step)
 
@@ -255,9 +251,7 @@ class Mlflow:
         """Log the epoch's scalars at step = the epoch counted from 1."""
         if self.client is None:
             return
-        seconds = time.perf_counter() - self._epoch_started
-        scalars = epoch_scalars(context, seconds=seconds, rates=self._rates)
-        self._log_metrics(context, scalars, context.epoch + 1)
+        self._log_metrics(context, self._clock.epoch_scalars(context), context.epoch + 1)
 
     def _log_metrics(
         self, context: PluginContext, scalars: Mapping[str, float], step: int

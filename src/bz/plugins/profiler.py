@@ -161,6 +161,11 @@ class Profiler:
 
     Config = ProfilerConfig
 
+    needs_training_process = (
+        "torch's profiler and the memory it reports are the training process's"
+    )
+    """``"isolation": "process"`` is refused: it measures the training process itself."""
+
     def __init__(self, config: ProfilerConfig | None = None) -> None:
         self.name = "profiler"
         self.config = config or ProfilerConfig()

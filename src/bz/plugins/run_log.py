@@ -35,7 +35,7 @@ from bz.plugins import ConfiguredPluginClass, Order, hook
 from bz.plugins._run_dir import run_directory
 from bz.plugins._scalars import (
     EXTRA_SCALARS_KEY,
-    StepSchedule,
+    LoggerClock,
     extra_scalars,
     learning_rates,
     step_scalars,
@@ -102,16 +102,8 @@ class RunLog:
         """The ``run_log.jsonl`` being written (set when training starts, on rank 0)."""
         self._file: TextIO | None = None
         self._started = 0.0
-        self._epoch_started = 0.0
-        self._rates: list[float] = []
         self._epochs_done = 0
-        interval = self.config.step_interval
-        self._steps = StepSchedule(interval) if interval is not None else None
-        # The per-batch hook exists only when asked for, so that by default the loop
-        # makes no call into this plugin per batch.
-        if interval is not None:
-            self.gradient_norm_every = interval
-            self.end_training_batch = self._log_step
+        self._clock = LoggerClock(self, self.config.step_interval, self._log_step)
 
     end_training_batch: Callable[[PluginContext], None]
     """The step line; present only with ``step_interval``."""
@@ -152,14 +144,11 @@ class RunLog:
         """Start the epoch's clock; note the learning rate the epoch trains with."""
         if self._file is None:
             return
-        self._epoch_started = time.perf_counter()
-        self._rates = learning_rates(context.optimizer)
-        if self._steps is not None:
-            self._steps.start(context)
+        self._clock.start_epoch(context)
 
     def _log_step(self, context: PluginContext) -> None:
         """Every ``step_interval`` steps, the step's line (its only host reads)."""
-        if self._file is None or self._steps is None or not self._steps.due(context):
+        if self._file is None or not self._clock.due(context):
             return
         scalars = step_scalars(context)
         self._write(
@@ -187,12 +176,12 @@ class RunLog:
                 "epoch": context.epoch,
                 "step": context.global_step,
                 "time": _now(),
-                "seconds": time.perf_counter() - self._epoch_started,
+                "seconds": self._clock.epoch_seconds(),
                 "training_loss": context.training_loss,
                 "validation_loss": context.validation_loss if validated else None,
                 "training_metrics": context.training_metrics,
                 "validation_metrics": context.validation_metrics,
-                "lr": self._rates,
+                "lr": self._clock.rates,
                 "scalars": extra_scalars(context),
             }
         )

@@ -16,7 +16,6 @@ per parameter, which is why it is off by default).
 from __future__ import annotations
 
 import importlib.util
-import time
 from typing import TYPE_CHECKING
 
 import attrs
@@ -24,7 +23,7 @@ import attrs
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, Order, hook
 from bz.plugins._run_dir import run_directory
-from bz.plugins._scalars import StepSchedule, epoch_scalars, learning_rates, step_scalars
+from bz.plugins._scalars import LoggerClock, step_scalars
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -72,13 +71,16 @@ class TensorBoard:
         self.log_dir: str | None = None
         """Where the event files go (set when training starts, on rank 0)."""
         self._writer: SummaryWriter | None = None
-        self._epoch_started = 0.0
-        self._rates: list[float] = []
-        interval = self.config.step_interval
-        self._steps = StepSchedule(interval) if interval is not None else None
-        if interval is not None:  # no call per batch unless asked for
-            self.gradient_norm_every = interval
-            self.end_training_batch = self._log_step
+        self._clock = LoggerClock(self, self.config.step_interval, self._log_step)
+
+    @property
+    def needs_training_process(self) -> str | None:
+        """Why ``"isolation": "process"`` is refused with these options (None: it is not)."""
+        return (
+            "histogram_interval reads the model's weights"
+            if self.config.histogram_interval is not None
+            else None
+        )
 
     end_training_batch: Callable[[PluginContext], None]
     """The step scalars; present only with ``step_interval``."""
@@ -103,15 +105,12 @@ class TensorBoard:
         """Start the epoch's clock; note the learning rate the epoch trains with."""
         if self._writer is None:
             return
-        self._epoch_started = time.perf_counter()
-        self._rates = learning_rates(context.optimizer)
-        if self._steps is not None:
-            self._steps.start(context)
+        self._clock.start_epoch(context)
 
     def _log_step(self, context: PluginContext) -> None:
         """Every ``step_interval`` steps, the step scalars (the only per-step host reads)."""
         writer = self._writer
-        if writer is None or self._steps is None or not self._steps.due(context):
+        if writer is None or not self._clock.due(context):
             return
         for tag, value in step_scalars(context).items():
             writer.add_scalar(tag, value, global_step=context.global_step)
@@ -122,9 +121,8 @@ class TensorBoard:
         writer = self._writer
         if writer is None:
             return
-        seconds = time.perf_counter() - self._epoch_started
         step = context.epoch + 1
-        for tag, value in epoch_scalars(context, seconds=seconds, rates=self._rates).items():
+        for tag, value in self._clock.epoch_scalars(context).items():
             writer.add_scalar(tag, value, global_step=step)
         interval = self.config.histogram_interval
         if interval is not None and step % interval == 0 and context.model is not None:

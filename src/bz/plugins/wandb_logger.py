@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -26,7 +25,7 @@ import attrs
 from bz.config import at_least
 from bz.plugins import ConfiguredPluginClass, Order, hook
 from bz.plugins._run_dir import run_directory
-from bz.plugins._scalars import StepSchedule, epoch_scalars, learning_rates, step_scalars
+from bz.plugins._scalars import LoggerClock, step_scalars
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -79,15 +78,9 @@ class Wandb:
         self.config = config or WandbConfig()
         self.run: Run | None = None
         """The W&B run (set when training starts, on rank 0)."""
-        self._epoch_started = 0.0
-        self._rates: list[float] = []
         self._epochs_done = 0
         self._step_tags: set[str] = set()
-        interval = self.config.step_interval
-        self._steps = StepSchedule(interval) if interval is not None else None
-        if interval is not None:  # no call per batch unless asked for
-            self.gradient_norm_every = interval
-            self.end_training_batch = self._log_step
+        self._clock = LoggerClock(self, self.config.step_interval, self._log_step)
 
     end_training_batch: Callable[[PluginContext], None]
     """The step scalars; present only with ``step_interval``."""
@@ -142,15 +135,12 @@ class Wandb:
         """Start the epoch's clock; note the learning rate the epoch trains with."""
         if self.run is None:
             return
-        self._epoch_started = time.perf_counter()
-        self._rates = learning_rates(context.optimizer)
-        if self._steps is not None:
-            self._steps.start(context)
+        self._clock.start_epoch(context)
 
     def _log_step(self, context: PluginContext) -> None:
         """Every ``step_interval`` steps, the step scalars (the only per-step host reads)."""
         run = self.run
-        if run is None or self._steps is None or not self._steps.due(context):
+        if run is None or not self._clock.due(context):
             return
         scalars: dict[str, Any] = step_scalars(context)
         if not self._step_tags:
@@ -167,9 +157,8 @@ class Wandb:
         """Log the epoch's scalars."""
         if self.run is None:
             return
-        seconds = time.perf_counter() - self._epoch_started
         scalars: dict[str, Any] = {"epoch": context.epoch + 1}
-        scalars.update(epoch_scalars(context, seconds=seconds, rates=self._rates))
+        scalars.update(self._clock.epoch_scalars(context))
         self.run.log(scalars)
         self._epochs_done = context.epoch + 1
 

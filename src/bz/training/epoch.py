@@ -11,8 +11,9 @@ zero the gradients at the start of an accumulation group, the loss under autocas
 setup's way, a :class:`~bz.training.forward.Forward`: ``loss_fn`` over pairs,
 ``model(**batch).loss``, or the user's step), backward (scaled by the group size, DDP's
 ``no_sync`` inside a group), ``after_backward``; at the group's end unscale, clip,
-``before_optimizer_step`` and step; then the loss sum and metrics (on the device) and
-``end_training_batch``.
+``before_optimizer_step`` and step; then the loss sum and metrics (on the device),
+``end_training_batch`` and, under ``scheduler_interval="step"``, the scheduler's step
+(after the hook, so that it sees the learning rate the step used).
 Between optimizer steps :class:`~bz.training.control.StepControl` decides whether to
 stop, validate or write a checkpoint.
 """
@@ -180,6 +181,8 @@ class EpochLoop(RunParts):
             # After the group's last end_training_batch (the loader could not say it was
             # the last), so batch, outputs and loss are None in before_optimizer_step.
             self._optimizer_step()
+            if self.step_scheduler is not None:
+                self.step_scheduler.step()
             state.micro = 0
             self.context._gradient_norm = None
         if interrupted:
@@ -267,6 +270,9 @@ class EpochLoop(RunParts):
         ctx.last_loss = detached
         if implemented["end_training_batch"]:
             self._call("end_training_batch")
+        if steps and self.step_scheduler is not None:
+            # After end_training_batch, which shows the rate this step used (step/lr).
+            self.step_scheduler.step()
         ctx.batch = ctx.outputs = ctx.loss = ctx._gradient_norm = None
 
     def _forward_backward(self, forward: Forward, batch: Any, group: int) -> Computed:
@@ -317,9 +323,7 @@ class EpochLoop(RunParts):
         if clip is not None:
             parameters = [p for p in self.model.parameters() if p.grad is not None]
             if clip.max_norm is not None:
-                self.context._gradient_norm = torch.nn.utils.clip_grad_norm_(
-                    parameters, clip.max_norm, clip.norm_type
-                )
+                self.context._gradient_norm = _clip_norm(parameters, clip, asked)
             elif clip.value is not None:
                 torch.nn.utils.clip_grad_value_(parameters, clip.value)
         if asked is not None:
@@ -334,8 +338,6 @@ class EpochLoop(RunParts):
             scaler.update()
         else:
             optimizer.step()
-        if self.step_scheduler is not None:
-            self.step_scheduler.step()
         self.state.global_step += 1
 
     def _asked_norm(self) -> torch.Tensor | None:
@@ -416,6 +418,28 @@ def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     norms = [torch.linalg.vector_norm(grad, norm_type) for grad in grads]
     total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return total
+
+
+def _clip_norm(
+    parameters: list[torch.nn.Parameter], clip: GradientClip, norm: torch.Tensor | None
+) -> torch.Tensor:
+    """Clip by the total norm (``norm``: this step's, computed already) and return it,
+    whole on every process: under FSDP ``clip_grad_norm_`` returns a norm of sharded
+    gradients, which rank 0 alone could not read without hanging. Making it whole is the
+    one collective clipping needs anyway: the clipping then uses the whole norm."""
+    assert clip.max_norm is not None
+    if _CLIP_WITH_NORM is None:  # torch < 2.6
+        return _whole(torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, clip.norm_type))
+    if norm is None:
+        norm = _whole(
+            _total_norm([p.grad for p in parameters if p.grad is not None], clip.norm_type)
+        )
+    _CLIP_WITH_NORM(parameters, clip.max_norm, norm)
+    return norm
+
+
+_CLIP_WITH_NORM = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+"""``torch.nn.utils.clip_grads_with_norm_`` (torch >= 2.6), else None."""
 
 
 def _whole(norm: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,9 @@ class Evaluation:
     loss: float
     metrics: dict[str, float]
     batches: int
+    weights: str = "model"
+    """Which weights: ``model`` (the file's) or ``ema`` (the average the run's
+    validation ran on, under ``validate_with_ema``)."""
 
 
 def evaluate(setup: TrainingSetup, config: RunConfig, metrics: Mapping[str, Metric]) -> Evaluation:

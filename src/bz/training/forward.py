@@ -12,6 +12,7 @@ check here reads shapes and types only, never a device value.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -121,10 +122,12 @@ def _mapping_compute(loader: str, metrics: bool) -> Callable[[torch.nn.Module, A
 def _step_compute(
     step: Callable[[torch.nn.Module, Any], torch.Tensor | StepResult], loader: str, metrics: bool
 ) -> Callable[[torch.nn.Module, Any], Computed]:
+    where = defined_at(step)
+
     def compute(model: torch.nn.Module, batch: Any) -> Computed:
         result = step(model, batch)
         if isinstance(result, torch.Tensor):
-            check_scalar(result, "step")
+            check_scalar(result, "step", where)
             if metrics:
                 raise _no_predictions(loader)
             samples = count_samples(batch)
@@ -142,7 +145,7 @@ def _step_compute(
                 f"step returned a StepResult whose loss is {type(loss).__name__}; it must "
                 "be a scalar tensor"
             )
-        check_scalar(loss, "step")
+        check_scalar(loss, "step", where)
         if metrics and (predictions is None or targets is None):
             raise _no_predictions(loader)
         samples = result.samples
@@ -167,13 +170,29 @@ def _no_predictions(loader: str) -> UsageError:
     )
 
 
-def check_scalar(loss: torch.Tensor, what: str) -> None:
-    """Refuse a loss that is not one number (shape metadata only)."""
+def check_scalar(loss: torch.Tensor, what: str, where: str = "") -> None:
+    """Refuse a loss that is not one number, or that backward cannot start from
+    (metadata only: no device read). ``where`` (``train.py:12: ``) prefixes the error."""
     if loss.ndim != 0:
         raise UsageError(
-            f"{what} returned a loss of shape {tuple(loss.shape)}; it must be a scalar: "
-            "reduce it (loss.mean(), loss.sum())"
+            f"{where}{what} returned a loss of shape {tuple(loss.shape)}; it must be a "
+            "scalar: reduce it (loss.mean(), loss.sum())"
         )
+    # Training only: validation computes the same loss without gradients, on purpose.
+    if not loss.requires_grad and torch.is_grad_enabled():
+        raise UsageError(
+            f"{where}{what} returned a loss that does not require grad: it must be the "
+            "loss computed from the model's forward, not detached, not a new tensor, not "
+            "computed under torch.no_grad() (or every parameter has requires_grad=False)"
+        )
+
+
+def defined_at(function: object) -> str:
+    """``file:line: `` where ``function`` is defined (empty for other callables)."""
+    code = getattr(inspect.unwrap(function), "__code__", None)  # type: ignore[arg-type]  # any callable
+    if code is None:
+        return ""
+    return f"{code.co_filename}:{code.co_firstlineno}: "
 
 
 def output_field(outputs: Any, name: str) -> Any:

@@ -6,7 +6,11 @@ stop after the same step: they vote on it every few steps (:class:`InterruptVote
 
 from __future__ import annotations
 
+import _thread
+import contextlib
+import contextvars
 import math
+import os
 import signal
 import threading
 import time
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bz._distributed import vote_across
-from bz._logging import get_logger
+from bz._logging import get_logger, writes_reentrantly
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,6 +97,79 @@ class StoppedAtOnce(KeyboardInterrupt):
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class StopSignalWitness:
+    """Which stop signal (SIGINT, SIGTERM) arrived while a block ran, known even when
+    its Python handler could not run.
+
+    A handler is Python code run on top of whatever frame the signal lands in. Landing
+    near the recursion limit (deep in a library's imports, in a recursive model
+    builder) makes the handler itself fail with ``RecursionError``, and ``train.py``'s
+    setup then seemed to fail on its own (``setup failed: RecursionError``, exit 1)
+    instead of being stopped (143). The interpreter's C handler writes each signal's
+    number to the wakeup file descriptor before any Python runs; this reads them back.
+    Main thread only (as signals); elsewhere, and where no pipe can be made, it
+    witnesses nothing. The bytes are handed on to a wakeup descriptor set before
+    (an event loop's), so its owner still hears of them.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        """The first stop signal seen (read by :meth:`raise_if_stopped`)."""
+        self._pipe: tuple[int, int] | None = None
+        self._previous = -1
+
+    def __enter__(self) -> StopSignalWitness:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            read, write = os.pipe()
+        except OSError:
+            return self
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        try:
+            self._previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            os.close(read)
+            os.close(write)
+            return self
+        self._pipe = (read, write)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pipe is None:
+            return
+        self._read()
+        signal.set_wakeup_fd(self._previous)
+        for fd in self._pipe:
+            os.close(fd)
+        self._pipe = None
+
+    def _read(self) -> None:
+        assert self._pipe is not None
+        while True:
+            try:
+                numbers = os.read(self._pipe[0], 512)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not numbers:
+                return
+            if self._previous >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._previous, numbers)
+            for number in numbers:
+                if self.signal is None and number in _STOP_SIGNALS:
+                    self.signal = number
+
+    def raise_if_stopped(self, failure: BaseException) -> None:
+        """Raise :class:`TrainingInterrupted` (from ``failure``) when a stop signal
+        arrived: whatever the block raised then is what the signal's handler became."""
+        if self._pipe is not None:
+            self._read()
+        if self.signal is not None:
+            raise TrainingInterrupted(None, self.signal) from failure
+
+
 class InterruptGuard:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request the loop honours after
     the step.
@@ -121,6 +198,7 @@ class InterruptGuard:
         self._previous: dict[int, Any] = {}
         self._handler = self._handle
         """The very object installed: what the keeper compares the handlers with."""
+        self._reported: threading.Event | None = None
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
@@ -132,6 +210,7 @@ class InterruptGuard:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.flush_report(timeout=5)  # the line is out before fit returns
         if self.keep is not None and self._previous:
             self.keep(None)
         previous, self._previous = self._previous, {}
@@ -145,9 +224,34 @@ class InterruptGuard:
             raise StoppedAtOnce(signum)
         self.requested = True
         self.signal = signum
-        _log.warning(
-            "interrupt_requested",
-            signal=signal.Signals(signum).name,
-            hint="finishing the current step and writing a checkpoint; "
+        fields = {
+            "signal": signal.Signals(signum).name,
+            "hint": "finishing the current step and writing a checkpoint; "
             "press Ctrl-C again to stop at once",
-        )
+        }
+        if writes_reentrantly():
+            _log.warning("interrupt_requested", **fields)
+            return
+        # A host's own structlog logger may be in the middle of a line on this thread,
+        # holding a lock that is not reentrant: logging here would wait for it forever.
+        # Another thread waits for that line to end instead (with this one's context).
+        # Started with _thread: threading.Thread.start takes a lock of threading's own,
+        # which the interrupted thread may be holding too.
+        done = threading.Event()
+        context = contextvars.copy_context()
+
+        def report() -> None:
+            try:
+                context.run(_log.warning, "interrupt_requested", **fields)
+            finally:
+                done.set()
+
+        self._reported = done
+        _thread.start_new_thread(report, ())
+
+    def flush_report(self, timeout: float | None = None) -> None:
+        """Wait (up to ``timeout`` seconds) until ``interrupt_requested`` is logged, when
+        another thread logs it (see :meth:`_handle`)."""
+        reported = self._reported
+        if reported is not None:
+            reported.wait(timeout)

@@ -8,7 +8,8 @@ Hook order for one run (``[...]`` only when there is validation data)::
         start_training_loop
         for each batch: start_training_batch, (forward, loss, backward), after_backward,
                         [every accumulate_grad_batches batches: (unscale, clip)
-                         before_optimizer_step, (optimizer step)], end_training_batch
+                         before_optimizer_step, (optimizer step)], end_training_batch,
+                        [(scheduler step, under scheduler_interval "step")]
                         [every validate_every_steps steps: the validation loop below]
                         [every checkpoint_every_steps steps / _seconds: save_checkpoint]
         end_training_loop            # training_metrics are set
@@ -86,6 +87,7 @@ from bz.training.epoch import EpochLoop, capped
 from bz.training.forward import forward_for
 from bz.training.guards import check_batches, check_epoch_loss, check_model
 from bz.training.interrupts import InterruptGuard, InterruptVote, TrainingInterrupted
+from bz.training.modules import materialize
 from bz.training.precision import precision_for
 from bz.training.result import EpochRecord, FitResult
 from bz.training.rewind import Rewinder
@@ -138,6 +140,7 @@ class Run(EpochLoop):
             else shard_loader(setup.val_loader, self.topology, seed, training=False)
         )
         self.limit = limit_batches
+        materialize(setup)  # lazy modules get their shapes, which all below needs
         # The signature describes the run as train.py built it, before any training.
         saves = (
             config.checkpoint_interval > 0

@@ -19,11 +19,20 @@ per module per part, nothing per batch.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from bz._errors import UsageError
+from bz._rng import capture_rng, loader_generators, restore_rng
+from bz.training.device import to_device
+from bz.training.forward import forward_for
+
+if TYPE_CHECKING:
+    from bz._setup import TrainingSetup
 
 _CONTAINERS = (dict, OrderedDict, set)
 
@@ -85,4 +94,48 @@ def model_modules(model: torch.nn.Module, loss_fn: object) -> list[torch.nn.Modu
     return modules
 
 
-__all__ = ["ModuleSnapshot", "model_modules"]
+def is_lazy(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds a parameter or buffer a lazy module has not shaped yet."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return any(torch.nn.parameter.is_lazy(tensor) for tensor in tensors)
+
+
+def materialize(setup: TrainingSetup) -> None:
+    """Shape the lazy modules of ``setup.model`` (``nn.LazyLinear`` & co.) before a run.
+
+    What bz does before the first step needs every parameter's shape: the run signature,
+    checkpoints, rewind snapshots, DDP and FSDP. So a model with lazy modules runs one
+    forward pass, as torch advises, on the first training batch: without gradients, in
+    eval mode (batch norm statistics and dropout untouched), and every random state a
+    step draws from (torch's, the loader's generators) put back after it, so the
+    weights draw their initial values and training then goes on as if it had not run.
+    Costs nothing for a model without lazy modules.
+    """
+    model, loader = setup.model, setup.train_loader
+    if not is_lazy(model):
+        return
+    if isinstance(loader, Iterator):
+        raise UsageError(
+            "the model has lazy modules (nn.LazyLinear, ...) and train_loader can be read "
+            "only once: run one batch through the model in setup() to shape them"
+        )
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    forward = forward_for(setup, "train_loader", metrics=False)
+    generators = loader_generators(loader)
+    saved = capture_rng(generators)
+    training = model.training
+    try:
+        batch = next(iter(loader), None)
+        if batch is None:  # an empty loader: the loop's own check reports it
+            return
+        if device.type != "cpu":
+            batch = to_device(batch, device)
+        model.eval()
+        with torch.no_grad():
+            forward.compute(model, forward.prepare(batch))
+    finally:
+        model.train(training)
+        restore_rng(saved, generators)
+
+
+__all__ = ["ModuleSnapshot", "is_lazy", "materialize", "model_modules"]

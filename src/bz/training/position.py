@@ -28,6 +28,7 @@ seed comes from the epoch the workers started in.)
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 import sys
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, get_worker_info
 
 from bz._errors import describe_exception
 from bz._logging import get_logger
@@ -148,6 +149,10 @@ class _PositionedSampler:
         self.skip = skip
         self.epoch = epoch
         self._indices: Iterator[Any] = iter(())
+        self._source: Iterator[Any] | None = None
+        """The index sampler's iterator under :attr:`_indices`, until primed."""
+        self._skipped = 0
+        """What :meth:`prime` skips: batches, or their indices (:attr:`_source`)."""
         self._primed = True  # until iter() starts an epoch
 
     def __len__(self) -> int:
@@ -158,7 +163,19 @@ class _PositionedSampler:
         # batches already trained are drawn by prime(), right after that seed, which is
         # where the interrupted run's first batch drew them (a RandomSampler draws its
         # permutation's seed then).
-        self._indices = iter(self.sampler)
+        batching = _plain_batch_sampler(self.sampler)
+        if batching is None:
+            self._indices = iter(self.sampler)
+            self._skipped = self.skip
+        else:
+            # torch's own BatchSampler: the batches already trained are skipped as
+            # indices of its sampler, without building each batch's list in Python
+            # (the cost of a resume then barely grows with how far into the epoch).
+            sampler, size, drop_last = batching
+            indices = iter(sampler)
+            self._indices = _batched(indices, size, drop_last)
+            self._skipped = self.skip * size
+            self._source = indices
         self._primed = False
         return self._batches()
 
@@ -167,9 +184,13 @@ class _PositionedSampler:
         if self._primed:
             return
         self._primed = True
-        for _ in range(self.skip):
-            if next(self._indices, _END) is _END:
-                return
+        # Consumed at C speed (islice into a zero-length deque), stopping at the end.
+        collections.deque(itertools.islice(self._source_or_batches(), self._skipped), maxlen=0)
+
+    def _source_or_batches(self) -> Iterator[Any]:
+        source = self._source
+        self._source = None
+        return source if source is not None else self._indices
 
     def _batches(self) -> Iterator[Any]:
         self.prime()
@@ -179,6 +200,24 @@ class _PositionedSampler:
             return
         for number, batch in enumerate(indices, start=self.skip):
             yield _Batch(batch, self.epoch * 1_000_003 + number)
+
+
+def _plain_batch_sampler(sampler: object) -> tuple[Iterable[Any], int, bool] | None:
+    """``(sampler, batch_size, drop_last)`` of torch's own ``BatchSampler`` (not a
+    subclass, whose batches may be made otherwise), else None."""
+    if type(sampler) is not BatchSampler:
+        return None
+    assert isinstance(sampler, BatchSampler)
+    return sampler.sampler, sampler.batch_size, sampler.drop_last
+
+
+def _batched(indices: Iterator[Any], size: int, drop_last: bool) -> Iterator[list[Any]]:
+    """The batches ``BatchSampler`` makes of ``indices``: lists of ``size``, the last
+    one shorter unless ``drop_last``."""
+    while batch := list(itertools.islice(indices, size)):
+        if len(batch) < size and drop_last:
+            return
+        yield batch
 
 
 class _Seeded(torch.utils.data.Dataset[Any]):

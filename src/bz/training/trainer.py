@@ -97,7 +97,9 @@ def fit_seeded(
         metrics = build_metrics(config.metrics)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     # A plugin watching a value the run never produces would never act: refused now.
-    check_monitors(plugins.active, [*metrics, *setup.metrics])
+    check_monitors(
+        plugins.active, [*metrics, *setup.metrics], validates=setup.val_loader is not None
+    )
     # run_started / run_finished frame every fit, library or CLI, whatever its outcome,
     # so a host reading bz's events always sees how a run ended.
     _log.info(

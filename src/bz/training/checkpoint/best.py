@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from bz._errors import ConfigError
+from bz.plugins._names import find_value, monitor_problem, run_value_names
 
 if TYPE_CHECKING:
     from bz.config import KeepBest
@@ -24,55 +25,23 @@ if TYPE_CHECKING:
 
 def monitor_names(metrics: Iterable[str], *, validates: bool) -> list[str]:
     """The names ``keep_best.monitor`` may take in a run with these metrics (and
-    validation data or not), in the order a person would look for them."""
-    names = ["validation_loss", "training_loss"] if validates else ["training_loss"]
-    for metric in metrics:
-        names.append(metric)
-        if validates:
-            names.append(f"validation_{metric}")
-        names.append(f"training_{metric}")
-    return names
+    validation data or not): those ``early_stopping``'s ``monitor`` takes
+    (:func:`bz.plugins._names.run_value_names`), the console's ``val_loss`` included."""
+    return run_value_names(metrics, validates=validates)
 
 
 def check_monitor(keep_best: KeepBest | None, metrics: Iterable[str], *, validates: bool) -> None:
     """Refuse, before training, a ``keep_best.monitor`` the run will never produce."""
     if keep_best is None:
         return
-    names = monitor_names(metrics, validates=validates)
-    if keep_best.monitor not in names:
-        why = "" if validates or "validation" not in keep_best.monitor else " (no val_loader)"
-        raise ConfigError(
-            [
-                (
-                    "keep_best.monitor",
-                    f"{keep_best.monitor!r} is not a value this run produces{why}; "
-                    f"it could be {', '.join(map(repr, names))}",
-                )
-            ]
-        )
+    problem = monitor_problem(keep_best.monitor, monitor_names(metrics, validates=validates))
+    if problem is not None:
+        raise ConfigError([("keep_best.monitor", problem)])
 
 
 def monitored_value(monitor: str, context: PluginContext) -> float | None:
     """The value of ``monitor`` at the end of an epoch, or None (not finite, not there)."""
-    value: float | None = None
-    if monitor == "validation_loss":
-        value = context.validation_loss if context.validation_batch_count else None
-    elif monitor == "training_loss":
-        value = context.training_loss if context.training_batch_count else None
-    else:
-        tables = (
-            ("validation_", context.validation_metrics),
-            ("training_", context.training_metrics),
-        )
-        for prefix, table in tables:
-            if monitor.startswith(prefix) and monitor[len(prefix) :] in table:
-                value = float(table[monitor[len(prefix) :]])
-                break
-        else:
-            for _, table in tables:
-                if monitor in table:
-                    value = float(table[monitor])
-                    break
+    value = find_value(monitor, context)
     return value if value is not None and math.isfinite(value) else None
 
 

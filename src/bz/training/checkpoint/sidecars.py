@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
-import xxhash
+
+from bz._errors import UsageError
 
 FORMAT = 2
 """Version of the checkpoint layout; files of another version are not resumed from.
@@ -30,7 +31,15 @@ FORMAT = 2
 HASH = "xxh3_128"
 """The checksum new sidecars record: XXH3 (128 bits) guards against damage (a flipped
 bit, a truncated or half-written file), not against someone forging a file, and runs at
-memory speed, about six times faster than SHA-256 (``benchmarks/checkpoint_io.py``)."""
+memory speed, about six times faster than SHA-256 (``benchmarks/checkpoint_io.py``).
+It comes from the ``xxhash`` package, a dependency of bz: where it is missing (a broken
+install), writing or verifying such a checkpoint is one error line, exit 2
+(:data:`XXHASH_MISSING`), never a checkpoint silently passed over, and never a
+fallback whose sidecars another bz could not read."""
+XXHASH_MISSING = (
+    "checkpoints are checksummed with XXH3 and the xxhash package is missing; it is a "
+    "dependency of bz: pip install 'xxhash>=3.0'"
+)
 LEGACY_HASH = "sha256"
 """The checksum of sidecars that do not name one (written by bz before :data:`HASH`)."""
 
@@ -43,8 +52,16 @@ class Hasher(Protocol):
     def hexdigest(self) -> str: ...
 
 
+def _xxh3_128() -> Hasher:
+    try:
+        import xxhash
+    except ImportError:
+        raise UsageError(XXHASH_MISSING) from None
+    return xxhash.xxh3_128()
+
+
 HASHES: dict[str, Callable[[], Hasher]] = {
-    HASH: xxhash.xxh3_128,
+    HASH: _xxh3_128,
     LEGACY_HASH: hashlib.sha256,
 }
 """The checksums bz can verify, by the name a sidecar's ``"hash"`` gives."""

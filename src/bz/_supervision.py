@@ -1,0 +1,140 @@
+"""The training process's side of a supervised ``bz train``: what it tells its supervisor.
+
+``bz train`` runs training in a child process and watches it (see
+:mod:`bz.commands.supervise`). The two share a small block of memory; the child writes
+into it, the supervisor reads it once the child has ended:
+
+- while a plugin's hook runs, which plugin and which hook (two integers the sandbox
+  stores around each call: no message, no system call);
+- once the command has finished, the exit code it chose (a process that ends without
+  writing it did not finish, whatever its own exit status says: ``os._exit(0)``);
+- once plugins are loaded, their names and the hooks' names, so the supervisor (which
+  never imports torch or plugins) can name the plugin a death happened in.
+
+The child also points Python's signal wake-up descriptor at the supervisor, so that a
+Ctrl-C or SIGTERM the child received itself (a terminal's Ctrl-C reaches the whole
+process group) is not forwarded to it a second time. Outside a supervised child,
+:data:`where` is a scratch buffer and every function here does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "BLOCK_BYTES",
+    "QUARANTINE_ENV",
+    "SUPERVISOR_ENV",
+    "announce",
+    "attach",
+    "heartbeat",
+    "quarantined",
+    "report_outcome",
+    "where",
+]
+
+SUPERVISOR_ENV = "BZ_SUPERVISOR"
+"""Set by the supervisor for its child: ``<block fd>,<wake-up fd>,<supervisor pid>``."""
+
+QUARANTINE_ENV = "BZ_SUPERVISOR_QUARANTINE"
+"""Set by the supervisor for a restarted child: a JSON list of the plugins to leave out,
+each ``{"plugin", "hook", "error"}``: the hook it died in and how."""
+
+BLOCK_BYTES = 1 << 16
+"""The shared block: 16 int32 slots, then the announced names (length-prefixed JSON)."""
+
+PLUGIN, HOOK, OUTCOME, NAMES_LENGTH, BEAT, TIMEOUT_MS = 0, 1, 2, 3, 4, 5
+"""Slots of the block's int32 view: the plugin number (1-based, 0: none) and hook
+number (1-based) running now, the exit code + 1 once finished (0: not finished), the
+length of the names' JSON, the ``plugin_timeout`` watchdog's heartbeat and its timeout
+in milliseconds (0: not watching)."""
+NAMES_OFFSET = 64
+"""Where the names' JSON starts (bytes)."""
+
+TORCH_HOOK = 0xFFFF
+"""The hook number of a torch hook a plugin registered (a forward, backward or
+optimizer hook, run inside the plugin's boundary)."""
+
+where = memoryview(bytearray(NAMES_OFFSET)).cast("i")
+"""The block's int32 view in a supervised child; elsewhere a scratch buffer, so that the
+sandbox's two stores per hook call need no test."""
+
+_block: mmap.mmap | None = None
+
+
+def attach() -> bool:
+    """In the child of a supervised ``bz train``: map the shared block, die with the
+    supervisor, report received signals to it. False when not supervised."""
+    global where, _block
+    given = os.environ.get(SUPERVISOR_ENV)
+    if not given or _block is not None:
+        return _block is not None
+    block_fd, wake_fd, parent = (int(part) for part in given.split(","))
+    _die_with_parent(parent)
+    _block = mmap.mmap(block_fd, BLOCK_BYTES)
+    where = memoryview(_block).cast("i")
+    os.set_blocking(wake_fd, False)
+    with contextlib.suppress(ValueError):  # only the main thread may set it
+        signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+    return True
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the supervisor dies (Linux); gone already: exit now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before the line above
+        os._exit(1)
+
+
+def announce(plugins: Sequence[str], hooks: Sequence[str]) -> None:
+    """Tell the supervisor the names behind the plugin and hook numbers."""
+    if _block is None:
+        return
+    data = json.dumps({"plugins": list(plugins), "hooks": list(hooks)}).encode()
+    data = data[: BLOCK_BYTES - NAMES_OFFSET]
+    _block[NAMES_OFFSET : NAMES_OFFSET + len(data)] = data
+    where[NAMES_LENGTH] = len(data)
+
+
+def heartbeat(seconds: float | None) -> None:
+    """From ``plugin_timeout``'s watchdog thread, about once a second while it watches
+    (None: it stopped). A heartbeat that stops while a plugin's hook runs means native
+    code holds the interpreter there: the supervisor ends the process after the timeout
+    and the watchdog's own escalation have had their time."""
+    if _block is None:
+        return
+    where[TIMEOUT_MS] = 0 if seconds is None else max(1, int(seconds * 1000))
+    where[BEAT] = (where[BEAT] + 1) & 0x3FFFFFFF
+
+
+def report_outcome(code: object) -> None:
+    """The command finished (``sys.exit(code)``'s code): the supervisor exits with it."""
+    if _block is None:
+        return
+    number = code if isinstance(code, int) else (0 if code is None else 1)
+    where[PLUGIN] = 0
+    where[OUTCOME] = number + 1
+
+
+def quarantined() -> list[dict[str, Any]]:
+    """The plugins the supervisor restarted this child without (see :data:`QUARANTINE_ENV`)."""
+    given = os.environ.get(QUARANTINE_ENV)
+    if not given or _block is None:
+        return []
+    try:
+        entries = json.loads(given)
+    except json.JSONDecodeError:
+        return []
+    return [entry for entry in entries if isinstance(entry, dict) and "plugin" in entry]

@@ -1,0 +1,443 @@
+"""Plugins in a process of their own: ``"isolation": "process"`` (the training side).
+
+A plugin listed with ``"isolation": "process"`` is created in a fresh Python process
+(:mod:`bz.plugins._isolated_child`, started with ``python -m``: never a fork of a
+process that holds torch's threads), from its entry point and options, by the same
+loader ``bz train`` uses. The training process holds an :class:`IsolatedPlugin` in its
+place: a proxy implementing the same hooks, run by the sandbox like any plugin. At each
+hook the proxy sends the child a snapshot of the context's plain values (counters,
+losses, metrics, learning rates, ``extra``'s plain entries, ``run_dir``), never the
+model, the optimizer, the batch or a tensor; the child shows them to the plugin and
+sends back what the plugin changed through the guide's channels (``extra``,
+``should_stop_training``, new metric entries).
+
+How the training process waits on it:
+
+* **Batch-level hooks** (``start_training_batch`` ... ``end_validation_batch``) never
+  wait. The snapshot is posted and the step goes on. At most :data:`QUEUE_LIMIT`
+  messages (and :data:`BYTES_LIMIT` bytes) are on their way to the child; a batch-level
+  snapshot that finds the queue full is **dropped and counted** (the plugin never sees
+  that call; the count is logged as ``isolated_plugin_dropped`` when the session ends).
+  The loss, the gradient norm and the learning rates are read to the host for it only
+  in ``end_training_batch`` of the steps it declares with ``gradient_norm_every = N``
+  (what the built-in loggers set from ``step_interval``); elsewhere ``last_loss`` is None
+  in its batch hooks.
+* **Every other hook waits** for the child to finish every message sent before it and
+  then that hook, so ``extra`` and ``should_stop_training`` set there are exact. What a
+  batch-level hook sets takes effect at a later batch-level call of the proxy (it reads
+  the replies that arrived once :data:`READ_AT` messages are out), and at the latest at
+  ``end_epoch`` (the proxy always waits there).
+* ``state_dict`` / ``load_state_dict`` wait, like epoch-level hooks.
+
+Waiting is bounded by ``plugin_timeout``. Whatever ends the child (an exception in a
+hook, a segfault, ``os._exit``, a hang past the timeout) is the plugin's fault: the
+proxy ends the child and raises, and the sandbox quarantines it as it does any plugin.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import functools
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from bz._errors import ConfigError
+from bz._logging import get_logger
+from bz.plugins._faults import PluginFailure, PluginFault
+from bz.plugins._hooks import HOOKS
+from bz.plugins._run_dir import run_dir_hint
+from bz.plugins._scalars import GRADIENT_NORM_ATTRIBUTE
+from bz.plugins._snapshot import COUNTERS, epoch_values, plain_entries, source_of, step_values
+
+if TYPE_CHECKING:
+    from bz.config import PluginSpec, RunConfig
+    from bz.plugins._context import PluginContext
+    from bz.plugins._faults import ErrorPolicy
+
+ISOLATION_KEY = "isolation"
+"""The framework key of a plugin's options mapping (like ``enabled``)."""
+IN_PROCESS = "in-process"
+PROCESS = "process"
+ISOLATIONS = (IN_PROCESS, PROCESS)
+"""Its values; ``in-process`` is the default."""
+
+NEEDS_TRAINING_PROCESS = "needs_training_process"
+"""A plugin attribute: true (or a string saying why) when the plugin must run in the
+training process (it reads or changes the model, the optimizer, tensors, or measures the
+training process itself); ``"isolation": "process"`` refuses such a plugin."""
+
+QUEUE_LIMIT = 64
+"""Batch-level messages on their way to a process plugin at most (then: dropped)."""
+BYTES_LIMIT = 64 * 1024
+"""Bytes of messages on their way at most (below a socket's buffer: a send never blocks)."""
+READ_AT = 8
+"""Batch-level calls read the replies that arrived once this many messages are out."""
+START_TIMEOUT_S = 120.0
+"""How long the child may take to import and create the plugin (without plugin_timeout)."""
+
+PER_BATCH = frozenset(spec.name for spec in HOOKS if spec.per_batch)
+SYNC_HOOKS = ("end_epoch", "end_training_session")
+"""Hooks every proxy implements: where replies of batch-level hooks are waited for."""
+
+_log = get_logger("bz")
+
+
+class IsolatedPluginError(Exception):
+    """What a plugin in its own process did: raised in a hook, ended its process, or did
+    not answer within ``plugin_timeout``."""
+
+
+def isolation_of(options: Mapping[str, Any], path: str) -> str:
+    """The ``isolation`` a plugin's options ask for; a :class:`ConfigError` if unknown."""
+    value = options.get(ISOLATION_KEY, IN_PROCESS)
+    if value not in ISOLATIONS:
+        raise ConfigError(
+            [
+                (
+                    f"{path}.{ISOLATION_KEY}",
+                    f'expected "{IN_PROCESS}" or "{PROCESS}", got {json.dumps(value)}',
+                )
+            ]
+        )
+    return str(value)
+
+
+def without_isolation(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a plugin itself reads (the framework's ``isolation`` key removed)."""
+    return {key: value for key, value in options.items() if key != ISOLATION_KEY}
+
+
+# -- the channel ----------------------------------------------------------------------------
+
+
+_CHILDREN: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _end_children() -> None:
+    # A child left running (a run that failed before end_training_session) ends with
+    # the training process.
+    for process in list(_CHILDREN):
+        with contextlib.suppress(Exception):
+            process.kill()
+            process.wait(timeout=5)
+
+
+class _Channel:
+    """The socket to one child, with the messages on their way (bounded)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], connection: Connection) -> None:
+        self.process = process
+        self.connection = connection
+        self.in_flight: collections.deque[int] = collections.deque()
+        self.bytes = 0
+        self.closed = False
+
+    def post(self, message: object, limit: bool) -> bool:
+        """Send ``message``; with ``limit``, only if the queue has room (else False)."""
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        size = len(data)
+        if limit and (len(self.in_flight) >= QUEUE_LIMIT or self.bytes + size > BYTES_LIMIT):
+            return False
+        try:
+            self.connection.send_bytes(data)
+        except OSError as exc:
+            raise IsolatedPluginError(self.ended()) from exc
+        self.in_flight.append(size)
+        self.bytes += size
+        return True
+
+    def ready(self) -> bool:
+        """Whether a reply (or the child's end) can be read without waiting; asked only
+        once :data:`READ_AT` messages are on their way (each question is a system call)."""
+        return len(self.in_flight) >= READ_AT and self.connection.poll(0)
+
+    def receive(self, deadline: float | None, waiting_for: str) -> Any:
+        """The next reply, waiting until ``deadline`` (``time.monotonic``) at most."""
+        connection = self.connection
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not connection.poll(remaining):
+            raise IsolatedPluginError(f"{waiting_for} did not answer within plugin_timeout")
+        try:
+            reply = pickle.loads(connection.recv_bytes())
+        except (EOFError, OSError) as exc:
+            raise IsolatedPluginError(self.ended()) from exc
+        self.bytes -= self.in_flight.popleft()
+        return reply
+
+    def ended(self) -> str:
+        """How the child ended (it has, or is ending now)."""
+        try:
+            code = self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return "its process stopped answering"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"its process was killed by {signal.Signals(-code).name}"
+        return f"its process exited with code {code}"
+
+    def close(self, kill: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if kill:
+            with contextlib.suppress(Exception):
+                self.process.kill()
+        with contextlib.suppress(Exception):
+            self.process.wait(timeout=10)
+        with contextlib.suppress(Exception):
+            self.process.kill()
+            self.process.wait(timeout=5)
+        self.connection.close()
+        _CHILDREN.discard(self.process)
+
+
+def _spawn() -> _Channel:
+    ours, theirs = socket.socketpair()
+    command = [sys.executable, "-m", "bz.plugins._isolated_child", str(theirs.fileno())]
+    # A session of its own: Ctrl-C at the terminal and signals to the training process's
+    # group reach training, which decides; the child ends with it (see the child).
+    process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
+    theirs.close()
+    _CHILDREN.add(process)
+    return _Channel(process, Connection(ours.detach()))
+
+
+def _log_format() -> str | None:
+    """How bz's events are rendered in this process (the child renders its own alike)."""
+    import structlog
+
+    processors = structlog.get_config().get("processors", [])
+    names = {type(processor).__name__ for processor in processors}
+    if "JSONRenderer" in names:
+        return "json"
+    if "ConsoleRenderer" in names:
+        return "console"
+    return None
+
+
+# -- starting one ---------------------------------------------------------------------------
+
+
+def start_isolated(
+    spec: PluginSpec,
+    path: str,
+    run_config: RunConfig,
+    policy: ErrorPolicy,
+    faults: list[PluginFault],
+    registry: Mapping[str, object],
+) -> IsolatedPlugin | None:
+    """Create plugin ``name`` in a process of its own and return its proxy.
+
+    Bad options are a :class:`ConfigError`, as in process; a plugin that declares it
+    needs the training process (:data:`NEEDS_TRAINING_PROCESS`) is one too. Faults while
+    importing or creating it follow ``policy`` (appended to ``faults`` and None, or a
+    :class:`PluginFailure`).
+    """
+    name, options = spec.name, spec.options
+    if name in registry:  # a factory given in code: the child cannot import it
+        raise ConfigError([(path, f'"isolation": "{PROCESS}" needs an installed plugin')])
+    timeout = run_config.plugin_timeout
+    deadline = time.monotonic() + (timeout if timeout is not None else START_TIMEOUT_S)
+    channel = _spawn()
+    start = {
+        "name": name,
+        "options": without_isolation(options),
+        "path": path,
+        "run_config": run_config,
+        "sys_path": list(sys.path),
+        "parent": os.getpid(),
+        "run_dir_hint": run_dir_hint.get(),
+        "log_format": _log_format(),
+    }
+    try:
+        channel.post(("start", start), limit=False)
+        kind, payload = channel.receive(deadline, f"plugin {name!r} (starting)")
+    except IsolatedPluginError as exc:
+        channel.close(kill=True)
+        kind, payload = "fault", ("create", f"IsolatedPluginError: {exc}")
+    if kind == "ready":
+        refusal = payload.get(NEEDS_TRAINING_PROCESS)
+        if refusal:
+            channel.close(kill=True)
+            reason = f": {refusal}" if isinstance(refusal, str) else ""
+            raise ConfigError(
+                [
+                    (
+                        f"{path}.{ISOLATION_KEY}",
+                        f'plugin {name!r} cannot run with "isolation": "{PROCESS}"; it '
+                        f"needs the training process{reason}",
+                    )
+                ]
+            )
+        proxy_class = StatefulIsolatedPlugin if payload["stateful"] else IsolatedPlugin
+        return proxy_class(name, payload, channel, timeout)
+    channel.close(kill=kind != "closed")
+    if kind == "config_error":
+        raise ConfigError([tuple(problem) for problem in payload])
+    if kind == "faults":
+        # The child logged them (with their tracebacks) as in-process loading does.
+        for stage, error in payload:
+            fault = PluginFault(name, stage, error)
+            if policy == "raise":
+                raise PluginFailure(fault.describe())
+            faults.append(fault)
+        return None
+    stage, error = payload
+    fault = PluginFault(name, stage, error)
+    if policy == "raise":
+        raise PluginFailure(fault.describe())
+    faults.append(fault)
+    _log.error("plugin_failed", plugin=name, hook=stage, error=error)
+    return None
+
+
+# -- the proxy ------------------------------------------------------------------------------
+
+
+class IsolatedPlugin:
+    """The training process's side of a plugin that runs in its own process."""
+
+    def __init__(
+        self, name: str, info: Mapping[str, Any], channel: _Channel, timeout: float | None
+    ) -> None:
+        self.name = name
+        self._channel = channel
+        self._timeout = timeout
+        self._hooks = frozenset(info["hooks"])
+        self._state: Any = None
+        self.dropped = 0
+        """Batch-level calls dropped because the queue was full."""
+        self._last_step = -1
+        if info.get("order") is not None:
+            self.order = info["order"]
+        if info.get("every_rank") is True:
+            self.every_rank = True
+        every = info.get(GRADIENT_NORM_ATTRIBUTE)
+        self._values_every = every if isinstance(every, int) and every >= 1 else 0
+        if self._values_every:
+            setattr(self, GRADIENT_NORM_ATTRIBUTE, every)
+        for hook in {*self._hooks, *SYNC_HOOKS}:
+            call = self._post if hook in PER_BATCH else self._ask
+            setattr(self, hook, functools.partial(call, hook))
+
+    # -- batch level: never waits --------------------------------------------------------
+
+    def _post(self, hook: str, context: PluginContext) -> None:
+        channel = self._channel
+        if channel.closed:
+            raise IsolatedPluginError("its process has ended")
+        while channel.ready():
+            self._apply(channel.receive(None, hook), context)
+        source = source_of(context)
+        fields = source.__dict__
+        snapshot = {field: fields[field] for field in COUNTERS}
+        snapshot["extra"] = plain_entries(source.extra)
+        if hook == "end_training_batch" and self._values_every:
+            step = source.global_step
+            if step != self._last_step:
+                self._last_step = step
+                if step % self._values_every == 0:
+                    snapshot.update(step_values(source))
+        if not channel.post(("hook", hook, snapshot), limit=True):
+            self.dropped += 1
+
+    # -- everything else: waits ----------------------------------------------------------
+
+    def _ask(self, hook: str, context: PluginContext) -> None:
+        source = source_of(context)
+        self._last_step = source.global_step
+        snapshot = {field: source.__dict__[field] for field in COUNTERS}
+        snapshot.update(epoch_values(source))
+        self._request(("hook", hook, snapshot), hook, context)
+        if hook == "end_training_session":
+            self._finish(context)
+
+    def _request(self, message: object, what: str, context: PluginContext | None) -> Any:
+        channel = self._channel
+        if channel.closed:
+            raise IsolatedPluginError("its process has ended")
+        timeout = self._timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while channel.in_flight:  # what batch-level hooks sent first
+                self._apply(channel.receive(deadline, what), context)
+            channel.post(message, limit=False)
+            return self._apply(channel.receive(deadline, what), context)
+        except BaseException:  # a fault, the watchdog's interruption, Ctrl-C: it ends here
+            channel.close(kill=True)
+            raise
+
+    def _apply(self, reply: Any, context: PluginContext | None) -> Any:
+        kind, payload = reply
+        if kind == "fault":
+            hook, error = payload
+            raise IsolatedPluginError(f"in {hook}: {error}")
+        if kind != "changes" or context is None:
+            return payload
+        extra, removed, stop, metrics = payload
+        if extra or removed:
+            table = context.extra
+            table.update(extra)
+            for key in removed:
+                table.pop(key, None)
+        if stop is not None:
+            context.should_stop_training = stop
+        for field, entries in metrics.items():
+            getattr(context, field).update(entries)
+        return None
+
+    def _finish(self, context: PluginContext) -> None:
+        self._state = self._request(("close",), "close", None)
+        self._channel.close(kill=False)
+        if self.dropped:
+            _log.warning(
+                "isolated_plugin_dropped",
+                plugin=self.name,
+                dropped=self.dropped,
+                hint=f"its queue ({QUEUE_LIMIT} messages) was full: it did not see "
+                "these batch-level calls",
+            )
+
+
+class StatefulIsolatedPlugin(IsolatedPlugin):
+    """A process plugin with ``state_dict`` / ``load_state_dict``: through the channel."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plugin's state, asked of its process (after every hook sent before)."""
+        if self._channel.closed and self._state is not None:
+            state: dict[str, Any] = self._state  # its last state, sent as it closed
+            return state
+        fresh: dict[str, Any] = self._request(("state_dict",), "state_dict", None)
+        return fresh
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Hand ``state`` to the plugin in its process."""
+        self._request(("load_state_dict", dict(state)), "load_state_dict", None)
+
+
+__all__ = [
+    "IN_PROCESS",
+    "ISOLATIONS",
+    "ISOLATION_KEY",
+    "NEEDS_TRAINING_PROCESS",
+    "PROCESS",
+    "QUEUE_LIMIT",
+    "IsolatedPlugin",
+    "IsolatedPluginError",
+    "StatefulIsolatedPlugin",
+    "isolation_of",
+    "start_isolated",
+    "without_isolation",
+]
