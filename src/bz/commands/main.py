@@ -30,8 +30,9 @@ from bz.commands.options import (
 )
 from bz.commands.report import report_command
 from bz.commands.schema import config_schema
-from bz.commands.train import check_config, train, validate
+from bz.commands.train import train
 from bz.commands.tune import tune_command
+from bz.commands.verify import check_config, validate
 
 __all__ = ["cli", "main"]
 

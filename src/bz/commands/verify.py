@@ -1,0 +1,156 @@
+"""``bz validate`` and ``bz check-config``: a run or a config looked at without training.
+
+``validate`` calls :func:`bz._run.validate` (the loop's own validation pass) and prints its
+report; ``check-config`` runs the loader's checks without creating any plugin. Exit codes
+are the group's (see :mod:`bz.commands.main`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from bz._errors import ConfigError, UsageError
+from bz.commands.options import config_option, traceback_option
+
+__all__ = ["check_config", "validate"]
+
+
+# -- validate ----------------------------------------------------------------------------
+
+
+@click.command()
+@config_option
+@click.option(
+    "--checkpoint",
+    "checkpoint_path",
+    type=click.Path(exists=True),  # a sharded checkpoint is a folder
+    help="Checkpoint (a file, or a sharded checkpoint's folder) or model.pt to evaluate "
+    "(default: the run's model.pt when it finished, else its newest checkpoint).",
+)
+@click.option(
+    "--best",
+    is_flag=True,
+    help="Evaluate the checkpoint `keep_best` ranks first (by its monitored value).",
+)
+@click.option("--device", help="Override `device` (auto, cpu, cuda, cuda:N, mps).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def validate(
+    config_path: str | None,
+    checkpoint_path: str | None,
+    best: bool,
+    device: str | None,
+    as_json: bool,
+) -> None:
+    """Evaluate a trained run on the validation data: loss and configured metrics.
+
+    A finished run is evaluated as it ended (its model.pt, with early stopping's best
+    weights if they were restored); an unfinished one from its newest checkpoint. Under
+    ema's validate_with_ema, on the average the run's validation used.
+    """
+    from bz import _logging
+    from bz._run import validate as run_validation
+
+    # Warnings (a damaged checkpoint skipped) go to stderr; stdout holds the report.
+    _logging.configure("console", "warning", stream=sys.stderr)
+    overrides = {"device": device} if device is not None else None
+    if best and checkpoint_path is not None:
+        raise UsageError("--best and --checkpoint name two checkpoints: give one of them")
+    path, payload, result = run_validation(
+        config_path, checkpoint=checkpoint_path, overrides=overrides, best=best
+    )
+    report: dict[str, Any] = {
+        "checkpoint": str(path),
+        "epoch": payload["epoch"],
+        "batch": payload.get("batch", 0),
+        "step": payload["global_step"],
+        "batches": result.batches,
+        "weights": result.weights,
+        "validation_loss": result.loss,
+        "metrics": result.metrics,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    batch = payload.get("batch", 0)
+    batches = f" + {batch} batches" if batch else ""
+    where = f"epoch {payload['epoch']}{batches}, step {payload['global_step']}"
+    click.echo(f"checkpoint       {path} ({where})")
+    if result.weights == "ema":
+        click.echo("weights          ema's average (validate_with_ema), as the run validated")
+    click.echo(f"validation_loss  {result.loss:.6g}")
+    for name, value in result.metrics.items():
+        click.echo(f"{name:<16} {value:.6g}")
+
+
+# -- check-config ------------------------------------------------------------------------
+
+
+@click.command("check-config")
+@config_option
+@traceback_option("Print the traceback of each plugin that cannot be imported or configured.")
+def check_config(config_path: str | None, show_traceback: bool) -> None:
+    """Validate bzconfig.json, including every plugin's and metric's options.
+
+    Plugins are imported and their options checked, but none is created (creating one
+    may open files or connections). Exits 2 when train_script is missing or a listed
+    plugin cannot be imported or configured (one line each on stderr).
+    """
+    import structlog
+
+    from bz.config import find_config_file, load_config
+    from bz.metrics import build_metrics
+    from bz.plugins._loader import check_plugin_options
+    from bz.plugins._names import check_monitors
+    from bz.training.checkpoint.best import check_monitor
+
+    file = find_config_file(config_path)
+    config = load_config(file)
+    script = file.resolve().parent / config.train_script
+    try:
+        metrics = build_metrics(config.metrics)
+        # The faults are reported here, once each, not as plugin_failed events too.
+        with structlog.testing.capture_logs():
+            options, faults = check_plugin_options(config.plugins, config)
+    except ConfigError as exc:
+        raise exc.with_source(str(file)) from None
+    if faults:
+        for fault in faults:
+            if show_traceback and fault.cause is not None:
+                traceback.print_exception(fault.cause, file=sys.stderr)
+        raise UsageError("\n".join(f"{file}: {fault.describe()}" for fault in faults))
+    if not script.is_file():
+        raise UsageError(
+            f"{file}: train_script: {script} does not exist (bz looks for train.py next to "
+            "bzconfig.json; set train_script or run `bz init`)"
+        )
+    # train.py's setup may add metrics of its own, and decides whether there is
+    # validation data, which only `bz train` knows: a watched name that none of the
+    # config's metrics gives is reported, as `bz train` would refuse it, but not fatal.
+    for check in (
+        functools.partial(check_monitors, _Configured.all(options), metrics),
+        functools.partial(check_monitor, config.keep_best, metrics, validates=True),
+    ):
+        try:
+            check()
+        except ConfigError as exc:
+            for line in exc.with_source(str(file)).render().splitlines():
+                click.echo(f"{line} (unless train.py's setup adds it)", err=True)
+    click.echo(f"{file}: OK ({len(options)} plugin(s), {len(config.metrics)} metric(s))")
+
+
+class _Configured:
+    """A plugin's checked options standing in for the plugin (check-config creates none)."""
+
+    def __init__(self, name: str, config: object) -> None:
+        self.name = name
+        self.config = config
+
+    @classmethod
+    def all(cls, options: dict[str, object]) -> list[_Configured]:
+        return [cls(name, config) for name, config in options.items()]
