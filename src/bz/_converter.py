@@ -157,27 +157,38 @@ def _is_array(annotation: Any) -> bool:
     return origin in (list, Sequence, MutableSequence)
 
 
-def _arrays_only(conv: cattrs.Converter) -> Callable[[Any], Callable[[Any, Any], Any]]:
-    """``tuple[X, ...]``, ``list[X]``, ``Sequence[X]`` from JSON arrays only: cattrs alone
-    would take any iterable, so ``"tags": "ab"`` became ``("a", "b")`` and an object
-    became its keys."""
+def _only(
+    accepted: type | tuple[type, ...],
+    noun: str,
+    build: Callable[[Any], Callable[[Any, Any], Any]],
+) -> Callable[[Any], Callable[[Any, Any], Any]]:
+    """A hook factory that hands ``build``'s hook only values of the ``accepted`` kinds;
+    anything else is ``expected <noun>, got <value>``."""
 
     def factory(annotation: Any) -> Callable[[Any, Any], Any]:
-        items: Callable[[Any, Any], Any] = (
-            cattrs.cols.homogenous_tuple_structure_factory(annotation, conv)
-            if typing.get_origin(annotation) is tuple
-            else cattrs.cols.list_structure_factory(annotation, conv)
-        )
+        inner = build(annotation)
 
         def hook(value: Any, kind: Any) -> Any:
-            # A tuple is what Python callers (and unstructure) may hand over.
-            if not isinstance(value, list | tuple):
-                raise TypeError(f"expected a list, got {quote_value(value)}")
-            return items(value, kind)
+            if not isinstance(value, accepted):
+                raise TypeError(f"expected {noun}, got {quote_value(value)}")
+            return inner(value, kind)
 
         return hook
 
     return factory
+
+
+def _arrays_only(conv: cattrs.Converter) -> Callable[[Any], Callable[[Any, Any], Any]]:
+    """``tuple[X, ...]``, ``list[X]``, ``Sequence[X]`` from JSON arrays only: cattrs alone
+    would take any iterable, so ``"tags": "ab"`` became ``("a", "b")`` and an object
+    became its keys. (A tuple is what Python callers, and unstructure, may hand over.)"""
+
+    def build(annotation: Any) -> Callable[[Any, Any], Any]:
+        if typing.get_origin(annotation) is tuple:
+            return cattrs.cols.homogenous_tuple_structure_factory(annotation, conv)
+        return cattrs.cols.list_structure_factory(annotation, conv)
+
+    return _only((list, tuple), "a list", build)
 
 
 def _mappings_only(conv: cattrs.Converter) -> Callable[[Any], Callable[[Any, Any], Any]]:
@@ -185,18 +196,11 @@ def _mappings_only(conv: cattrs.Converter) -> Callable[[Any], Callable[[Any, Any
     ``.items()`` on whatever it is given, so ``"tags": ["a"]`` raised AttributeError,
     which the loader took for a bug in the plugin (quarantined, exit 0) instead of a
     mistake in the file."""
-
-    def factory(annotation: Any) -> Callable[[Any, Any], Any]:
-        items: Callable[[Any, Any], Any] = cattrs.cols.mapping_structure_factory(annotation, conv)
-
-        def hook(value: Any, kind: Any) -> Any:
-            if not isinstance(value, Mapping):
-                raise TypeError(f"expected an object, got {quote_value(value)}")
-            return items(value, kind)
-
-        return hook
-
-    return factory
+    return _only(
+        Mapping,
+        "an object",
+        lambda annotation: cattrs.cols.mapping_structure_factory(annotation, conv),
+    )
 
 
 def _make_converter() -> cattrs.Converter:
