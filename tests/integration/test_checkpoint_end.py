@@ -60,6 +60,12 @@ def _start(folder: Path, *args: str, **faults: str) -> subprocess.Popen[str]:
     )
 
 
+def _parent(pid: int) -> int:
+    """The parent of process ``pid`` (from /proc: Linux)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 class Done:
     """A finished ``bz`` process: exit code, JSON events (stdout) and stderr."""
 
@@ -257,12 +263,15 @@ def test_a_second_bz_train_on_a_running_run_exits_2_naming_the_first(tmp_path: P
             assert first.poll() is None, first.communicate()
             time.sleep(0.05)
         in_flight = sorted(p.name for p in run_dir(folder).glob(".*.tmp"))
-        assert in_flight == [f".epoch-0001.pt.{first.pid}.tmp"]
+        # The training process writes (and holds the run): `bz train`'s supervised child.
+        (writing,) = [int(name.split(".")[-2]) for name in in_flight]
+        assert in_flight == [f".epoch-0001.pt.{writing}.tmp"]
+        assert _parent(writing) == first.pid
         second = bz(folder, "train").expect(2)
         (line,) = [line for line in second.stderr.splitlines() if line.startswith("bz:")]
         assert "Traceback" not in second.stderr
         assert line.startswith("bz: error: another bz process")
-        assert f"pid {first.pid} on {socket.gethostname()}" in line
+        assert f"pid {writing} on {socket.gethostname()}" in line
         assert sorted(p.name for p in run_dir(folder).glob(".*.tmp")) == in_flight
     finally:
         (folder / "release").touch()
