@@ -29,7 +29,10 @@ How the training process waits on it:
   ``end_epoch`` (the proxy always waits there).
 * ``state_dict`` / ``load_state_dict`` wait, like epoch-level hooks.
 
-Waiting is bounded by ``plugin_timeout``. Whatever ends the child (an exception in a
+Waiting is bounded by ``plugin_timeout``; start-up (a fresh interpreter importing and
+creating the plugin) is not a hook and has its own limit, :data:`START_TIMEOUT_S`, and
+the process plugins of a run start at the same time (:func:`isolated_starts`). Whatever
+ends the child (an exception in a
 hook, a segfault, ``os._exit``, a hang past the timeout) is the plugin's fault: the
 proxy ends the child and raises, and the sandbox quarantines it as it does any plugin.
 """
