@@ -256,9 +256,8 @@ def begin_isolated(
     spec: PluginSpec, path: str, run_config: RunConfig, registry: Mapping[str, object]
 ) -> Starting:
     """Start plugin ``spec.name``'s process and ask it to create the plugin, without
-    waiting for it: several process plugins import and start at the same time
-    (:func:`start_isolated` waits for each). A factory given in code cannot be imported
-    there: a :class:`ConfigError`."""
+    waiting (:func:`start_isolated` does): several start at the same time. A factory
+    given in code cannot be imported there: a :class:`ConfigError`."""
     if spec.name in registry:
         raise ConfigError([(path, f'"isolation": "{PROCESS}" needs an installed plugin')])
     channel = _spawn()
