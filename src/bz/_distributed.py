@@ -144,8 +144,8 @@ def _stop_with_launcher() -> None:
         signal.raise_signal(signal.SIGTERM)
 
 
-def leave(created: bool, *, wait_for_all: bool = False) -> None:
-    """Destroy the process group if :func:`join` created it.
+def leave(created: bool, *, wait_for_all: bool = False) -> bool:
+    """Destroy the process group if :func:`join` created it; True when it did.
 
     ``wait_for_all`` (a run that finished): first meet the other processes, so that none
     tears its group down while another still works with it (rank 0 writes the final
@@ -154,11 +154,12 @@ def leave(created: bool, *, wait_for_all: bool = False) -> None:
     closes that window. After a failure the others may be gone: no meeting then.
     """
     if not (created and dist.is_initialized()):
-        return
+        return False
     if wait_for_all:
         with contextlib.suppress(RuntimeError):  # a peer gone: nothing left to wait for
             dist.barrier()
     dist.destroy_process_group()
+    return True
 
 
 # -- data ------------------------------------------------------------------------------
