@@ -149,9 +149,9 @@ def leave(created: bool, *, wait_for_all: bool = False) -> bool:
 
     ``wait_for_all`` (a run that finished): first meet the other processes, so that none
     tears its group down while another still works with it (rank 0 writes the final
-    weights last). Once in about twenty FSDP runs, a rank that left first aborted at exit
-    (SIGABRT, gloo's "terminate called without an active exception"); meeting first
-    closes that window. After a failure the others may be gone: no meeting then.
+    weights last). After a failure the others may be gone: no meeting then. Groups that
+    something else still holds (FSDP's mesh) outlive this call; the loop lets go of them
+    (``fsdp.release_groups``), else gloo's threads would be joined at interpreter exit.
     """
     if not (created and dist.is_initialized()):
         return False
