@@ -18,6 +18,9 @@ from tests._support import TINY_TRAIN_PY
 # CI machine, and a timing failure says nothing about the contract under test. A
 # failure prints the blob that reproduces it.
 settings.register_profile("bz", deadline=None, print_blob=True)
+# `make quick` (--hypothesis-profile=quick): every property on a fifth of its examples
+# (tests/_examples.py scales the counts the tests name); `make check` runs them all.
+settings.register_profile("quick", parent=settings.get_profile("bz"), max_examples=20)
 settings.load_profile("bz")
 
 
