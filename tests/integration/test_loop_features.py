@@ -492,6 +492,7 @@ def test_validation_every_n_steps_reads_only_per_validation() -> None:
 # -- --smoke -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # bz train --smoke in its own process
 def test_smoke_runs_one_batch_each_way_and_writes_nothing(tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
