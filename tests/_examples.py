@@ -17,7 +17,7 @@ FULL = 100
 
 def examples(full: int) -> int:
     """``full`` scaled by the loaded profile's ``max_examples`` against :data:`FULL`."""
-    loaded = settings.default.max_examples
+    loaded = settings().max_examples  # a fresh settings object inherits the loaded profile
     if loaded >= FULL:
         return full
     return max(5, full * loaded // FULL)
