@@ -245,7 +245,7 @@ _STOPPING_OPTIONS = st.fixed_dictionaries(
 
 
 @given(ema=_EMA_OPTIONS, stopping=_STOPPING_OPTIONS, ema_first=st.booleans())
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_validating_the_average_and_restoring_best_weights_is_one_config_error(
     ema: dict[str, bool], stopping: dict[str, bool], ema_first: bool
 ) -> None:
