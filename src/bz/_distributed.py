@@ -144,21 +144,22 @@ def _stop_with_launcher() -> None:
         signal.raise_signal(signal.SIGTERM)
 
 
-def leave(created: bool, *, wait_for_all: bool = False) -> None:
-    """Destroy the process group if :func:`join` created it.
+def leave(created: bool, *, wait_for_all: bool = False) -> bool:
+    """Destroy the process group if :func:`join` created it; True when it did.
 
     ``wait_for_all`` (a run that finished): first meet the other processes, so that none
     tears its group down while another still works with it (rank 0 writes the final
-    weights last). Once in about twenty FSDP runs, a rank that left first aborted at exit
-    (SIGABRT, gloo's "terminate called without an active exception"); meeting first
-    closes that window. After a failure the others may be gone: no meeting then.
+    weights last). After a failure the others may be gone: no meeting then. Groups that
+    something else still holds (FSDP's mesh) outlive this call; the loop lets go of them
+    (``fsdp.release_groups``), else gloo's threads would be joined at interpreter exit.
     """
     if not (created and dist.is_initialized()):
-        return
+        return False
     if wait_for_all:
         with contextlib.suppress(RuntimeError):  # a peer gone: nothing left to wait for
             dist.barrier()
     dist.destroy_process_group()
+    return True
 
 
 # -- data ------------------------------------------------------------------------------

@@ -68,12 +68,21 @@ KILL_IN_BACKGROUND_WRITE = textwrap.dedent(
 
 PROBE = textwrap.dedent(
     """
+    import atexit
     import json
     import os
     import signal
     from pathlib import Path
 
     from bz.training.fsdp import local_parameter_bytes
+
+
+    def _threads_at_exit(path):
+        # Run when the interpreter starts shutting down: the names of this process's
+        # threads (gloo names its own), which must all be joined by then.
+        tasks = Path("/proc/self/task")
+        names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+        path.write_text(json.dumps(sorted(names)))
 
 
     class FsdpProbe:
@@ -84,6 +93,8 @@ PROBE = textwrap.dedent(
             full = sum(p.numel() * p.element_size() for p in context.model.parameters())
             local = local_parameter_bytes(context.model)
             Path(f"storage-{context.rank}.json").write_text(json.dumps([local, full]))
+            if os.environ.get("THREADS_AT_EXIT"):
+                atexit.register(_threads_at_exit, Path(f"threads-{context.rank}.json").resolve())
 
         def end_training_batch(self, context):
             # SIGTERM from outside (a scheduler's), once, after step 6: to the launcher,
@@ -249,6 +260,26 @@ def test_ema_averages_like_ddp_and_validates_on_the_average(tmp_path: Path) -> N
         assert got == pytest.approx(expected["validation_loss"], rel=1e-5)
     for key, value in ddp_model.items():
         torch.testing.assert_close(fsdp_model[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names in /proc")
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_no_gloo_thread_outlives_the_run_into_interpreter_shutdown(
+    tmp_path: Path, strategy: str
+) -> None:
+    # A gloo group still alive at shutdown joins its worker threads there; one that still
+    # had a finished collective's tensors to free aborted the process (SIGABRT, "terminate
+    # called without an active exception"), now and then, after a successful run.
+    env = make_project(
+        tmp_path, distributed={"strategy": strategy}, checkpoint_every_steps=None, epochs=1
+    )
+    env["THREADS_AT_EXIT"] = "1"
+    done, _ = train(tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    for rank in (0, 1):
+        names = json.loads((tmp_path / f"threads-{rank}.json").read_text())
+        assert [name for name in names if "gloo" in name] == [], (rank, names)
 
 
 @pytest.mark.slow

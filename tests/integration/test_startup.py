@@ -96,6 +96,7 @@ def test_importing_bz_is_silent_unconfigured_and_torch_free(module: str) -> None
     }
 
 
+@pytest.mark.slow  # bz train in its own process
 def test_torch_arrives_only_when_training_does() -> None:
     done = _python(
         """

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests._config_strategies import json_values
+from tests._examples import examples
 from tests._fault_support import fit_resumable
 from tests._support import assert_same_weights, tiny_setup, weights
 
@@ -210,7 +211,7 @@ def test_the_decay_never_exceeds_the_option_and_grows_with_updates(
     key=st.sampled_from(["decay", "every_n_steps", "warmup", "validate_with_ema", "apply_at_end"]),
     value=json_values,
 )
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_options_are_accepted_exactly_within_their_bounds(key: str, value: Any) -> None:
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     expected = {
@@ -244,7 +245,7 @@ _STOPPING_OPTIONS = st.fixed_dictionaries(
 
 
 @given(ema=_EMA_OPTIONS, stopping=_STOPPING_OPTIONS, ema_first=st.booleans())
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_validating_the_average_and_restoring_best_weights_is_one_config_error(
     ema: dict[str, bool], stopping: dict[str, bool], ema_first: bool
 ) -> None:

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -122,11 +122,12 @@ def shard_model(
     config: FsdpConfig,
     precision: str,
     device: torch.device,
-) -> None:
+) -> DeviceMesh:
     """Apply ``fully_shard`` to the units, then to the root (in place), over every process.
 
     ``fully_shard`` replaces each parameter by a sharded one; ``train.py`` built the
     optimizer before, on the whole ones, so its groups are pointed at their shards.
+    Returns the device mesh the shards live on (see :func:`release_groups`).
     """
     names = {param: name for name, param in model.named_parameters()}
     world = torch.distributed.get_world_size()
@@ -149,6 +150,36 @@ def shard_model(
     if any(True for _ in model.buffers()):
         model.register_forward_hook(_broadcast_buffers)
     _repoint(optimizer, names, dict(model.named_parameters()))
+    return mesh
+
+
+def release_groups(model: torch.nn.Module, mesh: DeviceMesh) -> None:
+    """Let go of the process groups the sharded ``model`` and its ``mesh`` hold, once
+    ``destroy_process_group`` has destroyed them.
+
+    The mesh (named by every shard) and FSDP's per-unit mesh records keep the groups
+    alive as long as the model; ``destroy_process_group`` forgets them but cannot free
+    them. A gloo group freed only when the interpreter shuts down joins its worker
+    threads there, and a worker that still has a finished collective's tensors to
+    release needs the interpreter's lock for it: the interpreter ends that thread and
+    the C++ runtime aborts the process ("terminate called without an active
+    exception", SIGABRT). Freed here, the group joins its threads while the
+    interpreter still lets them finish.
+    """
+    registry = getattr(mesh, "_pg_registry", None)  # newer torch; older meshes keep names
+    if isinstance(registry, dict):
+        registry.clear()
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(state(), "_fsdp_param_group", None) if callable(state) else None
+        if group is None:
+            continue
+        holders = [group, *getattr(group, "fsdp_params", ())]
+        for holder in holders:
+            for name in ("mesh_info", "post_forward_mesh_info"):
+                info = getattr(holder, name, None)
+                if info is not None and hasattr(info, "shard_process_group"):
+                    info.shard_process_group = None
 
 
 def _broadcast_buffers(model: torch.nn.Module, args: Any, output: Any) -> None:

@@ -170,6 +170,8 @@ class Run(EpochLoop):
         self.interrupt = InterruptGuard(plugins.interrupt_running, plugins.keep_handlers)
         self.vote: InterruptVote | None = None
         self.owns_process_group = False
+        self.mesh: Any = None
+        """FSDP's device mesh (see ``fsdp.release_groups``); None otherwise."""
         self.accumulate = config.accumulate_grad_batches
         self.clip = config.gradient_clip
         self.context = PluginContext(
@@ -217,7 +219,7 @@ class Run(EpochLoop):
         if fsdp:
             # Sharded in place: the model is its own forward, and gathers what it needs.
             fsdp_config = config.distributed.fsdp
-            sharding.shard_model(
+            self.mesh = sharding.shard_model(
                 self.model, self.setup.optimizer, fsdp_config, config.precision, self.device
             )
             self.vote = InterruptVote(control_group(backend))
@@ -261,7 +263,9 @@ class Run(EpochLoop):
         group's destructor would join worker threads that need the GIL to free their
         last tensors: a deadlock at exit (5 runs in 37 on a loaded 2-core machine).
         Freed first, the reducer leaves the group to ``destroy_process_group``, which
-        releases the GIL while it waits.
+        releases the GIL while it waits. Under FSDP the device mesh and the background
+        writes' group keep groups too: let go of once they are destroyed, so that no gloo
+        thread is left for the interpreter's shutdown (``fsdp.release_groups``).
         """
         if self.forward is not self.model:
             wrapper = weakref.ref(self.forward)
@@ -271,7 +275,14 @@ class Run(EpochLoop):
             if wrapper() is not None:
                 gc.collect()
         self.vote = self.control.vote = None
-        leave(self.owns_process_group, wait_for_all=finished)
+        mesh, self.mesh = self.mesh, None
+        if leave(self.owns_process_group, wait_for_all=finished):
+            self.checkpoints.async_group = None
+            if mesh is not None:
+                from bz.training.fsdp import release_groups
+
+                release_groups(self.model, mesh)
+                gc.collect()  # a group kept by a reference cycle: its threads end now too
 
     def _fit(self) -> FitResult:
         started = time.perf_counter()
