@@ -233,3 +233,37 @@ def test_an_explicit_subclass_only_runs_the_hooks_it_defines() -> None:
     report = plugins.report()
     assert report[0].hooks == ("end_epoch",)
     assert not plugins.implements("end_training_batch")
+
+
+class Counting:
+    """Counts its own ``after_backward`` calls; raises in the ``fail_at``-th one."""
+
+    def __init__(self, name: str, fail_at: int = 0) -> None:
+        self.name, self.fail_at, self.called = name, fail_at, 0
+
+    def after_backward(self, context: PluginContext) -> None:
+        self.called += 1
+        if self.called == self.fail_at:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("policy", ["isolate", "raise"])
+def test_reported_calls_are_the_calls_made_when_a_round_ends_early(policy: str) -> None:
+    # Calls are counted per round, not per call: a round a fault ends early must not
+    # count the plugins after the faulty one, and a quarantined plugin stops counting.
+    from bz.plugins._sandbox import PluginSet
+
+    first, faulty, last = Counting("first"), Counting("faulty", fail_at=3), Counting("last")
+    plugins = PluginSet(
+        [(plugin, ("after_backward",)) for plugin in (first, faulty, last)],
+        policy=policy,  # type: ignore[arg-type]  # parametrized with valid policies
+    )
+    context = PluginContext()
+    for _ in range(40):
+        try:
+            plugins.call("after_backward", context)
+        except PluginFailure:
+            break
+    reported = {report.name: report.calls for report in plugins.report()}
+    assert reported == {"first": first.called, "faulty": 3, "last": last.called}
+    assert last.called == (40 if policy == "isolate" else 2)

@@ -74,9 +74,21 @@ _HOOK_NUMBERS = {name: number for number, name in enumerate(HOOK_NAMES, start=1)
 
 
 class _Slot:
-    """A plugin's bookkeeping: mutated in place on the hot path, so no allocation."""
+    """A plugin's bookkeeping: mutated in place on the slow paths only (see ``_Round``)."""
 
-    __slots__ = ("calls", "dormant", "fault", "hooks", "name", "number", "plugin", "seconds")
+    __slots__ = (
+        "calls",
+        "dormant",
+        "fault",
+        "hooks",
+        "name",
+        "number",
+        "plugin",
+        "sampled_calls",
+        "sampled_of",
+        "sampled_seconds",
+        "seconds",
+    )
 
     def __init__(
         self, name: str, plugin: NamedPlugin, hooks: tuple[str, ...], number: int = 0
@@ -87,10 +99,80 @@ class _Slot:
         self.plugin = plugin
         self.hooks = hooks
         self.calls = 0
+        """Calls so far, counted per round by ``_Round`` (added here when a round's table
+        is replaced or a report is made)."""
         self.seconds = 0.0
+        """Time in hooks every call of which is timed (all but the per-batch ones)."""
+        self.sampled_seconds = 0.0
+        """Time in the sampled calls of per-batch hooks (see ``_Round``)."""
+        self.sampled_calls = 0
+        """How many per-batch calls were timed."""
+        self.sampled_of = 0
+        """How many per-batch calls there were (flushed like ``calls``)."""
         self.fault: PluginFault | None = None
         self.dormant = False
         """True on ranks where the plugin does not run (see ``PluginSet.for_rank``)."""
+
+    def estimated_seconds(self, sampled_of: int) -> float:
+        """Exact time in the fully timed hooks plus the per-batch hooks' sampled time
+        scaled to all ``sampled_of`` per-batch calls."""
+        sampled = self.sampled_seconds
+        if self.sampled_calls:
+            sampled *= sampled_of / self.sampled_calls
+        return self.seconds + sampled
+
+
+class _Round:
+    """One hook's plugins, in call order, and its tallies: what a round costs is one
+    countdown, not a counter and a clock read per plugin.
+
+    Calls are counted per round (``done()`` rounds, each calling every entry). Rounds of
+    per-batch hooks are timed plugin by plugin once every ``interval`` rounds, the
+    interval drawn anew each time between 1 and ``2 * SAMPLE_EVERY - 1`` (mean
+    ``SAMPLE_EVERY``: irregular, so a plugin that works every k-th step is not always or
+    never timed) from a generator of the sandbox's own; rounds of all other hooks are
+    always timed.
+    """
+
+    __slots__ = ("countdown", "entries", "interval", "number", "rounds", "sampled", "seed")
+
+    def __init__(self, entries: tuple[_Entry, ...], number: int, sampled: bool) -> None:
+        self.entries = entries
+        self.number = number
+        """The hook's number, for the supervisor."""
+        self.sampled = sampled
+        self.rounds = 0
+        """Rounds in the intervals already ended."""
+        self.seed = number
+        self.interval = 1
+        self.countdown = 1
+        """Rounds left in this interval: the round that brings it to 0 is timed."""
+
+    def done(self) -> int:
+        """Rounds started so far."""
+        return self.rounds + self.interval - self.countdown
+
+    def next_interval(self) -> None:
+        """The timed round: start the next interval."""
+        self.rounds += self.interval
+        if self.sampled:
+            # A linear congruential generator of the sandbox's own: the fence keeps the
+            # global ones untouched, and this one must not disturb them either.
+            self.seed = seed = (self.seed * 1103515245 + 12345) & 0x7FFFFFFF
+            self.interval = 1 + (seed >> 16) % (2 * SAMPLE_EVERY - 1)
+        self.countdown = self.interval
+
+    def flush(self) -> None:
+        """Add the rounds counted here to the plugins' own counts (the table is replaced)."""
+        done = self.done()
+        for slot, _ in self.entries:
+            slot.calls += done
+            if self.sampled:
+                slot.sampled_of += done
+
+
+SAMPLE_EVERY = 16
+"""Per-batch hooks are timed plugin by plugin in about one round in this many."""
 
 
 T = TypeVar("T")
@@ -120,7 +202,7 @@ class PluginSet:
         self._where = _supervision.where
         """Which plugin and hook run now, for a supervising ``bz train`` (shared memory)."""
         self._load_faults = list(load_faults)
-        self._table: dict[str, tuple[_Entry, ...]] = {}
+        self._table: dict[str, _Round | None] = {}
         self.implemented: dict[str, bool] = {}
         """Per hook, whether an active plugin implements it: one dict for the set's life,
         kept current (the loop holds it and tests a hook before preparing its call)."""
@@ -133,7 +215,11 @@ class PluginSet:
         self._view: PluginContext = LoopView(PluginContext())
         self._watchdog = Watchdog()
         self._watchdog.boundaries = frozenset(
-            {PluginSet.call.__code__, PluginSet._run_torch_hook.__code__}
+            {
+                PluginSet._round.__code__,
+                PluginSet._timed_round.__code__,
+                PluginSet._run_torch_hook.__code__,
+            }
         )
         self._watchdog.give_up = give_up
         self._keeper = ProcessKeeper(self._watchdog)
@@ -169,12 +255,16 @@ class PluginSet:
         return self.implemented[hook]
 
     def _rebuild(self) -> None:
-        # Precomputed per hook: a hook nobody implements is an empty tuple, so calling
-        # it costs a dict lookup and nothing else.
-        # Hooks above the batch level also check bz's signal handlers around each call.
+        # Precomputed per hook: a hook nobody implements is None, so calling it costs a
+        # dict lookup and nothing else. Hooks above the batch level also check bz's
+        # signal handlers around each call. The rounds counted so far go to the plugins.
         keeper = self._keeper
-        self._table = {
-            hook: tuple(
+        for old in self._table.values():
+            if old is not None:
+                old.flush()
+        table: dict[str, _Round | None] = {}
+        for hook in HOOK_NAMES:
+            entries = tuple(
                 (
                     slot,
                     getattr(slot.plugin, hook)
@@ -184,9 +274,10 @@ class PluginSet:
                 for slot in self._slots
                 if slot.fault is None and not slot.dormant and hook in slot.hooks
             )
-            for hook in HOOK_NAMES
-        }
-        self.implemented.update((hook, bool(entries)) for hook, entries in self._table.items())
+            sampled = hook in _PER_BATCH
+            table[hook] = _Round(entries, _HOOK_NUMBERS[hook], sampled) if entries else None
+        self._table = table
+        self.implemented.update((hook, entries is not None) for hook, entries in table.items())
 
     # -- the hot path ----------------------------------------------------------------
 
@@ -194,11 +285,11 @@ class PluginSet:
         """Call ``hook`` on every active plugin that implements it, inside the boundary."""
         # Fast path, run several times per batch: a hook nobody implements returns after
         # one lookup. Otherwise: one random fence for the whole round (not per plugin),
-        # one clock read per plugin (each call's end is the next one's start) and
-        # nothing allocated but the fence's mark. Quarantine (the slow path) rebuilds
-        # the table, and the tuple held here keeps this round's order intact.
-        entries = self._table[hook]
-        if not entries:
+        # a countdown for the round's tallies (``_Round``), and per plugin two stores:
+        # which plugin runs, for the watchdog and for the supervisor. Quarantine (the
+        # slow path) rebuilds the table; the entries held here keep this round's order.
+        round_ = self._table[hook]
+        if round_ is None:
             return
         view = self._view if context is self._shown else self._view_for(context)
         fence = self._fence or self._new_fence()
@@ -208,31 +299,16 @@ class PluginSet:
         grad_mode = self._grad_mode
         grad = grad_mode is None or grad_mode()
         watchdog = self._watchdog
-        clock = _perf_counter
+        watchdog.round = mark  # a new object each round: tells calls of a plugin apart
         where = self._where
-        where[1] = _HOOK_NUMBERS[hook]
-        started = clock()
+        where[1] = round_.number
+        round_.countdown -= 1
         try:
-            for slot, method in entries:
-                slot.calls += 1
-                watchdog.since = started
-                try:
-                    # Inside the try: an interruption aimed at this plugin (timeout, a
-                    # second Ctrl-C) is caught here even if it lands on these lines.
-                    watchdog.running = slot
-                    where[0] = slot.number
-                    method(view)
-                    watchdog.running = None
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as exc:  # a plugin cannot end the process
-                    watchdog.running = None
-                    if is_verdict(exc):
-                        raise  # another plugin's torch hook failed inside this one's hook
-                    self._fail(slot, hook, exc, context)
-                finished = clock()
-                slot.seconds += finished - started
-                started = finished
+            if round_.countdown:
+                self._round(round_, hook, view, context, watchdog, where)
+            else:
+                round_.next_interval()
+                self._timed_round(round_, hook, view, context, watchdog, where)
         finally:
             watchdog.running = None
             where[0] = 0
@@ -243,6 +319,98 @@ class PluginSet:
             # reading it costs a microsecond, this test nothing.
             if self._autocast is not None:
                 self._put_back_autocast()
+
+    def _round(
+        self,
+        round_: _Round,
+        hook: str,
+        view: PluginContext,
+        context: PluginContext,
+        watchdog: Watchdog,
+        where: memoryview,
+    ) -> None:
+        # The whole loop sits inside the ``try``: an interruption aimed at a plugin (a
+        # timeout, a second Ctrl-C) is that plugin's wherever it lands, even between two
+        # calls (``watchdog.running`` still names the plugin it was aimed at); the loop
+        # then goes on from the next plugin (the iterator keeps its place).
+        remaining = iter(round_.entries)
+        while True:
+            try:
+                for slot, method in remaining:
+                    watchdog.running = slot
+                    where[0] = slot.number
+                    method(view)
+            except KeyboardInterrupt:
+                self._not_called(round_, watchdog.running)
+                raise
+            except BaseException as exc:  # a plugin cannot end the process
+                self._caught(round_, hook, exc, context)
+                continue
+            return
+
+    def _timed_round(
+        self,
+        round_: _Round,
+        hook: str,
+        view: PluginContext,
+        context: PluginContext,
+        watchdog: Watchdog,
+        where: memoryview,
+    ) -> None:
+        # ``_round`` with a clock read per plugin (each call's end is the next one's
+        # start): every round of most hooks, a sample of the per-batch hooks' rounds.
+        sampled, clock = round_.sampled, _perf_counter
+        remaining = iter(round_.entries)
+        started = clock()
+        while True:
+            try:
+                for slot, method in remaining:
+                    watchdog.running = slot
+                    where[0] = slot.number
+                    method(view)
+                    finished = clock()
+                    if sampled:
+                        slot.sampled_seconds += finished - started
+                        slot.sampled_calls += 1
+                    else:
+                        slot.seconds += finished - started
+                    started = finished
+            except KeyboardInterrupt:
+                self._not_called(round_, watchdog.running)
+                raise
+            except BaseException as exc:  # a plugin cannot end the process
+                self._caught(round_, hook, exc, context)
+                started = clock()
+                continue
+            return
+
+    def _caught(
+        self, round_: _Round, hook: str, exc: BaseException, context: PluginContext
+    ) -> None:
+        # What a plugin raised (or an interruption aimed at it): its fault. Raises on
+        # when the round must end here (a verdict, ``raise``, ``rewind``).
+        watchdog = self._watchdog
+        slot, watchdog.running = watchdog.running, None
+        if not isinstance(slot, _Slot) or is_verdict(exc):
+            # Another plugin's torch hook failed inside this one's hook (a verdict).
+            self._not_called(round_, slot)
+            raise exc
+        try:
+            self._fail(slot, hook, exc, context)
+        except BaseException:
+            self._not_called(round_, slot)
+            raise
+
+    def _not_called(self, round_: _Round, last: object) -> None:
+        # The round ends early, after ``last`` (None: before the first plugin): the
+        # plugins after it, counted with the round, were not called.
+        after = last is None
+        for slot, _ in round_.entries:
+            if after:
+                slot.calls -= 1
+                if round_.sampled:
+                    slot.sampled_of -= 1
+            after = after or slot is last
 
     def _view_for(self, context: PluginContext) -> PluginContext:
         # A new context (a new run, or a test's own): plugins see it through a read-only
@@ -312,7 +480,7 @@ class PluginSet:
         grad = grad_mode is None or grad_mode()
         started = _perf_counter()
         if outer is None:
-            watchdog.since = started
+            watchdog.round = mark
         slot.calls += 1
         where = self._where
         outer_where = where[0], where[1]
@@ -443,8 +611,23 @@ class PluginSet:
 
     def report(self) -> list[PluginReport]:
         """Time spent and faults, per plugin (loading faults included)."""
+        calls = {id(slot): slot.calls for slot in self._slots}
+        sampled_of = {id(slot): slot.sampled_of for slot in self._slots}
+        for round_ in self._table.values():
+            if round_ is not None:
+                done = round_.done()
+                for slot, _ in round_.entries:
+                    calls[id(slot)] += done
+                    if round_.sampled:
+                        sampled_of[id(slot)] += done
         reports = [
-            PluginReport(slot.name, slot.hooks, slot.calls, slot.seconds, slot.fault)
+            PluginReport(
+                slot.name,
+                slot.hooks,
+                calls[id(slot)],
+                slot.estimated_seconds(sampled_of[id(slot)]),
+                slot.fault,
+            )
             for slot in self._slots
         ]
         reports.extend(PluginReport(f.plugin, (), 0, 0.0, f) for f in self._load_faults)

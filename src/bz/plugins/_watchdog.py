@@ -1,8 +1,10 @@
 """``plugin_timeout``: a hook that runs too long is interrupted inside the plugin.
 
-The sandbox writes, before each plugin call, which plugin runs and since when (two
-attribute writes: the whole per-call cost). A daemon thread looks a few times per
-timeout; when one call has run past it, the thread sends SIGALRM to the main thread,
+The sandbox writes, before each plugin call, which plugin runs (one attribute write: the
+whole per-call cost), and before each round of calls a new round object (which tells
+one call from the next call of the same plugin). A daemon thread looks a few times per
+timeout and times a call from the first look that sees it; when one has run past the
+timeout, the thread sends SIGALRM to the main thread,
 whose handler raises :class:`PluginTimeout` in the plugin's own frame. A hook blocked in
 ``time.sleep``, a socket or a lock wakes up (the signal interrupts the wait); Python code
 stops at its next bytecode. The exception's traceback is the plugin's stack, which the
@@ -23,6 +25,7 @@ holds the GIL cannot be interrupted, and keeps the escalation's thread from runn
 
 from __future__ import annotations
 
+import operator
 import signal
 import sys
 import threading
@@ -78,16 +81,18 @@ class Watchdog:
         "_trace",
         "boundaries",
         "give_up",
+        "round",
         "running",
         "seconds",
-        "since",
     )
 
     def __init__(self) -> None:
         self.running: object | None = None
-        """The slot of the plugin being called (None between calls)."""
-        self.since = 0.0
-        """``time.perf_counter()`` when that call began."""
+        """The slot of the plugin being called (None between rounds; in a round, the
+        plugin called last until the next one starts)."""
+        self.round: object = None
+        """A new object for each round of calls: with ``running``, it tells one call
+        apart from the next call of the same plugin (no clock is read per call)."""
         self.seconds: float | None = None
         self.boundaries: frozenset[CodeType] = frozenset()
         """The sandbox's frames a plugin's call starts from (tracing stops there)."""
@@ -98,8 +103,8 @@ class Watchdog:
         self._alarm = False
         """Whether our SIGALRM handler is installed (``_previous`` is what it replaced)."""
         self._stop: threading.Event | None = None
-        self._escalating: tuple[object, float] | None = None
-        """The call being escalated: (slot, since)."""
+        self._escalating: tuple[object, object] | None = None
+        """The call being escalated: (slot, round)."""
         self._forced: _Interruption | None = None
         """What every line of the escalated call raises (a new one each time), once forced."""
         self._trace: Any = None
@@ -164,8 +169,8 @@ class Watchdog:
         Starts (once per call) the thread that forces the call out after ``GRACE_S``
         and ends the process with ``exit_code`` after ``EXIT_AFTER_S``.
         """
-        call = (slot, self.since)
-        if self._escalating == call:
+        call = (slot, self.round)
+        if self._escalating is not None and all(map(operator.is_, self._escalating, call)):
             return
         self._escalating = call
         self._forced = None
@@ -247,7 +252,7 @@ _OWN_CODES = frozenset(
 
 def _escalate(
     owner: weakref.ref[Watchdog],
-    call: tuple[object, float],
+    call: tuple[object, object],
     exit_code: int,
     error: _Interruption,
     main: int | None,
@@ -256,7 +261,14 @@ def _escalate(
 
     def still_running() -> Watchdog | None:
         watchdog = owner()
-        if watchdog is None or watchdog._escalating != call or watchdog.running is not call[0]:
+        escalating = watchdog._escalating if watchdog is not None else None
+        if (
+            watchdog is None
+            or escalating is None
+            or escalating[0] is not call[0]
+            or escalating[1] is not call[1]
+            or watchdog.running is not call[0]
+        ):
             return None
         return watchdog
 
@@ -284,9 +296,12 @@ def _watch(
     owner: weakref.ref[Watchdog], stop: threading.Event, seconds: float, main: int | None
 ) -> None:
     # Looks about ten times per timeout (at most once a second, at least every 10 ms):
-    # a hung call is stopped within ~10% of the timeout, and an idle run pays nothing.
+    # a call is timed from the first look that sees it (the sandbox reads no clock), so
+    # a hung call is stopped between the timeout and the timeout plus a tenth, and an
+    # idle run pays nothing.
     interval = min(1.0, max(0.01, seconds / 10))
     deadline_of: tuple[object, float] | None = None  # the call signalled, and when
+    seen: tuple[object, object, float] | None = None  # the call seen running, and since
     heartbeat(seconds)
     while not stop.wait(interval):
         watchdog = owner()
@@ -294,9 +309,13 @@ def _watch(
             heartbeat(None)
             return
         heartbeat(seconds)  # a supervising `bz train` sees that this thread can run
-        running, since = watchdog.running, watchdog.since
+        running, round_ = watchdog.running, watchdog.round
         now = time.perf_counter()
-        overdue = running is not None and now - since > seconds
+        if running is None:
+            seen = None
+        elif seen is None or seen[0] is not running or seen[1] is not round_:
+            seen = (running, round_, now)
+        overdue = seen is not None and now - seen[2] >= seconds
         # A plugin that swallows the first interruption gets another every timeout.
         repeat = deadline_of is None or deadline_of[0] is not running or now > deadline_of[1]
         if overdue and repeat:
@@ -310,7 +329,7 @@ def _watch(
                 PluginTimeout(f"plugin {name!r} ran longer than plugin_timeout ({seconds:g} s)"),
             )
             signal.pthread_kill(main, signal.SIGALRM)
-        del watchdog, running
+        del watchdog, running, round_
     heartbeat(None)
 
 
