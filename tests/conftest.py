@@ -20,16 +20,18 @@ from typing import Any
 import pytest
 import structlog
 import torch
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 from tests._fault_support import install_fake_distribution
 from tests._support import TINY_TRAIN_PY
 
 torch.set_num_threads(1)  # were torch loaded before this file (a plugin, PYTHONSTARTUP)
 
-# No per-example deadline: examples run torch code whose first calls are slow on a busy
-# CI machine, and a timing failure says nothing about the contract under test. A
-# failure prints the blob that reproduces it.
-settings.register_profile("bz", deadline=None, print_blob=True)
+# No per-example deadline and no "generation too slow" check: examples run torch code
+# whose first calls are slow on a busy CI machine, and a timing failure says nothing
+# about the contract under test. A failure prints the blob that reproduces it.
+settings.register_profile(
+    "bz", deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
 # `make quick` (--hypothesis-profile=quick): every property on a fifth of its examples
 # (tests/_examples.py scales the counts the tests name); `make check` runs them all.
 settings.register_profile("quick", parent=settings.get_profile("bz"), max_examples=20)
