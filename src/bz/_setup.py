@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -206,6 +207,10 @@ def load_setup_function(path: Path) -> SetupFunction:
                     'bz.TrainingSetup` (see "Coming from bz-cli 0.x" in bz\'s README)'
                 ) from None
             raise TrainingError(f"{path} failed while importing: {user_frame(exc, path)}") from exc
+        except SystemExit as exc:  # not a finished run, whatever code it names
+            raise TrainingError(
+                f"{path} called sys.exit() while importing: {user_frame(exc, path)}"
+            ) from exc
     setup = getattr(module, "setup", None)
     if setup is None:
         raise UsageError(
@@ -214,8 +219,27 @@ def load_setup_function(path: Path) -> SetupFunction:
         )
     if not callable(setup):
         raise UsageError(f"{path}: setup is {type(setup).__name__}, not a function")
+    _check_takes_the_config(setup, path)
     checked: SetupFunction = setup
     return checked
+
+
+def _check_takes_the_config(setup: Callable[..., object], path: Path) -> None:
+    """A ``setup`` that cannot be called with the config alone is a problem with the
+    file (exit 2), found before anything runs, not a TypeError inside bz."""
+    try:
+        signature = inspect.signature(setup)
+    except (TypeError, ValueError):  # a builtin or extension callable: let the call tell
+        return
+    try:
+        signature.bind(object())
+    except TypeError:
+        code = getattr(setup, "__code__", None)
+        where = f"{path}:{code.co_firstlineno}" if code is not None else str(path)
+        raise UsageError(
+            f"{where}: setup{signature} must take one argument, the run's config "
+            "(`def setup(config: bz.RunConfig) -> bz.TrainingSetup`)"
+        ) from None
 
 
 def _written_for_bz_cli_0(exc: Exception) -> bool:
@@ -241,6 +265,10 @@ def call_setup(setup: SetupFunction, config: RunConfig, path: Path | None = None
         except Exception as exc:
             witness.raise_if_stopped(exc)
             raise TrainingError(f"{where}: setup failed: {user_frame(exc, path)}") from exc
+        except SystemExit as exc:  # not a finished run, whatever code it names
+            raise TrainingError(
+                f"{where}: setup called sys.exit(): {user_frame(exc, path)}"
+            ) from exc
     if not isinstance(result, TrainingSetup):
         raise UsageError(
             f"{where}: setup returned {type(result).__name__}; it must return bz.TrainingSetup"
