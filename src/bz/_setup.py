@@ -96,6 +96,26 @@ def _is_iterable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) ->
         )
 
 
+def _is_loader(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        raise UsageError(f"TrainingSetup: {attribute.name} is required, got None")
+    _is_iterable(_instance, attribute, value)
+
+
+def _optimizes_the_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer made for another model (a copy, the model before it was rebuilt)
+    would train nothing and report no error: the run's weights would never change."""
+    own = {id(p) for p in model.parameters()}
+    if not own:
+        return
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    if held and not any(id(p) in own for p in held):
+        raise UsageError(
+            f"TrainingSetup: the optimizer holds none of the model's parameters ({len(held)} "
+            "others): build it from model.parameters() of the model you pass"
+        )
+
+
 def _is_interval(_instance: Any, _attribute: Any, value: Any) -> None:
     if value not in ("epoch", "step"):
         raise UsageError(
@@ -133,7 +153,7 @@ class TrainingSetup:
         default=None, validator=_is_callable
     )
     optimizer: torch.optim.Optimizer = attrs.field(validator=_is_optimizer)
-    train_loader: Iterable[Batch] = attrs.field(validator=_is_iterable)
+    train_loader: Iterable[Batch] = attrs.field(validator=_is_loader)
     val_loader: Iterable[Batch] | None = attrs.field(default=None, validator=_is_iterable)
     scheduler: Any = None
     metrics: Mapping[str, Metric] = attrs.field(factory=dict)
@@ -141,6 +161,7 @@ class TrainingSetup:
     scheduler_interval: SchedulerInterval = attrs.field(default="epoch", validator=_is_interval)
 
     def __attrs_post_init__(self) -> None:
+        _optimizes_the_model(self.model, self.optimizer)
         if self.step is not None and self.loss_fn is not None:
             raise UsageError(
                 "TrainingSetup: give loss_fn or step, not both (a step computes its own loss)"

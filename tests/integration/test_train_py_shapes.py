@@ -129,3 +129,43 @@ def test_a_setup_with_defaults_beyond_the_config_still_trains(tmp_path: Path) ->
     config = _project(tmp_path, train_py)
     result = _bz("train", "--config", str(config))
     assert result.exit_code == 0, result.output
+
+
+_SETUP_MISTAKES = {
+    # Failed inside bz (position.py: TypeError: 'NoneType' object is not iterable), exit 1.
+    "no_train_loader": (
+        "train_loader=DataLoader(data, batch_size=16, shuffle=True),",
+        "train_loader=None,",
+        r"TrainingSetup: train_loader is required, got None",
+    ),
+    # Trained "successfully" with weights that never changed.
+    "an_optimizer_of_another_model": (
+        "optimizer=torch.optim.SGD(model.parameters(), lr=0.1),",
+        "optimizer=torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1),",
+        r"TrainingSetup: the optimizer holds none of the model's parameters \(2 others\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_SETUP_MISTAKES))
+def test_a_setup_mistake_is_one_line_naming_the_line_and_exit_2(case: str, tmp_path: Path) -> None:
+    good, bad, message = _SETUP_MISTAKES[case]
+    assert good in TINY_TRAIN_PY
+    train_py = TINY_TRAIN_PY.replace(good, bad)
+    config = _project(tmp_path, train_py)
+    result = _bz("train", "--config", str(config))
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    assert re.search(rf"train\.py:\d+: {message}", line), line
+    assert not list(tmp_path.glob(".bz/checkpoints/*/*.pt"))
+
+
+def test_an_optimizer_over_part_of_the_model_still_trains(tmp_path: Path) -> None:
+    # Fine-tuning the last layer only is no mistake.
+    train_py = TINY_TRAIN_PY.replace(
+        "optimizer=torch.optim.SGD(model.parameters(), lr=0.1),",
+        "optimizer=torch.optim.SGD(model[2].parameters(), lr=0.1),",
+    )
+    config = _project(tmp_path, train_py)
+    result = _bz("train", "--config", str(config))
+    assert result.exit_code == 0, result.output
