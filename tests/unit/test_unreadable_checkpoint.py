@@ -32,7 +32,7 @@ def _cut_short(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
 
 
-_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
+_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
     "text": (
         lambda p: p.write_text("garbage\n", encoding="utf-8"),
         "not a file torch.save wrote (it is no zip archive)",
