@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -95,6 +96,26 @@ def _is_iterable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) ->
         )
 
 
+def _is_loader(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        raise UsageError(f"TrainingSetup: {attribute.name} is required, got None")
+    _is_iterable(_instance, attribute, value)
+
+
+def _optimizes_the_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer made for another model (a copy, the model before it was rebuilt)
+    would train nothing and report no error: the run's weights would never change."""
+    own = {id(p) for p in model.parameters()}
+    if not own:
+        return
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    if held and not any(id(p) in own for p in held):
+        raise UsageError(
+            f"TrainingSetup: the optimizer holds none of the model's parameters ({len(held)} "
+            "others): build it from model.parameters() of the model you pass"
+        )
+
+
 def _is_interval(_instance: Any, _attribute: Any, value: Any) -> None:
     if value not in ("epoch", "step"):
         raise UsageError(
@@ -132,7 +153,7 @@ class TrainingSetup:
         default=None, validator=_is_callable
     )
     optimizer: torch.optim.Optimizer = attrs.field(validator=_is_optimizer)
-    train_loader: Iterable[Batch] = attrs.field(validator=_is_iterable)
+    train_loader: Iterable[Batch] = attrs.field(validator=_is_loader)
     val_loader: Iterable[Batch] | None = attrs.field(default=None, validator=_is_iterable)
     scheduler: Any = None
     metrics: Mapping[str, Metric] = attrs.field(factory=dict)
@@ -140,6 +161,7 @@ class TrainingSetup:
     scheduler_interval: SchedulerInterval = attrs.field(default="epoch", validator=_is_interval)
 
     def __attrs_post_init__(self) -> None:
+        _optimizes_the_model(self.model, self.optimizer)
         if self.step is not None and self.loss_fn is not None:
             raise UsageError(
                 "TrainingSetup: give loss_fn or step, not both (a step computes its own loss)"
@@ -206,6 +228,10 @@ def load_setup_function(path: Path) -> SetupFunction:
                     'bz.TrainingSetup` (see "Coming from bz-cli 0.x" in bz\'s README)'
                 ) from None
             raise TrainingError(f"{path} failed while importing: {user_frame(exc, path)}") from exc
+        except SystemExit as exc:  # not a finished run, whatever code it names
+            raise TrainingError(
+                f"{path} called sys.exit() while importing: {user_frame(exc, path)}"
+            ) from exc
     setup = getattr(module, "setup", None)
     if setup is None:
         raise UsageError(
@@ -214,8 +240,27 @@ def load_setup_function(path: Path) -> SetupFunction:
         )
     if not callable(setup):
         raise UsageError(f"{path}: setup is {type(setup).__name__}, not a function")
+    _check_takes_the_config(setup, path)
     checked: SetupFunction = setup
     return checked
+
+
+def _check_takes_the_config(setup: Callable[..., object], path: Path) -> None:
+    """A ``setup`` that cannot be called with the config alone is a problem with the
+    file (exit 2), found before anything runs, not a TypeError inside bz."""
+    try:
+        signature = inspect.signature(setup)
+    except (TypeError, ValueError):  # a builtin or extension callable: let the call tell
+        return
+    try:
+        signature.bind(object())
+    except TypeError:
+        code = getattr(setup, "__code__", None)
+        where = f"{path}:{code.co_firstlineno}" if code is not None else str(path)
+        raise UsageError(
+            f"{where}: setup{signature} must take one argument, the run's config "
+            "(`def setup(config: bz.RunConfig) -> bz.TrainingSetup`)"
+        ) from None
 
 
 def _written_for_bz_cli_0(exc: Exception) -> bool:
@@ -241,6 +286,10 @@ def call_setup(setup: SetupFunction, config: RunConfig, path: Path | None = None
         except Exception as exc:
             witness.raise_if_stopped(exc)
             raise TrainingError(f"{where}: setup failed: {user_frame(exc, path)}") from exc
+        except SystemExit as exc:  # not a finished run, whatever code it names
+            raise TrainingError(
+                f"{where}: setup called sys.exit(): {user_frame(exc, path)}"
+            ) from exc
     if not isinstance(result, TrainingSetup):
         raise UsageError(
             f"{where}: setup returned {type(result).__name__}; it must return bz.TrainingSetup"

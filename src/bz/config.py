@@ -296,7 +296,8 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path:
 def read_json(path: Path) -> Any:
     """Parse a JSON file, turning every failure into a one-line ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # "utf-8-sig": a byte-order mark (Notepad, PowerShell's Out-File) is no error.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError([("", "file not found")], str(path)) from None
     except OSError as exc:

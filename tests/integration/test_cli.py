@@ -183,6 +183,17 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
     assert (tmp_path / "train.py").read_text(encoding="utf-8") == "# mine\n"
 
 
+def test_init_where_nothing_can_be_written_is_one_line(tmp_path: Path) -> None:
+    # Under a file: the folder cannot be made (it was a traceback).
+    (tmp_path / "a_file").write_text("", encoding="utf-8")
+    result = bz("init", str(tmp_path / "a_file" / "project"))
+    assert result.exit_code == 2
+    assert error_lines(result) == [
+        f"bz: error: {tmp_path / 'a_file' / 'project'}: cannot write the project: Not a directory"
+    ]
+    assert "Traceback" not in result.output
+
+
 # -- list-plugins, health --------------------------------------------------------------
 
 

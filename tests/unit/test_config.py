@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,17 @@ def test_invalid_json_gives_line_and_column(tmp_path: Path) -> None:
     path.write_text('{\n  "epochs": 3,\n}', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"invalid JSON at line 3, column 1"):
         load_config(path)
+
+
+@given(valid_configs)
+@settings(max_examples=50, deadline=None)
+def test_a_byte_order_mark_changes_nothing(data: dict[str, Any]) -> None:
+    # Notepad and PowerShell's Out-File begin UTF-8 files with one; json.loads refused it
+    # ("Unexpected UTF-8 BOM (decode using utf-8-sig)").
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bzconfig.json"
+        path.write_bytes(codecs.BOM_UTF8 + json.dumps(data).encode("utf-8"))
+        assert load_config(path) == structure(data, RunConfig)
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

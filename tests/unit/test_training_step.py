@@ -226,11 +226,13 @@ MISUSES: dict[str, tuple[Any, bool, str]] = {
         r"as 'labels'",
     ),
     "metrics on a mapping model without labels": (
-        lambda: attrs.evolve(
-            setup_for("mapping"),
-            model=(lambda: _LabelsInside())(),
-            train_loader=[{"features": b.features, "target": b.labels} for b in batches()],
-            val_loader=None,
+        lambda: _on_model(
+            attrs.evolve(
+                setup_for("mapping"),
+                train_loader=[{"features": b.features, "target": b.labels} for b in batches()],
+                val_loader=None,
+            ),
+            _LabelsInside(),
         ),
         True,
         r"metrics read the output's 'logits' and the batch's 'labels', and the batch has no "
@@ -259,6 +261,11 @@ MISUSES: dict[str, tuple[Any, bool, str]] = {
         r"train_loader yielded a tuple batch with no tensor to count its samples by",
     ),
 }
+
+
+def _on_model(setup: bz.TrainingSetup, model: nn.Module) -> bz.TrainingSetup:
+    """``setup`` training ``model`` instead, with an optimizer of its own parameters."""
+    return attrs.evolve(setup, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 class _LabelsInside(Classifier):

@@ -18,10 +18,15 @@ def write_project(directory: Path, *, overwrite: bool = False) -> list[Path]:
     existing = [str(path) for path in targets if path.exists()]
     if existing and not overwrite:
         raise UsageError(f"{', '.join(existing)} already exist(s); use --force to overwrite")
-    directory.mkdir(parents=True, exist_ok=True)
     template = resources.files("bz.commands._project_template")
-    for name, target in zip(TEMPLATE_FILES, targets, strict=True):
-        target.write_text(template.joinpath(name).read_text(encoding="utf-8"), encoding="utf-8")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, target in zip(TEMPLATE_FILES, targets, strict=True):
+            text = template.joinpath(name).read_text(encoding="utf-8")
+            target.write_text(text, encoding="utf-8")
+    except OSError as exc:  # a read-only place, a file where the folder should be
+        where = exc.filename or directory
+        raise UsageError(f"{where}: cannot write the project: {exc.strerror}") from None
     return targets
 
 

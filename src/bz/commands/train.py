@@ -340,6 +340,16 @@ def _run_reporting_failures(
             traceback.print_exception(exc, file=sys.stderr)
         summary = training_context(exc) or "training failed"
         raise TrainingError(f"{summary}: {user_frame(exc)}") from exc
+    except SystemExit as exc:
+        # sys.exit() in train.py, the model, the loss or the data: training did not
+        # finish, whatever code it names, so `bz train` must not report its code (0!).
+        _stdio.repair()
+        if show_traceback:
+            traceback.print_exception(exc, file=sys.stderr)
+        summary = training_context(exc) or "training failed"
+        raise TrainingError(
+            f"{summary}: {user_frame(exc)} (sys.exit() in your code; training did not finish)"
+        ) from exc
 
 
 _LOADING = frozenset({"import", "config", "create", "load"})

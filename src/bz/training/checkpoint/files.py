@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -329,12 +332,11 @@ def read_checkpoint(
         if problem is not None:
             raise UnreadableCheckpoint(problem)
     try:
-        if path.is_dir():
-            payload = read_sharded(path)
-        else:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = read_sharded(path) if path.is_dir() else _load_file(path)
+    except UnreadableCheckpoint:
+        raise
     except Exception as exc:  # torch raises many kinds for a damaged file
-        raise UnreadableCheckpoint(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        raise UnreadableCheckpoint(_why_unloadable(exc)) from exc
     required = _MODEL_KEYS if model_only else _REQUIRED_KEYS
     if not isinstance(payload, dict) or not payload.keys() >= required:
         raise UnreadableCheckpoint("not a bz checkpoint")
@@ -346,6 +348,36 @@ def read_checkpoint(
             "hyperparameters differ)"
         )
     return cast("ModelPayload", payload) if model_only else cast("CheckpointPayload", payload)
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+"""How every file ``torch.save`` writes begins (a zip archive)."""
+
+
+def _load_file(path: Path) -> object:
+    """``torch.load(weights_only=True)`` of a file that at least begins like one
+    ``torch.save`` wrote, without the warnings torch prints for other pickles."""
+    with path.open("rb") as file:
+        if file.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            raise UnreadableCheckpoint("not a file torch.save wrote (it is no zip archive)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _why_unloadable(exc: Exception) -> str:
+    """One line in bz's words for what ``torch.load`` refused. torch's own messages run
+    to several sentences, and for a file holding other objects advise loading it with
+    ``weights_only=False``, which would run whatever code the file names."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return (
+            "it holds Python objects besides tensors and plain values, which bz does not "
+            "load (torch.load(weights_only=True))"
+        )
+    message = str(exc)
+    if "PytorchStreamReader" in message or isinstance(exc, (EOFError, zipfile.BadZipFile)):
+        return "damaged or cut short (torch cannot read its zip archive)"
+    return f"{type(exc).__name__}: {message}".splitlines()[0]
 
 
 def unusable_reason(
