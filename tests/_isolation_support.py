@@ -3,8 +3,9 @@
 ``iso`` does what its ``act`` option says in its ``hook`` at epoch ``at_epoch`` (counted
 from 1), and records what it saw in ``<record>`` (a JSON file, written at every hook):
 the hooks it was called in, the ``extra`` entries other plugins set, its state. ``reader``
-is an in-process plugin that records what ``context.extra["iso"]`` holds at ``end_epoch``.
-Both are installed through entry points by :func:`install_isolation_distribution`.
+is an in-process plugin that records what ``context.extra["iso"]`` holds at ``end_epoch``;
+``meet_a`` and ``meet_b`` can only be created at the same time. All are installed
+through entry points by :func:`install_isolation_distribution`.
 """
 
 from __future__ import annotations
@@ -176,6 +177,47 @@ class ReaderPlugin:
         Path(self.config.record).write_text(json.dumps(self.seen), encoding="utf-8")
 
 
+@attrs.frozen
+class MeetConfig:
+    """Options of ``meet_a`` and ``meet_b``."""
+
+    folder: str
+    """Where each writes the file that says it is being created, and reads the other's."""
+    sleep: float = 0.0
+    """Seconds its creation takes before that (as a slow import would)."""
+
+
+class MeetA:
+    """Created only once ``meet_b`` is being created too (each waits for the other's
+    file, 60 s at most): two process plugins started one after the other never are."""
+
+    Config = MeetConfig
+    name = "meet_a"
+    other = "meet_b"
+
+    def __init__(self, config: MeetConfig) -> None:
+        self.config = config
+        time.sleep(config.sleep)
+        folder = Path(config.folder)
+        (folder / f"{self.name}-creating").write_text("", encoding="utf-8")
+        deadline = time.monotonic() + 60.0
+        while not (folder / f"{self.other}-creating").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.other} was not being created at the same time")
+            time.sleep(0.01)
+
+    def end_epoch(self, context: PluginContext) -> None:
+        path = Path(self.config.folder) / f"{self.name}-epochs"
+        path.write_text(str(context.epoch + 1), encoding="utf-8")
+
+
+class MeetB(MeetA):
+    """``meet_a``'s partner."""
+
+    name = "meet_b"
+    other = "meet_a"
+
+
 def install_isolation_distribution(folder: Path) -> Path:
     """A ``*.dist-info`` registering ``iso`` and ``reader`` into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,7 +229,9 @@ def install_isolation_distribution(folder: Path) -> Path:
     (info / "entry_points.txt").write_text(
         "[bz.plugins]\n"
         "iso = tests._isolation_support:IsoPlugin\n"
-        "reader = tests._isolation_support:ReaderPlugin\n",
+        "reader = tests._isolation_support:ReaderPlugin\n"
+        "meet_a = tests._isolation_support:MeetA\n"
+        "meet_b = tests._isolation_support:MeetB\n",
         encoding="utf-8",
     )
     return folder

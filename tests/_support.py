@@ -12,7 +12,9 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+from _pytest.mark import ParameterSet
 from torch import nn
 
 import bz
@@ -108,3 +110,17 @@ def run_bz(
 def json_events(stdout: str) -> list[dict[str, Any]]:
     """The events of a ``--log-format json`` stdout (one JSON object per line)."""
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def quick_first(*cases: Any) -> list[Any]:
+    """A parametrize list whose first case runs in ``make quick`` and the rest are marked
+    slow (``make check`` runs them all): for matrices of similar cases costing a training
+    run each, the quick loop keeps one witness per test."""
+    first, *rest = cases
+    return [first, *(_slow(case) for case in rest)]
+
+
+def _slow(case: Any) -> Any:
+    if isinstance(case, ParameterSet):
+        return pytest.param(*case.values, marks=[*case.marks, pytest.mark.slow], id=case.id)
+    return pytest.param(case, marks=pytest.mark.slow)

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+
+# One intra-op thread per test process and per process a test starts (they inherit the
+# environment), as torchrun does for each of its processes: the suite runs two test
+# processes on two cores, and torch's default (a thread per core) has every tiny model's
+# kernels wait on threads that spin for a busy core: ten times the CPU per training run.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
 from collections import Counter
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -10,14 +19,20 @@ from typing import Any
 
 import pytest
 import structlog
+import torch
 from hypothesis import settings
 from tests._fault_support import install_fake_distribution
 from tests._support import TINY_TRAIN_PY
+
+torch.set_num_threads(1)  # were torch loaded before this file (a plugin, PYTHONSTARTUP)
 
 # No per-example deadline: examples run torch code whose first calls are slow on a busy
 # CI machine, and a timing failure says nothing about the contract under test. A
 # failure prints the blob that reproduces it.
 settings.register_profile("bz", deadline=None, print_blob=True)
+# `make quick` (--hypothesis-profile=quick): every property on a fifth of its examples
+# (tests/_examples.py scales the counts the tests name); `make check` runs them all.
+settings.register_profile("quick", parent=settings.get_profile("bz"), max_examples=20)
 settings.load_profile("bz")
 
 

@@ -184,9 +184,11 @@ def shard_loader(
     """This rank's share of ``loader``.
 
     A ``DataLoader`` is rebuilt around a :class:`DistributedSampler` (shuffled when the
-    original shuffled, with the run's seed; ``set_epoch`` is called every epoch), keeping
-    every other setting it was built with (:func:`loader_settings`). A plain sequence of batches
-    (a list) is dealt out round-robin, truncated so that every rank has as many batches.
+    original shuffled, with the run's seed; ``set_epoch`` is called every epoch), as an
+    instance of the loader's own class keeping every other setting it was built with
+    (:func:`loader_settings`): torchdata's ``StatefulDataLoader`` stays one, with its
+    ``state_dict()`` resume. A plain sequence of batches (a list) is dealt out
+    round-robin, truncated so that every rank has as many batches.
     """
     if not topology.distributed:
         return loader
@@ -198,6 +200,7 @@ def shard_loader(
             )
         if isinstance(loader.sampler, DistributedSampler):
             return loader
+        settings = loader_settings(loader)
         sampler: DistributedSampler[Any] = DistributedSampler(
             loader.dataset,
             num_replicas=topology.world_size,
@@ -206,7 +209,7 @@ def shard_loader(
             seed=seed,
             drop_last=loader.drop_last if training else False,
         )
-        return DataLoader(loader.dataset, sampler=sampler, **loader_settings(loader))
+        return type(loader)(loader.dataset, sampler=sampler, **settings)
     if isinstance(loader, Sequence):
         return _Shard(loader, topology)
     raise UsageError(
@@ -221,15 +224,35 @@ the loader's batch sampler (``batch_size`` and ``drop_last`` are kept as attribu
 
 
 def loader_settings(loader: DataLoader[Any]) -> dict[str, Any]:
-    """Every argument ``loader`` was built with, besides its data and sampling, as this
-    torch's ``DataLoader`` takes them (``generator``, ``prefetch_factor``,
-    ``multiprocessing_context``, ``in_order``, ... whatever the release has)."""
-    parameters = inspect.signature(DataLoader.__init__).parameters
-    return {
-        name: getattr(loader, name)
-        for name in parameters
-        if name not in _SAMPLING and hasattr(loader, name)
-    }
+    """Every argument ``loader`` was built with, besides its data and sampling, as its
+    class takes them: this torch's ``DataLoader`` (``generator``, ``prefetch_factor``,
+    ``multiprocessing_context``, ``in_order``, ... whatever the release has), or a
+    subclass's own (torchdata's ``StatefulDataLoader``: ``snapshot_every_n_steps``).
+
+    A subclass argument the loader does not keep as an attribute of the same name cannot
+    be read back: a :class:`UsageError` naming it (bz would silently drop it).
+    """
+    cls = type(loader)
+    settings: dict[str, Any] = {}
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name in _SAMPLING or parameter.kind in _SPREAD:
+            continue
+        if hasattr(loader, name):
+            settings[name] = getattr(loader, name)
+        elif name not in _DATALOADER_PARAMETERS:
+            raise UsageError(
+                f"cannot shard a {cls.__name__} between processes: its argument {name!r} "
+                "is not kept as an attribute of that name; give it a DistributedSampler "
+                "yourself"
+            )
+    return settings
+
+
+_SPREAD = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+"""``*args`` and ``**kwargs``: no setting of their own."""
+_DATALOADER_PARAMETERS = frozenset(inspect.signature(DataLoader.__init__).parameters)
+"""``DataLoader``'s own arguments (one it does not keep is left to its default, as
+before the loader was sharded)."""
 
 
 def set_epoch(loader: Iterable[Any] | None, epoch: int) -> None:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 from tests._fault_support import BATCHES_PER_EPOCH, RESUME_TRAIN_PY, fit_resumable, resume_setup
-from tests._support import assert_same_weights
+from tests._support import assert_same_weights, quick_first
 
 import bz
 from bz.commands import cli
@@ -129,7 +129,7 @@ class EpochNumbers:
         )
 
 
-@pytest.mark.parametrize("at_step", [3, BATCHES_PER_EPOCH + 4])
+@pytest.mark.parametrize("at_step", quick_first(3, BATCHES_PER_EPOCH + 4))
 def test_the_epoch_interrupted_by_ctrl_c_reports_the_numbers_of_the_whole_epoch(
     tmp_path: Path, at_step: int
 ) -> None:
@@ -154,7 +154,7 @@ def test_the_epoch_interrupted_by_ctrl_c_reports_the_numbers_of_the_whole_epoch(
     assert values == pytest.approx(expected[3], rel=1e-6)
 
 
-@pytest.mark.parametrize("at_step", [3, BATCHES_PER_EPOCH + 4, BATCHES_PER_EPOCH])
+@pytest.mark.parametrize("at_step", quick_first(3, BATCHES_PER_EPOCH + 4, BATCHES_PER_EPOCH))
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_bit_identical(
     tmp_path: Path, clean: dict[str, torch.Tensor], at_step: int
 ) -> None:

@@ -13,6 +13,7 @@ import structlog
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests._examples import examples
 from tests._integration_support import read_jsonl, run_config, tiny_setup, write_project
 
 import bz
@@ -209,7 +210,7 @@ bounds = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinit
 
 
 @pytest.mark.filterwarnings("ignore:The distribution is specified by:UserWarning")
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     kind=st.sampled_from(["float", "int"]),
     low=bounds,
@@ -244,7 +245,7 @@ def test_every_accepted_range_yields_values_inside_it(
             assert value > 0
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(choices=st.lists(st.none() | st.booleans() | st.integers() | st.text(max_size=5)))
 def test_a_list_is_a_categorical_choice(choices: list[Any]) -> None:
     if not choices:

@@ -306,3 +306,20 @@ def test_run_log_and_wandb_in_their_process_record_what_they_record_in_process(
     assert any(line.get("event") == "step" for line in logs[0])
     assert histories[0] == histories[1]
     assert any("step/loss" in row for row in histories[0])
+
+
+def test_process_plugins_start_together_and_start_up_is_not_a_hook(
+    site: Path, tmp_path: Path
+) -> None:
+    """Each of the two is created only while the other is being created too, and each
+    takes longer to create than ``plugin_timeout`` allows a hook: both start, together,
+    and run their hooks."""
+    folder = tmp_path / "met"
+    folder.mkdir()
+    options = {"isolation": "process", "folder": str(folder), "sleep": 1.5}
+    plugins = [{"meet_a": options}, {"meet_b": options}]
+    done = _train(tmp_path / "run", site, plugins, epochs=1, plugin_timeout=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _failed(done.stdout) == []
+    for name in ("meet_a", "meet_b"):
+        assert (folder / f"{name}-epochs").read_text(encoding="utf-8") == "1", name

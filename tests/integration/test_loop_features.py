@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 from tests._fault_support import REPO_ROOT, RESUME_TRAIN_PY
-from tests._support import TRAINING_DIED, assert_same_weights, tiny_setup, weights
+from tests._support import TRAINING_DIED, assert_same_weights, quick_first, tiny_setup, weights
 from torch import nn
 
 import bz
@@ -466,14 +466,14 @@ def _reads(batches: int, **keys: Any) -> Counter[str]:
 
 @pytest.mark.parametrize(
     "keys",
-    [
+    quick_first(
         {"precision": "bf16-mixed"},
         {"accumulate_grad_batches": 2},
         {"gradient_clip": GradientClip(max_norm=1.0)},
         {"gradient_clip": GradientClip(value=0.1)},
         {"max_steps": 10_000},
         {"max_time": 10_000},
-    ],
+    ),
     ids=lambda keys: next(iter(keys)),
 )
 def test_no_new_key_reads_from_the_device_per_batch(keys: dict[str, Any]) -> None:
@@ -492,6 +492,7 @@ def test_validation_every_n_steps_reads_only_per_validation() -> None:
 # -- --smoke -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # bz train --smoke in its own process
 def test_smoke_runs_one_batch_each_way_and_writes_nothing(tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests._config_strategies import json_values, plugin_option_classes
+from tests._examples import examples
 from tests._support import TINY_TRAIN_PY
 
 from bz.commands import cli
@@ -52,7 +53,7 @@ def test_the_built_in_plugins_with_options_are_all_here() -> None:
 
 
 @given(_plugin_and_option(), json_values)
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 def test_any_json_value_for_any_option_is_accepted_or_a_config_error(
     where: tuple[str, str], value: Any
 ) -> None:
@@ -78,7 +79,9 @@ def _project(folder: Path, plugin: dict[str, Any]) -> Path:
 
 @given(_plugin_and_option(), json_values)
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(40),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 def test_check_config_answers_any_option_value_with_one_line_or_success(
     tmp_path: Path, where: tuple[str, str], value: Any

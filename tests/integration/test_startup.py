@@ -96,6 +96,7 @@ def test_importing_bz_is_silent_unconfigured_and_torch_free(module: str) -> None
     }
 
 
+@pytest.mark.slow  # bz train in its own process
 def test_torch_arrives_only_when_training_does() -> None:
     done = _python(
         """
@@ -108,3 +109,39 @@ def test_torch_arrives_only_when_training_does() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True"]
+
+
+LISTING_IMPORTS = """
+import atexit, sys
+
+def report():
+    print("imported torch:", "torch" in sys.modules, file=sys.stderr)
+    print("plugin modules:", *sorted(m for m in sys.modules if m.startswith("bz.plugins.")),
+          file=sys.stderr)
+
+atexit.register(report)
+from bz.commands import main
+main()
+"""
+
+
+def test_verbose_listing_imports_every_plugin_and_still_not_torch() -> None:
+    """A real ``bz list-plugins --verbose`` process: it imports each plugin's module to
+    list its hooks and options (the built-ins' included), and none of them imports
+    torch before the plugin is created."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BZ_")}
+    done = subprocess.run(
+        [sys.executable, "-c", LISTING_IMPORTS, "list-plugins", "--verbose"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    (modules,) = [line.split()[2:] for line in lines if line.startswith("plugin modules:")]
+    for builtin in ("ema", "early_stopping", "profiler", "tensorboard", "mlflow_logger"):
+        assert f"bz.plugins.{builtin}" in modules, builtin
+    assert "hooks:        start_training_session" in done.stdout
+    assert "imported torch: False" in lines

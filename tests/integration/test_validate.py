@@ -72,6 +72,7 @@ def test_a_smaller_last_batch_weighs_by_its_samples(project: Callable[..., Path]
     assert sum(means) / len(means) != pytest.approx(by_sample, rel=1e-3), "batch means differ"
 
 
+@pytest.mark.slow  # trains the bz init project three epochs and validates it eight times
 @pytest.mark.parametrize("apply_at_end", [False, True], ids=["trained-weights", "apply-at-end"])
 def test_validate_evaluates_the_ema_average_the_run_validated_with(
     project: Callable[..., Path], apply_at_end: bool

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests._examples import examples
 from torch import nn
 
 from bz import _rng
@@ -152,7 +153,7 @@ def test_a_sidecar_copied_onto_another_file_does_not_vouch_for_it(tmp_path: Path
     assert [e.path.name for e in CheckpointStore(tmp_path).verified()] == ["epoch-0001.pt"]
 
 
-@settings(max_examples=40)  # each example writes up to 12 files
+@settings(max_examples=examples(40))  # each example writes up to 12 files
 @given(
     st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=12, unique=True),
     st.integers(min_value=1, max_value=5),

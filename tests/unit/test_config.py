@@ -12,6 +12,7 @@ import pytest
 from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 from tests._config_strategies import json_values, names, valid_documents
+from tests._examples import examples
 
 from bz.config import (
     ConfigError,
@@ -41,7 +42,7 @@ def test_the_config_strategy_reaches_every_key(key: str) -> None:
 
 
 @given(valid_configs)
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_valid_json_round_trips(data: dict[str, Any]) -> None:
     config = structure(data, RunConfig)
     again = structure(json.loads(json.dumps(unstructure(config))), RunConfig)
@@ -49,7 +50,7 @@ def test_valid_json_round_trips(data: dict[str, Any]) -> None:
 
 
 @given(valid_configs)
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_given_keys_are_kept(data: dict[str, Any]) -> None:
     config = structure(data, RunConfig)
     keys = ("epochs", "device", "compile", "seed", "plugin_errors", "train_script")
@@ -70,7 +71,7 @@ def test_given_keys_are_kept(data: dict[str, Any]) -> None:
 
 
 @given(st.dictionaries(st.text(max_size=10), json_values, max_size=6))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_any_json_object_gives_a_config_or_a_config_error(data: dict[str, Any]) -> None:
     try:
         structure(data, RunConfig)
@@ -83,14 +84,14 @@ def test_any_json_object_gives_a_config_or_a_config_error(data: dict[str, Any]) 
 
 
 @given(json_values)
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_any_json_document_gives_a_config_or_a_config_error(data: Any) -> None:
     with contextlib.suppress(ConfigError):
         structure(data, RunConfig)
 
 
 @given(valid_configs, names.filter(lambda n: n not in RunConfig.__annotations__), json_values)
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_an_unknown_key_is_named(data: dict[str, Any], key: str, value: Any) -> None:
     with pytest.raises(ConfigError) as caught:
         structure({**data, key: value}, RunConfig)
@@ -98,7 +99,7 @@ def test_an_unknown_key_is_named(data: dict[str, Any], key: str, value: Any) -> 
 
 
 @given(valid_configs, st.sampled_from(["epochs", "seed"]), st.text(min_size=1, max_size=5))
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_a_string_where_an_int_belongs_is_named(data: dict[str, Any], key: str, bad: str) -> None:
     with pytest.raises(ConfigError) as caught:
         structure({**data, key: bad}, RunConfig)
@@ -215,7 +216,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
         ),
     )
 )
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_bad_fsdp_settings_are_config_errors_naming_the_key(table: dict[str, Any]) -> None:
     with pytest.raises(ConfigError) as caught:
         structure({"distributed": table}, RunConfig)
@@ -225,7 +226,7 @@ def test_bad_fsdp_settings_are_config_errors_naming_the_key(table: dict[str, Any
 
 
 @given(st.text(max_size=8) | st.integers() | st.booleans() | st.none())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_check_finite_is_epoch_or_step_and_nothing_else(value: Any) -> None:
     if value in ("epoch", "step") and isinstance(value, str):
         assert structure({"check_finite": value}, RunConfig).check_finite == value
@@ -236,7 +237,7 @@ def test_check_finite_is_epoch_or_step_and_nothing_else(value: Any) -> None:
 
 
 @given(json_values)
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_deterministic_takes_only_a_boolean(value: Any) -> None:
     if isinstance(value, bool):
         assert structure({"deterministic": value}, RunConfig).deterministic is value

@@ -11,12 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests._config_strategies import json_values
+from tests._examples import examples
 from tests._fault_support import fit_resumable
 from tests._support import assert_same_weights, tiny_setup, weights
 
 import bz
 from bz.config import ConfigError, RunConfig, structure
-from bz.plugins import PluginContext, model_of
+from bz.plugins import NamedPlugin, PluginContext, model_of
 from bz.plugins._loader import load_plugins
 from bz.plugins.ema import Ema, EmaConfig
 from bz.testing import count_host_reads
@@ -210,7 +211,7 @@ def test_the_decay_never_exceeds_the_option_and_grows_with_updates(
     key=st.sampled_from(["decay", "every_n_steps", "warmup", "validate_with_ema", "apply_at_end"]),
     value=json_values,
 )
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_options_are_accepted_exactly_within_their_bounds(key: str, value: Any) -> None:
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     expected = {
@@ -228,3 +229,55 @@ def test_options_are_accepted_exactly_within_their_bounds(key: str, value: Any) 
     (plugin,) = loaded
     assert isinstance(plugin, Ema)
     assert getattr(plugin.config, key) == value
+
+
+_EMA_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "validate_with_ema": st.booleans(),
+        "apply_at_end": st.booleans(),
+        "enabled": st.booleans(),
+    },
+)
+_STOPPING_OPTIONS = st.fixed_dictionaries(
+    {}, optional={"restore_best_weights": st.booleans(), "enabled": st.booleans()}
+)
+
+
+@given(ema=_EMA_OPTIONS, stopping=_STOPPING_OPTIONS, ema_first=st.booleans())
+@settings(max_examples=examples(60), deadline=None)
+def test_validating_the_average_and_restoring_best_weights_is_one_config_error(
+    ema: dict[str, bool], stopping: dict[str, bool], ema_first: bool
+) -> None:
+    """The best epoch is judged by the average; restoring would put back trained weights
+    never validated. Refused when both are on (``restore_best_weights`` by default),
+    with the path of the option to change; any other combination loads."""
+    entries: list[Any] = [{"ema": ema}, {"early_stopping": stopping}]
+    if not ema_first:
+        entries.reverse()
+    config = structure({"plugins": entries, "device": "cpu"}, RunConfig)
+    refused = (
+        ema.get("enabled", True)
+        and stopping.get("enabled", True)
+        and ema.get("validate_with_ema", False)
+        and stopping.get("restore_best_weights", True)
+    )
+    if not refused:
+        assert len(load_plugins(config.plugins, config, policy="raise").active) == sum(
+            entry.get("enabled", True) for entry in (ema, stopping)
+        )
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_plugins(config.plugins, config, policy="raise")
+    ((path, message),) = caught.value.problems
+    assert path == f"plugins[{1 if ema_first else 0}].early_stopping.restore_best_weights"
+    assert f'("validate_with_ema": true at plugins[{0 if ema_first else 1}].ema)' in message
+    assert '"restore_best_weights": false' in message
+
+
+def test_plugins_made_in_python_are_refused_the_same_way() -> None:
+    from bz.plugins.early_stopping import EarlyStopping
+
+    plugins: list[NamedPlugin] = [Ema(EmaConfig(validate_with_ema=True)), EarlyStopping()]
+    with pytest.raises(ConfigError, match=r"plugins\.early_stopping\.restore_best_weights"):
+        bz.Trainer().fit(tiny_setup(), CONFIG, plugins)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests._examples import examples
 
 from bz.plugins._fence import RandomFence, _FastFence, _GenericFence, random_fence
 
@@ -57,7 +58,7 @@ def test_this_interpreter_gets_the_fast_fence() -> None:
 
 
 @pytest.mark.parametrize("kind", list(FENCES))
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(
     seed=st.integers(0, 2**32 - 1),
     loop_draws=st.integers(0, 700),
@@ -128,7 +129,7 @@ def _torch_draws(kind: int, count: int) -> None:
 
 
 @pytest.mark.parametrize("kind", list(FENCES))
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(
     seed=st.integers(0, 2**32 - 1),
     cached=st.booleans(),

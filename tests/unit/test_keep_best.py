@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests._config_strategies import any_documents
+from tests._examples import examples
 from tests._fault_support import RESUME_TRAIN_PY
 from tests._support import tiny_setup
 
@@ -56,7 +57,7 @@ values = st.one_of(
 )
 
 
-@settings(max_examples=30, deadline=None)  # each example writes up to 10 files
+@settings(max_examples=examples(30), deadline=None)  # each example writes up to 10 files
 @given(
     st.lists(st.tuples(values, st.booleans()), min_size=1, max_size=10),
     st.integers(min_value=1, max_value=3),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests._examples import examples
 
 from bz._errors import ConfigError
 from bz.config import MetricSpec, RunConfig, structure
@@ -170,7 +171,7 @@ JSON = st.recursive(
 OPTION_KEYS = st.sampled_from(["k", "average", "num_classes", "enabled"]) | st.text(max_size=8)
 
 
-@settings(max_examples=75, deadline=None)
+@settings(max_examples=examples(75), deadline=None)
 @given(
     name=st.sampled_from(sorted(BUILTIN_METRICS)),
     options=st.dictionaries(OPTION_KEYS, JSON | st.sampled_from(["macro", "micro"]), max_size=3),
@@ -184,7 +185,7 @@ def test_any_json_options_build_or_give_a_config_error(name: str, options: dict[
         assert len(result) == 1
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(name=st.text(max_size=20))
 def test_any_name_builds_or_gives_a_config_error(name: str) -> None:
     result = outcome([name])

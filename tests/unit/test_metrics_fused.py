@@ -25,6 +25,7 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
+from tests._examples import examples
 from tests.unit.test_metrics_host_reads import HostReads
 
 import bz.metrics._fused
@@ -43,7 +44,7 @@ from bz.metrics._fused import batch_update
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=examples(40), deadline=None)
 
 
 def classification_set(classes: int, choice: list[int]) -> list[MergeableMetric]:

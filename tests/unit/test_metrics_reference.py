@@ -29,6 +29,7 @@ from sklearn.metrics import (
     recall_score,
     top_k_accuracy_score,
 )
+from tests._examples import examples
 
 from bz.metrics import (
     Accuracy,
@@ -46,9 +47,9 @@ Average = Literal["macro", "micro", "weighted"]
 AVERAGES: tuple[Average, ...] = ("macro", "micro", "weighted")
 AVERAGED = {"precision": Precision, "recall": Recall, "f1_score": F1Score}
 
-FAST = settings(max_examples=30, deadline=None)
+FAST = settings(max_examples=examples(30), deadline=None)
 # These run every metric (eleven of them) on each example.
-EVERY_METRIC = settings(max_examples=20, deadline=None)
+EVERY_METRIC = settings(max_examples=examples(20), deadline=None)
 
 
 @attrs.frozen

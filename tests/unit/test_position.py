@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests._examples import examples
 from tests._loader_kinds import KINDS, loader
 from tests._support import Events
 from torch.utils.data import DataLoader, Dataset
@@ -127,7 +128,7 @@ class _Indices(Dataset[int]):
         return index
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     length=st.integers(1, 60),  # torch refuses to shuffle an empty dataset
     batch_size=st.integers(1, 7),

@@ -25,7 +25,7 @@ import structlog
 import torch
 import torch.nn.utils.prune
 from tests._fault_support import resume_setup
-from tests._support import assert_same_weights
+from tests._support import assert_same_weights, quick_first
 from torch import nn
 
 import bz
@@ -263,7 +263,7 @@ def test_the_matrix(
 
 @pytest.mark.parametrize(
     "action",
-    [
+    quick_first(
         "set_dropout",
         "forward_hook",
         "grad_hook",
@@ -273,7 +273,7 @@ def test_the_matrix(
         "to_double",
         "enter_autocast",
         "replace_signal_handler",
-    ],
+    ),
 )
 def test_what_a_plugin_changes_beyond_the_state_dicts_is_rewound(
     action: str, clean: dict[str, torch.Tensor], tmp_path: Path

@@ -29,6 +29,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests._config_strategies import any_documents, documents, places, valid_documents
+from tests._examples import examples
 
 from bz._entry_points import Discovery
 from bz.commands import cli
@@ -89,20 +90,20 @@ def _explain(document: Any) -> str:
 
 
 @given(any_documents())
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_the_schema_accepts_exactly_what_bz_accepts(document: Any) -> None:
     assert schema_accepts(document) == bz_accepts(document), _explain(document)
 
 
 @given(valid_documents())
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_generated_valid_documents_pass_both(document: dict[str, Any]) -> None:
     assert bz_accepts(document), _explain(document)
     assert schema_accepts(document), _explain(document)
 
 
 @pytest.mark.parametrize("place", sorted(places()))
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_each_table_and_each_plugins_options_agree(place: str, data: st.DataObject) -> None:
     # The whole-document property rarely reaches deep into one plugin's options: here

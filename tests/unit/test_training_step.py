@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests._examples import examples
 from torch import nn
 
 import bz
@@ -353,7 +354,7 @@ class LearningRates:
         self.rates.append(context.optimizer.param_groups[0]["lr"])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     accumulate=st.integers(1, 4),
     count=st.integers(1, 7),

@@ -29,7 +29,10 @@ How the training process waits on it:
   ``end_epoch`` (the proxy always waits there).
 * ``state_dict`` / ``load_state_dict`` wait, like epoch-level hooks.
 
-Waiting is bounded by ``plugin_timeout``. Whatever ends the child (an exception in a
+Waiting is bounded by ``plugin_timeout``; start-up (a fresh interpreter importing and
+creating the plugin) is not a hook and has its own limit, :data:`START_TIMEOUT_S`, and
+the process plugins of a run start at the same time (:func:`isolated_starts`). Whatever
+ends the child (an exception in a
 hook, a segfault, ``os._exit``, a hang past the timeout) is the plugin's fault: the
 proxy ends the child and raises, and the sandbox quarantines it as it does any plugin.
 """
@@ -48,9 +51,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from bz._errors import ConfigError
 from bz._logging import get_logger
@@ -84,7 +89,9 @@ BYTES_LIMIT = 64 * 1024
 READ_AT = 8
 """Batch-level calls read the replies that arrived once this many messages are out."""
 START_TIMEOUT_S = 120.0
-"""How long the child may take to import and create the plugin (without plugin_timeout)."""
+"""How long a plugin's process may take to start: a fresh interpreter importing and
+creating the plugin. Not counted against ``plugin_timeout``, which bounds its hooks;
+several process plugins start at the same time."""
 
 PER_BATCH = frozenset(spec.name for spec in HOOKS if spec.per_batch)
 SYNC_HOOKS = ("end_epoch", "end_training_session")
@@ -163,12 +170,14 @@ class _Channel:
         once :data:`READ_AT` messages are on their way (each question is a system call)."""
         return len(self.in_flight) >= READ_AT and self.connection.poll(0)
 
-    def receive(self, deadline: float | None, waiting_for: str) -> Any:
-        """The next reply, waiting until ``deadline`` (``time.monotonic``) at most."""
+    def receive(self, deadline: float | None, waiting_for: str, limit: str = "") -> Any:
+        """The next reply, waiting until ``deadline`` (``time.monotonic``) at most (what
+        set it: ``limit``, by default ``plugin_timeout``)."""
         connection = self.connection
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not connection.poll(remaining):
-            raise IsolatedPluginError(f"{waiting_for} did not answer within plugin_timeout")
+            limit = limit or "plugin_timeout"
+            raise IsolatedPluginError(f"{waiting_for} did not answer within {limit}")
         try:
             reply = pickle.loads(connection.recv_bytes())
         except (EOFError, OSError) as exc:
@@ -230,30 +239,31 @@ def _log_format() -> str | None:
 # -- starting one ---------------------------------------------------------------------------
 
 
-def start_isolated(
-    spec: PluginSpec,
-    path: str,
-    run_config: RunConfig,
-    policy: ErrorPolicy,
-    faults: list[PluginFault],
-    registry: Mapping[str, object],
-) -> IsolatedPlugin | None:
-    """Create plugin ``name`` in a process of its own and return its proxy.
+@attrs.frozen
+class Starting:
+    """A process plugin whose process was started and asked to create the plugin."""
 
-    Bad options are a :class:`ConfigError`, as in process; a plugin that declares it
-    needs the training process (:data:`NEEDS_TRAINING_PROCESS`) is one too. Faults while
-    importing or creating it follow ``policy`` (appended to ``faults`` and None, or a
-    :class:`PluginFailure`).
-    """
-    name, options = spec.name, spec.options
-    if name in registry:  # a factory given in code: the child cannot import it
+    spec: PluginSpec
+    path: str
+    timeout: float | None
+    """``plugin_timeout``, for the plugin's hooks (start-up has :data:`START_TIMEOUT_S`)."""
+    channel: _Channel
+    deadline: float
+    """When start-up must be over (``time.monotonic``)."""
+
+
+def begin_isolated(
+    spec: PluginSpec, path: str, run_config: RunConfig, registry: Mapping[str, object]
+) -> Starting:
+    """Start plugin ``spec.name``'s process and ask it to create the plugin, without
+    waiting (:func:`start_isolated` does): several start at the same time. A factory
+    given in code cannot be imported there: a :class:`ConfigError`."""
+    if spec.name in registry:
         raise ConfigError([(path, f'"isolation": "{PROCESS}" needs an installed plugin')])
-    timeout = run_config.plugin_timeout
-    deadline = time.monotonic() + (timeout if timeout is not None else START_TIMEOUT_S)
     channel = _spawn()
     start = {
-        "name": name,
-        "options": without_isolation(options),
+        "name": spec.name,
+        "options": without_isolation(spec.options),
         "path": path,
         "run_config": run_config,
         "sys_path": list(sys.path),
@@ -261,9 +271,52 @@ def start_isolated(
         "run_dir_hint": run_dir_hint.get(),
         "log_format": _log_format(),
     }
-    try:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with contextlib.suppress(IsolatedPluginError):  # ended already: start_isolated says how
         channel.post(("start", start), limit=False)
-        kind, payload = channel.receive(deadline, f"plugin {name!r} (starting)")
+    return Starting(spec, path, run_config.plugin_timeout, channel, deadline)
+
+
+@contextlib.contextmanager
+def isolated_starts(
+    specs: Iterable[PluginSpec],
+    path: Callable[[PluginSpec], str],
+    run_config: RunConfig,
+    registry: Mapping[str, object],
+) -> Iterator[dict[str, Starting]]:
+    """Every enabled process plugin of ``specs``, started at once (:func:`begin_isolated`)
+    and handed to :func:`start_isolated` by name; if loading fails, their processes end."""
+    starting: dict[str, Starting] = {}
+    try:
+        for spec in specs:
+            where = path(spec)
+            if spec.enabled and isolation_of(spec.options, where) == PROCESS:
+                starting[spec.name] = begin_isolated(spec, where, run_config, registry)
+        yield starting
+    except BaseException:
+        for each in starting.values():
+            each.channel.close(kill=True)  # a no-op for one already closed
+        raise
+
+
+def start_isolated(
+    starting: Starting, policy: ErrorPolicy, faults: list[PluginFault]
+) -> IsolatedPlugin | None:
+    """Wait for a plugin :func:`begin_isolated` started and return its proxy.
+
+    Start-up (a fresh interpreter importing and creating the plugin) may take
+    :data:`START_TIMEOUT_S`, counted from when its process started, whatever
+    ``plugin_timeout`` is (that bounds its hooks). Bad options are a
+    :class:`ConfigError`, as in process; a plugin that declares it needs the training
+    process (:data:`NEEDS_TRAINING_PROCESS`) is one too. Faults while importing or
+    creating it follow ``policy`` (appended to ``faults`` and None, or a
+    :class:`PluginFailure`).
+    """
+    name, path, channel = starting.spec.name, starting.path, starting.channel
+    try:
+        kind, payload = channel.receive(
+            starting.deadline, f"plugin {name!r} (starting)", f"{START_TIMEOUT_S:g} s"
+        )
     except IsolatedPluginError as exc:
         channel.close(kill=True)
         kind, payload = "fault", ("create", f"IsolatedPluginError: {exc}")
@@ -282,7 +335,7 @@ def start_isolated(
                 ]
             )
         proxy_class = StatefulIsolatedPlugin if payload["stateful"] else IsolatedPlugin
-        return proxy_class(name, payload, channel, timeout)
+        return proxy_class(name, payload, channel, starting.timeout)
     channel.close(kill=kind != "closed")
     if kind == "config_error":
         raise ConfigError([tuple(problem) for problem in payload])
@@ -436,7 +489,10 @@ __all__ = [
     "QUEUE_LIMIT",
     "IsolatedPlugin",
     "IsolatedPluginError",
+    "Starting",
     "StatefulIsolatedPlugin",
+    "begin_isolated",
+    "isolated_starts",
     "isolation_of",
     "start_isolated",
     "without_isolation",

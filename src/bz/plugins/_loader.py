@@ -21,8 +21,9 @@ from bz._entry_points import duplicate_message as entry_duplicate_message
 from bz._errors import ConfigError, UsageError, describe_exception
 from bz._logging import get_logger, note_plugin_module
 from bz.config import PluginSpec, RunConfig, structure, unstructure
+from bz.plugins._conflicts import check_specs
 from bz.plugins._hooks import HOOK_NAMES
-from bz.plugins._isolated import PROCESS, isolation_of, start_isolated, without_isolation
+from bz.plugins._isolated import isolated_starts, isolation_of, start_isolated, without_isolation
 from bz.plugins._order import plugin_order, sort_plugins
 from bz.plugins._protocol import NamedPlugin, Plugin
 from bz.plugins._sandbox import ErrorPolicy, LoadBoundary, PluginFault, PluginSet
@@ -221,10 +222,8 @@ def _options(
             return config
         return _NOT_CHECKED
     if options:
-        keys = ", ".join(sorted(options))
-        raise ConfigError(
-            [(options_path(spec), f"plugin {spec.name!r} takes no options (got {keys})")]
-        )
+        problem = f"plugin {spec.name!r} takes no options (got {', '.join(sorted(options))})"
+        raise ConfigError([(options_path(spec), problem)])
     return None
 
 
@@ -297,6 +296,7 @@ def _check_names(
                 [(spec.path, f"plugin {spec.name!r} is already listed at {seen[spec.name]}")]
             )
         seen[spec.name] = spec.path
+    check_specs(specs, options_path)  # options of two plugins that contradict each other
 
 
 def load_plugins(
@@ -320,33 +320,32 @@ def load_plugins(
     _check_names(specs, discovery, registry)
     faults: list[PluginFault] = []
     loaded: list[tuple[NamedPlugin, tuple[str, ...]]] = []
-    for spec in specs:
-        if not spec.enabled:
-            continue
-        if spec.name in discovery.duplicates:
-            chosen = discovery.sources[spec.name]
-            _log.warning(
-                "plugin_name_duplicated",
-                plugin=spec.name,
-                hint=duplicate_message(spec.name, chosen, discovery.duplicates[spec.name]),
-            )
-        if isolation_of(spec.options, options_path(spec)) == PROCESS:
-            proxy = start_isolated(spec, options_path(spec), run_config, policy, faults, registry)
-            if proxy is not None:
-                loaded.append((proxy, check_plugin(spec.name, proxy)))
-            continue
-        factory = registry.get(spec.name)
-        if factory is None:
-            factory = _import(discovery.sources[spec.name], policy, faults)
-            if factory is None:
+    # Process plugins start all at once, and are waited for in their turn.
+    with isolated_starts(specs, options_path, run_config, registry) as starting:
+        for spec in specs:
+            if not spec.enabled:
                 continue
-        # Its stdlib loggers and prints are attributed to it (shown under `bz train`).
-        note_plugin_module(str(getattr(factory, "__module__", "")), spec.name)
-        plugin = _create(factory, spec, run_config, faults, policy)
-        if plugin is None:
-            continue
-        with LoadBoundary(spec.name, "load", policy, faults):
-            loaded.append((plugin, check_plugin(spec.name, plugin)))
+            if spec.name in discovery.duplicates:
+                others = discovery.duplicates[spec.name]
+                hint = duplicate_message(spec.name, discovery.sources[spec.name], others)
+                _log.warning("plugin_name_duplicated", plugin=spec.name, hint=hint)
+            if spec.name in starting:
+                proxy = start_isolated(starting[spec.name], policy, faults)
+                if proxy is not None:
+                    loaded.append((proxy, check_plugin(spec.name, proxy)))
+                continue
+            factory = registry.get(spec.name)
+            if factory is None:
+                factory = _import(discovery.sources[spec.name], policy, faults)
+                if factory is None:
+                    continue
+            # Its stdlib loggers and prints are attributed to it (shown under `bz train`).
+            note_plugin_module(str(getattr(factory, "__module__", "")), spec.name)
+            plugin = _create(factory, spec, run_config, faults, policy)
+            if plugin is None:
+                continue
+            with LoadBoundary(spec.name, "load", policy, faults):
+                loaded.append((plugin, check_plugin(spec.name, plugin)))
     return PluginSet(in_run_order(loaded), policy, faults)
 
 

@@ -35,12 +35,12 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
 
 from bz.config import at_least, between
 from bz.plugins import ConfiguredPluginClass, hook, model_of, plugin_logger
 
 if TYPE_CHECKING:
+    import torch  # noqa: TC004  # bound at run time by _import_torch, when an Ema is created
     from structlog.typing import FilteringBoundLogger
 
     from bz.config import PluginSpec
@@ -78,6 +78,7 @@ class Ema:
     """``"isolation": "process"`` is refused: the plugin works on the model."""
 
     def __init__(self, config: EmaConfig | None = None) -> None:
+        _import_torch()
         self.name = "ema"
         self.config = config or EmaConfig()
         self.updates = 0
@@ -252,11 +253,21 @@ def saved_average(states: Mapping[str, Any] | None) -> dict[str, torch.Tensor] |
 def load_average(model: torch.nn.Module, average: Mapping[str, torch.Tensor]) -> None:
     """Put ``average`` into ``model``'s parameters, as a validation pass on it does
     (buffers stay the model's own)."""
+    _import_torch()
     with torch.no_grad():
         for name, param in model.named_parameters():
             saved = average.get(name)
             if saved is not None:
                 param.copy_(saved)
+
+
+def _import_torch() -> None:
+    """Bind ``torch`` here when the plugin is created, not when its module is imported:
+    ``bz list-plugins --verbose`` imports this module to describe the plugin, and
+    importing torch would cost it seconds. (A module global, so that the hooks that run
+    every step look it up as cheaply as a top-level import.)"""
+    global torch  # bound once; every later call finds it bound
+    import torch
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,21 @@ def checkpointable_loader_state(loader: Iterable[Any]) -> dict[str, Any] | None:
     return state
 
 
+def loader_states_by_rank(loader: Iterable[Any]) -> list[dict[str, Any] | None] | None:
+    """Every process's :func:`checkpointable_loader_state`, by rank (None for a loader
+    without state): each loader of a sharded run is at its own position in its own share
+    of the data, and resumes from its own state. One collective, which every process
+    with a stateful loader calls."""
+    if not isinstance(loader, StatefulLoader):
+        return None
+    state = checkpointable_loader_state(loader)
+    if not torch.distributed.is_initialized():
+        return [state]
+    states: list[dict[str, Any] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
 def epoch_batches(
     loader: Iterable[Any],
     *,

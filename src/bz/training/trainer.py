@@ -12,6 +12,7 @@ from bz._errors import describe_exception
 from bz._logging import get_logger
 from bz._model_summary import summarize
 from bz.config import RunConfig
+from bz.plugins._conflicts import check_plugins
 from bz.plugins._loader import plugin_set
 from bz.plugins._names import check_monitors
 from bz.plugins._sandbox import PluginSet
@@ -96,7 +97,9 @@ def fit_seeded(
 
         metrics = build_metrics(config.metrics)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    # A plugin watching a value the run never produces would never act: refused now.
+    # Options of two plugins that contradict each other, and a plugin watching a value
+    # the run never produces (it would never act): refused now.
+    check_plugins(plugins.active)
     check_monitors(
         plugins.active, [*metrics, *setup.metrics], validates=setup.val_loader is not None
     )

@@ -133,7 +133,18 @@ class CheckpointPayload(ModelPayload):
     """With ``keep_best``, at the end of an epoch: the monitored value's name and value
     (repeated in the sidecar, which ``keep_best`` ranks by)."""
     loader: NotRequired[dict[str, Any]]
-    """The training loader's ``state_dict()``, for a loader that has one."""
+    """The training loader's ``state_dict()``, for a loader that has one (rank 0's)."""
+    loaders: NotRequired[list[dict[str, Any] | None]]
+    """With several processes: each rank's loader ``state_dict()``, by rank."""
+
+
+def rank_loader_state(payload: CheckpointPayload, rank: int) -> dict[str, Any] | None:
+    """The loader state process ``rank`` resumes from: its own when the checkpoint
+    holds every rank's, else the one it holds (written by one process)."""
+    loaders = payload.get("loaders")
+    if loaders is not None and rank < len(loaders):
+        return loaders[rank]
+    return payload.get("loader")
 
 
 # -- the run signature -----------------------------------------------------------------

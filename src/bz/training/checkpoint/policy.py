@@ -40,12 +40,13 @@ from bz.training.checkpoint.files import (
     is_finished,
     list_entries,
     loadable_problem,
+    rank_loader_state,
     unusable_reason,
 )
 from bz.training.checkpoint.lock import RunLocked
 from bz.training.checkpoint.store import CheckpointStore, writable_problem
 from bz.training.checkpoint.writes import CheckpointWrites
-from bz.training.position import checkpointable_loader_state
+from bz.training.position import loader_states_by_rank
 from bz.training.result import FitResult
 from bz.training.state import ResumePoint
 
@@ -266,10 +267,9 @@ class CheckpointPolicy(CheckpointWrites):
         """Put the run back where ``payload`` left it, up to where its next loop starts."""
         run = self.run
         self._restore_training_state(path, payload)
-        rng = payload["rng"]
-        batch = payload["batch"]
-        saved_world = payload.get("world_size", 1)
-        if batch and saved_world != run.topology.world_size:
+        rng, batch, saved_world = payload["rng"], payload["batch"], payload.get("world_size", 1)
+        same_world = saved_world == run.topology.world_size
+        if batch and not same_world:
             # Mid-epoch positions are per-process batch counts; with another number of
             # processes the interrupted epoch is run again in full from its start.
             _log.warning(
@@ -290,7 +290,7 @@ class CheckpointPolicy(CheckpointWrites):
             # Checkpoints written before these were kept hold neither.
             payload.get("samples", 0) if carries else 0,
             payload.get("metrics", {}) if carries else {},
-            loader=payload.get("loader") if saved_world == run.topology.world_size else None,
+            loader=rank_loader_state(payload, run.topology.rank) if same_world else None,
             batch_loss_total=batch_loss_total(payload, batch) if carries else 0.0,
         )
         run.state.resume_at(payload["epoch"], payload["global_step"], point)
@@ -328,8 +328,10 @@ class CheckpointPolicy(CheckpointWrites):
             return
         run = self.run
         self.settle()  # at most one write in flight
-        # Every process takes part in gathering the interrupted epoch's numbers.
+        # Every process takes part in gathering the interrupted epoch's numbers, and
+        # its loader's own state (each rank is at its own place in its own share).
         partial = self._partial_epoch() if batch else (0.0, 0, {}, 0.0)
+        loaders = loader_states_by_rank(run.train_loader)
         shards = plugins = None
         if self.fsdp:
             from bz.training.checkpoint.sharded import shard_state, sharded_name
@@ -344,7 +346,7 @@ class CheckpointPolicy(CheckpointWrites):
         payload = None
         if run.topology.is_main:
             self._position = (epoch, batch, run.state.global_step)
-            payload = self._payload(epoch, batch, stopped, *partial, plugins=plugins)
+            payload = self._payload(epoch, batch, stopped, *partial, plugins, loaders)
             if payload is None and shards is None:
                 return
         elif shards is None:
@@ -370,17 +372,17 @@ class CheckpointPolicy(CheckpointWrites):
         samples: int,
         metric_state: dict[str, list[torch.Tensor]],
         batch_loss_total: float,
-        *,
         plugins: dict[str, Any] | None,
+        loaders: list[dict[str, Any] | None] | None,
     ) -> CheckpointPayload | None:
         """What rank 0 writes, or None when something in it could not be read back.
 
         ``plugins``: the plugins' states, already gathered under FSDP, whose model and
         optimizer are then in the shards; None: a single-file checkpoint, whole.
+        ``loaders``: every rank's loader state (:func:`loader_states_by_rank`).
         """
         run, state = self.run, self.run.state
-        whole = plugins is None
-        training = capture(run, whole=whole)
+        training = capture(run, whole=plugins is None)
         now = capture_rng(run.generators)
         epoch_start = state.epoch_rng if batch and state.epoch_rng is not None else now
         payload: CheckpointPayload = {
@@ -413,9 +415,8 @@ class CheckpointPolicy(CheckpointWrites):
             value = monitored_value(keep_best.monitor, run.refresh_context())
             payload["monitored"] = (keep_best.monitor, value)
         payload["plugins"] = self._plugin_states() if plugins is None else plugins
-        loader = checkpointable_loader_state(run.train_loader)
-        if loader is not None:
-            payload["loader"] = loader
+        if loaders is not None and loaders[0] is not None:
+            payload["loader"], payload["loaders"] = loaders[0], loaders  # rank 0's, all
         # In the background, the live tensors change under the write: it gets copies.
         return cpu_copy(payload) if self._writer is not None else payload
 
