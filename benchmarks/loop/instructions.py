@@ -106,7 +106,9 @@ def callgrind(argv: Sequence[str], dumps: int) -> list[int]:
     marked stretches (``mark``), in order.
 
     Raises ``RuntimeError`` with the process's last lines if it fails, or if it did not
-    call the marker exactly ``dumps`` times.
+    call the marker exactly ``dumps`` times. With ``BZ_CALLGRIND_KEEP=folder`` in the
+    environment, the dumps are copied there (``callgrind.out.N``: per variant, the 2nd
+    and 4th hold its N- and 2N-step runs), to read with ``callgrind_annotate``.
     """
     executable = valgrind()
     if executable is None:
@@ -135,7 +137,13 @@ def callgrind(argv: Sequence[str], dumps: int) -> list[int]:
         if done.returncode != 0:
             tail = "\n".join((done.stderr or done.stdout).splitlines()[-15:])
             raise RuntimeError(f"callgrind run failed (exit {done.returncode}):\n{tail}")
-        counts = [totals(path.read_text(encoding="utf-8")) for path in dump_files(out_file)]
+        files = dump_files(out_file)
+        counts = [totals(path.read_text(encoding="utf-8")) for path in files]
+        keep = os.environ.get("BZ_CALLGRIND_KEEP")
+        if keep:  # a folder: the dumps go there, for callgrind_annotate
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            for path in files:
+                shutil.copy(path, Path(keep) / path.name)
     if len(counts) != dumps:
         raise RuntimeError(
             f"expected {dumps} callgrind dumps, got {len(counts)}: the marker ({MARKER}) "

@@ -20,72 +20,77 @@ if TYPE_CHECKING:
     from bz.config import RunConfig
 
 
-FOLD_EVERY = 256
-"""Pending scalars a :class:`DeviceSum` keeps before folding them into its total."""
-
-
 class DeviceSum:
     """Per-batch device scalars summed on the device; they reach the host only when read.
 
-    The loop appends each batch's detached mean loss with the batch's sample count as
-    its weight (no host sync: the count comes from shapes). Two sums come out of it:
+    The loop adds each batch's detached mean loss with the batch's sample count as its
+    weight (no host sync: the count comes from shapes). Two sums come out of it:
     :meth:`value`, weighted by the counts (the sample-weighted total bz's epoch means
     divide), and :meth:`batch_sum`, the plain sum of the batches' mean losses (what the
-    original bz-cli called ``training_loss_total``). Reading one folds everything pending
-    and converts once. Every :data:`FOLD_EVERY` additions the pending scalars are folded
-    on the device (a few kernels, no sync, no host-to-device copy: equal weights are
-    summed together and multiplied by a Python number), so a long epoch holds a bounded
-    number of tensors. The totals are kept in float64 (float32 on MPS, which has no
-    float64).
+    original bz-cli called ``training_loss_total``). Reading one converts once.
+
+    Each value is added in place into one device scalar, the run's sum, so nothing is
+    kept per batch: one in-place ``add_`` per batch. Batches of one epoch share a size
+    except (usually) the last, so the weight is applied per run of equal weights: when
+    the weight changes, the run's sum is folded into the totals (times its weight) and a
+    new run starts. The sums are kept in float64 (float32 on MPS, which has no float64).
     """
 
-    __slots__ = ("_folded", "_folded_batches", "_pending", "_weights")
+    __slots__ = ("_folded", "_folded_batches", "_run", "_weight")
 
     def __init__(self, initial: float = 0.0, batches: float | None = None) -> None:
         """``initial``: the weighted sum so far; ``batches``: the plain sum so far (the
         weighted one when not given, as for weights of 1)."""
-        self._pending: list[torch.Tensor] = []
-        self._weights: list[int] = []
+        self._run: torch.Tensor | None = None
+        """The plain sum of the values added since the weight last changed."""
+        self._weight: int | None = None
+        """The weight of the values in ``_run``."""
         self._folded: torch.Tensor | float = initial
         self._folded_batches: torch.Tensor | float = initial if batches is None else batches
 
     def add(self, value: torch.Tensor, weight: int = 1) -> None:
-        """Record ``value`` with ``weight`` for one device scalar; never synchronises."""
-        pending = self._pending
-        pending.append(value)
-        self._weights.append(weight)
-        if len(pending) >= FOLD_EVERY:
-            self._fold()
+        """Add ``value`` (a detached device scalar) with ``weight``; never synchronises."""
+        if weight == self._weight:
+            self._run.add_(value)  # type: ignore[union-attr]  # set with the weight
+        else:
+            self._start_run(value, weight)
 
-    def _fold(self) -> None:
+    def _start_run(self, value: torch.Tensor, weight: int) -> None:
         import torch
 
-        # Batches of one epoch share a size except (usually) the last: one or two groups.
-        groups: dict[int, list[torch.Tensor]] = {}
-        for value, weight in zip(self._pending, self._weights, strict=True):
-            groups.setdefault(weight, []).append(value)
-        total, batches = self._folded, self._folded_batches
-        for weight, values in groups.items():
-            stacked = torch.stack(values)
-            dtype = torch.float32 if stacked.device.type == "mps" else torch.float64
-            summed = stacked.sum(dtype=dtype)
-            total = total + summed * weight
-            batches = batches + summed
-        self._folded, self._folded_batches = total, batches
-        self._pending.clear()
-        self._weights.clear()
+        self._fold()
+        dtype = torch.float32 if value.device.type == "mps" else torch.float64
+        # A fresh tensor (never an alias of ``value``, which add_ would change), and a
+        # normal one even when made in inference mode (validation), so later batches
+        # can be added to it outside inference mode.
+        with torch.inference_mode(False):
+            run = torch.zeros((), dtype=dtype, device=value.device)
+        run.add_(value)
+        self._run, self._weight = run, weight
+
+    def _fold(self) -> None:
+        """Fold the current run into the totals (on the device); no run after it."""
+        run = self._run
+        if run is not None:
+            self._folded, self._folded_batches = self._sums()
+            self._run = self._weight = None
+
+    def _sums(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """The weighted and the plain sum so far (new tensors; nothing changes here, so
+        reading a sum mid-epoch never changes how the rest is added up)."""
+        run = self._run
+        if run is None:
+            return self._folded, self._folded_batches
+        assert self._weight is not None
+        return self._folded + run * self._weight, self._folded_batches + run
 
     def value(self) -> float:
         """The weighted sum so far, as a Python float (one device-to-host read)."""
-        if self._pending:
-            self._fold()
-        return float(self._folded)
+        return float(self._sums()[0])
 
     def batch_sum(self) -> float:
         """The plain sum of the values so far, weights ignored (one device-to-host read)."""
-        if self._pending:
-            self._fold()
-        return float(self._folded_batches)
+        return float(self._sums()[1])
 
 
 class PluginContext:

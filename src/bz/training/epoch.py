@@ -76,6 +76,10 @@ class EpochLoop(RunParts):
     val_forward: Forward
     step_scheduler: Any
     """The scheduler when it steps after every optimizer step, else None."""
+    plain_step: bool = False
+    """Whether an optimizer step is ``before_optimizer_step`` and ``optimizer.step()``
+    alone (no gradient scaler, clipping, asked-for norm or ``check_finite: "step"``):
+    set at the start of each training loop, tested per step."""
 
     # -- context ---------------------------------------------------------------------
 
@@ -148,6 +152,12 @@ class EpochLoop(RunParts):
         self.model.train()
         metrics.reset()
         state.micro = 0
+        self.plain_step = (
+            self.precision.scaler is None
+            and self.clip is None
+            and not self.norm_every
+            and self.config.check_finite != "step"
+        )
         self._hook("start_training_loop")
         iterator, skipped = self._batches()
         if self.vote is not None:
@@ -232,36 +242,49 @@ class EpochLoop(RunParts):
         # A method of its own so that the batch, outputs and graph die when it returns
         # instead of living in the loop's frame until the next batch replaces them.
         ctx, state, implemented = self.context, self.state, self.plugins.implemented
-        train = state.train
         if self.move_batches:
             batch = to_device(batch, self.device)
         forward = self.train_forward
-        ctx.batch = batch = forward.prepare(batch)
+        # A plain pair is what every Forward prepares it to (itself): no call for it.
+        if type(batch) is not tuple or len(batch) != 2:
+            batch = forward.prepare(batch)
+        ctx.batch = batch
         if implemented["start_training_batch"]:
             self._call("start_training_batch")
-        group = 1 if self.accumulate == 1 else self._group_size(index)
-        if state.micro == 0:
+        micro = state.micro
+        if micro == 0:
             self.setup.optimizer.zero_grad(set_to_none=True)
-        steps = state.micro + 1 == group
+        if self.accumulate == 1:
+            group, steps = 1, True
+        else:
+            group = self._group_size(index)
+            steps = micro + 1 == group
         # Batches that do not step add their gradients locally; the one that steps
         # makes DDP average the group's sum over the processes.
-        if self.ddp is not None and not steps:
+        if steps or self.ddp is None:
+            computed = self._forward_backward(forward, batch, group)
+        else:
             with self.ddp.no_sync():
                 computed = self._forward_backward(forward, batch, group)
-        else:
-            computed = self._forward_backward(forward, batch, group)
         loss, outputs, predictions, targets, samples = computed
         ctx.outputs, ctx.loss = outputs, loss
         if implemented["after_backward"]:
             self._call("after_backward")
-        if steps:
-            self._optimizer_step(loss)
-            state.micro = 0
-        else:
+        if not steps:
             if self.config.check_finite == "step":
                 self._check_finite(loss, None)
-            state.micro += 1
+            state.micro = micro + 1
+        elif self.plain_step:  # _optimizer_step's common case, inline
+            if implemented["before_optimizer_step"]:
+                self._call("before_optimizer_step")
+            self.setup.optimizer.step()
+            state.global_step += 1
+            state.micro = 0
+        else:
+            self._optimizer_step(loss)
+            state.micro = 0
         detached = loss.detach()
+        train = state.train
         train.samples += samples
         train.loss.add(detached, samples)
         if self.train_metrics.active:
