@@ -34,8 +34,9 @@ valid_configs = valid_documents()
 
 @pytest.mark.parametrize("key", [field.name for field in attrs.fields(RunConfig)])
 def test_the_config_strategy_reaches_every_key(key: str) -> None:
-    # The first example found will do: no shrinking (the slow part of find).
-    quick = settings(database=None, phases=[Phase.generate])
+    # The first example found will do: no shrinking (the slow part of find). The count is
+    # a search limit, not a property's example count: the quick profile must not cut it.
+    quick = settings(database=None, phases=[Phase.generate], max_examples=1000)
     found = find(valid_configs, lambda data: key in data, settings=quick)
     structure(found, RunConfig)
 
