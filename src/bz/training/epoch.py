@@ -76,10 +76,6 @@ class EpochLoop(RunParts):
     val_forward: Forward
     step_scheduler: Any
     """The scheduler when it steps after every optimizer step, else None."""
-    plain_step: bool = False
-    """Whether an optimizer step is ``before_optimizer_step`` and ``optimizer.step()``
-    alone (no gradient scaler, clipping, asked-for norm or ``check_finite: "step"``):
-    set at the start of each training loop, tested per step."""
 
     # -- context ---------------------------------------------------------------------
 
@@ -90,7 +86,7 @@ class EpochLoop(RunParts):
     def _hook(self, hook: str) -> None:
         # The context is refreshed only when someone will look at it.
         if self.plugins.implemented[hook]:
-            self.plugins.call(hook, self.state.show(self.context))
+            self._call(hook)
 
     def _call(self, hook: str) -> None:
         """``hook``, which the caller saw implemented (``plugins.implemented``): the
@@ -152,12 +148,6 @@ class EpochLoop(RunParts):
         self.model.train()
         metrics.reset()
         state.micro = 0
-        self.plain_step = (
-            self.precision.scaler is None
-            and self.clip is None
-            and not self.norm_every
-            and self.config.check_finite != "step"
-        )
         self._hook("start_training_loop")
         iterator, skipped = self._batches()
         if self.vote is not None:
@@ -245,10 +235,7 @@ class EpochLoop(RunParts):
         if self.move_batches:
             batch = to_device(batch, self.device)
         forward = self.train_forward
-        # A plain pair is what every Forward prepares it to (itself): no call for it.
-        if type(batch) is not tuple or len(batch) != 2:
-            batch = forward.prepare(batch)
-        ctx.batch = batch
+        ctx.batch = batch = forward.prepare(batch)
         if implemented["start_training_batch"]:
             self._call("start_training_batch")
         micro = state.micro
@@ -270,19 +257,13 @@ class EpochLoop(RunParts):
         ctx.outputs, ctx.loss = outputs, loss
         if implemented["after_backward"]:
             self._call("after_backward")
-        if not steps:
+        if steps:
+            self._optimizer_step(loss)
+            state.micro = 0
+        else:
             if self.config.check_finite == "step":
                 self._check_finite(loss, None)
             state.micro = micro + 1
-        elif self.plain_step:  # _optimizer_step's common case, inline
-            if implemented["before_optimizer_step"]:
-                self._call("before_optimizer_step")
-            self.setup.optimizer.step()
-            state.global_step += 1
-            state.micro = 0
-        else:
-            self._optimizer_step(loss)
-            state.micro = 0
         detached = loss.detach()
         train = state.train
         train.samples += samples
