@@ -358,8 +358,9 @@ def test_limits_of_any_length_are_limits_not_errors(
     # The wait for a reply is the operating system's, in milliseconds in a C int: a
     # limit past about 25 days used to raise OverflowError in the training process.
     record = tmp_path / "iso.json"
-    limits = {"plugin_timeout": 1e300, "plugin_start_timeout": 1e300}
-    done = _train(tmp_path / "run", site, [_iso(record)], **limits)
+    done = _train(
+        tmp_path / "run", site, [_iso(record)], plugin_timeout=1e300, plugin_start_timeout=1e300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert _failed(done.stdout) == []
     assert_same_weights(final_model_state(tmp_path / "run"), reference)
