@@ -38,11 +38,12 @@ TRAIN_PY = textwrap.dedent(
     def setup(config: bz.RunConfig) -> bz.TrainingSetup:
         inputs = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
         model = nn.Linear(3, 2)
+        data = TensorDataset(inputs, (inputs[:, 0] > 0).long())
         return bz.TrainingSetup(
             model=model,
             loss_fn=nn.CrossEntropyLoss(),
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            train_loader=DataLoader(TensorDataset(inputs, (inputs[:, 0] > 0).long()), batch_size=8),
+            train_loader=DataLoader(data, batch_size=8),
         )
     """
 )

@@ -71,6 +71,7 @@ class Table(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 def _setup(kind: str) -> bz.TrainingSetup:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    loader: StatefulDataLoader[tuple[torch.Tensor, torch.Tensor]]
     if kind == "iterable":
         loader = StatefulDataLoader(Stream(), batch_size=BATCH)
     else:
