@@ -20,6 +20,7 @@ import bz
 from bz.config import MetricSpec, RunConfig
 from bz.metrics._registry import build_metrics
 
+pytestmark = pytest.mark.slow  # building a GPT-2 imports most of transformers (~10 s)
 transformers = pytest.importorskip("transformers")
 
 CONFIG = RunConfig(epochs=1, device="cpu", plugins=(), seed=0)
