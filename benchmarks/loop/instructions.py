@@ -22,8 +22,10 @@ import gc
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +44,6 @@ entry of every ``ctypes`` callback into Python."""
 MARKS_PER_VARIANT = 4
 """Before N, after N, before 2N, after 2N: the dumps at the 2nd and 4th hold the runs."""
 
-ROOT = Path(__file__).resolve().parents[2]
 
 _TOTALS = re.compile(r"^(?:totals|summary):\s+(\d+)", re.MULTILINE)
 
@@ -93,17 +94,13 @@ def per_step(counts: Sequence[int], steps: int) -> list[float]:
     return result
 
 
-@dataclass(frozen=True)
-class Counted:
-    """One variant's instructions per step."""
-
-    variant: str
-    per_step: float
-
-
-def callgrind(argv: Sequence[str], dumps: int) -> list[int]:
+def callgrind(argv: Sequence[str], dumps: int, layout: int = 0) -> list[int]:
     """Run ``python argv...`` under callgrind; the instructions of each of its ``dumps``
     marked stretches (``mark``), in order.
+
+    The process sees no path of this checkout (``isolated``), so its counts do not
+    depend on where the checkout lies. ``layout`` > 0 moves its heap by that many steps
+    (``shift_layout``): what the counts' residue is measured with.
 
     Raises ``RuntimeError`` with the process's last lines if it fails, or if it did not
     call the marker exactly ``dumps`` times. With ``BZ_CALLGRIND_KEEP=folder`` in the
@@ -115,6 +112,8 @@ def callgrind(argv: Sequence[str], dumps: int) -> list[int]:
         raise RuntimeError("valgrind is not installed")
     with tempfile.TemporaryDirectory(prefix="bz-callgrind-") as folder:
         out_file = Path(folder) / "callgrind.out"
+        python, env, cwd = isolated(Path(folder), executable)
+        env[LAYOUT] = str(layout)
         command = [
             executable,
             "--tool=callgrind",
@@ -123,17 +122,13 @@ def callgrind(argv: Sequence[str], dumps: int) -> list[int]:
             "--instr-atstart=no",
             f"--dump-before={MARKER}",
             f"--callgrind-out-file={out_file}",
-            sys.executable,
+            python,
+            "-S",  # no site: sys.path is PYTHONPATH's links only (see isolated)
             *argv,
         ]
-        env = dict(os.environ)
-        env.update(
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            PYTHONHASHSEED="0",
-            OMP_NUM_THREADS="1",
-            MKL_NUM_THREADS="1",
+        done = subprocess.run(
+            command, env=env, cwd=cwd, capture_output=True, text=True, check=False
         )
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             tail = "\n".join((done.stderr or done.stdout).splitlines()[-15:])
             raise RuntimeError(f"callgrind run failed (exit {done.returncode}):\n{tail}")
@@ -152,18 +147,112 @@ def callgrind(argv: Sequence[str], dumps: int) -> list[int]:
     return counts
 
 
-def count(workload: str, variants: Sequence[str], steps: int) -> list[Counted]:
+LAYOUT = "BZ_CALLGRIND_LAYOUT"
+"""The environment variable that tells the child how far to move its heap."""
+
+KEPT_ENVIRONMENT = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "GLIBC_TUNABLES")
+"""What the child keeps of the environment: none of it names the checkout."""
+
+
+def isolated(folder: Path, valgrind_path: str) -> tuple[str, dict[str, str], str]:
+    """The interpreter, environment and working directory of a child that sees the
+    checkout and its Python environment only through links in ``folder``.
+
+    Where the checkout lies shows up in a process as strings (``sys.path``, every
+    module's ``__file__``, ``PWD``, ``PATH``, an editable install's ``.pth`` entry);
+    their lengths move the heap's layout, and the layout moves the counts (the
+    allocator's and the hash tables' work follows addresses). ``folder`` is a fresh
+    temporary folder whose name has the same length in every run; the child runs with
+    ``-S`` (no ``site``, so no ``.pth`` file adds a real path) and finds the checkout,
+    its ``src`` and the environment's packages through links there, with a fixed
+    environment and ``folder`` as working directory, so its strings have the same
+    lengths wherever the checkout lies.
+    """
+    real_root = Path(__file__).resolve().parents[2]
+    root = folder / "root"
+    root.symlink_to(real_root, target_is_directory=True)
+    prefix = folder / "prefix"
+    prefix.symlink_to(Path(sys.prefix).resolve(), target_is_directory=True)
+    python = _through(Path(sys.executable).absolute(), Path(sys.prefix), prefix)
+    packages = dict.fromkeys(
+        _through(Path(sysconfig.get_paths()[kind]), Path(sys.prefix), prefix)
+        for kind in ("purelib", "platlib")
+    )
+    paths = [str(root / "src")] if (real_root / "src").is_dir() else []
+    paths += [str(root), *packages]
+    env = {name: os.environ[name] for name in KEPT_ENVIRONMENT if name in os.environ}
+    env.update(
+        PATH=os.pathsep.join(dict.fromkeys([str(Path(valgrind_path).parent), "/usr/bin", "/bin"])),
+        PYTHONPATH=os.pathsep.join(paths),
+        PYTHONHASHSEED="0",
+        PYTHONDONTWRITEBYTECODE="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
+    # The working directory is the folder itself: a link as working directory would be
+    # resolved (os.getcwd(), sys.path[0] under -m) to the checkout's real path.
+    return python, env, str(folder)
+
+
+def _through(path: Path, folder: Path, link: Path) -> str:
+    """``path``, reached through ``link`` (a link to ``folder``) where it lies inside it."""
+    try:
+        return str(link / path.relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
+@dataclass(frozen=True)
+class Counted:
+    """One variant's instructions per step: the median over its processes, and the
+    lowest and highest (equal where it ran in one process)."""
+
+    variant: str
+    per_step: float
+    low: float = 0.0
+    high: float = 0.0
+
+    @property
+    def spread(self) -> float:
+        """Half the range, as a fraction of the median: how far a layout moves it."""
+        return (self.high - self.low) / 2 / self.per_step if self.per_step else 0.0
+
+
+def summarise(variant: str, values: Sequence[float]) -> Counted:
+    """One variant's counts from several processes (layouts): median, lowest, highest."""
+    if not values:
+        raise ValueError(f"no counts for {variant}")
+    return Counted(variant, statistics.median(values), min(values), max(values))
+
+
+def count(
+    workload: str,
+    variants: Sequence[str],
+    steps: int,
+    layouts: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> list[Counted]:
     """Instructions per step of each of ``variants`` (by name) on ``workload``.
 
-    One child process under callgrind measures them all in turn (minutes: everything
-    runs 20 to 100 times slower there).
+    Each variant runs in a fresh process of its own under callgrind, after the same
+    preamble in every process (imports, the workload, nothing of the other variants),
+    so a variant's count does not depend on which others are measured, or in which
+    order. With ``layouts`` > 1, each variant runs in that many processes whose heaps
+    start moved by different amounts (``shift_layout``); the median is reported, and
+    the range is the residue that the heap's layout leaves. Minutes per process:
+    everything runs 20 to 100 times slower under callgrind.
     """
     argv = ["-m", "benchmarks.loop.instructions", "--workload", workload, "--steps", str(steps)]
-    argv += [arg for name in variants for arg in ("--variant", name)]
-    counts = callgrind(argv, MARKS_PER_VARIANT * len(variants))
-    return [
-        Counted(name, value) for name, value in zip(variants, per_step(counts, steps), strict=True)
-    ]
+    result = []
+    for name in variants:
+        values = []
+        for layout in range(layouts):
+            counts = callgrind([*argv, "--variant", name], MARKS_PER_VARIANT, layout)
+            values.append(per_step(counts, steps)[0])
+            if progress is not None:
+                progress(f"{name}, layout {layout}: {values[-1] / 1e6:.4f} M")
+        result.append(summarise(name, values))
+    return result
 
 
 # -- the report --------------------------------------------------------------------------
@@ -181,14 +270,39 @@ def ratios(counts: dict[str, float], baselines: dict[str, str]) -> dict[str, flo
     }
 
 
+def ratio_spread(spreads: dict[str, float], baselines: dict[str, str], name: str) -> float | None:
+    """How far a variant's ratio to its baseline may move with the heap's layout, as a
+    fraction: the two counts' spreads added (None where either was not measured)."""
+    base = baselines.get(name, name)
+    if name not in spreads or base not in spreads:
+        return None
+    return spreads[name] + spreads[base] if base != name else 0.0
+
+
 def markdown(
-    workload: str, steps: int, counts: dict[str, float], baselines: dict[str, str], hand: str
+    workload: str,
+    steps: int,
+    counts: dict[str, float],
+    baselines: dict[str, str],
+    hand: str,
+    spreads: dict[str, float] | None = None,
+    layouts: int = 1,
 ) -> str:
-    """The instructions table of one workload, counted with runs of ``steps`` and 2×."""
+    """The instructions table of one workload, counted with runs of ``steps`` and 2×.
+
+    With ``spreads`` (each count's half range over ``layouts`` processes, as a fraction
+    of it), every count and ratio shows ``±`` how far the heap's layout moved it.
+    """
     ratio = ratios(counts, baselines)
+    spreads = spreads or {}
+    how = (
+        "one fresh process per row"
+        if layouts == 1
+        else f"median of {layouts} fresh processes per row, ± half their range"
+    )
     lines = [
         f"**{workload}, instructions** (callgrind, per step: (2N-step run - N-step run) / N,"
-        f" N = {steps}, one process, one thread)",
+        f" N = {steps}, {how}, one thread)",
         "",
         "| variant | compared with | instructions per step | vs that row | vs hand loop |",
         "|---|---|---:|---:|---:|",
@@ -196,10 +310,18 @@ def markdown(
     for name, value in counts.items():
         base = baselines.get(name, name)
         same = base == name
-        versus = "—" if same or name not in ratio else f"{ratio[name]:.3f}×"
+        own = f" ± {spreads[name] * 100:.2f}%" if name in spreads else ""
+        if same or name not in ratio:
+            versus = "—"
+        else:
+            moved = ratio_spread(spreads, baselines, name)
+            versus = f"{ratio[name]:.3f}×" + (
+                "" if moved is None else f" ± {ratio[name] * moved:.3f}"
+            )
         to_hand = f"{value / counts[hand]:.3f}×" if hand in counts else "—"
         lines.append(
-            f"| {name} | {'—' if same else base} | {value / 1e6:.3f} M | {versus} | {to_hand} |"
+            f"| {name} | {'—' if same else base} | {value / 1e6:.3f} M{own} | {versus} "
+            f"| {to_hand} |"
         )
     return "\n".join(lines)
 
@@ -226,6 +348,22 @@ def last_line(
     return (
         f"instructions: bare {of('bare')}, accuracy {of('accuracy')}, "
         f"defaults {of('defaults')}, per no-op plugin {per_plugin}"
+    )
+
+
+def spread_line(
+    spreads: dict[str, float], baselines: dict[str, str], names: dict[str, str], layouts: int
+) -> str:
+    """How far the last line's ratios moved over ``layouts`` processes (± half the range
+    of each count, the two counts of a ratio added), as percentages."""
+
+    def of(key: str) -> str:
+        moved = ratio_spread(spreads, baselines, names[key])
+        return "n/a" if moved is None else f"±{moved * 100:.2f}%"
+
+    return (
+        f"instructions, moved by the heap's layout ({layouts} processes per row): "
+        f"bare {of('bare')}, accuracy {of('accuracy')}, defaults {of('defaults')}"
     )
 
 
@@ -277,8 +415,22 @@ def measured(make: Callable[[int], Callable[[], None]], steps: int) -> None:
     gc.unfreeze()
 
 
+def shift_layout(amount: int) -> list[object]:
+    """Objects to keep for the process's life, made before anything else: every later
+    allocation lands elsewhere, by an amount that grows with ``amount`` (0: nothing).
+
+    Small objects of many sizes (Python's allocator) and one block from ``malloc``:
+    about what a longer path or a different preamble moves, on purpose.
+    """
+    kept: list[object] = [bytes(8 * (1 + i % 63)) for i in range(amount * 101)]
+    if amount:
+        kept.append(bytearray(amount * 4093))
+    return kept
+
+
 def _child(argv: Sequence[str] | None = None) -> int:
     """Under callgrind: measure each named variant in turn (``measured``)."""
+    kept = shift_layout(int(os.environ.get(LAYOUT, "0")))
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", required=True)
     parser.add_argument("--steps", type=int, required=True)
@@ -301,6 +453,7 @@ def _child(argv: Sequence[str] | None = None) -> int:
             return prepare(workload, workload.data(1, device), device)
 
         measured(make, args.steps)
+    del kept
     return 0
 
 
