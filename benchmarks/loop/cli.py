@@ -132,6 +132,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "moved heaps and show the median ± half the range (default 1; each adds a process "
         "per row).",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="With --instructions: callgrind processes at a time (default: 2, or 1 on one "
+        "CPU; the counts do not depend on it).",
+    )
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")
     return parser.parse_args(argv)
 
@@ -175,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = only(variants(with_lightning, with_bf16=not args.no_bf16), args.only)
         if counting:
             counted[workload.name], spreads[workload.name] = _count(
-                workload.name, chosen, args.steps, args.layouts
+                workload.name, chosen, args.steps, args.layouts, args.jobs
             )
             results["workloads"].setdefault(workload.name, {}).update(
                 instructions_per_step=counted[workload.name],
@@ -236,14 +243,19 @@ def _baselines(chosen: list[Variant]) -> dict[str, str]:
 
 
 def _count(
-    workload: str, chosen: list[Variant], steps: int | None, layouts: int
+    workload: str, chosen: list[Variant], steps: int | None, layouts: int, jobs: int
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Instructions per step of ``chosen`` on ``workload`` and their spreads (fractions),
     and their table printed."""
     names = [variant.name for variant in chosen]
     steps = steps or instructions.STEPS[workload]
     counts = instructions.count(
-        workload, names, steps, layouts, progress=lambda line: print(line, file=sys.stderr)
+        workload,
+        names,
+        steps,
+        layouts,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        jobs=jobs,
     )
     by_name = {counted.variant: counted.per_step for counted in counts}
     spreads = {counted.variant: counted.spread for counted in counts} if layouts > 1 else {}
