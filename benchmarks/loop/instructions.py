@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import hashlib
 import os
 import re
 import shutil
@@ -113,7 +114,7 @@ def callgrind(argv: Sequence[str], dumps: int, layout: int = 0) -> list[int]:
         raise RuntimeError("valgrind is not installed")
     with tempfile.TemporaryDirectory(prefix="bz-callgrind-") as folder:
         out_file = Path(folder) / "callgrind.out"
-        python, env, cwd = isolated(Path(folder), executable)
+        python, env, cwd = isolated(links_folder(), executable)
         env[LAYOUT] = str(layout)
         command = [
             executable,
@@ -151,7 +152,7 @@ def callgrind(argv: Sequence[str], dumps: int, layout: int = 0) -> list[int]:
 LAYOUT = "BZ_CALLGRIND_LAYOUT"
 """The environment variable that tells the child how far to move its heap."""
 
-KEPT_ENVIRONMENT = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "GLIBC_TUNABLES")
+KEPT_ENVIRONMENT = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER")
 """What the child keeps of the environment: none of it names the checkout."""
 
 
@@ -166,14 +167,14 @@ def isolated(folder: Path, valgrind_path: str) -> tuple[str, dict[str, str], str
     temporary folder whose name has the same length in every run; the child runs with
     ``-S`` (no ``site``, so no ``.pth`` file adds a real path) and finds the checkout,
     its ``src`` and the environment's packages through links there, with a fixed
-    environment and ``folder`` as working directory, so its strings have the same
-    lengths wherever the checkout lies.
+    environment, ``folder`` as working directory and its modules compiled for the links'
+    paths (``PYTHONPYCACHEPREFIX``), so its strings have the same lengths wherever the
+    checkout lies.
     """
     real_root = Path(__file__).resolve().parents[2]
-    root = folder / "root"
-    root.symlink_to(real_root, target_is_directory=True)
-    prefix = folder / "prefix"
-    prefix.symlink_to(Path(sys.prefix).resolve(), target_is_directory=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    root = _link(folder / "root", real_root)
+    prefix = _link(folder / "prefix", Path(sys.prefix).resolve())
     python = _through(Path(sys.executable).absolute(), Path(sys.prefix), prefix)
     packages = dict.fromkeys(
         _through(Path(sysconfig.get_paths()[kind]), Path(sys.prefix), prefix)
@@ -186,13 +187,33 @@ def isolated(folder: Path, valgrind_path: str) -> tuple[str, dict[str, str], str
         PATH=os.pathsep.join(dict.fromkeys([str(Path(valgrind_path).parent), "/usr/bin", "/bin"])),
         PYTHONPATH=os.pathsep.join(paths),
         PYTHONHASHSEED="0",
-        PYTHONDONTWRITEBYTECODE="1",
+        # Compiled modules from here, compiled for the links' paths: a module compiled
+        # elsewhere carries the real path (co_filename) in its marshalled strings.
+        PYTHONPYCACHEPREFIX=str(folder / "pycache"),
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
     )
     # The working directory is the folder itself: a link as working directory would be
     # resolved (os.getcwd(), sys.path[0] under -m) to the checkout's real path.
     return python, env, str(folder)
+
+
+def links_folder() -> Path:
+    """The folder of links (``isolated``) of this checkout and Python environment: the
+    same path, of the same length from every checkout, each time (so the compiled
+    modules it keeps are reused), named after what the links point to."""
+    real_root = Path(__file__).resolve().parents[2]
+    key = f"{real_root}\0{Path(sys.prefix).resolve()}".encode()
+    return Path(tempfile.gettempdir()) / f"bz-callgrind-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def _link(link: Path, target: Path) -> Path:
+    """``link``, a symbolic link to ``target`` (made unless it is one already)."""
+    with contextlib.suppress(FileExistsError):
+        link.symlink_to(target, target_is_directory=True)
+    if link.resolve() != target.resolve():
+        raise RuntimeError(f"{link} points to {link.resolve()}, not {target}")
+    return link
 
 
 def _through(path: Path, folder: Path, link: Path) -> str:
@@ -226,6 +247,25 @@ def summarise(variant: str, values: Sequence[float]) -> Counted:
     return Counted(variant, statistics.median(values), min(values), max(values))
 
 
+def warm_up(argv: Sequence[str], variants: Sequence[str]) -> None:
+    """Run the child once without callgrind (two steps, every variant), so the modules it
+    imports are compiled for the links' paths before any counted process starts: a
+    process that compiles them first would not be laid out like one that loads them."""
+    python, env, cwd = isolated(links_folder(), valgrind() or "valgrind")
+    names = [arg for name in variants for arg in ("--variant", name)]
+    done = subprocess.run(
+        [python, "-S", *argv[:-2], "--steps", "2", "--no-callgrind", *names],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).splitlines()[-15:])
+        raise RuntimeError(f"the warm-up run failed (exit {done.returncode}):\n{tail}")
+
+
 def count(
     workload: str,
     variants: Sequence[str],
@@ -254,6 +294,7 @@ def count(
             progress(f"{workload}: {name}, layout {layout}: {value[0] / 1e6:.4f} M per step")
         return value[0]
 
+    warm_up(argv, variants)
     tasks = [(name, layout) for name in variants for layout in range(layouts)]
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
         values = dict(zip(tasks, pool.map(one, tasks), strict=True))
@@ -404,14 +445,15 @@ def instrumented() -> Iterator[None]:
         _instrumentation("off")
 
 
-def measured(make: Callable[[int], Callable[[], None]], steps: int) -> None:
-    """Warm up, then run N and 2N steps between marks (see ``per_step``)."""
+def measured(make: Callable[[int], Callable[[], None]], steps: int, counted: bool = True) -> None:
+    """Warm up, then run N and 2N steps between marks (see ``per_step``); with
+    ``counted`` False, outside callgrind: the same runs, no instrumentation, no marks."""
     for _ in range(2):  # the first runs: lazy imports, caches, the interpreter's specialising
         make(max(steps // 4, 2))()
     single, double = make(steps), make(2 * steps)
     gc.collect()
     gc.freeze()  # collections then skip what already exists: no stray full collection
-    with instrumented():
+    with instrumented() if counted else contextlib.nullcontext():
         mark()
         single()
         mark()
@@ -442,6 +484,7 @@ def _child(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workload", required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument("--no-callgrind", dest="counted", action="store_false")
     args = parser.parse_args(argv)
     import torch
     from benchmarks.loop.variants import lightning_available, quiet, variants
@@ -459,7 +502,7 @@ def _child(argv: Sequence[str] | None = None) -> int:
             workload = base.resized(batches=steps, epochs=1)
             return prepare(workload, workload.data(1, device), device)
 
-        measured(make, args.steps)
+        measured(make, args.steps, args.counted)
     del kept
     return 0
 

@@ -7,7 +7,6 @@ pure-Python workload whose second variant does exactly twice the work of the fir
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -169,7 +168,7 @@ def test_the_counted_process_sees_no_path_of_the_checkout(tmp_path: Path) -> Non
     assert set(seen["env"]) <= {*instructions.KEPT_ENVIRONMENT, *_FIXED}
 
 
-_FIXED = {"PATH", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE"}
+_FIXED = {"PATH", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONPYCACHEPREFIX"}
 _FIXED |= {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "LC_CTYPE"}
 
 
