@@ -140,7 +140,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "CPU; the counts do not depend on it).",
     )
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("layouts", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

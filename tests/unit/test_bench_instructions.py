@@ -214,3 +214,32 @@ def test_callgrind_counts_twice_the_work_as_twice_the_instructions() -> None:
 def test_a_process_that_never_marks_is_an_error_not_a_number() -> None:
     with pytest.raises(RuntimeError, match="expected 4 callgrind dumps, got 0"):
         instructions.callgrind(["-c", "pass"], dumps=4)
+
+
+def test_the_links_folder_is_the_same_each_time_and_as_long_from_any_checkout() -> None:
+    folder = instructions.links_folder()
+    assert folder == instructions.links_folder()
+    assert folder.name.startswith("bz-callgrind-")
+    assert len(folder.name) == len("bz-callgrind-") + 12
+
+
+def test_layouts_and_jobs_are_options_of_the_instruction_counts() -> None:
+    from benchmarks.loop.cli import parse
+
+    plain = parse(["--instructions"])
+    assert plain.layouts == 1
+    assert plain.jobs >= 1
+    chosen = parse(["--instructions", "--layouts", "3", "--jobs", "1", "--only", "bare"])
+    assert (chosen.layouts, chosen.jobs, chosen.only) == (3, 1, ["bare"])
+
+
+@pytest.mark.parametrize("option", ["--layouts", "--jobs"])
+def test_fewer_than_one_process_is_a_usage_error(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.loop.cli import parse
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--instructions", option, "0"])
+    assert exit_info.value.code == 2
+    assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
