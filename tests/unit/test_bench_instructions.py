@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from benchmarks.loop import instructions
+from benchmarks.loop import instructions, links
 from benchmarks.loop.variants import BZ, BZ_ACCURACY, HAND, HAND_ACCURACY, KEYS, only, variants
 
 # The head and the tail of a dump callgrind 3.19 wrote for --dump-before (the cost lines
@@ -154,7 +154,7 @@ def test_the_counted_process_sees_no_path_of_the_checkout(tmp_path: Path) -> Non
     # Where the checkout lies must not reach the child: those strings' lengths move the
     # heap's layout, and with it the counts.
     real = Path(instructions.__file__).resolve().parents[2]
-    python, env, cwd = instructions.isolated(tmp_path, "/usr/bin/valgrind")
+    python, env, cwd = links.isolated(tmp_path, "/usr/bin/valgrind")
     done = subprocess.run(
         [python, "-S", "-c", PROBE], env=env, cwd=cwd, capture_output=True, text=True, check=True
     )
@@ -165,7 +165,7 @@ def test_the_counted_process_sees_no_path_of_the_checkout(tmp_path: Path) -> Non
     assert not [s for s in strings if sys.prefix in s and sys.prefix != sys.base_prefix]
     assert Path(seen["files"][0]).resolve() == Path(instructions.__file__).resolve()
     assert seen["env"]["PYTHONHASHSEED"] == "0"
-    assert set(seen["env"]) <= {*instructions.KEPT_ENVIRONMENT, *_FIXED}
+    assert set(seen["env"]) <= {*links.KEPT_ENVIRONMENT, *_FIXED}
 
 
 _FIXED = {"PATH", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONPYCACHEPREFIX"}
@@ -217,8 +217,8 @@ def test_a_process_that_never_marks_is_an_error_not_a_number() -> None:
 
 
 def test_the_links_folder_is_the_same_each_time_and_as_long_from_any_checkout() -> None:
-    folder = instructions.links_folder()
-    assert folder == instructions.links_folder()
+    folder = links.links_folder()
+    assert folder == links.links_folder()
     assert folder.name.startswith("bz-callgrind-")
     assert len(folder.name) == len("bz-callgrind-") + 12
 
