@@ -243,3 +243,13 @@ def test_fewer_than_one_process_is_a_usage_error(
         parse(["--instructions", option, "0"])
     assert exit_info.value.code == 2
     assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_a_process_counted_again_counts_the_same_to_the_instruction() -> None:
+    # The runs between the marks, not the busy waits for callgrind_control around them.
+    dumps = 2 * instructions.MARKS_PER_VARIANT
+    first = instructions.per_step(instructions.callgrind(["-c", CHILD], dumps), steps=200)
+    again = instructions.per_step(instructions.callgrind(["-c", CHILD], dumps), steps=200)
+    assert again == first
