@@ -3,7 +3,7 @@
 Timing ratios on a shared machine move by 5 to 25% from run to run; instruction counts
 do not. Each variant runs for N and for 2N steps in a fresh process of its own under
 ``valgrind --tool=callgrind`` (so the other variants cannot move its count), one that
-sees the checkout only through links (``benchmarks.loop.links``: so its path cannot).
+sees the checkout only through links (``benchmarks.loop.links``: so its path barely can).
 Callgrind writes a dump of its counts each time the process calls a marker C function
 (``--dump-before``), and the process calls it just before and just after each run.
 Whatever a run costs once (building the loop, the first and last hooks) is in both
