@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from tests._checkpoint_support import SETUP_MARKER, TRAIN_PY
+from tests._child import STORE_CHILD as CHILD
 from tests._fault_support import BATCHES_PER_EPOCH, REPO_ROOT
 from tests._support import TRAINING_DIED, assert_same_weights
 
@@ -27,8 +28,6 @@ from bz.training.checkpoint.files import FINAL_MODEL, read_checkpoint, sidecar
 from bz.training.checkpoint.store import atomic_save
 
 pytestmark = pytest.mark.slow
-
-CHILD = "from tests._checkpoint_support import child_main; child_main()"
 
 # Early stopping watching a value that only falls (the training loss) as if higher were
 # better: the first epoch stays the best, so the weights the run ends with (restored)

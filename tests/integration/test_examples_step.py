@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import pytest
 import torch
+from tests._child import FAULT_CHILD
 from tests._support import TRAINING_DIED
 
 import bz
@@ -54,7 +55,7 @@ def _bz(folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str
     """``bz`` in ``folder``, through the fault-injecting entry of the kill tests."""
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("BZ_")}
     clean_env["PYTHONPATH"] = str(REPO_ROOT)
-    child = "from tests._fault_support import child_main; child_main()"
+    child = FAULT_CHILD
     return subprocess.run(
         [sys.executable, "-c", child, *args],
         cwd=folder,
