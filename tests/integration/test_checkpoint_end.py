@@ -126,6 +126,30 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple
     return get
 
 
+CLEAN_EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], dict[str, torch.Tensor]]:
+    """The weights after epoch N of one clean run without plugins (every checkpoint kept).
+
+    The tests below compare a run that something happened to with "a clean run of N
+    epochs": epoch N's checkpoint of this longer run holds exactly those weights (a run's
+    epochs do not depend on how many follow: test_checkpoint's extended-epochs test), so
+    one run serves them all.
+    """
+    folder = _project(
+        tmp_path_factory.mktemp("clean") / "run", epochs=CLEAN_EPOCHS, keep_last=CLEAN_EPOCHS
+    )
+    train(folder).expect(0)
+
+    def after(epochs: int) -> dict[str, torch.Tensor]:
+        assert 1 <= epochs <= CLEAN_EPOCHS
+        return model_weights(run_dir(folder) / f"epoch-{epochs:04d}.pt")
+
+    return after
+
+
 # -- 1. kill -9 at every stage of the end of a run ----------------------------------------
 
 END_OF_RUN = {
@@ -215,10 +239,8 @@ def test_a_corrupt_or_missing_model_pt_of_a_finished_run_is_rebuilt(
 
 
 def test_junk_never_pushes_out_a_good_checkpoint_and_damage_falls_back_one(
-    tmp_path: Path,
+    tmp_path: Path, clean: Callable[[int], dict[str, torch.Tensor]]
 ) -> None:
-    clean = _project(tmp_path / "clean", keep_last=2, epochs=5)
-    train(clean).expect(0)
     folder = _project(tmp_path / "run", keep_last=2, epochs=2)
     train(folder).expect(0)
     where = run_dir(folder)
@@ -243,18 +265,15 @@ def test_junk_never_pushes_out_a_good_checkpoint_and_damage_falls_back_one(
     for name, data in junk.items():
         assert (where / name).read_bytes() == data, f"{name} was touched"
     assert newest.exists(), "a damaged file is left for a person to look at"
-    assert_same_weights(
-        dict(read_checkpoint(where / "epoch-0005.pt")["model"]),
-        dict(read_checkpoint(run_dir(clean) / "epoch-0005.pt")["model"]),
-    )
+    assert_same_weights(dict(read_checkpoint(where / "epoch-0005.pt")["model"]), clean(5))
 
 
 # -- 3. two `bz train` on one run -------------------------------------------------------------
 
 
-def test_a_second_bz_train_on_a_running_run_exits_2_naming_the_first(tmp_path: Path) -> None:
-    clean = _project(tmp_path / "clean", epochs=2)
-    train(clean).expect(0)
+def test_a_second_bz_train_on_a_running_run_exits_2_naming_the_first(
+    tmp_path: Path, clean: Callable[[int], dict[str, torch.Tensor]]
+) -> None:
     folder = _project(tmp_path / "run", epochs=2)
     first = _start(folder, "train", "--log-format", "json", BZ_TEST_PAUSE_BEFORE="epoch-0001.pt")
     try:
@@ -275,9 +294,7 @@ def test_a_second_bz_train_on_a_running_run_exits_2_naming_the_first(tmp_path: P
     finally:
         (folder / "release").touch()
     Done(first).expect(0)
-    assert_same_weights(
-        model_weights(run_dir(folder) / FINAL_MODEL), model_weights(run_dir(clean) / FINAL_MODEL)
-    )
+    assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), clean(2))
 
 
 # -- 4. nowhere to write ------------------------------------------------------------------------
@@ -332,10 +349,10 @@ def _drop_rng(payload: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("damage", [_damage_shapes, _drop_rng], ids=["shapes", "rng"])
 def test_an_inconsistent_checkpoint_falls_back_to_the_previous_one_with_one_line(
-    tmp_path: Path, damage: Callable[[dict[str, Any]], None]
+    tmp_path: Path,
+    damage: Callable[[dict[str, Any]], None],
+    clean: Callable[[int], dict[str, torch.Tensor]],
 ) -> None:
-    clean = _project(tmp_path / "clean", epochs=3)
-    train(clean).expect(0)
     folder = _project(tmp_path / "run", epochs=2)
     train(folder).expect(0)
     newest = run_dir(folder) / "epoch-0002.pt"
@@ -347,17 +364,15 @@ def test_an_inconsistent_checkpoint_falls_back_to_the_previous_one_with_one_line
     (line,) = done.events("checkpoint_unusable")
     assert line["path"] == str(newest)
     assert done.events("resumed")[0]["epoch"] == 1
-    assert_same_weights(
-        model_weights(run_dir(folder) / FINAL_MODEL), model_weights(run_dir(clean) / FINAL_MODEL)
-    )
+    assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), clean(3))
 
 
 # -- 6. mid-epoch Ctrl-C, then fewer epochs --------------------------------------------------
 
 
-def test_ctrl_c_mid_epoch_then_epochs_1_labels_and_completes_it(tmp_path: Path) -> None:
-    clean = _project(tmp_path / "clean")
-    train(clean).expect(0)
+def test_ctrl_c_mid_epoch_then_epochs_1_labels_and_completes_it(
+    tmp_path: Path, clean: Callable[[int], dict[str, torch.Tensor]]
+) -> None:
     folder = _project(tmp_path / "run")
     at = BATCHES_PER_EPOCH + 4  # 4 batches into the second epoch
     train(folder, BZ_TEST_SIGNAL="INT", BZ_TEST_SIGNAL_AT_STEP=str(at)).expect(130)
@@ -372,9 +387,7 @@ def test_ctrl_c_mid_epoch_then_epochs_1_labels_and_completes_it(tmp_path: Path) 
     assert "nothing to train" in again.stderr
     # Raising epochs again resumes from that very step, bit-identical to a clean run.
     train(folder).expect(0)
-    assert_same_weights(
-        model_weights(run_dir(folder) / FINAL_MODEL), model_weights(run_dir(clean) / FINAL_MODEL)
-    )
+    assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), clean(4))
 
 
 # -- numbering ----------------------------------------------------------------------------------
