@@ -2,7 +2,9 @@
 
 Each test drives ``bz train`` / ``bz validate`` as a user would and checks what they
 would notice: the exit code, one clear line, and above all the weights — compared with
-``torch.equal`` against a run that nothing happened to.
+``torch.equal`` against a run that nothing happened to. The runs that are killed,
+interrupted or resumed are real processes; ``bz validate`` and ``bz train`` on a finished
+run, which look at what those left on disk, run in the test's process (:func:`here`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 from tests._checkpoint_support import SETUP_MARKER, TRAIN_PY
 from tests._child import STORE_CHILD as CHILD
 from tests._fault_support import BATCHES_PER_EPOCH, REPO_ROOT
 from tests._support import TRAINING_DIED, assert_same_weights
 
+from bz.commands import cli
 from bz.training.checkpoint.files import FINAL_MODEL, read_checkpoint, sidecar
 from bz.training.checkpoint.store import atomic_save
 
@@ -66,12 +70,17 @@ def _parent(pid: int) -> int:
 
 
 class Done:
-    """A finished ``bz`` process: exit code, JSON events (stdout) and stderr."""
+    """A finished ``bz``: exit code, JSON events (stdout) and stderr."""
 
-    def __init__(self, process: subprocess.Popen[str]) -> None:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    @classmethod
+    def of(cls, process: subprocess.Popen[str]) -> Done:
+        """The process, waited for."""
         # A safety net for a hung child, not a timing assertion.
-        self.stdout, self.stderr = process.communicate(timeout=900)
-        self.code = process.returncode
+        stdout, stderr = process.communicate(timeout=900)
+        return cls(process.returncode, stdout, stderr)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         found = []
@@ -89,15 +98,29 @@ class Done:
 
 def bz(folder: Path, *args: str, **faults: str) -> Done:
     """Run ``bz ARGS`` in ``folder`` to the end."""
-    return Done(_start(folder, *args, **faults))
+    return Done.of(_start(folder, *args, **faults))
 
 
 def train(folder: Path, *args: str, **faults: str) -> Done:
     return bz(folder, "train", "--log-format", "json", *args, **faults)
 
 
+def here(folder: Path, *args: str) -> Done:
+    """``bz ARGS`` in ``folder``, run by this test process (click's runner).
+
+    For the commands after the one a test interrupted, where a process of their own adds
+    nothing: ``bz validate``'s report and exit code, and ``bz train`` on a finished run.
+    The interrupted and the resumed ``bz train`` run in their own processes.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("BZ_CONFIG", raising=False)
+        result = CliRunner().invoke(cli, list(args))
+    return Done(result.exit_code, result.stdout, result.stderr)
+
+
 def validate(folder: Path) -> Done:
-    return bz(folder, "validate", "--json")
+    return here(folder, "validate", "--json")
 
 
 def run_dir(folder: Path) -> Path:
@@ -183,7 +206,7 @@ def test_killed_at_the_end_then_train_and_validate_give_the_weights_it_ended_wit
         assert len(again.events("model_rebuilding")) == 1
         assert again.events("epoch_finished") == [], "nothing is trained again"
     # And from then on the run is simply finished.
-    assert "nothing to train" in train(folder).expect(0).stderr
+    assert "nothing to train" in here(folder, "train", "--log-format", "json").expect(0).stderr
 
 
 def test_killed_before_model_pt_validate_refuses_to_guess_until_train_rebuilds_it(
@@ -293,7 +316,7 @@ def test_a_second_bz_train_on_a_running_run_exits_2_naming_the_first(
         assert sorted(p.name for p in run_dir(folder).glob(".*.tmp")) == in_flight
     finally:
         (folder / "release").touch()
-    Done(first).expect(0)
+    Done.of(first).expect(0)
     assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), clean(2))
 
 
@@ -383,7 +406,7 @@ def test_ctrl_c_mid_epoch_then_epochs_1_labels_and_completes_it(
     assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 4, at)
     report = json.loads(validate(folder).expect(0).stdout)
     assert (report["epoch"], report["batch"], report["step"]) == (1, 4, at)
-    again = bz(folder, "train", "--epochs", "1").expect(0)
+    again = here(folder, "train", "--epochs", "1").expect(0)
     assert "nothing to train" in again.stderr
     # Raising epochs again resumes from that very step, bit-identical to a clean run.
     train(folder).expect(0)
