@@ -251,20 +251,48 @@ def test_fsdp_trains_like_ddp_with_half_the_parameters_on_each_process(
     assert shapes == {"0.weight": (32, 64), "0.bias": (32,), "3.weight": (10, 32), "3.bias": (10,)}
 
 
-@pytest.mark.slow
-def test_ema_averages_like_ddp_and_validates_on_the_average(tmp_path: Path) -> None:
-    # Each FSDP process averages its shards; DDP's processes each the whole model. The
-    # validation losses (on the average) and model.pt (the average) agree.
+@attrs.frozen
+class EmaAndNorms:
+    epochs: dict[int, dict[str, Any]]
+    model: dict[str, torch.Tensor]
+    norms: list[list[Any]]
+
+
+@pytest.fixture(scope="module")
+def ema_and_norms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, EmaAndNorms]:
+    """Per strategy: a run with ema and the gradient-norm probe, gradients clipped.
+
+    One pair of runs for two comparisons: ema's average (validated on, written as
+    model.pt) and the gradient norm each step sees. Clipping changes neither
+    comparison's terms; the probe only reads.
+    """
     ema = {"ema": {"decay": 0.9, "validate_with_ema": True, "apply_at_end": True}}
-    results = {}
+    runs = {}
     for strategy in ("fsdp", "ddp"):
-        folder = tmp_path / strategy
-        env = make_project(folder, plugins=[ema], distributed={"strategy": strategy})
+        folder = tmp_path_factory.mktemp(strategy) / "ema-and-norms"
+        env = make_project(
+            folder,
+            plugins=[ema, "norm_probe"],
+            gradient_clip={"max_norm": 0.5},
+            distributed={"strategy": strategy},
+        )
         done, events = train(folder, env)
         assert done.returncode == 0, done.stderr
         assert not [e for e in events if e["event"] == "plugin_failed"]
-        results[strategy] = (epochs(events), final_weights(folder))
-    (fsdp, fsdp_model), (ddp, ddp_model) = results["fsdp"], results["ddp"]
+        norms = [json.loads(line) for line in (folder / "norms.jsonl").open()]
+        runs[strategy] = EmaAndNorms(epochs(events), final_weights(folder), norms)
+    return runs
+
+
+@pytest.mark.slow
+def test_ema_averages_like_ddp_and_validates_on_the_average(
+    ema_and_norms: dict[str, EmaAndNorms],
+) -> None:
+    # Each FSDP process averages its shards; DDP's processes each the whole model. The
+    # validation losses (on the average) and model.pt (the average) agree.
+    fsdp, fsdp_model = ema_and_norms["fsdp"].epochs, ema_and_norms["fsdp"].model
+    ddp, ddp_model = ema_and_norms["ddp"].epochs, ema_and_norms["ddp"].model
+    assert sorted(fsdp) == sorted(ddp) == [1, 2]
     for epoch, expected in ddp.items():
         got = fsdp[epoch]["validation_loss"]
         assert got == pytest.approx(expected["validation_loss"], rel=1e-5)
@@ -289,21 +317,11 @@ def test_no_gloo_thread_outlives_the_run_into_interpreter_shutdown(
 
 
 @pytest.mark.slow
-def test_the_gradient_norm_is_whole_on_rank_0_and_the_same_as_under_ddp(tmp_path: Path) -> None:
-    norms = {}
-    for strategy in ("fsdp", "ddp"):
-        folder = tmp_path / strategy
-        env = make_project(
-            folder,
-            epochs=1,
-            plugins=["norm_probe"],
-            gradient_clip={"max_norm": 0.5},
-            distributed={"strategy": strategy},
-        )
-        done, _ = train(folder, env)
-        assert done.returncode == 0, done.stderr
-        norms[strategy] = [json.loads(line) for line in (folder / "norms.jsonl").open()]
-    fsdp, ddp = norms["fsdp"], norms["ddp"]
+def test_the_gradient_norm_is_whole_on_rank_0_and_the_same_as_under_ddp(
+    ema_and_norms: dict[str, EmaAndNorms],
+) -> None:
+    fsdp, ddp = ema_and_norms["fsdp"].norms, ema_and_norms["ddp"].norms
+    assert ddp, "the probe saw the steps"
     assert [kind for _, kind, _ in fsdp] == ["Tensor"] * len(ddp)
     assert [step for step, _, _ in fsdp] == [step for step, _, _ in ddp]
     expected = [value for _, _, value in ddp]
