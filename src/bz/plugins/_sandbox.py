@@ -22,7 +22,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bz import _supervision
@@ -201,6 +201,9 @@ class PluginSet:
         ]
         self._where = _supervision.where
         """Which plugin and hook run now, for a supervising ``bz train`` (shared memory)."""
+        self._supervised = _supervision.supervised()
+        """Whether anyone reads ``_where`` (elsewhere it is a scratch buffer, not written
+        on the common path)."""
         self._load_faults = list(load_faults)
         self._table: dict[str, _Round | None] = {}
         self.implemented: dict[str, bool] = {}
@@ -209,13 +212,14 @@ class PluginSet:
         self.rewindable = False
         """Set by the loop while it can go back to a consistent state (``rewind``)."""
         self._fence: RandomFence | None = None
-        self._grad_mode: Callable[[], bool] | None = None
+        self._grad_mode: Callable[[], bool] = _grad_on
         """``torch.is_grad_enabled``, once the fence is built (torch is imported then)."""
         self._shown: PluginContext | None = None
         self._view: PluginContext = LoopView(PluginContext())
         self._watchdog = Watchdog()
         self._watchdog.boundaries = frozenset(
             {
+                PluginSet.call.__code__,
                 PluginSet._round.__code__,
                 PluginSet._timed_round.__code__,
                 PluginSet._run_torch_hook.__code__,
@@ -285,9 +289,12 @@ class PluginSet:
         """Call ``hook`` on every active plugin that implements it, inside the boundary."""
         # Fast path, run several times per batch: a hook nobody implements returns after
         # one lookup. Otherwise: one random fence for the whole round (not per plugin),
-        # a countdown for the round's tallies (``_Round``), and per plugin two stores:
-        # which plugin runs, for the watchdog and for the supervisor. Quarantine (the
-        # slow path) rebuilds the table; the entries held here keep this round's order.
+        # a countdown for the round's tallies (``_Round``), and per plugin one store:
+        # which plugin runs, for the watchdog. The ``try`` around the calls costs nothing
+        # until a plugin raises; the round then goes on, from the next plugin, in
+        # ``_round``. Under a supervisor every call also stores the plugin's number in
+        # the shared block (``_round``). Quarantine (the slow path) rebuilds the table;
+        # the entries held here keep this round's order.
         round_ = self._table[hook]
         if round_ is None:
             return
@@ -297,23 +304,33 @@ class PluginSet:
         # Grad mode is global: a plugin that turns it off (and fails, or forgets to turn
         # it back on) would leave the loop's backward pass without a graph.
         grad_mode = self._grad_mode
-        grad = grad_mode is None or grad_mode()
+        grad = grad_mode()
         watchdog = self._watchdog
-        watchdog.round = mark  # a new object each round: tells calls of a plugin apart
-        where = self._where
-        where[1] = round_.number
+        remaining = iter(round_.entries)
+        watchdog.round = remaining  # a new object each round: tells calls of a plugin apart
         round_.countdown -= 1
         try:
-            if round_.countdown:
-                self._round(round_, hook, view, context, watchdog, where)
-            else:
+            if not round_.countdown:
                 round_.next_interval()
-                self._timed_round(round_, hook, view, context, watchdog, where)
+                self._timed_round(round_, hook, view, context, remaining)
+            elif self._supervised:
+                self._round(round_, hook, view, context, remaining)
+            else:
+                try:
+                    for slot, method in remaining:
+                        watchdog.running = slot
+                        method(view)
+                    return  # the common case (the ``finally`` below still runs)
+                except KeyboardInterrupt:
+                    self._not_called(round_, watchdog.running)
+                    raise
+                except BaseException as exc:  # a plugin cannot end the process
+                    self._caught(round_, hook, exc, context)
+                self._round(round_, hook, view, context, remaining)
         finally:
             watchdog.running = None
-            where[0] = 0
             fence.put_back(mark)
-            if grad_mode is not None and grad_mode() is not grad:
+            if grad_mode() is not grad:
                 _set_grad_mode(grad)
             # Autocast too, but read only when a plugin's hook changed it (``_touched``):
             # reading it costs a microsecond, this test nothing.
@@ -326,27 +343,31 @@ class PluginSet:
         hook: str,
         view: PluginContext,
         context: PluginContext,
-        watchdog: Watchdog,
-        where: memoryview,
+        remaining: Iterator[_Entry],
     ) -> None:
-        # The whole loop sits inside the ``try``: an interruption aimed at a plugin (a
-        # timeout, a second Ctrl-C) is that plugin's wherever it lands, even between two
-        # calls (``watchdog.running`` still names the plugin it was aimed at); the loop
-        # then goes on from the next plugin (the iterator keeps its place).
-        remaining = iter(round_.entries)
-        while True:
-            try:
-                for slot, method in remaining:
-                    watchdog.running = slot
-                    where[0] = slot.number
-                    method(view)
-            except KeyboardInterrupt:
-                self._not_called(round_, watchdog.running)
-                raise
-            except BaseException as exc:  # a plugin cannot end the process
-                self._caught(round_, hook, exc, context)
-                continue
-            return
+        # The calls left in a round, telling the supervisor which plugin runs. The whole
+        # loop sits inside the ``try``: an interruption aimed at a plugin (a timeout, a
+        # second Ctrl-C) is that plugin's wherever it lands, even between two calls
+        # (``watchdog.running`` still names the plugin it was aimed at); the loop then
+        # goes on from the next plugin (the iterator keeps its place).
+        watchdog, where = self._watchdog, self._where
+        where[1] = round_.number
+        try:
+            while True:
+                try:
+                    for slot, method in remaining:
+                        watchdog.running = slot
+                        where[0] = slot.number
+                        method(view)
+                except KeyboardInterrupt:
+                    self._not_called(round_, watchdog.running)
+                    raise
+                except BaseException as exc:  # a plugin cannot end the process
+                    self._caught(round_, hook, exc, context)
+                    continue
+                return
+        finally:
+            where[0] = 0
 
     def _timed_round(
         self,
@@ -354,35 +375,38 @@ class PluginSet:
         hook: str,
         view: PluginContext,
         context: PluginContext,
-        watchdog: Watchdog,
-        where: memoryview,
+        remaining: Iterator[_Entry],
     ) -> None:
         # ``_round`` with a clock read per plugin (each call's end is the next one's
         # start): every round of most hooks, a sample of the per-batch hooks' rounds.
+        watchdog, where = self._watchdog, self._where
+        where[1] = round_.number
         sampled, clock = round_.sampled, _perf_counter
-        remaining = iter(round_.entries)
         started = clock()
-        while True:
-            try:
-                for slot, method in remaining:
-                    watchdog.running = slot
-                    where[0] = slot.number
-                    method(view)
-                    finished = clock()
-                    if sampled:
-                        slot.sampled_seconds += finished - started
-                        slot.sampled_calls += 1
-                    else:
-                        slot.seconds += finished - started
-                    started = finished
-            except KeyboardInterrupt:
-                self._not_called(round_, watchdog.running)
-                raise
-            except BaseException as exc:  # a plugin cannot end the process
-                self._caught(round_, hook, exc, context)
-                started = clock()
-                continue
-            return
+        try:
+            while True:
+                try:
+                    for slot, method in remaining:
+                        watchdog.running = slot
+                        where[0] = slot.number
+                        method(view)
+                        finished = clock()
+                        if sampled:
+                            slot.sampled_seconds += finished - started
+                            slot.sampled_calls += 1
+                        else:
+                            slot.seconds += finished - started
+                        started = finished
+                except KeyboardInterrupt:
+                    self._not_called(round_, watchdog.running)
+                    raise
+                except BaseException as exc:  # a plugin cannot end the process
+                    self._caught(round_, hook, exc, context)
+                    started = clock()
+                    continue
+                return
+        finally:
+            where[0] = 0
 
     def _caught(
         self, round_: _Round, hook: str, exc: BaseException, context: PluginContext
@@ -475,12 +499,13 @@ class PluginSet:
         watchdog = self._watchdog
         outer = watchdog.running
         fence = self._fence or self._new_fence()
-        mark = fence.mark()
+        # A whole snapshot, not a mark: this may run inside a round, whose mark stands.
+        saved = fence.save()
         grad_mode = self._grad_mode
-        grad = grad_mode is None or grad_mode()
+        grad = grad_mode()
         started = _perf_counter()
         if outer is None:
-            watchdog.round = mark
+            watchdog.round = saved
         slot.calls += 1
         where = self._where
         outer_where = where[0], where[1]
@@ -501,8 +526,8 @@ class PluginSet:
             watchdog.running = outer
             where[0], where[1] = outer_where
             slot.seconds += _perf_counter() - started
-            fence.put_back(mark)
-            if grad_mode is not None and grad_mode() is not grad:
+            fence.load(saved)
+            if grad_mode() is not grad:
                 _set_grad_mode(grad)
             if self._autocast is not None:
                 self._put_back_autocast()
@@ -647,6 +672,11 @@ class PluginSet:
                 for report in self.report()
             },
         )
+
+
+def _grad_on() -> bool:
+    """Grad mode before torch is imported (nothing can have turned it off)."""
+    return True
 
 
 def _set_grad_mode(enabled: bool) -> None:
