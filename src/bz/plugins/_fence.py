@@ -6,15 +6,18 @@ when CUDA is initialised, Python's ``random`` and NumPy's legacy ``numpy.random`
 puts it back afterwards. A plugin may draw freely; the data order, dropout masks and
 weights that follow are those of a run without it.
 
-Costs, per fenced hook call (not per plugin): every generator is read in place, a few
-bytes of it that any draw changes (its fingerprint: for torch's CPU generator its seed,
-position and first word and its cached normal samples; for Python's and NumPy's
-Mersenne Twisters their index and a few words), once before the plugins and once after;
-the state itself (about 2.5 KB each) is copied only when the
-fingerprint moved since the last copy (the loop drew since), and written back only when
-a plugin really drew. torch's ``get_state``/``set_state`` pair, which the fence used
-before, cost several times more than the whole round; reading the Twisters through
-their public ``getstate()`` costs far more still (docs/performance.md, "What keeps the
+Costs, per fenced hook call (not per plugin): each generator's state is read in place,
+never through its public API. The fence keeps a copy of every state between rounds and,
+once before the plugins and once after, compares a few words of each live state that
+any draw changes (its fingerprint: for torch's CPU generator its seed, position and
+first word and its cached normal samples; for Python's and NumPy's Mersenne Twisters
+their index and a few words) with the same words of its copy. With no draw that is two
+comparisons of two tuples of memoryviews, made once, and no new object. A state (about
+2.5 KB each) is copied only when its fingerprint moved before the plugins (the loop drew
+since the last copy), and written back only when a plugin really drew. torch's
+``get_state``/``set_state`` pair, which the fence used before, cost several times more
+than the whole round; reading the Twisters through their public ``getstate()`` costs far
+more still (docs/performance.md, "What keeps the
 loop cheap"). The layouts read here are checked against ``getstate()`` / torch's
 ``get_state()`` once, by drawing from a probe generator; where one does not match
 (another Python implementation, another NumPy or torch build), the fence falls back to
@@ -22,7 +25,8 @@ the public calls.
 
 :func:`random_fence` builds the fence once per run: the flat :class:`_FastFence` for the
 common case (torch on CPU, all three generators readable in place), :class:`_GenericFence`
-otherwise (CUDA, or a fallback).
+otherwise (CUDA, or a fallback). The round's marks do not nest; a fence inside a round
+(a plugin's torch hook) takes whole snapshots instead (``save``/``load``).
 
 Known gap: NumPy's legacy ``randn``/``normal`` keep a cached second Gaussian outside the
 Twister's words. A plugin that consumes that cached value without drawing anything else
