@@ -129,25 +129,25 @@ def _step_compute(
         if isinstance(result, torch.Tensor):
             check_scalar(result, "step", where)
             if metrics:
-                raise _no_predictions(loader)
+                raise _no_predictions(loader, where)
             samples = count_samples(batch)
             if samples is None:
                 raise uncountable(batch, loader)
             return result, None, None, None, samples
         if not isinstance(result, StepResult):
             raise UsageError(
-                f"step returned {type(result).__name__}; it must return the loss as a "
+                f"{where}step returned {type(result).__name__}; it must return the loss as a "
                 "scalar tensor, or a bz.StepResult"
             )
         loss, predictions, targets = result.loss, result.predictions, result.targets
         if not isinstance(loss, torch.Tensor):
             raise UsageError(
-                f"step returned a StepResult whose loss is {type(loss).__name__}; it must "
+                f"{where}step returned a StepResult whose loss is {type(loss).__name__}; it must "
                 "be a scalar tensor"
             )
         check_scalar(loss, "step", where)
         if metrics and (predictions is None or targets is None):
-            raise _no_predictions(loader)
+            raise _no_predictions(loader, where)
         samples = result.samples
         if samples is None:
             samples = count_samples(batch)
@@ -155,7 +155,7 @@ def _step_compute(
                 raise uncountable(batch, loader)
         elif type(samples) is not int:
             raise UsageError(
-                f"step returned StepResult(samples=...) of type {type(samples).__name__}; "
+                f"{where}step returned StepResult(samples=...) of type {type(samples).__name__}; "
                 "it must be a Python int (reading a tensor would stall the device every batch)"
             )
         return loss, predictions, predictions, targets, samples
@@ -163,9 +163,9 @@ def _step_compute(
     return compute
 
 
-def _no_predictions(loader: str) -> UsageError:
+def _no_predictions(loader: str, where: str) -> UsageError:
     return UsageError(
-        f"metrics are configured but step gave them nothing to read ({loader}): return "
+        f"{where}metrics are configured but step gave them nothing to read ({loader}): return "
         "bz.StepResult(loss, predictions=..., targets=...) from it"
     )
 
