@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tests._child import FAULT_CHILD, STORE_CHILD
 from tests._fault_support import REPO_ROOT, RESUME_TRAIN_PY, write_half_and_die
 from tests._fault_support import child_main as fault_child_main
 
@@ -56,11 +57,6 @@ __all__ = [
     "start_child",
     "train_each",
 ]
-
-FAULT_CHILD = "from tests._fault_support import child_main; child_main()"
-"""``python -c`` code of a ``bz`` that dies at a step (:mod:`tests._fault_support`)."""
-STORE_CHILD = "from tests._checkpoint_support import child_main; child_main()"
-"""``python -c`` code of a ``bz`` with the store's faults too (:func:`child_main`)."""
 
 
 def child_env(**faults: str) -> dict[str, str]:

@@ -9,8 +9,9 @@
 * :func:`resume_setup` (and :data:`RESUME_TRAIN_PY`, a ``train.py`` using it): a setup
   that draws from every random generator a real run does; :func:`fit_resumable` trains
   it in this process as ``bz train`` would.
-* :func:`child_main`: the entry of the subprocesses the kill tests start; it arranges
-  for the process to kill itself at a chosen step or inside a checkpoint write.
+* :func:`child_main`: ``bz`` in the training process of the subprocesses the kill tests
+  start (their entry is :data:`tests._child.FAULT_CHILD`); it arranges for the process
+  to kill itself at a chosen step or inside a checkpoint write.
 """
 
 from __future__ import annotations

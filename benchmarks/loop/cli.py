@@ -124,8 +124,27 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         help="N for --instructions: runs of N and 2N steps (default: 64 tiny, 8 medium).",
     )
+    parser.add_argument(
+        "--layouts",
+        type=int,
+        default=1,
+        help="With --instructions: count each row in this many processes with differently "
+        "moved heaps and show the median ± half the range (default 1; each adds a process "
+        "per row).",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="With --instructions: callgrind processes at a time (default: 2, or 1 on one "
+        "CPU; the counts do not depend on it).",
+    )
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("layouts", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,13 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"environment": env, "repeats": repeats, "workloads": {}}
     summaries = []
     counted: dict[str, dict[str, float]] = {}
+    spreads: dict[str, dict[str, float]] = {}
     for workload in chosen_workloads:
         chosen = only(variants(with_lightning, with_bf16=not args.no_bf16), args.only)
         if counting:
-            counted[workload.name] = _count(workload.name, chosen, args.steps)
-            results["workloads"].setdefault(workload.name, {})["instructions_per_step"] = counted[
-                workload.name
-            ]
+            counted[workload.name], spreads[workload.name] = _count(
+                workload.name, chosen, args.steps, args.layouts, args.jobs
+            )
+            results["workloads"].setdefault(workload.name, {}).update(
+                instructions_per_step=counted[workload.name],
+                instructions_spread=spreads[workload.name],
+            )
         if args.no_timing:
             continue
         measure(workload, chosen, device, repeats, args.warmup)
@@ -200,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         if BZ_BF16 in tiny and HAND_BF16 in tiny:
             print(f"instructions: {BZ_BF16} {tiny[BZ_BF16] / tiny[HAND_BF16]:.3f}x {HAND_BF16}")
+        if args.layouts > 1:
+            print(instructions.spread_line(spreads["tiny"], baselines, LAST_LINE, args.layouts))
         print(instructions.last_line(tiny, baselines, LAST_LINE, NOOP_PLUGINS))
     return 0
 
@@ -221,13 +246,26 @@ def _baselines(chosen: list[Variant]) -> dict[str, str]:
     return {variant.name: variant.baseline for variant in chosen}
 
 
-def _count(workload: str, chosen: list[Variant], steps: int | None) -> dict[str, float]:
-    """Instructions per step of ``chosen`` on ``workload``, and their table printed."""
+def _count(
+    workload: str, chosen: list[Variant], steps: int | None, layouts: int, jobs: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Instructions per step of ``chosen`` on ``workload`` and their spreads (fractions),
+    and their table printed."""
     names = [variant.name for variant in chosen]
     steps = steps or instructions.STEPS[workload]
-    counts = instructions.count(workload, names, steps)
+    counts = instructions.count(
+        workload,
+        names,
+        steps,
+        layouts,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        jobs=jobs,
+    )
     by_name = {counted.variant: counted.per_step for counted in counts}
+    spreads = {counted.variant: counted.spread for counted in counts} if layouts > 1 else {}
     print()
-    print(instructions.markdown(workload, steps, by_name, _baselines(chosen), HAND))
+    print(
+        instructions.markdown(workload, steps, by_name, _baselines(chosen), HAND, spreads, layouts)
+    )
     sys.stdout.flush()
-    return by_name
+    return by_name, spreads

@@ -37,6 +37,7 @@ __all__ = [
     "heartbeat",
     "quarantined",
     "report_outcome",
+    "supervised",
     "where",
 ]
 
@@ -63,8 +64,8 @@ TORCH_HOOK = 0xFFFF
 optimizer hook, run inside the plugin's boundary)."""
 
 where = memoryview(bytearray(NAMES_OFFSET)).cast("i")
-"""The block's int32 view in a supervised child; elsewhere a scratch buffer, so that the
-sandbox's two stores per hook call need no test."""
+"""The block's int32 view in a supervised child; elsewhere a scratch buffer (the sandbox
+writes it only when :func:`supervised`, and on its slow paths)."""
 
 _block: mmap.mmap | None = None
 
@@ -84,6 +85,11 @@ def attach() -> bool:
     with contextlib.suppress(ValueError):  # only the main thread may set it
         signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
     return True
+
+
+def supervised() -> bool:
+    """Whether this process is a supervised child (:data:`where` is read by anyone)."""
+    return _block is not None
 
 
 def _die_with_parent(parent: int) -> None:

@@ -36,7 +36,7 @@ from torch import nn
 from bz._converter import nearest
 from bz._setup import TrainingSetup
 from bz.config import RunConfig, structure
-from bz.plugins._context import PluginContext
+from bz.plugins._context import PluginContext, summing_as_on_a_device
 from bz.plugins._loader import check_plugin as _check_plugin
 from bz.training.trainer import FitResult, Trainer
 
@@ -203,6 +203,10 @@ def count_host_reads(counter: Counter[str]) -> Iterator[None]:
         with count_host_reads(counter):
             run_plugin(MyPlugin())
         assert counter["item"] == 0
+
+    Inside the block the loop adds each batch's loss as it does on a device (in place,
+    nothing read), where on the CPU it otherwise reads it as a Python float (which
+    synchronises nothing there): what is counted on the CPU is what a device run reads.
     """
     depth = [0]
 
@@ -219,6 +223,7 @@ def count_host_reads(counter: Counter[str]) -> Iterator[None]:
         return counted
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(summing_as_on_a_device())
         for name in HOST_READS:
             original = getattr(torch.Tensor, name)
             stack.enter_context(patch.object(torch.Tensor, name, wrap(name, original)))

@@ -2,7 +2,9 @@
 
 Each test drives ``bz train`` / ``bz validate`` as a user would and checks what they
 would notice: the exit code, one clear line, and above all the weights — compared with
-``torch.equal`` against a run that nothing happened to.
+``torch.equal`` against a run that nothing happened to. The runs that are killed,
+interrupted or resumed are real processes; ``bz validate`` and ``bz train`` on a finished
+run, which look at what those left on disk, run in the test's process (:func:`here`).
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 from tests._checkpoint_support import SETUP_MARKER, TRAIN_PY
+from tests._child import STORE_CHILD as CHILD
 from tests._fault_support import BATCHES_PER_EPOCH, REPO_ROOT
 from tests._support import TRAINING_DIED, assert_same_weights
 
+from bz.commands import cli
 from bz.training.checkpoint.files import FINAL_MODEL, read_checkpoint, sidecar
 from bz.training.checkpoint.store import atomic_save
 
 pytestmark = pytest.mark.slow
-
-CHILD = "from tests._checkpoint_support import child_main; child_main()"
 
 # Early stopping watching a value that only falls (the training loss) as if higher were
 # better: the first epoch stays the best, so the weights the run ends with (restored)
@@ -67,12 +70,17 @@ def _parent(pid: int) -> int:
 
 
 class Done:
-    """A finished ``bz`` process: exit code, JSON events (stdout) and stderr."""
+    """A finished ``bz``: exit code, JSON events (stdout) and stderr."""
 
-    def __init__(self, process: subprocess.Popen[str]) -> None:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    @classmethod
+    def of(cls, process: subprocess.Popen[str]) -> Done:
+        """The process, waited for."""
         # A safety net for a hung child, not a timing assertion.
-        self.stdout, self.stderr = process.communicate(timeout=900)
-        self.code = process.returncode
+        stdout, stderr = process.communicate(timeout=900)
+        return cls(process.returncode, stdout, stderr)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         found = []
@@ -90,15 +98,29 @@ class Done:
 
 def bz(folder: Path, *args: str, **faults: str) -> Done:
     """Run ``bz ARGS`` in ``folder`` to the end."""
-    return Done(_start(folder, *args, **faults))
+    return Done.of(_start(folder, *args, **faults))
 
 
 def train(folder: Path, *args: str, **faults: str) -> Done:
     return bz(folder, "train", "--log-format", "json", *args, **faults)
 
 
+def here(folder: Path, *args: str) -> Done:
+    """``bz ARGS`` in ``folder``, run by this test process (click's runner).
+
+    For the commands after the one a test interrupted, where a process of their own adds
+    nothing: ``bz validate``'s report and exit code, and ``bz train`` on a finished run.
+    The interrupted and the resumed ``bz train`` run in their own processes.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("BZ_CONFIG", raising=False)
+        result = CliRunner().invoke(cli, list(args))
+    return Done(result.exit_code, result.stdout, result.stderr)
+
+
 def validate(folder: Path) -> Done:
-    return bz(folder, "validate", "--json")
+    return here(folder, "validate", "--json")
 
 
 def run_dir(folder: Path) -> Path:
@@ -125,6 +147,30 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple
         return cache[kind]
 
     return get
+
+
+CLEAN_EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], dict[str, torch.Tensor]]:
+    """The weights after epoch N of one clean run without plugins (every checkpoint kept).
+
+    The tests below compare a run that something happened to with "a clean run of N
+    epochs": epoch N's checkpoint of this longer run holds exactly those weights (a run's
+    epochs do not depend on how many follow: test_checkpoint's extended-epochs test), so
+    one run serves them all.
+    """
+    folder = _project(
+        tmp_path_factory.mktemp("clean") / "run", epochs=CLEAN_EPOCHS, keep_last=CLEAN_EPOCHS
+    )
+    train(folder).expect(0)
+
+    def after(epochs: int) -> dict[str, torch.Tensor]:
+        assert 1 <= epochs <= CLEAN_EPOCHS
+        return model_weights(run_dir(folder) / f"epoch-{epochs:04d}.pt")
+
+    return after
 
 
 # -- 1. kill -9 at every stage of the end of a run ----------------------------------------
@@ -160,7 +206,7 @@ def test_killed_at_the_end_then_train_and_validate_give_the_weights_it_ended_wit
         assert len(again.events("model_rebuilding")) == 1
         assert again.events("epoch_finished") == [], "nothing is trained again"
     # And from then on the run is simply finished.
-    assert "nothing to train" in train(folder).expect(0).stderr
+    assert "nothing to train" in here(folder, "train", "--log-format", "json").expect(0).stderr
 
 
 def test_killed_before_model_pt_validate_refuses_to_guess_until_train_rebuilds_it(
@@ -216,10 +262,8 @@ def test_a_corrupt_or_missing_model_pt_of_a_finished_run_is_rebuilt(
 
 
 def test_junk_never_pushes_out_a_good_checkpoint_and_damage_falls_back_one(
-    tmp_path: Path,
+    tmp_path: Path, clean: Callable[[int], dict[str, torch.Tensor]]
 ) -> None:
-    clean = _project(tmp_path / "clean", keep_last=2, epochs=5)
-    train(clean).expect(0)
     folder = _project(tmp_path / "run", keep_last=2, epochs=2)
     train(folder).expect(0)
     where = run_dir(folder)
@@ -244,18 +288,15 @@ def test_junk_never_pushes_out_a_good_checkpoint_and_damage_falls_back_one(
     for name, data in junk.items():
         assert (where / name).read_bytes() == data, f"{name} was touched"
     assert newest.exists(), "a damaged file is left for a person to look at"
-    assert_same_weights(
-        dict(read_checkpoint(where / "epoch-0005.pt")["model"]),
-        dict(read_checkpoint(run_dir(clean) / "epoch-0005.pt")["model"]),
-    )
+    assert_same_weights(dict(read_checkpoint(where / "epoch-0005.pt")["model"]), clean(5))
 
 
 # -- 3. two `bz train` on one run -------------------------------------------------------------
 
 
-def test_a_second_bz_train_on_a_running_run_exits_2_naming_the_first(tmp_path: Path) -> None:
-    clean = _project(tmp_path / "clean", epochs=2)
-    train(clean).expect(0)
+def test_a_second_bz_train_on_a_running_run_exits_2_naming_the_first(
+    tmp_path: Path, clean: Callable[[int], dict[str, torch.Tensor]]
+) -> None:
     folder = _project(tmp_path / "run", epochs=2)
     first = _start(folder, "train", "--log-format", "json", BZ_TEST_PAUSE_BEFORE="epoch-0001.pt")
     try:
@@ -275,10 +316,8 @@ def test_a_second_bz_train_on_a_running_run_exits_2_naming_the_first(tmp_path: P
         assert sorted(p.name for p in run_dir(folder).glob(".*.tmp")) == in_flight
     finally:
         (folder / "release").touch()
-    Done(first).expect(0)
-    assert_same_weights(
-        model_weights(run_dir(folder) / FINAL_MODEL), model_weights(run_dir(clean) / FINAL_MODEL)
-    )
+    Done.of(first).expect(0)
+    assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), clean(2))
 
 
 # -- 4. nowhere to write ------------------------------------------------------------------------
@@ -333,10 +372,10 @@ def _drop_rng(payload: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("damage", [_damage_shapes, _drop_rng], ids=["shapes", "rng"])
 def test_an_inconsistent_checkpoint_falls_back_to_the_previous_one_with_one_line(
-    tmp_path: Path, damage: Callable[[dict[str, Any]], None]
+    tmp_path: Path,
+    damage: Callable[[dict[str, Any]], None],
+    clean: Callable[[int], dict[str, torch.Tensor]],
 ) -> None:
-    clean = _project(tmp_path / "clean", epochs=3)
-    train(clean).expect(0)
     folder = _project(tmp_path / "run", epochs=2)
     train(folder).expect(0)
     newest = run_dir(folder) / "epoch-0002.pt"
@@ -348,17 +387,15 @@ def test_an_inconsistent_checkpoint_falls_back_to_the_previous_one_with_one_line
     (line,) = done.events("checkpoint_unusable")
     assert line["path"] == str(newest)
     assert done.events("resumed")[0]["epoch"] == 1
-    assert_same_weights(
-        model_weights(run_dir(folder) / FINAL_MODEL), model_weights(run_dir(clean) / FINAL_MODEL)
-    )
+    assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), clean(3))
 
 
 # -- 6. mid-epoch Ctrl-C, then fewer epochs --------------------------------------------------
 
 
-def test_ctrl_c_mid_epoch_then_epochs_1_labels_and_completes_it(tmp_path: Path) -> None:
-    clean = _project(tmp_path / "clean")
-    train(clean).expect(0)
+def test_ctrl_c_mid_epoch_then_epochs_1_labels_and_completes_it(
+    tmp_path: Path, clean: Callable[[int], dict[str, torch.Tensor]]
+) -> None:
     folder = _project(tmp_path / "run")
     at = BATCHES_PER_EPOCH + 4  # 4 batches into the second epoch
     train(folder, BZ_TEST_SIGNAL="INT", BZ_TEST_SIGNAL_AT_STEP=str(at)).expect(130)
@@ -369,13 +406,11 @@ def test_ctrl_c_mid_epoch_then_epochs_1_labels_and_completes_it(tmp_path: Path) 
     assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 4, at)
     report = json.loads(validate(folder).expect(0).stdout)
     assert (report["epoch"], report["batch"], report["step"]) == (1, 4, at)
-    again = bz(folder, "train", "--epochs", "1").expect(0)
+    again = here(folder, "train", "--epochs", "1").expect(0)
     assert "nothing to train" in again.stderr
     # Raising epochs again resumes from that very step, bit-identical to a clean run.
     train(folder).expect(0)
-    assert_same_weights(
-        model_weights(run_dir(folder) / FINAL_MODEL), model_weights(run_dir(clean) / FINAL_MODEL)
-    )
+    assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), clean(4))
 
 
 # -- numbering ----------------------------------------------------------------------------------

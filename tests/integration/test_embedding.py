@@ -75,7 +75,13 @@ def test_a_structlog_host_receives_every_event_through_its_own_processors() -> N
     assert done.stderr == ""
 
 
-def _stdlib_host_lines() -> tuple[list[str], list[tuple[str, str, str, dict[str, Any]]]]:
+StdlibHost = tuple[list[str], list[tuple[str, str, str, dict[str, Any]]]]
+
+
+@pytest.fixture(scope="module")
+def stdlib_host() -> StdlibHost:
+    """The stdlib host example's output lines and bz's records among them: one run of
+    the program, which the two tests below read for different things."""
     done = run_python("examples/embedding_stdlib/host.py")
     lines = done.stdout.splitlines()
     records = []
@@ -88,8 +94,10 @@ def _stdlib_host_lines() -> tuple[list[str], list[tuple[str, str, str, dict[str,
 
 
 @pytest.mark.slow
-def test_a_stdlib_host_receives_records_on_the_bz_hierarchy_with_their_fields() -> None:
-    lines, records = _stdlib_host_lines()
+def test_a_stdlib_host_receives_records_on_the_bz_hierarchy_with_their_fields(
+    stdlib_host: StdlibHost,
+) -> None:
+    lines, records = stdlib_host
     received = [(logger, level, event) for logger, level, event, _ in records]
     assert ("bz", "INFO", "run_started") in received
     assert received.count(("bz", "INFO", "epoch_finished")) == 2
@@ -105,8 +113,8 @@ def test_a_stdlib_host_receives_records_on_the_bz_hierarchy_with_their_fields() 
 
 
 @pytest.mark.slow
-def test_a_stdlib_host_sees_nothing_but_its_own_lines() -> None:
-    lines, _ = _stdlib_host_lines()
+def test_a_stdlib_host_sees_nothing_but_its_own_lines(stdlib_host: StdlibHost) -> None:
+    lines, _ = stdlib_host
     assert all(line.startswith(("bz ", "bz.plugin.", "host: ")) for line in lines), lines
 
 

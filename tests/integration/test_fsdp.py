@@ -1,8 +1,9 @@
 """``distributed.strategy: "fsdp"``: two processes on gloo, started as users start them.
 
 One uninterrupted FSDP run of the digits example (the module's ``reference``) is what
-the others are measured against: DDP's losses, the weights after interruptions, and the
-checkpoint that one process resumes.
+the others are measured against: DDP's losses (``ddp_reference``, the same run under
+DDP), the weights after interruptions, and the checkpoint that one process resumes. Both
+reference runs also record their threads at exit, for the gloo-shutdown test.
 """
 
 from __future__ import annotations
@@ -174,13 +175,25 @@ class Reference:
     events: list[dict[str, Any]]
 
 
+def _reference_run(folder: Path, **changes: Any) -> Reference:
+    # Each process also writes the names of its threads at exit (threads-RANK.json).
+    done, events = train(folder, {**make_project(folder, **changes), "THREADS_AT_EXIT": "1"})
+    assert done.returncode == 0, done.stderr
+    return Reference(folder, events)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     """The uninterrupted two-process FSDP run."""
-    folder = tmp_path_factory.mktemp("fsdp") / "reference"
-    done, events = train(folder, make_project(folder))
-    assert done.returncode == 0, done.stderr
-    return Reference(folder, events)
+    return _reference_run(tmp_path_factory.mktemp("fsdp") / "reference")
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    """The same run under DDP: what FSDP's losses are compared with."""
+    return _reference_run(
+        tmp_path_factory.mktemp("ddp") / "reference", distributed={"strategy": "ddp"}
+    )
 
 
 # -- before training -------------------------------------------------------------------
@@ -219,15 +232,12 @@ def test_fsdp_alone_is_one_line_and_exit_2_before_training(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp_with_half_the_parameters_on_each_process(
-    reference: Reference, tmp_path: Path
+    reference: Reference, ddp_reference: Reference
 ) -> None:
     for rank in (0, 1):
         local, full = json.loads((reference.folder / f"storage-{rank}.json").read_text())
         assert abs(local - full / 2) <= 0.05 * full, f"rank {rank} holds {local} of {full} bytes"
-    env = make_project(tmp_path, distributed={"strategy": "ddp"})
-    done, events = train(tmp_path, env)
-    assert done.returncode == 0, done.stderr
-    fsdp, ddp = epochs(reference.events), epochs(events)
+    fsdp, ddp = epochs(reference.events), epochs(ddp_reference.events)
     assert sorted(fsdp) == sorted(ddp) == [1, 2]
     for epoch, expected in ddp.items():
         got = fsdp[epoch]
@@ -241,20 +251,48 @@ def test_fsdp_trains_like_ddp_with_half_the_parameters_on_each_process(
     assert shapes == {"0.weight": (32, 64), "0.bias": (32,), "3.weight": (10, 32), "3.bias": (10,)}
 
 
-@pytest.mark.slow
-def test_ema_averages_like_ddp_and_validates_on_the_average(tmp_path: Path) -> None:
-    # Each FSDP process averages its shards; DDP's processes each the whole model. The
-    # validation losses (on the average) and model.pt (the average) agree.
+@attrs.frozen
+class EmaAndNorms:
+    epochs: dict[int, dict[str, Any]]
+    model: dict[str, torch.Tensor]
+    norms: list[list[Any]]
+
+
+@pytest.fixture(scope="module")
+def ema_and_norms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, EmaAndNorms]:
+    """Per strategy: a run with ema and the gradient-norm probe, gradients clipped.
+
+    One pair of runs for two comparisons: ema's average (validated on, written as
+    model.pt) and the gradient norm each step sees. Clipping changes neither
+    comparison's terms; the probe only reads.
+    """
     ema = {"ema": {"decay": 0.9, "validate_with_ema": True, "apply_at_end": True}}
-    results = {}
+    runs = {}
     for strategy in ("fsdp", "ddp"):
-        folder = tmp_path / strategy
-        env = make_project(folder, plugins=[ema], distributed={"strategy": strategy})
+        folder = tmp_path_factory.mktemp(strategy) / "ema-and-norms"
+        env = make_project(
+            folder,
+            plugins=[ema, "norm_probe"],
+            gradient_clip={"max_norm": 0.5},
+            distributed={"strategy": strategy},
+        )
         done, events = train(folder, env)
         assert done.returncode == 0, done.stderr
         assert not [e for e in events if e["event"] == "plugin_failed"]
-        results[strategy] = (epochs(events), final_weights(folder))
-    (fsdp, fsdp_model), (ddp, ddp_model) = results["fsdp"], results["ddp"]
+        norms = [json.loads(line) for line in (folder / "norms.jsonl").open()]
+        runs[strategy] = EmaAndNorms(epochs(events), final_weights(folder), norms)
+    return runs
+
+
+@pytest.mark.slow
+def test_ema_averages_like_ddp_and_validates_on_the_average(
+    ema_and_norms: dict[str, EmaAndNorms],
+) -> None:
+    # Each FSDP process averages its shards; DDP's processes each the whole model. The
+    # validation losses (on the average) and model.pt (the average) agree.
+    fsdp, fsdp_model = ema_and_norms["fsdp"].epochs, ema_and_norms["fsdp"].model
+    ddp, ddp_model = ema_and_norms["ddp"].epochs, ema_and_norms["ddp"].model
+    assert sorted(fsdp) == sorted(ddp) == [1, 2]
     for epoch, expected in ddp.items():
         got = fsdp[epoch]["validation_loss"]
         assert got == pytest.approx(expected["validation_loss"], rel=1e-5)
@@ -264,40 +302,26 @@ def test_ema_averages_like_ddp_and_validates_on_the_average(tmp_path: Path) -> N
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names in /proc")
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("run", ["reference", "ddp_reference"], ids=["fsdp", "ddp"])
 def test_no_gloo_thread_outlives_the_run_into_interpreter_shutdown(
-    tmp_path: Path, strategy: str
+    request: pytest.FixtureRequest, run: str
 ) -> None:
     # A gloo group still alive at shutdown joins its worker threads there; one that still
     # had a finished collective's tensors to free aborted the process (SIGABRT, "terminate
-    # called without an active exception"), now and then, after a successful run.
-    env = make_project(
-        tmp_path, distributed={"strategy": strategy}, checkpoint_every_steps=None, epochs=1
-    )
-    env["THREADS_AT_EXIT"] = "1"
-    done, _ = train(tmp_path, env)
-    assert done.returncode == 0, done.stderr
+    # called without an active exception"), now and then, after a successful run. The
+    # reference runs (each a success) wrote their processes' thread names at exit.
+    folder = request.getfixturevalue(run).folder
     for rank in (0, 1):
-        names = json.loads((tmp_path / f"threads-{rank}.json").read_text())
+        names = json.loads((folder / f"threads-{rank}.json").read_text())
         assert [name for name in names if "gloo" in name] == [], (rank, names)
 
 
 @pytest.mark.slow
-def test_the_gradient_norm_is_whole_on_rank_0_and_the_same_as_under_ddp(tmp_path: Path) -> None:
-    norms = {}
-    for strategy in ("fsdp", "ddp"):
-        folder = tmp_path / strategy
-        env = make_project(
-            folder,
-            epochs=1,
-            plugins=["norm_probe"],
-            gradient_clip={"max_norm": 0.5},
-            distributed={"strategy": strategy},
-        )
-        done, _ = train(folder, env)
-        assert done.returncode == 0, done.stderr
-        norms[strategy] = [json.loads(line) for line in (folder / "norms.jsonl").open()]
-    fsdp, ddp = norms["fsdp"], norms["ddp"]
+def test_the_gradient_norm_is_whole_on_rank_0_and_the_same_as_under_ddp(
+    ema_and_norms: dict[str, EmaAndNorms],
+) -> None:
+    fsdp, ddp = ema_and_norms["fsdp"].norms, ema_and_norms["ddp"].norms
+    assert ddp, "the probe saw the steps"
     assert [kind for _, kind, _ in fsdp] == ["Tensor"] * len(ddp)
     assert [step for step, _, _ in fsdp] == [step for step, _, _ in ddp]
     expected = [value for _, _, value in ddp]

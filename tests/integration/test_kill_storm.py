@@ -25,12 +25,12 @@ from typing import Any
 import pytest
 import torch
 from tests import kill_storm
+from tests._child import FAULT_CHILD as CHILD
 from tests._fault_support import BATCHES_PER_EPOCH, REPO_ROOT, RESUME_TRAIN_PY
 from tests._support import assert_same_weights, json_events
 
 pytestmark = pytest.mark.slow
 
-CHILD = "from tests._fault_support import child_main; child_main()"
 EPOCHS = 3
 # The first epoch stays the best (training loss watched as if higher were better), so
 # the weights the run ends with (restored) differ from every later epoch's.

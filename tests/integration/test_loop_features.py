@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
+from tests._child import FAULT_CHILD
 from tests._fault_support import REPO_ROOT, RESUME_TRAIN_PY
 from tests._support import TRAINING_DIED, assert_same_weights, quick_first, tiny_setup, weights
 from torch import nn
@@ -563,7 +564,7 @@ def _kill_project(folder: Path) -> Path:
 def _child(folder: Path, **env: str) -> subprocess.CompletedProcess[str]:
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("BZ_TEST_")}
     clean_env["PYTHONPATH"] = str(REPO_ROOT)
-    child = "from tests._fault_support import child_main; child_main()"
+    child = FAULT_CHILD
     return subprocess.run(
         [sys.executable, "-c", child, "train", "--log-format", "json"],
         cwd=folder,

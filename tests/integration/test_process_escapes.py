@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests._child import FAULT_CHILD as CHILD
 from tests._fault_support import (
     REPO_ROOT,
     RESUME_TRAIN_PY,
@@ -32,7 +33,6 @@ from bz.training.device import seed_everything
 from bz.training.interrupts import TrainingInterrupted
 
 EPOCHS = 3
-CHILD = "from tests._fault_support import child_main; child_main()"
 
 
 def _bz_train(

@@ -151,3 +151,21 @@ def test_torchs_whole_generator_state_comes_back(
     fence.put_back(mark)
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.initial_seed() == initial
+
+
+@pytest.mark.parametrize("kind", list(FENCES))
+def test_a_snapshot_inside_a_marked_round_leaves_the_round_to_be_put_back(kind: str) -> None:
+    # A plugin's torch hook runs inside another plugin's hook: its fence (save/load)
+    # sits inside the round's (mark/put_back), and both plugins' draws are undone.
+    fence = FENCES[kind]()
+    _seed(3)
+    expected = _next_numbers()
+    _seed(3)
+    mark = fence.mark()
+    _plugin_draws(5, 5, 5, reseed=False)  # the outer plugin, before its forward pass
+    saved = fence.save()
+    _plugin_draws(700, 700, 7, reseed=False)  # the torch hook
+    fence.load(saved)
+    _plugin_draws(1, 1, 1, reseed=True)  # the outer plugin again
+    fence.put_back(mark)
+    assert _next_numbers() == expected

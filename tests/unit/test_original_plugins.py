@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import bz
 from bz import _logging
 from bz.config import ConfigError, RunConfig
 from bz.plugins import Plugin, PluginContext, loss_of
-from bz.plugins._context import DeviceSum
+from bz.plugins._context import DeviceSum, summing_as_on_a_device
 from bz.plugins._names import resolve, run_value_names
 from bz.plugins.console_out import ConsoleOut
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
@@ -214,6 +215,51 @@ def test_device_sum_keeps_the_weighted_and_the_plain_sum(
         total.add(tensor, weight)
     assert math.isclose(total.value(), sum(v * w for v, w in exact), rel_tol=1e-9, abs_tol=1e-6)
     assert math.isclose(total.batch_sum(), sum(v for v, _ in exact), rel_tol=1e-9, abs_tol=1e-6)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(width=32, allow_nan=False, allow_infinity=False),
+            st.integers(1, 64),
+        ),
+        max_size=200,
+    ),
+    st.integers(0, 200),
+)
+def test_cpu_floats_and_the_device_way_give_the_same_sums_bit_for_bit(
+    pairs: list[tuple[float, int]], read_at: int
+) -> None:
+    """The CPU's Python floats against the in-place float64 sum a device keeps (the
+    CPU runs it inside summing_as_on_a_device): the same numbers, also read part-way."""
+    tensors = [(torch.tensor(value, dtype=torch.float32), weight) for value, weight in pairs]
+
+    def sums(total: DeviceSum) -> list[float]:
+        read: list[float] = []
+        for index, (tensor, weight) in enumerate(tensors):
+            if index == read_at:
+                read += [total.value(), total.batch_sum()]
+            total.add(tensor, weight)
+        return [*read, total.value(), total.batch_sum()]
+
+    on_the_cpu = sums(DeviceSum(0.25))
+    with summing_as_on_a_device():
+        on_a_device = sums(DeviceSum(0.25))
+    assert [struct.pack("<d", v) for v in on_the_cpu] == [
+        struct.pack("<d", v) for v in on_a_device
+    ]
+
+
+def test_a_run_reports_the_same_losses_bit_for_bit_either_way() -> None:
+    # Uneven batches (16, 16, 5): the weight changes within each epoch.
+    config = attrs.evolve(CONFIG, epochs=3)
+    on_the_cpu = bz.Trainer().fit(uneven_setup(), config, [reader := LossReader()])
+    with summing_as_on_a_device():
+        on_a_device = bz.Trainer().fit(uneven_setup(), config, [device_reader := LossReader()])
+    assert [(e.training_loss, e.validation_loss) for e in on_the_cpu.history] == [
+        (e.training_loss, e.validation_loss) for e in on_a_device.history
+    ]
+    assert reader.epochs == device_reader.epochs
 
 
 # -- 12. console_out's summary sees what other plugins added ------------------------------

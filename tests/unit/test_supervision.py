@@ -39,17 +39,23 @@ class _Looking:
         where = _supervision.where
         self.seen.append((where[_supervision.PLUGIN], where[_supervision.HOOK]))
 
+    end_training_batch = end_epoch
+
 
 def test_the_sandbox_says_which_plugin_and_hook_run_and_clears_it_after(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A supervised child: every call says which plugin runs, per-batch ones included
+    # (outside a supervisor the per-batch rounds skip the stores nobody reads).
     block = _block()
     monkeypatch.setattr(_supervision, "where", block)
+    monkeypatch.setattr(_supervision, "supervised", lambda: True)
     first, second = _Looking("first"), _Looking("second")
-    bz.Trainer().fit(tiny_setup(), CONFIG, plugins=[first, second])
-    hook = HOOK_NAMES.index("end_epoch") + 1
-    assert first.seen == [(1, hook)]
-    assert second.seen == [(2, hook)]
+    bz.Trainer().fit(tiny_setup(batches=40), CONFIG, plugins=[first, second])
+    epoch, batch = HOOK_NAMES.index("end_epoch") + 1, HOOK_NAMES.index("end_training_batch") + 1
+    assert set(first.seen) == {(1, epoch), (1, batch)}
+    assert set(second.seen) == {(2, epoch), (2, batch)}
+    assert first.seen.count((1, batch)) == 40  # every round, not only the timed ones
     assert block[_supervision.PLUGIN] == 0  # outside every hook now
 
 

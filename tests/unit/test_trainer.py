@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import traceback
+from collections import Counter
 from typing import Any
 
 import attrs
@@ -15,6 +16,7 @@ import bz
 from bz.config import RunConfig
 from bz.plugins import HOOK_NAMES, Plugin, PluginContext
 from bz.plugins._context import DeviceSum
+from bz.testing import HOST_READS, count_host_reads
 
 CONFIG = RunConfig(epochs=2, device="cpu", plugins=())
 
@@ -269,22 +271,37 @@ def test_training_setup_checks_its_fields() -> None:
         )
 
 
-def test_device_sum_reads_back_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    reads = 0
-    original = torch.Tensor.__float__
+def test_device_sum_reads_back_only_when_asked() -> None:
+    # The device way (a GPU's; on the CPU inside count_host_reads): adding reads nothing.
+    counter: Counter[str] = Counter()
+    with count_host_reads(counter):
+        total = DeviceSum()
+        for value in range(100):
+            total.add(torch.tensor(float(value)))
+        assert sum(counter.values()) == 0
+        assert total.value() == sum(range(100))
+    assert counter == Counter({"__float__": 1})
 
-    def counting(self: torch.Tensor) -> float:
-        nonlocal reads
-        reads += 1
-        return original(self)
 
-    monkeypatch.setattr(torch.Tensor, "__float__", counting)
+def test_on_the_cpu_each_value_is_read_once_as_it_is_added(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The CPU way: one item per value (the CPU is the host: nothing to wait for), then
+    # the sums are Python floats, read without touching a tensor.
+    reads: Counter[str] = Counter()
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            reads[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
     total = DeviceSum()
     for value in range(100):
         total.add(torch.tensor(float(value)))
-    assert reads == 0
     assert total.value() == sum(range(100))
-    assert reads == 1
+    assert reads == Counter({"item": 100})
 
 
 def test_unavailable_devices_are_a_usage_error() -> None:

@@ -211,10 +211,13 @@ def _interrupted(ending: _Ending, number: int, options: Supervision) -> int:
 
 def _quarantine_entry(ending: _Ending) -> dict[str, str]:
     """What the restarted child's report says of the plugin it leaves out."""
+    how = ending.how()
+    # "killed by SIGSEGV" and "hung in ..." read as a sentence with "was" / without it.
+    was = "was " if how.startswith("killed") else ""
     return {
         "plugin": str(ending.plugin),
         "hook": str(ending.hook),
-        "error": f"the training process {ending.how()} (restarted without it)",
+        "error": f"the training process {was}{how} (restarted without it)",
     }
 
 

@@ -146,11 +146,13 @@ class ClassificationGroup:
 
     def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
         """Count one batch for every member."""
+        # Each tensor attribute read builds a Python object: every shape is read once.
+        shape, target_shape = preds.shape, targets.shape
         if not (
-            preds.ndim == 2
-            and targets.ndim == 1
-            and preds.shape[1] == self._classes
-            and preds.shape[0] == targets.shape[0]
+            len(shape) == 2
+            and len(target_shape) == 1
+            and shape[1] == self._classes
+            and shape[0] == target_shape[0]
             and targets.dtype == torch.int64
             and preds.dtype in _SCORE_DTYPES
             and preds.device == self._device
@@ -159,7 +161,7 @@ class ClassificationGroup:
             return
         if preds.requires_grad:
             preds = preds.detach()
-        count = targets.shape[0]
+        count = target_shape[0]
         if count != self._ones_for:
             self._ones, self._ones_for = self._one.expand(count), count
         ones, classes, counting = self._ones, self._classes, self._counting

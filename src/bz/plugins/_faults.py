@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import attrs
 
@@ -19,6 +20,9 @@ from bz.plugins._watchdog import EXIT_AFTER_S
 
 if TYPE_CHECKING:
     from types import TracebackType
+
+    from bz.plugins._context import PluginContext
+    from bz.plugins._protocol import NamedPlugin
 
 ErrorPolicy = Literal["rewind", "isolate", "raise"]
 
@@ -169,7 +173,46 @@ __all__ = [
     "PluginReport",
     "RewindRequested",
     "give_up",
+    "guarded",
     "is_verdict",
     "log_fault",
     "verdict",
 ]
+
+
+T = TypeVar("T")
+
+
+class Quarantines(Protocol):
+    """What :func:`guarded` needs of a plugin set (:class:`bz.plugins._sandbox.PluginSet`)."""
+
+    def quarantine(
+        self, plugin: NamedPlugin, stage: str, exc: BaseException, context: PluginContext
+    ) -> None:
+        """Handle a fault outside a hook like a hook's."""
+        ...
+
+
+# -- plugin states inside the sandbox ---------------------------------------------------------
+
+
+def guarded(
+    plugins: Quarantines,
+    plugin: NamedPlugin,
+    stage: str,
+    context: PluginContext,
+    action: Callable[[], T],
+) -> T | None:
+    """Run a plugin's ``state_dict`` / ``load_state_dict`` inside the sandbox boundary.
+
+    These are not hooks, so :meth:`PluginSet.call` cannot run them; a failure is
+    handled exactly like a hook's (logged once, plugin quarantined, or raised under
+    the ``raise`` policy). Returns None when the plugin failed.
+    """
+    try:
+        return action()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # like a hook's: everything but Ctrl-C is the plugin's
+        plugins.quarantine(plugin, stage, exc, context)
+        return None

@@ -6,15 +6,18 @@ when CUDA is initialised, Python's ``random`` and NumPy's legacy ``numpy.random`
 puts it back afterwards. A plugin may draw freely; the data order, dropout masks and
 weights that follow are those of a run without it.
 
-Costs, per fenced hook call (not per plugin): every generator is read in place, a few
-bytes of it that any draw changes (its fingerprint: for torch's CPU generator its seed,
-position and first word and its cached normal samples; for Python's and NumPy's
-Mersenne Twisters their index and a few words), once before the plugins and once after;
-the state itself (about 2.5 KB each) is copied only when the
-fingerprint moved since the last copy (the loop drew since), and written back only when
-a plugin really drew. torch's ``get_state``/``set_state`` pair, which the fence used
-before, cost several times more than the whole round; reading the Twisters through
-their public ``getstate()`` costs far more still (docs/performance.md, "What keeps the
+Costs, per fenced hook call (not per plugin): each generator's state is read in place,
+never through its public API. The fence keeps a copy of every state between rounds and,
+once before the plugins and once after, compares a few words of each live state that
+any draw changes (its fingerprint: for torch's CPU generator its seed, position and
+first word and its cached normal samples; for Python's and NumPy's Mersenne Twisters
+their index and a few words) with the same words of its copy. With no draw that is two
+comparisons of two tuples of memoryviews, made once, and no new object. A state (about
+2.5 KB each) is copied only when its fingerprint moved before the plugins (the loop drew
+since the last copy), and written back only when a plugin really drew. torch's
+``get_state``/``set_state`` pair, which the fence used before, cost several times more
+than the whole round; reading the Twisters through their public ``getstate()`` costs far
+more still (docs/performance.md, "What keeps the
 loop cheap"). The layouts read here are checked against ``getstate()`` / torch's
 ``get_state()`` once, by drawing from a probe generator; where one does not match
 (another Python implementation, another NumPy or torch build), the fence falls back to
@@ -22,7 +25,8 @@ the public calls.
 
 :func:`random_fence` builds the fence once per run: the flat :class:`_FastFence` for the
 common case (torch on CPU, all three generators readable in place), :class:`_GenericFence`
-otherwise (CUDA, or a fallback).
+otherwise (CUDA, or a fallback). The round's marks do not nest; a fence inside a round
+(a plugin's torch hook) takes whole snapshots instead (``save``/``load``).
 
 Known gap: NumPy's legacy ``randn``/``normal`` keep a cached second Gaussian outside the
 Twister's words. A plugin that consumes that cached value without drawing anything else
@@ -42,48 +46,68 @@ _WORDS_BYTES = _WORDS * 4
 
 
 class _Twister:
-    """A generator's state read in place: ``size`` bytes at ``start`` and a lazy copy.
+    """A generator's state read in place: ``size`` bytes at ``start``, and a copy of them.
 
-    ``fingerprint`` is a few bytes of that state which every draw changes: a Twister's
-    index (its position in the words) and some words (they change when the words are
-    regenerated, unless by a 1-in-2**64 coincidence). Marking reads them; the copy is
-    refreshed only when they differ from the copied ones (the loop drew since).
+    Its fingerprint is a few bytes of that state which every draw changes (a Twister's
+    index, its position in the words, and some words, which change when the words are
+    regenerated, unless by a 1-in-2**64 coincidence): ``prints`` pairs each such region
+    of the live state with the same region of the copy, as memoryviews made once, so
+    telling whether the generator moved since the copy is one comparison of a few words
+    per region, with nothing read into a new object.
     """
 
-    __slots__ = ("_copied", "_copy", "_print", "_size", "_start")
+    __slots__ = ("_copy", "_size", "_start", "prints")
 
-    def __init__(self, start: int, size: int, fingerprint: int, length: int) -> None:
+    def __init__(self, start: int, size: int, prints: tuple[tuple[int, int], ...]) -> None:
         self._start = start
         self._size = size
-        self._print = (ctypes.c_char * length).from_address(fingerprint)
         self._copy = (ctypes.c_char * size)()
-        self._copied = b""
+        self.prints = tuple(
+            (
+                _words(ctypes.c_char * length, start + offset),
+                _copy_words(self._copy, offset, length),
+            )
+            for offset, length in prints
+        )
 
-    def mark(self) -> bytes:
-        """The current fingerprint; refreshes the copy when the state changed."""
-        fingerprint = self._print.raw
-        if fingerprint != self._copied:
-            self.refresh(fingerprint)
-        return fingerprint
+    def moved(self) -> bool:
+        """Whether the state differs from the copy (something drew since)."""
+        return any(live != copy for live, copy in self.prints)
 
-    def refresh(self, fingerprint: bytes) -> None:
-        """Copy the state, whose fingerprint is ``fingerprint``."""
+    def refresh(self) -> None:
+        """Copy the state."""
         ctypes.memmove(self._copy, self._start, self._size)
-        self._copied = fingerprint
-
-    def put_back(self, mark: bytes) -> None:
-        """Undo every draw since :meth:`mark` (a no-op when there was none)."""
-        if self._print.raw != mark:
-            self.restore()
 
     def restore(self) -> None:
         """Write the copy back."""
         ctypes.memmove(self._start, self._copy, self._size)
 
+    def snapshot(self) -> bytes:
+        """The whole state, for :meth:`load` (the copy is left alone)."""
+        return ctypes.string_at(self._start, self._size)
+
+    def load(self, snapshot: bytes) -> None:
+        """Put back what :meth:`snapshot` returned (a no-op when nothing drew since)."""
+        if ctypes.string_at(self._start, self._size) != snapshot:
+            ctypes.memmove(self._start, snapshot, self._size)
+
+
+def _words(array_type: Any, address: int) -> memoryview:
+    # A fingerprint region as 8-byte (or 4-byte) words: comparing two such views
+    # compares a few words, not every byte one by one.
+    view = memoryview(array_type.from_address(address)).cast("B")
+    return view.cast("Q" if len(view) % 8 == 0 else "I")
+
+
+def _copy_words(copy: Any, offset: int, length: int) -> memoryview:
+    view = memoryview((ctypes.c_char * length).from_buffer(copy, offset)).cast("B")
+    return view.cast("Q" if length % 8 == 0 else "I")
+
 
 def _cpython_twister(index_address: int) -> _Twister:
     # CPython's RandomObject from its int index on: the index, then uint32_t state[624].
-    return _Twister(index_address, 4 + _WORDS_BYTES, index_address, 16)
+    # The fingerprint: the index and the first three words.
+    return _Twister(index_address, 4 + _WORDS_BYTES, ((0, 16),))
 
 
 def _python_twister(generator: random.Random) -> _Twister | None:
@@ -97,11 +121,13 @@ def _python_twister(generator: random.Random) -> _Twister | None:
     if not _matches(probe.getstate()[1], base + 4, base):
         return None
     twister = _cpython_twister(base)
-    mark = twister.mark()
+    twister.refresh()
     before = probe.getstate()
     probe.random()
-    twister.put_back(mark)
-    if probe.getstate() != before:
+    if not twister.moved():
+        return None
+    twister.restore()
+    if probe.getstate() != before or twister.moved():
         return None
     return _cpython_twister(id(generator) + 16)
 
@@ -129,11 +155,14 @@ def _numpy_twister(numpy: Any) -> _Twister | None:
     if list(words) != [int(word) for word in state["key"]] or position.value != int(state["pos"]):
         return None
     # The fingerprint: the last two words and the position right after them.
-    return _Twister(address, _WORDS_BYTES + 4, address + _WORDS_BYTES - 8, 12)
+    return _Twister(address, _WORDS_BYTES + 4, ((_WORDS_BYTES - 8, 12),))
 
 
 class _GenericFence:
-    """Any mix of generators, including the slow fallbacks (see the module docstring)."""
+    """Any mix of generators, including the slow fallbacks (see the module docstring).
+
+    Every mark is a whole snapshot, so marks nest: this fence serves both levels.
+    """
 
     __slots__ = ("_cuda", "_numpy", "_numpy_slow", "_python", "_torch")
 
@@ -157,9 +186,9 @@ class _GenericFence:
         return (
             self._torch.get_state() if self._torch is not None else None,
             self._cuda.get_state() if self._cuda is not None else None,
-            python.mark() if python is not None else random.getstate(),
+            python.snapshot() if python is not None else random.getstate(),
             random._inst.gauss_next,  # type: ignore[attr-defined]  # see __init__
-            numpy.mark() if numpy is not None else None,
+            numpy.snapshot() if numpy is not None else None,
             self._numpy_slow.get_state() if self._numpy_slow is not None else None,
         )
 
@@ -171,33 +200,19 @@ class _GenericFence:
         if cuda_state is not None:
             self._cuda.set_state(cuda_state)
         if self._python is not None:
-            self._python.put_back(python_mark)
+            self._python.load(python_mark)
         else:
             random.setstate(python_mark)
         random._inst.gauss_next = gauss_next  # type: ignore[attr-defined]  # see __init__
         if numpy_mark is not None:
             assert self._numpy is not None
-            self._numpy.put_back(numpy_mark)
+            self._numpy.load(numpy_mark)
         elif numpy_state is not None:
             self._numpy_slow.set_state(numpy_state)
 
+    save = mark
+    load = put_back
 
-class _NoTwister(_Twister):
-    """NumPy not imported: nothing to mark, nothing to put back."""
-
-    def __init__(self) -> None:  # deliberately no super(): there is no memory to read
-        self._print = _EMPTY  # type: ignore[assignment]  # duck-typed: only .raw is read
-        self._copied = b""
-
-
-class _Empty:
-    """Stands in for a fingerprint when there is no generator: always the same bytes."""
-
-    __slots__ = ()
-    raw = b""
-
-
-_EMPTY = _Empty()
 
 # torch's CPU generator (CPUGeneratorImpl), from its mt19937 engine on: uint64 seed_,
 # int left_, bool seeded_, uint32 next_, uint32 state_[624]; then the cached normals
@@ -207,48 +222,39 @@ _TORCH_NORMALS = 20 + _WORDS_BYTES
 """Where the two cached normals start (the fingerprint's second part)."""
 
 
-class _TorchTwister(_Twister):
-    """torch's CPU generator read in place: any draw changes ``left_`` and ``next_``
-    (or regenerates the words, ``state_[0]`` among them), a reseed ``seed_``, a normal
-    sample taken or cached the optionals; the fingerprint is those bytes."""
-
-    __slots__ = ("_normals",)
-
-    def __init__(self, start: int) -> None:
-        super().__init__(start, _TORCH_SIZE, start, 24)
-        self._normals = (ctypes.c_char * 28).from_address(start + _TORCH_NORMALS)
-
-    def mark(self) -> bytes:
-        """The current fingerprint; refreshes the copy when the state changed."""
-        fingerprint = self._print.raw + self._normals.raw
-        if fingerprint != self._copied:
-            self.refresh(fingerprint)
-        return fingerprint
-
-    def put_back(self, mark: bytes) -> None:
-        """Undo every draw since :meth:`mark` (a no-op when there was none)."""
-        if self._print.raw + self._normals.raw != mark:
-            self.restore()
+def _torch_twister_at(start: int) -> _Twister:
+    # Any draw changes ``left_`` and ``next_`` (or regenerates the words, ``state_[0]``
+    # among them), a reseed ``seed_``, a normal sample taken or cached the optionals:
+    # the fingerprint is those bytes.
+    return _Twister(start, _TORCH_SIZE, ((0, 24), (_TORCH_NORMALS, 28)))
 
 
-def _torch_twister(torch: Any) -> _TorchTwister | None:
+def _torch_twister(torch: Any) -> _Twister | None:
     """torch's default CPU generator read in place, if its layout is the one checked here."""
     probe = torch.Generator()
     offset = _torch_engine(torch, probe)
     address = getattr(torch.default_generator, "_cdata", None)
     if offset is None or not isinstance(address, int):
         return None
-    twister = _TorchTwister(probe._cdata + offset)
-    mark = twister.mark()
+    twister = _torch_twister_at(probe._cdata + offset)
     before = probe.get_state()
-    torch.rand(3, generator=probe)
-    torch.randn(1, generator=probe)  # takes the cached normal
-    torch.randint(0, 10, (700,), generator=probe)  # regenerates the words
-    probe.manual_seed(2**32 + 20240601)  # the same words, another seed_
-    twister.put_back(mark)
-    if not torch.equal(probe.get_state(), before):
-        return None
-    return _TorchTwister(address + offset)
+    twister.refresh()
+    draws: tuple[tuple[Any, tuple[Any, ...]], ...] = (
+        (torch.rand, (3,)),
+        (torch.randn, (1,)),  # takes the cached normal
+        (torch.randint, (0, 10, (700,))),  # regenerates the words
+    )
+    for draw, args in (*draws, (None, ())):
+        if draw is None:
+            probe.manual_seed(2**32 + 20240601)  # the same words, another seed_
+        else:
+            draw(*args, generator=probe)
+        if not twister.moved():
+            return None
+        twister.restore()
+        if not torch.equal(probe.get_state(), before) or twister.moved():
+            return None
+    return _torch_twister_at(address + offset)
 
 
 def _torch_engine(torch: Any, probe: Any) -> int | None:
@@ -286,51 +292,54 @@ def _torch_engine(torch: Any, probe: Any) -> int | None:
 
 
 class _FastFence:
-    """The common case, flattened: torch's CPU generator, Python's and NumPy's twisters,
-    all read in place.
+    """The common case: torch's CPU generator, Python's and NumPy's twisters, all read in
+    place, each with a copy of its state kept here between rounds.
 
-    One tuple per mark and no method calls on the no-draw path: this runs around every
-    batch hook some plugin implements. torch's whole state (2.5 KB) is read as one bytes
-    object, which is both its fingerprint and its copy: one read costs less than the two
-    short reads and the join its fingerprint took.
+    :meth:`mark` compares the generators' fingerprints with their copies' and copies a
+    state anew only where the loop drew since; :meth:`put_back` compares again and writes
+    a copy back only where a plugin drew. The fingerprints' regions, live and copied, sit
+    in two tuples, so with no draw each is one comparison of two tuples: a few words per
+    region, compared in C, and no new object. Marks do not nest (a mark inside another's
+    span would replace the copy the outer one puts back): a fence inside a round, around
+    a plugin's torch hook, uses :meth:`save` and :meth:`load`, which take whole snapshots.
     """
 
-    __slots__ = ("_instance", "_numpy", "_python", "_torch", "_torch_address", "_torch_state")
+    __slots__ = ("_copies", "_instance", "_live", "_twisters")
 
-    def __init__(self, torch: _TorchTwister, python: _Twister, numpy: _Twister) -> None:
-        self._torch = torch
-        self._torch_state = (ctypes.c_char * _TORCH_SIZE).from_address(torch._start)
-        self._torch_address = torch._start
-        self._python = python
-        self._numpy = numpy
+    def __init__(self, torch: _Twister, python: _Twister, numpy: _Twister | None) -> None:
+        self._twisters = (torch, python) if numpy is None else (torch, python, numpy)
+        self._live = tuple(live for twister in self._twisters for live, _ in twister.prints)
+        self._copies = tuple(copy for twister in self._twisters for _, copy in twister.prints)
         self._instance = random._inst
 
-    def mark(self) -> tuple[Any, ...]:
-        """The state to put back after the plugins' calls."""
-        python, numpy = self._python, self._numpy
-        python_print = python._print.raw
-        if python_print != python._copied:
-            python.refresh(python_print)
-        numpy_print = numpy._print.raw
-        if numpy_print != numpy._copied:
-            numpy.refresh(numpy_print)
-        return (
-            self._torch_state.raw,
-            python_print,
-            self._instance.gauss_next,  # type: ignore[attr-defined]  # Random's cached second Gaussian
-            numpy_print,
-        )
+    def mark(self) -> Any:
+        """Make the copies current; what :meth:`put_back` needs besides them."""
+        if self._live != self._copies:
+            for twister in self._twisters:
+                if twister.moved():
+                    twister.refresh()
+        return self._instance.gauss_next  # type: ignore[attr-defined]  # Random's cached Gaussian
 
-    def put_back(self, mark: tuple[Any, ...]) -> None:
+    def put_back(self, mark: Any) -> None:
         """Undo whatever the plugins drew since :meth:`mark`."""
-        if self._torch_state.raw != mark[0]:
-            ctypes.memmove(self._torch_address, mark[0], _TORCH_SIZE)
-        python, numpy = self._python, self._numpy
-        if python._print.raw != mark[1]:
-            python.restore()
-        self._instance.gauss_next = mark[2]  # type: ignore[attr-defined]  # see mark()
-        if numpy._print.raw != mark[3]:
-            numpy.restore()
+        if self._live != self._copies:
+            for twister in self._twisters:
+                if twister.moved():
+                    twister.restore()
+        instance = self._instance
+        if instance.gauss_next is not mark:  # type: ignore[attr-defined]  # see mark()
+            instance.gauss_next = mark  # type: ignore[attr-defined]
+
+    def save(self) -> tuple[Any, ...]:
+        """A whole snapshot, for :meth:`load` (these nest, and leave the copies alone)."""
+        states = tuple(twister.snapshot() for twister in self._twisters)
+        return (*states, self._instance.gauss_next)  # type: ignore[attr-defined]  # see mark()
+
+    def load(self, saved: tuple[Any, ...]) -> None:
+        """Put back what :meth:`save` returned."""
+        for twister, state in zip(self._twisters, saved, strict=False):
+            twister.load(state)
+        self._instance.gauss_next = saved[-1]  # type: ignore[attr-defined]  # see mark()
 
 
 RandomFence = _FastFence | _GenericFence
@@ -341,9 +350,9 @@ def random_fence() -> RandomFence:
     torch = sys.modules.get("torch")
     numpy = sys.modules.get("numpy")
     python = _python_twister(random._inst)
-    numpy_twister = _numpy_twister(numpy) if numpy is not None else _NoTwister()
+    numpy_twister = _numpy_twister(numpy) if numpy is not None else None
     cuda = torch is not None and torch.cuda.is_initialized()
-    if torch is None or cuda or python is None or numpy_twister is None:
+    if torch is None or cuda or python is None or (numpy is not None and numpy_twister is None):
         return _GenericFence()
     torch_twister = _torch_twister(torch)
     if torch_twister is None:

@@ -19,11 +19,10 @@ and bz's signal handlers and standard streams stay bz's (see :mod:`bz.plugins._p
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from bz import _supervision
 from bz._errors import describe_exception
@@ -38,15 +37,26 @@ from bz.plugins._faults import (
     PluginReport,
     RewindRequested,
     give_up,
+    guarded,
     is_verdict,
     log_fault,
     verdict,
 )
 from bz.plugins._fence import RandomFence, random_fence
-from bz.plugins._hooks import HOOK_NAMES, HOOKS
 from bz.plugins._process import ProcessKeeper
+from bz.plugins._rounds import (
+    Entry,
+    Round,
+    Slot,
+    build_table,
+    not_called,
+    quarantine_slots,
+    report,
+    set_aside,
+    summary,
+)
 from bz.plugins._torch_hooks import HookLedger
-from bz.plugins._watchdog import PluginInterrupted, Watchdog
+from bz.plugins._watchdog import Watchdog
 
 if TYPE_CHECKING:
     from bz.plugins._protocol import NamedPlugin
@@ -68,118 +78,6 @@ _log = get_logger("bz")
 _perf_counter = time.perf_counter
 
 
-_PER_BATCH = frozenset(spec.name for spec in HOOKS if spec.per_batch)
-_HOOK_NUMBERS = {name: number for number, name in enumerate(HOOK_NAMES, start=1)}
-"""What the supervisor is told for each hook (see :mod:`bz._supervision`)."""
-
-
-class _Slot:
-    """A plugin's bookkeeping: mutated in place on the slow paths only (see ``_Round``)."""
-
-    __slots__ = (
-        "calls",
-        "dormant",
-        "fault",
-        "hooks",
-        "name",
-        "number",
-        "plugin",
-        "sampled_calls",
-        "sampled_of",
-        "sampled_seconds",
-        "seconds",
-    )
-
-    def __init__(
-        self, name: str, plugin: NamedPlugin, hooks: tuple[str, ...], number: int = 0
-    ) -> None:
-        self.name = name
-        self.number = number
-        """1-based position: what the supervisor is told while its hooks run."""
-        self.plugin = plugin
-        self.hooks = hooks
-        self.calls = 0
-        """Calls so far, counted per round by ``_Round`` (added here when a round's table
-        is replaced or a report is made)."""
-        self.seconds = 0.0
-        """Time in hooks every call of which is timed (all but the per-batch ones)."""
-        self.sampled_seconds = 0.0
-        """Time in the sampled calls of per-batch hooks (see ``_Round``)."""
-        self.sampled_calls = 0
-        """How many per-batch calls were timed."""
-        self.sampled_of = 0
-        """How many per-batch calls there were (flushed like ``calls``)."""
-        self.fault: PluginFault | None = None
-        self.dormant = False
-        """True on ranks where the plugin does not run (see ``PluginSet.for_rank``)."""
-
-    def estimated_seconds(self, sampled_of: int) -> float:
-        """Exact time in the fully timed hooks plus the per-batch hooks' sampled time
-        scaled to all ``sampled_of`` per-batch calls."""
-        sampled = self.sampled_seconds
-        if self.sampled_calls:
-            sampled *= sampled_of / self.sampled_calls
-        return self.seconds + sampled
-
-
-class _Round:
-    """One hook's plugins, in call order, and its tallies: what a round costs is one
-    countdown, not a counter and a clock read per plugin.
-
-    Calls are counted per round (``done()`` rounds, each calling every entry). Rounds of
-    per-batch hooks are timed plugin by plugin once every ``interval`` rounds, the
-    interval drawn anew each time between 1 and ``2 * SAMPLE_EVERY - 1`` (mean
-    ``SAMPLE_EVERY``: irregular, so a plugin that works every k-th step is not always or
-    never timed) from a generator of the sandbox's own; rounds of all other hooks are
-    always timed.
-    """
-
-    __slots__ = ("countdown", "entries", "interval", "number", "rounds", "sampled", "seed")
-
-    def __init__(self, entries: tuple[_Entry, ...], number: int, sampled: bool) -> None:
-        self.entries = entries
-        self.number = number
-        """The hook's number, for the supervisor."""
-        self.sampled = sampled
-        self.rounds = 0
-        """Rounds in the intervals already ended."""
-        self.seed = number
-        self.interval = 1
-        self.countdown = 1
-        """Rounds left in this interval: the round that brings it to 0 is timed."""
-
-    def done(self) -> int:
-        """Rounds started so far."""
-        return self.rounds + self.interval - self.countdown
-
-    def next_interval(self) -> None:
-        """The timed round: start the next interval."""
-        self.rounds += self.interval
-        if self.sampled:
-            # A linear congruential generator of the sandbox's own: the fence keeps the
-            # global ones untouched, and this one must not disturb them either.
-            self.seed = seed = (self.seed * 1103515245 + 12345) & 0x7FFFFFFF
-            self.interval = 1 + (seed >> 16) % (2 * SAMPLE_EVERY - 1)
-        self.countdown = self.interval
-
-    def flush(self) -> None:
-        """Add the rounds counted here to the plugins' own counts (the table is replaced)."""
-        done = self.done()
-        for slot, _ in self.entries:
-            slot.calls += done
-            if self.sampled:
-                slot.sampled_of += done
-
-
-SAMPLE_EVERY = 16
-"""Per-batch hooks are timed plugin by plugin in about one round in this many."""
-
-
-T = TypeVar("T")
-
-_Entry = tuple[_Slot, Callable[["PluginContext"], object]]
-
-
 class PluginSet:
     """Loaded plugins, the hooks each implements, and the boundary every call goes through.
 
@@ -196,26 +94,30 @@ class PluginSet:
     ) -> None:
         self.policy: ErrorPolicy = policy
         self._slots = [
-            _Slot(plugin.name, plugin, hooks, number)
+            Slot(plugin.name, plugin, hooks, number)
             for number, (plugin, hooks) in enumerate(plugins, start=1)
         ]
         self._where = _supervision.where
         """Which plugin and hook run now, for a supervising ``bz train`` (shared memory)."""
+        self._supervised = _supervision.supervised()
+        """Whether anyone reads ``_where`` (elsewhere it is a scratch buffer, not written
+        on the common path)."""
         self._load_faults = list(load_faults)
-        self._table: dict[str, _Round | None] = {}
+        self._table: dict[str, Round | None] = {}
         self.implemented: dict[str, bool] = {}
         """Per hook, whether an active plugin implements it: one dict for the set's life,
         kept current (the loop holds it and tests a hook before preparing its call)."""
         self.rewindable = False
         """Set by the loop while it can go back to a consistent state (``rewind``)."""
         self._fence: RandomFence | None = None
-        self._grad_mode: Callable[[], bool] | None = None
+        self._grad_mode: Callable[[], bool] = _grad_on
         """``torch.is_grad_enabled``, once the fence is built (torch is imported then)."""
         self._shown: PluginContext | None = None
         self._view: PluginContext = LoopView(PluginContext())
         self._watchdog = Watchdog()
         self._watchdog.boundaries = frozenset(
             {
+                PluginSet.call.__code__,
                 PluginSet._round.__code__,
                 PluginSet._timed_round.__code__,
                 PluginSet._run_torch_hook.__code__,
@@ -255,28 +157,11 @@ class PluginSet:
         return self.implemented[hook]
 
     def _rebuild(self) -> None:
-        # Precomputed per hook: a hook nobody implements is None, so calling it costs a
-        # dict lookup and nothing else. Hooks above the batch level also check bz's
-        # signal handlers around each call. The rounds counted so far go to the plugins.
-        keeper = self._keeper
+        # The rounds counted so far go to the plugins; the new table has fresh rounds.
         for old in self._table.values():
             if old is not None:
                 old.flush()
-        table: dict[str, _Round | None] = {}
-        for hook in HOOK_NAMES:
-            entries = tuple(
-                (
-                    slot,
-                    getattr(slot.plugin, hook)
-                    if hook in _PER_BATCH
-                    else keeper.kept(getattr(slot.plugin, hook)),
-                )
-                for slot in self._slots
-                if slot.fault is None and not slot.dormant and hook in slot.hooks
-            )
-            sampled = hook in _PER_BATCH
-            table[hook] = _Round(entries, _HOOK_NUMBERS[hook], sampled) if entries else None
-        self._table = table
+        self._table = table = build_table(self._slots, self._keeper)
         self.implemented.update((hook, entries is not None) for hook, entries in table.items())
 
     # -- the hot path ----------------------------------------------------------------
@@ -285,9 +170,12 @@ class PluginSet:
         """Call ``hook`` on every active plugin that implements it, inside the boundary."""
         # Fast path, run several times per batch: a hook nobody implements returns after
         # one lookup. Otherwise: one random fence for the whole round (not per plugin),
-        # a countdown for the round's tallies (``_Round``), and per plugin two stores:
-        # which plugin runs, for the watchdog and for the supervisor. Quarantine (the
-        # slow path) rebuilds the table; the entries held here keep this round's order.
+        # a countdown for the round's tallies (``Round``), and per plugin one store:
+        # which plugin runs, for the watchdog. The ``try`` around the calls costs nothing
+        # until a plugin raises; the round then goes on, from the next plugin, in
+        # ``_round``. Under a supervisor every call also stores the plugin's number in
+        # the shared block (``_round``). Quarantine (the slow path) rebuilds the table;
+        # the entries held here keep this round's order.
         round_ = self._table[hook]
         if round_ is None:
             return
@@ -297,23 +185,33 @@ class PluginSet:
         # Grad mode is global: a plugin that turns it off (and fails, or forgets to turn
         # it back on) would leave the loop's backward pass without a graph.
         grad_mode = self._grad_mode
-        grad = grad_mode is None or grad_mode()
+        grad = grad_mode()
         watchdog = self._watchdog
-        watchdog.round = mark  # a new object each round: tells calls of a plugin apart
-        where = self._where
-        where[1] = round_.number
+        remaining = iter(round_.entries)
+        watchdog.round = remaining  # a new object each round: tells calls of a plugin apart
         round_.countdown -= 1
         try:
-            if round_.countdown:
-                self._round(round_, hook, view, context, watchdog, where)
-            else:
+            if not round_.countdown:
                 round_.next_interval()
-                self._timed_round(round_, hook, view, context, watchdog, where)
+                self._timed_round(round_, hook, view, context, remaining)
+            elif self._supervised:
+                self._round(round_, hook, view, context, remaining)
+            else:
+                try:
+                    for slot, method in remaining:
+                        watchdog.running = slot
+                        method(view)
+                    return  # the common case (the ``finally`` below still runs)
+                except KeyboardInterrupt:
+                    not_called(round_, watchdog.running)
+                    raise
+                except BaseException as exc:  # a plugin cannot end the process
+                    self._caught(round_, hook, exc, context)
+                self._round(round_, hook, view, context, remaining)
         finally:
             watchdog.running = None
-            where[0] = 0
             fence.put_back(mark)
-            if grad_mode is not None and grad_mode() is not grad:
+            if grad_mode() is not grad:
                 _set_grad_mode(grad)
             # Autocast too, but read only when a plugin's hook changed it (``_touched``):
             # reading it costs a microsecond, this test nothing.
@@ -322,95 +220,91 @@ class PluginSet:
 
     def _round(
         self,
-        round_: _Round,
+        round_: Round,
         hook: str,
         view: PluginContext,
         context: PluginContext,
-        watchdog: Watchdog,
-        where: memoryview,
+        remaining: Iterator[Entry],
     ) -> None:
-        # The whole loop sits inside the ``try``: an interruption aimed at a plugin (a
-        # timeout, a second Ctrl-C) is that plugin's wherever it lands, even between two
-        # calls (``watchdog.running`` still names the plugin it was aimed at); the loop
-        # then goes on from the next plugin (the iterator keeps its place).
-        remaining = iter(round_.entries)
-        while True:
-            try:
-                for slot, method in remaining:
-                    watchdog.running = slot
-                    where[0] = slot.number
-                    method(view)
-            except KeyboardInterrupt:
-                self._not_called(round_, watchdog.running)
-                raise
-            except BaseException as exc:  # a plugin cannot end the process
-                self._caught(round_, hook, exc, context)
-                continue
-            return
+        # The calls left in a round, telling the supervisor which plugin runs. The whole
+        # loop sits inside the ``try``: an interruption aimed at a plugin (a timeout, a
+        # second Ctrl-C) is that plugin's wherever it lands, even between two calls
+        # (``watchdog.running`` still names the plugin it was aimed at); the loop then
+        # goes on from the next plugin (the iterator keeps its place).
+        watchdog, where = self._watchdog, self._where
+        where[1] = round_.number
+        try:
+            while True:
+                try:
+                    for slot, method in remaining:
+                        watchdog.running = slot
+                        where[0] = slot.number
+                        method(view)
+                except KeyboardInterrupt:
+                    not_called(round_, watchdog.running)
+                    raise
+                except BaseException as exc:  # a plugin cannot end the process
+                    self._caught(round_, hook, exc, context)
+                    continue
+                return
+        finally:
+            where[0] = 0
 
     def _timed_round(
         self,
-        round_: _Round,
+        round_: Round,
         hook: str,
         view: PluginContext,
         context: PluginContext,
-        watchdog: Watchdog,
-        where: memoryview,
+        remaining: Iterator[Entry],
     ) -> None:
         # ``_round`` with a clock read per plugin (each call's end is the next one's
         # start): every round of most hooks, a sample of the per-batch hooks' rounds.
+        watchdog, where = self._watchdog, self._where
+        where[1] = round_.number
         sampled, clock = round_.sampled, _perf_counter
-        remaining = iter(round_.entries)
         started = clock()
-        while True:
-            try:
-                for slot, method in remaining:
-                    watchdog.running = slot
-                    where[0] = slot.number
-                    method(view)
-                    finished = clock()
-                    if sampled:
-                        slot.sampled_seconds += finished - started
-                        slot.sampled_calls += 1
-                    else:
-                        slot.seconds += finished - started
-                    started = finished
-            except KeyboardInterrupt:
-                self._not_called(round_, watchdog.running)
-                raise
-            except BaseException as exc:  # a plugin cannot end the process
-                self._caught(round_, hook, exc, context)
-                started = clock()
-                continue
-            return
+        try:
+            while True:
+                try:
+                    for slot, method in remaining:
+                        watchdog.running = slot
+                        where[0] = slot.number
+                        method(view)
+                        finished = clock()
+                        if sampled:
+                            slot.sampled_seconds += finished - started
+                            slot.sampled_calls += 1
+                        else:
+                            slot.seconds += finished - started
+                        started = finished
+                except KeyboardInterrupt:
+                    not_called(round_, watchdog.running)
+                    raise
+                except BaseException as exc:  # a plugin cannot end the process
+                    self._caught(round_, hook, exc, context)
+                    started = clock()
+                    continue
+                return
+        finally:
+            where[0] = 0
 
     def _caught(
-        self, round_: _Round, hook: str, exc: BaseException, context: PluginContext
+        self, round_: Round, hook: str, exc: BaseException, context: PluginContext
     ) -> None:
         # What a plugin raised (or an interruption aimed at it): its fault. Raises on
         # when the round must end here (a verdict, ``raise``, ``rewind``).
         watchdog = self._watchdog
         slot, watchdog.running = watchdog.running, None
-        if not isinstance(slot, _Slot) or is_verdict(exc):
+        if not isinstance(slot, Slot) or is_verdict(exc):
             # Another plugin's torch hook failed inside this one's hook (a verdict).
-            self._not_called(round_, slot)
+            not_called(round_, slot)
             raise exc
         try:
             self._fail(slot, hook, exc, context)
         except BaseException:
-            self._not_called(round_, slot)
+            not_called(round_, slot)
             raise
-
-    def _not_called(self, round_: _Round, last: object) -> None:
-        # The round ends early, after ``last`` (None: before the first plugin): the
-        # plugins after it, counted with the round, were not called.
-        after = last is None
-        for slot, _ in round_.entries:
-            if after:
-                slot.calls -= 1
-                if round_.sampled:
-                    slot.sampled_of -= 1
-            after = after or slot is last
 
     def _view_for(self, context: PluginContext) -> PluginContext:
         # A new context (a new run, or a test's own): plugins see it through a read-only
@@ -462,7 +356,7 @@ class PluginSet:
 
     def _run_torch_hook(
         self,
-        slot: _Slot,
+        slot: Slot,
         kind: str,
         hook: Callable[..., object],
         args: tuple[object, ...],
@@ -475,12 +369,13 @@ class PluginSet:
         watchdog = self._watchdog
         outer = watchdog.running
         fence = self._fence or self._new_fence()
-        mark = fence.mark()
+        # A whole snapshot, not a mark: this may run inside a round, whose mark stands.
+        saved = fence.save()
         grad_mode = self._grad_mode
-        grad = grad_mode is None or grad_mode()
+        grad = grad_mode()
         started = _perf_counter()
         if outer is None:
-            watchdog.round = mark
+            watchdog.round = saved
         slot.calls += 1
         where = self._where
         outer_where = where[0], where[1]
@@ -501,8 +396,8 @@ class PluginSet:
             watchdog.running = outer
             where[0], where[1] = outer_where
             slot.seconds += _perf_counter() - started
-            fence.put_back(mark)
-            if grad_mode is not None and grad_mode() is not grad:
+            fence.load(saved)
+            if grad_mode() is not grad:
                 _set_grad_mode(grad)
             if self._autocast is not None:
                 self._put_back_autocast()
@@ -528,20 +423,11 @@ class PluginSet:
         quarantined, rewound) and the loop goes on to stop cleanly, with a checkpoint.
         Returns when no plugin is running.
         """
-        running = self._watchdog.running
-        if running is not None:
-            name = getattr(running, "name", "?")
-            error = PluginInterrupted(
-                f"plugin {name!r} was still running when a second "
-                f"{signal.Signals(signum).name} arrived"
-            )
-            # Should the hook swallow it: forced out, or the process ends (143 / 130).
-            self._watchdog.escalate(running, 128 + signum, error)
-            raise error
+        self._watchdog.interrupt_running(signum)
 
     # -- the slow path ---------------------------------------------------------------
 
-    def _fail(self, slot: _Slot, hook: str, exc: BaseException, context: PluginContext) -> None:
+    def _fail(self, slot: Slot, hook: str, exc: BaseException, context: PluginContext) -> None:
         fault = PluginFault(
             slot.name, hook, describe_exception(exc), context.epoch + 1, context.global_step
         )
@@ -573,11 +459,10 @@ class PluginSet:
         Logging, progress and checkpoint plugins run on rank 0 alone by default. The
         slots stay (dormant), so slot indices mean the same plugin on every rank.
         """
-        if rank == 0:
-            return
-        for slot in self._slots:
-            slot.dormant = getattr(slot.plugin, "every_rank", False) is not True
-        self._rebuild()
+        if rank != 0:
+            for slot in self._slots:
+                slot.dormant = getattr(slot.plugin, "every_rank", False) is not True
+            self._rebuild()
 
     def faulted_slots(self) -> set[int]:
         """Indices of the plugins quarantined on this process."""
@@ -585,96 +470,30 @@ class PluginSet:
 
     def quarantine_slots(self, indices: set[int], context: PluginContext) -> None:
         """Quarantine plugins another process quarantined, so every rank runs the same hooks."""
-        changed = False
-        for index in sorted(indices):
-            slot = self._slots[index]
-            if slot.fault is None:
-                slot.fault = PluginFault(
-                    slot.name,
-                    "another process",
-                    "quarantined because it failed on another rank",
-                    context.epoch + 1,
-                    context.global_step,
-                )
-                changed = True
-        if changed:
+        if quarantine_slots(self._slots, indices, context.epoch + 1, context.global_step):
             self._rebuild()
 
     def set_aside(self, faults: Sequence[PluginFault]) -> None:
         """Quarantine plugins before the run starts: a supervised ``bz train`` restarted
         training without them, each having ended the process it ran in."""
-        by_name = {fault.plugin: fault for fault in faults}
-        for slot in self._slots:
-            if slot.fault is None and slot.name in by_name:
-                slot.fault = by_name[slot.name]
+        set_aside(self._slots, faults)
         self._rebuild()
 
     def report(self) -> list[PluginReport]:
         """Time spent and faults, per plugin (loading faults included)."""
-        calls = {id(slot): slot.calls for slot in self._slots}
-        sampled_of = {id(slot): slot.sampled_of for slot in self._slots}
-        for round_ in self._table.values():
-            if round_ is not None:
-                done = round_.done()
-                for slot, _ in round_.entries:
-                    calls[id(slot)] += done
-                    if round_.sampled:
-                        sampled_of[id(slot)] += done
-        reports = [
-            PluginReport(
-                slot.name,
-                slot.hooks,
-                calls[id(slot)],
-                slot.estimated_seconds(sampled_of[id(slot)]),
-                slot.fault,
-            )
-            for slot in self._slots
-        ]
-        reports.extend(PluginReport(f.plugin, (), 0, 0.0, f) for f in self._load_faults)
-        return reports
+        return report(self._slots, self._table, self._load_faults)
 
     def log_summary(self) -> None:
         """Emit the end-of-run summary as one structured event."""
-        _log.info(
-            "plugin_summary",
-            plugins={
-                report.name: {
-                    "calls": report.calls,
-                    "seconds": round(report.seconds, 6),
-                    "status": "quarantined" if report.fault else "ok",
-                    "fault": report.fault.describe() if report.fault else None,
-                }
-                for report in self.report()
-            },
-        )
+        _log.info("plugin_summary", plugins=summary(self.report()))
+
+
+def _grad_on() -> bool:
+    """Grad mode before torch is imported (nothing can have turned it off)."""
+    return True
 
 
 def _set_grad_mode(enabled: bool) -> None:
     import torch  # imported already: only called once a hook has run under torch
 
     torch.set_grad_enabled(enabled)
-
-
-# -- plugin states inside the sandbox ---------------------------------------------------------
-
-
-def guarded(
-    plugins: PluginSet,
-    plugin: NamedPlugin,
-    stage: str,
-    context: PluginContext,
-    action: Callable[[], T],
-) -> T | None:
-    """Run a plugin's ``state_dict`` / ``load_state_dict`` inside the sandbox boundary.
-
-    These are not hooks, so :meth:`PluginSet.call` cannot run them; a failure is
-    handled exactly like a hook's (logged once, plugin quarantined, or raised under
-    the ``raise`` policy). Returns None when the plugin failed.
-    """
-    try:
-        return action()
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # like a hook's: everything but Ctrl-C is the plugin's
-        plugins.quarantine(plugin, stage, exc, context)
-        return None

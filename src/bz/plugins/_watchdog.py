@@ -161,6 +161,25 @@ class Watchdog:
         """Called by the thread: mark ``running`` as overdue (the signal follows)."""
         self._expired = running
 
+    def interrupt_running(self, signum: int) -> None:
+        """From a signal handler: fail the plugin whose hook is running now, if any.
+
+        A second Ctrl-C or SIGTERM while a hook runs means that hook kept the run from
+        stopping after its step: it becomes that plugin's fault (logged with its stack,
+        quarantined, rewound) and the loop goes on to stop cleanly, with a checkpoint.
+        Returns when no plugin is running.
+        """
+        running = self.running
+        if running is not None:
+            name = getattr(running, "name", "?")
+            error = PluginInterrupted(
+                f"plugin {name!r} was still running when a second "
+                f"{signal.Signals(signum).name} arrived"
+            )
+            # Should the hook swallow it: forced out, or the process ends (143 / 130).
+            self.escalate(running, 128 + signum, error)
+            raise error
+
     # -- escalation ----------------------------------------------------------------------
 
     def escalate(self, slot: object, exit_code: int, error: _Interruption) -> None:

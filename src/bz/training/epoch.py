@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from bz.config import GradientClip
+    from bz.config import GradientClip, RunConfig
     from bz.metrics._set import MetricSet
     from bz.training.checkpoint.policy import CheckpointPolicy
     from bz.training.control import EndReason, StepControl
@@ -149,6 +149,9 @@ class EpochLoop(RunParts):
         metrics.reset()
         state.micro = 0
         self._hook("start_training_loop")
+        # Held for the loop (a local: gone when it returns), so that each step's graph
+        # reuses the parameters' gradient accumulators instead of making them again.
+        accumulators = _gradient_accumulators(self.model, self.config)  # noqa: F841
         iterator, skipped = self._batches()
         if self.vote is not None:
             self.vote.start_epoch()
@@ -404,6 +407,23 @@ class EpochLoop(RunParts):
         state.stopped_by = reason
         # Numbered from 1, as the console and the checkpoint names do.
         _log.info("stop_requested", reason=reason, epoch=state.epoch + 1, step=state.global_step)
+
+
+def _gradient_accumulators(model: torch.nn.Module, config: RunConfig) -> list[object]:
+    """The autograd node that adds into each trainable parameter's ``.grad``.
+
+    A parameter holds its node weakly: the graph of a step keeps it alive, and when the
+    step ends with its graph freed (as bz's does) the next forward makes a new one
+    (about 18 k instructions a step for the 4 parameters of the tiny benchmark MLP,
+    1.5% of its step). Holding the nodes changes nothing else:
+    gradients, hooks and graphs are the same. Not under FSDP, whose parameters are
+    sharded (and whose graph reaches them through its own functions).
+    """
+    if config.distributed.strategy == "fsdp":
+        return []
+    with torch.enable_grad():
+        views = [p.view_as(p) for p in model.parameters() if p.requires_grad]
+    return [view.grad_fn.next_functions[0][0] for view in views if view.grad_fn is not None]
 
 
 def capped(length: int | None, limit: int | None) -> int | None:

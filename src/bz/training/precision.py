@@ -31,10 +31,12 @@ class Precision:
     enters nothing (a ``nullcontext`` per batch is measurable on a small model)."""
     scaler: torch.amp.GradScaler | None
     """The gradient scaler (``16-mixed`` only)."""
+    mixed: bool = attrs.field(init=False)
+    """Whether outputs may come out in a 16-bit type (a field, not a property: it is
+    read for every batch that metrics count)."""
 
-    @property
-    def mixed(self) -> bool:
-        """Whether outputs may come out in a 16-bit type."""
+    @mixed.default
+    def _mixed(self) -> bool:
         return self.mode != "32"
 
 

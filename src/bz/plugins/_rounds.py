@@ -1,0 +1,242 @@
+"""The sandbox's dispatch table and its tallies: per plugin a slot, per hook a round.
+
+:func:`build_table` makes, for every hook, the :class:`Round` of the active plugins that
+implement it (None where none does: calling such a hook costs one lookup). A round counts
+its calls itself (one countdown per round, not a counter per plugin) and times its
+plugins in a sample of rounds; :func:`report` adds it all up per plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from bz.plugins._faults import PluginFault, PluginReport
+from bz.plugins._hooks import HOOK_NAMES, HOOKS
+
+if TYPE_CHECKING:
+    from bz.plugins._context import PluginContext
+    from bz.plugins._process import ProcessKeeper
+    from bz.plugins._protocol import NamedPlugin
+
+__all__ = [
+    "SAMPLE_EVERY",
+    "Entry",
+    "Round",
+    "Slot",
+    "build_table",
+    "not_called",
+    "quarantine_slots",
+    "report",
+    "set_aside",
+    "summary",
+]
+
+PER_BATCH = frozenset(spec.name for spec in HOOKS if spec.per_batch)
+HOOK_NUMBERS = {name: number for number, name in enumerate(HOOK_NAMES, start=1)}
+"""What the supervisor is told for each hook (see :mod:`bz._supervision`)."""
+
+
+class Slot:
+    """A plugin's bookkeeping: mutated in place on the slow paths only (see ``Round``)."""
+
+    __slots__ = (
+        "calls",
+        "dormant",
+        "fault",
+        "hooks",
+        "name",
+        "number",
+        "plugin",
+        "sampled_calls",
+        "sampled_of",
+        "sampled_seconds",
+        "seconds",
+    )
+
+    def __init__(
+        self, name: str, plugin: NamedPlugin, hooks: tuple[str, ...], number: int = 0
+    ) -> None:
+        self.name = name
+        self.number = number
+        """1-based position: what the supervisor is told while its hooks run."""
+        self.plugin = plugin
+        self.hooks = hooks
+        self.calls = 0
+        """Calls so far, counted per round by ``Round`` (added here when a round's table
+        is replaced or a report is made)."""
+        self.seconds = 0.0
+        """Time in hooks every call of which is timed (all but the per-batch ones)."""
+        self.sampled_seconds = 0.0
+        """Time in the sampled calls of per-batch hooks (see ``Round``)."""
+        self.sampled_calls = 0
+        """How many per-batch calls were timed."""
+        self.sampled_of = 0
+        """How many per-batch calls there were (flushed like ``calls``)."""
+        self.fault: PluginFault | None = None
+        self.dormant = False
+        """True on ranks where the plugin does not run (see ``PluginSet.for_rank``)."""
+
+    def estimated_seconds(self, sampled_of: int) -> float:
+        """Exact time in the fully timed hooks plus the per-batch hooks' sampled time
+        scaled to all ``sampled_of`` per-batch calls."""
+        sampled = self.sampled_seconds
+        if self.sampled_calls:
+            sampled *= sampled_of / self.sampled_calls
+        return self.seconds + sampled
+
+
+class Round:
+    """One hook's plugins, in call order, and its tallies: what a round costs is one
+    countdown, not a counter and a clock read per plugin.
+
+    Calls are counted per round (``done()`` rounds, each calling every entry). Rounds of
+    per-batch hooks are timed plugin by plugin once every ``interval`` rounds, the
+    interval drawn anew each time between 1 and ``2 * SAMPLE_EVERY - 1`` (mean
+    ``SAMPLE_EVERY``: irregular, so a plugin that works every k-th step is not always or
+    never timed) from a generator of the sandbox's own; rounds of all other hooks are
+    always timed.
+    """
+
+    __slots__ = ("countdown", "entries", "interval", "number", "rounds", "sampled", "seed")
+
+    def __init__(self, entries: tuple[Entry, ...], number: int, sampled: bool) -> None:
+        self.entries = entries
+        self.number = number
+        """The hook's number, for the supervisor."""
+        self.sampled = sampled
+        self.rounds = 0
+        """Rounds in the intervals already ended."""
+        self.seed = number
+        self.interval = 1
+        self.countdown = 1
+        """Rounds left in this interval: the round that brings it to 0 is timed."""
+
+    def done(self) -> int:
+        """Rounds started so far."""
+        return self.rounds + self.interval - self.countdown
+
+    def next_interval(self) -> None:
+        """The timed round: start the next interval."""
+        self.rounds += self.interval
+        if self.sampled:
+            # A linear congruential generator of the sandbox's own: the fence keeps the
+            # global ones untouched, and this one must not disturb them either.
+            self.seed = seed = (self.seed * 1103515245 + 12345) & 0x7FFFFFFF
+            self.interval = 1 + (seed >> 16) % (2 * SAMPLE_EVERY - 1)
+        self.countdown = self.interval
+
+    def flush(self) -> None:
+        """Add the rounds counted here to the plugins' own counts (the table is replaced)."""
+        done = self.done()
+        for slot, _ in self.entries:
+            slot.calls += done
+            if self.sampled:
+                slot.sampled_of += done
+
+
+SAMPLE_EVERY = 16
+"""Per-batch hooks are timed plugin by plugin in about one round in this many."""
+
+
+Entry = tuple[Slot, Callable[["PluginContext"], object]]
+
+
+def build_table(slots: Sequence[Slot], keeper: ProcessKeeper) -> dict[str, Round | None]:
+    """Per hook, the round of the active plugins implementing it, or None.
+
+    Hooks above the batch level also check bz's signal handlers around each call.
+    """
+    table: dict[str, Round | None] = {}
+    for hook in HOOK_NAMES:
+        entries = tuple(
+            (
+                slot,
+                getattr(slot.plugin, hook)
+                if hook in PER_BATCH
+                else keeper.kept(getattr(slot.plugin, hook)),
+            )
+            for slot in slots
+            if slot.fault is None and not slot.dormant and hook in slot.hooks
+        )
+        sampled = hook in PER_BATCH
+        table[hook] = Round(entries, HOOK_NUMBERS[hook], sampled) if entries else None
+    return table
+
+
+def not_called(round_: Round, last: object) -> None:
+    """The round ended early, after ``last`` (None: before its first plugin): the
+    plugins after it, counted with the round, were not called."""
+    after = last is None
+    for slot, _ in round_.entries:
+        if after:
+            slot.calls -= 1
+            if round_.sampled:
+                slot.sampled_of -= 1
+        after = after or slot is last
+
+
+def report(
+    slots: Sequence[Slot], table: Mapping[str, Round | None], load_faults: Sequence[PluginFault]
+) -> list[PluginReport]:
+    """Time spent and faults, per plugin (loading faults included)."""
+    calls = {id(slot): slot.calls for slot in slots}
+    sampled_of = {id(slot): slot.sampled_of for slot in slots}
+    for round_ in table.values():
+        if round_ is not None:
+            done = round_.done()
+            for slot, _ in round_.entries:
+                calls[id(slot)] += done
+                if round_.sampled:
+                    sampled_of[id(slot)] += done
+    reports = [
+        PluginReport(
+            slot.name,
+            slot.hooks,
+            calls[id(slot)],
+            slot.estimated_seconds(sampled_of[id(slot)]),
+            slot.fault,
+        )
+        for slot in slots
+    ]
+    reports.extend(PluginReport(f.plugin, (), 0, 0.0, f) for f in load_faults)
+    return reports
+
+
+def summary(reports: Sequence[PluginReport]) -> dict[str, dict[str, Any]]:
+    """The end-of-run summary's ``plugins`` field."""
+    return {
+        report.name: {
+            "calls": report.calls,
+            "seconds": round(report.seconds, 6),
+            "status": "quarantined" if report.fault else "ok",
+            "fault": report.fault.describe() if report.fault else None,
+        }
+        for report in reports
+    }
+
+
+def quarantine_slots(slots: Sequence[Slot], indices: set[int], epoch: int, step: int) -> bool:
+    """Quarantine the plugins at ``indices``, which another process quarantined (in
+    ``epoch``, 1-based, at ``step``); whether any was still active here."""
+    changed = False
+    for index in sorted(indices):
+        slot = slots[index]
+        if slot.fault is None:
+            slot.fault = PluginFault(
+                slot.name,
+                "another process",
+                "quarantined because it failed on another rank",
+                epoch,
+                step,
+            )
+            changed = True
+    return changed
+
+
+def set_aside(slots: Sequence[Slot], faults: Sequence[PluginFault]) -> None:
+    """Quarantine the plugins ``faults`` name (with those faults)."""
+    by_name = {fault.plugin: fault for fault in faults}
+    for slot in slots:
+        if slot.fault is None and slot.name in by_name:
+            slot.fault = by_name[slot.name]
