@@ -8,7 +8,11 @@ the user's code is not wrapped in one: it keeps its type and gets a note
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class BzError(Exception):
@@ -74,20 +78,98 @@ def add_training_context(exc: BaseException, *, epoch: int, step: int, where: st
     ``fit`` as itself, so ``except ValueError`` in the host still catches it; bz adds a
     PEP 678 note (shown under the traceback) naming the epoch, step and place.
     """
-    summary = f"training failed at epoch {epoch}, step {step}"
-    exc.add_note(f"bz: {summary} ({where})")
-    # The CLI's one-line rendering reads the summary back; a note is text for people.
+    position = f"epoch {epoch}, step {step}"
+    exc.add_note(f"bz: training failed at {position} ({where})")
+    # The CLI's one-line rendering reads the position back; a note is text for people.
     with contextlib.suppress(AttributeError):  # an exception type that refuses attributes
-        setattr(exc, _CONTEXT_ATTRIBUTE, summary)
+        setattr(exc, _CONTEXT_ATTRIBUTE, position)
+
+
+def training_position(exc: BaseException) -> str | None:
+    """``epoch E, step S`` where training failed, when bz attached it to ``exc``."""
+    position = getattr(exc, _CONTEXT_ATTRIBUTE, None)
+    return position if isinstance(position, str) else None
 
 
 def training_context(exc: BaseException) -> str | None:
     """``training failed at epoch E, step S`` when bz attached it to ``exc``, else None."""
-    summary = getattr(exc, _CONTEXT_ATTRIBUTE, None)
-    return summary if isinstance(summary, str) else None
+    position = training_position(exc)
+    return f"training failed at {position}" if position is not None else None
 
 
 def describe_exception(exc: BaseException) -> str:
     """``ExceptionType: message`` (the message may be empty): a failure in one line."""
     message = str(exc)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+# -- where in the user's code -----------------------------------------------------------------
+
+
+def user_frame(exc: BaseException, path: Path | None = None) -> str:
+    """``file:line: Type: message``: ``exc`` and the innermost frame of the user's own
+    code it passed through.
+
+    The user's code is every file that is not part of bz, of Python's standard library
+    or of an installed distribution (site-packages): ``train.py``, the modules beside
+    it, a package of the project's installed in editable mode. A shape mismatch raised
+    inside ``nn.Linear`` is reported at the line of the user's model that called it,
+    with torch's message. ``path`` (``train.py``) counts as the user's wherever it lies.
+    With no frame of the user's, the innermost frame is named.
+    """
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = str(path.resolve()) if path is not None else None
+    chosen = None
+    for frame in frames:
+        if _is_users(frame.filename, own):
+            chosen = frame
+    if chosen is None and frames:
+        chosen = frames[-1]
+    location = f"{chosen.filename}:{chosen.lineno}: " if chosen else ""
+    return f"{location}{describe_exception(exc)}"
+
+
+def _is_users(filename: str, own: str | None) -> bool:
+    if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>: no file to open
+        return False
+    resolved = _resolved(filename)
+    if resolved == own:
+        return True
+    return not resolved.startswith(_library_folders())
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolved(filename: str) -> str:
+    return os.path.realpath(filename)
+
+
+def _library_folders() -> tuple[str, ...]:
+    """The folders whose files are not the user's: bz's package, the standard library,
+    site-packages (each ending in a separator), and torch's wherever it lies."""
+    torch = sys.modules.get("torch")
+    torch_file = getattr(torch, "__file__", None)
+    return _fixed_library_folders() + (
+        (_folder(os.path.dirname(torch_file)),) if isinstance(torch_file, str) else ()
+    )
+
+
+@functools.cache
+def _fixed_library_folders() -> tuple[str, ...]:
+    import site
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    folders = {
+        paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths
+    }
+    with contextlib.suppress(AttributeError):  # some embedded interpreters lack them
+        folders.update(site.getsitepackages())
+        folders.add(site.getusersitepackages())
+    folders.add(os.path.dirname(__file__))  # bz's own package
+    return tuple(sorted({_folder(folder) for folder in folders if folder}))
+
+
+def _folder(folder: str) -> str:
+    return os.path.join(os.path.realpath(folder), "")

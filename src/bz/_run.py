@@ -8,8 +8,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import attrs
-
 from bz._errors import ConfigError, UsageError
 from bz._logging import get_logger
 from bz.config import (
@@ -23,14 +21,9 @@ from bz.config import (
 )
 
 if TYPE_CHECKING:
-    import torch
-
     from bz._setup import SetupFunction, TrainingSetup
     from bz.metrics import Metric
     from bz.plugins._sandbox import ErrorPolicy, PluginSet
-    from bz.training.checkpoint.files import ModelPayload
-    from bz.training.checkpoint.store import CheckpointStore
-    from bz.training.evaluate import Evaluation
     from bz.training.result import FitResult
 
 _log = get_logger("bz")
@@ -303,176 +296,4 @@ SMOKE_OVERRIDES: Mapping[str, Any] = {
 """What ``--smoke`` changes in the configuration (it also caps every loop at one batch)."""
 
 
-def validate(
-    config: RunConfig | str | os.PathLike[str] | None = None,
-    *,
-    checkpoint: str | os.PathLike[str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    base_dir: str | os.PathLike[str] | None = None,
-    best: bool = False,
-) -> tuple[Path, ModelPayload, Evaluation]:
-    """Evaluate a checkpoint on the validation data: what ``bz validate`` does.
-
-    ``checkpoint`` names a file (a checkpoint or a final ``model.pt``); without it, the
-    run the configuration describes is evaluated as it ended (its ``model.pt``) when it
-    finished, else its newest verified checkpoint that fits the model. A finished run
-    whose ``model.pt`` is missing or damaged is an error (``bz train`` rebuilds it): its
-    last checkpoint may hold other weights than the run ended with. ``best``: the
-    checkpoint ``keep_best`` ranks first instead. Returns the file,
-    its contents (``epoch``, ``global_step``, ...) and the
-    :class:`~bz.training.evaluate.Evaluation`.
-    """
-    import torch
-
-    from bz._setup import call_setup, load_setup_function
-    from bz.metrics import build_metrics
-    from bz.plugins.ema import load_average, validates_with_average
-    from bz.training.checkpoint.files import (
-        FINAL_MODEL,
-        UnreadableCheckpoint,
-        is_finished,
-        model_fit_problem,
-        read_checkpoint,
-        read_entry,
-        run_signature,
-    )
-    from bz.training.checkpoint.store import CheckpointStore
-    from bz.training.device import seed_everything
-    from bz.training.evaluate import evaluate
-    from bz.training.modules import materialize
-
-    run_config, base = config_and_base(config, overrides, base_dir)
-    metrics = build_metrics(run_config.metrics)
-    script = base / run_config.train_script
-    setup_function = load_setup_function(script)
-    if run_config.seed is not None:
-        seed_everything(run_config.seed)
-    setup = call_setup(setup_function, run_config, script)
-    materialize(setup)  # lazy modules shaped as training shaped them: the same signature
-    signature = run_signature(setup, run_config)
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        verified = read_entry(path) is not None
-        if not verified:
-            _log.warning(
-                "checkpoint_unverified",
-                path=str(path),
-                hint="no sidecar with its checksum beside it (copied alone, or not "
-                "written by bz); evaluating it anyway",
-            )
-        try:
-            payload = read_checkpoint(path, model_only=True, verified=verified)
-        except UnreadableCheckpoint as exc:
-            raise UsageError(f"{path}: cannot be used as a checkpoint: {exc}") from None
-        if payload["signature"] != signature:
-            _log.warning(
-                "checkpoint_signature_differs",
-                path=str(path),
-                hint="it was written by a run with another model, optimizer or "
-                "hyperparameters; evaluating it anyway",
-            )
-    elif best:
-        path, payload = _best_checkpoint(
-            CheckpointStore(base / run_config.checkpoint_dir / signature, 1, run_config.keep_best),
-            signature,
-        )
-    else:
-        folder = base / run_config.checkpoint_dir / signature
-        store = CheckpointStore(folder)
-        # The run's final model when it is as new as its newest checkpoint (a finished
-        # run): the weights the run ended with, early stopping's restored best included.
-        latest = store.newest(
-            signature, lambda payload: model_fit_problem(payload.get("model"), setup.model)
-        )
-        newest_step = latest[1]["global_step"] if latest else 0
-        final = store.final(signature, newest_step)
-        if (
-            final is None
-            and latest is not None
-            and is_finished(latest[1], run_config.epochs, run_config.max_steps)
-        ):
-            raise UsageError(
-                f"this run finished but its final weights ({folder / FINAL_MODEL}) are "
-                "missing or damaged: run `bz train` to rebuild them, or pass --checkpoint"
-            )
-        found: tuple[Path, ModelPayload] | None = final or latest
-        if found is None:
-            raise UsageError(
-                f"no checkpoint of this run in {folder} (train first, or pass --checkpoint)"
-            )
-        path, payload = found
-    try:
-        if payload.get("sharded"):  # an unfinished FSDP run: its newest checkpoint's shards
-            from bz.training.checkpoint.sharded import load_model_shards
-
-            load_model_shards(path, setup.model)
-        else:
-            setup.model.load_state_dict(payload["model"])
-        loss_state = payload.get("loss")
-        if loss_state is not None and isinstance(setup.loss_fn, torch.nn.Module):
-            setup.loss_fn.load_state_dict(loss_state)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"{path}: does not fit the model train.py builds: {message}") from None
-    weights = "model"
-    if validates_with_average(run_config.plugins):
-        average = _validated_average(path, payload, signature)
-        if average is None:
-            _log.warning(
-                "ema_average_missing",
-                path=str(path),
-                hint="validate_with_ema is on but no checkpoint at this step holds ema's "
-                "average; evaluating the weights in the file",
-            )
-        else:
-            load_average(setup.model, average)
-            weights = "ema"
-    _log.info(
-        "validating",
-        path=str(path),
-        epoch=payload["epoch"],
-        step=payload["global_step"],
-        weights=weights,
-    )
-    evaluation = evaluate(setup, run_config, metrics)
-    return path, payload, attrs.evolve(evaluation, weights=weights)
-
-
-def _validated_average(
-    path: Path, payload: ModelPayload, signature: str
-) -> dict[str, torch.Tensor] | None:
-    """``ema``'s average the run validated with at ``payload``'s step: a checkpoint's own;
-    for a final model (which holds no plugin states), the run's newest checkpoint's when
-    it was written at the same step (the end of the last epoch)."""
-    from bz.plugins.ema import saved_average
-    from bz.training.checkpoint.files import FINAL_MODEL
-    from bz.training.checkpoint.store import CheckpointStore
-
-    states = payload.get("plugins")
-    if states is None and path.name == FINAL_MODEL:
-        newest = CheckpointStore(path.parent).newest(signature)
-        if newest is not None and newest[1]["global_step"] == payload["global_step"]:
-            states = newest[1].get("plugins")
-    return saved_average(states if isinstance(states, dict) else None)
-
-
-def _best_checkpoint(store: CheckpointStore, signature: str) -> tuple[Path, ModelPayload]:
-    """The checkpoint ``keep_best`` ranks first (``bz validate --best``)."""
-    from bz.training.checkpoint.files import UnreadableCheckpoint, read_checkpoint
-
-    keep_best = store.keep_best
-    if keep_best is None:
-        raise UsageError("--best needs keep_best in the configuration (which value ranks them)")
-    entry = store.best()
-    if entry is None:
-        raise UsageError(
-            f"no verified checkpoint in {store.folder} recorded {keep_best.monitor!r} "
-            "(keep_best records it at the end of each epoch)"
-        )
-    try:
-        return entry.path, read_checkpoint(entry.path, signature, model_only=True)
-    except UnreadableCheckpoint as exc:
-        raise UsageError(f"{entry.path}: cannot be used as a checkpoint: {exc}") from None
-
-
-__all__ = ["UsageError", "apply_overrides", "resolve_config", "run", "validate"]
+__all__ = ["UsageError", "apply_overrides", "resolve_config", "run"]

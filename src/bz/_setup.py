@@ -16,14 +16,13 @@ import hashlib
 import importlib.util
 import inspect
 import sys
-import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from bz._errors import TrainingError, UsageError, describe_exception
+from bz._errors import TrainingError, UsageError, describe_exception, user_frame
 
 if TYPE_CHECKING:
     import torch
@@ -302,17 +301,3 @@ def _location(exc: BaseException, path: Path | None) -> str:
     text = user_frame(exc, path)
     described = describe_exception(exc)
     return text[: -len(described)] if text.endswith(described) else ""
-
-
-def user_frame(exc: BaseException, path: Path | None = None) -> str:
-    """``file:line: Type: message`` for the deepest frame in the user's file (or anywhere)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    target = str(path.resolve()) if path else None
-    chosen = None
-    for frame in frames:
-        if target is None or str(Path(frame.filename).resolve()) == target:
-            chosen = frame
-    if chosen is None and frames:
-        chosen = frames[-1]
-    location = f"{chosen.filename}:{chosen.lineno}: " if chosen else ""
-    return f"{location}{describe_exception(exc)}"

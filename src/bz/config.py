@@ -217,6 +217,10 @@ class RunConfig:
     plugin_timeout: float | None = attrs.field(default=600.0, validator=at_least(0.001))
     """Seconds one plugin hook may run before it is interrupted and counts as a fault;
     ``null`` turns the limit off."""
+    plugin_start_timeout: float | None = attrs.field(default=120.0, validator=at_least(0.001))
+    """Seconds a plugin with ``"isolation": "process"`` may take to start (a fresh
+    interpreter importing and creating it; not a hook, so not ``plugin_timeout``); one
+    still starting then is ended and counts as a fault. ``null`` turns the limit off."""
     train_script: str = "train.py"
     """The file defining ``setup(config) -> TrainingSetup``, relative to the config."""
     checkpoint_interval: int = attrs.field(default=1, validator=at_least(0))

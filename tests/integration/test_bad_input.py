@@ -35,7 +35,7 @@ import bz
 import bz._run
 from bz import _logging
 from bz.commands import cli
-from bz.config import SEED_MAX, SEED_MIN, ConfigError, RunConfig
+from bz.config import SEED_MAX, SEED_MIN, ConfigError, RunConfig, structure, unstructure
 from bz.plugins import PluginContext
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
 from bz.training.interrupts import StoppedAtOnce, TrainingInterrupted
@@ -134,6 +134,45 @@ def test_plugin_timeout_is_positive_seconds_or_null(seconds: float | None) -> No
     else:
         with pytest.raises(ConfigError, match="plugin_timeout"):
             RunConfig().with_overrides(plugin_timeout=seconds)
+
+
+@given(
+    st.none()
+    | st.floats()  # NaN and the infinities too (Python's JSON reads NaN and Infinity)
+    | st.integers(min_value=-(2**53), max_value=2**53)  # exact as floats
+    | st.booleans()
+    | st.text(max_size=6)
+)
+def test_plugin_start_timeout_is_positive_seconds_or_null(seconds: Any) -> None:
+    """Like plugin_timeout: null, or at least a millisecond; anything else is refused
+    naming the key. What is accepted comes back out of JSON as it went in."""
+    is_number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    if seconds is None or (is_number and seconds >= 0.001):
+        config = RunConfig().with_overrides(plugin_start_timeout=seconds)
+        assert config.plugin_start_timeout == seconds
+        again = structure(json.loads(json.dumps(unstructure(config))), RunConfig)
+        assert again.plugin_start_timeout == seconds
+    else:
+        with pytest.raises(ConfigError, match=r"^plugin_start_timeout: "):
+            RunConfig().with_overrides(plugin_start_timeout=seconds)
+
+
+def test_plugin_start_timeout_from_the_command_line_is_checked_like_the_file(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "bzconfig.json").write_text('{"plugin_start_timeout": 0}', encoding="utf-8")
+    (tmp_path / "good.json").write_text('{"plugin_start_timeout": 30}', encoding="utf-8")
+    for args in (
+        ["check-config", "--config", str(tmp_path / "bzconfig.json")],
+        ["train", "--config", str(tmp_path / "bzconfig.json")],
+        ["train", "--set", "plugin_start_timeout=-1", "--config", str(tmp_path / "good.json")],
+    ):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.splitlines()
+        assert re.fullmatch(
+            r"bz: error: .*plugin_start_timeout: must be >= 0\.001, got -?[01]\.0", line
+        )
 
 
 _MARKER_TRAIN_PY = TINY_TRAIN_PY.replace(

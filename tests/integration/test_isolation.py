@@ -323,3 +323,46 @@ def test_process_plugins_start_together_and_start_up_is_not_a_hook(
     assert _failed(done.stdout) == []
     for name in ("meet_a", "meet_b"):
         assert (folder / f"{name}-epochs").read_text(encoding="utf-8") == "1", name
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["quarantined", "strict-plugins"])
+def test_a_start_up_longer_than_plugin_start_timeout_is_the_plugins_fault(
+    strict: bool, site: Path, tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    """``meet_a`` alone is never created (it waits for ``meet_b``, 60 s): with
+    ``plugin_start_timeout`` at 2 s its process is ended then, not at the default 120 s."""
+    folder = tmp_path / "met"
+    folder.mkdir()
+    plugins = [{"meet_a": {"isolation": "process", "folder": str(folder)}}]
+    args = ["--strict-plugins"] if strict else []
+    done = _train(tmp_path / "run", site, plugins, *args, plugin_start_timeout=2)
+    error = (
+        "IsolatedPluginError: plugin 'meet_a' (starting) did not answer within "
+        "plugin_start_timeout (2 s)"
+    )
+    assert (folder / "meet_a-creating").exists(), "it was being created"
+    if strict:  # --strict-plugins: the run stops, one line naming the plugin and the limit
+        assert done.returncode == 1, done.stderr[-3000:]
+        (line,) = done.stderr.splitlines()
+        assert line == f"bz: error: plugin 'meet_a' failed in create: {error}", line
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _failed(done.stdout) == [("meet_a", error)]
+    assert _epochs_completed(done.stdout) == EPOCHS
+    assert_same_weights(final_model_state(tmp_path / "run"), reference)
+
+
+def test_limits_of_any_length_are_limits_not_errors(
+    site: Path, tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    # The wait for a reply is the operating system's, in milliseconds in a C int: a
+    # limit past about 25 days used to raise OverflowError in the training process.
+    record = tmp_path / "iso.json"
+    done = _train(
+        tmp_path / "run", site, [_iso(record)], plugin_timeout=1e300, plugin_start_timeout=1e300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _failed(done.stdout) == []
+    assert_same_weights(final_model_state(tmp_path / "run"), reference)
+    hooks = [entry[0] for entry in json.loads(record.read_text())["hooks"]]
+    assert hooks[-1] == "end_training_session"

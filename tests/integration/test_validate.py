@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from tests._support import json_events
+from tests._support import TINY_TRAIN_PY, json_events
 
 from bz.commands import cli
 from bz.commands._project_template import train as template
 from bz.config import RunConfig
-from bz.training.checkpoint.files import read_checkpoint
+from bz.training.checkpoint.files import FINAL_MODEL, read_checkpoint
+from bz.training.checkpoint.sidecars import sidecar
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "src" / "bz" / "commands" / "_project_template"
 
@@ -110,3 +111,114 @@ def test_validate_evaluates_the_ema_average_the_run_validated_with(
     for epoch, loss in enumerate(losses, start=1):
         (path,) = folder.glob(f".bz/checkpoints/*/epoch-{epoch:04d}.pt")
         assert validate("--checkpoint", str(path))["validation_loss"] == loss
+
+
+# -- a damaged model.pt ------------------------------------------------------------------------
+
+
+def _damage(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _run_folder(folder: Path) -> Path:
+    (run,) = (folder / ".bz" / "checkpoints").iterdir()
+    return run
+
+
+@pytest.mark.parametrize("epochs", [2, 4], ids=["finished", "epochs-raised-since"])
+def test_a_damaged_model_pt_is_refused_never_replaced_by_a_checkpoint(
+    project: Callable[..., Path], epochs: int
+) -> None:
+    # With early stopping's restore_best_weights the newest checkpoint holds other weights
+    # than model.pt: evaluating it under the final weights' name would report a number
+    # the run never ended with. Raising `epochs` since made the run look unfinished,
+    # and bz validate used to pass over the damaged file to the newest checkpoint.
+    folder = project({"epochs": 2})
+    runner = CliRunner()
+    assert runner.invoke(cli, ["train"]).exit_code == 0
+    run = _run_folder(folder)
+    final, newest = run / FINAL_MODEL, run / "epoch-0002.pt"
+    _damage(final)
+    project({"epochs": epochs})
+    refused = runner.invoke(cli, ["validate"])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stdout == ""
+    assert refused.stderr == (
+        f"bz: error: {final}: the run's final weights are damaged (its checksum does not "
+        "match what bz wrote (damaged or replaced)); bz validate evaluates no other weights "
+        "in their place: run `bz train` to write them again, or evaluate the newest "
+        f"checkpoint with --checkpoint {newest}\n"
+    )
+    chosen = runner.invoke(cli, ["validate", "--json", "--checkpoint", str(newest)])
+    assert chosen.exit_code == 0, chosen.output
+    assert json.loads(chosen.stdout)["checkpoint"] == str(newest)
+
+
+def test_a_damaged_model_pt_older_than_the_newest_checkpoint_is_passed_over(
+    project: Callable[..., Path],
+) -> None:
+    # Its sidecar says it was written before the run trained on: it is not the weights
+    # the run ended with either way, as an intact one of that age would not be.
+    folder = project({"epochs": 1})
+    runner = CliRunner()
+    assert runner.invoke(cli, ["train"]).exit_code == 0
+    run = _run_folder(folder)
+    final = run / FINAL_MODEL
+    old = {path: path.read_bytes() for path in (final, sidecar(final))}
+    project({"epochs": 2})
+    assert runner.invoke(cli, ["train"]).exit_code == 0
+    for path, data in old.items():
+        path.write_bytes(data)
+    _damage(final)
+    project({"epochs": 3})
+    shown = runner.invoke(cli, ["validate", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["checkpoint"] == str(run / "epoch-0002.pt")
+
+
+# -- an exception in the user's code -----------------------------------------------------------
+
+
+_RAISES_IN_VALIDATION = (
+    TINY_TRAIN_PY.replace(
+        "model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))",
+        "model = Model()",
+    )
+    .replace(
+        "import bz\n",
+        "import bz\n\n\n"
+        "class Model(nn.Linear):\n"
+        "    def __init__(self) -> None:\n"
+        "        super().__init__(4, 2)\n\n"
+        "    def forward(self, x: torch.Tensor) -> torch.Tensor:\n"
+        "        if not self.training and os.environ.get('FAIL_IN_VALIDATION'):\n"
+        "            RAISE\n"
+        "        return super().forward(x)\n",
+    )
+    .replace("import torch\n", "import os\n\nimport torch\n", 1)
+)
+
+
+@pytest.mark.parametrize(
+    ("statement", "shown"),
+    [("raise ValueError('bad batch')", "ValueError: bad batch"), ("sys.exit(0)", "SystemExit: 0")],
+)
+def test_an_exception_in_the_users_code_fails_validate_in_one_line_naming_its_line(
+    project: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, statement: str, shown: str
+) -> None:
+    train_py = _RAISES_IN_VALIDATION.replace("RAISE", statement).replace(
+        "import os\n", "import os\nimport sys\n", 1
+    )
+    line_number = train_py.splitlines().index(f"            {statement}") + 1
+    folder = project({"epochs": 1}, train_py=train_py)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["train"]).exit_code == 0
+    monkeypatch.setenv("FAIL_IN_VALIDATION", "1")
+    failed = runner.invoke(cli, ["validate"])
+    assert failed.exit_code == 1, failed.output  # sys.exit(0) used to make it exit 0
+    assert failed.stderr == (
+        f"bz: error: validation failed: {folder / 'train.py'}:{line_number}: {shown}\n"
+    )
+    assert "Traceback" in runner.invoke(cli, ["validate", "--traceback"]).stderr

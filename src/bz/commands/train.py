@@ -315,9 +315,8 @@ def _run_reporting_failures(
     smoke: bool,
 ) -> FitResult:
     """:func:`bz._run.run`, its failures turned into what the command line reports."""
-    from bz._errors import TrainingError, training_context
+    from bz._errors import TrainingError, training_context, training_position, user_frame
     from bz._run import run
-    from bz._setup import user_frame
     from bz.training.interrupts import TrainingInterrupted
 
     try:
@@ -334,22 +333,37 @@ def _run_reporting_failures(
             click.echo(f"bz: interrupted{saved if exc.checkpoint else ''}", err=True)
         # The shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
         raise click.exceptions.Exit(128 + exc.signal.value) from None
-    except Exception as exc:  # the user's own exception, which bz.run lets through as itself
+    except KeyboardInterrupt as exc:
+        position = training_position(exc)
+        if position is None:  # a signal's (the group reports it: 130 / 143)
+            raise
+        # Raised by the code in training, not by a signal: Ctrl-C's code, and where.
+        _stdio.repair()
+        if show_traceback:
+            traceback.print_exception(exc, file=sys.stderr)
+        click.echo(
+            f"bz: interrupted at {position}: {user_frame(exc)} "
+            "(raised in your code, not by a signal)",
+            err=True,
+        )
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    except BaseException as exc:  # the user's own exception, which bz.run lets through
         _stdio.repair()
         if show_traceback:
             traceback.print_exception(exc, file=sys.stderr)
         summary = training_context(exc) or "training failed"
-        raise TrainingError(f"{summary}: {user_frame(exc)}") from exc
-    except SystemExit as exc:
-        # sys.exit() in train.py, the model, the loss or the data: training did not
-        # finish, whatever code it names, so `bz train` must not report its code (0!).
-        _stdio.repair()
-        if show_traceback:
-            traceback.print_exception(exc, file=sys.stderr)
-        summary = training_context(exc) or "training failed"
-        raise TrainingError(
-            f"{summary}: {user_frame(exc)} (sys.exit() in your code; training did not finish)"
-        ) from exc
+        raise TrainingError(f"{summary}: {user_frame(exc)}{_not_an_error(exc)}") from exc
+
+
+def _not_an_error(exc: BaseException) -> str:
+    """What the line adds for an exception that is not an ``Exception``: ``sys.exit()``
+    (whatever code it names, even 0) and the rest of ``BaseException``'s family end
+    training as surely as an error, so ``bz train`` must not pass their code on."""
+    if isinstance(exc, SystemExit):
+        return " (sys.exit() in your code; training did not finish)"
+    if not isinstance(exc, Exception):
+        return " (a BaseException, not an Exception; training did not finish)"
+    return ""
 
 
 _LOADING = frozenset({"import", "config", "create", "load"})

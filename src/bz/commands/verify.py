@@ -1,6 +1,6 @@
 """``bz validate`` and ``bz check-config``: a run or a config looked at without training.
 
-``validate`` calls :func:`bz._run.validate` (the loop's own validation pass) and prints its
+``validate`` calls :func:`bz._validate.validate` (the loop's own validation pass) and prints its
 report; ``check-config`` runs the loader's checks without creating any plugin. Exit codes
 are the group's (see :mod:`bz.commands.main`).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from bz._errors import ConfigError, UsageError
+from bz._errors import BzError, ConfigError, TrainingError, UsageError, user_frame
 from bz.commands.options import config_option, traceback_option
 
 __all__ = ["check_config", "validate"]
@@ -40,30 +40,44 @@ __all__ = ["check_config", "validate"]
 )
 @click.option("--device", help="Override `device` (auto, cpu, cuda, cuda:N, mps).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@traceback_option("Print the traceback of an exception raised by train.py's code.")
 def validate(
     config_path: str | None,
     checkpoint_path: str | None,
     best: bool,
     device: str | None,
     as_json: bool,
+    show_traceback: bool,
 ) -> None:
     """Evaluate a trained run on the validation data: loss and configured metrics.
 
     A finished run is evaluated as it ended (its model.pt, with early stopping's best
     weights if they were restored); an unfinished one from its newest checkpoint. Under
-    ema's validate_with_ema, on the average the run's validation used.
+    ema's validate_with_ema, on the average the run's validation used. A damaged
+    model.pt is refused (exit 2), never replaced by a checkpoint.
     """
     from bz import _logging
-    from bz._run import validate as run_validation
+    from bz._validate import validate as run_validation
 
     # Warnings (a damaged checkpoint skipped) go to stderr; stdout holds the report.
     _logging.configure("console", "warning", stream=sys.stderr)
     overrides = {"device": device} if device is not None else None
     if best and checkpoint_path is not None:
         raise UsageError("--best and --checkpoint name two checkpoints: give one of them")
-    path, payload, result = run_validation(
-        config_path, checkpoint=checkpoint_path, overrides=overrides, best=best
-    )
+    try:
+        path, payload, result = run_validation(
+            config_path, checkpoint=checkpoint_path, overrides=overrides, best=best
+        )
+    except BzError as exc:
+        if show_traceback and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        raise
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # the user's model, loss or data (sys.exit() too): one line
+        if show_traceback:
+            traceback.print_exception(exc, file=sys.stderr)
+        raise TrainingError(f"validation failed: {user_frame(exc)}") from exc
     report: dict[str, Any] = {
         "checkpoint": str(path),
         "epoch": payload["epoch"],

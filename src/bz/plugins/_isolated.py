@@ -30,7 +30,7 @@ How the training process waits on it:
 * ``state_dict`` / ``load_state_dict`` wait, like epoch-level hooks.
 
 Waiting is bounded by ``plugin_timeout``; start-up (a fresh interpreter importing and
-creating the plugin) is not a hook and has its own limit, :data:`START_TIMEOUT_S`, and
+creating the plugin) is not a hook and has its own limit, ``plugin_start_timeout``, and
 the process plugins of a run start at the same time (:func:`isolated_starts`). Whatever
 ends the child (an exception in a
 hook, a segfault, ``os._exit``, a hang past the timeout) is the plugin's fault: the
@@ -39,20 +39,13 @@ proxy ends the child and raises, and the sandbox quarantines it as it does any p
 
 from __future__ import annotations
 
-import atexit
-import collections
 import contextlib
 import functools
 import json
 import os
-import pickle
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -61,6 +54,12 @@ from bz._errors import ConfigError
 from bz._logging import get_logger
 from bz.plugins._faults import PluginFailure, PluginFault
 from bz.plugins._hooks import HOOKS
+from bz.plugins._isolated_channel import (
+    QUEUE_LIMIT,
+    Channel,
+    IsolatedPluginError,
+    spawn,
+)
 from bz.plugins._run_dir import run_dir_hint
 from bz.plugins._scalars import GRADIENT_NORM_ATTRIBUTE
 from bz.plugins._snapshot import COUNTERS, epoch_values, plain_entries, source_of, step_values
@@ -82,27 +81,11 @@ NEEDS_TRAINING_PROCESS = "needs_training_process"
 training process (it reads or changes the model, the optimizer, tensors, or measures the
 training process itself); ``"isolation": "process"`` refuses such a plugin."""
 
-QUEUE_LIMIT = 64
-"""Batch-level messages on their way to a process plugin at most (then: dropped)."""
-BYTES_LIMIT = 64 * 1024
-"""Bytes of messages on their way at most (below a socket's buffer: a send never blocks)."""
-READ_AT = 8
-"""Batch-level calls read the replies that arrived once this many messages are out."""
-START_TIMEOUT_S = 120.0
-"""How long a plugin's process may take to start: a fresh interpreter importing and
-creating the plugin. Not counted against ``plugin_timeout``, which bounds its hooks;
-several process plugins start at the same time."""
-
 PER_BATCH = frozenset(spec.name for spec in HOOKS if spec.per_batch)
 SYNC_HOOKS = ("end_epoch", "end_training_session")
 """Hooks every proxy implements: where replies of batch-level hooks are waited for."""
 
 _log = get_logger("bz")
-
-
-class IsolatedPluginError(Exception):
-    """What a plugin in its own process did: raised in a hook, ended its process, or did
-    not answer within ``plugin_timeout``."""
 
 
 def isolation_of(options: Mapping[str, Any], path: str) -> str:
@@ -123,104 +106,6 @@ def isolation_of(options: Mapping[str, Any], path: str) -> str:
 def without_isolation(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options a plugin itself reads (the framework's ``isolation`` key removed)."""
     return {key: value for key, value in options.items() if key != ISOLATION_KEY}
-
-
-# -- the channel ----------------------------------------------------------------------------
-
-
-_CHILDREN: set[subprocess.Popen[bytes]] = set()
-
-
-@atexit.register
-def _end_children() -> None:
-    # A child left running (a run that failed before end_training_session) ends with
-    # the training process.
-    for process in list(_CHILDREN):
-        with contextlib.suppress(Exception):
-            process.kill()
-            process.wait(timeout=5)
-
-
-class _Channel:
-    """The socket to one child, with the messages on their way (bounded)."""
-
-    def __init__(self, process: subprocess.Popen[bytes], connection: Connection) -> None:
-        self.process = process
-        self.connection = connection
-        self.in_flight: collections.deque[int] = collections.deque()
-        self.bytes = 0
-        self.closed = False
-
-    def post(self, message: object, limit: bool) -> bool:
-        """Send ``message``; with ``limit``, only if the queue has room (else False)."""
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        size = len(data)
-        if limit and (len(self.in_flight) >= QUEUE_LIMIT or self.bytes + size > BYTES_LIMIT):
-            return False
-        try:
-            self.connection.send_bytes(data)
-        except OSError as exc:
-            raise IsolatedPluginError(self.ended()) from exc
-        self.in_flight.append(size)
-        self.bytes += size
-        return True
-
-    def ready(self) -> bool:
-        """Whether a reply (or the child's end) can be read without waiting; asked only
-        once :data:`READ_AT` messages are on their way (each question is a system call)."""
-        return len(self.in_flight) >= READ_AT and self.connection.poll(0)
-
-    def receive(self, deadline: float | None, waiting_for: str, limit: str = "") -> Any:
-        """The next reply, waiting until ``deadline`` (``time.monotonic``) at most (what
-        set it: ``limit``, by default ``plugin_timeout``)."""
-        connection = self.connection
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not connection.poll(remaining):
-            limit = limit or "plugin_timeout"
-            raise IsolatedPluginError(f"{waiting_for} did not answer within {limit}")
-        try:
-            reply = pickle.loads(connection.recv_bytes())
-        except (EOFError, OSError) as exc:
-            raise IsolatedPluginError(self.ended()) from exc
-        self.bytes -= self.in_flight.popleft()
-        return reply
-
-    def ended(self) -> str:
-        """How the child ended (it has, or is ending now)."""
-        try:
-            code = self.process.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            return "its process stopped answering"
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                return f"its process was killed by {signal.Signals(-code).name}"
-        return f"its process exited with code {code}"
-
-    def close(self, kill: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if kill:
-            with contextlib.suppress(Exception):
-                self.process.kill()
-        with contextlib.suppress(Exception):
-            self.process.wait(timeout=10)
-        with contextlib.suppress(Exception):
-            self.process.kill()
-            self.process.wait(timeout=5)
-        self.connection.close()
-        _CHILDREN.discard(self.process)
-
-
-def _spawn() -> _Channel:
-    ours, theirs = socket.socketpair()
-    command = [sys.executable, "-m", "bz.plugins._isolated_child", str(theirs.fileno())]
-    # A session of its own: Ctrl-C at the terminal and signals to the training process's
-    # group reach training, which decides; the child ends with it (see the child).
-    process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
-    theirs.close()
-    _CHILDREN.add(process)
-    return _Channel(process, Connection(ours.detach()))
 
 
 def _log_format() -> str | None:
@@ -246,10 +131,12 @@ class Starting:
     spec: PluginSpec
     path: str
     timeout: float | None
-    """``plugin_timeout``, for the plugin's hooks (start-up has :data:`START_TIMEOUT_S`)."""
-    channel: _Channel
-    deadline: float
-    """When start-up must be over (``time.monotonic``)."""
+    """``plugin_timeout``, for the plugin's hooks (start-up has ``plugin_start_timeout``)."""
+    channel: Channel
+    deadline: float | None
+    """When start-up must be over (``time.monotonic``; None: no limit)."""
+    limit: str
+    """What set the deadline, for the line that reports it passed."""
 
 
 def begin_isolated(
@@ -260,7 +147,7 @@ def begin_isolated(
     given in code cannot be imported there: a :class:`ConfigError`."""
     if spec.name in registry:
         raise ConfigError([(path, f'"isolation": "{PROCESS}" needs an installed plugin')])
-    channel = _spawn()
+    channel = spawn()
     start = {
         "name": spec.name,
         "options": without_isolation(spec.options),
@@ -271,10 +158,12 @@ def begin_isolated(
         "run_dir_hint": run_dir_hint.get(),
         "log_format": _log_format(),
     }
-    deadline = time.monotonic() + START_TIMEOUT_S
+    seconds = run_config.plugin_start_timeout
+    deadline = None if seconds is None else time.monotonic() + seconds
     with contextlib.suppress(IsolatedPluginError):  # ended already: start_isolated says how
         channel.post(("start", start), limit=False)
-    return Starting(spec, path, run_config.plugin_timeout, channel, deadline)
+    limit = "plugin_start_timeout" + (f" ({seconds:g} s)" if seconds is not None else "")
+    return Starting(spec, path, run_config.plugin_timeout, channel, deadline, limit)
 
 
 @contextlib.contextmanager
@@ -305,7 +194,7 @@ def start_isolated(
     """Wait for a plugin :func:`begin_isolated` started and return its proxy.
 
     Start-up (a fresh interpreter importing and creating the plugin) may take
-    :data:`START_TIMEOUT_S`, counted from when its process started, whatever
+    ``plugin_start_timeout``, counted from when its process started, whatever
     ``plugin_timeout`` is (that bounds its hooks). Bad options are a
     :class:`ConfigError`, as in process; a plugin that declares it needs the training
     process (:data:`NEEDS_TRAINING_PROCESS`) is one too. Faults while importing or
@@ -315,7 +204,7 @@ def start_isolated(
     name, path, channel = starting.spec.name, starting.path, starting.channel
     try:
         kind, payload = channel.receive(
-            starting.deadline, f"plugin {name!r} (starting)", f"{START_TIMEOUT_S:g} s"
+            starting.deadline, f"plugin {name!r} (starting)", starting.limit
         )
     except IsolatedPluginError as exc:
         channel.close(kill=True)
@@ -363,7 +252,7 @@ class IsolatedPlugin:
     """The training process's side of a plugin that runs in its own process."""
 
     def __init__(
-        self, name: str, info: Mapping[str, Any], channel: _Channel, timeout: float | None
+        self, name: str, info: Mapping[str, Any], channel: Channel, timeout: float | None
     ) -> None:
         self.name = name
         self._channel = channel

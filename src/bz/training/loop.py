@@ -86,7 +86,12 @@ from bz.training.device import loader_length, resolve_device
 from bz.training.epoch import EpochLoop, capped
 from bz.training.forward import forward_for
 from bz.training.guards import check_batches, check_epoch_loss, check_model
-from bz.training.interrupts import InterruptGuard, InterruptVote, TrainingInterrupted
+from bz.training.interrupts import (
+    InterruptGuard,
+    InterruptVote,
+    StoppedAtOnce,
+    TrainingInterrupted,
+)
 from bz.training.modules import materialize
 from bz.training.precision import precision_for
 from bz.training.result import EpochRecord, FitResult
@@ -319,10 +324,10 @@ class Run(EpochLoop):
                 part(lambda: self._end_session(self._epochs_done(history)))
             except TrainingInterrupted:
                 raise
-            except (KeyboardInterrupt, BzError) as exc:
+            except (StoppedAtOnce, BzError) as exc:
                 self._fail_session(exc)
                 raise
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit, a KeyboardInterrupt code raised...
                 self._fail_session(exc)
                 # The user's exception leaves as itself (`except ValueError` still catches
                 # it); where it happened travels with it as a note.
