@@ -73,13 +73,18 @@ def totals(dump: str) -> int:
     return int(found.group(1))
 
 
+MAIN_THREAD = "01"
+"""Callgrind's number for the process's first thread (``--separate-threads=yes``)."""
+
+
 def dump_files(out_file: Path) -> list[Path]:
-    """The numbered dumps callgrind wrote for ``--callgrind-out-file=out_file``, in order."""
+    """The numbered dumps of the main thread that callgrind wrote for
+    ``--callgrind-out-file=out_file`` (``callgrind.out.N-01``), in order."""
     numbered = []
     for path in out_file.parent.glob(f"{out_file.name}.*"):
-        suffix = path.name.rpartition(".")[2]
-        if suffix.isdigit():
-            numbered.append((int(suffix), path))
+        number, _, thread = path.name.rpartition(".")[2].partition("-")
+        if number.isdigit() and thread == MAIN_THREAD:
+            numbered.append((int(number), path))
     return [path for _, path in sorted(numbered)]
 
 
@@ -108,7 +113,7 @@ def callgrind(argv: Sequence[str], dumps: int, layout: int = 0) -> list[int]:
 
     Raises ``RuntimeError`` with the process's last lines if it fails, or if it did not
     call the marker exactly ``dumps`` times. With ``BZ_CALLGRIND_KEEP=folder`` in the
-    environment, the dumps are copied there (``callgrind.out.N``: per variant, the 2nd
+    environment, the dumps are copied there (``callgrind.out.N-01``: per variant, the 2nd
     and 4th hold its N- and 2N-step runs), to read with ``callgrind_annotate``.
     """
     executable = valgrind()
@@ -124,6 +129,11 @@ def callgrind(argv: Sequence[str], dumps: int, layout: int = 0) -> list[int]:
             # Imports, set-up and warm-up run uninstrumented (several times faster); the
             # child switches instrumentation on around its marked runs (instrumented).
             "--instr-atstart=no",
+            # The training thread's counts only: bz's other threads (the plugin
+            # watchdog) wake by the clock, not per step, and under callgrind's slowdown
+            # a step lasts ~50 times longer, so they would count ~50 times what they
+            # cost a step natively, and vary with the machine's load.
+            "--separate-threads=yes",
             f"--dump-before={MARKER}",
             f"--callgrind-out-file={out_file}",
             python,

@@ -55,18 +55,22 @@ def test_a_file_that_is_not_a_dump_is_an_error() -> None:
         instructions.totals("events: Ir\n")
 
 
-def test_dumps_are_taken_in_the_order_callgrind_numbered_them(tmp_path: Path) -> None:
+def test_dumps_are_the_main_threads_in_the_order_callgrind_numbered_them(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "callgrind.out"
     for number in (1, 2, 10, 11, 3):
-        (tmp_path / f"callgrind.out.{number}").write_text("totals: 1\n")
+        (tmp_path / f"callgrind.out.{number}-01").write_text("totals: 1\n")
+        (tmp_path / f"callgrind.out.{number}-02").write_text("totals: 1\n")  # a thread
     out.write_text("totals: 1\n")  # the program's end: not a marked stretch
+    (tmp_path / "callgrind.out-01").write_text("totals: 1\n")
     (tmp_path / "callgrind.out.old").write_text("totals: 1\n")
     assert [p.name.rpartition(".")[2] for p in instructions.dump_files(out)] == [
-        "1",
-        "2",
-        "3",
-        "10",
-        "11",
+        "1-01",
+        "2-01",
+        "3-01",
+        "10-01",
+        "11-01",
     ]
 
 
