@@ -226,7 +226,7 @@ def _prepare(
     # when the list came from the command line).
     with _attributed_to(blamed_source(config, overrides, "metrics")):
         metrics = build_metrics(run_config.metrics)
-    setup_function = load_setup_function(base / run_config.train_script)
+    setup_function = load_setup_function(base / run_config.train_script, run_config.train_script)
     with _attributed_to(blamed_source(config, overrides, "plugins")):
         plugins = load_plugins(run_config.plugins, run_config)
     _tell_supervisor(plugins)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from bz._errors import TrainingError, UsageError, describe_exception, user_frame
+from bz.config import DEFAULT_TRAIN_SCRIPT
 
 if TYPE_CHECKING:
     import torch
@@ -191,13 +192,20 @@ TRAIN_SCRIPT_MODULE_PREFIX = "_bz_train_script_"
 """The start of the module name train.py is imported under (then a hash of its path)."""
 
 
-def load_setup_function(path: Path) -> SetupFunction:
-    """Import ``path`` and return its ``setup`` function."""
-    if not path.is_file():
-        raise UsageError(
-            f"{path}: file not found (bz looks for train.py next to bzconfig.json; "
-            "set train_script in bzconfig.json or run `bz init`)"
+def missing_script_hint(train_script: str) -> str:
+    """What to do about a train_script that is not there: the default one or a named one."""
+    if train_script == DEFAULT_TRAIN_SCRIPT:
+        return (
+            "bz looks for train.py next to bzconfig.json; set train_script in "
+            "bzconfig.json or run `bz init`"
         )
+    return f"bzconfig.json's train_script names it ({train_script!r}): fix the path"
+
+
+def load_setup_function(path: Path, train_script: str = DEFAULT_TRAIN_SCRIPT) -> SetupFunction:
+    """Import ``path`` (``train_script`` as the config gives it) and return its ``setup``."""
+    if not path.is_file():
+        raise UsageError(f"{path}: file not found ({missing_script_hint(train_script)})")
     # A name that is the same in every process (str hashes are salted per process):
     # the run signature names train.py's functions by it.
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]

@@ -64,7 +64,7 @@ def validate(
     run_config, base = config_and_base(config, overrides, base_dir)
     metrics = build_metrics(run_config.metrics)
     script = base / run_config.train_script
-    setup_function = load_setup_function(script)
+    setup_function = load_setup_function(script, run_config.train_script)
     if run_config.seed is not None:
         seed_everything(run_config.seed)
     setup = call_setup(setup_function, run_config, script)

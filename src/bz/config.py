@@ -186,6 +186,10 @@ def _keep_best_table(value: KeepBest | Mapping[str, Any] | None) -> KeepBest | N
     return structure(dict(value), KeepBest) if isinstance(value, Mapping) else value
 
 
+DEFAULT_TRAIN_SCRIPT = "train.py"
+"""train_script when bzconfig.json does not set it: the file beside bzconfig.json."""
+
+
 @attrs.frozen
 class RunConfig:
     """Everything ``bzconfig.json`` can say about a run."""
@@ -221,7 +225,7 @@ class RunConfig:
     """Seconds a plugin with ``"isolation": "process"`` may take to start (a fresh
     interpreter importing and creating it; not a hook, so not ``plugin_timeout``); one
     still starting then is ended and counts as a fault. ``null`` turns the limit off."""
-    train_script: str = "train.py"
+    train_script: str = DEFAULT_TRAIN_SCRIPT
     """The file defining ``setup(config) -> TrainingSetup``, relative to the config."""
     checkpoint_interval: int = attrs.field(default=1, validator=at_least(0))
     """Write a checkpoint every this many epochs (and at the last one); 0 writes none."""

@@ -186,7 +186,20 @@ def test_train_py_problems_are_found_before_the_processes_start(project: Project
     result = bz("train", "--nproc-per-node", "2")
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()
-    assert "train.py: file not found" in line
+    assert "train.py: file not found (bz looks for train.py next to bzconfig.json" in line
+
+
+def test_a_missing_train_script_the_config_names_is_blamed_on_that_setting(
+    project: ProjectFactory,
+) -> None:
+    folder = project({"train_script": "scripts/fit.py"})
+    result = bz("train")
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line == (
+        f"bz: error: {folder / 'scripts' / 'fit.py'}: file not found (bzconfig.json's "
+        "train_script names it ('scripts/fit.py'): fix the path)"
+    )
 
 
 @pytest.mark.slow

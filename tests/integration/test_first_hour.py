@@ -107,6 +107,9 @@ def test_check_config_refuses_a_missing_train_script(project: ProjectFactory) ->
     result = CliRunner().invoke(cli, ["check-config"])
     assert result.exit_code == 2
     assert f"train_script: {folder / 'training.py'} does not exist" in result.stderr
+    # The hint names the setting that named the file, not the default train.py.
+    assert "train_script names it ('training.py'): fix the path" in result.stderr
+    assert "looks for train.py" not in result.stderr
 
 
 def test_check_config_warns_of_a_monitor_nothing_produces(project: ProjectFactory) -> None:

@@ -117,6 +117,7 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     """
     import structlog
 
+    from bz._setup import missing_script_hint
     from bz.config import find_config_file, load_config
     from bz.metrics import build_metrics
     from bz.plugins._loader import check_plugin_options
@@ -140,8 +141,8 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
         raise UsageError("\n".join(f"{file}: {fault.describe()}" for fault in faults))
     if not script.is_file():
         raise UsageError(
-            f"{file}: train_script: {script} does not exist (bz looks for train.py next to "
-            "bzconfig.json; set train_script or run `bz init`)"
+            f"{file}: train_script: {script} does not exist "
+            f"({missing_script_hint(config.train_script)})"
         )
     # train.py's setup may add metrics of its own, and decides whether there is
     # validation data, which only `bz train` knows: a watched name that none of the
