@@ -19,6 +19,33 @@ from torch import nn
 
 import bz
 
+
+def linear_train_py(samples: int) -> str:
+    """A train.py training ``nn.Linear(3, 2)`` on ``samples`` seeded samples, batches of 8
+    (no validation): the smallest real run, for tests about what happens around it."""
+    return textwrap.dedent(
+        f"""
+        import torch
+        from torch import nn
+        from torch.utils.data import DataLoader, TensorDataset
+
+        import bz
+
+
+        def setup(config: bz.RunConfig) -> bz.TrainingSetup:
+            inputs = torch.randn({samples}, 3, generator=torch.Generator().manual_seed(0))
+            model = nn.Linear(3, 2)
+            data = TensorDataset(inputs, (inputs[:, 0] > 0).long())
+            return bz.TrainingSetup(
+                model=model,
+                loss_fn=nn.CrossEntropyLoss(),
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                train_loader=DataLoader(data, batch_size=8),
+            )
+        """
+    )
+
+
 TINY_TRAIN_PY = textwrap.dedent(
     """
     import torch

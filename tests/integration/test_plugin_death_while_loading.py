@@ -15,38 +15,17 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests._fault_support import REPO_ROOT
 from tests._plugin_packages_support import write_distribution
-from tests._support import json_events
+from tests._support import json_events, linear_train_py
 
 pytestmark = pytest.mark.slow
 
-TRAIN_PY = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    import bz
-
-
-    def setup(config: bz.RunConfig) -> bz.TrainingSetup:
-        inputs = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
-        model = nn.Linear(3, 2)
-        data = TensorDataset(inputs, (inputs[:, 0] > 0).long())
-        return bz.TrainingSetup(
-            model=model,
-            loss_fn=nn.CrossEntropyLoss(),
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            train_loader=DataLoader(data, batch_size=8),
-        )
-    """
-)
+TRAIN_PY = linear_train_py(16)
 
 PLUGIN_PY = """
 import os
