@@ -27,6 +27,12 @@ class UsageError(BzError):
     exit_code = 2
 
 
+class MetricInputError(UsageError, ValueError):
+    """What a batch hands a metric does not fit it (shapes, dtypes, the class count): bad
+    input, exit 2. Still a ``ValueError``, so ``except ValueError`` around ``fit`` catches
+    it as before."""
+
+
 class ConfigError(UsageError):
     """One or more problems in a configuration, each with its JSON path.
 

@@ -256,3 +256,23 @@ def test_several_processes_end_their_json_stream_with_one_exit_event(
     assert exits[0] == events[-1]
     assert exits[0]["exit_code"] == 2
     assert "setup returned NoneType" in exits[0]["error"]
+
+
+# -- what a batch hands a metric does not fit it: bad input ---------------------------------
+
+ONE_COLUMN = TINY_TRAIN_PY.replace("nn.Linear(8, 2)", "nn.Linear(8, 1)").replace(
+    "nn.CrossEntropyLoss()", "lambda outputs, targets: outputs.square().mean()"
+)
+
+
+def test_outputs_that_do_not_fit_a_metric_are_bad_input_named_by_the_metric(
+    project: ProjectFactory,
+) -> None:
+    project({"metrics": ["accuracy"]}, train_py=ONE_COLUMN)
+    result = bz("train", "--no-resume", "--log-format", "json")
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("bz: error: accuracy: scores need one column per class (N, C)"), line
+    assert "src/bz" not in line
+    assert "Traceback" not in result.stderr
+    assert json_events(result.stdout)[-1]["exit_code"] == 2

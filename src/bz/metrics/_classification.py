@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 import torch
 
+from bz._errors import MetricInputError
 from bz.config import ConfigValueError, at_least
 from bz.metrics._inputs import accumulator_dtype, class_scores, predicted_classes
 from bz.metrics._state import SummedStateMetric, safe_divide
@@ -161,20 +162,20 @@ class _PerClassMetric(SummedStateMetric):
         name = self.display_name
         if width is None:
             if configured is None:
-                raise ValueError(
+                raise MetricInputError(
                     f"{name}: predictions of shape (N,) are class indices, so the number of "
                     "classes cannot be known without reading values back from the device; "
                     f'set it in the options: {{"{name}": {{"num_classes": C}}}}'
                 )
             width = configured
         elif configured is not None and width != configured:
-            raise ValueError(
+            raise MetricInputError(
                 f"{name}: scores have {width} columns but num_classes is {configured}"
             )
         if self._num_classes is None:
             self._num_classes = width
         elif width != self._num_classes:
-            raise ValueError(
+            raise MetricInputError(
                 f"{name}: this batch has {width} classes, earlier batches had {self._num_classes}"
             )
         return width

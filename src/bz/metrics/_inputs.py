@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from bz._errors import MetricInputError
+
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """The float type sums are kept in: float64, except where the device lacks it (MPS)."""
@@ -29,12 +31,12 @@ def predicted_classes(
     ``targets`` are class indices of shape ``(N,)``.
     """
     if targets.ndim != 1 or not _is_integer(targets):
-        raise ValueError(
+        raise MetricInputError(
             f"{metric}: targets must be class indices of shape (N,) with an integer dtype, "
             f"got {_describe(targets)}"
         )
     if preds.shape[0:1] != targets.shape:
-        raise ValueError(
+        raise MetricInputError(
             f"{metric}: predictions and targets disagree on the number of samples: "
             f"{_describe(preds)} vs {_describe(targets)}"
         )
@@ -42,7 +44,7 @@ def predicted_classes(
     if preds.ndim == 2:
         width = preds.shape[1]
         if width < 2:
-            raise ValueError(
+            raise MetricInputError(
                 f"{metric}: scores need one column per class (N, C) with C >= 2, got "
                 f"{_describe(preds)}; for a single binary logit, pass class indices "
                 "instead, e.g. (logits.squeeze(1) > 0).long()"
@@ -50,7 +52,7 @@ def predicted_classes(
         return preds.detach().argmax(dim=1), targets, width
     if preds.ndim == 1 and _is_integer(preds):
         return preds.detach().to(torch.int64), targets, None
-    raise ValueError(
+    raise MetricInputError(
         f"{metric}: predictions must be scores of shape (N, C) or class indices of shape (N,) "
         f"with an integer dtype, got {_describe(preds)}"
     )
@@ -59,17 +61,17 @@ def predicted_classes(
 def class_scores(metric: str, preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Check that ``preds`` are per-class scores ``(N, C)`` matching targets ``(N,)``."""
     if preds.ndim != 2 or preds.shape[1] < 2 or not preds.is_floating_point():
-        raise ValueError(
+        raise MetricInputError(
             f"{metric}: predictions must be floating-point scores of shape (N, C) with C >= 2, "
             f"got {_describe(preds)}"
         )
     if targets.ndim != 1 or not _is_integer(targets):
-        raise ValueError(
+        raise MetricInputError(
             f"{metric}: targets must be class indices of shape (N,) with an integer dtype, "
             f"got {_describe(targets)}"
         )
     if preds.shape[0] != targets.shape[0]:
-        raise ValueError(
+        raise MetricInputError(
             f"{metric}: predictions and targets disagree on the number of samples: "
             f"{_describe(preds)} vs {_describe(targets)}"
         )
@@ -92,7 +94,7 @@ def matching_values(
     elif targets.ndim == preds.ndim + 1 and targets.shape[-1] == 1:
         targets = targets.squeeze(-1)
     if preds.shape != targets.shape:
-        raise ValueError(
+        raise MetricInputError(
             f"{metric}: predictions and targets must have the same shape, got "
             f"{_describe(preds)} vs {_describe(targets)}"
         )
