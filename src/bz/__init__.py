@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bz._errors import BzError, ConfigError, TrainingError, UsageError
+from bz._errors import BzError, ConfigError, MetricInputError, TrainingError, UsageError
 from bz.config import RunConfig, load_config
 
 __version__ = "0.1.0"
@@ -66,6 +66,7 @@ __all__ = [
     "ConfigError",
     "EpochRecord",
     "FitResult",
+    "MetricInputError",
     "NonFiniteLoss",
     "OrderCycleError",
     "PluginFailure",

@@ -33,6 +33,7 @@ PUBLIC: dict[str, set[str]] = {
         "BzError",
         "UsageError",
         "ConfigError",
+        "MetricInputError",
         "TrainingError",
         "TrainingInterrupted",
         "NonFiniteLoss",
