@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from tests._fault_support import REPO_ROOT
 from tests._plugin_packages_support import write_distribution
-from tests._support import linear_train_py
+from tests._support import linear_train_py, run_bz
 
 pytestmark = pytest.mark.slow
 
@@ -64,15 +62,7 @@ def test_a_restart_after_a_segfault_continues_the_same_mlflow_run(
     env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     env["SEGFAULT_AT_EPOCH"] = str(at_epoch)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(site)])
-    done = subprocess.run(
-        [sys.executable, "-m", "bz", "train", "--log-format", "json"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,  # a safety net for a hung run, not a timing assertion
-        check=False,
-    )
+    done = run_bz(folder, "train", "--log-format", "json", env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "SIGSEGV" in done.stderr  # it did die, and was restarted
 

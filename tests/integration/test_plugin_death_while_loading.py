@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests._fault_support import REPO_ROOT
 from tests._plugin_packages_support import write_distribution
-from tests._support import json_events, linear_train_py
+from tests._support import json_events, linear_train_py, run_bz
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +55,7 @@ def _train(tmp_path: Path, entry: Any) -> subprocess.CompletedProcess[str]:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BZ_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(site)])
-    return subprocess.run(
-        [sys.executable, "-m", "bz", "train", "--log-format", "json"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,  # a safety net for a hung run, not a timing assertion
-        check=False,
-    )
+    return run_bz(folder, "train", "--log-format", "json", env=env, timeout=300)
 
 
 def test_a_death_while_a_plugin_is_created_is_reported_as_outside_any_hook(
