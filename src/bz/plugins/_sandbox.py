@@ -56,7 +56,7 @@ from bz.plugins._rounds import (
     summary,
 )
 from bz.plugins._torch_hooks import HookLedger
-from bz.plugins._watchdog import Watchdog
+from bz.plugins._watchdog import Straight, Watchdog
 
 if TYPE_CHECKING:
     from bz.plugins._protocol import NamedPlugin
@@ -161,7 +161,7 @@ class PluginSet:
         for old in self._table.values():
             if old is not None:
                 old.flush()
-        self._table = table = build_table(self._slots, self._keeper)
+        self._table = table = build_table(self._slots, self._keeper, self._supervised)
         self.implemented.update((hook, entries is not None) for hook, entries in table.items())
 
     # -- the hot path ----------------------------------------------------------------
@@ -170,53 +170,75 @@ class PluginSet:
         """Call ``hook`` on every active plugin that implements it, inside the boundary."""
         # Fast path, run several times per batch: a hook nobody implements returns after
         # one lookup. Otherwise: one random fence for the whole round (not per plugin),
-        # a countdown for the round's tallies (``Round``), and per plugin one store:
-        # which plugin runs, for the watchdog. The ``try`` around the calls costs nothing
-        # until a plugin raises; the round then goes on, from the next plugin, in
-        # ``_round``. Under a supervisor every call also stores the plugin's number in
-        # the shared block (``_round``). Quarantine (the slow path) rebuilds the table;
-        # the entries held here keep this round's order.
+        # a countdown for the round's tallies (``Round``), and the round's calls as one
+        # generated function (``Round.run``): nothing is stored per call, the watchdog
+        # and a fault's traceback read which plugin runs from that function's frame.
+        # The ``try`` around it costs nothing until a plugin raises; the round then goes
+        # on, from the next plugin, in ``_round``. Timed rounds, and every round under a
+        # supervisor (which is told each call's plugin through shared memory), go through
+        # ``_timed_round`` / ``_round``. Quarantine (the slow path) rebuilds the table;
+        # the round held here keeps this round's order.
         round_ = self._table[hook]
         if round_ is None:
             return
         view = self._view if context is self._shown else self._view_for(context)
+        # The fence's ``mark`` and ``put_back``, inlined: with no draw, one comparison
+        # of two tuples each (see ``bz.plugins._fence``).
         fence = self._fence or self._new_fence()
-        mark = fence.mark()
+        if fence.live != fence.copies:
+            fence.refresh()
+        instance = fence.instance
+        gauss = instance.gauss_next
         # Grad mode is global: a plugin that turns it off (and fails, or forgets to turn
         # it back on) would leave the loop's backward pass without a graph.
         grad_mode = self._grad_mode
         grad = grad_mode()
         watchdog = self._watchdog
-        remaining = iter(round_.entries)
-        watchdog.round = remaining  # a new object each round: tells calls of a plugin apart
         round_.countdown -= 1
         try:
-            if not round_.countdown:
-                round_.next_interval()
-                self._timed_round(round_, hook, view, context, remaining)
-            elif self._supervised:
-                self._round(round_, hook, view, context, remaining)
-            else:
+            run = round_.run
+            if run is not None and round_.countdown:
+                watchdog.running = round_.straight
                 try:
-                    for slot, method in remaining:
-                        watchdog.running = slot
-                        method(view)
+                    run(view)
                     return  # the common case (the ``finally`` below still runs)
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as exc:
+                    self._failed_in(round_, exc)
                     not_called(round_, watchdog.running)
                     raise
                 except BaseException as exc:  # a plugin cannot end the process
+                    index = self._failed_in(round_, exc)
                     self._caught(round_, hook, exc, context)
+                remaining = iter(round_.entries[index + 1 :])
+            else:
+                remaining = iter(round_.entries)
+            watchdog.round = remaining  # a new object each round: tells calls apart
+            if not round_.countdown:
+                round_.next_interval()
+                self._timed_round(round_, hook, view, context, remaining)
+            else:
                 self._round(round_, hook, view, context, remaining)
         finally:
             watchdog.running = None
-            fence.put_back(mark)
+            if fence.live != fence.copies:
+                fence.restore()
+            if instance.gauss_next is not gauss:
+                instance.gauss_next = gauss
             if grad_mode() is not grad:
                 _set_grad_mode(grad)
             # Autocast too, but read only when a plugin's hook changed it (``_touched``):
             # reading it costs a microsecond, this test nothing.
             if self._autocast is not None:
                 self._put_back_autocast()
+
+    def _failed_in(self, round_: Round, exc: BaseException) -> int:
+        # An exception left the round's generated function: the plugin it came from
+        # (by the line its traceback passed through) becomes the one ``running`` for
+        # ``_caught``; its position in the round (-1: raised before the first call).
+        assert round_.straight is not None
+        index = round_.straight.index(exc.__traceback__)
+        self._watchdog.running = round_.entries[index][0] if index >= 0 else None
+        return index
 
     def _round(
         self,
@@ -374,7 +396,7 @@ class PluginSet:
         grad_mode = self._grad_mode
         grad = grad_mode()
         started = _perf_counter()
-        if outer is None:
+        if outer is None or type(outer) is Straight:
             watchdog.round = saved
         slot.calls += 1
         where = self._where
