@@ -386,3 +386,18 @@ def random_fence() -> RandomFence:
     if torch_twister is None:
         return _GenericFence()
     return _FastFence(torch_twister, python, numpy_twister)
+
+
+# Grad mode is global state too, which the sandbox puts back after each round.
+
+
+def grad_on() -> bool:
+    """Grad mode before torch is imported (nothing can have turned it off)."""
+    return True
+
+
+def set_grad_mode(enabled: bool) -> None:
+    """Put grad mode back (called only once a hook has run under torch)."""
+    import torch  # imported already
+
+    torch.set_grad_enabled(enabled)

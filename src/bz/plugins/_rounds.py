@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from bz.plugins._faults import PluginFault, PluginReport
 from bz.plugins._hooks import HOOK_NAMES, HOOKS
-from bz.plugins._watchdog import Straight
+from bz.plugins._watchdog import Straight, Watchdog
 
 if TYPE_CHECKING:
     from bz.plugins._context import PluginContext
@@ -148,6 +148,15 @@ class Round:
             self.seed = seed = (self.seed * 1103515245 + 12345) & 0x7FFFFFFF
             self.interval = 1 + (seed >> 16) % (2 * SAMPLE_EVERY - 1)
         self.countdown = self.interval
+
+    def failed(self, exc: BaseException, watchdog: Watchdog) -> int:
+        """``exc`` left ``run``: the plugin it came from (the line its traceback passed
+        through) is made ``watchdog.running``, as the general loop leaves it for the
+        sandbox's fault handling; its position (-1: raised before the first call)."""
+        assert self.straight is not None
+        index = self.straight.index(exc.__traceback__)
+        watchdog.running = self.entries[index][0] if index >= 0 else None
+        return index
 
     def flush(self) -> None:
         """Add the rounds counted here to the plugins' own counts (the table is replaced)."""

@@ -42,7 +42,7 @@ from bz.plugins._faults import (
     log_fault,
     verdict,
 )
-from bz.plugins._fence import RandomFence, random_fence
+from bz.plugins._fence import RandomFence, grad_on, random_fence, set_grad_mode
 from bz.plugins._process import ProcessKeeper
 from bz.plugins._rounds import (
     Entry,
@@ -110,7 +110,7 @@ class PluginSet:
         self.rewindable = False
         """Set by the loop while it can go back to a consistent state (``rewind``)."""
         self._fence: RandomFence | None = None
-        self._grad_mode: Callable[[], bool] = _grad_on
+        self._grad_mode: Callable[[], bool] = grad_on
         """``torch.is_grad_enabled``, once the fence is built (torch is imported then)."""
         self._shown: PluginContext | None = None
         self._view: PluginContext = LoopView(PluginContext())
@@ -168,16 +168,11 @@ class PluginSet:
 
     def call(self, hook: str, context: PluginContext) -> None:
         """Call ``hook`` on every active plugin that implements it, inside the boundary."""
-        # Fast path, run several times per batch: a hook nobody implements returns after
-        # one lookup. Otherwise: one random fence for the whole round (not per plugin),
-        # a countdown for the round's tallies (``Round``), and the round's calls as one
-        # generated function (``Round.run``): nothing is stored per call, the watchdog
-        # and a fault's traceback read which plugin runs from that function's frame.
-        # The ``try`` around it costs nothing until a plugin raises; the round then goes
-        # on, from the next plugin, in ``_round``. Timed rounds, and every round under a
-        # supervisor (which is told each call's plugin through shared memory), go through
-        # ``_timed_round`` / ``_round``. Quarantine (the slow path) rebuilds the table;
-        # the round held here keeps this round's order.
+        # A hook nobody implements: one lookup. Otherwise one random fence for the round,
+        # a countdown for its tallies (``Round``), and its calls as one generated function
+        # (``Round.run``; nothing stored per call: a fault's traceback and the watchdog
+        # read the plugin from its frame). After a fault the round goes on in ``_round``;
+        # timed and supervised rounds go through ``_timed_round`` / ``_round``.
         round_ = self._table[hook]
         if round_ is None:
             return
@@ -203,11 +198,11 @@ class PluginSet:
                     run(view)
                     return  # the common case (the ``finally`` below still runs)
                 except KeyboardInterrupt as exc:
-                    self._failed_in(round_, exc)
+                    round_.failed(exc, watchdog)
                     not_called(round_, watchdog.running)
                     raise
                 except BaseException as exc:  # a plugin cannot end the process
-                    index = self._failed_in(round_, exc)
+                    index = round_.failed(exc, watchdog)
                     self._caught(round_, hook, exc, context)
                 remaining = iter(round_.entries[index + 1 :])
             else:
@@ -225,20 +220,11 @@ class PluginSet:
             if instance.gauss_next is not gauss:
                 instance.gauss_next = gauss
             if grad_mode() is not grad:
-                _set_grad_mode(grad)
+                set_grad_mode(grad)
             # Autocast too, but read only when a plugin's hook changed it (``_touched``):
             # reading it costs a microsecond, this test nothing.
             if self._autocast is not None:
                 self._put_back_autocast()
-
-    def _failed_in(self, round_: Round, exc: BaseException) -> int:
-        # An exception left the round's generated function: the plugin it came from
-        # (by the line its traceback passed through) becomes the one ``running`` for
-        # ``_caught``; its position in the round (-1: raised before the first call).
-        assert round_.straight is not None
-        index = round_.straight.index(exc.__traceback__)
-        self._watchdog.running = round_.entries[index][0] if index >= 0 else None
-        return index
 
     def _round(
         self,
@@ -420,7 +406,7 @@ class PluginSet:
             slot.seconds += _perf_counter() - started
             fence.load(saved)
             if grad_mode() is not grad:
-                _set_grad_mode(grad)
+                set_grad_mode(grad)
             if self._autocast is not None:
                 self._put_back_autocast()
 
@@ -508,14 +494,3 @@ class PluginSet:
     def log_summary(self) -> None:
         """Emit the end-of-run summary as one structured event."""
         _log.info("plugin_summary", plugins=summary(self.report()))
-
-
-def _grad_on() -> bool:
-    """Grad mode before torch is imported (nothing can have turned it off)."""
-    return True
-
-
-def _set_grad_mode(enabled: bool) -> None:
-    import torch  # imported already: only called once a hook has run under torch
-
-    torch.set_grad_enabled(enabled)
