@@ -30,7 +30,7 @@ from bz._config_values import (
     metric_specs,
     plugin_specs,
 )
-from bz._converter import structure, too_deep_message, unstructure
+from bz._converter import structure, too_deep_message, too_long_number_message, unstructure
 from bz._errors import ConfigError
 from bz._typecheck import check_field_types
 
@@ -321,6 +321,8 @@ def read_json(path: Path) -> Any:
             [("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")],
             str(path),
         ) from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError([("", too_long_number_message())], str(path)) from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> RunConfig:
