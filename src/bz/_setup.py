@@ -87,6 +87,19 @@ def _is_callable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) ->
         raise UsageError(
             f"TrainingSetup: {attribute.name} must be callable, got {type(value).__name__}"
         )
+    if isinstance(value, type) and _is_module_class(value):
+        # nn.CrossEntropyLoss without its (): calling it builds a module from the
+        # outputs and targets, and fails inside torch with nothing of the user's named.
+        raise UsageError(
+            f"TrainingSetup: {attribute.name} is the class {value.__name__}, not a "
+            f"function: pass an instance, {attribute.name}={value.__name__}()"
+        )
+
+
+def _is_module_class(value: type) -> bool:
+    import torch
+
+    return issubclass(value, torch.nn.Module)
 
 
 def _is_iterable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

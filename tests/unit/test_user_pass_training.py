@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 from tests._support import tiny_setup
+from torch import nn
 
 import bz
 from bz.config import RunConfig
@@ -26,11 +29,42 @@ def test_a_generator_train_loader_is_named_used_up_in_the_epoch_the_console_show
 
 def test_a_loader_empty_from_the_start_is_refused_without_the_iterator_hint() -> None:
     setup = tiny_setup()
+    nothing: list[Any] = []
     setup = bz.TrainingSetup(
         model=setup.model,
         loss_fn=setup.loss_fn,
         optimizer=setup.optimizer,
-        train_loader=(batch for batch in []),
+        train_loader=(batch for batch in nothing),
     )
     with pytest.raises(bz.UsageError, match=r"no batches in epoch 1$"):
         bz.Trainer().fit(setup, RunConfig(epochs=2, device="cpu", plugins=()), [])
+
+
+@pytest.mark.parametrize("field", ["loss_fn", "step"])
+def test_a_loss_module_class_without_its_parentheses_is_refused_naming_the_fix(field: str) -> None:
+    # Was a RuntimeError deep inside torch ("Boolean value of Tensor with more than one
+    # value is ambiguous", named at torch/nn/_reduction.py) at the first batch.
+    setup = tiny_setup()
+    with pytest.raises(
+        bz.UsageError,
+        match=rf"{field} is the class CrossEntropyLoss.*"
+        rf"{field}=CrossEntropyLoss\(\)",
+    ):
+        bz.TrainingSetup(
+            model=setup.model,
+            optimizer=setup.optimizer,
+            train_loader=setup.train_loader,
+            **{field: cast("Any", nn.CrossEntropyLoss)},
+        )
+
+
+def test_a_plain_function_or_a_loss_module_is_still_a_loss_fn() -> None:
+    setup = tiny_setup()
+    for loss_fn in (nn.functional.cross_entropy, nn.CrossEntropyLoss()):
+        built = bz.TrainingSetup(
+            model=setup.model,
+            loss_fn=loss_fn,
+            optimizer=setup.optimizer,
+            train_loader=setup.train_loader,
+        )
+        assert built.loss_fn is loss_fn
