@@ -95,3 +95,14 @@ def test_a_plugin_timeout_of_weeks_or_infinity_keeps_the_heartbeat_going(
     _supervision.heartbeat(seconds)
     assert view[_supervision.TIMEOUT_MS] == _supervision.TIMEOUT_CAP_S * 1000
     assert view[_supervision.BEAT] == 1
+
+
+def test_config_schema_into_a_folder_that_does_not_exist_is_one_line_exit_2(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "missing" / "bzconfig.schema.json"
+    result = CliRunner().invoke(cli, ["config-schema", "-o", str(target)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"bz: error: {target}: cannot write the schema: No such file or directory"
+    ]
