@@ -218,7 +218,8 @@ def missing_script_hint(train_script: str) -> str:
 def load_setup_function(path: Path, train_script: str = DEFAULT_TRAIN_SCRIPT) -> SetupFunction:
     """Import ``path`` (``train_script`` as the config gives it) and return its ``setup``."""
     if not path.is_file():
-        raise UsageError(f"{path}: file not found ({missing_script_hint(train_script)})")
+        problem = "a folder, not a file" if path.is_dir() else "file not found"
+        raise UsageError(f"{path}: {problem} ({missing_script_hint(train_script)})")
     # A name that is the same in every process (str hashes are salted per process):
     # the run signature names train.py's functions by it.
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]

@@ -6,6 +6,7 @@ the value and where it is, exit code 2.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -106,3 +107,18 @@ def test_config_schema_into_a_folder_that_does_not_exist_is_one_line_exit_2(
     assert result.output.strip().splitlines() == [
         f"bz: error: {target}: cannot write the schema: No such file or directory"
     ]
+
+
+@pytest.mark.parametrize("train_script", ["", ".", "models"])
+@pytest.mark.parametrize("command", ["check-config", "train"])
+def test_a_train_script_naming_a_folder_says_so(
+    tmp_path: Path, command: str, train_script: str
+) -> None:
+    # Was "<folder> does not exist" / "file not found" about a folder that exists.
+    (tmp_path / "models").mkdir()
+    path = _write(tmp_path, json.dumps({"train_script": train_script}))
+    result = CliRunner().invoke(cli, [command, "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "a folder, not a file" in result.output
+    assert "not found" not in result.output
+    assert "does not exist" not in result.output
