@@ -10,6 +10,7 @@ from torch import nn
 
 import bz
 from bz.config import RunConfig
+from bz.plugins import Plugin, PluginContext
 
 
 def test_a_generator_train_loader_is_named_used_up_in_the_epoch_the_console_shows() -> None:
@@ -68,3 +69,22 @@ def test_a_plain_function_or_a_loss_module_is_still_a_loss_fn() -> None:
             train_loader=setup.train_loader,
         )
         assert built.loss_fn is loss_fn
+
+
+class _Noted(Plugin):
+    name = "noted"
+
+    def end_epoch(self, context: PluginContext) -> None:
+        self.logger.info("epoch_done", loss=context.training_loss)
+
+
+def test_a_plugin_class_passed_to_fit_instead_of_an_instance_is_named_as_such() -> None:
+    # Was one fault listing every hook: "start_training_session(self, context) cannot
+    # be called as start_training_session(context); load_checkpoint(...) ...".
+    config = RunConfig(epochs=1, device="cpu", plugins=(), plugin_errors="raise")
+    with pytest.raises(
+        bz.PluginFailure,
+        match=r"_Noted is a class, not a plugin object: "
+        r"pass an instance, _Noted\(\)",
+    ):
+        bz.Trainer().fit(tiny_setup(), config, [cast("Any", _Noted)])
