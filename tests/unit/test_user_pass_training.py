@@ -88,3 +88,18 @@ def test_a_plugin_class_passed_to_fit_instead_of_an_instance_is_named_as_such() 
         r"pass an instance, _Noted\(\)",
     ):
         bz.Trainer().fit(tiny_setup(), config, [cast("Any", _Noted)])
+
+
+@pytest.mark.parametrize(
+    ("config", "plugins", "message"),
+    [
+        ({"epochs": 1}, [], r"fit: config must be a bz.RunConfig, got dict"),
+        (None, _Noted(), r"fit: plugins must be a list of plugin objects, got _Noted"),
+        (None, "console_out", r"fit: plugins must be a list of plugin objects, got str"),
+    ],
+)
+def test_fit_names_an_argument_of_the_wrong_kind(config: Any, plugins: Any, message: str) -> None:
+    # Were AttributeError: 'dict' object has no attribute 'seed', TypeError: '_Noted'
+    # object is not iterable, and a fault per character of "console_out".
+    with pytest.raises(TypeError, match=message):
+        bz.Trainer().fit(tiny_setup(), config, plugins)
