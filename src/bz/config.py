@@ -301,6 +301,23 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(DEFAULT_CONFIG_FILE)
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python's JSON keeps the last of two equal keys; an edit that added "epochs" again
+    # would then silently overrule (or be overruled by) the first.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
 def read_json(path: Path) -> Any:
     """Parse a JSON file, turning every failure into a one-line ConfigError."""
     try:
@@ -313,7 +330,10 @@ def read_json(path: Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError([("", "not UTF-8 text")], str(path)) from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        message = f"invalid JSON: {json.dumps(exc.key)} is given twice in one object"
+        raise ConfigError([("", message)], str(path)) from None
     except RecursionError:  # the parser recurses per level: far past MAX_DEPTH
         raise ConfigError([("", too_deep_message())], str(path)) from None
     except json.JSONDecodeError as exc:

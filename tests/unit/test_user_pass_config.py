@@ -122,3 +122,23 @@ def test_a_train_script_naming_a_folder_says_so(
     assert "a folder, not a file" in result.output
     assert "not found" not in result.output
     assert "does not exist" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('{"epochs": 2, "seed": 1, "epochs": 30}', "epochs"),
+        ('{"plugins": [{"early_stopping": {"patience": 3, "patience": 5}}]}', "patience"),
+    ],
+)
+def test_a_key_given_twice_is_a_config_error_not_a_silent_last_wins(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf'invalid JSON: "{key}" is given twice in one object'):
+        load_config(path)
+
+
+def test_equal_keys_in_different_objects_are_fine(tmp_path: Path) -> None:
+    text = '{"epochs": 2, "keep_best": {"monitor": "validation_loss", "count": 2}}'
+    assert load_config(_write(tmp_path, text)).epochs == 2
