@@ -82,6 +82,8 @@ class EpochLoop(RunParts):
     """The scheduler when it steps after every optimizer step, else None."""
     plain: bool = False
     """Whether this epoch's steps are plain (see ``_step``); set by ``_train_loop``."""
+    metrics_take_outputs: bool = False
+    """Whether the training metrics are given outputs undetached (``_train_loop``)."""
 
     # -- context ---------------------------------------------------------------------
 
@@ -165,6 +167,8 @@ class EpochLoop(RunParts):
             and not self.norm_every
             and self.config.check_finite != "step"
         )
+        # Built-in classification metrics count attached float32 outputs as they are.
+        self.metrics_take_outputs = metrics.takes_attached and not self.precision.mixed
         iterator, skipped = self._batches()
         if self.vote is not None:
             self.vote.start_epoch()
@@ -287,7 +291,10 @@ class EpochLoop(RunParts):
         last.dtype = loss.dtype
         metrics = self.train_metrics
         if metrics.active:
-            metrics.update(for_metrics(predictions, self.precision), targets)
+            if self.metrics_take_outputs:
+                metrics.update(predictions, targets)
+            else:
+                metrics.update(for_metrics(predictions, self.precision), targets)
         train.batches += 1
         if implemented["end_training_batch"]:
             self._call("end_training_batch")
