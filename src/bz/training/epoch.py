@@ -31,7 +31,7 @@ from bz._distributed import set_epoch
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
-from bz.training.device import to_device
+from bz.training.device import samples_of_pair, to_device
 from bz.training.evaluate import ValidationPass, for_metrics
 from bz.training.gradients import clip_norm, gradient_accumulators, total_norm, whole
 from bz.training.guards import check_step
@@ -97,8 +97,7 @@ class EpochLoop(RunParts):
             self._call(hook)
 
     def _call(self, hook: str) -> None:
-        """``hook``, which the caller saw implemented (``plugins.implemented``): the
-        per-batch path tests the flag inline and calls only when someone listens."""
+        """``hook``, which the caller saw implemented (``plugins.implemented``)."""
         self.plugins.call(hook, self.state.show(self.context))
 
     def checkpoint_hook(self, hook: str, path: Path) -> None:
@@ -270,7 +269,17 @@ class EpochLoop(RunParts):
         optimizer = self.setup.optimizer
         optimizer.zero_grad(set_to_none=True)
         autocast = self.precision.autocast
-        if autocast is None:
+        loss_fn = forward.loss_fn
+        if loss_fn is not None and autocast is None:
+            # Pairs' ``compute`` inline (a call and a tuple less per batch).
+            inputs, targets = batch
+            outputs = predictions = self.forward(inputs)
+            if isinstance(inputs, torch.Tensor) and (shape := inputs.shape):
+                samples = shape[0]
+            else:
+                samples = samples_of_pair(inputs, targets, "train_loader")
+            loss = loss_fn(outputs, targets)
+        elif autocast is None:
             loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
         else:
             with autocast():
@@ -283,8 +292,7 @@ class EpochLoop(RunParts):
             self._call("before_optimizer_step")
         optimizer.step()
         state.global_step += 1
-        # _count, inline.
-        train = state.train
+        train = state.train  # _count, inline
         train.samples += samples
         last = ctx._last_loss
         last.value = train.loss.add(loss, samples)
