@@ -79,7 +79,9 @@ def test_early_stopping_on_a_validation_value_without_val_loader_is_refused(
         bz.Trainer().fit(setup, config, [plugin])
     message = str(raised.value)
     assert "\n" not in message
-    assert message.startswith(f"early_stopping: monitor: {monitor!r} is a validation value")
+    assert message.startswith(
+        f"plugins.early_stopping.monitor: {monitor!r} is a validation value"
+    )
     assert "no val_loader" in message
     assert "validation_loss" not in message.split("one of:")[1]  # not offered as a choice
     after = setup.model.state_dict()
@@ -102,7 +104,9 @@ def test_train_refuses_early_stopping_on_val_loss_without_val_loader(
     result = _train()
     assert result.exit_code == 2, result.output
     line = _error_line(result)
-    assert line.startswith("bz: error: bzconfig.json: early_stopping: monitor: 'val_loss'")
+    assert line.startswith(
+        "bz: error: bzconfig.json: plugins[0].early_stopping.monitor: 'val_loss'"
+    )
     assert "no val_loader" in line
     assert not list(Path().rglob("*.pt"))  # nothing trained
 

@@ -15,7 +15,14 @@ from typing import Any
 
 import click
 
-from bz._errors import BzError, ConfigError, TrainingError, UsageError, user_frame
+from bz._errors import (
+    BzError,
+    ConfigError,
+    TrainingError,
+    UsageError,
+    user_frame,
+    validation_batch,
+)
 from bz.commands.options import config_option, traceback_option
 
 __all__ = ["check_config", "validate"]
@@ -77,7 +84,9 @@ def validate(
     except BaseException as exc:  # the user's model, loss or data (sys.exit() too): one line
         if show_traceback:
             traceback.print_exception(exc, file=sys.stderr)
-        raise TrainingError(f"validation failed: {user_frame(exc)}") from exc
+        batch = validation_batch(exc)
+        where = f" at batch index {batch} of val_loader" if batch is not None else ""
+        raise TrainingError(f"validation failed{where}: {user_frame(exc)}") from exc
     report: dict[str, Any] = {
         "checkpoint": str(path),
         "epoch": payload["epoch"],
@@ -120,6 +129,7 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     from bz._setup import missing_script_hint
     from bz.config import find_config_file, load_config
     from bz.metrics import build_metrics
+    from bz.plugins._entries import entry_paths
     from bz.plugins._loader import check_plugin_options
     from bz.plugins._names import check_monitors
     from bz.training.checkpoint.best import check_monitor
@@ -148,7 +158,9 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     # validation data, which only `bz train` knows: a watched name that none of the
     # config's metrics gives is reported, as `bz train` would refuse it, but not fatal.
     for check in (
-        functools.partial(check_monitors, _Configured.all(options), metrics),
+        functools.partial(
+            check_monitors, _Configured.all(options), metrics, paths=entry_paths(config.plugins)
+        ),
         functools.partial(check_monitor, config.keep_best, metrics, validates=True),
     ):
         try:

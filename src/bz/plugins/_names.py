@@ -23,7 +23,7 @@ so the check is left to the watching plugin at the end of the first epoch.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from bz._converter import nearest
@@ -109,14 +109,22 @@ def resolve(name: str) -> list[tuple[Phase, str]]:
 
 
 def check_monitors(
-    plugins: Iterable[object], metrics: Collection[str], *, validates: bool = True
+    plugins: Iterable[object],
+    metrics: Collection[str],
+    *,
+    validates: bool = True,
+    paths: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse plugins watching a value the run never produces (a :class:`ConfigError`).
 
     A plugin takes part by having a ``config`` with a ``monitor_problem(names)`` method
-    that returns why a watched name is not among ``names`` (or None). Nothing is
-    refused while a plugin that is not bz's own is active: it may add the name.
+    that returns ``(field, why)`` when a watched name is not among ``names`` (or None).
+    Nothing is refused while a plugin that is not bz's own is active: it may add the name.
     ``validates``: the run has validation data (without it, no validation name is).
+    ``paths``: where each plugin's options sit, by plugin name (``plugins[1].early_stopping``,
+    what the loader's structuring errors name); a plugin created in code, or missing
+    from it, is named ``plugins.<name>``, as :func:`bz.plugins._conflicts.check_plugins`
+    names it.
     """
     plugins = list(plugins)
     if any(not type(plugin).__module__.startswith("bz.") for plugin in plugins):
@@ -128,7 +136,10 @@ def check_monitors(
         if not callable(check):
             continue
         problem = check(names)
-        if isinstance(problem, str):
-            problems.append((f"{getattr(plugin, 'name', type(plugin).__name__)}", problem))
+        if problem is not None:
+            field, message = problem
+            name = str(getattr(plugin, "name", type(plugin).__name__))
+            where = (paths or {}).get(name, f"plugins.{name}")
+            problems.append((f"{where}.{field}", message))
     if problems:
         raise ConfigError(problems)
