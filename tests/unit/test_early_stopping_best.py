@@ -15,7 +15,7 @@ from bz.plugins import PluginContext
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
 
 
-def _marked_model() -> torch.nn.Module:
+def _marked_model() -> torch.nn.Linear:
     return torch.nn.Linear(1, 1, bias=False)
 
 
