@@ -295,3 +295,17 @@ def test_an_exception_in_setup_names_setup_not_a_batch(
     assert failed.stderr == (
         f"bz: error: {script}: setup failed: {script}:{line_number}: RuntimeError: no data here\n"
     )
+
+
+def test_a_folder_that_is_no_sharded_checkpoint_is_refused_in_one_line(
+    project: Callable[..., Path],
+) -> None:
+    folder = project({"epochs": 1})
+    runner = CliRunner()
+    assert runner.invoke(cli, ["train"]).exit_code == 0
+    failed = runner.invoke(cli, ["validate", "--checkpoint", str(folder)])
+    assert failed.exit_code == 2, failed.output
+    assert failed.stderr == (
+        f"bz: error: {folder}: a folder that holds no sharded checkpoint (no state.pt in it); "
+        "pass a checkpoint file, model.pt, or a sharded checkpoint's .dcp folder\n"
+    )  # not the FileNotFoundError of state.pt, nor a warning that it is unverified
