@@ -179,7 +179,7 @@ def _check_monitors(
     """Refuse a watched name the run never produces (``early_stopping``'s ``monitor``,
     ``keep_best.monitor``) before training, naming where it was configured; ``fit``
     checks the same for callers in Python."""
-    from bz.plugins._entries import entry_paths
+    from bz.plugins._entries import entry_paths, watching
     from bz.plugins._names import check_monitors
     from bz.training.checkpoint.best import check_monitor
 
@@ -187,7 +187,8 @@ def _check_monitors(
     validates = setup.val_loader is not None
     with _attributed_to(blamed_source(config, overrides, "plugins")):
         paths = entry_paths(run_config.plugins)  # named as structuring names them
-        check_monitors(plugins.active, names, validates=validates, paths=paths)
+        watchers = watching(plugins.active, run_config)
+        check_monitors(watchers, names, validates=validates, paths=paths)
     with _attributed_to(blamed_source(config, overrides, "keep_best")):
         check_monitor(run_config.keep_best, names, validates=validates)
 

@@ -131,7 +131,7 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     from bz.metrics import build_metrics
     from bz.plugins._entries import entry_paths
     from bz.plugins._loader import check_plugin_options
-    from bz.plugins._names import check_monitors
+    from bz.plugins._names import ConfiguredOptions, check_monitors
     from bz.training.checkpoint.best import check_monitor
 
     file = find_config_file(config_path)
@@ -159,7 +159,10 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     # config's metrics gives is reported, as `bz train` would refuse it, but not fatal.
     for check in (
         functools.partial(
-            check_monitors, _Configured.all(options), metrics, paths=entry_paths(config.plugins)
+            check_monitors,
+            [ConfiguredOptions(name, checked) for name, checked in options.items()],
+            metrics,
+            paths=entry_paths(config.plugins),
         ),
         functools.partial(check_monitor, config.keep_best, metrics, validates=True),
     ):
@@ -169,15 +172,3 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
             for line in exc.with_source(str(file)).render().splitlines():
                 click.echo(f"{line} (unless train.py's setup adds it)", err=True)
     click.echo(f"{file}: OK ({len(options)} plugin(s), {len(config.metrics)} metric(s))")
-
-
-class _Configured:
-    """A plugin's checked options standing in for the plugin (check-config creates none)."""
-
-    def __init__(self, name: str, config: object) -> None:
-        self.name = name
-        self.config = config
-
-    @classmethod
-    def all(cls, options: dict[str, object]) -> list[_Configured]:
-        return [cls(name, config) for name, config in options.items()]
