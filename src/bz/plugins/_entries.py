@@ -12,16 +12,16 @@ own ``load_config``, ``create`` or constructor raises about a field).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from bz._config_values import ConfigValueError
 from bz._errors import ConfigError
 
 if TYPE_CHECKING:
-    from bz.config import PluginSpec, RunConfig
+    from bz.config import PluginSpec
 
-__all__ = ["entry_paths", "named_under", "options_path", "watching"]
+__all__ = ["entry_paths", "named_under", "options_path"]
 
 
 def options_path(spec: PluginSpec) -> str:
@@ -65,31 +65,3 @@ def _under(base: str, path: str) -> str:
     if path == base or path.startswith((f"{base}.", f"{base}[")):
         return path  # named from the file already (the loader's own structuring)
     return f"{base}{path}" if path.startswith("[") else f"{base}.{path}"
-
-
-def watching(active: Iterable[object], run_config: RunConfig) -> list[object]:
-    """The plugins whose options the checks made once ``setup()`` is known read
-    (:func:`bz.plugins._names.check_monitors`): ``active``, where each of bz's own
-    plugins run in a process of their own (a proxy, holding no options) is replaced by
-    its options, structured here as its process structured them. A proxy of another
-    plugin stays: it may add the metric a name watches, so nothing is refused.
-    """
-    from bz.plugins._isolated import IsolatedPlugin
-    from bz.plugins._loader import check_plugin_options, discover
-    from bz.plugins._names import ConfiguredOptions
-
-    plugins = list(active)
-    proxies = {p.name for p in plugins if isinstance(p, IsolatedPlugin)}
-    if not proxies:
-        return plugins
-    discovery = discover()
-    own = [
-        spec
-        for spec in run_config.plugins
-        if spec.name in proxies
-        and spec.name in discovery.sources
-        and discovery.sources[spec.name].module.startswith("bz.plugins.")
-    ]
-    options, _ = check_plugin_options(own, run_config, discovery=discovery)
-    kept = [p for p in plugins if not (isinstance(p, IsolatedPlugin) and p.name in options)]
-    return [*kept, *(ConfiguredOptions(name, config) for name, config in options.items())]
