@@ -262,7 +262,14 @@ def _prepare(
         plugins = load_plugins(run_config.plugins, run_config)
     _tell_supervisor(plugins)
     # An unusable device, or a precision it cannot do, is reported before setup() runs.
-    check_precision(run_config.precision, resolve_device(run_config.device))
+    try:
+        device = resolve_device(run_config.device)
+    except UsageError as exc:
+        source = (
+            "the command line" if overrides and "device" in overrides else config_source(config)
+        )
+        raise UsageError(f"{source}: {exc}" if source else str(exc)) from None
+    check_precision(run_config.precision, device)
     if (
         run_config.checkpoint_interval > 0
         or run_config.checkpoint_every_steps is not None
