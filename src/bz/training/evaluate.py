@@ -73,7 +73,7 @@ class ValidationPass:
         if watcher is not None:
             watcher.validation_batch_started(index, batch)
         loss, outputs, predictions, targets, samples = self.computed(batch)
-        totals.add(loss.detach(), samples)
+        totals.add(loss, samples)
         if metrics.active:
             metrics.update(for_metrics(predictions, self.precision), targets)
         if watcher is not None:

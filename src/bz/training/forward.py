@@ -44,6 +44,8 @@ class Forward:
     """``pairs``, ``mapping`` or ``step`` (for messages and tests)."""
     prepare: Callable[[Any], Any]
     compute: Callable[[torch.nn.Module, Any], Computed]
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    """The setup's ``loss_fn`` for ``pairs`` (the training step inlines ``compute``)."""
 
 
 def forward_for(setup: TrainingSetup, loader: str, *, metrics: bool) -> Forward:
@@ -71,7 +73,7 @@ def forward_for(setup: TrainingSetup, loader: str, *, metrics: bool) -> Forward:
                 samples = samples_of_pair(inputs, targets, loader)
             return loss_fn(outputs, targets), outputs, outputs, targets, samples
 
-        return Forward("pairs", prepare, compute)
+        return Forward("pairs", prepare, compute, loss_fn)
     return Forward("mapping", _same, _mapping_compute(loader, metrics))
 
 
