@@ -33,7 +33,8 @@ from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
 from bz.training.device import samples_of_pair, to_device
 from bz.training.evaluate import ValidationPass, for_metrics
-from bz.training.gradients import clip_norm, gradient_accumulators, total_norm, whole
+from bz.training.forward import explain_backward
+from bz.training.gradients import clip_norm, gradient_accumulators, group_size, total_norm, whole
 from bz.training.guards import check_step
 from bz.training.position import epoch_batches
 from bz.training.result import EpochRecord
@@ -284,7 +285,11 @@ class EpochLoop(RunParts):
         else:
             with autocast():
                 loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
-        _backward(loss)
+        try:
+            _backward(loss)
+        except RuntimeError:
+            explain_backward(forward, loss)
+            raise
         ctx.outputs, ctx.loss = outputs, loss
         if implemented["after_backward"]:
             self._call("after_backward")
@@ -338,7 +343,8 @@ class EpochLoop(RunParts):
         micro = state.micro
         if micro == 0:
             self.setup.optimizer.zero_grad(set_to_none=True)
-        group = self._group_size(index)
+        batches = self.context.training_batches_per_epoch
+        group = group_size(self.accumulate, batches, index, self.state.micro)
         steps = micro + 1 == group
         # Batches that do not step add their gradients locally; the one that steps
         # makes DDP average the group's sum over the processes.
@@ -378,7 +384,11 @@ class EpochLoop(RunParts):
         scaled = loss if group == 1 else loss / group
         scaler = self.precision.scaler
         # torch.autograd.backward is what Tensor.backward calls (and it is typed).
-        _backward(scaled if scaler is None else scaler.scale(scaled))
+        try:
+            _backward(scaled if scaler is None else scaler.scale(scaled))
+        except RuntimeError:
+            explain_backward(forward, loss)
+            raise
         return computed
 
     def _check_finite(self, loss: torch.Tensor | None, norm: torch.Tensor | None) -> None:
@@ -390,17 +400,6 @@ class EpochLoop(RunParts):
             batch_index=self.state.batch_index,
             across_processes=self.topology.distributed,
         )
-
-    def _group_size(self, index: int) -> int:
-        """Batches in the accumulation group of batch ``index``; an epoch's last group may
-        be shorter (when the loader has a length), and its loss is scaled by its size."""
-        accumulate = self.accumulate
-        if accumulate == 1:
-            return 1
-        batches = self.context.training_batches_per_epoch
-        if batches is None:
-            return accumulate
-        return min(accumulate, batches - index + self.state.micro)
 
     def _optimizer_step(self, loss: torch.Tensor | None = None) -> None:
         """Unscale, clip, (``check_finite: "step"``), ``before_optimizer_step``, step: once

@@ -189,6 +189,14 @@ def check_scalar(loss: torch.Tensor, what: str, where: str = "") -> None:
         )
 
 
+def explain_backward(forward: Forward, loss: torch.Tensor) -> None:
+    """After backward raised: a pairs loss that is not one number, or has no graph, is
+    the setup's ``loss_fn``'s fault (torch's own message names only torch's file). The
+    other ways check each loss before backward; this one would pay for that per batch."""
+    if forward.loss_fn is not None:
+        check_scalar(loss, "loss_fn")
+
+
 def defined_at(function: object) -> str:
     """``file:line: `` where ``function`` is defined (empty for other callables)."""
     code = getattr(inspect.unwrap(function), "__code__", None)  # type: ignore[arg-type]  # any callable

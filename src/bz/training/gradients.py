@@ -11,6 +11,17 @@ if TYPE_CHECKING:
     from bz.config import GradientClip, RunConfig
 
 
+def group_size(accumulate: int, batches: int | None, index: int, micro: int) -> int:
+    """Batches in the accumulation group of batch ``index`` (``micro`` of the group
+    done): an epoch's last group may be shorter when the loader has a length
+    (``batches``), and its loss is scaled by its size."""
+    if accumulate == 1:
+        return 1
+    if batches is None:
+        return accumulate
+    return min(accumulate, batches - index + micro)
+
+
 def gradient_accumulators(model: torch.nn.Module, config: RunConfig) -> list[object]:
     """The autograd node that adds into each trainable parameter's ``.grad``.
 
