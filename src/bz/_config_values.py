@@ -161,7 +161,13 @@ def parse_seconds(value: object) -> Seconds:
         if match is None:
             raise ValueError(f'expected seconds or "HH:MM:SS", got {quote_value(value)}')
         days, hours, minutes, seconds = match.groups()
-        total = ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60 + float(seconds)
+        whole = ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60
+        try:
+            total = whole + float(seconds)
+        except OverflowError:  # more days than a float holds
+            raise ValueError(
+                "expected a finite number of seconds, got more days than that"
+            ) from None
         return Seconds(total)
     raise TypeError(f'expected seconds or "HH:MM:SS", got {quote_value(value)}')
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableSequence, Sequence
 from typing import Any, Literal, TypeVar
@@ -362,6 +363,11 @@ def check_depth(data: Any, path: str = "") -> None:
 def too_deep_message() -> str:
     """What a JSON reader that ran out of recursion reports (see ``MAX_DEPTH``)."""
     return f"nested deeper than {MAX_DEPTH} levels"
+
+
+def too_long_number_message() -> str:
+    """What a JSON reader reports for an integer longer than Python converts."""
+    return f"invalid JSON: a number with more than {sys.get_int_max_str_digits()} digits"
 
 
 def structure(data: Any, cls: type[T], path: str = "") -> T:

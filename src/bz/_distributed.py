@@ -31,6 +31,11 @@ Backend = Literal["auto", "gloo", "nccl"]
 
 _log = get_logger("bz")
 
+LONGEST_COLLECTIVE_WAIT_S = 10 * 365 * 86400.0
+"""The longest ``distributed.timeout`` bz passes on (ten years): torch holds the timeout
+as 64-bit milli/nanoseconds, and ``timedelta.max`` (or anything over ~292 years) wraps
+to a negative wait that fails the first connection at once."""
+
 _PR_SET_PDEATHSIG = 1
 """prctl(2): the signal this process gets when its parent dies."""
 
@@ -102,7 +107,7 @@ def join(topology: Topology, backend: str, timeout_s: float) -> bool:
         backend=backend,
         rank=topology.rank,
         world_size=topology.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=collective_timeout(timeout_s),
     )
     _log.info(
         "process_group_joined",
@@ -111,6 +116,12 @@ def join(topology: Topology, backend: str, timeout_s: float) -> bool:
         backend=backend,
     )
     return True
+
+
+def collective_timeout(seconds: float) -> datetime.timedelta:
+    """``distributed.timeout`` as torch takes it: a larger value (``1e15``, Infinity)
+    waits ten years, which is as good as no limit, instead of overflowing."""
+    return datetime.timedelta(seconds=min(seconds, LONGEST_COLLECTIVE_WAIT_S))
 
 
 def _stop_with_launcher() -> None:

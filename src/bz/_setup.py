@@ -87,6 +87,19 @@ def _is_callable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) ->
         raise UsageError(
             f"TrainingSetup: {attribute.name} must be callable, got {type(value).__name__}"
         )
+    if isinstance(value, type) and _is_module_class(value):
+        # nn.CrossEntropyLoss without its (): calling it builds a module from the
+        # outputs and targets, and fails inside torch with nothing of the user's named.
+        raise UsageError(
+            f"TrainingSetup: {attribute.name} is the class {value.__name__}, not a "
+            f"function: pass an instance, {attribute.name}={value.__name__}()"
+        )
+
+
+def _is_module_class(value: type) -> bool:
+    import torch
+
+    return issubclass(value, torch.nn.Module)
 
 
 def _is_iterable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -205,7 +218,8 @@ def missing_script_hint(train_script: str) -> str:
 def load_setup_function(path: Path, train_script: str = DEFAULT_TRAIN_SCRIPT) -> SetupFunction:
     """Import ``path`` (``train_script`` as the config gives it) and return its ``setup``."""
     if not path.is_file():
-        raise UsageError(f"{path}: file not found ({missing_script_hint(train_script)})")
+        problem = "a folder, not a file" if path.is_dir() else "file not found"
+        raise UsageError(f"{path}: {problem} ({missing_script_hint(train_script)})")
     # A name that is the same in every process (str hashes are salted per process):
     # the run signature names train.py's functions by it.
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]

@@ -56,6 +56,8 @@ PLUGIN, HOOK, OUTCOME, NAMES_LENGTH, BEAT, TIMEOUT_MS = 0, 1, 2, 3, 4, 5
 number (1-based) running now, the exit code + 1 once finished (0: not finished), the
 length of the names' JSON, the ``plugin_timeout`` watchdog's heartbeat and its timeout
 in milliseconds (0: not watching)."""
+TIMEOUT_CAP_S = 0x7FFFFFFF // 1000
+"""The longest ``plugin_timeout`` the block holds (its int32 slot, in ms): about 24.8 days."""
 NAMES_OFFSET = 64
 """Where the names' JSON starts (bytes)."""
 
@@ -121,7 +123,8 @@ def heartbeat(seconds: float | None) -> None:
     and the watchdog's own escalation have had their time."""
     if _block is None:
         return
-    where[TIMEOUT_MS] = 0 if seconds is None else max(1, int(seconds * 1000))
+    # An int32 slot: a timeout past about 24.8 days (or infinite) is stored as that.
+    where[TIMEOUT_MS] = 0 if seconds is None else max(1, int(min(seconds, TIMEOUT_CAP_S) * 1000))
     where[BEAT] = (where[BEAT] + 1) & 0x3FFFFFFF
 
 

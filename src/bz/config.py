@@ -30,7 +30,7 @@ from bz._config_values import (
     metric_specs,
     plugin_specs,
 )
-from bz._converter import structure, too_deep_message, unstructure
+from bz._converter import structure, too_deep_message, too_long_number_message, unstructure
 from bz._errors import ConfigError
 from bz._typecheck import check_field_types
 
@@ -301,6 +301,23 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(DEFAULT_CONFIG_FILE)
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python's JSON keeps the last of two equal keys; an edit that added "epochs" again
+    # would then silently overrule (or be overruled by) the first.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
 def read_json(path: Path) -> Any:
     """Parse a JSON file, turning every failure into a one-line ConfigError."""
     try:
@@ -313,7 +330,10 @@ def read_json(path: Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError([("", "not UTF-8 text")], str(path)) from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        message = f"invalid JSON: {json.dumps(exc.key)} is given twice in one object"
+        raise ConfigError([("", message)], str(path)) from None
     except RecursionError:  # the parser recurses per level: far past MAX_DEPTH
         raise ConfigError([("", too_deep_message())], str(path)) from None
     except json.JSONDecodeError as exc:
@@ -321,6 +341,8 @@ def read_json(path: Path) -> Any:
             [("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")],
             str(path),
         ) from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError([("", too_long_number_message())], str(path)) from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> RunConfig:

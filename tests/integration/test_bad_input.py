@@ -1,6 +1,6 @@
 """Bad input before training is one line and exit 2; silent bad runs are stopped.
 
-``bz check-config`` on plugins that cannot be imported or created, seeds torch cannot
+``bz check-config`` on plugins that cannot be imported or configured, seeds torch cannot
 take, a model on the meta device, an unusable ``--device`` (found before ``setup()``
 runs), a bad config with ``--nproc-per-node`` (found once, before any process starts),
 an empty training loader; a non-finite training loss (exit 1, naming the epoch, or with

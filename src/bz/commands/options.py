@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from bz import _stdio
-from bz._converter import too_deep_message
+from bz._converter import too_deep_message, too_long_number_message
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,6 +89,10 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value = raw  # a bare word is a string: --set device=cpu
     except RecursionError:  # the parser recurses per level: far past MAX_DEPTH
         raise click.BadParameter(f"{key}: {too_deep_message()}", param_hint="--set") from None
+    except ValueError:  # an integer longer than Python converts
+        raise click.BadParameter(
+            f"{key}: {too_long_number_message()}", param_hint="--set"
+        ) from None
     return key, value
 
 

@@ -88,7 +88,7 @@ def read_run_log(path: Path) -> RunHistory:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON (or a number longer than Python reads)
             unreadable += 1
             continue
         if not isinstance(record, dict):
@@ -306,5 +306,12 @@ def report_command(run_dirs: Sequence[str], output: Path | None, no_plot: bool) 
     if not plots_available():
         click.echo(f"bz: {PLOTS_HINT}", err=True)
         return
-    written = plot_runs(runs, output or _default_output(runs))
+    target = output or _default_output(runs)
+    try:
+        written = plot_runs(runs, target)
+    except OSError as exc:  # a read-only run folder, a file where a folder should be
+        raise UsageError(
+            f"{exc.filename or target}: cannot write the plot: {exc.strerror} "
+            "(-o PATH writes it elsewhere, --no-plot skips it)"
+        ) from None
     click.echo(f"wrote {written}")

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import click
 
+from bz._errors import UsageError
 from bz._options import object_schema, type_schema
 from bz.config import MetricSpec, PluginSpec, RunConfig
 
@@ -181,5 +182,8 @@ def config_schema(output: str | None) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
-    Path(output).write_text(text, encoding="utf-8")
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as exc:  # a missing folder, a read-only place
+        raise UsageError(f"{output}: cannot write the schema: {exc.strerror}") from None
     click.echo(f"wrote {output}", err=True)

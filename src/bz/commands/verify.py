@@ -141,7 +141,8 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
         raise UsageError("\n".join(f"{file}: {fault.describe()}" for fault in faults))
     if not script.is_file():
         raise UsageError(
-            f"{file}: train_script: {script} does not exist "
+            f"{file}: train_script: {script} "
+            f"{'is a folder, not a file' if script.is_dir() else 'does not exist'} "
             f"({missing_script_hint(config.train_script)})"
         )
     # train.py's setup may add metrics of its own, and decides whether there is

@@ -166,6 +166,11 @@ def config_class(factory: object) -> type | None:
 
 def check_plugin(name: str, plugin: object) -> tuple[str, ...]:
     """Validate a created plugin; return its hooks. Raises ``TypeError`` on a bad plugin."""
+    if isinstance(plugin, type):  # fit(plugins=[MyPlugin]): every hook would lack self
+        raise TypeError(
+            f"{plugin.__name__} is a class, not a plugin object: pass an instance, "
+            f"{plugin.__name__}()"
+        )
     if not isinstance(plugin, NamedPlugin) or not isinstance(getattr(plugin, "name", None), str):
         raise TypeError(
             f"{type(plugin).__name__} is not a plugin: a plugin needs a `name: str` attribute"

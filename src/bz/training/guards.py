@@ -43,7 +43,15 @@ def check_batches(batches_per_epoch: int | None) -> None:
 def check_epoch_loss(record: EpochRecord, batches: int) -> None:
     """Stop the run after an epoch without batches or with a non-finite training loss."""
     if batches == 0:
-        raise UsageError(f"train_loader yielded no batches in epoch {record.epoch}")
+        # Numbered from 1, as below; an iterator (a generator) is used up after one epoch.
+        raise UsageError(
+            f"train_loader yielded no batches in epoch {record.epoch + 1}"
+            + (
+                " (an iterator is used up after one epoch: pass a DataLoader or a list)"
+                if record.epoch
+                else ""
+            )
+        )
     if not math.isfinite(record.training_loss):
         raise NonFiniteLoss(
             # Epochs numbered from 1, as the console, the step check and checkpoints do.

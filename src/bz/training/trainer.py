@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,9 +74,24 @@ class Trainer:
         :class:`~bz.TrainingInterrupted`.
         """
         config = config or RunConfig()
+        _check_arguments(config, plugins)
         if config.seed is not None:
             seed_everything(config.seed)
         return fit_seeded(setup, config, plugins, metrics=metrics, checkpoint_dir=checkpoint_dir)
+
+
+def _check_arguments(config: object, plugins: object) -> None:
+    """What a host passes by mistake (a dict for the config, one plugin unlisted) is a
+    ``TypeError`` naming the argument, not an ``AttributeError`` from inside bz."""
+    if not isinstance(config, RunConfig):
+        raise TypeError(
+            f"fit: config must be a bz.RunConfig, got {type(config).__name__} "
+            "(RunConfig(**options) takes what bzconfig.json does)"
+        )
+    if isinstance(plugins, (str, bytes)) or not isinstance(plugins, (Iterable, PluginSet)):
+        raise TypeError(
+            f"fit: plugins must be a list of plugin objects, got {type(plugins).__name__}"
+        )
 
 
 def fit_seeded(

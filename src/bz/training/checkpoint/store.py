@@ -110,11 +110,18 @@ class _HashingWriter:
         self.file = file
         self.digest = new_hasher(HASH)
         self.size = 0
+        self.error: OSError | None = None
+        """The first write the file refused (a full disk): torch.save reports it only as
+        its own "unexpected pos" RuntimeError."""
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
         self.size += len(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
 
     def flush(self) -> None:
         self.file.flush()
@@ -136,15 +143,18 @@ def _tmp_name(path: Path) -> Path:
 def write_tmp(path: Path, write: Callable[[_HashingWriter], None]) -> tuple[Path, int, str]:
     """Write a temporary file beside ``path``, flushed and fsynced; its size and checksum."""
     tmp = _tmp_name(path)
+    writer: _HashingWriter | None = None
     try:
         with open(tmp, "wb") as file:
             writer = _HashingWriter(file)
             write(writer)
             file.flush()
             os.fsync(file.fileno())
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if writer is not None and writer.error is not None and exc is not writer.error:
+            raise writer.error from None  # "No space left on device", not torch's words
         raise
     return tmp, writer.size, writer.digest.hexdigest()
 

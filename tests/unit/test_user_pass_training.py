@@ -1,0 +1,105 @@
+"""What a user's ``setup()`` gets wrong, found by using bz as shipped."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+from tests._support import tiny_setup
+from torch import nn
+
+import bz
+from bz.config import RunConfig
+from bz.plugins import Plugin, PluginContext
+
+
+def test_a_generator_train_loader_is_named_used_up_in_the_epoch_the_console_shows() -> None:
+    # The console and the checkpoints number epochs from 1: the second epoch, the one
+    # the generator had nothing left for, is epoch 2 (this said "epoch 1").
+    setup = tiny_setup()
+    one_pass = (batch for batch in list(setup.train_loader))
+    setup = bz.TrainingSetup(
+        model=setup.model,
+        loss_fn=setup.loss_fn,
+        optimizer=setup.optimizer,
+        train_loader=one_pass,
+    )
+    with pytest.raises(bz.UsageError, match=r"no batches in epoch 2 \(an iterator is used up"):
+        bz.Trainer().fit(setup, RunConfig(epochs=2, device="cpu", plugins=()), [])
+
+
+def test_a_loader_empty_from_the_start_is_refused_without_the_iterator_hint() -> None:
+    setup = tiny_setup()
+    nothing: list[Any] = []
+    setup = bz.TrainingSetup(
+        model=setup.model,
+        loss_fn=setup.loss_fn,
+        optimizer=setup.optimizer,
+        train_loader=(batch for batch in nothing),
+    )
+    with pytest.raises(bz.UsageError, match=r"no batches in epoch 1$"):
+        bz.Trainer().fit(setup, RunConfig(epochs=2, device="cpu", plugins=()), [])
+
+
+@pytest.mark.parametrize("field", ["loss_fn", "step"])
+def test_a_loss_module_class_without_its_parentheses_is_refused_naming_the_fix(field: str) -> None:
+    # Was a RuntimeError deep inside torch ("Boolean value of Tensor with more than one
+    # value is ambiguous", named at torch/nn/_reduction.py) at the first batch.
+    setup = tiny_setup()
+    with pytest.raises(
+        bz.UsageError,
+        match=rf"{field} is the class CrossEntropyLoss.*"
+        rf"{field}=CrossEntropyLoss\(\)",
+    ):
+        bz.TrainingSetup(
+            model=setup.model,
+            optimizer=setup.optimizer,
+            train_loader=setup.train_loader,
+            **{field: cast("Any", nn.CrossEntropyLoss)},
+        )
+
+
+def test_a_plain_function_or_a_loss_module_is_still_a_loss_fn() -> None:
+    setup = tiny_setup()
+    for loss_fn in (nn.functional.cross_entropy, nn.CrossEntropyLoss()):
+        built = bz.TrainingSetup(
+            model=setup.model,
+            loss_fn=loss_fn,
+            optimizer=setup.optimizer,
+            train_loader=setup.train_loader,
+        )
+        assert built.loss_fn is loss_fn
+
+
+class _Noted(Plugin):
+    name = "noted"
+
+    def end_epoch(self, context: PluginContext) -> None:
+        self.logger.info("epoch_done", loss=context.training_loss)
+
+
+def test_a_plugin_class_passed_to_fit_instead_of_an_instance_is_named_as_such() -> None:
+    # Was one fault listing every hook: "start_training_session(self, context) cannot
+    # be called as start_training_session(context); load_checkpoint(...) ...".
+    config = RunConfig(epochs=1, device="cpu", plugins=(), plugin_errors="raise")
+    with pytest.raises(
+        bz.PluginFailure,
+        match=r"_Noted is a class, not a plugin object: "
+        r"pass an instance, _Noted\(\)",
+    ):
+        bz.Trainer().fit(tiny_setup(), config, [cast("Any", _Noted)])
+
+
+@pytest.mark.parametrize(
+    ("config", "plugins", "message"),
+    [
+        ({"epochs": 1}, [], r"fit: config must be a bz.RunConfig, got dict"),
+        (None, _Noted(), r"fit: plugins must be a list of plugin objects, got _Noted"),
+        (None, "console_out", r"fit: plugins must be a list of plugin objects, got str"),
+    ],
+)
+def test_fit_names_an_argument_of_the_wrong_kind(config: Any, plugins: Any, message: str) -> None:
+    # Were AttributeError: 'dict' object has no attribute 'seed', TypeError: '_Noted'
+    # object is not iterable, and a fault per character of "console_out".
+    with pytest.raises(TypeError, match=message):
+        bz.Trainer().fit(tiny_setup(), config, plugins)
