@@ -4,6 +4,8 @@
 #
 # torch is installed first, pinned, so that pip does not pull a multi-GB CUDA build
 # when a CPU build is at hand. Choose another build with e.g. `make TORCH="torch==2.5.1"`.
+# --no-compile: pip would byte-compile all ~20,000 installed .py files (about a minute
+# of CPU); Python compiles the few thousand a run imports the first time it imports them.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,6 +14,7 @@ BIN    := $(VENV)/bin
 # Test processes (pytest-xdist), a test file each: most slow tests wait on subprocesses,
 # so two share two cores well. `make check JOBS=0` runs the tests in one process.
 JOBS   ?= 2
+PIP    := $(BIN)/python -m pip install --quiet --no-compile
 PYTEST := $(BIN)/pytest $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile)
 
 .PHONY: demo check quick lint typecheck test bench clean
@@ -22,15 +25,15 @@ $(BIN)/python:
 
 # Stamp files make repeated runs cheap; they are redone when pyproject.toml changes.
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(PIP) "$(TORCH)"
 	touch $@
 
 $(VENV)/.examples: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install --quiet -e ".[examples]"
+	$(PIP) -e ".[examples]"
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(PIP) -e ".[dev]"
 	touch $@ $(VENV)/.examples
 
 demo: $(VENV)/.examples

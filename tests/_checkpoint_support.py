@@ -14,7 +14,9 @@ the environment says, at the store's own seams (no knowledge of the loop needed)
 
 The kill tests start those subprocesses with :func:`start_child` / :func:`run_child`
 and compare the final checkpoints with :func:`final_state`; :func:`train_each` trains
-several projects in one process (the clean reference runs, which nothing interrupts).
+several projects in one process (the clean reference runs, which nothing interrupts);
+:func:`train_here` resumes a killed run in the test's own process (it reads only what
+the killed process left on disk, so an interpreter of its own adds nothing).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = [
     "run_child",
     "start_child",
     "train_each",
+    "train_here",
 ]
 
 
@@ -107,6 +110,21 @@ def final_state(folder: Path, epochs: int) -> dict[str, torch.Tensor]:
         for key, value in per_param.items():
             state[f"optimizer.{index}.{key}"] = value
     return state
+
+
+def train_here(folder: Path, *args: str) -> tuple[int, str]:
+    """``bz train --log-format json ARGS`` in ``folder``, run by this process (click's
+    runner, no supervisor, no faults): its exit code and output, as :func:`run_child`."""
+    import pytest
+    from click.testing import CliRunner
+
+    from bz.commands import cli
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("BZ_CONFIG", raising=False)
+        result = CliRunner().invoke(cli, ["train", "--log-format", "json", *args])
+    return result.exit_code, result.stdout + result.stderr
 
 
 EXIT_CODE_FILE = "exit-code"

@@ -97,6 +97,23 @@ def training_position(exc: BaseException) -> str | None:
     return position if isinstance(position, str) else None
 
 
+_VALIDATION_ATTRIBUTE = "_bz_validation_batch"
+
+
+def add_validation_context(exc: BaseException, *, batch: int) -> None:
+    """Attach the validation batch (its index in ``val_loader``, from 0) whose loading or
+    computing raised ``exc`` (``bz validate``), without changing its type."""
+    exc.add_note(f"bz: validation failed at batch index {batch} of val_loader")
+    with contextlib.suppress(AttributeError):  # an exception type that refuses attributes
+        setattr(exc, _VALIDATION_ATTRIBUTE, batch)
+
+
+def validation_batch(exc: BaseException) -> int | None:
+    """The validation batch index :func:`add_validation_context` attached, if any."""
+    batch = getattr(exc, _VALIDATION_ATTRIBUTE, None)
+    return batch if isinstance(batch, int) else None
+
+
 def training_context(exc: BaseException) -> str | None:
     """``training failed at epoch E, step S`` when bz attached it to ``exc``, else None."""
     position = training_position(exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -179,15 +179,46 @@ def _check_monitors(
     """Refuse a watched name the run never produces (``early_stopping``'s ``monitor``,
     ``keep_best.monitor``) before training, naming where it was configured; ``fit``
     checks the same for callers in Python."""
+    from bz.plugins._entries import entry_paths
     from bz.plugins._names import check_monitors
     from bz.training.checkpoint.best import check_monitor
 
     names = [*metrics, *setup.metrics]
     validates = setup.val_loader is not None
     with _attributed_to(blamed_source(config, overrides, "plugins")):
-        check_monitors(plugins.active, names, validates=validates)
+        paths = entry_paths(run_config.plugins)  # named as structuring names them
+        watchers = _watching(plugins.active, run_config)
+        check_monitors(watchers, names, validates=validates, paths=paths)
     with _attributed_to(blamed_source(config, overrides, "keep_best")):
         check_monitor(run_config.keep_best, names, validates=validates)
+
+
+def _watching(active: Iterable[object], run_config: RunConfig) -> list[object]:
+    """The plugins whose options the checks made once ``setup()`` is known read
+    (:func:`bz.plugins._names.check_monitors`): ``active``, where each of bz's own
+    plugins run in a process of their own (a proxy, holding no options) is replaced by
+    its options, structured here as its process structured them. A proxy of another
+    plugin stays: it may add the metric a name watches, so nothing is refused.
+    """
+    from bz.plugins._isolated import IsolatedPlugin
+    from bz.plugins._loader import check_plugin_options, discover
+    from bz.plugins._names import ConfiguredOptions
+
+    plugins = list(active)
+    proxies = {p.name for p in plugins if isinstance(p, IsolatedPlugin)}
+    if not proxies:
+        return plugins
+    discovery = discover()
+    own = [
+        spec
+        for spec in run_config.plugins
+        if spec.name in proxies
+        and spec.name in discovery.sources
+        and discovery.sources[spec.name].module.startswith("bz.plugins.")
+    ]
+    options, _ = check_plugin_options(own, run_config, discovery=discovery)
+    kept = [p for p in plugins if not (isinstance(p, IsolatedPlugin) and p.name in options)]
+    return [*kept, *(ConfiguredOptions(name, config) for name, config in options.items())]
 
 
 class _Prepared(NamedTuple):
@@ -231,7 +262,14 @@ def _prepare(
         plugins = load_plugins(run_config.plugins, run_config)
     _tell_supervisor(plugins)
     # An unusable device, or a precision it cannot do, is reported before setup() runs.
-    check_precision(run_config.precision, resolve_device(run_config.device))
+    try:
+        device = resolve_device(run_config.device)
+    except UsageError as exc:
+        source = (
+            "the command line" if overrides and "device" in overrides else config_source(config)
+        )
+        raise UsageError(f"{source}: {exc}" if source else str(exc)) from None
+    check_precision(run_config.precision, device)
     if (
         run_config.checkpoint_interval > 0
         or run_config.checkpoint_every_steps is not None

@@ -199,7 +199,7 @@ def tune(
 
     run_config, base = config_and_base(config, overrides, base_dir)
     source = None if isinstance(config, RunConfig) else str(find_config_file(config))
-    settings, space, _ = search_settings(run_config, source)
+    settings, space, entry = search_settings(run_config, source)
     settings = attrs.evolve(
         settings,
         n_trials=n_trials if n_trials is not None else settings.n_trials,
@@ -245,6 +245,8 @@ def tune(
                 plugin_errors=plugin_errors,
                 base_dir=base,
             )
+        except ConfigError as exc:  # the plugins' checks in run(): named from the file
+            raise (exc.with_source(source) if source and exc.source is None else exc) from None
         except UsageError:
             raise
         except Exception as exc:
@@ -267,9 +269,10 @@ def tune(
             available = ["training_loss", "validation_loss"]
             if final is not None:
                 available += [*final.validation_metrics, *final.training_metrics]
+            where = f"{source}: " if source else ""
             raise UsageError(
-                f"optuna.monitor {settings.monitor!r} was never produced by the run "
-                f"(available: {', '.join(available)})"
+                f"{where}{entry}.monitor: {settings.monitor!r} was never produced by the run "
+                f"(available: {', '.join(dict.fromkeys(available))})"
             )
         pick = min if settings.direction == "minimize" else max
         value = pick(history) if settings.objective == "best" else history[-1]

@@ -51,6 +51,7 @@ def validate(
     from bz.metrics import build_metrics
     from bz.plugins.ema import load_average, validates_with_average
     from bz.training.checkpoint.files import (
+        STATE_FILE,
         UnreadableCheckpoint,
         read_checkpoint,
         read_entry,
@@ -72,6 +73,11 @@ def validate(
     signature = run_signature(setup, run_config)
     if checkpoint is not None:
         path = Path(checkpoint)
+        if path.is_dir() and not (path / STATE_FILE).is_file():
+            raise UsageError(
+                f"{path}: a folder that holds no sharded checkpoint (no {STATE_FILE} in it); "
+                "pass a checkpoint file, model.pt, or a sharded checkpoint's .dcp folder"
+            )
         verified = read_entry(path) is not None
         if not verified:
             _log.warning(

@@ -189,7 +189,21 @@ def test_an_unusable_device_is_found_before_setup_runs(
     config = _project(tmp_path, _MARKER_TRAIN_PY)
     result, _ = _bz("train", "--config", str(config), "--device", "cuda:7")
     assert result.exit_code == 2
-    assert "cuda:7" in _one_error_line(result)
+    line = _one_error_line(result)
+    assert line.startswith("bz: error: the command line: device 'cuda:7' requested"), line
+    assert not (tmp_path / "setup-ran").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="the machine has a cuda:7")
+def test_an_unusable_device_in_the_file_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = _project(tmp_path, _MARKER_TRAIN_PY, device="cuda:7")
+    result, _ = _bz("train", "--config", str(config))
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert line.startswith(f"bz: error: {config}: device 'cuda:7' requested"), line
     assert not (tmp_path / "setup-ran").exists()
 
 

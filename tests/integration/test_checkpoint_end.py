@@ -1,10 +1,11 @@
-"""The end of a run, neighbours, junk and full disks, in real ``bz`` subprocesses.
+"""The end of a run, neighbours, junk and full disks: ``bz`` as a user runs it.
 
 Each test drives ``bz train`` / ``bz validate`` as a user would and checks what they
 would notice: the exit code, one clear line, and above all the weights — compared with
-``torch.equal`` against a run that nothing happened to. The runs that are killed,
-interrupted or resumed are real processes; ``bz validate`` and ``bz train`` on a finished
-run, which look at what those left on disk, run in the test's process (:func:`here`).
+``torch.equal`` against a run that nothing happened to (a process of its own). The runs
+that are killed, interrupted or made to fail a write are real processes; what comes after
+them reads only what they left on disk (``bz validate``, the resumed or rebuilding ``bz
+train``), so it runs in the test's process (:func:`here`, :func:`train_here`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,12 @@ def here(folder: Path, *args: str) -> Done:
     return Done(result.exit_code, result.stdout, result.stderr)
 
 
+def train_here(folder: Path, *args: str) -> Done:
+    """``bz train --log-format json ARGS`` in this process (:func:`here`): a run nothing
+    interrupts, or one that goes on from (or rebuilds from) what another left on disk."""
+    return here(folder, "train", "--log-format", "json", *args)
+
+
 def validate(folder: Path) -> Done:
     return here(folder, "validate", "--json")
 
@@ -195,7 +202,7 @@ def test_killed_at_the_end_then_train_and_validate_give_the_weights_it_ended_wit
     folder = _project(tmp_path / "run", [RESTORES])
     train(folder, **END_OF_RUN[stage]).expect(TRAINING_DIED)
 
-    again = train(folder).expect(0)
+    again = train_here(folder).expect(0)
     final = run_dir(folder) / FINAL_MODEL
     assert_same_weights(model_weights(final), expected)
     report = json.loads(validate(folder).expect(0).stdout)
@@ -218,7 +225,7 @@ def test_killed_before_model_pt_validate_refuses_to_guess_until_train_rebuilds_i
     refused = validate(folder).expect(2)
     assert refused.stderr.count("\n") == 1
     assert "run `bz train` to rebuild them" in refused.stderr
-    rebuilt = bz(folder, "train").expect(0)  # console output this time
+    rebuilt = here(folder, "train").expect(0)  # console output this time
     assert "its final weights were rebuilt from" in rebuilt.stderr
     assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), expected)
 
@@ -231,7 +238,7 @@ def test_a_run_stopped_early_and_killed_at_its_end_keeps_its_restored_weights(
     assert len(clean.events("early_stopping_restored")) == 1
     folder = _project(tmp_path / "run", [STOPS])
     train(folder, BZ_TEST_KILL_BEFORE=name).expect(TRAINING_DIED)
-    again = train(folder).expect(0)
+    again = train_here(folder).expect(0)
     assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), expected)
     report = json.loads(validate(folder).expect(0).stdout)
     assert report["validation_loss"] == expected_report["validation_loss"]
@@ -245,16 +252,16 @@ def test_a_corrupt_or_missing_model_pt_of_a_finished_run_is_rebuilt(
 ) -> None:
     expected, _, _ = reference("restores")
     folder = _project(tmp_path / "run", [RESTORES])
-    train(folder).expect(0)
+    train_here(folder).expect(0)
     final = run_dir(folder) / FINAL_MODEL
     data = bytearray(final.read_bytes())
     data[len(data) // 2] ^= 0xFF
     final.write_bytes(bytes(data))
-    assert len(train(folder).expect(0).events("model_rebuilding")) == 1
+    assert len(train_here(folder).expect(0).events("model_rebuilding")) == 1
     assert_same_weights(model_weights(final), expected)
     final.unlink()
     sidecar(final).unlink()
-    assert len(train(folder).expect(0).events("model_rebuilding")) == 1
+    assert len(train_here(folder).expect(0).events("model_rebuilding")) == 1
     assert_same_weights(model_weights(final), expected)
 
 
@@ -265,13 +272,13 @@ def test_junk_never_pushes_out_a_good_checkpoint_and_damage_falls_back_one(
     tmp_path: Path, clean: Callable[[int], dict[str, torch.Tensor]]
 ) -> None:
     folder = _project(tmp_path / "run", keep_last=2, epochs=2)
-    train(folder).expect(0)
+    train_here(folder).expect(0)
     where = run_dir(folder)
     junk = {"epoch-0098.pt": b"junk\n", "epoch-0099.pt": b"junk\n", "notes.md": b"mine\n"}
     for name, data in junk.items():
         (where / name).write_bytes(data)
 
-    longer = train(folder, "--epochs", "4").expect(0)
+    longer = train_here(folder, "--epochs", "4").expect(0)
     assert longer.events("resumed")[0]["epoch"] == 2
     ignored = sorted(Path(e["path"]).name for e in longer.events("checkpoint_ignored"))
     assert ignored == ["epoch-0098.pt", "epoch-0099.pt"]
@@ -282,7 +289,7 @@ def test_junk_never_pushes_out_a_good_checkpoint_and_damage_falls_back_one(
     damaged = bytearray(newest.read_bytes())
     damaged[len(damaged) // 3] ^= 0x01
     newest.write_bytes(bytes(damaged))
-    last = train(folder, "--epochs", "5").expect(0)
+    last = train_here(folder, "--epochs", "5").expect(0)
     assert [Path(e["path"]).name for e in last.events("checkpoint_unreadable")] == [newest.name]
     assert last.events("resumed")[0]["epoch"] == 3
     for name, data in junk.items():
@@ -377,13 +384,13 @@ def test_an_inconsistent_checkpoint_falls_back_to_the_previous_one_with_one_line
     clean: Callable[[int], dict[str, torch.Tensor]],
 ) -> None:
     folder = _project(tmp_path / "run", epochs=2)
-    train(folder).expect(0)
+    train_here(folder).expect(0)
     newest = run_dir(folder) / "epoch-0002.pt"
     payload: dict[str, Any] = dict(read_checkpoint(newest))
     damage(payload)
     atomic_save(payload, newest)  # verified: bz's own sidecar and checksum
 
-    done = train(folder, "--epochs", "3").expect(0)
+    done = train_here(folder, "--epochs", "3").expect(0)
     (line,) = done.events("checkpoint_unusable")
     assert line["path"] == str(newest)
     assert done.events("resumed")[0]["epoch"] == 1
@@ -400,7 +407,7 @@ def test_ctrl_c_mid_epoch_then_epochs_1_labels_and_completes_it(
     at = BATCHES_PER_EPOCH + 4  # 4 batches into the second epoch
     train(folder, BZ_TEST_SIGNAL="INT", BZ_TEST_SIGNAL_AT_STEP=str(at)).expect(130)
 
-    done = train(folder, "--epochs", "1").expect(0)
+    done = train_here(folder, "--epochs", "1").expect(0)
     assert done.events("epoch_finished") == []
     (saved,) = done.events("model_saved")
     assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 4, at)
@@ -409,7 +416,7 @@ def test_ctrl_c_mid_epoch_then_epochs_1_labels_and_completes_it(
     again = here(folder, "train", "--epochs", "1").expect(0)
     assert "nothing to train" in again.stderr
     # Raising epochs again resumes from that very step, bit-identical to a clean run.
-    train(folder).expect(0)
+    train_here(folder).expect(0)
     assert_same_weights(model_weights(run_dir(folder) / FINAL_MODEL), clean(4))
 
 

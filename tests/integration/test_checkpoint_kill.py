@@ -3,7 +3,8 @@
 One seeded run is interrupted four times, each time somewhere else (points drawn from
 a seeded generator): SIGKILL in the middle of an epoch, SIGKILL halfway through writing
 a checkpoint file, SIGTERM (what a job scheduler sends) and Ctrl-C (SIGINT) after a
-step. Each restart resumes by itself.
+step. Each restart resumes by itself; the last, which nothing interrupts, runs in the
+test's process (it reads only what the killed processes left on disk).
 The final weights and optimizer state must equal those of a run never interrupted.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests._checkpoint_support import final_state, start_child
+from tests._checkpoint_support import final_state, start_child, train_here
 from tests._fault_support import BATCHES_PER_EPOCH, RESUME_TRAIN_PY
 from tests._support import TRAINING_DIED, assert_same_weights
 
@@ -83,7 +84,8 @@ def test_killed_three_ways_and_resumed_ends_bit_identical(tmp_path: Path) -> Non
     assert _events(output, "checkpoint_saved")[-1]["step"] == interrupt_step
     assert "bz: interrupted; checkpoint" in output
     # 5. Resumes where Ctrl-C stopped it and finishes.
-    output = _finish(start_child(folder), 0)
+    code, output = train_here(folder)
+    assert code == 0, output[-3000:]
     resumed = _events(output, "resumed")[0]
     assert resumed["step"] == interrupt_step, (kill_step, term_step, interrupt_step)
     assert not any(p.name.endswith(".tmp") for p in run_dir.iterdir())
@@ -109,7 +111,8 @@ def test_ema_killed_mid_epoch_resumes_to_the_same_average(tmp_path: Path) -> Non
         start_child(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_step)),
         TRAINING_DIED,
     )
-    output = _finish(start_child(folder), 0)
+    code, output = train_here(folder)
+    assert code == 0, output[-3000:]
     assert _events(output, "resumed")[0]["step"] == 8
     _finish(clean, 0)
 

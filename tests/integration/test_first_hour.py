@@ -116,7 +116,7 @@ def test_check_config_warns_of_a_monitor_nothing_produces(project: ProjectFactor
     project({"plugins": [{"early_stopping": {"monitor": "val_accuracy"}}]})
     result = bz_cli("check-config")
     assert result.exit_code == 0, result.stderr
-    assert "early_stopping: monitor: 'val_accuracy' is no value this run produces" in (
+    assert "plugins[0].early_stopping.monitor: 'val_accuracy' is no value this run produces" in (
         result.stderr
     )
 
@@ -129,7 +129,8 @@ def test_train_refuses_a_monitor_nothing_produces(project: ProjectFactory) -> No
     result = CliRunner().invoke(cli, ["train"])
     assert result.exit_code == 2
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("bz: error:")]
-    assert "monitor: 'val_acc' is no value this run produces" in line
+    # The entry as the file lists it, as a misspelled option of the plugin is named.
+    assert "bzconfig.json: plugins[1].early_stopping.monitor: 'val_acc' is no value" in line
     assert "epoch 1/" not in result.stderr  # nothing trained
 
 

@@ -165,8 +165,26 @@ def test_a_monitor_the_run_never_produces_is_a_usage_error(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     config = _project(tmp_path, monitor="f1")
-    with pytest.raises(bz.UsageError, match=r"'f1' was never produced.*available: training_loss"):
+    with pytest.raises(bz.ConfigError) as raised:
         tune(config, n_trials=1)
+    # Refused before the first trial trains, named as early_stopping's monitor is.
+    ((path, message),) = raised.value.problems
+    assert raised.value.source == str(config)
+    assert path == "plugins[1].optuna.monitor"
+    assert message.startswith("'f1' is no value this run produces")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_consoles_val_loss_is_a_monitor_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for early_stopping and keep_best; it used to fail after the first trial trained.
+    monkeypatch.chdir(tmp_path)
+    config = _project(tmp_path, monitor="val_loss")
+    result = tune(config, n_trials=1)
+    assert result.best is not None
+    (trial,) = result.trials
+    assert sorted(trial.intermediate_values) == [0, 1]
 
 
 def test_all_trials_failing_is_a_training_error(

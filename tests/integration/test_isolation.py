@@ -1,9 +1,10 @@
 """``"isolation": "process"``: what a plugin does in its own process never reaches training.
 
-Every case runs ``bz train`` in a process of its own, as a user does, with the ``iso``
-plugin (``tests._isolation_support``) installed through entry points. A fault ends the
-plugin's process or its hook; training finishes (exit 0) with the same weights as a run
-without the plugin.
+Every case that trains runs ``bz train`` in a process of its own, as a user does, with
+the ``iso`` plugin (``tests._isolation_support``) installed through entry points. A fault
+ends the plugin's process or its hook; training finishes (exit 0) with the same weights
+as a run without the plugin. A configuration refused before training is checked by
+``bz train`` in the test's process (click's runner).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 from tests._fault_support import REPO_ROOT, final_model_state
 from tests._isolation_support import TRAIN_PY, install_isolation_distribution
 from tests._support import assert_same_weights, json_events
 
+from bz.commands import cli
 from bz.plugins._isolated import QUEUE_LIMIT
 
 pytestmark = pytest.mark.slow
@@ -33,15 +36,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return install_isolation_distribution(tmp_path_factory.mktemp("site"))
 
 
-def _train(
-    folder: Path,
-    site: Path,
-    plugins: list[Any],
-    *args: str,
-    epochs: int = EPOCHS,
-    batches: int = 4,
-    **settings: Any,
-) -> subprocess.CompletedProcess[str]:
+def _write_project(
+    folder: Path, plugins: list[Any], epochs: int = EPOCHS, batches: int = 4, **settings: Any
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.py").write_text(TRAIN_PY, encoding="utf-8")
     config = {
@@ -53,6 +50,28 @@ def _train(
         **settings,
     }
     (folder / "bzconfig.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+def _refused_here(folder: Path, plugins: list[Any]) -> Result:
+    """``bz train --log-format json`` in this process (click's runner), for a config
+    refused before training starts: its own process would add nothing but a start-up."""
+    _write_project(folder, plugins)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("BZ_CONFIG", raising=False)
+        return CliRunner().invoke(cli, ["train", "--log-format", "json"])
+
+
+def _train(
+    folder: Path,
+    site: Path,
+    plugins: list[Any],
+    *args: str,
+    epochs: int = EPOCHS,
+    batches: int = 4,
+    **settings: Any,
+) -> subprocess.CompletedProcess[str]:
+    _write_project(folder, plugins, epochs=epochs, batches=batches, **settings)
     environment = {key: value for key, value in os.environ.items() if key != "BZ_CONFIG"}
     environment["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(site)])
     return subprocess.run(
@@ -234,11 +253,11 @@ def test_tensorboard_in_its_process_writes_the_scalars_it_writes_in_process(
     ],
 )
 def test_a_plugin_that_needs_the_model_is_refused_before_training(
-    plugin: dict[str, dict[str, Any]], reason: str, site: Path, tmp_path: Path
+    plugin: dict[str, dict[str, Any]], reason: str, tmp_path: Path
 ) -> None:
     ((name, options),) = plugin.items()
-    done = _train(tmp_path, site, [{name: {**options, "isolation": "process"}}])
-    assert done.returncode == 2
+    done = _refused_here(tmp_path, [{name: {**options, "isolation": "process"}}])
+    assert done.exit_code == 2
     assert _exit_code(done.stdout) == 2
     (error,) = [e["error"] for e in json_events(done.stdout) if e["event"] == "exit"]
     assert f"plugins[0].{name}.isolation" in error
@@ -256,11 +275,9 @@ def test_early_stopping_without_best_weights_runs_in_its_process(
     assert _failed(done.stdout) == []
 
 
-def test_an_unknown_isolation_is_one_line_naming_the_plugin_and_the_file(
-    site: Path, tmp_path: Path
-) -> None:
-    done = _train(tmp_path, site, [{"run_log": {"isolation": "thread"}}])
-    assert done.returncode == 2
+def test_an_unknown_isolation_is_one_line_naming_the_plugin_and_the_file(tmp_path: Path) -> None:
+    done = _refused_here(tmp_path, [{"run_log": {"isolation": "thread"}}])
+    assert done.exit_code == 2
     (error,) = [e["error"] for e in json_events(done.stdout) if e["event"] == "exit"]
     assert error == (
         'bzconfig.json: plugins[0].run_log.isolation: expected "in-process" or "process", '

@@ -7,6 +7,7 @@ config file), and ``bz check-config`` reports both.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_early_stopping_on_a_validation_value_without_val_loader_is_refused(
         bz.Trainer().fit(setup, config, [plugin])
     message = str(raised.value)
     assert "\n" not in message
-    assert message.startswith(f"early_stopping: monitor: {monitor!r} is a validation value")
+    assert message.startswith(f"plugins.early_stopping.monitor: {monitor!r} is a validation value")
     assert "no val_loader" in message
     assert "validation_loss" not in message.split("one of:")[1]  # not offered as a choice
     after = setup.model.state_dict()
@@ -102,7 +103,9 @@ def test_train_refuses_early_stopping_on_val_loss_without_val_loader(
     result = _train()
     assert result.exit_code == 2, result.output
     line = _error_line(result)
-    assert line.startswith("bz: error: bzconfig.json: early_stopping: monitor: 'val_loss'")
+    assert line.startswith(
+        "bz: error: bzconfig.json: plugins[0].early_stopping.monitor: 'val_loss'"
+    )
     assert "no val_loader" in line
     assert not list(Path().rglob("*.pt"))  # nothing trained
 
@@ -149,3 +152,41 @@ def test_check_config_is_quiet_about_a_keep_best_monitor_that_exists(
     result = CliRunner().invoke(cli, ["check-config"])
     assert result.exit_code == 0, result.output
     assert "keep_best" not in result.stderr
+
+
+_tables = st.dictionaries(_metric, st.floats(-1, 1, allow_nan=False), max_size=3)
+
+
+@given(_name, _tables, _tables, st.booleans())
+def test_optuna_reads_a_watched_name_as_early_stopping_does(
+    monitor: str,
+    training: dict[str, float],
+    validation: dict[str, float],
+    validates: bool,
+) -> None:
+    from bz.plugins import PluginContext
+    from bz.plugins._names import find_value
+    from bz.plugins.optuna_search import OptunaConfig, monitored
+
+    context = PluginContext()
+    context.training_batch_count = 1
+    context.validation_batch_count = 1 if validates else 0
+    context.training_metrics.update(training)
+    context.validation_metrics.update(validation if validates else {})
+    read = monitored(
+        monitor,
+        training_loss=context.training_loss,
+        validation_loss=context.validation_loss if validates else None,
+        training_metrics=training,
+        validation_metrics=validation if validates else {},
+    )
+    expected = find_value(monitor, context)
+    both_nan = (
+        read is not None and expected is not None and math.isnan(read) and math.isnan(expected)
+    )
+    assert read == expected or both_nan  # no loss counted yet reads NaN in both
+    names = run_value_names([*training, *validation], validates=validates)
+    refused = OptunaConfig(monitor=monitor).monitor_problem(names)
+    assert (refused is None) == _early_stopping_accepts(
+        monitor, [*training, *validation], validates
+    )

@@ -7,8 +7,10 @@ kill is two batches into the third epoch. The resumed run must end with exactly
 not have read the batches already trained, except for an iterable dataset without
 state, which is replayed and says so.
 
-The killed and the resumed run of each kind are processes of their own; the ten clean
-runs they are compared with share one (:func:`tests._checkpoint_support.train_each`).
+The killed run of each kind is a process of its own; the resumed one, which reads only
+what that process left on disk, runs in the test's process
+(:func:`tests._checkpoint_support.train_here`); the ten clean runs they are compared
+with share one process (:func:`tests._checkpoint_support.train_each`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ import json
 from pathlib import Path
 
 import pytest
-from tests._checkpoint_support import EXIT_CODE_FILE, final_state, run_child, train_each
+from tests._checkpoint_support import (
+    EXIT_CODE_FILE,
+    final_state,
+    run_child,
+    train_each,
+    train_here,
+)
 from tests._loader_kinds import KINDS, TRAIN_PY
 from tests._support import TRAINING_DIED, assert_same_weights, json_events
 
@@ -65,7 +73,7 @@ def test_killed_mid_epoch_resumes_bit_identical(
     kill_at = 2 * every + 1  # right after the step following the checkpoint at 2 * every
     code, output = run_child(folder, BZ_TEST_SIGNAL="KILL", BZ_TEST_SIGNAL_AT_STEP=str(kill_at))
     assert code == TRAINING_DIED, output[-3000:]
-    code, output = run_child(folder)
+    code, output = train_here(folder)
     assert code == 0, output[-3000:]
     events = json_events(output)
     (resume,) = [event for event in events if event["event"] == "resumed"]

@@ -191,9 +191,12 @@ _RAISES_IN_VALIDATION = (
         "import bz\n\n\n"
         "class Model(nn.Linear):\n"
         "    def __init__(self) -> None:\n"
-        "        super().__init__(4, 2)\n\n"
+        "        super().__init__(4, 2)\n"
+        "        self.batches = 0\n\n"
         "    def forward(self, x: torch.Tensor) -> torch.Tensor:\n"
-        "        if not self.training and os.environ.get('FAIL_IN_VALIDATION'):\n"
+        "        batch = self.batches\n"
+        "        self.batches += 0 if self.training else 1\n"
+        "        if not self.training and os.environ.get('FAIL_IN_VALIDATION') == str(batch):\n"
         "            RAISE\n"
         "        return super().forward(x)\n",
     )
@@ -215,10 +218,94 @@ def test_an_exception_in_the_users_code_fails_validate_in_one_line_naming_its_li
     folder = project({"epochs": 1}, train_py=train_py)
     runner = CliRunner()
     assert runner.invoke(cli, ["train"]).exit_code == 0
-    monkeypatch.setenv("FAIL_IN_VALIDATION", "1")
+    monkeypatch.setenv("FAIL_IN_VALIDATION", "1")  # the second batch (of two)
     failed = runner.invoke(cli, ["validate"])
     assert failed.exit_code == 1, failed.output  # sys.exit(0) used to make it exit 0
     assert failed.stderr == (
-        f"bz: error: validation failed: {folder / 'train.py'}:{line_number}: {shown}\n"
+        "bz: error: validation failed at batch index 1 of val_loader: "
+        f"{folder / 'train.py'}:{line_number}: {shown}\n"
     )
     assert "Traceback" in runner.invoke(cli, ["validate", "--traceback"]).stderr
+
+
+_LOADER_RAISES = (
+    TINY_TRAIN_PY.replace(
+        "data = TensorDataset(inputs, targets)",
+        "data = TensorDataset(inputs, targets)\n"
+        "    val_data = Items(data) if os.environ.get('FAIL_AT_ITEM') else data",
+    )
+    .replace(
+        "val_loader=DataLoader(data, batch_size=32)",
+        "val_loader=DataLoader(val_data, batch_size=16)",
+    )
+    .replace(
+        "import bz\n",
+        "import bz\n\n\n"
+        "class Items(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):\n"
+        "    def __init__(self, data: TensorDataset) -> None:\n"
+        "        self.data = data\n\n"
+        "    def __len__(self) -> int:\n"
+        "        return len(self.data)\n\n"
+        "    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:\n"
+        "        if index == int(os.environ['FAIL_AT_ITEM']):\n"
+        "            raise IndexError(f'item {index} is unreadable')\n"
+        "        return self.data[index]\n",
+    )
+    .replace("import torch\n", "import os\n\nimport torch\n", 1)
+)
+
+
+@pytest.mark.parametrize(("item", "batch"), [(0, 0), (35, 2), (63, 3)])
+def test_an_exception_loading_a_validation_batch_names_that_batch(
+    project: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, item: int, batch: int
+) -> None:
+    # Loading comes before the batch's hooks and forward: the failure is still that
+    # batch's, not the one before it.
+    folder = project({"epochs": 1}, train_py=_LOADER_RAISES)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["train"]).exit_code == 0
+    monkeypatch.setenv("FAIL_AT_ITEM", str(item))
+    failed = runner.invoke(cli, ["validate"])
+    assert failed.exit_code == 1, failed.output
+    line_number = _LOADER_RAISES.splitlines().index(
+        "            raise IndexError(f'item {index} is unreadable')"
+    )
+    assert failed.stderr == (
+        f"bz: error: validation failed at batch index {batch} of val_loader: "
+        f"{folder / 'train.py'}:{line_number + 1}: IndexError: item {item} is unreadable\n"
+    )
+
+
+def test_an_exception_in_setup_names_setup_not_a_batch(
+    project: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statement = "raise RuntimeError('no data here')"
+    train_py = TINY_TRAIN_PY.replace(
+        "    generator = ",
+        f"    if os.environ.get('FAIL_IN_SETUP'):\n        {statement}\n    generator = ",
+    ).replace("import torch\n", "import os\n\nimport torch\n", 1)
+    line_number = train_py.splitlines().index(f"        {statement}") + 1
+    folder = project({"epochs": 1}, train_py=train_py)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["train"]).exit_code == 0
+    monkeypatch.setenv("FAIL_IN_SETUP", "1")
+    failed = runner.invoke(cli, ["validate"])
+    assert failed.exit_code == 1, failed.output
+    script = folder / "train.py"
+    assert failed.stderr == (
+        f"bz: error: {script}: setup failed: {script}:{line_number}: RuntimeError: no data here\n"
+    )
+
+
+def test_a_folder_that_is_no_sharded_checkpoint_is_refused_in_one_line(
+    project: Callable[..., Path],
+) -> None:
+    folder = project({"epochs": 1})
+    runner = CliRunner()
+    assert runner.invoke(cli, ["train"]).exit_code == 0
+    failed = runner.invoke(cli, ["validate", "--checkpoint", str(folder)])
+    assert failed.exit_code == 2, failed.output
+    assert failed.stderr == (
+        f"bz: error: {folder}: a folder that holds no sharded checkpoint (no state.pt in it); "
+        "pass a checkpoint file, model.pt, or a sharded checkpoint's .dcp folder\n"
+    )  # not the FileNotFoundError of state.pt, nor a warning that it is unverified

@@ -41,6 +41,7 @@ from bz.metrics import (
     reduce_across_processes,
 )
 from bz.metrics._fused import batch_update
+from bz.metrics._set import MetricSet
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -391,3 +392,38 @@ def test_the_group_keeps_no_batch_alive() -> None:
     gc.collect()
     assert alive[0]() is None
     assert alive[1]() is None
+
+
+@SETTINGS
+@given(
+    data=batches(),
+    choice=st.lists(st.integers(0, 6), min_size=1, max_size=7, unique=True),
+    histograms=st.booleans(),
+)
+def test_scores_still_attached_to_a_graph_count_as_detached_ones_and_stay_out_of_it(
+    data: tuple[int, list[Batch]], choice: list[int], histograms: bool
+) -> None:
+    # What the training loop gives a set of built-in classification metrics alone
+    # (MetricSet.takes_attached): the model's outputs, not detached.
+    classes, made = data
+    attached = classification_set(classes, choice)
+    detached = classification_set(classes, choice)
+    fresh = classification_set(classes, choice)
+    assert MetricSet({str(index): metric for index, metric in enumerate(fresh)}).takes_attached
+    with counting(histograms):
+        update, reference = batch_update(attached), batch_update(detached)
+        for preds, targets in made:
+            leaf = preds.clone().requires_grad_(True)
+            outputs = leaf * 1.0  # a graph behind the scores, as a model's outputs have
+            update(outputs, targets)
+            reference(outputs.detach(), targets)
+    assert same(results(attached), results(detached))
+    for metric in attached:
+        for tensor in metric.state_tensors():
+            assert not tensor.requires_grad
+            assert tensor.grad_fn is None
+
+
+def test_a_set_with_any_other_metric_is_given_detached_outputs() -> None:
+    assert not MetricSet({}).takes_attached
+    assert not MetricSet({"accuracy": Accuracy(), "mse": MeanSquaredError()}).takes_attached

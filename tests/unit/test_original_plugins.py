@@ -287,7 +287,7 @@ def test_a_monitor_the_run_never_produces_is_refused_before_training() -> None:
     with pytest.raises(ConfigError) as raised:
         bz.Trainer().fit(uneven_setup(), CONFIG, [plugin, ConsoleOut(stream=stream)])
     message = str(raised.value)
-    assert message.startswith("early_stopping: monitor: 'val_accuracy' is no value")
+    assert message.startswith("plugins.early_stopping.monitor: 'val_accuracy' is no value")
     assert message.endswith("validation_loss, training_loss, val_loss, loss")
     assert stream.getvalue() == ""  # nothing trained
 

@@ -103,3 +103,20 @@ def test_fit_names_an_argument_of_the_wrong_kind(config: Any, plugins: Any, mess
     # object is not iterable, and a fault per character of "console_out".
     with pytest.raises(TypeError, match=message):
         bz.Trainer().fit(tiny_setup(), config, plugins)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_loss_fn_that_does_not_reduce_is_named_not_torch(accumulate: int) -> None:
+    # reduction="none" gives one loss per sample: backward refuses it inside torch
+    # ("grad can be implicitly created only for scalar outputs", at autograd's file),
+    # which named nothing of the user's. The plain and the accumulating step alike.
+    setup = tiny_setup()
+    setup = bz.TrainingSetup(
+        model=setup.model,
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        optimizer=setup.optimizer,
+        train_loader=setup.train_loader,
+    )
+    config = RunConfig(epochs=1, device="cpu", plugins=(), accumulate_grad_batches=accumulate)
+    with pytest.raises(bz.UsageError, match=r"loss_fn returned a loss of shape \(\d+,\); it must"):
+        bz.Trainer().fit(setup, config, [])

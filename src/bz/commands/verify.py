@@ -15,7 +15,14 @@ from typing import Any
 
 import click
 
-from bz._errors import BzError, ConfigError, TrainingError, UsageError, user_frame
+from bz._errors import (
+    BzError,
+    ConfigError,
+    TrainingError,
+    UsageError,
+    user_frame,
+    validation_batch,
+)
 from bz.commands.options import config_option, traceback_option
 
 __all__ = ["check_config", "validate"]
@@ -77,7 +84,9 @@ def validate(
     except BaseException as exc:  # the user's model, loss or data (sys.exit() too): one line
         if show_traceback:
             traceback.print_exception(exc, file=sys.stderr)
-        raise TrainingError(f"validation failed: {user_frame(exc)}") from exc
+        batch = validation_batch(exc)
+        where = f" at batch index {batch} of val_loader" if batch is not None else ""
+        raise TrainingError(f"validation failed{where}: {user_frame(exc)}") from exc
     report: dict[str, Any] = {
         "checkpoint": str(path),
         "epoch": payload["epoch"],
@@ -120,8 +129,9 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     from bz._setup import missing_script_hint
     from bz.config import find_config_file, load_config
     from bz.metrics import build_metrics
+    from bz.plugins._entries import entry_paths
     from bz.plugins._loader import check_plugin_options
-    from bz.plugins._names import check_monitors
+    from bz.plugins._names import ConfiguredOptions, check_monitors
     from bz.training.checkpoint.best import check_monitor
 
     file = find_config_file(config_path)
@@ -149,7 +159,12 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     # validation data, which only `bz train` knows: a watched name that none of the
     # config's metrics gives is reported, as `bz train` would refuse it, but not fatal.
     for check in (
-        functools.partial(check_monitors, _Configured.all(options), metrics),
+        functools.partial(
+            check_monitors,
+            [ConfiguredOptions(name, checked) for name, checked in options.items()],
+            metrics,
+            paths=entry_paths(config.plugins),
+        ),
         functools.partial(check_monitor, config.keep_best, metrics, validates=True),
     ):
         try:
@@ -158,15 +173,3 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
             for line in exc.with_source(str(file)).render().splitlines():
                 click.echo(f"{line} (unless train.py's setup adds it)", err=True)
     click.echo(f"{file}: OK ({len(options)} plugin(s), {len(config.metrics)} metric(s))")
-
-
-class _Configured:
-    """A plugin's checked options standing in for the plugin (check-config creates none)."""
-
-    def __init__(self, name: str, config: object) -> None:
-        self.name = name
-        self.config = config
-
-    @classmethod
-    def all(cls, options: dict[str, object]) -> list[_Configured]:
-        return [cls(name, config) for name, config in options.items()]

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from bz.metrics._protocol import Metric
 
-__all__ = ["ClassificationGroup", "batch_update"]
+__all__ = ["ClassificationGroup", "batch_update", "fusable"]
 
 _SCORE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 """Scores the fast path takes (a set lookup, cheaper per batch than a method call)."""
@@ -49,7 +49,7 @@ def batch_update(metrics: Iterable[Metric]) -> Callable[[torch.Tensor, torch.Ten
     """
     items = tuple(metrics)
     fused: list[Accuracy | _PerClassMetric | TopKAccuracy] = [
-        metric for metric in items if _fusable(metric)
+        metric for metric in items if fusable(metric)
     ]
     if not fused:
         return _each([metric.update for metric in items])
@@ -59,12 +59,14 @@ def batch_update(metrics: Iterable[Metric]) -> Callable[[torch.Tensor, torch.Ten
     updates = [
         group_update if metric is fused[0] else metric.update
         for metric in items
-        if metric is fused[0] or not _fusable(metric)
+        if metric is fused[0] or not fusable(metric)
     ]
     return _each(updates)
 
 
-def _fusable(metric: Metric) -> TypeGuard[Accuracy | _PerClassMetric | TopKAccuracy]:
+def fusable(metric: Metric) -> TypeGuard[Accuracy | _PerClassMetric | TopKAccuracy]:
+    """Whether ``metric`` is counted in a :class:`ClassificationGroup` (a built-in
+    classification metric whose ``update`` is its class's own)."""
     return (
         isinstance(metric, (Accuracy, _PerClassMetric, TopKAccuracy))
         and type(metric).update in _FUSED_UPDATES
@@ -120,6 +122,9 @@ class ClassificationGroup:
       apart).
 
     The sample count needs no tensor: it is the shapes' sum, kept as a Python int.
+    Scores still attached to the graph are taken as they are (the counts come from
+    ``argmax`` and comparisons, which autograd does not record; top-k's ``gather``
+    detaches them first), so the loop need not detach them for the group alone.
     """
 
     def __init__(self, members: Iterable[Accuracy | _PerClassMetric | TopKAccuracy]) -> None:
@@ -159,7 +164,7 @@ class ClassificationGroup:
         ):
             self._update_each(preds, targets)
             return
-        if preds.requires_grad:
+        if self._top_k and preds.requires_grad:  # gather would add to the graph
             preds = preds.detach()
         count = target_shape[0]
         if count != self._ones_for:
@@ -233,6 +238,8 @@ class ClassificationGroup:
 
     def _update_each(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
         """A batch off the fast path: each member counts it alone (or refuses it)."""
+        if isinstance(preds, torch.Tensor) and preds.requires_grad:
+            preds = preds.detach()
         for metric in self._members:
             metric.update(preds, targets)
         if self._classes is None and _fast_path_shapes(preds, targets):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from bz._logging import get_logger
 from bz.metrics._collection import compute_all, reduce_across_processes
-from bz.metrics._fused import batch_update
+from bz.metrics._fused import batch_update, fusable
 from bz.metrics._protocol import MergeableMetric, Metric
 
 if TYPE_CHECKING:
@@ -23,6 +23,10 @@ class MetricSet:
         self._metrics = dict(metrics)
         self._items = tuple(self._metrics.values())
         self.active = bool(self._items)
+        self.takes_attached = self.active and all(fusable(metric) for metric in self._items)
+        """Whether ``update`` may be given outputs still attached to the graph: every
+        metric is a built-in classification one, counted by one group that keeps
+        nothing of them (the loop then saves a ``detach`` per batch)."""
         self._carried: dict[str, list[torch.Tensor]] = {}
         # The function itself, not a method calling it: one Python call less per batch.
         self.update: Callable[[torch.Tensor, torch.Tensor], None] = batch_update(self._items)

@@ -73,34 +73,41 @@ class DeviceSum:
         self._folded: torch.Tensor | float = initial
         self._folded_batches: torch.Tensor | float = initial if batches is None else batches
 
-    def add(self, value: torch.Tensor, weight: int = 1) -> None:
-        """Add ``value`` (a detached scalar) with ``weight``; never synchronises a device."""
+    def add(self, value: torch.Tensor, weight: int = 1) -> torch.Tensor | float:
+        """Add ``value`` (a scalar, attached to a graph or not: what is added is never
+        part of one) with ``weight``; never synchronises a device. Returns what was
+        added: the float read from a CPU value, else ``value`` detached."""
         if weight == self._weight:
             run = self._run
             if type(run) is float:  # a CPU value: read, which waits for nothing
-                self._run = run + value.item()
-            else:
-                run.add_(value)  # type: ignore[union-attr]  # set with the weight
-        else:
-            self._start_run(value, weight)
+                read: float = value.item()
+                self._run = run + read
+                return read
+            value = value.detach()
+            run.add_(value)  # type: ignore[union-attr]  # set with the weight
+            return value
+        return self._start_run(value, weight)
 
-    def _start_run(self, value: torch.Tensor, weight: int) -> None:
+    def _start_run(self, value: torch.Tensor, weight: int) -> torch.Tensor | float:
         import torch
 
         self._fold()
         device = value.device.type
         if device == "cpu" and _CPU_READS[0]:
+            read: float = value.item()
             # 0.0 + x, as the device sum's zeros().add_(x) (which makes -0.0 into 0.0).
-            self._run, self._weight = 0.0 + value.item(), weight
-            return
+            self._run, self._weight = 0.0 + read, weight
+            return read
         dtype = torch.float32 if device == "mps" else torch.float64
         # A fresh tensor (never an alias of ``value``, which add_ would change), and a
         # normal one even when made in inference mode (validation), so later batches
         # can be added to it outside inference mode.
         with torch.inference_mode(False):
             run = torch.zeros((), dtype=dtype, device=value.device)
+        value = value.detach()
         run.add_(value)
         self._run, self._weight = run, weight
+        return value
 
     def _fold(self) -> None:
         """Fold the current run into the totals (where it lives); no run after it."""
@@ -125,6 +132,38 @@ class DeviceSum:
     def batch_sum(self) -> float:
         """The plain sum of the values so far, weights ignored (one read, as ``value``)."""
         return float(self._sums()[1])
+
+
+class LastLoss:
+    """The latest training batch's loss as the loop leaves it, made what
+    :attr:`PluginContext.last_loss` shows only when someone reads it.
+
+    The loop stores per batch what it has at hand anyway: on a device the detached loss
+    (the tensor :class:`DeviceSum` added), on the CPU the float :class:`DeviceSum` read
+    and the loss's dtype. A float becomes a CPU tensor of that dtype, the same number
+    (a float widened from any floating dtype narrows back exactly), on the first read,
+    and that tensor is kept for the reads after it. Neither form holds the graph.
+    """
+
+    __slots__ = ("dtype", "value")
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | float | None = None
+        self.dtype: torch.dtype | None = None
+
+    def tensor(self) -> torch.Tensor | None:
+        """The loss as a tensor (None before the first training batch ends)."""
+        value = self.value
+        if type(value) is not float:
+            return value  # type: ignore[return-value]  # a tensor or None
+        import torch
+
+        # A normal tensor even when first read under inference mode: later readers may
+        # use it outside it.
+        with torch.inference_mode(False):
+            made = torch.tensor(value, dtype=self.dtype, device="cpu")
+        self.value = made
+        return made
 
 
 class PluginContext:
@@ -198,9 +237,8 @@ class PluginContext:
         """The checkpoint just saved or loaded, during the checkpoint hooks."""
         self.exception: BaseException | None = None
         """The error that is ending training, during ``on_exception``."""
-        self.last_loss: torch.Tensor | None = None
-        """The latest training batch's loss, detached, as a device tensor (reading its
-        value syncs; avoid per batch)."""
+        self._last_loss = LastLoss()
+        """What :attr:`last_loss` shows (the loop writes it per batch)."""
         self.batch: Any = None
         """The current batch on the training device, in the per-batch hooks (a
         reference, not a copy): ``(inputs, targets)`` with a ``loss_fn``, the batch as
@@ -226,6 +264,16 @@ class PluginContext:
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer (changing its learning rate is allowed; replacing it is not)."""
         return self._optimizer
+
+    @property
+    def last_loss(self) -> torch.Tensor | None:
+        """The latest training batch's loss, detached, as a device tensor (reading its
+        value syncs; avoid per batch). None before the first training batch ends."""
+        return self._last_loss.tensor()
+
+    @last_loss.setter
+    def last_loss(self, value: torch.Tensor | None) -> None:
+        self._last_loss.value = value
 
     @property
     def is_main_process(self) -> bool:

@@ -185,7 +185,7 @@ class _Server:
         fields = context.__dict__
         extra = snapshot.pop("extra")
         loss = snapshot.pop("last_loss", None)
-        fields["last_loss"] = _tensor(loss)
+        context.last_loss = _tensor(loss)
         norm = snapshot.pop("gradient_norm", None)
         fields["_gradient_norm"] = norm
         groups = snapshot.pop("param_groups", None)

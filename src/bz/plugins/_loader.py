@@ -22,6 +22,7 @@ from bz._errors import ConfigError, UsageError, describe_exception
 from bz._logging import get_logger, note_plugin_module
 from bz.config import PluginSpec, RunConfig, structure, unstructure
 from bz.plugins._conflicts import check_specs
+from bz.plugins._entries import named_under, options_path
 from bz.plugins._hooks import HOOK_NAMES
 from bz.plugins._isolated import isolated_starts, isolation_of, start_isolated, without_isolation
 from bz.plugins._order import plugin_order, sort_plugins
@@ -214,7 +215,7 @@ def _options(
         load_config = getattr(factory, "load_config", None)
         if not callable(load_config):
             return options
-        with LoadBoundary(spec.name, "config", policy, faults):
+        with LoadBoundary(spec.name, "config", policy, faults), named_under(spec):
             loaded: object = load_config(options)
             return loaded
         return _NOT_CHECKED
@@ -243,14 +244,14 @@ def _create(
     if callable(create):
         # The plugin guide's style: create(config_data, training_config) -> plugin | None
         # (its load_config runs inside, as the guide writes it).
-        with LoadBoundary(spec.name, "create", policy, faults):
+        with LoadBoundary(spec.name, "create", policy, faults), named_under(spec):
             created: NamedPlugin | None = create(without_isolation(spec.options), run_config)
             return created
         return None
     config = _options(factory, spec, faults, policy)
     if config is _NOT_CHECKED:
         return None
-    with LoadBoundary(spec.name, "create", policy, faults):
+    with LoadBoundary(spec.name, "create", policy, faults), named_under(spec):
         plugin: NamedPlugin = factory() if config is None else factory(config)
         return plugin
     return None
@@ -444,17 +445,6 @@ def in_run_order(
     return sort_plugins(
         loaded, [plugin.name for plugin, _ in loaded], [plugin_order(p) for p, _ in loaded]
     )
-
-
-def options_path(spec: PluginSpec) -> str:
-    """Where a plugin's options sit, plugin name included: ``plugins[0].gradnorm``.
-
-    A plugin listed as a plain string has no options object in the file; errors about
-    its options still name it, so the path says which plugin to give options to.
-    """
-    if not spec.path:
-        return spec.name
-    return spec.path if spec.path.endswith(f".{spec.name}") else f"{spec.path}.{spec.name}"
 
 
 class BadDefaultError(TypeError):

@@ -23,7 +23,7 @@ so the check is left to the watching plugin at the end of the first epoch.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from bz._converter import nearest
@@ -109,17 +109,26 @@ def resolve(name: str) -> list[tuple[Phase, str]]:
 
 
 def check_monitors(
-    plugins: Iterable[object], metrics: Collection[str], *, validates: bool = True
+    plugins: Iterable[object],
+    metrics: Collection[str],
+    *,
+    validates: bool = True,
+    paths: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse plugins watching a value the run never produces (a :class:`ConfigError`).
 
     A plugin takes part by having a ``config`` with a ``monitor_problem(names)`` method
-    that returns why a watched name is not among ``names`` (or None). Nothing is
-    refused while a plugin that is not bz's own is active: it may add the name.
+    that returns ``(field, why)`` when a watched name is not among ``names`` (or None).
+    Nothing is refused while a plugin that is not bz's own is active: it may add the name.
     ``validates``: the run has validation data (without it, no validation name is).
+    ``paths``: where each plugin's options sit, by plugin name (``plugins[1].early_stopping``,
+    what the loader's structuring errors name); a plugin created in code, or missing
+    from it, is named ``plugins.<name>``, as :func:`bz.plugins._conflicts.check_plugins`
+    names it. A plugin in a process of its own (its proxy) counts as not bz's own: the
+    caller puts :class:`ConfiguredOptions` in the place of bz's own plugins run so.
     """
     plugins = list(plugins)
-    if any(not type(plugin).__module__.startswith("bz.") for plugin in plugins):
+    if not all(_own(plugin) for plugin in plugins):
         return
     names = run_value_names(metrics, validates=validates)
     problems: list[tuple[str, str]] = []
@@ -128,7 +137,29 @@ def check_monitors(
         if not callable(check):
             continue
         problem = check(names)
-        if isinstance(problem, str):
-            problems.append((f"{getattr(plugin, 'name', type(plugin).__name__)}", problem))
+        if problem is not None:
+            field, message = problem
+            name = str(getattr(plugin, "name", type(plugin).__name__))
+            where = (paths or {}).get(name, f"plugins.{name}")
+            problems.append((f"{where}.{field}", message))
     if problems:
         raise ConfigError(problems)
+
+
+def _own(plugin: object) -> bool:
+    """Whether ``plugin`` is one of bz's own, known to add no metric of its own."""
+    module = type(plugin).__module__
+    return module.startswith("bz.") and module != _PROXIES
+
+
+_PROXIES = "bz.plugins._isolated"
+"""The module of the proxies of plugins in processes of their own, whatever the plugin."""
+
+
+class ConfiguredOptions:
+    """A plugin's checked options standing in for the plugin where it is not at hand
+    (``bz check-config`` creates none; a plugin in a process of its own is a proxy)."""
+
+    def __init__(self, name: str, config: object) -> None:
+        self.name = name
+        self.config = config

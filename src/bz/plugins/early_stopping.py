@@ -11,10 +11,19 @@ validation value in a run without a ``val_loader`` included, is refused before t
 
 Strategies:
 
-* ``patience``: stop after ``patience`` epochs in a row without an improvement of at
-  least ``min_delta`` over the best value seen.
+* ``patience``: stop after ``patience`` epochs in a row without an improvement of more
+  than ``min_delta`` over the value of the last such improvement (the first value
+  counts as one).
 * ``plateau``: stop when the last ``patience`` + 1 values all lie within ``min_delta``
   of each other, whether or not they beat the best (the curve has gone flat).
+
+``min_delta`` decides only when to stop. The best epoch (``best``, ``best_epoch``, the
+weights restored) is the one with the best value seen, however small its lead: a run
+whose loss keeps creeping down by less than ``min_delta`` an epoch stops when patience
+runs out, and ends with the weights of its lowest loss, not of the last epoch that beat
+the others by ``min_delta``. Of equal values the earliest epoch is the best. With a
+``baseline``, only values that beat it (by more than ``min_delta``) take part; when none
+does, no weights are restored.
 
 With ``restore_best_weights`` the model's weights from the best epoch are copied back
 at the end of the epoch that stops the run (before its checkpoint is written, so the
@@ -60,7 +69,8 @@ class EarlyStoppingConfig:
     patience: int = attrs.field(default=10, validator=at_least(1))
     """Epochs without improvement (or on a plateau) before stopping."""
     min_delta: float = attrs.field(default=0.001, validator=at_least(0.0))
-    """The smallest change that counts as an improvement."""
+    """The change needed to reset patience (more than this); the best epoch restored is
+    the best value's, whatever its lead."""
     strategy: Literal["patience", "plateau"] = "patience"
     """``patience``: no new best for a while; ``plateau``: the curve went flat."""
     restore_best_weights: bool = True
@@ -70,10 +80,11 @@ class EarlyStoppingConfig:
     verbose: bool = True
     """Log improvements and the stop decision."""
 
-    def monitor_problem(self, names: Collection[str]) -> str | None:
-        """Why ``monitor`` is none of ``names`` (what the run produces), or None."""
+    def monitor_problem(self, names: Collection[str]) -> tuple[str, str] | None:
+        """``("monitor", why)`` when ``monitor`` is none of ``names`` (what the run
+        produces), or None; the caller names the plugin's entry in the configuration."""
         problem = monitor_problem(self.monitor, names)
-        return None if problem is None else f"monitor: {problem}"
+        return None if problem is None else ("monitor", problem)
 
 
 class EarlyStopping:
@@ -87,8 +98,12 @@ class EarlyStopping:
         self.name = "early_stopping"
         self.config = config or EarlyStoppingConfig()
         self.best: float | None = None
+        """The best value so far (whatever its lead over the one before)."""
         self.best_epoch: int | None = None
         """The epoch (counted from 1) with the best value so far."""
+        self.reference: float | None = None
+        """The value of the last improvement of more than ``min_delta``: what patience
+        measures the next values against."""
         self.wait = 0
         self.history: list[float] = []
         self.stopped_epoch: int | None = None
@@ -117,10 +132,10 @@ class EarlyStopping:
         """
         return find_value(self.config.monitor, context)
 
-    def _improves(self, value: float, reference: float | None) -> bool:
+    def _improves(self, value: float, reference: float | None, delta: float) -> bool:
+        """Whether ``value`` beats ``reference`` by more than ``delta``."""
         if reference is None:
             return True
-        delta = self.config.min_delta
         if self.config.mode == "min":
             return value < reference - delta
         return value > reference + delta
@@ -154,11 +169,18 @@ class EarlyStopping:
                 )
             return
         self.history.append(value)
+        delta = self.config.min_delta
         beats_baseline = self.config.baseline is None or self._improves(
-            value, self.config.baseline
+            value, self.config.baseline, delta
         )
-        if beats_baseline and self._improves(value, self.best):
-            self.best, self.best_epoch, self.wait = value, context.epoch + 1, 0
+        # Patience counts from the last improvement of more than min_delta; the best
+        # epoch is the best value's, so a slow creep restores its lowest point.
+        if beats_baseline and self._improves(value, self.reference, delta):
+            self.reference, self.wait = value, 0
+        else:
+            self.wait += 1
+        if beats_baseline and self._improves(value, self.best, 0.0):
+            self.best, self.best_epoch = value, context.epoch + 1
             if self.config.restore_best_weights and context.model is not None:
                 self._best_weights = {
                     key: tensor.detach().clone()
@@ -171,8 +193,6 @@ class EarlyStopping:
                     value=value,
                     epoch=context.epoch + 1,
                 )
-        else:
-            self.wait += 1
         self._stop_if_due(context)
 
     def _stop_if_due(self, context: PluginContext) -> None:
@@ -230,6 +250,7 @@ class EarlyStopping:
         return {
             "best": self.best,
             "best_epoch": self.best_epoch,
+            "reference": self.reference,
             "wait": self.wait,
             "history": list(self.history),
             "stopped_epoch": self.stopped_epoch,
@@ -241,6 +262,8 @@ class EarlyStopping:
         """Resume exactly where :meth:`state_dict` left off."""
         self.best = state["best"]
         self.best_epoch = state["best_epoch"]
+        # A state saved before the two were apart: its best was patience's reference.
+        self.reference = state.get("reference", self.best)
         self.wait = int(state["wait"])
         self.history = [float(v) for v in state["history"]]
         self.stopped_epoch = state["stopped_epoch"]

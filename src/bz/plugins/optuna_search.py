@@ -27,7 +27,7 @@ space without the extra installed.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,6 +36,7 @@ import attrs
 from bz._errors import ConfigError
 from bz.config import ConfigValueError, at_least, structure
 from bz.plugins import ConfiguredPluginClass, hook
+from bz.plugins._names import monitor_problem, resolve
 
 if TYPE_CHECKING:
     import optuna
@@ -244,6 +245,12 @@ class OptunaConfig:
         """The validated search space."""
         return parse_space(self.hyperparameters)
 
+    def monitor_problem(self, names: Collection[str]) -> tuple[str, str] | None:
+        """``("monitor", why)`` when ``monitor`` is none of ``names`` (what the run
+        produces), or None: refused before a trial trains, as ``early_stopping``'s is."""
+        problem = monitor_problem(self.monitor, names)
+        return None if problem is None else ("monitor", problem)
+
 
 def monitored(
     key: str,
@@ -253,21 +260,17 @@ def monitored(
     training_metrics: Mapping[str, float],
     validation_metrics: Mapping[str, float],
 ) -> float | None:
-    """The value ``key`` names, as ``early_stopping``'s ``monitor`` reads it.
-
-    ``validation_loss``, ``training_loss``, ``validation_<metric>``, ``training_<metric>``
-    or a bare metric name (the validation value when there is one).
+    """The value ``key`` names, as ``early_stopping``'s ``monitor`` reads it
+    (:func:`bz.plugins._names.resolve`): ``validation_loss``, ``training_loss``,
+    ``validation_<metric>``, ``training_<metric>``, a bare metric name (the validation
+    value when there is one), or the console's ``val_loss``, ``loss``, ``val_<metric>``.
     """
-    if key == "validation_loss":
-        return validation_loss
-    if key == "training_loss":
-        return training_loss
-    for prefix, table in (("validation_", validation_metrics), ("training_", training_metrics)):
-        if key.startswith(prefix) and key[len(prefix) :] in table:
-            return float(table[key[len(prefix) :]])
-    for table in (validation_metrics, training_metrics):
-        if key in table:
-            return float(table[key])
+    for phase, name in resolve(key):
+        if name == "loss":
+            return validation_loss if phase == "validation" else training_loss
+        table = validation_metrics if phase == "validation" else training_metrics
+        if name in table:
+            return float(table[name])
     return None
 
 

@@ -31,8 +31,10 @@ from bz._distributed import set_epoch
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
-from bz.training.device import to_device
+from bz.training.device import samples_of_pair, to_device
 from bz.training.evaluate import ValidationPass, for_metrics
+from bz.training.forward import explain_backward
+from bz.training.gradients import clip_norm, gradient_accumulators, group_size, total_norm, whole
 from bz.training.guards import check_step
 from bz.training.position import epoch_batches
 from bz.training.result import EpochRecord
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from bz.config import GradientClip, RunConfig
+    from bz.config import GradientClip
     from bz.metrics._set import MetricSet
     from bz.training.checkpoint.policy import CheckpointPolicy
     from bz.training.control import EndReason, StepControl
@@ -51,6 +53,9 @@ if TYPE_CHECKING:
     from bz.training.interrupts import InterruptVote
 
 _log = get_logger("bz")
+
+_backward = torch.autograd.backward
+"""What ``Tensor.backward`` calls (and it is typed); one name, looked up once."""
 
 
 class EpochLoop(RunParts):
@@ -76,6 +81,10 @@ class EpochLoop(RunParts):
     val_forward: Forward
     step_scheduler: Any
     """The scheduler when it steps after every optimizer step, else None."""
+    plain: bool = False
+    """Whether this epoch's steps are plain (see ``_step``); set by ``_train_loop``."""
+    metrics_take_outputs: bool = False
+    """Whether the training metrics are given outputs undetached (``_train_loop``)."""
 
     # -- context ---------------------------------------------------------------------
 
@@ -89,8 +98,7 @@ class EpochLoop(RunParts):
             self._call(hook)
 
     def _call(self, hook: str) -> None:
-        """``hook``, which the caller saw implemented (``plugins.implemented``): the
-        per-batch path tests the flag inline and calls only when someone listens."""
+        """``hook``, which the caller saw implemented (``plugins.implemented``)."""
         self.plugins.call(hook, self.state.show(self.context))
 
     def checkpoint_hook(self, hook: str, path: Path) -> None:
@@ -151,7 +159,16 @@ class EpochLoop(RunParts):
         self._hook("start_training_loop")
         # Held for the loop (a local: gone when it returns), so that each step's graph
         # reuses the parameters' gradient accumulators instead of making them again.
-        accumulators = _gradient_accumulators(self.model, self.config)  # noqa: F841
+        accumulators = gradient_accumulators(self.model, self.config)  # noqa: F841
+        self.plain = (
+            self.accumulate == 1
+            and self.precision.scaler is None
+            and self.clip is None
+            and not self.norm_every
+            and self.config.check_finite != "step"
+        )
+        # Built-in classification metrics count attached float32 outputs as they are.
+        self.metrics_take_outputs = metrics.takes_attached and not self.precision.mixed
         iterator, skipped = self._batches()
         if self.vote is not None:
             self.vote.start_epoch()
@@ -234,6 +251,88 @@ class EpochLoop(RunParts):
     def _step(self, batch: Any, index: int) -> None:
         # A method of its own so that the batch, outputs and graph die when it returns
         # instead of living in the loop's frame until the next batch replaces them.
+        # ``plain`` (one batch per optimizer step, no gradient scaler, no clipping, no
+        # norm asked for, no per-step finite check) is the common step, inline here;
+        # the others go through ``_grouped_step``. Both do the same in the same order.
+        if not self.plain:
+            self._grouped_step(batch, index)
+            return
+        ctx, state, implemented = self.context, self.state, self.plugins.implemented
+        if self.move_batches:
+            batch = to_device(batch, self.device)
+        forward = self.train_forward
+        # Every way's ``prepare`` returns a pair as it is: a call saved per batch.
+        if type(batch) is not tuple or len(batch) != 2:
+            batch = forward.prepare(batch)
+        ctx.batch = batch
+        if implemented["start_training_batch"]:
+            self._call("start_training_batch")
+        optimizer = self.setup.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        autocast = self.precision.autocast
+        loss_fn = forward.loss_fn
+        if loss_fn is not None and autocast is None:
+            # Pairs' ``compute`` inline (a call and a tuple less per batch).
+            inputs, targets = batch
+            outputs = predictions = self.forward(inputs)
+            if isinstance(inputs, torch.Tensor) and (shape := inputs.shape):
+                samples = shape[0]
+            else:
+                samples = samples_of_pair(inputs, targets, "train_loader")
+            loss = loss_fn(outputs, targets)
+        elif autocast is None:
+            loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
+        else:
+            with autocast():
+                loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
+        try:
+            _backward(loss)
+        except RuntimeError:
+            explain_backward(forward, loss)
+            raise
+        ctx.outputs, ctx.loss = outputs, loss
+        if implemented["after_backward"]:
+            self._call("after_backward")
+        if implemented["before_optimizer_step"]:
+            self._call("before_optimizer_step")
+        optimizer.step()
+        state.global_step += 1
+        train = state.train  # _count, inline
+        train.samples += samples
+        last = ctx._last_loss
+        last.value = train.loss.add(loss, samples)
+        last.dtype = loss.dtype
+        metrics = self.train_metrics
+        if metrics.active:
+            if self.metrics_take_outputs:
+                metrics.update(predictions, targets)
+            else:
+                metrics.update(for_metrics(predictions, self.precision), targets)
+        train.batches += 1
+        if implemented["end_training_batch"]:
+            self._call("end_training_batch")
+        if self.step_scheduler is not None:
+            # After end_training_batch, which shows the rate this step used (step/lr).
+            self.step_scheduler.step()
+        ctx.batch = ctx.outputs = ctx.loss = None
+
+    def _count(
+        self, ctx: PluginContext, train: Totals, loss: Any, predictions: Any, targets: Any, n: int
+    ) -> None:
+        """Add a finished batch to the loss sum, the counts and the metrics; show its
+        loss as ``last_loss`` (what the sum read or detached: see ``LastLoss``)."""
+        train.samples += n
+        last = ctx._last_loss
+        last.value = train.loss.add(loss, n)
+        last.dtype = loss.dtype
+        metrics = self.train_metrics
+        if metrics.active:
+            metrics.update(for_metrics(predictions, self.precision), targets)
+        train.batches += 1
+
+    def _grouped_step(self, batch: Any, index: int) -> None:
+        """``_step`` in general: accumulation groups (DDP's ``no_sync`` inside one), a
+        gradient scaler, clipping, an asked-for norm, ``check_finite: "step"``."""
         ctx, state, implemented = self.context, self.state, self.plugins.implemented
         if self.move_batches:
             batch = to_device(batch, self.device)
@@ -244,11 +343,9 @@ class EpochLoop(RunParts):
         micro = state.micro
         if micro == 0:
             self.setup.optimizer.zero_grad(set_to_none=True)
-        if self.accumulate == 1:
-            group, steps = 1, True
-        else:
-            group = self._group_size(index)
-            steps = micro + 1 == group
+        batches = self.context.training_batches_per_epoch
+        group = group_size(self.accumulate, batches, index, self.state.micro)
+        steps = micro + 1 == group
         # Batches that do not step add their gradients locally; the one that steps
         # makes DDP average the group's sum over the processes.
         if steps or self.ddp is None:
@@ -267,18 +364,10 @@ class EpochLoop(RunParts):
             if self.config.check_finite == "step":
                 self._check_finite(loss, None)
             state.micro = micro + 1
-        detached = loss.detach()
-        train = state.train
-        train.samples += samples
-        train.loss.add(detached, samples)
-        if self.train_metrics.active:
-            self.train_metrics.update(for_metrics(predictions, self.precision), targets)
-        train.batches += 1
-        ctx.last_loss = detached
+        self._count(ctx, state.train, loss, predictions, targets, samples)
         if implemented["end_training_batch"]:
             self._call("end_training_batch")
         if steps and self.step_scheduler is not None:
-            # After end_training_batch, which shows the rate this step used (step/lr).
             self.step_scheduler.step()
         ctx.batch = ctx.outputs = ctx.loss = ctx._gradient_norm = None
 
@@ -295,7 +384,11 @@ class EpochLoop(RunParts):
         scaled = loss if group == 1 else loss / group
         scaler = self.precision.scaler
         # torch.autograd.backward is what Tensor.backward calls (and it is typed).
-        torch.autograd.backward(scaled if scaler is None else scaler.scale(scaled))
+        try:
+            _backward(scaled if scaler is None else scaler.scale(scaled))
+        except RuntimeError:
+            explain_backward(forward, loss)
+            raise
         return computed
 
     def _check_finite(self, loss: torch.Tensor | None, norm: torch.Tensor | None) -> None:
@@ -308,17 +401,6 @@ class EpochLoop(RunParts):
             across_processes=self.topology.distributed,
         )
 
-    def _group_size(self, index: int) -> int:
-        """Batches in the accumulation group of batch ``index``; an epoch's last group may
-        be shorter (when the loader has a length), and its loss is scaled by its size."""
-        accumulate = self.accumulate
-        if accumulate == 1:
-            return 1
-        batches = self.context.training_batches_per_epoch
-        if batches is None:
-            return accumulate
-        return min(accumulate, batches - index + self.state.micro)
-
     def _optimizer_step(self, loss: torch.Tensor | None = None) -> None:
         """Unscale, clip, (``check_finite: "step"``), ``before_optimizer_step``, step: once
         per accumulation group. ``loss``: the group's last batch's (None after a loader
@@ -330,7 +412,7 @@ class EpochLoop(RunParts):
         if clip is not None:
             parameters = [p for p in self.model.parameters() if p.grad is not None]
             if clip.max_norm is not None:
-                self.context._gradient_norm = _clip_norm(parameters, clip, asked)
+                self.context._gradient_norm = clip_norm(parameters, clip, asked)
             elif clip.value is not None:
                 torch.nn.utils.clip_grad_value_(parameters, clip.value)
         if asked is not None:
@@ -356,7 +438,7 @@ class EpochLoop(RunParts):
         clip = self.clip
         norm_type = clip.norm_type if clip is not None and clip.max_norm is not None else 2.0
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return _whole(_total_norm(grads, norm_type))
+        return whole(total_norm(grads, norm_type))
 
     # -- validation ------------------------------------------------------------------
 
@@ -409,65 +491,8 @@ class EpochLoop(RunParts):
         _log.info("stop_requested", reason=reason, epoch=state.epoch + 1, step=state.global_step)
 
 
-def _gradient_accumulators(model: torch.nn.Module, config: RunConfig) -> list[object]:
-    """The autograd node that adds into each trainable parameter's ``.grad``.
-
-    A parameter holds its node weakly: the graph of a step keeps it alive, and when the
-    step ends with its graph freed (as bz's does) the next forward makes a new one
-    (about 18 k instructions a step for the 4 parameters of the tiny benchmark MLP,
-    1.5% of its step). Holding the nodes changes nothing else:
-    gradients, hooks and graphs are the same. Not under FSDP, whose parameters are
-    sharded (and whose graph reaches them through its own functions).
-    """
-    if config.distributed.strategy == "fsdp":
-        return []
-    with torch.enable_grad():
-        views = [p.view_as(p) for p in model.parameters() if p.requires_grad]
-    return [view.grad_fn.next_functions[0][0] for view in views if view.grad_fn is not None]
-
-
 def capped(length: int | None, limit: int | None) -> int | None:
     """A loader's batch count under ``limit`` (``--smoke``); None when unknown."""
     if limit is None:
         return length
     return limit if length is None else min(length, limit)
-
-
-def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """The norm of all gradients together, on the device (no host read)."""
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads, norm_type)
-    if not grads:
-        return torch.zeros(())
-    norms = [torch.linalg.vector_norm(grad, norm_type) for grad in grads]
-    total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-    return total
-
-
-def _clip_norm(
-    parameters: list[torch.nn.Parameter], clip: GradientClip, norm: torch.Tensor | None
-) -> torch.Tensor:
-    """Clip by the total norm (``norm``: this step's, computed already) and return it,
-    whole on every process: under FSDP ``clip_grad_norm_`` returns a norm of sharded
-    gradients, which rank 0 alone could not read without hanging. Making it whole is the
-    one collective clipping needs anyway: the clipping then uses the whole norm."""
-    assert clip.max_norm is not None
-    if _CLIP_WITH_NORM is None:  # torch < 2.6
-        return _whole(torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, clip.norm_type))
-    if norm is None:
-        norm = _whole(
-            _total_norm([p.grad for p in parameters if p.grad is not None], clip.norm_type)
-        )
-    _CLIP_WITH_NORM(parameters, clip.max_norm, norm)
-    return norm
-
-
-_CLIP_WITH_NORM = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
-"""``torch.nn.utils.clip_grads_with_norm_`` (torch >= 2.6), else None."""
-
-
-def _whole(norm: torch.Tensor) -> torch.Tensor:
-    """A norm over FSDP's sharded gradients made whole (a collective every process
-    makes on the same steps), so that rank 0 alone can read it."""
-    full = getattr(norm, "full_tensor", None)
-    return full() if callable(full) else norm

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import torch
 
-from bz._errors import UsageError
+from bz._errors import BzError, UsageError, add_validation_context
 from bz.metrics._set import MetricSet
 from bz.training.device import resolve_device, to_device
 from bz.training.forward import Computed, Forward, forward_for
@@ -73,7 +73,7 @@ class ValidationPass:
         if watcher is not None:
             watcher.validation_batch_started(index, batch)
         loss, outputs, predictions, targets, samples = self.computed(batch)
-        totals.add(loss.detach(), samples)
+        totals.add(loss, samples)
         if metrics.active:
             metrics.update(for_metrics(predictions, self.precision), targets)
         if watcher is not None:
@@ -137,5 +137,34 @@ def evaluate(setup: TrainingSetup, config: RunConfig, metrics: Mapping[str, Metr
     model.eval()
     moves = device if device.type != "cpu" else None
     batches = forward_for(setup, "val_loader", metrics=tracked.active)
-    ValidationPass(model, batches, precision, moves).run(setup.val_loader, tracked, totals)
+    position = _Position()
+    try:
+        ValidationPass(model, batches, precision, moves, watcher=position).run(
+            setup.val_loader, tracked, totals
+        )
+    except BzError:
+        raise
+    except BaseException as exc:  # the user's loader, model, loss or metric: name the batch
+        add_validation_context(exc, batch=position.failing)
+        raise
     return Evaluation(totals.mean(), tracked.compute(), totals.batches)
+
+
+class _Position:
+    """Which batch :func:`evaluate` is at: the one being loaded, prepared or computed."""
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.counted = True
+
+    @property
+    def failing(self) -> int:
+        """The batch a failure now belongs to: the started one until it is counted,
+        then the next (its loading and preparing come before it starts)."""
+        return self.index + 1 if self.counted else self.index
+
+    def validation_batch_started(self, index: int, batch: Any) -> None:
+        self.index, self.counted = index, False
+
+    def validation_batch_ended(self, outputs: Any, loss: torch.Tensor) -> None:
+        self.counted = True

@@ -44,6 +44,8 @@ class Forward:
     """``pairs``, ``mapping`` or ``step`` (for messages and tests)."""
     prepare: Callable[[Any], Any]
     compute: Callable[[torch.nn.Module, Any], Computed]
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    """The setup's ``loss_fn`` for ``pairs`` (the training step inlines ``compute``)."""
 
 
 def forward_for(setup: TrainingSetup, loader: str, *, metrics: bool) -> Forward:
@@ -71,7 +73,7 @@ def forward_for(setup: TrainingSetup, loader: str, *, metrics: bool) -> Forward:
                 samples = samples_of_pair(inputs, targets, loader)
             return loss_fn(outputs, targets), outputs, outputs, targets, samples
 
-        return Forward("pairs", prepare, compute)
+        return Forward("pairs", prepare, compute, loss_fn)
     return Forward("mapping", _same, _mapping_compute(loader, metrics))
 
 
@@ -185,6 +187,14 @@ def check_scalar(loss: torch.Tensor, what: str, where: str = "") -> None:
             "loss computed from the model's forward, not detached, not a new tensor, not "
             "computed under torch.no_grad() (or every parameter has requires_grad=False)"
         )
+
+
+def explain_backward(forward: Forward, loss: torch.Tensor) -> None:
+    """After backward raised: a pairs loss that is not one number, or has no graph, is
+    the setup's ``loss_fn``'s fault (torch's own message names only torch's file). The
+    other ways check each loss before backward; this one would pay for that per batch."""
+    if forward.loss_fn is not None:
+        check_scalar(loss, "loss_fn")
 
 
 def defined_at(function: object) -> str:
