@@ -164,9 +164,15 @@ class _GenericFence:
     Every mark is a whole snapshot, so marks nest: this fence serves both levels.
     """
 
-    __slots__ = ("_cuda", "_numpy", "_numpy_slow", "_python", "_torch")
+    __slots__ = ("_cuda", "_mark", "_numpy", "_numpy_slow", "_python", "_torch", "instance")
+
+    live = (0,)
+    copies = (1,)
+    """Never equal: a round always marks (``refresh``) and puts back (``restore``)."""
 
     def __init__(self) -> None:
+        self.instance: Any = random._inst
+        self._mark: tuple[Any, ...] | None = None
         torch = sys.modules.get("torch")
         self._torch: Any = torch.default_generator if torch is not None else None
         self._cuda: Any = None
@@ -212,6 +218,16 @@ class _GenericFence:
 
     save = mark
     load = put_back
+
+    def refresh(self) -> None:
+        """A round's start, as the sandbox inlines it (see :class:`_FastFence`)."""
+        self._mark = self.mark()
+
+    def restore(self) -> None:
+        """A round's end: put back the state :meth:`refresh` marked."""
+        mark, self._mark = self._mark, None
+        if mark is not None:
+            self.put_back(mark)
 
 
 # torch's CPU generator (CPUGeneratorImpl), from its mt19937 engine on: uint64 seed_,
@@ -304,42 +320,54 @@ class _FastFence:
     a plugin's torch hook, uses :meth:`save` and :meth:`load`, which take whole snapshots.
     """
 
-    __slots__ = ("_copies", "_instance", "_live", "_twisters")
+    __slots__ = ("_twisters", "copies", "instance", "live")
 
     def __init__(self, torch: _Twister, python: _Twister, numpy: _Twister | None) -> None:
         self._twisters = (torch, python) if numpy is None else (torch, python, numpy)
-        self._live = tuple(live for twister in self._twisters for live, _ in twister.prints)
-        self._copies = tuple(copy for twister in self._twisters for _, copy in twister.prints)
-        self._instance = random._inst
+        self.live = tuple(live for twister in self._twisters for live, _ in twister.prints)
+        """The fingerprints' regions in the live states; ``copies``: in the copies. The
+        sandbox compares the two itself (inlined :meth:`mark` and :meth:`put_back`)."""
+        self.copies = tuple(copy for twister in self._twisters for _, copy in twister.prints)
+        self.instance: Any = random._inst
+        """``random``'s generator, whose cached Gaussian (``gauss_next``) the round
+        keeps aside and puts back."""
+
+    def refresh(self) -> None:
+        """Copy the states that moved since their copies (the loop drew)."""
+        for twister in self._twisters:
+            if twister.moved():
+                twister.refresh()
+
+    def restore(self) -> None:
+        """Write back the copies of the states that moved since (a plugin drew)."""
+        for twister in self._twisters:
+            if twister.moved():
+                twister.restore()
 
     def mark(self) -> Any:
         """Make the copies current; what :meth:`put_back` needs besides them."""
-        if self._live != self._copies:
-            for twister in self._twisters:
-                if twister.moved():
-                    twister.refresh()
-        return self._instance.gauss_next  # type: ignore[attr-defined]  # Random's cached Gaussian
+        if self.live != self.copies:
+            self.refresh()
+        return self.instance.gauss_next
 
     def put_back(self, mark: Any) -> None:
         """Undo whatever the plugins drew since :meth:`mark`."""
-        if self._live != self._copies:
-            for twister in self._twisters:
-                if twister.moved():
-                    twister.restore()
-        instance = self._instance
-        if instance.gauss_next is not mark:  # type: ignore[attr-defined]  # see mark()
-            instance.gauss_next = mark  # type: ignore[attr-defined]
+        if self.live != self.copies:
+            self.restore()
+        instance = self.instance
+        if instance.gauss_next is not mark:
+            instance.gauss_next = mark
 
     def save(self) -> tuple[Any, ...]:
         """A whole snapshot, for :meth:`load` (these nest, and leave the copies alone)."""
         states = tuple(twister.snapshot() for twister in self._twisters)
-        return (*states, self._instance.gauss_next)  # type: ignore[attr-defined]  # see mark()
+        return (*states, self.instance.gauss_next)
 
     def load(self, saved: tuple[Any, ...]) -> None:
         """Put back what :meth:`save` returned."""
         for twister, state in zip(self._twisters, saved, strict=False):
             twister.load(state)
-        self._instance.gauss_next = saved[-1]  # type: ignore[attr-defined]  # see mark()
+        self.instance.gauss_next = saved[-1]
 
 
 RandomFence = _FastFence | _GenericFence
@@ -358,3 +386,18 @@ def random_fence() -> RandomFence:
     if torch_twister is None:
         return _GenericFence()
     return _FastFence(torch_twister, python, numpy_twister)
+
+
+# Grad mode is global state too, which the sandbox puts back after each round.
+
+
+def grad_on() -> bool:
+    """Grad mode before torch is imported (nothing can have turned it off)."""
+    return True
+
+
+def set_grad_mode(enabled: bool) -> None:
+    """Put grad mode back (called only once a hook has run under torch)."""
+    import torch  # imported already
+
+    torch.set_grad_enabled(enabled)

@@ -67,8 +67,8 @@ class ProcessKeeper:
         assert self._original is not None
         if (
             int(number) in self._handlers
-            and self._watchdog.running is not None
             and threading.get_ident() == self._thread
+            and self._watchdog.current() is not None
         ):
             raise SignalHandlerReplaced(
                 f"a plugin may not replace bz's {signal.Signals(number).name} handler "

@@ -3,7 +3,9 @@
 :func:`build_table` makes, for every hook, the :class:`Round` of the active plugins that
 implement it (None where none does: calling such a hook costs one lookup). A round counts
 its calls itself (one countdown per round, not a counter per plugin) and times its
-plugins in a sample of rounds; :func:`report` adds it all up per plugin.
+plugins in a sample of rounds; :func:`report` adds it all up per plugin. The rounds that
+are not timed run as one generated function (:func:`straight`): one line per plugin,
+nothing stored per call.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from bz.plugins._faults import PluginFault, PluginReport
 from bz.plugins._hooks import HOOK_NAMES, HOOKS
+from bz.plugins._watchdog import Straight, Watchdog
 
 if TYPE_CHECKING:
     from bz.plugins._context import PluginContext
@@ -29,6 +32,7 @@ __all__ = [
     "quarantine_slots",
     "report",
     "set_aside",
+    "straight",
     "summary",
 ]
 
@@ -98,10 +102,29 @@ class Round:
     always timed.
     """
 
-    __slots__ = ("countdown", "entries", "interval", "number", "rounds", "sampled", "seed")
+    __slots__ = (
+        "countdown",
+        "entries",
+        "interval",
+        "number",
+        "rounds",
+        "run",
+        "sampled",
+        "seed",
+        "straight",
+    )
 
-    def __init__(self, entries: tuple[Entry, ...], number: int, sampled: bool) -> None:
+    def __init__(
+        self, entries: tuple[Entry, ...], number: int, sampled: bool, supervised: bool = False
+    ) -> None:
         self.entries = entries
+        self.run: Callable[[PluginContext], None] | None = None
+        """The round's calls as one function (:func:`straight`); None under a supervisor,
+        which is told each call's plugin (the sandbox's general loop)."""
+        self.straight: Straight | None = None
+        """What tells which plugin ``run`` is calling (for the watchdog and faults)."""
+        if not supervised:
+            self.run, self.straight = straight(entries)
         self.number = number
         """The hook's number, for the supervisor."""
         self.sampled = sampled
@@ -126,6 +149,15 @@ class Round:
             self.interval = 1 + (seed >> 16) % (2 * SAMPLE_EVERY - 1)
         self.countdown = self.interval
 
+    def failed(self, exc: BaseException, watchdog: Watchdog) -> int:
+        """``exc`` left ``run``: the plugin it came from (the line its traceback passed
+        through) is made ``watchdog.running``, as the general loop leaves it for the
+        sandbox's fault handling; its position (-1: raised before the first call)."""
+        assert self.straight is not None
+        index = self.straight.index(exc.__traceback__)
+        watchdog.running = self.entries[index][0] if index >= 0 else None
+        return index
+
     def flush(self) -> None:
         """Add the rounds counted here to the plugins' own counts (the table is replaced)."""
         done = self.done()
@@ -142,10 +174,32 @@ SAMPLE_EVERY = 16
 Entry = tuple[Slot, Callable[["PluginContext"], object]]
 
 
-def build_table(slots: Sequence[Slot], keeper: ProcessKeeper) -> dict[str, Round | None]:
+def straight(entries: Sequence[Entry]) -> tuple[Callable[[PluginContext], None], Straight]:
+    """The round's calls as one function of the view, written out one call per line:
+    no loop and nothing stored per call. Which plugin it is calling is its frame's line
+    (:class:`~bz.plugins._watchdog.Straight`): a fault's traceback and the watchdog read
+    it there. Built once per table (when the active plugins change)."""
+    names = [f"hook_{index}" for index in range(len(entries))]
+    calls = "".join(f"        {name}(view)\n" for name in names)
+    source = (
+        f"def make({', '.join(names)}):\n"
+        f"    def plugin_round(view):\n{calls}"
+        "    return plugin_round\n"
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<bz plugin round>", "exec"), namespace)  # our own text, from names only
+    run = namespace["make"](*(method for _, method in entries))
+    return run, Straight(run.__code__, tuple(slot for slot, _ in entries))
+
+
+def build_table(
+    slots: Sequence[Slot], keeper: ProcessKeeper, supervised: bool = False
+) -> dict[str, Round | None]:
     """Per hook, the round of the active plugins implementing it, or None.
 
     Hooks above the batch level also check bz's signal handlers around each call.
+    Under a supervisor (``supervised``) every round runs through the sandbox's general
+    loop, which tells the supervisor each call's plugin.
     """
     table: dict[str, Round | None] = {}
     for hook in HOOK_NAMES:
@@ -160,7 +214,7 @@ def build_table(slots: Sequence[Slot], keeper: ProcessKeeper) -> dict[str, Round
             if slot.fault is None and not slot.dormant and hook in slot.hooks
         )
         sampled = hook in PER_BATCH
-        table[hook] = Round(entries, HOOK_NUMBERS[hook], sampled) if entries else None
+        table[hook] = Round(entries, HOOK_NUMBERS[hook], sampled, supervised) if entries else None
     return table
 
 

@@ -42,7 +42,7 @@ from bz.plugins._faults import (
     log_fault,
     verdict,
 )
-from bz.plugins._fence import RandomFence, random_fence
+from bz.plugins._fence import RandomFence, grad_on, random_fence, set_grad_mode
 from bz.plugins._process import ProcessKeeper
 from bz.plugins._rounds import (
     Entry,
@@ -56,7 +56,7 @@ from bz.plugins._rounds import (
     summary,
 )
 from bz.plugins._torch_hooks import HookLedger
-from bz.plugins._watchdog import Watchdog
+from bz.plugins._watchdog import Straight, Watchdog
 
 if TYPE_CHECKING:
     from bz.plugins._protocol import NamedPlugin
@@ -110,7 +110,7 @@ class PluginSet:
         self.rewindable = False
         """Set by the loop while it can go back to a consistent state (``rewind``)."""
         self._fence: RandomFence | None = None
-        self._grad_mode: Callable[[], bool] = _grad_on
+        self._grad_mode: Callable[[], bool] = grad_on
         """``torch.is_grad_enabled``, once the fence is built (torch is imported then)."""
         self._shown: PluginContext | None = None
         self._view: PluginContext = LoopView(PluginContext())
@@ -161,58 +161,66 @@ class PluginSet:
         for old in self._table.values():
             if old is not None:
                 old.flush()
-        self._table = table = build_table(self._slots, self._keeper)
+        self._table = table = build_table(self._slots, self._keeper, self._supervised)
         self.implemented.update((hook, entries is not None) for hook, entries in table.items())
 
     # -- the hot path ----------------------------------------------------------------
 
     def call(self, hook: str, context: PluginContext) -> None:
         """Call ``hook`` on every active plugin that implements it, inside the boundary."""
-        # Fast path, run several times per batch: a hook nobody implements returns after
-        # one lookup. Otherwise: one random fence for the whole round (not per plugin),
-        # a countdown for the round's tallies (``Round``), and per plugin one store:
-        # which plugin runs, for the watchdog. The ``try`` around the calls costs nothing
-        # until a plugin raises; the round then goes on, from the next plugin, in
-        # ``_round``. Under a supervisor every call also stores the plugin's number in
-        # the shared block (``_round``). Quarantine (the slow path) rebuilds the table;
-        # the entries held here keep this round's order.
+        # A hook nobody implements: one lookup. Otherwise one random fence for the round,
+        # a countdown for its tallies (``Round``), and its calls as one generated function
+        # (``Round.run``; nothing stored per call: a fault's traceback and the watchdog
+        # read the plugin from its frame). After a fault the round goes on in ``_round``;
+        # timed and supervised rounds go through ``_timed_round`` / ``_round``.
         round_ = self._table[hook]
         if round_ is None:
             return
         view = self._view if context is self._shown else self._view_for(context)
+        # The fence's ``mark`` and ``put_back``, inlined: with no draw, one comparison
+        # of two tuples each (see ``bz.plugins._fence``).
         fence = self._fence or self._new_fence()
-        mark = fence.mark()
+        if fence.live != fence.copies:
+            fence.refresh()
+        instance = fence.instance
+        gauss = instance.gauss_next
         # Grad mode is global: a plugin that turns it off (and fails, or forgets to turn
         # it back on) would leave the loop's backward pass without a graph.
         grad_mode = self._grad_mode
         grad = grad_mode()
         watchdog = self._watchdog
-        remaining = iter(round_.entries)
-        watchdog.round = remaining  # a new object each round: tells calls of a plugin apart
         round_.countdown -= 1
         try:
-            if not round_.countdown:
-                round_.next_interval()
-                self._timed_round(round_, hook, view, context, remaining)
-            elif self._supervised:
-                self._round(round_, hook, view, context, remaining)
-            else:
+            run = round_.run
+            if run is not None and round_.countdown:
+                watchdog.running = round_.straight
                 try:
-                    for slot, method in remaining:
-                        watchdog.running = slot
-                        method(view)
+                    run(view)
                     return  # the common case (the ``finally`` below still runs)
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as exc:
+                    round_.failed(exc, watchdog)
                     not_called(round_, watchdog.running)
                     raise
                 except BaseException as exc:  # a plugin cannot end the process
+                    index = round_.failed(exc, watchdog)
                     self._caught(round_, hook, exc, context)
+                remaining = iter(round_.entries[index + 1 :])
+            else:
+                remaining = iter(round_.entries)
+            watchdog.round = remaining  # a new object each round: tells calls apart
+            if not round_.countdown:
+                round_.next_interval()
+                self._timed_round(round_, hook, view, context, remaining)
+            else:
                 self._round(round_, hook, view, context, remaining)
         finally:
             watchdog.running = None
-            fence.put_back(mark)
+            if fence.live != fence.copies:
+                fence.restore()
+            if instance.gauss_next is not gauss:
+                instance.gauss_next = gauss
             if grad_mode() is not grad:
-                _set_grad_mode(grad)
+                set_grad_mode(grad)
             # Autocast too, but read only when a plugin's hook changed it (``_touched``):
             # reading it costs a microsecond, this test nothing.
             if self._autocast is not None:
@@ -374,7 +382,7 @@ class PluginSet:
         grad_mode = self._grad_mode
         grad = grad_mode()
         started = _perf_counter()
-        if outer is None:
+        if outer is None or type(outer) is Straight:
             watchdog.round = saved
         slot.calls += 1
         where = self._where
@@ -398,7 +406,7 @@ class PluginSet:
             slot.seconds += _perf_counter() - started
             fence.load(saved)
             if grad_mode() is not grad:
-                _set_grad_mode(grad)
+                set_grad_mode(grad)
             if self._autocast is not None:
                 self._put_back_autocast()
 
@@ -486,14 +494,3 @@ class PluginSet:
     def log_summary(self) -> None:
         """Emit the end-of-run summary as one structured event."""
         _log.info("plugin_summary", plugins=summary(self.report()))
-
-
-def _grad_on() -> bool:
-    """Grad mode before torch is imported (nothing can have turned it off)."""
-    return True
-
-
-def _set_grad_mode(enabled: bool) -> None:
-    import torch  # imported already: only called once a hook has run under torch
-
-    torch.set_grad_enabled(enabled)

@@ -75,10 +75,11 @@ class HookLedger:
 
     def running_here(self) -> object | None:
         """The slot of the plugin whose hook runs now in the training thread, if any."""
-        slot: object | None = self._watchdog.running
-        if slot is None or threading.get_ident() != self._thread:
+        watchdog = self._watchdog
+        if watchdog.running is None or threading.get_ident() != self._thread:
             return None
-        return slot
+        call = watchdog.current()
+        return None if call is None else call[0]
 
     def guard(self, slot: object, kind: str, hook: Callable[..., Any]) -> Callable[..., Any]:
         """``hook``, run inside the boundary as ``slot``'s whenever torch calls it."""

@@ -1,10 +1,16 @@
 """``plugin_timeout``: a hook that runs too long is interrupted inside the plugin.
 
-The sandbox writes, before each plugin call, which plugin runs (one attribute write: the
-whole per-call cost), and before each round of calls a new round object (which tells
-one call from the next call of the same plugin). A daemon thread looks a few times per
-timeout and times a call from the first look that sees it; when one has run past the
-timeout, the thread sends SIGALRM to the main thread,
+Nothing is stored per plugin call on the common path. The sandbox runs most rounds of
+calls as one generated function, a :class:`Straight` round, one line per plugin: before
+such a round it stores the round (one attribute write per round), and which plugin runs
+is read, only when someone asks, from the line the round's frame is at (the observer
+looks, the observed does not report). The other rounds (timed, supervised, a round
+going on after a fault) and the torch hooks plugins register write, before each call,
+which plugin runs, and before each round a new round object (which tells one call from
+the next call of the same plugin). A daemon thread looks a few times per timeout and
+times a call from the first look that sees it (a :class:`Straight` round's call is told
+apart by its frame); when one has run past the timeout, the thread sends SIGALRM to the
+main thread,
 whose handler raises :class:`PluginTimeout` in the plugin's own frame. A hook blocked in
 ``time.sleep``, a socket or a lock wakes up (the signal interrupts the wait); Python code
 stops at its next bytecode. The exception's traceback is the plugin's stack, which the
@@ -37,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from bz._supervision import heartbeat
 
 if TYPE_CHECKING:
-    from types import CodeType, FrameType
+    from types import CodeType, FrameType, TracebackType
 
 _MAIN_THREAD = threading.main_thread().ident
 
@@ -67,6 +73,34 @@ class PluginInterrupted(_Interruption):
     """A second Ctrl-C or SIGTERM arrived while a plugin's hook was running."""
 
 
+class Straight:
+    """A round of calls run as one generated function, one call per line (see
+    :func:`bz.plugins._rounds.straight`): the line its frame is at names the plugin."""
+
+    __slots__ = ("code", "first", "slots")
+
+    def __init__(self, code: CodeType, slots: tuple[object, ...]) -> None:
+        self.code = code
+        self.first = code.co_firstlineno + 1
+        """The line of the first plugin's call."""
+        self.slots = slots
+
+    def at(self, line: int | None) -> object | None:
+        """The slot called on ``line`` of the round (None: no call's line)."""
+        index = -1 if line is None else line - self.first
+        return self.slots[index] if 0 <= index < len(self.slots) else None
+
+    def index(self, traceback: TracebackType | None) -> int:
+        """Which plugin's call an exception that passed through the round came from
+        (its position; -1 when the round had not called one)."""
+        while traceback is not None:
+            if traceback.tb_frame.f_code is self.code:
+                index = traceback.tb_lineno - self.first
+                return index if 0 <= index < len(self.slots) else -1
+            traceback = traceback.tb_next
+        return -1
+
+
 class Watchdog:
     """Which plugin call is running, and the thread that interrupts one that hangs."""
 
@@ -89,7 +123,8 @@ class Watchdog:
     def __init__(self) -> None:
         self.running: object | None = None
         """The slot of the plugin being called (None between rounds; in a round, the
-        plugin called last until the next one starts)."""
+        plugin called last until the next one starts), or the :class:`Straight` round
+        running now: :meth:`current` tells which plugin that round is calling."""
         self.round: object = None
         """A new object for each round of calls: with ``running``, it tells one call
         apart from the next call of the same plugin (no clock is read per call)."""
@@ -146,16 +181,37 @@ class Watchdog:
             self._force(frame)
             raise self._fresh(forced)
         expired, self._expired = self._expired, None
-        if expired is not None and expired is self.running:
+        call = self.current(frame) if expired is not None else None
+        if call is not None and expired is call[0]:
             name = getattr(expired, "name", "?")
             error = PluginTimeout(
                 f"plugin {name!r} ran longer than plugin_timeout ({self.seconds:g} s)"
             )
-            self.escalate(expired, 1, error)
+            self.escalate(call, 1, error)
             raise error
         previous = self._previous
         if callable(previous):  # someone else's SIGALRM
             previous(signum, frame)
+
+    def current(
+        self, frame: FrameType | None = None, thread: int | None = None
+    ) -> tuple[object, object] | None:
+        """The call running now, as (slot, what tells it from the plugin's other calls),
+        or None. In a :class:`Straight` round the stack is read: from ``frame``, else
+        from ``thread``'s innermost frame, else from the caller's."""
+        running = self.running
+        if type(running) is not Straight:
+            return None if running is None else (running, self.round)
+        if frame is None:
+            frame = sys._getframe(1) if thread is None else sys._current_frames().get(thread)
+        code = running.code
+        while frame is not None:
+            if frame.f_code is code:
+                slot = running.at(frame.f_lineno)
+                # The round's frame tells this call from the plugin's next one.
+                return None if slot is None else (slot, frame)
+            frame = frame.f_back
+        return None
 
     def expire(self, running: object) -> None:
         """Called by the thread: mark ``running`` as overdue (the signal follows)."""
@@ -169,26 +225,26 @@ class Watchdog:
         quarantined, rewound) and the loop goes on to stop cleanly, with a checkpoint.
         Returns when no plugin is running.
         """
-        running = self.running
-        if running is not None:
-            name = getattr(running, "name", "?")
+        call = self.current()
+        if call is not None:
+            name = getattr(call[0], "name", "?")
             error = PluginInterrupted(
                 f"plugin {name!r} was still running when a second "
                 f"{signal.Signals(signum).name} arrived"
             )
             # Should the hook swallow it: forced out, or the process ends (143 / 130).
-            self.escalate(running, 128 + signum, error)
+            self.escalate(call, 128 + signum, error)
             raise error
 
     # -- escalation ----------------------------------------------------------------------
 
-    def escalate(self, slot: object, exit_code: int, error: _Interruption) -> None:
-        """``slot``'s running call was just interrupted with ``error``: make sure it ends.
+    def escalate(self, call: tuple[object, object], exit_code: int, error: _Interruption) -> None:
+        """The running ``call`` (see :meth:`current`) was just interrupted with ``error``:
+        make sure it ends.
 
         Starts (once per call) the thread that forces the call out after ``GRACE_S``
         and ends the process with ``exit_code`` after ``EXIT_AFTER_S``.
         """
-        call = (slot, self.round)
         if self._escalating is not None and all(map(operator.is_, self._escalating, call)):
             return
         self._escalating = call
@@ -208,6 +264,9 @@ class Watchdog:
         # In the main thread (a signal handler): every frame of the plugin's call, and
         # every frame it starts, raises at its next line until the call is left.
         boundaries = self.boundaries
+        running = self.running
+        if type(running) is Straight:
+            boundaries = boundaries | {running.code}
         while frame is not None and frame.f_code not in boundaries:
             frame.f_trace = self._line
             frame = frame.f_back
@@ -243,7 +302,10 @@ class Watchdog:
 
     def _forcing(self) -> bool:
         escalating = self._escalating
-        return escalating is not None and escalating[0] is self.running
+        if escalating is None:
+            return False
+        call = self.current()
+        return call is not None and escalating[0] is call[0]
 
     def settle(self) -> None:
         """The escalated call has ended (its exception reached the sandbox): stop tracing."""
@@ -264,6 +326,8 @@ _OWN_CODES = frozenset(
         Watchdog._forcing,
         Watchdog._fresh,
         Watchdog._rearm,
+        Watchdog.current,
+        Straight.at,
         _Interruption.__del__,
     )
 )
@@ -286,8 +350,10 @@ def _escalate(
             or escalating is None
             or escalating[0] is not call[0]
             or escalating[1] is not call[1]
-            or watchdog.running is not call[0]
         ):
+            return None
+        current = watchdog.current(thread=main)
+        if current is None or current[0] is not call[0]:
             return None
         return watchdog
 
@@ -328,7 +394,8 @@ def _watch(
             heartbeat(None)
             return
         heartbeat(seconds)  # a supervising `bz train` sees that this thread can run
-        running, round_ = watchdog.running, watchdog.round
+        call = watchdog.current(thread=main)
+        running, round_ = call if call is not None else (None, None)
         now = time.perf_counter()
         if running is None:
             seen = None
@@ -343,13 +410,13 @@ def _watch(
             # From here too, not only from the handler: the signal may never land.
             name = getattr(running, "name", "?")
             watchdog.escalate(
-                running,
+                (running, round_),
                 1,
                 PluginTimeout(f"plugin {name!r} ran longer than plugin_timeout ({seconds:g} s)"),
             )
             signal.pthread_kill(main, signal.SIGALRM)
-        del watchdog, running, round_
+        del watchdog, call, running, round_
     heartbeat(None)
 
 
-__all__ = ["PluginInterrupted", "PluginTimeout", "Watchdog"]
+__all__ = ["PluginInterrupted", "PluginTimeout", "Straight", "Watchdog"]
