@@ -15,10 +15,13 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from tests._support import assert_same_weights, tiny_setup, weights
 
 import bz
 from bz.plugins import PluginContext
+from bz.plugins._context import LoopView
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
 
 
@@ -185,3 +188,30 @@ def test_a_context_built_by_hand_stays_writable() -> None:
         0.5,
         {"accuracy": 0.75},
     )
+
+
+@given(
+    epoch=st.integers(0, 10**6),
+    samples=st.integers(0, 10**9),
+    batch=st.one_of(st.none(), st.integers(), st.text(max_size=3)),
+)
+def test_the_view_shows_every_field_as_the_loop_holds_it_now(
+    epoch: int, samples: int, batch: object
+) -> None:
+    """Each field read through the view is the source's current object, also after the
+    loop changes it (a plugin holding the view across hooks sees current values)."""
+    source = PluginContext(epochs=7, rank=1, world_size=2)
+    view = LoopView(source)
+    fields = [
+        name for name in vars(source) if name not in {"training_metrics", "validation_metrics"}
+    ]
+    assert {"epoch", "global_step", "batch", "extra", "_training_loss"} <= set(fields)
+    source.epoch, source.training_sample_count, source.batch = epoch, samples, batch
+    source.extra = {"shared": epoch}
+    for name in fields:
+        assert getattr(view, name) is getattr(source, name), name
+    assert (view.epochs, view.rank, view.world_size) == (7, 1, 2)
+    assert view.training_loss_total == source.training_loss_total
+    assert view.is_main_process is False
+    source.training_metrics = {"accuracy": 0.5}
+    assert view.training_metrics == {"accuracy": 0.5}
