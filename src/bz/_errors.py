@@ -115,9 +115,16 @@ def validation_batch(exc: BaseException) -> int | None:
 
 
 def training_context(exc: BaseException) -> str | None:
-    """``training failed at epoch E, step S`` when bz attached it to ``exc``, else None."""
+    """``training failed at epoch E, step S`` when bz attached it to ``exc``, else None;
+    ``validation failed at epoch E, step S, batch index B of val_loader`` for a failure
+    in the validation the run does each epoch (or every ``validate_every_steps``)."""
     position = training_position(exc)
-    return f"training failed at {position}" if position is not None else None
+    if position is None:
+        return None
+    batch = validation_batch(exc)
+    if batch is not None:
+        return f"validation failed at {position}, batch index {batch} of val_loader"
+    return f"training failed at {position}"
 
 
 def describe_exception(exc: BaseException) -> str:
