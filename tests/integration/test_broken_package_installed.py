@@ -23,8 +23,8 @@ from bz.plugins._loader import discover
 __all__ = ["packages"]  # the fixture, imported for the tests below
 
 
-def _install_broken(packages: Packages) -> None:
-    packages.install(
+def _install_broken(packages: Packages) -> Path:
+    return packages.install(
         "broken-plugins",
         {"broken": "broken_mod:Broken"},
         {"broken_mod.py": "import json\n\n\nraise RuntimeError('half-installed')\n"},
@@ -44,7 +44,7 @@ def test_the_config_strategies_draw_only_bz_s_own_plugins(packages: Packages) ->
 def test_a_run_that_does_not_list_it_never_imports_it(
     packages: Packages, project: Callable[..., Path]
 ) -> None:
-    _install_broken(packages)
+    site = _install_broken(packages)
     project({"epochs": 1, "plugins": ["console_out"]})
     runner = CliRunner()
     trained = runner.invoke(cli, ["train", "--log-format", "json"])
@@ -58,7 +58,7 @@ def test_a_run_that_does_not_list_it_never_imports_it(
     errors = {entry["name"]: entry["error"] for entry in json.loads(listed.stdout)}
     assert errors["broken"] == (
         "PluginImportError: broken_mod:Broken (from broken-plugins 1.0.0) failed to import: "
-        "RuntimeError: half-installed"
+        f"{site / 'broken_mod.py'}:4: RuntimeError: half-installed"
     )
     assert errors["console_out"] is None
 
@@ -66,15 +66,15 @@ def test_a_run_that_does_not_list_it_never_imports_it(
 def test_a_run_that_lists_it_trains_without_it_and_check_config_refuses_it(
     packages: Packages, project: Callable[..., Path]
 ) -> None:
-    _install_broken(packages)
+    site = _install_broken(packages)
     project({"epochs": 1, "plugins": ["broken"]})
     runner = CliRunner()
     checked = runner.invoke(cli, ["check-config"])
     assert checked.exit_code == 2, checked.output
     assert checked.stderr == (
         "bz: error: bzconfig.json: plugin 'broken' failed in import: PluginImportError: "
-        "broken_mod:Broken (from broken-plugins 1.0.0) failed to import: "
-        "RuntimeError: half-installed\n"
+        f"broken_mod:Broken (from broken-plugins 1.0.0) failed to import: "
+        f"{site / 'broken_mod.py'}:4: RuntimeError: half-installed\n"
     )
     # The design's contract: a package that fails to import is reported and skipped.
     trained = runner.invoke(cli, ["train", "--log-format", "json"])
