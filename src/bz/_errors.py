@@ -199,9 +199,10 @@ def defined_at(definition: object) -> str:
     """
     import inspect
 
-    target = getattr(definition, "__func__", definition)  # bound, static, class methods
-    with contextlib.suppress(ValueError):  # a __wrapped__ cycle
-        target = inspect.unwrap(target)
+    target: object = getattr(definition, "__func__", definition)  # bound, static, class
+    if callable(target):
+        with contextlib.suppress(ValueError):  # a __wrapped__ cycle
+            target = inspect.unwrap(target)
     code = getattr(target, "__code__", None)
     if isinstance(code, types.CodeType):
         return f" (at {code.co_filename}:{code.co_firstlineno})"
