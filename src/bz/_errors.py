@@ -137,7 +137,7 @@ def describe_exception(exc: BaseException) -> str:
         message = str(exc)
     except KeyboardInterrupt:
         raise
-    except BaseException:  # noqa: BLE001  # whatever a hostile __str__ raises
+    except BaseException:  # whatever a hostile __str__ raises
         message = "<exception str() failed>"
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 

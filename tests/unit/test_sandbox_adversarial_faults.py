@@ -11,7 +11,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -26,7 +26,12 @@ from bz.plugins import HOOK_NAMES, PluginContext
 from bz.plugins._sandbox import PluginSet
 
 HOOKS = [hook for hook in HOOK_NAMES if hook not in ("on_exception", "load_checkpoint")]
-PER_BATCH = ["start_training_batch", "after_backward", "before_optimizer_step", "end_training_batch"]
+PER_BATCH = [
+    "start_training_batch",
+    "after_backward",
+    "before_optimizer_step",
+    "end_training_batch",
+]
 
 
 class CustomBase(BaseException):
@@ -169,20 +174,33 @@ def test_a_fault_in_a_torch_hook_the_plugin_registered_is_its_own(
 
         def start_training_session(self, context: PluginContext) -> None:
             model, optimizer = context.model, context.optimizer
-            assert model is not None and optimizer is not None
+            assert model is not None
+            assert optimizer is not None
             if torch_hook == "forward":
                 model.register_forward_hook(lambda module, args, output: act())
             elif torch_hook == "grad":
-                next(model.parameters()).register_hook(lambda grad: act())
+                register = cast(
+                    "Callable[[Callable[[torch.Tensor], object]], object]",
+                    next(model.parameters()).register_hook,  # untyped in torch
+                )
+                register(lambda grad: act())
             else:
-                optimizer.register_step_post_hook(lambda optimizer, args, kwargs: act())
+
+                def step_post(optimizer: Any, args: Any, kwargs: Any) -> None:
+                    act()
+
+                optimizer.register_step_post_hook(step_post)
 
     bystander = Counter("bystander")
     trained, result = fit([Hooking(), bystander])
     assert_same_weights(trained, clean())
     faults = faults_by_name(result)
     assert list(faults) == ["hooking"], faults
-    expected = {"forward": "forward_hook", "grad": "grad_hook", "optimizer": "optimizer_step_post_hook"}
+    expected = {
+        "forward": "forward_hook",
+        "grad": "grad_hook",
+        "optimizer": "optimizer_step_post_hook",
+    }
     assert faults["hooking"].stage == f"torch {expected[torch_hook]}"
     assert bystander.calls["end_training_session"] == 1
 
@@ -275,6 +293,11 @@ def test_a_per_batch_hook_past_plugin_timeout_is_stopped_and_named() -> None:
 
 ROUNDS = 60
 KINDS = sorted(RAISES)
+TYPE_NAMES = {kind: kind.split("(")[0].strip() for kind in KINDS} | {
+    "custom BaseException": "CustomBase",
+    "RecursionError (deep recursion)": "RecursionError",
+    "unprintable exception": "UnprintableError",
+}
 
 
 class Member:
@@ -322,7 +345,9 @@ def test_many_plugins_with_faults_at_random_places_are_blamed_exactly(
     blamed = {fault.plugin: fault for fault in plugins.faults}
     assert set(blamed) == {f"plugin_{i}" for i in faulty}
     for i, (_, kind) in faulty.items():
-        assert blamed[f"plugin_{i}"].stage == "after_backward"
+        fault = blamed[f"plugin_{i}"]
+        assert fault.stage == "after_backward"
+        assert fault.error.split(":")[0] == TYPE_NAMES[kind]
     assert {report.name: report.calls for report in plugins.report()} == {
         member.name: member.called for member in members
     }
@@ -340,9 +365,7 @@ def test_plugins_failing_in_the_same_round_are_each_blamed_and_the_rest_run_once
         label="failing",
     )
     kinds = data.draw(st.lists(st.sampled_from(KINDS), min_size=size, max_size=size))
-    members = [
-        Member(f"p{i}", {at: kinds[i]} if i in failing else {}) for i in range(size)
-    ]
+    members = [Member(f"p{i}", {at: kinds[i]} if i in failing else {}) for i in range(size)]
     plugins = PluginSet([(member, ("after_backward",)) for member in members], policy="isolate")
     context = PluginContext()
     for _ in range(ROUNDS):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -119,13 +119,15 @@ DRAWS: dict[str, Draw] = {
     "torch.randperm": lambda: torch.randperm(50),
     "torch.manual_seed": lambda: torch.manual_seed(7),
     "torch.seed": lambda: torch.seed(),
-    "torch.set_rng_state": lambda: torch.set_rng_state(torch.Generator().manual_seed(3).get_state()),
+    "torch.set_rng_state": lambda: torch.set_rng_state(
+        torch.Generator().manual_seed(3).get_state()
+    ),
     "nn.init on a module of its own": lambda: nn.Linear(8, 8),
     "dropout of its own": lambda: torch.nn.functional.dropout(torch.ones(64), 0.5),
     "random.random": lambda: random.random(),
     "random.gauss once (leaves gauss_next)": lambda: random.gauss(0.0, 1.0),
     "random.gauss twice (consumes gauss_next)": lambda: (random.gauss(0, 1), random.gauss(0, 1)),
-    "random.gauss_next cleared by hand": lambda: setattr(random._inst, "gauss_next", None),  # type: ignore[attr-defined]
+    "random.gauss_next cleared by hand": lambda: setattr(random._inst, "gauss_next", None),
     "random.random 312 times (one word cycle)": lambda: [random.random() for _ in range(312)],
     "random.seed": lambda: random.seed(99),
     "random.shuffle": lambda: random.shuffle(list(range(20))),
@@ -211,11 +213,19 @@ def test_a_plugin_drawing_inside_its_torch_hooks_leaves_training_bit_identical()
 
             model.register_forward_hook(forward)
             for parameter in model.parameters():
-                parameter.register_hook(lambda grad: (torch.randn(1), random.random(), None)[2])
+                register = cast(
+                    "Callable[[Callable[[torch.Tensor], None]], object]",
+                    parameter.register_hook,  # untyped in torch
+                )
+                register(lambda grad: (torch.randn(1), random.random(), None)[2])
 
     plugin = HookDrawer()
     assert_same_weights(fit([plugin]), clean())
     assert plugin.calls > 10
+
+
+def all_of(draws: list[Draw]) -> Draw:
+    return lambda: [draw() for draw in draws]
 
 
 @settings(max_examples=15, deadline=None)
@@ -234,8 +244,7 @@ def test_several_plugins_drawing_anything_anywhere_leave_training_bit_identical(
 ) -> None:
     plugins = []
     for number, (hooks, draws) in enumerate(plans):
-        chosen = [DRAWS[name] for name in draws]
         plugins.append(
-            Drawing(lambda chosen=chosen: [draw() for draw in chosen], hooks, f"drawing_{number}")
+            Drawing(all_of([DRAWS[name] for name in draws]), hooks, f"drawing_{number}")
         )
     assert_same_weights(fit(plugins), clean())
