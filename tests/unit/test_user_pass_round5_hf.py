@@ -49,13 +49,16 @@ def _rows(count: int) -> list[dict[str, Any]]:
     ]
 
 
+def _loader(rows: list[dict[str, Any]]) -> DataLoader[Any]:
+    data: Any = rows  # a list is a map-style dataset to DataLoader
+    return DataLoader(data, batch_size=8, collate_fn=transformers.default_data_collator)
+
+
 def _fit(model: torch.nn.Module) -> None:
     setup = bz.TrainingSetup(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-        train_loader=DataLoader(
-            _rows(16), batch_size=8, collate_fn=transformers.default_data_collator
-        ),
+        train_loader=_loader(_rows(16)),
     )
     config = bz.RunConfig(epochs=1, device="cpu", plugins=[], checkpoint_interval=0)
     bz.Trainer().fit(setup, config, [])
@@ -88,7 +91,7 @@ def test_a_batch_without_labels_is_still_told_to_add_them() -> None:
     setup = bz.TrainingSetup(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-        train_loader=DataLoader(rows, batch_size=8, collate_fn=transformers.default_data_collator),
+        train_loader=_loader(rows),
     )
     config = bz.RunConfig(epochs=1, device="cpu", plugins=[], checkpoint_interval=0)
     with pytest.raises(bz.UsageError, match="put the targets in the batch as 'labels'"):
