@@ -21,6 +21,7 @@ from bz._entry_points import duplicate_message as entry_duplicate_message
 from bz._errors import ConfigError, UsageError, describe_exception
 from bz._logging import get_logger, note_plugin_module
 from bz.config import PluginSpec, RunConfig, structure, unstructure
+from bz.plugins import _isolated
 from bz.plugins._conflicts import check_specs
 from bz.plugins._entries import named_under, options_path
 from bz.plugins._hooks import HOOK_NAMES
@@ -284,6 +285,7 @@ def check_plugin_options(
         options = _options(factory, spec, faults, "isolate")
         if options is not _NOT_CHECKED:
             checked[spec.name] = options
+            _isolated.check_isolation(factory, options, spec, options_path(spec))
     return checked, faults
 
 
