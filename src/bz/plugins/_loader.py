@@ -267,13 +267,10 @@ def check_plugin_options(
     *,
     discovery: Discovery | None = None,
 ) -> tuple[dict[str, object], list[PluginFault]]:
-    """What ``bz check-config`` checks: every listed plugin imports and its options
-    pass its ``Config`` class (or its ``load_config``), without creating any plugin, so
-    nothing a plugin does when created (open a file, connect somewhere) happens.
-
-    Returns the checked options by plugin name and the faults found. Unknown names and
-    bad options raise :class:`ConfigError`, as :func:`load_plugins` does.
-    """
+    """What ``bz check-config`` checks, creating no plugin (which may open files or
+    connect): every listed plugin imports, its options pass its ``Config`` (or its
+    ``load_config``), and it can take the ``isolation`` asked. Returns the checked options
+    by name and the faults; unknown names and bad options raise :class:`ConfigError`."""
     discovery = discovery or discover()
     _check_names(specs, discovery, {})
     faults: list[PluginFault] = []
