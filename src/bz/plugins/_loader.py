@@ -21,6 +21,7 @@ from bz._entry_points import duplicate_message as entry_duplicate_message
 from bz._errors import ConfigError, UsageError, defined_at, describe_exception, package_frame
 from bz._logging import get_logger, note_plugin_module
 from bz.config import PluginSpec, RunConfig, structure, unstructure
+from bz.plugins import _isolated
 from bz.plugins._conflicts import check_specs
 from bz.plugins._entries import named_under, options_path
 from bz.plugins._hooks import HOOK_NAMES
@@ -266,13 +267,10 @@ def check_plugin_options(
     *,
     discovery: Discovery | None = None,
 ) -> tuple[dict[str, object], list[PluginFault]]:
-    """What ``bz check-config`` checks: every listed plugin imports and its options
-    pass its ``Config`` class (or its ``load_config``), without creating any plugin, so
-    nothing a plugin does when created (open a file, connect somewhere) happens.
-
-    Returns the checked options by plugin name and the faults found. Unknown names and
-    bad options raise :class:`ConfigError`, as :func:`load_plugins` does.
-    """
+    """What ``bz check-config`` checks, creating no plugin (which may open files or
+    connect): every listed plugin imports, its options pass its ``Config`` (or its
+    ``load_config``), and it can take the ``isolation`` asked. Returns the checked options
+    by name and the faults; unknown names and bad options raise :class:`ConfigError`."""
     discovery = discovery or discover()
     _check_names(specs, discovery, {})
     faults: list[PluginFault] = []
@@ -287,6 +285,7 @@ def check_plugin_options(
         options = _options(factory, spec, faults, "isolate")
         if options is not _NOT_CHECKED:
             checked[spec.name] = options
+            _isolated.check_isolation(factory, options, spec, options_path(spec))
     return checked, faults
 
 
