@@ -18,6 +18,7 @@ BIN    := $(VENV)/bin
 JOBS   ?= 2
 PIP    := $(BIN)/python -m pip install --quiet
 PYTEST := $(BIN)/pytest $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile)
+BESIDE := $(if $(filter 0,$(JOBS)),,-j 2)
 
 .PHONY: demo check quick lint typecheck test bench clean
 
@@ -49,18 +50,19 @@ typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
 test: $(VENV)/.dev
-	$(PYTEST)
+	$(PYTEST) $(if $(QUICK),-m "not slow" --hypothesis-profile=quick)
 
 # ruff first (a second: a style error stops at once), then mypy beside the tests: mypy
 # works on one core for about 100 CPU s from a cold cache, which in series left the
 # other core idle for as long (`make check JOBS=0` keeps everything in series).
 check: lint
-	$(MAKE) --no-print-directory $(if $(filter 0,$(JOBS)),,-j 2) typecheck test
+	$(MAKE) --no-print-directory $(BESIDE) typecheck test
 
 # The quick part: lint, types and the tests not marked slow (about a minute of tests),
 # each property test on a fifth of its examples (the `quick` profile of tests/conftest.py).
-quick: lint typecheck $(VENV)/.dev
-	$(PYTEST) -m "not slow" --hypothesis-profile=quick
+# mypy beside the tests here too.
+quick: lint
+	$(MAKE) --no-print-directory $(BESIDE) typecheck test QUICK=1
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/run.py
