@@ -23,12 +23,15 @@ from bz.plugins._fence import RandomFence, _FastFence, _GenericFence, random_fen
 Draw = Callable[[], object]
 
 
-def _next_numbers() -> tuple[list[float], float, float, list[float]]:
+def _next_numbers() -> tuple[list[float], float, float, list[float], list[float]]:
     return (
         torch.rand(5).tolist(),
         random.random(),
         random.gauss(0.0, 1.0),
         numpy.random.rand(5).tolist(),
+        # NumPy's legacy Gaussians: an odd count takes or leaves the cached second one
+        # (``has_gauss``/``gauss``, kept outside the Twister's words).
+        numpy.random.randn(3).tolist(),
     )
 
 
@@ -38,12 +41,16 @@ def _seed(seed: int) -> None:
     numpy.random.seed(seed)
 
 
-def _plugin_draws(torch_count: int, python_count: int, numpy_count: int, reseed: bool) -> None:
+def _plugin_draws(
+    torch_count: int, python_count: int, numpy_count: int, reseed: bool, numpy_normals: int = 1
+) -> None:
     torch.rand(torch_count)
     for _ in range(python_count):
         random.random()
     random.gauss(0.0, 1.0)  # leaves a cached second Gaussian behind
     numpy.random.rand(numpy_count)
+    # One value only takes a cached Gaussian the loop left, without touching the words.
+    numpy.random.randn(numpy_normals)
     if reseed:
         random.seed(99)
         numpy.random.seed(99)
@@ -65,6 +72,7 @@ def test_this_interpreter_gets_the_fast_fence() -> None:
     torch_count=st.integers(0, 2000),
     python_count=st.integers(0, 1500),
     numpy_count=st.integers(0, 1500),
+    numpy_normals=st.integers(0, 5),
     reseed=st.booleans(),
 )
 def test_what_plugins_draw_never_reaches_the_loop(
@@ -74,6 +82,7 @@ def test_what_plugins_draw_never_reaches_the_loop(
     torch_count: int,
     python_count: int,
     numpy_count: int,
+    numpy_normals: int,
     reseed: bool,
 ) -> None:
     fence = FENCES[kind]()
@@ -83,6 +92,7 @@ def test_what_plugins_draw_never_reaches_the_loop(
         for _ in range(loop_draws):
             random.random()
         numpy.random.rand(loop_draws)
+        numpy.random.randn(loop_draws)  # an odd count leaves a cached Gaussian
         torch.rand(loop_draws)
 
     _seed(seed)
@@ -92,7 +102,7 @@ def test_what_plugins_draw_never_reaches_the_loop(
     _seed(seed)
     loop_until_the_hook()
     mark = fence.mark()
-    _plugin_draws(torch_count, python_count, numpy_count, reseed)
+    _plugin_draws(torch_count, python_count, numpy_count, reseed, numpy_normals)
     fence.put_back(mark)
     assert _next_numbers() == expected
 

@@ -144,19 +144,12 @@ DRAWS: dict[str, Draw] = {
 
 NUMPY_GAUSS = {
     # NumPy's legacy normal draws two Gaussians and caches the second (``has_gauss``,
-    # ``gauss``), outside the Twister's words that the fence copies. Drawing a fresh
-    # pair moves the words (which the fence sees and puts back) but leaves the cache
-    # set, so the loop's next legacy normal is the plugin's cached value.
+    # ``gauss``), outside the Twister's words. Drawing a fresh pair moves the words
+    # and leaves the cache set: the fence puts back both, or the loop's next legacy
+    # normal would be the plugin's cached value.
     "numpy.random.randn(1) (caches a Gaussian)": lambda: np.random.randn(1),
     "numpy.random.normal(3) (caches a Gaussian)": lambda: np.random.normal(size=3),
 }
-
-_NUMPY_GAUSS_REASON = (
-    "the fence restores NumPy's legacy Twister words and position only, not its cached "
-    "Gaussian (has_gauss/gauss), so a plugin's odd-count randn leaves its second value "
-    "for the loop's next randn: not only the documented 'consumes only the cached value' "
-    "gap (bz/plugins/_fence.py _numpy_twister)"
-)
 
 
 class Drawing:
@@ -183,13 +176,7 @@ def test_a_plugin_drawing_in_every_hook_leaves_training_bit_identical(draw: str)
     assert plugin.calls > 20
 
 
-@pytest.mark.parametrize(
-    "draw",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=_NUMPY_GAUSS_REASON))
-        for name in sorted(NUMPY_GAUSS)
-    ],
-)
+@pytest.mark.parametrize("draw", sorted(NUMPY_GAUSS))
 def test_numpy_legacy_gaussians_drawn_by_a_plugin_leave_training_bit_identical(
     draw: str,
 ) -> None:

@@ -28,9 +28,10 @@ common case (torch on CPU, all three generators readable in place), :class:`_Gen
 otherwise (CUDA, or a fallback). The round's marks do not nest; a fence inside a round
 (a plugin's torch hook) takes whole snapshots instead (``save``/``load``).
 
-Known gap: NumPy's legacy ``randn``/``normal`` keep a cached second Gaussian outside the
-Twister's words. A plugin that consumes that cached value without drawing anything else
-is not seen (Python's ``random.gauss`` cache is put back).
+NumPy's legacy ``randn``/``normal`` keep a cached second Gaussian outside the Twister's
+words, in the ``RandomState`` object itself (``has_gauss``, ``gauss``); the fence reads
+those 16 bytes in place too, as a state of their own (:func:`_numpy_gauss`), as it puts
+back Python's ``random.gauss`` cache.
 """
 
 from __future__ import annotations
@@ -158,13 +159,62 @@ def _numpy_twister(numpy: Any) -> _Twister | None:
     return _Twister(address, _WORDS_BYTES + 4, ((_WORDS_BYTES - 8, 12),))
 
 
+_GAUSS_PROBE = 0.6180339887498949
+"""A cached Gaussian no seed gives by chance, to find where a ``RandomState`` keeps it."""
+
+
+def _numpy_gauss(numpy: Any) -> _Twister | None:
+    """NumPy's global legacy generator's cached Gaussian (``int has_gauss``, padding,
+    ``double gauss``: 16 bytes inside the ``RandomState`` object) read in place, found on
+    a probe generator and checked against ``get_state()``; None where it is not so."""
+    try:
+        probe = numpy.random.RandomState(20240601)
+        kind, key, position, _, _ = probe.get_state()
+        probe.set_state((kind, key, position, 1, _GAUSS_PROBE))
+        size = type(probe).__basicsize__
+        found = ctypes.string_at(id(probe), size).find(struct.pack("d", _GAUSS_PROBE))
+        if found < 8 or found % 8:
+            return None
+        offset = found - 8
+        if ctypes.c_int.from_address(id(probe) + offset).value != 1:
+            return None
+        probe.set_state((kind, key, position, 0, 0.0))
+        if ctypes.string_at(id(probe) + found, 8) != struct.pack("d", 0.0):
+            return None
+        if ctypes.c_int.from_address(id(probe) + offset).value != 0:
+            return None
+        generator = numpy.random.mtrand._rand
+        if type(generator) is not type(probe):
+            return None
+        *_, has_gauss, gauss = generator.get_state()
+        address = id(generator) + offset
+        read = (
+            ctypes.c_int.from_address(address).value,
+            ctypes.c_double.from_address(address + 8).value,
+        )
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if read != (int(has_gauss), float(gauss)):
+        return None
+    return _Twister(address, 16, ((0, 16),))
+
+
 class _GenericFence:
     """Any mix of generators, including the slow fallbacks (see the module docstring).
 
     Every mark is a whole snapshot, so marks nest: this fence serves both levels.
     """
 
-    __slots__ = ("_cuda", "_mark", "_numpy", "_numpy_slow", "_python", "_torch", "instance")
+    __slots__ = (
+        "_cuda",
+        "_mark",
+        "_numpy",
+        "_numpy_gauss",
+        "_numpy_slow",
+        "_python",
+        "_torch",
+        "instance",
+    )
 
     live = (0,)
     copies = (1,)
@@ -181,6 +231,9 @@ class _GenericFence:
         self._python = _python_twister(random._inst)
         numpy = sys.modules.get("numpy")
         self._numpy = _numpy_twister(numpy) if numpy is not None else None
+        self._numpy_gauss = _numpy_gauss(numpy) if self._numpy is not None else None
+        if self._numpy_gauss is None:
+            self._numpy = None  # the public calls, which carry the cached Gaussian too
         self._numpy_slow: Any = (
             numpy.random.mtrand._rand if numpy is not None and self._numpy is None else None
         )
@@ -188,13 +241,16 @@ class _GenericFence:
     def mark(self) -> tuple[Any, ...]:
         """The state to put back after the plugins' calls."""
         python = self._python
-        numpy = self._numpy
+        numpy, gauss = self._numpy, self._numpy_gauss
+        numpy_mark = None
+        if numpy is not None and gauss is not None:
+            numpy_mark = (numpy.snapshot(), gauss.snapshot())
         return (
             self._torch.get_state() if self._torch is not None else None,
             self._cuda.get_state() if self._cuda is not None else None,
             python.snapshot() if python is not None else random.getstate(),
             random._inst.gauss_next,  # type: ignore[attr-defined]  # see __init__
-            numpy.snapshot() if numpy is not None else None,
+            numpy_mark,
             self._numpy_slow.get_state() if self._numpy_slow is not None else None,
         )
 
@@ -212,7 +268,9 @@ class _GenericFence:
         random._inst.gauss_next = gauss_next  # type: ignore[attr-defined]  # see __init__
         if numpy_mark is not None:
             assert self._numpy is not None
-            self._numpy.load(numpy_mark)
+            assert self._numpy_gauss is not None
+            self._numpy.load(numpy_mark[0])
+            self._numpy_gauss.load(numpy_mark[1])
         elif numpy_state is not None:
             self._numpy_slow.set_state(numpy_state)
 
@@ -322,8 +380,9 @@ class _FastFence:
 
     __slots__ = ("_twisters", "copies", "instance", "live")
 
-    def __init__(self, torch: _Twister, python: _Twister, numpy: _Twister | None) -> None:
-        self._twisters = (torch, python) if numpy is None else (torch, python, numpy)
+    def __init__(self, torch: _Twister, python: _Twister, *numpy: _Twister) -> None:
+        # ``numpy``: none, or NumPy's Twister and its cached Gaussian.
+        self._twisters = (torch, python, *numpy)
         self.live = tuple(live for twister in self._twisters for live, _ in twister.prints)
         """The fingerprints' regions in the live states; ``copies``: in the copies. The
         sandbox compares the two itself (inlined :meth:`mark` and :meth:`put_back`)."""
@@ -378,14 +437,16 @@ def random_fence() -> RandomFence:
     torch = sys.modules.get("torch")
     numpy = sys.modules.get("numpy")
     python = _python_twister(random._inst)
-    numpy_twister = _numpy_twister(numpy) if numpy is not None else None
+    numpy_twisters: tuple[_Twister | None, ...] = ()
+    if numpy is not None:
+        numpy_twisters = (_numpy_twister(numpy), _numpy_gauss(numpy))
     cuda = torch is not None and torch.cuda.is_initialized()
-    if torch is None or cuda or python is None or (numpy is not None and numpy_twister is None):
+    if torch is None or cuda or python is None or None in numpy_twisters:
         return _GenericFence()
     torch_twister = _torch_twister(torch)
     if torch_twister is None:
         return _GenericFence()
-    return _FastFence(torch_twister, python, numpy_twister)
+    return _FastFence(torch_twister, python, *(t for t in numpy_twisters if t is not None))
 
 
 # Grad mode is global state too, which the sandbox puts back after each round.
