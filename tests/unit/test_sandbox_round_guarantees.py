@@ -68,8 +68,8 @@ def _loop_draws(kind: int) -> list[float]:
     if kind == 2:
         return [random.random(), random.gauss(0.0, 1.0)]
     if kind == 3:
-        return numpy.random.rand(2).tolist()
-    return [*torch.randn(1).tolist(), random.random(), *numpy.random.rand(1).tolist()]
+        return [float(value) for value in numpy.random.rand(2)]
+    return [*torch.randn(1).tolist(), random.random(), float(numpy.random.rand())]
 
 
 def _run(plugins: list[Drawer], between: list[int], seed: int) -> tuple[list[object], int]:
