@@ -11,11 +11,12 @@ nothing stored per call.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from types import CodeType
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bz.plugins._faults import PluginFault, PluginReport
 from bz.plugins._hooks import HOOK_NAMES, HOOKS
-from bz.plugins._watchdog import Straight, Watchdog
+from bz.plugins._watchdog import ROUND_FILE, Straight, Watchdog
 
 if TYPE_CHECKING:
     from bz.plugins._context import PluginContext
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SAMPLE_EVERY",
+    "Boundary",
     "Entry",
     "Round",
     "Slot",
@@ -105,6 +107,7 @@ class Round:
     __slots__ = (
         "countdown",
         "entries",
+        "hook",
         "interval",
         "number",
         "rounds",
@@ -112,19 +115,27 @@ class Round:
         "sampled",
         "seed",
         "straight",
+        "supervised",
     )
 
     def __init__(
-        self, entries: tuple[Entry, ...], number: int, sampled: bool, supervised: bool = False
+        self,
+        entries: tuple[Entry, ...],
+        number: int,
+        sampled: bool,
+        supervised: bool = False,
+        hook: str = "",
     ) -> None:
         self.entries = entries
+        self.hook = hook
+        self.supervised = supervised
+        """Under a supervisor, which is told each call's plugin: never ``run``."""
         self.run: Callable[[PluginContext], None] | None = None
-        """The round's calls as one function (:func:`straight`); None under a supervisor,
-        which is told each call's plugin (the sandbox's general loop)."""
+        """The whole round as one function (:func:`straight`), once the sandbox has
+        built it (it needs the run's view and fence); None until then, and always under
+        a supervisor (the sandbox's general loop tells it each call's plugin)."""
         self.straight: Straight | None = None
         """What tells which plugin ``run`` is calling (for the watchdog and faults)."""
-        if not supervised:
-            self.run, self.straight = straight(entries)
         self.number = number
         """The hook's number, for the supervisor."""
         self.sampled = sampled
@@ -174,22 +185,105 @@ SAMPLE_EVERY = 16
 Entry = tuple[Slot, Callable[["PluginContext"], object]]
 
 
-def straight(entries: Sequence[Entry]) -> tuple[Callable[[PluginContext], None], Straight]:
-    """The round's calls as one function of the view, written out one call per line:
-    no loop and nothing stored per call. Which plugin it is calling is its frame's line
-    (:class:`~bz.plugins._watchdog.Straight`): a fault's traceback and the watchdog read
-    it there. Built once per table (when the active plugins change)."""
-    names = [f"hook_{index}" for index in range(len(entries))]
-    calls = "".join(f"        {name}(view)\n" for name in names)
-    source = (
-        f"def make({', '.join(names)}):\n"
-        f"    def plugin_round(view):\n{calls}"
-        "    return plugin_round\n"
+class Boundary(NamedTuple):
+    """What a generated round (:func:`straight`) needs of its sandbox."""
+
+    owner: Any
+    """The ``PluginSet``: its ``_autocast`` (set when a plugin's hook changed autocast)
+    is read after each round, and ``_put_back_autocast`` called then."""
+    shown: PluginContext
+    """The context the round runs for (another one takes ``general``)."""
+    view: PluginContext
+    """What plugins see of ``shown``."""
+    general: Callable[[str, PluginContext], None]
+    """The sandbox's general round ``(hook, context)``: timed rounds, another context."""
+    fault: Callable[[Round, BaseException, PluginContext], None]
+    """Called with what a plugin's call raised: blames it, goes on with the round."""
+    interrupted: Callable[[Round, BaseException], None]
+    """Called with a ``KeyboardInterrupt`` from a plugin's call (raised on after it)."""
+    fence: Any
+    """The random fence (``live``, ``copies``, ``instance``, ``refresh``, ``restore``)."""
+    grad_mode: Callable[[], bool]
+    set_grad_mode: Callable[[bool], None]
+    watchdog: Watchdog
+
+
+_ROUND = """\
+def make(hook, round_, shown, view, general, fault, interrupted, owner, fence, live, copies,
+         python, grad_mode, set_grad_mode, watchdog, straight, {hooks}):
+    def plugin_round(context):
+        if context is not shown or round_.countdown == 1:
+            return general(hook, context)
+        round_.countdown -= 1
+        if live != copies:
+            fence.refresh()
+        gauss = python["gauss_next"]
+        grad = grad_mode()
+        watchdog.running = straight
+        try:
+{calls}
+        except KeyboardInterrupt as exc:
+            interrupted(round_, exc)
+            raise
+        except BaseException as exc:
+            fault(round_, exc, context)
+        finally:
+            watchdog.running = None
+            if live != copies:
+                fence.restore()
+            if python["gauss_next"] is not gauss:
+                python["gauss_next"] = gauss
+            if grad_mode() is not grad:
+                set_grad_mode(grad)
+            if owner._autocast is not None:
+                owner._put_back_autocast()
+    return plugin_round
+"""
+
+
+def straight(round_: Round, parts: Boundary) -> tuple[Callable[[PluginContext], None], Straight]:
+    """The whole round as one function of the context, its plugins' calls written out
+    one per line: the boundary's common path (the fence's marks, grad mode, the
+    countdown) inline, no loop and nothing stored per call. Which plugin it is calling
+    is its frame's line (:class:`~bz.plugins._watchdog.Straight`): a fault's traceback
+    and the watchdog read it there. A timed round, or a call for another context than
+    ``parts.shown``, goes to ``parts.general``. Built when the active plugins, the
+    context shown or the fence change; the text is made from indices only, never from
+    plugin names."""
+    names = [f"hook_{index}" for index in range(len(round_.entries))]
+    source = _ROUND.format(
+        hooks=", ".join(names),
+        calls="".join(f"            {name}(view)\n" for name in names),
     )
     namespace: dict[str, Any] = {}
-    exec(compile(source, "<bz plugin round>", "exec"), namespace)  # our own text, from names only
-    run = namespace["make"](*(method for _, method in entries))
-    return run, Straight(run.__code__, tuple(slot for slot, _ in entries))
+    exec(compile(source, ROUND_FILE, "exec"), namespace)  # our own text, from indices only
+    make = namespace["make"]
+    (code,) = (const for const in make.__code__.co_consts if isinstance(const, CodeType))
+    first = source.splitlines().index(f"            {names[0]}(view)") + 1
+    marker = Straight(code, tuple(slot for slot, _ in round_.entries), first)
+    fence = parts.fence
+    run = make(
+        round_.hook,
+        round_,
+        parts.shown,
+        parts.view,
+        parts.general,
+        parts.fault,
+        parts.interrupted,
+        parts.owner,
+        fence,
+        fence.live,
+        fence.copies,
+        # ``random``'s cached Gaussian, read from its instance's dict: its attribute is
+        # not one the interpreter reads fast (a generic lookup, several times longer).
+        vars(fence.instance),
+        parts.grad_mode,
+        parts.set_grad_mode,
+        parts.watchdog,
+        marker,
+        *(method for _, method in round_.entries),
+    )
+    return run, marker
 
 
 def build_table(
@@ -214,7 +308,9 @@ def build_table(
             if slot.fault is None and not slot.dormant and hook in slot.hooks
         )
         sampled = hook in PER_BATCH
-        table[hook] = Round(entries, HOOK_NUMBERS[hook], sampled, supervised) if entries else None
+        table[hook] = (
+            Round(entries, HOOK_NUMBERS[hook], sampled, supervised, hook) if entries else None
+        )
     return table
 
 

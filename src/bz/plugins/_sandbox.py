@@ -19,6 +19,7 @@ and bz's signal handlers and standard streams stay bz's (see :mod:`bz.plugins._p
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,7 @@ from bz.plugins._faults import (
 from bz.plugins._fence import RandomFence, grad_on, random_fence, set_grad_mode
 from bz.plugins._process import ProcessKeeper
 from bz.plugins._rounds import (
+    Boundary,
     Entry,
     Round,
     Slot,
@@ -53,6 +55,7 @@ from bz.plugins._rounds import (
     quarantine_slots,
     report,
     set_aside,
+    straight,
     summary,
 )
 from bz.plugins._torch_hooks import HookLedger
@@ -76,6 +79,10 @@ __all__ = [
 
 _log = get_logger("bz")
 _perf_counter = time.perf_counter
+
+
+def _nothing(context: PluginContext) -> None:
+    """A hook no active plugin implements."""
 
 
 class PluginSet:
@@ -104,6 +111,9 @@ class PluginSet:
         on the common path)."""
         self._load_faults = list(load_faults)
         self._table: dict[str, Round | None] = {}
+        self.callers: dict[str, Callable[[PluginContext], None]] = {}
+        """Per hook, what calls its round with a context (``call``'s work): one dict for
+        the set's life, kept current; the loop calls through it."""
         self.implemented: dict[str, bool] = {}
         """Per hook, whether an active plugin implements it: one dict for the set's life,
         kept current (the loop holds it and tests a hook before preparing its call)."""
@@ -117,7 +127,7 @@ class PluginSet:
         self._watchdog = Watchdog()
         self._watchdog.boundaries = frozenset(
             {
-                PluginSet.call.__code__,
+                PluginSet._general.__code__,
                 PluginSet._round.__code__,
                 PluginSet._timed_round.__code__,
                 PluginSet._run_torch_hook.__code__,
@@ -163,16 +173,19 @@ class PluginSet:
                 old.flush()
         self._table = table = build_table(self._slots, self._keeper, self._supervised)
         self.implemented.update((hook, entries is not None) for hook, entries in table.items())
+        self._publish()
 
     # -- the hot path ----------------------------------------------------------------
 
     def call(self, hook: str, context: PluginContext) -> None:
         """Call ``hook`` on every active plugin that implements it, inside the boundary."""
-        # A hook nobody implements: one lookup. Otherwise one random fence for the round,
-        # a countdown for its tallies (``Round``), and its calls as one generated function
-        # (``Round.run``; nothing stored per call: a fault's traceback and the watchdog
-        # read the plugin from its frame). After a fault the round goes on in ``_round``;
-        # timed and supervised rounds go through ``_timed_round`` / ``_round``.
+        self.callers[hook](context)
+
+    def _general(self, hook: str, context: PluginContext) -> None:
+        # The boundary's general form: timed rounds (every round of most hooks, a sample
+        # of the per-batch ones), the first round for a context, rounds under a
+        # supervisor. The others run as one generated function (``_rounds.straight``),
+        # which does the same, inline, with the calls written out.
         round_ = self._table[hook]
         if round_ is None:
             return
@@ -191,22 +204,7 @@ class PluginSet:
         watchdog = self._watchdog
         round_.countdown -= 1
         try:
-            run = round_.run
-            if run is not None and round_.countdown:
-                watchdog.running = round_.straight
-                try:
-                    run(view)
-                    return  # the common case (the ``finally`` below still runs)
-                except KeyboardInterrupt as exc:
-                    round_.failed(exc, watchdog)
-                    not_called(round_, watchdog.running)
-                    raise
-                except BaseException as exc:  # a plugin cannot end the process
-                    index = round_.failed(exc, watchdog)
-                    self._caught(round_, hook, exc, context)
-                remaining = iter(round_.entries[index + 1 :])
-            else:
-                remaining = iter(round_.entries)
+            remaining = iter(round_.entries)
             watchdog.round = remaining  # a new object each round: tells calls apart
             if not round_.countdown:
                 round_.next_interval()
@@ -225,6 +223,50 @@ class PluginSet:
             # reading it costs a microsecond, this test nothing.
             if self._autocast is not None:
                 self._put_back_autocast()
+
+    def _publish(self) -> None:
+        # Per hook, what ``call`` runs: nothing, the general round, or, once the fence
+        # and the context shown are known, the round as one generated function.
+        fence, shown = self._fence, self._shown
+        parts = None
+        if fence is not None and shown is not None:
+            parts = Boundary(
+                owner=self,
+                shown=shown,
+                view=self._view,
+                general=self._general,
+                fault=self._straight_fault,
+                interrupted=self._straight_interrupted,
+                fence=fence,
+                grad_mode=self._grad_mode,
+                set_grad_mode=set_grad_mode,
+                watchdog=self._watchdog,
+            )
+        callers = self.callers
+        for hook, round_ in self._table.items():
+            if round_ is None:
+                callers[hook] = _nothing
+            elif parts is None or round_.supervised or not round_.sampled:
+                round_.run = round_.straight = None
+                callers[hook] = functools.partial(self._general, hook)
+            else:
+                round_.run, round_.straight = straight(round_, parts)
+                callers[hook] = round_.run
+
+    def _straight_interrupted(self, round_: Round, exc: BaseException) -> None:
+        # Ctrl-C in a generated round's call: the rest of the round is not called.
+        round_.failed(exc, self._watchdog)
+        not_called(round_, self._watchdog.running)
+
+    def _straight_fault(self, round_: Round, exc: BaseException, context: PluginContext) -> None:
+        # What left a generated round's call: that plugin's fault (the line its
+        # traceback passed through names it); the rest of the round in ``_round``.
+        watchdog = self._watchdog
+        index = round_.failed(exc, watchdog)
+        self._caught(round_, round_.hook, exc, context)
+        remaining = iter(round_.entries[index + 1 :])
+        watchdog.round = remaining
+        self._round(round_, round_.hook, self._view, context, remaining)
 
     def _round(
         self,
@@ -319,6 +361,7 @@ class PluginSet:
         # view; the view is kept, so plugins holding it across hooks keep a live one.
         self._shown = context
         self._view = LoopView(context)
+        self._publish()
         config = context.run_config
         self._watchdog.arm(getattr(config, "plugin_timeout", None))
         if config is not None and self._ledger is None and "torch" in sys.modules:
@@ -330,11 +373,12 @@ class PluginSet:
     def _new_fence(self) -> RandomFence:
         # Built at the first call, once the loop has imported torch (and maybe NumPy)
         # and initialised CUDA, so the fence covers the generators the loop uses.
-        self._fence = random_fence()
+        self._fence = fence = random_fence()
         torch = sys.modules.get("torch")
         if torch is not None:
             self._grad_mode = torch.is_grad_enabled
-        return self._fence
+        self._publish()
+        return fence
 
     def close(self) -> None:
         """Stop the timeout watchdog and stop adopting torch hooks (when the run ends).

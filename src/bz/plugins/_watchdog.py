@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 
 _MAIN_THREAD = threading.main_thread().ident
 
+ROUND_FILE = "<bz plugin round>"
+"""The file name of the sandbox's generated rounds (:func:`bz.plugins._rounds.straight`):
+the frames a plugin's call starts from, like ``Watchdog.boundaries``."""
+
 GRACE_S = 1.0
 """How long a hook has to return after its interruption before every line of it raises."""
 EXIT_AFTER_S = 10.0
@@ -79,10 +83,10 @@ class Straight:
 
     __slots__ = ("code", "first", "slots")
 
-    def __init__(self, code: CodeType, slots: tuple[object, ...]) -> None:
+    def __init__(self, code: CodeType, slots: tuple[object, ...], first: int) -> None:
         self.code = code
-        self.first = code.co_firstlineno + 1
-        """The line of the first plugin's call."""
+        self.first = first
+        """The line of the first plugin's call (the others follow, one per line)."""
         self.slots = slots
 
     def at(self, line: int | None) -> object | None:
@@ -264,10 +268,11 @@ class Watchdog:
         # In the main thread (a signal handler): every frame of the plugin's call, and
         # every frame it starts, raises at its next line until the call is left.
         boundaries = self.boundaries
-        running = self.running
-        if type(running) is Straight:
-            boundaries = boundaries | {running.code}
-        while frame is not None and frame.f_code not in boundaries:
+        while (
+            frame is not None
+            and frame.f_code not in boundaries
+            and frame.f_code.co_filename != ROUND_FILE  # a generated round (_rounds)
+        ):
             frame.f_trace = self._line
             frame = frame.f_back
         if self._trace is None:
