@@ -15,9 +15,11 @@ reparametrizations, hooks, each tensor's dtype and device: :mod:`bz.training.mod
 the torch hooks plugins registered during the part, which parameters require
 gradients, the optimizer's parameter groups and state, the scheduler's (learning rates
 included), every random state a step draws from (torch, CUDA, Python, NumPy, the
-loaders' generators), the loop's counters and where the epoch starts, the stop flag and
-why the run stopped, the gradient scaler (``16-mixed``), ``extra`` (shallow) and the
-state of every stateful plugin. It costs one copy of those, on the device, per part: no
+loaders' generators), torch's process-wide settings a step depends on (default dtype,
+thread count, deterministic algorithms, float32 matmul precision, cuDNN's flags), the
+loop's counters and where the epoch starts, the stop flag and why the run stopped, the
+gradient scaler (``16-mixed``), ``extra`` (shallow) and the state of every stateful
+plugin. It costs one copy of those, on the device, per part: no
 per-batch work. Large models opt out with ``plugin_errors: "isolate"``, which keeps
 training from the point of the fault.
 
@@ -30,6 +32,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import torch
 
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
@@ -71,6 +75,7 @@ class Snapshot:
         "modules",
         "plugins",
         "rng",
+        "settings",
         "stop",
         "training",
     )
@@ -93,6 +98,7 @@ class Snapshot:
         self.checkpoint = run.checkpoints.last
         self.checkpoints = _checkpoint_files(run)
         self.rng = capture_rng(run.generators)
+        self.settings = torch_settings()
         context = run.context
         self.stop = context.should_stop_training
         self.extra = dict(context.extra)
@@ -114,6 +120,7 @@ class Snapshot:
         run.state.put_back(self.loop)
         self._drop_new_checkpoints(run)
         restore_rng(self.rng, run.generators)
+        put_back_torch_settings(self.settings)
         context = run.context
         context.should_stop_training = self.stop
         context.extra.clear()
@@ -132,6 +139,38 @@ class Snapshot:
         for path, written in _checkpoint_files(run).items():
             if store is not None and before.get(path) != written:
                 store.delete(path)
+
+
+def torch_settings() -> tuple[Any, ...]:
+    """torch's process-wide settings that change what a step computes (a plugin may set
+    them; after its fault they are put back with the rest)."""
+    cudnn = torch.backends.cudnn
+    return (
+        torch.get_default_dtype(),
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_float32_matmul_precision(),
+        cudnn.benchmark,
+        cudnn.deterministic,
+        cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
+
+
+def put_back_torch_settings(saved: tuple[Any, ...]) -> None:
+    """Make torch's settings what :func:`torch_settings` read (only those that moved)."""
+    if torch_settings() == saved:
+        return
+    dtype, threads, deterministic, warn_only, matmul, benchmark, cudnn_det, tf32, mm_tf32 = saved
+    torch.set_default_dtype(dtype)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_float32_matmul_precision(matmul)
+    cudnn = torch.backends.cudnn
+    cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32 = benchmark, cudnn_det, tf32
+    torch.backends.cuda.matmul.allow_tf32 = mm_tf32
 
 
 def _checkpoint_files(run: RewindableRun) -> dict[Path, int]:
