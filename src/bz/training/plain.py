@@ -12,7 +12,7 @@ order, and keeps no batch, output or loss past its step (see ``_release``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -23,19 +23,59 @@ from bz.training.forward import explain_backward
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from bz.training.control import EndReason
-    from bz.training.epoch import EpochLoop
+    from bz._setup import TrainingSetup
+    from bz.metrics._set import MetricSet
+    from bz.plugins._context import PluginContext
+    from bz.plugins._sandbox import PluginSet
+    from bz.training.control import EndReason, StepControl
+    from bz.training.forward import Forward
+    from bz.training.precision import Precision
+    from bz.training.state import LoopState
 
 _backward = torch.autograd.backward
 _Tensor = torch.Tensor
 
 
+class PlainLoop(Protocol):
+    """What the plain loop reads of ``EpochLoop`` (which imports this module)."""
+
+    context: PluginContext
+    state: LoopState
+    plugins: PluginSet
+    control: StepControl
+    setup: TrainingSetup
+    precision: Precision
+    device: torch.device
+    forward: torch.nn.Module
+    train_forward: Forward
+    train_metrics: MetricSet
+    move_batches: bool
+    metrics_take_outputs: bool
+    step_scheduler: Any
+
+    def _call(self, hook: str) -> None: ...
+
+    def after_step(self, index: int) -> tuple[bool, EndReason | None] | None: ...
+
+
 def plain_batches(
-    loop: EpochLoop, iterator: Iterator[Any], skipped: int
+    loop: PlainLoop, iterator: Iterator[Any], skipped: int
 ) -> tuple[bool, EndReason | None]:
     """Train ``iterator``'s batches (numbered from ``skipped``) with plain steps, up to a
     stop: ``(interrupted, stop reason)``, ``(False, None)`` when they ran out."""
     ctx, state, implemented = loop.context, loop.state, loop.plugins.implemented
+    # Within an epoch a hook can only lose its plugins (a fault quarantines one; a
+    # rewind starts the epoch again): a hook read as implemented here that lost them
+    # costs a call that finds nobody, never a missed one.
+    starts, backward_hook, stepping, ends = (
+        implemented[hook]
+        for hook in (
+            "start_training_batch",
+            "after_backward",
+            "before_optimizer_step",
+            "end_training_batch",
+        )
+    )
     control = loop.control
     # StepControl.after_step's common case, inline: with no step or time rule to apply,
     # only a Ctrl-C or a plugin's stop request can make a step count.
@@ -61,7 +101,7 @@ def plain_batches(
         if type(batch) is not tuple or len(batch) != 2:
             batch = forward.prepare(batch)
         ctx.batch = batch
-        if implemented["start_training_batch"]:
+        if starts:
             call("start_training_batch")
         optimizer.zero_grad(set_to_none=True)
         if pairs:
@@ -84,9 +124,9 @@ def plain_batches(
             explain_backward(forward, loss)
             raise
         ctx.outputs, ctx.loss = outputs, loss
-        if implemented["after_backward"]:
+        if backward_hook:
             call("after_backward")
-        if implemented["before_optimizer_step"]:
+        if stepping:
             call("before_optimizer_step")
         optimizer.step()
         state.global_step += 1
@@ -104,7 +144,7 @@ def plain_batches(
         if update is not None:
             update(predictions if attached else for_metrics(predictions, precision), targets)
         train.batches += 1
-        if implemented["end_training_batch"]:
+        if ends:
             call("end_training_batch")
         if scheduler is not None:
             # After end_training_batch, which shows the rate this step used (step/lr).
