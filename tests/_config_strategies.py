@@ -50,22 +50,34 @@ names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
 # -- what is installed --------------------------------------------------------------------
 
 
+# Only bz's own plugins and metrics: what else happens to be installed (a package that
+# fails to import, one with options of its own) must not change what the tests draw, nor
+# stop them from being collected.
+
+
 @functools.cache
 def plugin_option_classes() -> dict[str, type | None]:
-    """Installed plugin name -> its ``Config`` class (None: no attrs options)."""
+    """Built-in plugin name -> its ``Config`` class (None: no attrs options)."""
     from bz.plugins._loader import config_class, discover, load_factory
 
     return {
-        name: config_class(load_factory(source)) for name, source in discover().sources.items()
+        name: config_class(load_factory(source))
+        for name, source in discover().sources.items()
+        if source.builtin
     }
 
 
 @functools.cache
 def metric_option_classes() -> dict[str, type | None]:
-    """Available metric name -> its ``Config`` class (None: takes no options)."""
+    """Built-in metric name -> its ``Config`` class (None: takes no options)."""
+    from bz._entry_points import BUILTIN_DISTRIBUTION
     from bz.metrics import available_metrics
 
-    return {name: info.config for name, info in available_metrics().items()}
+    return {
+        name: info.config
+        for name, info in available_metrics().items()
+        if info.distribution == BUILTIN_DISTRIBUTION
+    }
 
 
 # -- one value of an annotated type ---------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,9 +116,16 @@ def validation_batch(exc: BaseException) -> int | None:
 
 
 def training_context(exc: BaseException) -> str | None:
-    """``training failed at epoch E, step S`` when bz attached it to ``exc``, else None."""
+    """``training failed at epoch E, step S`` when bz attached it to ``exc``, else None;
+    ``validation failed at epoch E, step S, batch index B of val_loader`` for a failure
+    in the validation the run does each epoch (or every ``validate_every_steps``)."""
     position = training_position(exc)
-    return f"training failed at {position}" if position is not None else None
+    if position is None:
+        return None
+    batch = validation_batch(exc)
+    if batch is not None:
+        return f"validation failed at {position}, batch index {batch} of val_loader"
+    return f"training failed at {position}"
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -152,6 +160,60 @@ def user_frame(exc: BaseException, path: Path | None = None) -> str:
         chosen = frames[-1]
     location = f"{chosen.filename}:{chosen.lineno}: " if chosen else ""
     return f"{location}{describe_exception(exc)}"
+
+
+def package_frame(exc: BaseException, module: str) -> str:
+    """``file:line: ``: the innermost frame ``exc`` passed through in the files of
+    ``module``'s top-level package (a plugin's, wherever it is installed), or "".
+
+    The import of a plugin's module goes through importlib's frames and may end in a
+    library's (torch's, say); the line of the plugin's own that led there is the one its
+    author needs.
+    """
+    import importlib.util
+    import traceback
+
+    try:
+        spec = importlib.util.find_spec(module.partition(".")[0])
+    except (ImportError, ValueError):  # not importable at all: no file of its own
+        return ""
+    if spec is None:
+        return ""
+    folders = tuple(_folder(path) for path in spec.submodule_search_locations or ())
+    single = _resolved(spec.origin) if spec.origin and not folders else None
+    chosen = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        resolved = _resolved(frame.filename)
+        if resolved == single or (folders and resolved.startswith(folders)):
+            chosen = frame
+    return f"{chosen.filename}:{chosen.lineno}: " if chosen is not None else ""
+
+
+def defined_at(definition: object) -> str:
+    """`` (at file:line)``: where a plugin's function, method or class is defined, or ""
+    when Python cannot tell.
+
+    A problem the loader finds by looking at a plugin (a hook's signature, a misspelled
+    hook, a bad default) is raised from bz's own code, so its traceback holds no line of
+    the plugin's: the message names the line instead.
+    """
+    import inspect
+
+    target: object = getattr(definition, "__func__", definition)  # bound, static, class
+    if callable(target):
+        with contextlib.suppress(ValueError):  # a __wrapped__ cycle
+            target = inspect.unwrap(target)
+    code = getattr(target, "__code__", None)
+    if isinstance(code, types.CodeType):
+        return f" (at {code.co_filename}:{code.co_firstlineno})"
+    if not isinstance(target, type):
+        return ""
+    try:
+        file = inspect.getsourcefile(target)
+        line = inspect.getsourcelines(target)[1]
+    except (OSError, TypeError):  # defined in a REPL, in C, or the file is gone
+        return ""
+    return f" (at {file}:{line})" if file else ""
 
 
 def _is_users(filename: str, own: str | None) -> bool:

@@ -34,6 +34,7 @@ __all__ = [
     "SUPERVISOR_ENV",
     "announce",
     "attach",
+    "checkpoint_written",
     "heartbeat",
     "quarantined",
     "report_outcome",
@@ -51,11 +52,13 @@ each ``{"plugin", "hook", "error"}``: the hook it died in and how."""
 BLOCK_BYTES = 1 << 16
 """The shared block: 16 int32 slots, then the announced names (length-prefixed JSON)."""
 
-PLUGIN, HOOK, OUTCOME, NAMES_LENGTH, BEAT, TIMEOUT_MS = 0, 1, 2, 3, 4, 5
+PLUGIN, HOOK, OUTCOME, NAMES_LENGTH, BEAT, TIMEOUT_MS, RESUMABLE = 0, 1, 2, 3, 4, 5, 6
 """Slots of the block's int32 view: the plugin number (1-based, 0: none) and hook
 number (1-based) running now, the exit code + 1 once finished (0: not finished), the
 length of the names' JSON, the ``plugin_timeout`` watchdog's heartbeat and its timeout
-in milliseconds (0: not watching)."""
+in milliseconds (0: not watching), and 1 once this run has a checkpoint of its own (a
+restart may then resume; before it, a run started over with ``--no-resume`` starts over
+again instead of resuming the old run's checkpoints)."""
 TIMEOUT_CAP_S = 0x7FFFFFFF // 1000
 """The longest ``plugin_timeout`` the block holds (its int32 slot, in ms): about 24.8 days."""
 NAMES_OFFSET = 64
@@ -126,6 +129,13 @@ def heartbeat(seconds: float | None) -> None:
     # An int32 slot: a timeout past about 24.8 days (or infinite) is stored as that.
     where[TIMEOUT_MS] = 0 if seconds is None else max(1, int(min(seconds, TIMEOUT_CAP_S) * 1000))
     where[BEAT] = (where[BEAT] + 1) & 0x3FFFFFFF
+
+
+def checkpoint_written() -> None:
+    """A checkpoint of this run is on disk (and a run started over has discarded the old
+    run's): a restart after a death resumes from it."""
+    if _block is not None:
+        where[RESUMABLE] = 1
 
 
 def report_outcome(code: object) -> None:

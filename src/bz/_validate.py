@@ -116,8 +116,9 @@ def validate(
         if loss_state is not None and isinstance(setup.loss_fn, torch.nn.Module):
             setup.loss_fn.load_state_dict(loss_state)
     except (RuntimeError, KeyError, ValueError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"{path}: does not fit the model train.py builds: {message}") from None
+        raise UsageError(
+            f"{path}: does not fit the model train.py builds: {_misfit(exc)}"
+        ) from None
     weights = "model"
     if validates_with_average(run_config.plugins):
         average = _validated_average(path, payload, signature)
@@ -220,6 +221,19 @@ def _validated_average(
         if newest is not None and newest[1]["global_step"] == payload["global_step"]:
             states = newest[1].get("plugins")
     return saved_average(states if isinstance(states, dict) else None)
+
+
+def _misfit(exc: BaseException) -> str:
+    """torch's ``load_state_dict`` error in one line: its heading and first problem
+    (``size mismatch for 0.weight: ...``), and how many more there are."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head, problems = lines[0], lines[1:]
+    if not problems:
+        return head
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{head} {problems[0]}{more}"
 
 
 def _best_checkpoint(store: CheckpointStore, signature: str) -> tuple[Path, ModelPayload]:

@@ -182,7 +182,7 @@ def test_unknown_name_is_a_usage_error_with_a_suggestion(timer: Packages) -> Non
 
 
 def test_load_errors_are_listed_not_raised(packages: Packages) -> None:
-    packages.install(
+    site = packages.install(
         "broken-plugins",
         {
             "broken": "broken_mod:Broken",
@@ -207,14 +207,15 @@ def test_load_errors_are_listed_not_raised(packages: Packages) -> None:
     errors = {e["name"]: e["error"] for e in json.loads(result.output)}
     assert errors["broken"] == (
         "PluginImportError: broken_mod:Broken (from broken-plugins 1.0.0) failed to import: "
-        "ModuleNotFoundError: No module named 'does_not_exist'"
+        f"{site / 'broken_mod.py'}:1: ModuleNotFoundError: No module named 'does_not_exist'"
     )
     assert (
         "odd_mod:VALUE (from broken-plugins 1.0.0) is a int, not a plugin"
         in errors["not_a_plugin"]
     )
     assert errors["bad_hook"].endswith(
-        "end_epoch(self) -> None cannot be called as end_epoch(self, context)"
+        "end_epoch(self) -> None cannot be called as end_epoch(self, context) "
+        f"(at {site / 'odd_mod.py'}:8)"
     )
     assert errors["console_out"] is None
     verbose = invoke("--verbose", "broken").output

@@ -94,7 +94,7 @@ def faulty(packages: Packages) -> Packages:
             "broken",
             "import",
             "PluginImportError: broken_mod:Broken (from faulty-plugins 2.1.0) failed to "
-            "import: RuntimeError: half-installed",
+            "import: {site}/broken_mod.py:1: RuntimeError: half-installed",
         ),
         (
             "not_a_plugin",
@@ -106,18 +106,20 @@ def faulty(packages: Packages) -> Packages:
             "bad_hook",
             "import",
             "NotAPluginError: odd_mod:BadHook (from faulty-plugins 2.1.0) "
-            "end_epoch(self) -> None cannot be called as end_epoch(self, context)",
+            "end_epoch(self) -> None cannot be called as end_epoch(self, context) "
+            "(at {site}/odd_mod.py:10)",
         ),
         (
             "misnamed",
             "import",
             "NotAPluginError: odd_mod:Misnamed (from faulty-plugins 2.1.0) end_epok is marked "
-            "@hook but bz has no such hook (did you mean end_epoch?)",
+            "@hook but bz has no such hook (did you mean end_epoch?) (at {site}/odd_mod.py:16)",
         ),
         (
             "nameless",
             "load",
-            "TypeError: Nameless is not a plugin: a plugin needs a `name: str` attribute",
+            "TypeError: Nameless is not a plugin: a plugin needs a `name: str` attribute "
+            "(at {site}/odd_mod.py:20)",
         ),
     ],
 )
@@ -126,6 +128,10 @@ def test_a_broken_plugin_is_reported_and_skipped(
 ) -> None:
     loaded = load([plugin, "good"])
     assert loaded.active_names == ["good"]
+    # A problem found by looking at the plugin names the plugin's own line: its
+    # traceback holds only bz's frames.
+    site = os.path.dirname(sys.modules["good_mod"].__file__ or "")
+    error = error.format(site=site)
     assert [(f.plugin, f.stage, f.error) for f in loaded.faults] == [(plugin, stage, error)]
     (event,) = [e for e in events if e["event"] == "plugin_failed"]
     assert (event["plugin"], event["hook"], event["error"]) == (plugin, stage, error)

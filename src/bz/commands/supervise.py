@@ -45,6 +45,7 @@ from bz._supervision import (
     NAMES_OFFSET,
     OUTCOME,
     PLUGIN,
+    RESUMABLE,
     TIMEOUT_MS,
     TORCH_HOOK,
 )
@@ -126,6 +127,9 @@ class _Ending:
     """The stop signal this process got while the child ran, if any."""
     hung: float | None = None
     """Seconds the child showed no sign of life in a plugin's hook before it was killed."""
+    resumable: bool = False
+    """Whether it wrote a checkpoint of this run (a run started over discards the old
+    run's then): a restart resumes only after that."""
 
     def how(self) -> str:
         if self.hung is not None:
@@ -146,10 +150,14 @@ def supervise(options: Supervision) -> int:
     assert _entry is not None
     quarantined: list[dict[str, str]] = []
     restarts = 0
+    resumable = False
     with _shared_block() as (block, fd), _stop_signals() as stops:
         while True:
-            command = _entry + (["--resume"] if restarts else [])
+            # Until the run has a checkpoint of its own, a restart runs the command as
+            # given: `--no-resume` must not resume the old run it meant to start over.
+            command = _entry + (["--resume"] if resumable else [])
             ending = _run_child(command, block, fd, quarantined, stops)
+            resumable = resumable or ending.resumable
             if ending.outcome is not None:
                 return ending.outcome
             # A stop request while the child ran, or as it ended: no restart.
@@ -254,8 +262,9 @@ def _run_child(
             os.close(wake_write)
     outcome = view[OUTCOME] - 1 if view[OUTCOME] else None
     plugin, hook = _names(block, view[PLUGIN], view[HOOK])
+    resumable = bool(view[RESUMABLE])
     view.release()
-    return _Ending(child.returncode, outcome, plugin, hook, stopped_by, hung)
+    return _Ending(child.returncode, outcome, plugin, hook, stopped_by, hung, resumable)
 
 
 def _watch(

@@ -130,7 +130,7 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     from bz.config import find_config_file, load_config
     from bz.metrics import build_metrics
     from bz.plugins._entries import entry_paths
-    from bz.plugins._loader import check_plugin_options
+    from bz.plugins._loader import check_plugin_options, discover
     from bz.plugins._names import ConfiguredOptions, check_monitors
     from bz.training.checkpoint.best import check_monitor
 
@@ -140,8 +140,9 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     try:
         metrics = build_metrics(config.metrics)
         # The faults are reported here, once each, not as plugin_failed events too.
+        discovery = discover()
         with structlog.testing.capture_logs():
-            options, faults = check_plugin_options(config.plugins, config)
+            options, faults = check_plugin_options(config.plugins, config, discovery=discovery)
     except ConfigError as exc:
         raise exc.with_source(str(file)) from None
     if faults:
@@ -158,18 +159,29 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     # train.py's setup may add metrics of its own, and decides whether there is
     # validation data, which only `bz train` knows: a watched name that none of the
     # config's metrics gives is reported, as `bz train` would refuse it, but not fatal.
-    for check in (
-        functools.partial(
-            check_monitors,
-            [ConfiguredOptions(name, checked) for name, checked in options.items()],
-            metrics,
-            paths=entry_paths(config.plugins),
+    # A plugin that is not bz's own may add the name too (`bz train` then refuses
+    # nothing, and the watcher finds out at the end of the first epoch): it is named.
+    others = [name for name in options if not discovery.sources[name].builtin]
+    adders = " or ".join(["train.py's setup", *(f"plugin {name!r}" for name in others)])
+    for check, unless in (
+        (
+            functools.partial(
+                check_monitors,
+                [ConfiguredOptions(name, checked) for name, checked in options.items()],
+                metrics,
+                paths=entry_paths(config.plugins),
+            ),
+            adders,
         ),
-        functools.partial(check_monitor, config.keep_best, metrics, validates=True),
+        # keep_best reads the run's own values only: no plugin adds one there.
+        (
+            functools.partial(check_monitor, config.keep_best, metrics, validates=True),
+            "train.py's setup",
+        ),
     ):
         try:
             check()
         except ConfigError as exc:
             for line in exc.with_source(str(file)).render().splitlines():
-                click.echo(f"{line} (unless train.py's setup adds it)", err=True)
+                click.echo(f"{line} (unless {unless} adds it)", err=True)
     click.echo(f"{file}: OK ({len(options)} plugin(s), {len(config.metrics)} metric(s))")

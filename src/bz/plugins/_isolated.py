@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import sys
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +103,47 @@ def isolation_of(options: Mapping[str, Any], path: str) -> str:
             ]
         )
     return str(value)
+
+
+def needs_training_process(name: str, path: str, declared: object) -> ConfigError:
+    """The error for a plugin that declared ``needs_training_process`` (``declared``:
+    true, or why) and is configured with ``"isolation": "process"``."""
+    reason = f": {declared}" if isinstance(declared, str) else ""
+    return ConfigError(
+        [
+            (
+                f"{path}.{ISOLATION_KEY}",
+                f'plugin {name!r} cannot run with "isolation": "{PROCESS}"; it '
+                f"needs the training process{reason}",
+            )
+        ]
+    )
+
+
+def check_isolation(factory: object, config: object, spec: PluginSpec, path: str) -> None:
+    """``bz check-config``: refuse ``"isolation": "process"`` for a plugin class that
+    declares it needs the training process, as starting it would (without creating it)."""
+    if isolation_of(spec.options, path) != PROCESS:
+        return
+    declared = declared_need(factory, config)
+    if declared is True or (isinstance(declared, str) and declared):
+        raise needs_training_process(spec.name, path, declared)
+
+
+def declared_need(factory: object, config: object) -> object:
+    """What a plugin class declares as ``needs_training_process`` without creating it
+    (``bz check-config``): its class attribute, or its property evaluated on the checked
+    ``Config`` object as the plugin holds it (``self.config``, as bz's own plugins and
+    the guide's do). None where only the created plugin can say."""
+    declared = inspect.getattr_static(factory, NEEDS_TRAINING_PROCESS, None)
+    if isinstance(declared, property):
+        if declared.fget is None or not attrs.has(type(config)):
+            return None
+        try:
+            return declared.fget(types.SimpleNamespace(config=config))
+        except Exception:  # it reads more than its config: bz train checks it
+            return None
+    return declared
 
 
 def without_isolation(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -213,16 +256,7 @@ def start_isolated(
         refusal = payload.get(NEEDS_TRAINING_PROCESS)
         if refusal:
             channel.close(kill=True)
-            reason = f": {refusal}" if isinstance(refusal, str) else ""
-            raise ConfigError(
-                [
-                    (
-                        f"{path}.{ISOLATION_KEY}",
-                        f'plugin {name!r} cannot run with "isolation": "{PROCESS}"; it '
-                        f"needs the training process{reason}",
-                    )
-                ]
-            )
+            raise needs_training_process(name, path, refusal)
         proxy_class = StatefulIsolatedPlugin if payload["stateful"] else IsolatedPlugin
         return proxy_class(name, payload, channel, starting.timeout)
     channel.close(kill=kind != "closed")

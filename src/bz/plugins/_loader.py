@@ -18,9 +18,10 @@ from bz._converter import converter, input_error_types, nearest
 from bz._entry_points import Discovery, EntrySource
 from bz._entry_points import discover as discover_entries
 from bz._entry_points import duplicate_message as entry_duplicate_message
-from bz._errors import ConfigError, UsageError, describe_exception
+from bz._errors import ConfigError, UsageError, defined_at, describe_exception, package_frame
 from bz._logging import get_logger, note_plugin_module
 from bz.config import PluginSpec, RunConfig, structure, unstructure
+from bz.plugins import _isolated
 from bz.plugins._conflicts import check_specs
 from bz.plugins._entries import named_under, options_path
 from bz.plugins._hooks import HOOK_NAMES
@@ -83,11 +84,13 @@ def signature_problem(plugin: object, hook: str) -> str | None:
 
 
 def _call_problem(hook: str, function: object, arguments: int, call: str) -> str | None:
-    """Why ``function`` cannot be a hook called with ``arguments`` positional arguments."""
+    """Why ``function`` cannot be a hook called with ``arguments`` positional arguments
+    (naming where it is defined)."""
     if not callable(function):
         return f"{hook} is not callable (it is {type(function).__name__})"
     if inspect.iscoroutinefunction(function):
-        return f"{hook} is async; hooks are called synchronously and must be plain methods"
+        why = "is async; hooks are called synchronously and must be plain methods"
+        return f"{hook} {why}{defined_at(function)}"
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -95,7 +98,7 @@ def _call_problem(hook: str, function: object, arguments: int, call: str) -> str
     try:
         signature.bind(*[object()] * arguments)
     except TypeError:
-        return f"{hook}{signature} cannot be called as {hook}({call})"
+        return f"{hook}{signature} cannot be called as {hook}({call}){defined_at(function)}"
     return None
 
 
@@ -126,7 +129,7 @@ def misplaced_hook_marks(plugin_or_class: object) -> list[str]:
         function = getattr(value, "__func__", value)  # staticmethod / classmethod
         if getattr(function, HOOK_MARKER, False) is True:
             hint = nearest(attribute, HOOK_NAMES)
-            suggestion = f" (did you mean {hint}?)" if hint else ""
+            suggestion = (f" (did you mean {hint}?)" if hint else "") + defined_at(function)
             problems.append(f"{attribute} is marked @hook but bz has no such hook{suggestion}")
     return problems
 
@@ -140,7 +143,7 @@ def class_problems(cls: type) -> list[str]:
     problems = []
     name = inspect.getattr_static(cls, "name", None)
     if name is not None and not isinstance(name, (str, property)):
-        problems.append(f"name is {type(name).__name__}, not str")
+        problems.append(f"name is {type(name).__name__}, not str{defined_at(cls)}")
     for hook in HOOK_NAMES:
         problem = _class_signature_problem(cls, hook)
         if problem is not None:
@@ -175,6 +178,7 @@ def check_plugin(name: str, plugin: object) -> tuple[str, ...]:
     if not isinstance(plugin, NamedPlugin) or not isinstance(getattr(plugin, "name", None), str):
         raise TypeError(
             f"{type(plugin).__name__} is not a plugin: a plugin needs a `name: str` attribute"
+            f"{defined_at(type(plugin))}"
         )
     hooks = implemented_hooks(plugin)
     problems = [p for hook in hooks if (p := signature_problem(plugin, hook)) is not None]
@@ -182,7 +186,7 @@ def check_plugin(name: str, plugin: object) -> tuple[str, ...]:
     # A misspelled hook would never be called: the plugin would silently do nothing.
     problems.extend(
         f"{method} is not a hook (did you mean {hook}?); rename it, or start its name "
-        "with _ if it is a helper"
+        f"with _ if it is a helper{defined_at(getattr(type(plugin), method))}"
         for method, hook in near_miss_hooks(plugin)
     )
     if problems:
@@ -263,13 +267,10 @@ def check_plugin_options(
     *,
     discovery: Discovery | None = None,
 ) -> tuple[dict[str, object], list[PluginFault]]:
-    """What ``bz check-config`` checks: every listed plugin imports and its options
-    pass its ``Config`` class (or its ``load_config``), without creating any plugin, so
-    nothing a plugin does when created (open a file, connect somewhere) happens.
-
-    Returns the checked options by plugin name and the faults found. Unknown names and
-    bad options raise :class:`ConfigError`, as :func:`load_plugins` does.
-    """
+    """What ``bz check-config`` checks, creating no plugin (which may open files or
+    connect): every listed plugin imports, its options pass its ``Config`` (or its
+    ``load_config``), and it can take the ``isolation`` asked. Returns the checked options
+    by name and the faults; unknown names and bad options raise :class:`ConfigError`."""
     discovery = discovery or discover()
     _check_names(specs, discovery, {})
     faults: list[PluginFault] = []
@@ -284,6 +285,7 @@ def check_plugin_options(
         options = _options(factory, spec, faults, "isolate")
         if options is not _NOT_CHECKED:
             checked[spec.name] = options
+            _isolated.check_isolation(factory, options, spec, options_path(spec))
     return checked, faults
 
 
@@ -371,9 +373,11 @@ def load_factory(source: PluginSource) -> Any:
     """
     try:
         factory = source.load()
-    except Exception as exc:
+    except Exception as exc:  # named at the plugin's own line (console lines have no traceback)
+        where = package_frame(exc, source.module)
         raise PluginImportError(
-            f"{source.value} (from {_origin(source)}) failed to import: {describe_exception(exc)}"
+            f"{source.value} (from {_origin(source)}) failed to import: "
+            f"{where}{describe_exception(exc)}"
         ) from exc
     problem = factory_problem(factory)
     if problem is not None:
@@ -487,7 +491,7 @@ def default_problem(cls: type) -> str | None:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return (
                 f"{cls.__qualname__}.{field.name}: default {default!r} does not fit "
-                f"its type: {message}"
+                f"its type: {message}{defined_at(cls)}"
             )
         except Exception:  # a type bz's converter cannot build: not the default's fault
             continue

@@ -22,6 +22,7 @@ import torch
 
 from bz._errors import BzError, UsageError, add_validation_context
 from bz.metrics._set import MetricSet
+from bz.plugins._faults import RewindRequested
 from bz.training.device import resolve_device, to_device
 from bz.training.forward import Computed, Forward, forward_for
 from bz.training.precision import Precision, precision_for
@@ -60,11 +61,25 @@ class ValidationPass:
 
     def run(self, loader: Iterable[Any], metrics: MetricSet, totals: Totals) -> None:
         """Count every batch of ``loader`` into ``totals`` and ``metrics`` (without
-        gradients); the caller puts the model in eval mode and resets the metrics."""
+        gradients); the caller puts the model in eval mode and resets the metrics.
+
+        An exception from the user's loader, model, loss or metric leaves as itself,
+        naming the batch it belongs to (:func:`~bz._errors.add_validation_context`):
+        the one being loaded, moved or computed.
+        """
         one = self._batch
-        with torch.no_grad():
-            for index, batch in enumerate(limited(iter(loader), self.limit)):
-                one(batch, index, metrics, totals)
+        failing = 0  # loading a batch comes before its index is known
+        try:
+            with torch.no_grad():
+                for index, batch in enumerate(limited(iter(loader), self.limit)):
+                    failing = index
+                    one(batch, index, metrics, totals)
+                    failing = index + 1
+        except (BzError, KeyboardInterrupt, RewindRequested):
+            raise  # bz's own verdicts (a metric's bad input, a plugin's fault), a signal
+        except BaseException as exc:
+            add_validation_context(exc, batch=failing)
+            raise
 
     def _batch(self, batch: Any, index: int, metrics: MetricSet, totals: Totals) -> None:
         # A frame of its own: outputs die before the next batch is fetched.
@@ -137,34 +152,5 @@ def evaluate(setup: TrainingSetup, config: RunConfig, metrics: Mapping[str, Metr
     model.eval()
     moves = device if device.type != "cpu" else None
     batches = forward_for(setup, "val_loader", metrics=tracked.active)
-    position = _Position()
-    try:
-        ValidationPass(model, batches, precision, moves, watcher=position).run(
-            setup.val_loader, tracked, totals
-        )
-    except BzError:
-        raise
-    except BaseException as exc:  # the user's loader, model, loss or metric: name the batch
-        add_validation_context(exc, batch=position.failing)
-        raise
+    ValidationPass(model, batches, precision, moves).run(setup.val_loader, tracked, totals)
     return Evaluation(totals.mean(), tracked.compute(), totals.batches)
-
-
-class _Position:
-    """Which batch :func:`evaluate` is at: the one being loaded, prepared or computed."""
-
-    def __init__(self) -> None:
-        self.index = -1
-        self.counted = True
-
-    @property
-    def failing(self) -> int:
-        """The batch a failure now belongs to: the started one until it is counted,
-        then the next (its loading and preparing come before it starts)."""
-        return self.index + 1 if self.counted else self.index
-
-    def validation_batch_started(self, index: int, batch: Any) -> None:
-        self.index, self.counted = index, False
-
-    def validation_batch_ended(self, outputs: Any, loss: torch.Tensor) -> None:
-        self.counted = True

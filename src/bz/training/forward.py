@@ -92,12 +92,7 @@ def _mapping_compute(loader: str, metrics: bool) -> Callable[[torch.nn.Module, A
         outputs = model(**batch)
         loss = output_field(outputs, "loss")
         if not isinstance(loss, torch.Tensor):
-            raise UsageError(
-                f"model(**batch) returned {type(outputs).__name__} without a loss (no "
-                "'loss' attribute or key) for a batch of "
-                f"{loader}: put the targets in the batch as 'labels' (Hugging Face models "
-                "then compute their loss), or give TrainingSetup a loss_fn or a step"
-            )
+            raise _no_loss(outputs, batch, loader)
         check_scalar(loss, "model(**batch).loss")
         predictions = targets = None
         if metrics:
@@ -119,6 +114,31 @@ def _mapping_compute(loader: str, metrics: bool) -> Callable[[torch.nn.Module, A
         return loss, outputs, predictions, targets, samples
 
     return compute
+
+
+def _no_loss(outputs: Any, batch: Mapping[str, Any], loader: str) -> UsageError:
+    """``model(**batch)`` gave no loss: why, as far as the output and the batch say."""
+    start = (
+        f"model(**batch) returned {type(outputs).__name__} without a loss (no 'loss' "
+        f"attribute or key) for a batch of {loader}"
+    )
+    if isinstance(outputs, tuple | list):
+        why = (
+            "a Hugging Face model returns a tuple when built with return_dict=False; "
+            "build it with return_dict=True (the default)"
+        )
+    elif "labels" in batch:
+        why = (
+            "the batch has 'labels', but the model computed no loss from them: a model "
+            "without a task head (BertModel rather than BertForSequenceClassification) "
+            "ignores them; use one with a head"
+        )
+    else:
+        why = (
+            "put the targets in the batch as 'labels' (Hugging Face models then compute "
+            "their loss)"
+        )
+    return UsageError(f"{start}: {why}, or give TrainingSetup a loss_fn or a step")
 
 
 def _step_compute(

@@ -22,6 +22,23 @@ LOCK_FILE = ".lock"
 NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 """``errno`` values of a filesystem that has no locks (the run then trains unlocked)."""
 
+_held: set[int] = set()
+"""The descriptors of the locks this process holds. A forked child (a ``DataLoader``
+worker) closes its copies at once: ``flock`` belongs to the open file, which the fork
+shares, so a worker that outlives ``fit`` (``persistent_workers``, a stateful loader's
+iterator) or the killed training process would otherwise keep the run locked."""
+
+
+def _close_held_in_child() -> None:
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 class RunLocked(Exception):
     """Another live process holds the run's lock; ``owner`` describes it."""
@@ -69,14 +86,17 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+        _held.add(fd)
 
     def release(self) -> None:
         """Free the lock (closing the file frees it in any case)."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _held.discard(fd)
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
+        _unlock(fd)  # closing alone leaves it held while a forked process has the file
         os.close(fd)
 
     @property
@@ -101,6 +121,15 @@ def _try_lock(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def _unlock(fd: int) -> None:
+    if sys.platform == "win32":
+        return  # msvcrt's lock ends with the handle, which no child shares
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _read_owner(fd: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bz import _supervision
 from bz._errors import describe_exception
 from bz._logging import get_logger
 
@@ -95,6 +96,7 @@ class CheckpointWrites:
             discarded = store.discard_all_but(path)
             if discarded:
                 _log.info("checkpoints_discarded", folder=str(store.folder), count=discarded)
+        _supervision.checkpoint_written()
         self.last = path
         _log.info("checkpoint_saved", path=str(path), epoch=tag[1], step=tag[2])
         if hooks:
