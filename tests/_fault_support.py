@@ -386,14 +386,23 @@ def child_main() -> None:
     at_step = int(os.environ.get("BZ_TEST_SIGNAL_AT_STEP", "0"))
     chosen = getattr(signal, "SIG" + os.environ.get("BZ_TEST_SIGNAL", "KILL"))
     if at_step:
-        original_step = EpochLoop._step
+        from bz.training.control import StepControl
 
-        def step(self: EpochLoop, batch: Any, index: int) -> None:
-            original_step(self, batch, index)
+        original_init, original_after = StepControl.__init__, EpochLoop.after_step
+
+        def init(self: StepControl, *args: Any, **kwargs: Any) -> None:
+            original_init(self, *args, **kwargs)
+            self.idle = False  # so that every optimizer step reaches EpochLoop.after_step
+
+        def after_step(self: EpochLoop, index: int) -> Any:
+            # Right after the step's last hook, before anything it leads to (a checkpoint).
             if self.state.global_step == at_step:
                 os.kill(os.getpid(), chosen)
+            return original_after(self, index)
 
-        EpochLoop._step = step  # type: ignore[method-assign]  # the test's fault injection
+        # The test's fault injection:
+        StepControl.__init__ = init  # type: ignore[method-assign]
+        EpochLoop.after_step = after_step  # type: ignore[method-assign]
 
     in_event = os.environ.get("BZ_TEST_SIGNAL_IN_EVENT")
     if in_event:

@@ -12,6 +12,7 @@ from tests._support import Events, assert_same_weights, tiny_setup, weights
 import bz
 from bz.config import MetricSpec, RunConfig
 from bz.plugins import PluginContext
+from bz.plugins._loader import implemented_hooks
 from bz.plugins.console_out import ConsoleOut, ConsoleOutConfig
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
 from bz.testing import count_host_reads
@@ -170,6 +171,21 @@ def test_console_out_bars_can_be_turned_off() -> None:
     output = run_console(FakeTerminal(), bars="never", summary=False)
     assert "█" not in output
     assert "epoch 1/2  loss" not in output
+
+
+@pytest.mark.parametrize("bars", ["auto", "always", "never"])
+@pytest.mark.parametrize("terminal", [True, False])
+def test_console_out_has_per_batch_hooks_only_where_it_may_draw_bars(
+    bars: str, terminal: bool
+) -> None:
+    # Off a terminal (or with bars off) the loop has nothing to call per batch for it.
+    stream = FakeTerminal() if terminal else io.StringIO()
+    plugin = ConsoleOut(ConsoleOutConfig(bars=bars), stream=stream)  # type: ignore[arg-type]
+    draws = bars == "always" or (bars == "auto" and terminal)
+    per_batch = {"end_training_batch", "end_validation_batch"}
+    hooks = set(implemented_hooks(plugin))
+    assert per_batch <= hooks if draws else not per_batch & hooks
+    assert {"start_epoch", "end_epoch", "end_training_session", "on_exception"} <= hooks
 
 
 # -- console_out: throughput and ETA, on a fake clock ------------------------------------

@@ -2,7 +2,9 @@
 
 Bars are drawn only on a terminal (or with ``bars: "always"``) and redrawn at most
 every ``update_interval`` seconds, so reading the running loss (one device sync) happens
-a few times a second, never every step. Colour follows https://no-color.org
+a few times a second, never every step. Where no bar can be drawn (``bars: "never"``,
+or ``auto`` with a stream that is not a terminal when the plugin is created) it has no
+per-batch hook at all, so the loop calls nothing per batch for it. Colour follows https://no-color.org
 (``NO_COLOR``) and ``FORCE_COLOR``.
 
 Like tqdm, the training bar shows throughput (``12.3k samples/s``) and the time left
@@ -142,6 +144,17 @@ class ConsoleOut:
         """This epoch's throughput (all processes), once two batches have been seen."""
         self._epoch_seconds: float | None = None
         """Duration of the last whole epoch (validation included) seen in this process."""
+        # The per-batch hooks exist only where bars may be drawn: off a terminal (a log
+        # file, a pipe, CI) the loop then calls nothing per batch for this plugin. The
+        # loader reads a plugin's hooks when it is created, so ``auto`` asks the stream
+        # here, and again when training starts.
+        if self._may_draw():
+            self.end_training_batch = self._end_training_batch
+            self.end_validation_batch = self._end_validation_batch
+
+    def _may_draw(self) -> bool:
+        mode = self.config.bars
+        return mode == "always" or (mode == "auto" and self.stream.isatty())
 
     @property
     def stream(self) -> TextIO:
@@ -153,8 +166,8 @@ class ConsoleOut:
         """Decide once whether to draw bars and use colour; start the run's clock; print
         the model's summary."""
         stream = self.stream
-        mode = self.config.bars
-        self._bars = mode == "always" or (mode == "auto" and stream.isatty())
+        # Only where the per-batch hooks were set up (see ``__init__``).
+        self._bars = self._may_draw() and hasattr(self, "end_training_batch")
         self._color = _use_color(stream)
         self._session_started = self._clock()
         self._per_batch = self._epoch_seconds = None
@@ -170,9 +183,9 @@ class ConsoleOut:
         self._train_done = 0
         self._samples_per_second = None
 
-    @hook
-    def end_training_batch(self, context: PluginContext) -> None:
-        """Note the pace; redraw the bar when ``update_interval`` has passed."""
+    def _end_training_batch(self, context: PluginContext) -> None:
+        """``end_training_batch`` where bars may be drawn: note the pace; redraw the bar
+        when ``update_interval`` has passed."""
         if not self._bars:
             return
         now = self._clock()
@@ -182,9 +195,8 @@ class ConsoleOut:
             self._first = (now, done, context.training_sample_count)
         self._maybe_draw(context, "train", done, context.training_batches_per_epoch, now)
 
-    @hook
-    def end_validation_batch(self, context: PluginContext) -> None:
-        """Redraw the bar during validation too."""
+    def _end_validation_batch(self, context: PluginContext) -> None:
+        """``end_validation_batch`` where bars may be drawn: redraw the bar."""
         if self._bars:
             self._maybe_draw(
                 context,

@@ -6,14 +6,16 @@ checkpoints at their ends, faults). The parts declared here are set by
 ``Run.__init__``; where the run stands (counters, loss sums, the stop reason) is one
 :class:`~bz.training.state.LoopState`, ``self.state``, which only the loop writes.
 
-One training step, top to bottom (``_step``): move the batch, ``start_training_batch``,
-zero the gradients at the start of an accumulation group, the loss under autocast (the
-setup's way, a :class:`~bz.training.forward.Forward`: ``loss_fn`` over pairs,
-``model(**batch).loss``, or the user's step), backward (scaled by the group size, DDP's
-``no_sync`` inside a group), ``after_backward``; at the group's end unscale, clip,
-``before_optimizer_step`` and step; then the loss sum and metrics (on the device),
-``end_training_batch`` and, under ``scheduler_interval="step"``, the scheduler's step
-(after the hook, so that it sees the learning rate the step used).
+One training step, top to bottom (``_grouped_step``; a plain step runs inline in
+:func:`~bz.training.plain.plain_batches`, doing the same in the same order): move the
+batch, ``start_training_batch``, zero the gradients at the start of an accumulation
+group, the loss under autocast (the setup's way, a
+:class:`~bz.training.forward.Forward`: ``loss_fn`` over pairs, ``model(**batch).loss``,
+or the user's step), backward (scaled by the group size, DDP's ``no_sync`` inside a
+group), ``after_backward``; at the group's end unscale, clip, ``before_optimizer_step``
+and step; then the loss sum and metrics (on the device), ``end_training_batch`` and,
+under ``scheduler_interval="step"``, the scheduler's step (after the hook, so that it
+sees the learning rate the step used).
 Between optimizer steps :class:`~bz.training.control.StepControl` decides whether to
 stop, validate or write a checkpoint.
 """
@@ -31,11 +33,12 @@ from bz._distributed import set_epoch
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._context import DeviceSum, PluginContext
-from bz.training.device import samples_of_pair, to_device
+from bz.training.device import to_device
 from bz.training.evaluate import ValidationPass, for_metrics
 from bz.training.forward import explain_backward
 from bz.training.gradients import clip_norm, gradient_accumulators, group_size, total_norm, whole
 from bz.training.guards import check_step
+from bz.training.plain import plain_batches
 from bz.training.position import epoch_batches
 from bz.training.result import EpochRecord
 from bz.training.state import ResumePoint, RunParts, Totals
@@ -82,7 +85,8 @@ class EpochLoop(RunParts):
     step_scheduler: Any
     """The scheduler when it steps after every optimizer step, else None."""
     plain: bool = False
-    """Whether this epoch's steps are plain (see ``_step``); set by ``_train_loop``."""
+    """Whether this epoch's steps are plain (see ``bz.training.plain``); set by
+    ``_train_loop``."""
     metrics_take_outputs: bool = False
     """Whether the training metrics are given outputs undetached (``_train_loop``)."""
 
@@ -152,8 +156,7 @@ class EpochLoop(RunParts):
     def _train_loop(self) -> Literal["completed", "ended", "interrupted"]:
         """The training batches of one epoch: all of them, or up to a stop (``ended``:
         the epoch ends early; ``interrupted``: Ctrl-C or SIGTERM)."""
-        metrics, step, control, state = self.train_metrics, self._step, self.control, self.state
-        batches = self.context.training_batches_per_epoch
+        metrics, state = self.train_metrics, self.state
         self.model.train()
         metrics.reset()
         state.micro = 0
@@ -173,31 +176,10 @@ class EpochLoop(RunParts):
         iterator, skipped = self._batches()
         if self.vote is not None:
             self.vote.start_epoch()
-        stopped: EndReason | None = None
-        interrupted = False
-        # StepControl.after_step's common case, inline: with no step or time rule to
-        # apply, only a Ctrl-C or a plugin's stop request can make a step count.
-        quiet, guard, ctx = control.idle, control.interrupt, self.context
-        for index, batch in enumerate(iterator, start=skipped):
-            state.batch_index = index
-            step(batch, index)
-            if state.micro:  # in the middle of an accumulation group: nothing can happen
-                continue
-            if quiet and not (guard.requested or ctx.should_stop_training):
-                continue
-            decision = control.after_step(state.global_step, index + 1 == batches)
-            if decision.interrupt:
-                interrupted = True
-                break
-            if decision.stop is not None:
-                stopped = decision.stop
-                break
-            if decision.validate:
-                self._validation_loop()
-                self.model.train()
-            if decision.checkpoint:
-                self.checkpoints.save(state.epoch, state.train.batches)
-                control.checkpoint_written()
+        if self.plain:
+            interrupted, stopped = plain_batches(self, iterator, skipped)
+        else:
+            interrupted, stopped = self._grouped_batches(iterator, skipped)
         if state.micro:  # a loader without a length ended inside a group: it still steps
             # After the group's last end_training_batch (the loader could not say it was
             # the last), so batch, outputs and loss are None in before_optimizer_step.
@@ -218,6 +200,42 @@ class EpochLoop(RunParts):
         self.context.training_metrics = metrics.compute()
         self._hook("end_training_loop")
         return "completed" if stopped is None else "ended"
+
+    def _grouped_batches(
+        self, iterator: Iterator[Any], skipped: int
+    ) -> tuple[bool, EndReason | None]:
+        """``plain_batches`` for steps that are not plain: ``(interrupted, stop reason)``."""
+        step, state, ctx, control = self._grouped_step, self.state, self.context, self.control
+        quiet, guard = control.idle, control.interrupt  # as in plain_batches
+        for index, batch in enumerate(iterator, start=skipped):
+            state.batch_index = index
+            step(batch, index)
+            if state.micro:  # in the middle of an accumulation group: nothing can happen
+                continue
+            if quiet and not (guard.requested or ctx.should_stop_training):
+                continue
+            ended = self.after_step(index)
+            if ended is not None:
+                return ended
+        return False, None
+
+    def after_step(self, index: int) -> tuple[bool, EndReason | None] | None:
+        """What follows the optimizer step of batch ``index`` (``StepControl``): None to go
+        on, else ``(interrupted, stop reason)`` to end the epoch's batches."""
+        state, control = self.state, self.control
+        last = index + 1 == self.context.training_batches_per_epoch
+        decision = control.after_step(state.global_step, last)
+        if decision.interrupt:
+            return True, None
+        if decision.stop is not None:
+            return False, decision.stop
+        if decision.validate:
+            self._validation_loop()
+            self.model.train()
+        if decision.checkpoint:
+            self.checkpoints.save(state.epoch, state.train.batches)
+            control.checkpoint_written()
+        return None
 
     def _batches(self) -> tuple[Iterator[Any], int]:
         """The training iterator, positioned where a resumed epoch left off."""
@@ -249,74 +267,6 @@ class EpochLoop(RunParts):
 
     # -- one step --------------------------------------------------------------------
 
-    def _step(self, batch: Any, index: int) -> None:
-        # A method of its own so that the batch, outputs and graph die when it returns
-        # instead of living in the loop's frame until the next batch replaces them.
-        # ``plain`` (one batch per optimizer step, no gradient scaler, no clipping, no
-        # norm asked for, no per-step finite check) is the common step, inline here;
-        # the others go through ``_grouped_step``. Both do the same in the same order.
-        if not self.plain:
-            self._grouped_step(batch, index)
-            return
-        ctx, state, implemented = self.context, self.state, self.plugins.implemented
-        if self.move_batches:
-            batch = to_device(batch, self.device)
-        forward = self.train_forward
-        # Every way's ``prepare`` returns a pair as it is: a call saved per batch.
-        if type(batch) is not tuple or len(batch) != 2:
-            batch = forward.prepare(batch)
-        ctx.batch = batch
-        if implemented["start_training_batch"]:
-            self._call("start_training_batch")
-        optimizer = self.setup.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        autocast = self.precision.autocast
-        loss_fn = forward.loss_fn
-        if loss_fn is not None and autocast is None:
-            # Pairs' ``compute`` inline (a call and a tuple less per batch).
-            inputs, targets = batch
-            outputs = predictions = self.forward(inputs)
-            if isinstance(inputs, torch.Tensor) and (shape := inputs.shape):
-                samples = shape[0]
-            else:
-                samples = samples_of_pair(inputs, targets, "train_loader")
-            loss = loss_fn(outputs, targets)
-        elif autocast is None:
-            loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
-        else:
-            with autocast():
-                loss, outputs, predictions, targets, samples = forward.compute(self.forward, batch)
-        try:
-            _backward(loss)
-        except RuntimeError:
-            explain_backward(forward, loss)
-            raise
-        ctx.outputs, ctx.loss = outputs, loss
-        if implemented["after_backward"]:
-            self._call("after_backward")
-        if implemented["before_optimizer_step"]:
-            self._call("before_optimizer_step")
-        optimizer.step()
-        state.global_step += 1
-        train = state.train  # _count, inline
-        train.samples += samples
-        last = ctx._last_loss
-        last.value = train.loss.add(loss, samples)
-        last.dtype = loss.dtype
-        metrics = self.train_metrics
-        if metrics.active:
-            if self.metrics_take_outputs:
-                metrics.update(predictions, targets)
-            else:
-                metrics.update(for_metrics(predictions, self.precision), targets)
-        train.batches += 1
-        if implemented["end_training_batch"]:
-            self._call("end_training_batch")
-        if self.step_scheduler is not None:
-            # After end_training_batch, which shows the rate this step used (step/lr).
-            self.step_scheduler.step()
-        ctx.batch = ctx.outputs = ctx.loss = None
-
     def _count(
         self, ctx: PluginContext, train: Totals, loss: Any, predictions: Any, targets: Any, n: int
     ) -> None:
@@ -332,7 +282,7 @@ class EpochLoop(RunParts):
         train.batches += 1
 
     def _grouped_step(self, batch: Any, index: int) -> None:
-        """``_step`` in general: accumulation groups (DDP's ``no_sync`` inside one), a
+        """One step in general: accumulation groups (DDP's ``no_sync`` inside one), a
         gradient scaler, clipping, an asked-for norm, ``check_finite: "step"``."""
         ctx, state, implemented = self.context, self.state, self.plugins.implemented
         if self.move_batches:
