@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from bz.plugins import _faults
+from bz.plugins import _faults, _watchdog
 from bz.plugins._watchdog import PluginTimeout, Watchdog
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class LoadBoundary(_faults.LoadBoundary):
                 exc = PluginStartTimeout(
                     f"plugin {self._plugin!r} took longer than plugin_start_timeout "
                     f"({seconds:g} s) in its {self._stage}"
-                ).with_traceback(timeout.__traceback__)
+                ).with_traceback(_plugins_part(timeout.__traceback__))
         return super().__exit__(kind, exc, tb)
 
 
@@ -111,6 +111,18 @@ def _timeout_in(exc: BaseException | None) -> PluginTimeout | None:
     while exc is not None and not isinstance(exc, PluginTimeout):
         exc = exc.__cause__
     return exc
+
+
+def _plugins_part(traceback: TracebackType | None) -> TracebackType | None:
+    # The stack down to where the plugin was interrupted, without the watchdog's own
+    # frames (its signal handler, its trace function) at the end.
+    head = traceback
+    while traceback is not None and traceback.tb_next is not None:
+        if traceback.tb_next.tb_frame.f_code.co_filename == _watchdog.__file__:
+            traceback.tb_next = None
+        else:
+            traceback = traceback.tb_next
+    return head
 
 
 __all__ = ["LoadBoundary", "PluginStartTimeout", "start_limit"]
