@@ -129,8 +129,16 @@ def training_context(exc: BaseException) -> str | None:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """``ExceptionType: message`` (the message may be empty): a failure in one line."""
-    message = str(exc)
+    """``ExceptionType: message`` (the message may be empty): a failure in one line.
+
+    An exception whose ``__str__`` itself raises (a plugin's, say) is described as
+    Python's tracebacks describe it, never by raising again from the error path."""
+    try:
+        message = str(exc)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # whatever a hostile __str__ raises
+        message = "<exception str() failed>"
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
