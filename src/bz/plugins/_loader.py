@@ -28,7 +28,8 @@ from bz.plugins._hooks import HOOK_NAMES
 from bz.plugins._isolated import isolated_starts, isolation_of, start_isolated, without_isolation
 from bz.plugins._order import plugin_order, sort_plugins
 from bz.plugins._protocol import NamedPlugin, Plugin
-from bz.plugins._sandbox import ErrorPolicy, LoadBoundary, PluginFault, PluginSet
+from bz.plugins._sandbox import ErrorPolicy, PluginFault, PluginSet
+from bz.plugins._start_limit import LoadBoundary, start_limit
 from bz.plugins._typing import HOOK_MARKER
 
 ENTRY_POINT_GROUP = "bz.plugins"
@@ -317,10 +318,9 @@ def load_plugins(
 ) -> PluginSet:
     """Create the configured plugins and wrap them in a :class:`PluginSet`.
 
-    Unknown names and bad options are the user's mistakes: a :class:`ConfigError` (exit
-    2) naming every problem. Faults in plugin code (import, config class, ``create``,
-    a hook with a wrong signature) follow ``policy``: quarantined and reported, or
-    raised. ``registry`` maps extra names to factories (handy in tests and embedders).
+    Unknown names and bad options: a :class:`ConfigError` (exit 2) naming each. Faults in
+    plugin code (import, options, ``create``, a bad hook, ``plugin_start_timeout`` run
+    out) follow ``policy``. ``registry`` maps extra names to factories (tests, embedders).
     """
     policy = policy or run_config.plugin_errors
     discovery = discovery or discover()
@@ -328,8 +328,9 @@ def load_plugins(
     _check_names(specs, discovery, registry)
     faults: list[PluginFault] = []
     loaded: list[tuple[NamedPlugin, tuple[str, ...]]] = []
+    limit = start_limit(run_config.plugin_start_timeout)  # each step of loading one
     # Process plugins start all at once, and are waited for in their turn.
-    with isolated_starts(specs, options_path, run_config, registry) as starting:
+    with limit, isolated_starts(specs, options_path, run_config, registry) as starting:
         for spec in specs:
             if not spec.enabled:
                 continue

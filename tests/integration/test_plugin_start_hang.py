@@ -1,0 +1,113 @@
+"""``bz train`` with a plugin that hangs while it loads trains on without it.
+
+An in-process plugin whose import or ``create`` blocks (a sleep, a socket that never
+answers) is interrupted after ``plugin_start_timeout``, reported by name with the limit
+(one ``plugin_failed`` event, its stage), and training runs to the end without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests._plugin_packages_support import REPO, write_distribution
+from tests._support import TINY_TRAIN_PY, json_events
+
+_MODULES = {
+    "hanging_mod/__init__.py": "",
+    "hanging_mod/creating.py": """
+        import time
+
+
+        class Hanging:
+            name = "hang_create"
+
+            def end_epoch(self, context: object) -> None: ...
+
+            @classmethod
+            def create(cls, options: object, run_config: object) -> "Hanging":
+                time.sleep(3600)  # waits for a server that never answers
+                return cls()
+    """,
+    "hanging_mod/importing.py": "import time\n\ntime.sleep(3600)\n",
+    "hanging_mod/native.py": """
+        import signal
+        import time
+
+
+        class Native:
+            name = "hang_native"
+
+            def __init__(self) -> None:
+                # As native code that never returns to Python and ignores signals.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                time.sleep(3600)
+    """,
+}
+_ENTRIES = {
+    "hang_create": "hanging_mod.creating:Hanging",
+    "hang_import": "hanging_mod.importing:Plugin",
+    "hang_native": "hanging_mod.native:Native",
+}
+
+
+def _train(folder: Path, plugins: list[str]) -> subprocess.CompletedProcess[str]:
+    site = write_distribution(folder / "site", "hanging-plugins", _ENTRIES, _MODULES)
+    (folder / "train.py").write_text(TINY_TRAIN_PY, encoding="utf-8")
+    config: dict[str, Any] = {
+        "epochs": 1,
+        "device": "cpu",
+        "plugins": plugins,
+        "plugin_timeout": 2,
+        "plugin_start_timeout": 1,
+    }
+    (folder / "bzconfig.json").write_text(json.dumps(config), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BZ_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(site)])
+    return subprocess.run(
+        [sys.executable, "-m", "bz", "train", "--log-format", "json"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a safety net for a hung run (the defect), not a timing assertion
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_bz_train_goes_on_without_a_plugin_that_hangs_while_loading(tmp_path: Path) -> None:
+    done = _train(tmp_path, ["hang_create", "hang_import"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    failed = {
+        e["plugin"]: (e["hook"], e["error"])
+        for e in json_events(done.stdout)
+        if e["event"] == "plugin_failed"
+    }
+    assert failed == {
+        name: (
+            stage,
+            f"PluginStartTimeout: plugin {name!r} took longer than plugin_start_timeout "
+            f"(1 s) in its {stage}",
+        )
+        for name, stage in (("hang_create", "create"), ("hang_import", "import"))
+    }
+    (run,) = (tmp_path / ".bz" / "checkpoints").iterdir()
+    assert (run / "model.pt").exists()  # trained to the end without them
+
+
+@pytest.mark.slow
+def test_a_plugin_that_cannot_be_interrupted_while_loading_ends_the_run(tmp_path: Path) -> None:
+    # Signals blocked (native code): 10 s after the interruption bz names it and exits 1,
+    # instead of waiting forever.
+    done = _train(tmp_path, ["hang_native"])
+    assert done.returncode == 1
+    assert (
+        "bz: error: plugin 'hang_native' did not return 10 s after it was interrupted "
+        "(plugin 'hang_native' ran longer than plugin_start_timeout (1 s))"
+    ) in done.stderr
