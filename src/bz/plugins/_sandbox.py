@@ -23,7 +23,7 @@ import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bz import _supervision
 from bz._errors import describe_exception
@@ -58,8 +58,9 @@ from bz.plugins._rounds import (
     straight,
     summary,
 )
+from bz.plugins._torch_boundary import TorchBoundary
 from bz.plugins._torch_hooks import HookLedger
-from bz.plugins._watchdog import Straight, Watchdog
+from bz.plugins._watchdog import Watchdog
 
 if TYPE_CHECKING:
     from bz.plugins._protocol import NamedPlugin
@@ -85,7 +86,7 @@ def _nothing(context: PluginContext) -> None:
     """A hook no active plugin implements."""
 
 
-class PluginSet:
+class PluginSet(TorchBoundary):
     """Loaded plugins, the hooks each implements, and the boundary every call goes through.
 
     ``plugins`` pairs each plugin object with the hooks it really implements (the loader
@@ -137,8 +138,8 @@ class PluginSet:
         self._keeper = ProcessKeeper(self._watchdog)
         self._ledger: HookLedger | None = None
         """The torch hooks plugins registered (while a run lasts: see ``_view_for``)."""
-        self._autocast: Any = None
-        """Autocast as it was before a plugin's hook changed it (see ``_touched``)."""
+        self._autocast = None
+        self._pending = None
         self._rebuild()
 
     # -- what is loaded --------------------------------------------------------------
@@ -347,7 +348,9 @@ class PluginSet:
         watchdog = self._watchdog
         slot, watchdog.running = watchdog.running, None
         if not isinstance(slot, Slot) or is_verdict(exc):
-            # Another plugin's torch hook failed inside this one's hook (a verdict).
+            # Another plugin's torch hook failed inside this one's hook (a verdict):
+            # on its way, so no longer pending (``_torch_boundary``).
+            self._pending = None
             not_called(round_, slot)
             raise exc
         try:
@@ -405,67 +408,6 @@ class PluginSet:
         """Remove the torch hooks plugins registered since ``mark`` (a rewind)."""
         if self._ledger is not None:
             self._ledger.drop_since(mark)
-
-    def _run_torch_hook(
-        self,
-        slot: Slot,
-        kind: str,
-        hook: Callable[..., object],
-        args: tuple[object, ...],
-        kwargs: dict[str, object],
-    ) -> object:
-        # A torch hook a plugin registered, called by torch in the middle of a forward,
-        # a backward or an optimizer step: the plugin's boundary, fence and clock.
-        if slot.fault is not None:
-            return None
-        watchdog = self._watchdog
-        outer = watchdog.running
-        fence = self._fence or self._new_fence()
-        # A whole snapshot, not a mark: this may run inside a round, whose mark stands.
-        saved = fence.save()
-        grad_mode = self._grad_mode
-        grad = grad_mode()
-        started = _perf_counter()
-        if outer is None or type(outer) is Straight:
-            watchdog.round = saved
-        slot.calls += 1
-        where = self._where
-        outer_where = where[0], where[1]
-        try:
-            watchdog.running = slot
-            where[0], where[1] = slot.number, _supervision.TORCH_HOOK
-            return hook(*args, **kwargs)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # the plugin's, as in its own hooks
-            watchdog.running = outer
-            if is_verdict(exc):
-                raise
-            shown = self._shown if self._shown is not None else PluginContext()
-            self._fail(slot, f"torch {kind}", exc, shown)
-            return None  # isolate: as if the hook were not there
-        finally:
-            watchdog.running = outer
-            where[0], where[1] = outer_where
-            slot.seconds += _perf_counter() - started
-            fence.load(saved)
-            if grad_mode() is not grad:
-                set_grad_mode(grad)
-            if self._autocast is not None:
-                self._put_back_autocast()
-
-    def _touched(self) -> None:
-        # A plugin's hook is about to change autocast: keep the state it changes.
-        if self._autocast is None:
-            from bz.plugins import _autocast
-
-            self._autocast = _autocast.capture()
-
-    def _put_back_autocast(self) -> None:
-        from bz.plugins import _autocast
-
-        state, self._autocast = self._autocast, None
-        _autocast.restore(state)
 
     def interrupt_running(self, signum: int) -> None:
         """From a signal handler: fail the plugin whose hook is running now, if any.
