@@ -356,6 +356,7 @@ class PluginSet(TorchBoundary):
         try:
             self._fail(slot, hook, exc, context)
         except BaseException:
+            self._pending = None  # this round's verdict is on its way
             not_called(round_, slot)
             raise
 
