@@ -56,7 +56,9 @@ _ENTRIES = {
 }
 
 
-def _train(folder: Path, plugins: list[str]) -> subprocess.CompletedProcess[str]:
+def _train(
+    folder: Path, plugins: list[str], command: tuple[str, ...] = ("train", "--log-format", "json")
+) -> subprocess.CompletedProcess[str]:
     site = write_distribution(folder / "site", "hanging-plugins", _ENTRIES, _MODULES)
     (folder / "train.py").write_text(TINY_TRAIN_PY, encoding="utf-8")
     config: dict[str, Any] = {
@@ -70,7 +72,7 @@ def _train(folder: Path, plugins: list[str]) -> subprocess.CompletedProcess[str]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BZ_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(site)])
     return subprocess.run(
-        [sys.executable, "-m", "bz", "train", "--log-format", "json"],
+        [sys.executable, "-m", "bz", *command],
         cwd=folder,
         env=env,
         capture_output=True,
@@ -110,4 +112,16 @@ def test_a_plugin_that_cannot_be_interrupted_while_loading_ends_the_run(tmp_path
     assert (
         "bz: error: plugin 'hang_native' did not return 10 s after it was interrupted "
         "(plugin 'hang_native' ran longer than plugin_start_timeout (1 s))"
+    ) in done.stderr
+
+
+@pytest.mark.slow
+def test_bz_check_config_names_a_plugin_that_hangs_while_it_imports(tmp_path: Path) -> None:
+    # check-config imports each listed plugin and checks its options (it creates none):
+    # a hang there is bounded the same way, and is one line, exit 2.
+    done = _train(tmp_path, ["hang_import"], ("check-config",))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        "PluginStartTimeout: plugin 'hang_import' took longer than plugin_start_timeout "
+        "(1 s) in its import"
     ) in done.stderr

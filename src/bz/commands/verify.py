@@ -132,6 +132,7 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     from bz.plugins._entries import entry_paths
     from bz.plugins._loader import check_plugin_options, discover
     from bz.plugins._names import ConfiguredOptions, check_monitors
+    from bz.plugins._start_limit import start_limit
     from bz.training.checkpoint.best import check_monitor
 
     file = find_config_file(config_path)
@@ -141,7 +142,8 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
         metrics = build_metrics(config.metrics)
         # The faults are reported here, once each, not as plugin_failed events too.
         discovery = discover()
-        with structlog.testing.capture_logs():
+        # Importing a plugin and checking its options is bounded as in `bz train`.
+        with structlog.testing.capture_logs(), start_limit(config.plugin_start_timeout):
             options, faults = check_plugin_options(config.plugins, config, discovery=discovery)
     except ConfigError as exc:
         raise exc.with_source(str(file)) from None
