@@ -113,7 +113,8 @@ def callgrind(argv: Sequence[str], dumps: int, layout: int = 0) -> list[int]:
 
     Raises ``RuntimeError`` with the process's last lines if it fails, or if it did not
     call the marker exactly ``dumps`` times. With ``BZ_CALLGRIND_KEEP=folder`` in the
-    environment, the dumps are copied there (``callgrind.out.N-01``: per variant, the 2nd
+    environment, the dumps are copied into a folder of their own there, named after the
+    variant and layout (``bz-no-plugins-no-metrics-layout0/callgrind.out.N-01``: the 2nd
     and 4th hold its N- and 2N-step runs), to read with ``callgrind_annotate``.
     """
     executable = valgrind()
@@ -150,9 +151,13 @@ def callgrind(argv: Sequence[str], dumps: int, layout: int = 0) -> list[int]:
         counts = [totals(path.read_text(encoding="utf-8")) for path in files]
         keep = os.environ.get("BZ_CALLGRIND_KEEP")
         if keep:  # a folder: the dumps go there, for callgrind_annotate
-            Path(keep).mkdir(parents=True, exist_ok=True)
+            # One folder per process: every process names its dumps the same way.
+            variant = argv[argv.index("--variant") + 1] if "--variant" in argv else "run"
+            slug = "-".join(re.findall(r"[a-z0-9]+", variant.lower()))
+            kept = Path(keep) / f"{slug}-layout{layout}"
+            kept.mkdir(parents=True, exist_ok=True)
             for path in files:
-                shutil.copy(path, Path(keep) / path.name)
+                shutil.copy(path, kept / path.name)
     if len(counts) != dumps:
         raise RuntimeError(
             f"expected {dumps} callgrind dumps, got {len(counts)}: the marker ({MARKER}) "
