@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project whose run has finished once, without plugins (its checkpoints remain):
     one ``bz train`` for the module, copied for each test (the run signature names no
     path, so the copy resumes as the original would)."""
@@ -33,9 +33,9 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _finished_run(finished: Path, tmp_path: Path) -> Path:
+def _finished_run(finished_project: Path, tmp_path: Path) -> Path:
     """A copy of the finished project of its own for this test."""
-    return Path(shutil.copytree(finished, tmp_path / "project"))
+    return Path(shutil.copytree(finished_project, tmp_path / "project"))
 
 
 def _with_plugins(folder: Path, plugins: list[object]) -> None:
@@ -46,9 +46,9 @@ def _with_plugins(folder: Path, plugins: list[object]) -> None:
 
 @pytest.mark.parametrize("start_over", [["--no-resume"], ["--set", "resume=false"]])
 def test_a_death_before_the_new_runs_first_checkpoint_starts_over_again(
-    finished: Path, tmp_path: Path, start_over: list[str]
+    finished_project: Path, tmp_path: Path, start_over: list[str]
 ) -> None:
-    folder = _finished_run(finished, tmp_path)
+    folder = _finished_run(finished_project, tmp_path)
     clean = _model(folder)
     _with_plugins(folder, [{"dying": {"act": "segfault", "step": 2}}])  # in epoch 1
     done = _train(folder, *start_over)
@@ -63,9 +63,9 @@ def test_a_death_before_the_new_runs_first_checkpoint_starts_over_again(
 
 
 def test_a_death_after_the_new_runs_first_checkpoint_resumes_from_it(
-    finished: Path, tmp_path: Path
+    finished_project: Path, tmp_path: Path
 ) -> None:
-    folder = _finished_run(finished, tmp_path)
+    folder = _finished_run(finished_project, tmp_path)
     clean = _model(folder)
     _with_plugins(folder, [{"dying": {"act": "segfault", "step": 9}}])  # in epoch 2
     done = _train(folder, "--no-resume")
