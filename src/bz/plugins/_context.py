@@ -338,6 +338,20 @@ _CHANNELS = frozenset({"should_stop_training", "extra"})
 _METRIC_FIELDS = frozenset({"training_metrics", "validation_metrics"})
 
 
+def _channel_value(name: str, value: Any) -> Any:
+    """What a plugin assigns to a channel, as the loop reads it, decided in the plugin's
+    hook: ``should_stop_training`` becomes a ``bool`` there (a value whose truth cannot be
+    told, a tensor of several elements, is that plugin's fault, not the loop's), and
+    ``extra`` must stay a dict (the loop copies it for rewind's snapshots)."""
+    if name == "should_stop_training":
+        return value if type(value) is bool else bool(value)
+    if type(value) is dict:
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"context.extra must be a dict, got {type(value).__name__}")
+    return dict(value)
+
+
 def _read_only(name: str) -> NoReturn:
     raise AttributeError(
         f"context.{name} is the training loop's and read-only for plugins; share your "
@@ -437,7 +451,7 @@ class LoopView(PluginContext):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _CHANNELS:
-            setattr(object.__getattribute__(self, "_source"), name, value)
+            setattr(object.__getattribute__(self, "_source"), name, _channel_value(name, value))
             return
         _read_only(name)
 
