@@ -8,21 +8,28 @@ rewind snapshot raise (``TypeError: 'int' object is not iterable``, the run fail
 and a ``should_stop_training`` whose truth cannot be told (a tensor of two elements)
 raised in the loop when it read the flag. Now each is that plugin's fault, in its own
 hook: quarantined, rewound, and the run ends with the weights of the run without it.
-Values that mean a stop or a dict still work as before.
+Values that mean a stop or a dict still work as before. Likewise a metric a plugin adds
+must be a number (or a 0-d tensor): anything else is the adding plugin's fault, not that
+of the loggers that format it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 import torch
 from tests._support import assert_same_weights, tiny_setup, weights
 
 import bz
 from bz.plugins import PluginContext
+from bz.plugins.console_out import ConsoleOut
+from bz.plugins.csv_logger import CsvLogger
+from bz.plugins.run_log import RunLog
 
 
 def _fit(plugins: list[Any]) -> tuple[dict[str, torch.Tensor], bz.FitResult]:
@@ -101,3 +108,47 @@ def test_a_value_that_means_stop_still_stops_after_the_step(value: Any) -> None:
     assert result.stopped_early
     assert result.global_step == 1
     assert result.plugins[0].fault is None
+
+
+# A metric a plugin adds is read by every logger as a number. A value that is none (a
+# string, a dict, a tensor of several elements) used to be accepted, and then failed
+# console_out and csv_logger, which were quarantined for another plugin's data.
+
+
+@pytest.mark.parametrize(
+    "value", ["hello", {"a": 1}, None, torch.tensor([0.5, 1.0]), torch.tensor([0.5])], ids=repr
+)
+def test_a_metric_that_is_no_number_is_the_adding_plugins_fault(
+    value: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def add(context: PluginContext) -> None:
+        context.validation_metrics["mine"] = value
+
+    loggers = [ConsoleOut(), RunLog(), CsvLogger()]
+    _, result = _fit([_plugin("end_validation_loop", add), *loggers])
+    faults = {report.name: report.fault for report in result.plugins}
+    assert faults["assigner"] is not None
+    assert faults["assigner"].stage == "end_validation_loop"
+    assert faults["console_out"] is None
+    assert faults["run_log"] is None
+    assert faults["csv_logger"] is None
+    assert all("mine" not in record.validation_metrics for record in result.history)
+
+
+@pytest.mark.parametrize(
+    "value", [3, 0.25, True, float("nan"), numpy.float32(0.5), torch.tensor(0.5)], ids=repr
+)
+def test_a_number_or_a_0d_tensor_is_a_metric_every_logger_takes(
+    value: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def add(context: PluginContext) -> None:
+        context.validation_metrics["mine"] = value
+
+    loggers = [ConsoleOut(), RunLog(), CsvLogger()]
+    _, result = _fit([_plugin("end_validation_loop", add), *loggers])
+    assert all(report.fault is None for report in result.plugins)
+    assert all("mine" in record.validation_metrics for record in result.history)

@@ -11,6 +11,7 @@ ordinary object: every field can be set.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from operator import attrgetter
 from pathlib import Path
@@ -382,8 +383,15 @@ class LoopMetrics(dict[str, float]):
                 "plugins; add your own value under a new key"
             )
 
-    def __setitem__(self, key: str, value: float) -> None:
+    def __setitem__(self, key: str, value: Any) -> None:  # float to mypy; checked at run time
         self._check(key)
+        if not isinstance(value, numbers.Real) and getattr(value, "ndim", None) != 0:
+            # Refused here, in the plugin that adds it: every logger formats the epoch's
+            # metrics as numbers, and would take the blame for it.
+            raise TypeError(
+                f"metric {key!r}: a metric is a number (or a 0-d tensor), "
+                f"got {type(value).__name__}"
+            )
         super().__setitem__(key, value)
 
     def __delitem__(self, key: str) -> None:
