@@ -8,6 +8,7 @@ produced here in process, the way a library user meets it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -29,14 +30,14 @@ def _config(**changes: Any) -> bz.RunConfig:
 def _events(
     plugins: list[Any], checkpoint_dir: Path | None = None, setup: bz.TrainingSetup | None = None
 ) -> list[dict[str, Any]]:
-    with structlog.testing.capture_logs() as events:
-        try:
-            bz.Trainer().fit(
-                setup or tiny_setup(), _config(), plugins, checkpoint_dir=checkpoint_dir
-            )
-        except (ValueError, KeyboardInterrupt):
-            pass
-    return [e for e in events if e["event"] in ("run_started", "run_finished")]
+    setup = setup or tiny_setup()
+    fit = bz.Trainer().fit
+    with (
+        structlog.testing.capture_logs() as events,
+        contextlib.suppress(ValueError, KeyboardInterrupt),
+    ):
+        fit(setup, _config(), plugins, checkpoint_dir=checkpoint_dir)
+    return [dict(e) for e in events if e["event"] in ("run_started", "run_finished")]
 
 
 def test_run_started_names_the_run() -> None:
@@ -69,7 +70,7 @@ def test_failed_names_the_error() -> None:
     def broken(inputs: torch.Tensor) -> torch.Tensor:
         raise ValueError("the model is broken")
 
-    setup.model.forward = broken  # type: ignore[method-assign,assignment]
+    setup.model.forward = broken
     finished = _events([], setup=setup)[-1]
     assert finished["outcome"] == "failed"
     assert "the model is broken" in finished["error"]
