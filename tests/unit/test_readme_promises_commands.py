@@ -73,3 +73,19 @@ def test_the_other_scripts_flags_are_theirs(script: str) -> None:
             shown |= set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", line.split("#")[0]))
     for flag in shown:
         assert f'"{flag}"' in source, flag
+
+
+def _documents() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "DEVELOPERS.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_every_file_the_documents_point_to_exists() -> None:
+    # "what a test checks (tests/unit/test_rewind.py, ...)", the examples, the scripts:
+    # a file moved or renamed must take the documents' references with it.
+    named = set()
+    for document in _documents():
+        text = document.read_text(encoding="utf-8")
+        named |= set(re.findall(r"(?<![\w/.])((?:tests|examples|benchmarks)/[\w/.-]*\w)", text))
+        named |= {f"tests/{p}" for p in re.findall(r"`((?:unit|integration)/test_\w+\.py)", text)}
+    assert len(named) > 20
+    assert sorted(path for path in named if not (ROOT / path).exists()) == []
