@@ -335,6 +335,16 @@ def test_a_cycle_is_a_load_error_naming_the_plugins() -> None:
     with pytest.raises(bz.OrderCycleError, match="'a' after 'b' after 'a'") as raised:
         load_plugins(config.plugins, config, registry={"a": A, "b": B})
     assert raised.value.exit_code == 2
+    # Each plugin of the cycle is named where it is defined, as other load problems are.
+    assert str(raised.value).endswith(
+        f"form a cycle; 'a' at {__file__}:{_line_of(A)}, 'b' at {__file__}:{_line_of(B)})"
+    )
+
+
+def _line_of(cls: type) -> int:
+    import inspect
+
+    return inspect.getsourcelines(cls)[1]
 
 
 def test_a_malformed_order_is_the_plugins_fault() -> None:
@@ -344,7 +354,57 @@ def test_a_malformed_order_is_the_plugins_fault() -> None:
 
     plugins = load_plugins([PluginSpec("odd")], RunConfig(plugins=[]), registry={"odd": Odd})
     (fault,) = plugins.faults
-    assert "order is tuple; it must be bz.plugins.Order" in fault.error
+    assert fault.error == (
+        "TypeError: order is tuple; it must be bz.plugins.Order(...) "
+        f"(at {__file__}:{_line_of(Odd)})"
+    )
+
+
+class _RaisesInLoadConfig:
+    @staticmethod
+    def load_config(options: dict[str, Any]) -> dict[str, Any]:
+        raise ValueError("no such server")
+
+    @classmethod
+    def create(cls, options: dict[str, Any], run_config: object) -> None:
+        cls.load_config(options)
+
+
+class _RaisesInCreate:
+    @staticmethod
+    def create(options: dict[str, Any], run_config: object) -> None:
+        raise OSError("cannot open")
+
+
+class _RaisesInConstructor:
+    name = "constructor"
+
+    def __init__(self) -> None:
+        raise KeyError("missing")
+
+
+@pytest.mark.parametrize(
+    ("factory", "error"),
+    [
+        (_RaisesInLoadConfig, "ValueError: no such server"),
+        (_RaisesInCreate, "OSError: cannot open"),
+        (_RaisesInConstructor, "KeyError: 'missing'"),
+    ],
+)
+def test_what_a_plugin_raises_while_created_is_named_at_its_line(
+    factory: type, error: str
+) -> None:
+    # One line, as an import failure's: the plugin's innermost frame, then the exception.
+    plugins = load_plugins([PluginSpec("p")], RunConfig(plugins=[]), registry={"p": factory})
+    (fault,) = plugins.faults
+    assert fault.cause is not None
+    traceback = fault.cause.__traceback__
+    assert traceback is not None
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    assert fault.error == f"{__file__}:{traceback.tb_lineno}: {error}"
+    raiser = getattr(factory, "load_config", getattr(factory, "create", factory.__init__))
+    assert traceback.tb_frame.f_code is getattr(raiser, "__func__", raiser).__code__
 
 
 @st.composite

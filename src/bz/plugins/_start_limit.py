@@ -67,7 +67,8 @@ def start_limit(seconds: float | None) -> Iterator[None]:
 
 def _give_up(slot: object, exit_code: int, reason: str) -> None:
     # The watchdog words its reason for hooks; this limit is the start-up's.
-    _faults.give_up(slot, exit_code, reason.replace("plugin_timeout", "plugin_start_timeout"))
+    reason = reason.replace("plugin_timeout", "plugin_start_timeout")
+    _faults.give_up(slot, exit_code, reason, loading=True)
 
 
 class LoadBoundary(_faults.LoadBoundary):
@@ -77,6 +78,7 @@ class LoadBoundary(_faults.LoadBoundary):
     __slots__ = ("_previous", "_watched")
 
     def __enter__(self) -> None:
+        super().__enter__()
         self._watched: tuple[Watchdog, float] | None = _limits[-1] if _limits else None
         if self._watched is not None:
             watchdog = self._watched[0]

@@ -96,7 +96,7 @@ class CheckpointWrites:
             discarded = store.discard_all_but(path)
             if discarded:
                 _log.info("checkpoints_discarded", folder=str(store.folder), count=discarded)
-        _supervision.checkpoint_written()
+        _supervision.checkpoint_written(path)
         self.last = path
         _log.info("checkpoint_saved", path=str(path), epoch=tag[1], step=tag[2])
         if hooks:
