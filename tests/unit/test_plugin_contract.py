@@ -384,15 +384,15 @@ class _RaisesInConstructor:
 
 
 @pytest.mark.parametrize(
-    ("factory", "error"),
+    ("factory", "raiser", "error"),
     [
-        (_RaisesInLoadConfig, "ValueError: no such server"),
-        (_RaisesInCreate, "OSError: cannot open"),
-        (_RaisesInConstructor, "KeyError: 'missing'"),
+        (_RaisesInLoadConfig, "load_config", "ValueError: no such server"),
+        (_RaisesInCreate, "create", "OSError: cannot open"),
+        (_RaisesInConstructor, "__init__", "KeyError: 'missing'"),
     ],
 )
 def test_what_a_plugin_raises_while_created_is_named_at_its_line(
-    factory: type, error: str
+    factory: type, raiser: str, error: str
 ) -> None:
     # One line, as an import failure's: the plugin's innermost frame, then the exception.
     plugins = load_plugins([PluginSpec("p")], RunConfig(plugins=[]), registry={"p": factory})
@@ -403,8 +403,7 @@ def test_what_a_plugin_raises_while_created_is_named_at_its_line(
     while traceback.tb_next is not None:
         traceback = traceback.tb_next
     assert fault.error == f"{__file__}:{traceback.tb_lineno}: {error}"
-    raiser = getattr(factory, "load_config", getattr(factory, "create", factory.__init__))
-    assert traceback.tb_frame.f_code is getattr(raiser, "__func__", raiser).__code__
+    assert traceback.tb_frame.f_code.co_qualname == f"{factory.__qualname__}.{raiser}"
 
 
 @st.composite

@@ -145,8 +145,7 @@ class LoadBoundary:
         _supervision.restore(self._told)
         if exc is None or isinstance(exc, (KeyboardInterrupt, BzError)):
             return False
-        where = package_frame(exc, self._module) if self._module else ""
-        error = where + describe_exception(exc)
+        error = self._located(exc) + describe_exception(exc)
         fault = PluginFault(self._plugin, self._stage, error, cause=exc)
         if self._policy == "raise":
             raise PluginFailure(fault.describe()) from exc
@@ -154,6 +153,13 @@ class LoadBoundary:
         self._faults.append(fault)
         log_fault(fault, exc)
         return True
+
+    def _located(self, exc: BaseException) -> str:
+        """``file:line: ``, the plugin's innermost frame ``exc`` passed through, or "".
+        An import failure names it inside its own message (``failed to import: ...``)."""
+        if self._module is None or self._stage == "import":
+            return ""
+        return package_frame(exc, self._module)
 
 
 def give_up(slot: object, exit_code: int, reason: str, *, loading: bool = False) -> None:

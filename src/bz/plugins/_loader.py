@@ -265,7 +265,7 @@ def _origin(source: PluginSource) -> str:
 
 
 def _import(source: PluginSource, policy: ErrorPolicy, faults: list[PluginFault]) -> Any:
-    with LoadBoundary(source.name, "import", policy, faults):
+    with LoadBoundary(source.name, "import", policy, faults, source.module):
         return load_factory(source)
     return None
 

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from bz import _errors
 from bz.plugins import _faults, _watchdog
 from bz.plugins._watchdog import PluginTimeout, Watchdog
 
@@ -106,6 +107,12 @@ class LoadBoundary(_faults.LoadBoundary):
                     f"({seconds:g} s) in its {self._stage}"
                 ).with_traceback(_plugins_part(timeout.__traceback__))
         return super().__exit__(kind, exc, tb)
+
+    def _located(self, exc: BaseException) -> str:
+        # Where it hung, at its import too (whose failures name their line themselves).
+        if isinstance(exc, PluginStartTimeout) and self._module is not None:
+            return _errors.package_frame(exc, self._module)
+        return super()._located(exc)
 
 
 def _timeout_in(exc: BaseException | None) -> PluginTimeout | None:
