@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bz import _supervision
 from bz._errors import TrainingError, UsageError, describe_exception
 from bz._logging import get_logger
 from bz._rng import capture_rng
@@ -76,8 +75,7 @@ class CheckpointPolicy(CheckpointWrites):
         self._saves = saves
         self.last: Path | None = None
         """The newest checkpoint written (or, for a finished run, read)."""
-        self.resumed_from: Path | None = None
-        _supervision.resuming_from(None)  # a new call of fit: no checkpoint of its own yet
+        self.resumed_from = None  # a new call of fit (see CheckpointWrites.resumed_from)
         self.final_model: Path | None = None
         self.lost = 0
         """Checkpoints (and final models) this call failed to write."""
@@ -304,7 +302,6 @@ class CheckpointPolicy(CheckpointWrites):
             states = shard_like_model(run.model, states)
         load_plugin_states(run, by_name(run, states))
         self.resumed_from = path
-        _supervision.resuming_from(path)  # named should a plugin end the process
         self._position = (payload["epoch"], payload["batch"], payload["global_step"])
         if self.rebuilding:
             self.last = path
