@@ -58,7 +58,8 @@ names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
 @functools.cache
 def plugin_option_classes() -> dict[str, type | None]:
     """Built-in plugin name -> its ``Config`` class (None: no attrs options)."""
-    from bz.plugins._loader import config_class, discover, load_factory
+    from bz.plugins._inspection import config_class
+    from bz.plugins._loader import discover, load_factory
 
     return {
         name: config_class(load_factory(source))

@@ -205,6 +205,13 @@ def defined_at(definition: object) -> str:
     hook, a bad default) is raised from bz's own code, so its traceback holds no line of
     the plugin's: the message names the line instead.
     """
+    place = definition_place(definition)
+    return f" (at {place})" if place else ""
+
+
+def definition_place(definition: object) -> str:
+    """``file:line`` where a function, method or class is defined, or "" (see
+    :func:`defined_at`)."""
     import inspect
 
     target: object = getattr(definition, "__func__", definition)  # bound, static, class
@@ -213,7 +220,7 @@ def defined_at(definition: object) -> str:
             target = inspect.unwrap(target)
     code = getattr(target, "__code__", None)
     if isinstance(code, types.CodeType):
-        return f" (at {code.co_filename}:{code.co_firstlineno})"
+        return f"{code.co_filename}:{code.co_firstlineno}"
     if not isinstance(target, type):
         return ""
     try:
@@ -221,7 +228,7 @@ def defined_at(definition: object) -> str:
         line = inspect.getsourcelines(target)[1]
     except (OSError, TypeError):  # defined in a REPL, in C, or the file is gone
         return ""
-    return f" (at {file}:{line})" if file else ""
+    return f"{file}:{line}" if file else ""
 
 
 def _is_users(filename: str, own: str | None) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bz._errors import ConfigError, UsageError
 from bz._logging import get_logger
+from bz._supervision import LOAD_STAGES
 from bz.config import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_FILE,
@@ -23,6 +24,7 @@ from bz.config import (
 if TYPE_CHECKING:
     from bz._setup import SetupFunction, TrainingSetup
     from bz.metrics import Metric
+    from bz.plugins._faults import PluginFault
     from bz.plugins._sandbox import ErrorPolicy, PluginSet
     from bz.training.result import FitResult
 
@@ -258,9 +260,11 @@ def _prepare(
     with _attributed_to(blamed_source(config, overrides, "metrics")):
         metrics = build_metrics(run_config.metrics)
     setup_function = load_setup_function(base / run_config.train_script, run_config.train_script)
+    restarted_without = _restarted_without()
+    at_load = [fault for fault in restarted_without if fault.stage in LOAD_STAGES]
     with _attributed_to(blamed_source(config, overrides, "plugins")):
-        plugins = load_plugins(run_config.plugins, run_config)
-    _tell_supervisor(plugins)
+        plugins = load_plugins(run_config.plugins, run_config, left_out=at_load)
+    _tell_supervisor(plugins, restarted_without)
     # An unusable device, or a precision it cannot do, is reported before setup() runs.
     try:
         device = resolve_device(run_config.device)
@@ -285,20 +289,28 @@ def _prepare(
     return _Prepared(run_config, base, metrics, setup_function, plugins)
 
 
-def _tell_supervisor(plugins: PluginSet) -> None:
-    """Under a supervising ``bz train``: leave out the plugins it restarted training
-    without, and tell it the names behind the plugin numbers it watches."""
+def _restarted_without() -> list[PluginFault]:
+    """Under a supervising ``bz train``: the plugins it restarted training without, each
+    having ended the process it ran in (in a hook, or while it loaded)."""
     from bz import _supervision
     from bz.plugins._faults import PluginFault
-    from bz.plugins._hooks import HOOK_NAMES
 
-    faults = [
+    return [
         PluginFault(str(entry["plugin"]), str(entry.get("hook", "?")), str(entry.get("error")))
         for entry in _supervision.quarantined()
     ]
-    if faults:
-        plugins.set_aside(faults)
-        for fault in faults:
+
+
+def _tell_supervisor(plugins: PluginSet, restarted_without: Sequence[PluginFault]) -> None:
+    """Under a supervising ``bz train``: leave out the plugins it restarted training
+    without (those that died loading were not loaded), and tell it the names behind the
+    plugin numbers it watches."""
+    from bz import _supervision
+    from bz.plugins._hooks import HOOK_NAMES
+
+    if restarted_without:
+        plugins.set_aside([f for f in restarted_without if f.stage not in LOAD_STAGES])
+        for fault in restarted_without:
             _log.warning(
                 "plugin_quarantined",
                 plugin=fault.plugin,

@@ -5,11 +5,14 @@
 into it, the supervisor reads it once the child has ended:
 
 - while a plugin's hook runs, which plugin and which hook (two integers the sandbox
-  stores around each call: no message, no system call);
+  stores around each call: no message, no system call); while a plugin loads (its
+  import, options, ``create``), which plugin and which stage of loading (the loader's
+  boundary stores them alike);
 - once the command has finished, the exit code it chose (a process that ends without
   writing it did not finish, whatever its own exit status says: ``os._exit(0)``);
-- once plugins are loaded, their names and the hooks' names, so the supervisor (which
-  never imports torch or plugins) can name the plugin a death happened in.
+- before plugins load, the names of those to load; once they are loaded, their names
+  and the hooks' names, so the supervisor (which never imports torch or plugins) can
+  name the plugin a death happened in.
 
 The child also points Python's signal wake-up descriptor at the supervisor, so that a
 Ctrl-C or SIGTERM the child received itself (a terminal's Ctrl-C reaches the whole
@@ -30,14 +33,20 @@ from typing import Any
 
 __all__ = [
     "BLOCK_BYTES",
+    "LOADING",
+    "LOAD_STAGES",
     "QUARANTINE_ENV",
     "SUPERVISOR_ENV",
     "announce",
     "attach",
     "checkpoint_written",
     "heartbeat",
+    "loading",
+    "newest_checkpoint",
     "quarantined",
     "report_outcome",
+    "restore",
+    "resuming_from",
     "supervised",
     "where",
 ]
@@ -47,7 +56,8 @@ SUPERVISOR_ENV = "BZ_SUPERVISOR"
 
 QUARANTINE_ENV = "BZ_SUPERVISOR_QUARANTINE"
 """Set by the supervisor for a restarted child: a JSON list of the plugins to leave out,
-each ``{"plugin", "hook", "error"}``: the hook it died in and how."""
+each ``{"plugin", "hook", "error"}``: the hook it died in (or the stage of loading, one
+of :data:`LOAD_STAGES`) and how."""
 
 BLOCK_BYTES = 1 << 16
 """The shared block: 16 int32 slots, then the announced names (length-prefixed JSON)."""
@@ -68,11 +78,22 @@ TORCH_HOOK = 0xFFFF
 """The hook number of a torch hook a plugin registered (a forward, backward or
 optimizer hook, run inside the plugin's boundary)."""
 
+LOAD_STAGES = ("import", "config", "create", "load")
+"""The stages of loading a plugin (no hook's name is one of them): its module's import,
+its options, its ``create`` or constructor, bz's look at the created plugin."""
+LOADING = 0xFF00
+"""The hook number of the first stage of loading; the others follow (``LOADING + i``
+for ``LOAD_STAGES[i]``). The plugin number counts the names announced before loading."""
+
 where = memoryview(bytearray(NAMES_OFFSET)).cast("i")
 """The block's int32 view in a supervised child; elsewhere a scratch buffer (the sandbox
 writes it only when :func:`supervised`, and on its slow paths)."""
 
 _block: mmap.mmap | None = None
+_newest: str | None = None
+"""See :func:`newest_checkpoint`."""
+_announced: dict[str, int] = {}
+"""The plugin numbers of the names last announced (for :func:`loading`)."""
 
 
 def attach() -> bool:
@@ -113,10 +134,31 @@ def announce(plugins: Sequence[str], hooks: Sequence[str]) -> None:
     """Tell the supervisor the names behind the plugin and hook numbers."""
     if _block is None:
         return
+    _announced.clear()
+    _announced.update((name, number) for number, name in enumerate(plugins, start=1))
     data = json.dumps({"plugins": list(plugins), "hooks": list(hooks)}).encode()
     data = data[: BLOCK_BYTES - NAMES_OFFSET]
     _block[NAMES_OFFSET : NAMES_OFFSET + len(data)] = data
     where[NAMES_LENGTH] = len(data)
+
+
+def loading(plugin: str | None, stage: str = "") -> tuple[int, int]:
+    """Which plugin loads now (``plugin`` among the names last announced), and at which
+    of :data:`LOAD_STAGES`; None: none. Returns the plugin and hook numbers stored
+    before, to put back with :func:`restore`."""
+    previous = (where[PLUGIN], where[HOOK])
+    if _block is None:
+        return previous
+    number = _announced.get(plugin, 0) if plugin is not None else 0
+    where[HOOK] = LOADING + LOAD_STAGES.index(stage) if number and stage in LOAD_STAGES else 0
+    where[PLUGIN] = number
+    return previous
+
+
+def restore(numbers: tuple[int, int]) -> None:
+    """Put back what :func:`loading` returned."""
+    if _block is not None:
+        where[PLUGIN], where[HOOK] = numbers
 
 
 def heartbeat(seconds: float | None) -> None:
@@ -131,11 +173,25 @@ def heartbeat(seconds: float | None) -> None:
     where[BEAT] = (where[BEAT] + 1) & 0x3FFFFFFF
 
 
-def checkpoint_written() -> None:
-    """A checkpoint of this run is on disk (and a run started over has discarded the old
-    run's): a restart after a death resumes from it."""
+def checkpoint_written(path: str | os.PathLike[str]) -> None:
+    """A checkpoint of this run is on disk at ``path`` (and a run started over has
+    discarded the old run's): a restart after a death resumes from it."""
+    resuming_from(path)
     if _block is not None:
         where[RESUMABLE] = 1
+
+
+def resuming_from(path: str | os.PathLike[str] | None) -> None:
+    """The checkpoint this process's run resumes from, or wrote last (None: a run starts
+    with none): what :func:`newest_checkpoint` names. Supervised or not."""
+    global _newest
+    _newest = None if path is None else os.fspath(path)
+
+
+def newest_checkpoint() -> str | None:
+    """The checkpoint a ``bz train`` after this process resumes from, as far as this
+    process knows (None: it has resumed from none and written none)."""
+    return _newest
 
 
 def report_outcome(code: object) -> None:

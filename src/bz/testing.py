@@ -37,7 +37,7 @@ from bz._converter import nearest
 from bz._setup import TrainingSetup
 from bz.config import RunConfig, structure
 from bz.plugins._context import PluginContext, summing_as_on_a_device
-from bz.plugins._loader import check_plugin as _check_plugin
+from bz.plugins._inspection import check_plugin as _check_plugin
 from bz.training.trainer import FitResult, Trainer
 
 if TYPE_CHECKING:

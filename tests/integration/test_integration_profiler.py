@@ -11,7 +11,7 @@ from tests._integration_support import run_config, tiny_setup
 
 import bz
 from bz.plugins import PluginContext
-from bz.plugins._loader import implemented_hooks
+from bz.plugins._inspection import implemented_hooks
 from bz.plugins.profiler import TOP_OPERATORS_FILE, TRACE_FILE, Profiler, ProfilerConfig
 
 

@@ -13,7 +13,7 @@ from tests._integration_support import fails_in_second_epoch, read_jsonl, run_co
 
 import bz
 from bz.commands.report import read_run_log, report_command
-from bz.plugins._loader import implemented_hooks
+from bz.plugins._inspection import implemented_hooks
 from bz.plugins.run_log import RunLog, RunLogConfig
 from bz.training.guards import NonFiniteLoss
 

@@ -2,8 +2,8 @@
 
 An exception its code raises (at import, in ``load_config``, ``create`` or the
 constructor) keeps its traceback, the plugin's frames in it (``--log-format json``'s
-``plugin_failed`` event, ``bz check-config --traceback``); an import failure, whose
-console line has no traceback, also names the plugin's line in its message. A problem
+``plugin_failed`` event, ``bz check-config --traceback``), and its one line, which has
+no traceback on the console, names the plugin's innermost line too. A problem
 bz finds by looking at the plugin (a hook's signature, a misspelled hook, a bad
 default) is raised from bz's own code, so its message names the definition's line.
 """
@@ -129,3 +129,5 @@ def test_an_exception_in_the_constructor_keeps_the_plugins_frames(
     (stack,) = faults["creating"]["exception"]
     lines = [(f["filename"], f["lineno"]) for f in stack["frames"]]
     assert lines[-2:] == [(str(folder / "plugins.py"), 9), (str(folder / "plugins.py"), 12)]
+    # Its one line names the innermost of them, as an import failure's does.
+    assert faults["creating"]["error"] == f"{folder / 'plugins.py'}:12: ValueError: cannot open"

@@ -12,7 +12,7 @@ from tests._support import Events, assert_same_weights, tiny_setup, weights
 import bz
 from bz.config import MetricSpec, RunConfig
 from bz.plugins import PluginContext
-from bz.plugins._loader import implemented_hooks
+from bz.plugins._inspection import implemented_hooks
 from bz.plugins.console_out import ConsoleOut, ConsoleOutConfig
 from bz.plugins.early_stopping import EarlyStopping, EarlyStoppingConfig
 from bz.testing import count_host_reads

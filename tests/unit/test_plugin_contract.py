@@ -335,6 +335,16 @@ def test_a_cycle_is_a_load_error_naming_the_plugins() -> None:
     with pytest.raises(bz.OrderCycleError, match="'a' after 'b' after 'a'") as raised:
         load_plugins(config.plugins, config, registry={"a": A, "b": B})
     assert raised.value.exit_code == 2
+    # Each plugin of the cycle is named where it is defined, as other load problems are.
+    assert str(raised.value).endswith(
+        f"form a cycle; 'a' at {__file__}:{_line_of(A)}, 'b' at {__file__}:{_line_of(B)})"
+    )
+
+
+def _line_of(cls: type) -> int:
+    import inspect
+
+    return inspect.getsourcelines(cls)[1]
 
 
 def test_a_malformed_order_is_the_plugins_fault() -> None:
@@ -344,7 +354,10 @@ def test_a_malformed_order_is_the_plugins_fault() -> None:
 
     plugins = load_plugins([PluginSpec("odd")], RunConfig(plugins=[]), registry={"odd": Odd})
     (fault,) = plugins.faults
-    assert "order is tuple; it must be bz.plugins.Order" in fault.error
+    assert fault.error == (
+        "TypeError: order is tuple; it must be bz.plugins.Order(...) "
+        f"(at {__file__}:{_line_of(Odd)})"
+    )
 
 
 @st.composite

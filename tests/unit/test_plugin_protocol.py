@@ -12,7 +12,8 @@ import bz
 from bz.config import PluginSpec, RunConfig
 from bz.plugins import HOOK_NAMES, NamedPlugin, Plugin, PluginContext, StatefulPlugin
 from bz.plugins._hooks import HOOKS
-from bz.plugins._loader import implemented_hooks, load_plugins, near_miss_hooks
+from bz.plugins._inspection import implemented_hooks, near_miss_hooks
+from bz.plugins._loader import load_plugins
 
 CONFIG = RunConfig(epochs=1, device="cpu", plugins=())
 

@@ -24,7 +24,8 @@ from tests._support import Events, tiny_setup
 import bz
 from bz.config import PluginSpec, RunConfig, structure
 from bz.plugins import Plugin, PluginContext
-from bz.plugins._loader import implemented_hooks, load_plugins
+from bz.plugins._inspection import implemented_hooks
+from bz.plugins._loader import load_plugins
 
 CONFIG = RunConfig(epochs=2, device="cpu", plugins=())
 PYTHON_BLOCKS = code_blocks("python")

@@ -18,14 +18,8 @@ from bz._errors import UsageError, describe_exception
 from bz._options import describe_fields, value_type_name
 from bz.config import unstructure
 from bz.plugins._hooks import HOOK_NAMES
-from bz.plugins._loader import (
-    PluginSource,
-    config_class,
-    default_problem,
-    discover,
-    duplicate_message,
-    load_factory,
-)
+from bz.plugins._inspection import config_class, default_problem
+from bz.plugins._loader import PluginSource, discover, duplicate_message, load_factory
 from bz.plugins._protocol import Plugin
 
 if TYPE_CHECKING:

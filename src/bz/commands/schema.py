@@ -54,7 +54,8 @@ _DISABLED = {
 def _plugin_options() -> dict[str, dict[str, Any]]:
     """name -> schema of the options object, for every installed plugin."""
     from bz.commands.catalog import describe
-    from bz.plugins._loader import config_class, discover, load_factory
+    from bz.plugins._inspection import config_class
+    from bz.plugins._loader import discover, load_factory
 
     schemas: dict[str, dict[str, Any]] = {}
     for name, source in discover().sources.items():

@@ -9,7 +9,8 @@ which plugin hook it is in, and, once its command has finished, the exit code it
 - finished: this process exits with that code (0, 1, 2, 130, 143, as always);
 - ended without finishing inside a plugin's hook: training starts again, resuming from
   the last verified checkpoint, without that plugin (``restart`` event; at most
-  ``--max-restarts`` times);
+  ``--max-restarts`` times); the same while a plugin loads (its import, options,
+  ``create``), before training: it starts again without that plugin;
 - ended anywhere else: one ``bz: error:`` line (and the json ``exit`` event) saying how,
   exit 1; ``--restart-on-crash`` restarts it instead (no plugin left out).
 
@@ -41,6 +42,8 @@ from bz import _stdio, _supervision
 from bz._supervision import (
     BEAT,
     HOOK,
+    LOAD_STAGES,
+    LOADING,
     NAMES_LENGTH,
     NAMES_OFFSET,
     OUTCOME,
@@ -93,8 +96,8 @@ def options(command: F) -> F:
         default=3,
         show_default=True,
         help="Restart training at most N times when its process dies inside a plugin's hook "
-        "(os._exit, a segfault, a signal): from the last checkpoint, without that plugin. "
-        "0: report the death instead.",
+        "or while a plugin loads (os._exit, a segfault, a signal): from the last checkpoint, "
+        "without that plugin. 0: report the death instead.",
     )
     restart_on_crash = click.option(
         "--restart-on-crash",
@@ -139,9 +142,16 @@ class _Ending:
             return f"killed by {name}" + (" (a segfault)" if name == "SIGSEGV" else "")
         return f"exited with code {self.returncode} without finishing"
 
+    @property
+    def loading(self) -> bool:
+        """Whether it ended while the plugin loaded (before training), not in a hook."""
+        return self.plugin is not None and self.hook in LOAD_STAGES
+
     def where(self) -> str:
         if self.plugin is None:
             return "outside any plugin's hook"
+        if self.loading:
+            return f"in plugin {self.plugin!r} (while loading, in its {self.hook})"
         return f"in plugin {self.plugin!r} (hook {self.hook})"
 
 
@@ -177,9 +187,11 @@ def supervise(options: Supervision) -> int:
 
 def _restart(ending: _Ending, count: int, options: Supervision) -> None:
     without = " without it" if ending.plugin is not None else ""
+    # Before training (a plugin loading) that process wrote no checkpoint to go back to.
+    since = "" if ending.loading else " from the last checkpoint"
     line = (
-        f"bz: training {ending.how()} {ending.where()}; restarting from the last "
-        f"checkpoint{without} (restart {count} of {options.max_restarts})"
+        f"bz: training {ending.how()} {ending.where()}; restarting{since}{without} "
+        f"(restart {count} of {options.max_restarts})"
     )
     click.echo(line, file=_stdio.stderr())
     if options.json_events:
@@ -348,7 +360,14 @@ def _names(block: mmap.mmap, plugin: int, hook: int) -> tuple[str | None, str | 
         names = json.loads(bytes(block[NAMES_OFFSET : NAMES_OFFSET + length]))
         plugins, hooks = names["plugins"], names["hooks"]
         name = str(plugins[plugin - 1])
-        hook_name = "a torch hook" if hook == TORCH_HOOK else str(hooks[hook - 1])
+        if hook == TORCH_HOOK:
+            hook_name: str | None = "a torch hook"
+        elif LOADING <= hook < LOADING + len(LOAD_STAGES):
+            hook_name = LOAD_STAGES[hook - LOADING]  # a stage of loading the plugin
+        elif hook >= 1:
+            hook_name = str(hooks[hook - 1])
+        else:
+            hook_name = None
     except (ValueError, KeyError, IndexError, TypeError):
         return f"number {plugin}", None
     return name, hook_name

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 import attrs
 
 from bz import _stdio, _supervision
-from bz._errors import BzError, TrainingError, describe_exception
+from bz._errors import BzError, TrainingError, describe_exception, package_frame
 from bz._logging import get_logger
 from bz.plugins._watchdog import EXIT_AFTER_S
 
@@ -113,18 +113,28 @@ class LoadBoundary:
     A fault is appended to ``faults`` and logged (``isolate``), and the ``with`` block
     is left as if it had finished, so code after it runs; under ``raise`` it becomes a
     :class:`PluginFailure`. bz's own errors (a bad option in ``bzconfig.json``, a
-    nested boundary's verdict) pass through untouched.
+    nested boundary's verdict) pass through untouched. Given the plugin's ``module``
+    (where its code raises, not bz's look at it), the fault's line starts with the
+    plugin's innermost frame (``.../plugin.py:12: ValueError: ...``), as an import
+    failure's does. While the block runs, a supervising ``bz train`` is told which plugin
+    loads and at which stage (:func:`bz._supervision.loading`).
     """
 
-    __slots__ = ("_faults", "_plugin", "_policy", "_stage")
+    __slots__ = ("_faults", "_module", "_plugin", "_policy", "_stage", "_told")
 
     def __init__(
-        self, plugin: str, stage: str, policy: ErrorPolicy, faults: list[PluginFault]
+        self,
+        plugin: str,
+        stage: str,
+        policy: ErrorPolicy,
+        faults: list[PluginFault],
+        module: str | None = None,
     ) -> None:
         self._plugin, self._stage, self._policy, self._faults = plugin, stage, policy, faults
+        self._module = module
 
     def __enter__(self) -> None:
-        return None
+        self._told = _supervision.loading(self._plugin, self._stage)
 
     def __exit__(
         self,
@@ -132,9 +142,11 @@ class LoadBoundary:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        _supervision.restore(self._told)
         if exc is None or isinstance(exc, (KeyboardInterrupt, BzError)):
             return False
-        fault = PluginFault(self._plugin, self._stage, describe_exception(exc), cause=exc)
+        error = self._located(exc) + describe_exception(exc)
+        fault = PluginFault(self._plugin, self._stage, error, cause=exc)
         if self._policy == "raise":
             raise PluginFailure(fault.describe()) from exc
         # Loading happens before training: there is nothing to rewind.
@@ -142,9 +154,17 @@ class LoadBoundary:
         log_fault(fault, exc)
         return True
 
+    def _located(self, exc: BaseException) -> str:
+        """``file:line: ``, the plugin's innermost frame ``exc`` passed through, or "".
+        An import failure names it inside its own message (``failed to import: ...``)."""
+        if self._module is None or self._stage == "import":
+            return ""
+        return package_frame(exc, self._module)
 
-def give_up(slot: object, exit_code: int, reason: str) -> None:
-    """A hook that never returned from its interruption: report it and end the process.
+
+def give_up(slot: object, exit_code: int, reason: str, *, loading: bool = False) -> None:
+    """A hook (``loading``: a plugin's loading) that never returned from its
+    interruption: report it and end the process.
 
     Called from the watchdog's escalation thread while the training thread is stuck in
     the plugin; nothing after that call would ever run, so this writes what it can.
@@ -152,7 +172,7 @@ def give_up(slot: object, exit_code: int, reason: str) -> None:
     name = getattr(slot, "name", "?")
     message = (
         f"plugin {name!r} did not return {EXIT_AFTER_S:g} s after it was interrupted "
-        f"({reason}); ending the run (the newest checkpoint is where it resumes)"
+        f"({reason}); ending the run {_what_is_kept(loading)}"
     )
     with contextlib.suppress(Exception):
         _log.error("plugin_hung", plugin=name, error=reason, exit_code=exit_code)
@@ -163,6 +183,16 @@ def give_up(slot: object, exit_code: int, reason: str) -> None:
     if exit_code != 1:  # stopped by a second signal: a finished command, not a crash
         _supervision.report_outcome(exit_code)
     os._exit(exit_code)
+
+
+def _what_is_kept(loading: bool) -> str:
+    """What the run leaves behind as it ends (the give-up line's end)."""
+    if loading:
+        return "while plugins load, before training started: nothing was trained"
+    newest = _supervision.newest_checkpoint()
+    if newest is None:
+        return "before its first checkpoint: `bz train` starts it over"
+    return f"(the newest checkpoint, where it resumes: {newest})"
 
 
 __all__ = [

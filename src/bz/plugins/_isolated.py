@@ -47,6 +47,7 @@ import os
 import sys
 import time
 import types
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -131,11 +132,26 @@ def check_isolation(factory: object, config: object, spec: PluginSpec, path: str
 
 
 def declared_need(factory: object, config: object) -> object:
-    """What a plugin class declares as ``needs_training_process`` without creating it
-    (``bz check-config``): its class attribute, or its property evaluated on the checked
+    """What a plugin declares as ``needs_training_process`` without creating it
+    (``bz check-config``): its class's attribute, or its property evaluated on the checked
     ``Config`` object as the plugin holds it (``self.config``, as bz's own plugins and
-    the guide's do). None where only the created plugin can say."""
-    declared = inspect.getattr_static(factory, NEEDS_TRAINING_PROCESS, None)
+    the guide's do); for a plugin made by ``create`` (the guide's style) or by a factory
+    function, the same of each class its return annotation names. None where only the
+    created plugin can say."""
+    declared = _declared_by(factory, config)
+    if not _refuses(declared):
+        for made in _classes_made_by(factory):
+            if _refuses(made_need := _declared_by(made, config)):
+                return made_need
+    return declared
+
+
+def _refuses(declared: object) -> bool:
+    return declared is True or (isinstance(declared, str) and bool(declared))
+
+
+def _declared_by(cls: object, config: object) -> object:
+    declared = inspect.getattr_static(cls, NEEDS_TRAINING_PROCESS, None)
     if isinstance(declared, property):
         if declared.fget is None or not attrs.has(type(config)):
             return None
@@ -144,6 +160,33 @@ def declared_need(factory: object, config: object) -> object:
         except Exception:  # it reads more than its config: bz train checks it
             return None
     return declared
+
+
+def _classes_made_by(factory: object) -> tuple[type, ...]:
+    """The classes ``factory``'s ``create`` (or the factory function itself) says it
+    returns, from its return annotation (``-> "MyPlugin | None"``, ``-> Self``)."""
+    if isinstance(factory, type):
+        create = inspect.getattr_static(factory, "create", None)
+        function = getattr(create, "__func__", create)  # a staticmethod or classmethod
+    else:
+        function = factory
+    if not callable(function):
+        return ()
+    try:
+        returned = typing.get_type_hints(function).get("return")
+    except Exception:  # an annotation that does not resolve: only bz train can tell
+        return ()
+    return tuple(_classes_in(returned, factory))
+
+
+def _classes_in(annotation: object, factory: object) -> Iterator[type]:
+    if annotation is typing.Self and isinstance(factory, type):
+        yield factory
+    elif isinstance(annotation, type) and annotation is not type(None):
+        yield annotation
+    elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            yield from _classes_in(member, factory)
 
 
 def without_isolation(options: Mapping[str, Any]) -> dict[str, Any]:

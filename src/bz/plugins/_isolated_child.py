@@ -83,8 +83,9 @@ def _create(start: dict[str, Any], send: Any) -> tuple[Any, frozenset[str]]:
     from bz import _logging
     from bz._errors import ConfigError
     from bz.config import PluginSpec
+    from bz.plugins._inspection import implemented_hooks
     from bz.plugins._isolated import NEEDS_TRAINING_PROCESS
-    from bz.plugins._loader import implemented_hooks, load_plugins
+    from bz.plugins._loader import load_plugins
     from bz.plugins._order import plugin_order
     from bz.plugins._run_dir import run_dir_hint
     from bz.plugins._scalars import GRADIENT_NORM_ATTRIBUTE

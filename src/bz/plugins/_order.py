@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import attrs
 
-from bz._errors import UsageError
+from bz._errors import UsageError, defined_at
 
 __all__ = ["Order", "OrderCycleError", "plugin_order", "sort_plugins"]
 
@@ -64,17 +64,26 @@ def plugin_order(plugin: object) -> Order:
     if declared is None:
         return Order()
     if not isinstance(declared, Order):
-        raise TypeError(f"order is {type(declared).__name__}; it must be bz.plugins.Order(...)")
+        raise TypeError(
+            f"order is {type(declared).__name__}; it must be bz.plugins.Order(...)"
+            f"{defined_at(type(plugin))}"
+        )
     return declared
 
 
 T = TypeVar("T")
 
 
-def sort_plugins(items: Sequence[T], names: Sequence[str], orders: Sequence[Order]) -> list[T]:
+def sort_plugins(
+    items: Sequence[T],
+    names: Sequence[str],
+    orders: Sequence[Order],
+    places: Sequence[str] = (),
+) -> list[T]:
     """``items`` (one per plugin, in list order) in the order the plugins run.
 
-    ``names[i]`` and ``orders[i]`` describe ``items[i]``. Raises
+    ``names[i]`` and ``orders[i]`` describe ``items[i]``; ``places[i]``, where that
+    plugin is defined (``file:line``, or ""), is named in the error. Raises
     :class:`OrderCycleError` when the declarations cannot all hold.
     """
     index = {name: i for i, name in enumerate(names)}
@@ -92,13 +101,15 @@ def sort_plugins(items: Sequence[T], names: Sequence[str], orders: Sequence[Orde
     while waiting:
         ready = next((i for i in waiting if after[i] <= set(placed)), None)
         if ready is None:
-            raise OrderCycleError(_cycle_message(waiting, after, names))
+            raise OrderCycleError(_cycle_message(waiting, after, names, places))
         placed.append(ready)
         waiting.remove(ready)
     return [items[i] for i in placed]
 
 
-def _cycle_message(waiting: list[int], after: list[set[int]], names: Sequence[str]) -> str:
+def _cycle_message(
+    waiting: list[int], after: list[set[int]], names: Sequence[str], places: Sequence[str]
+) -> str:
     # Walk "must run after" links from a stuck plugin until one repeats: that is a cycle.
     path = [waiting[0]]
     while True:
@@ -108,7 +119,10 @@ def _cycle_message(waiting: list[int], after: list[set[int]], names: Sequence[st
             break
         path.append(following)
     chain = " after ".join(repr(names[i]) for i in cycle)
+    # Where each is defined, as other load problems end with `(at file:line)`.
+    located = [f"{names[i]!r} at {places[i]}" for i in cycle[:-1] if i < len(places) and places[i]]
+    at = f"; {', '.join(located)}" if located else ""
     return (
         f"plugin order cannot be satisfied: {chain} (their `order` declarations, "
-        "first/last included, form a cycle)"
+        f"first/last included, form a cycle{at})"
     )

@@ -90,7 +90,7 @@ class PluginSet(TorchBoundary):
     """Loaded plugins, the hooks each implements, and the boundary every call goes through.
 
     ``plugins`` pairs each plugin object with the hooks it really implements (the loader
-    works that out; :func:`bz.plugins._loader.implemented_hooks` does it for objects built in
+    works that out; :func:`bz.plugins._inspection.implemented_hooks` does it for objects built in
     code). Faults found while loading (``load_faults``) are part of the end-of-run report.
     """
 

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from bz import _errors
 from bz.plugins import _faults, _watchdog
 from bz.plugins._watchdog import PluginTimeout, Watchdog
 
@@ -67,7 +68,8 @@ def start_limit(seconds: float | None) -> Iterator[None]:
 
 def _give_up(slot: object, exit_code: int, reason: str) -> None:
     # The watchdog words its reason for hooks; this limit is the start-up's.
-    _faults.give_up(slot, exit_code, reason.replace("plugin_timeout", "plugin_start_timeout"))
+    reason = reason.replace("plugin_timeout", "plugin_start_timeout")
+    _faults.give_up(slot, exit_code, reason, loading=True)
 
 
 class LoadBoundary(_faults.LoadBoundary):
@@ -77,6 +79,7 @@ class LoadBoundary(_faults.LoadBoundary):
     __slots__ = ("_previous", "_watched")
 
     def __enter__(self) -> None:
+        super().__enter__()
         self._watched: tuple[Watchdog, float] | None = _limits[-1] if _limits else None
         if self._watched is not None:
             watchdog = self._watched[0]
@@ -104,6 +107,12 @@ class LoadBoundary(_faults.LoadBoundary):
                     f"({seconds:g} s) in its {self._stage}"
                 ).with_traceback(_plugins_part(timeout.__traceback__))
         return super().__exit__(kind, exc, tb)
+
+    def _located(self, exc: BaseException) -> str:
+        # Where it hung, at its import too (whose failures name their line themselves).
+        if isinstance(exc, PluginStartTimeout) and self._module is not None:
+            return _errors.package_frame(exc, self._module)
+        return super()._located(exc)
 
 
 def _timeout_in(exc: BaseException | None) -> PluginTimeout | None:

@@ -75,7 +75,7 @@ class CheckpointPolicy(CheckpointWrites):
         self._saves = saves
         self.last: Path | None = None
         """The newest checkpoint written (or, for a finished run, read)."""
-        self.resumed_from: Path | None = None
+        self.resumed_from = None  # a new call of fit (see CheckpointWrites.resumed_from)
         self.final_model: Path | None = None
         self.lost = 0
         """Checkpoints (and final models) this call failed to write."""

@@ -34,6 +34,18 @@ class CheckpointWrites:
     async_group: Any
     _discard_old: bool
     _writer: BackgroundWriter[Path | None] | None
+    _resumed_from: Path | None
+
+    @property
+    def resumed_from(self) -> Path | None:
+        """The checkpoint this call resumed from (None: none yet)."""
+        return self._resumed_from
+
+    @resumed_from.setter
+    def resumed_from(self, path: Path | None) -> None:
+        # Also what a plugin that never returns names as where the run resumes.
+        self._resumed_from = path
+        _supervision.resuming_from(path)
 
     def _start_write(
         self,
@@ -96,7 +108,7 @@ class CheckpointWrites:
             discarded = store.discard_all_but(path)
             if discarded:
                 _log.info("checkpoints_discarded", folder=str(store.folder), count=discarded)
-        _supervision.checkpoint_written()
+        _supervision.checkpoint_written(path)
         self.last = path
         _log.info("checkpoint_saved", path=str(path), epoch=tag[1], step=tag[2])
         if hooks:
