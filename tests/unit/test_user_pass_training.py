@@ -120,3 +120,24 @@ def test_a_loss_fn_that_does_not_reduce_is_named_not_torch(accumulate: int) -> N
     config = RunConfig(epochs=1, device="cpu", plugins=(), accumulate_grad_batches=accumulate)
     with pytest.raises(bz.UsageError, match=r"loss_fn returned a loss of shape \(\d+,\); it must"):
         bz.Trainer().fit(setup, config, [])
+
+
+class _NameRaises(Plugin):
+    @property
+    def name(self) -> str:  # type: ignore[override]  # a property, as a plugin may define it
+        raise RuntimeError("no name yet")
+
+    def end_epoch(self, context: PluginContext) -> None:
+        """Never called: the plugin is set aside while loading."""
+
+
+def test_a_plugin_whose_name_raises_is_its_own_fault_not_fits() -> None:
+    # Was: the RuntimeError escaped Trainer.fit, before any plugin's boundary.
+    config = RunConfig(epochs=1, device="cpu", plugins=())
+    result = bz.Trainer().fit(tiny_setup(), config, [cast("Any", _NameRaises()), _Noted()])
+    faults = {report.name: report.fault for report in result.plugins}
+    assert faults["noted"] is None
+    fault = faults["_NameRaises"]
+    assert fault is not None
+    assert "RuntimeError: no name yet" in fault.describe()
+    assert result.epochs_completed == 1

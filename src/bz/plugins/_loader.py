@@ -284,7 +284,7 @@ def plugin_set(plugins: Sequence[NamedPlugin], policy: ErrorPolicy = "isolate") 
     faults: list[PluginFault] = []
     loaded = []
     for plugin in plugins:
-        name = str(getattr(plugin, "name", type(plugin).__name__))
+        name = _shown_name(plugin)
         with LoadBoundary(name, "load", policy, faults):
             loaded.append((plugin, check_plugin(name, plugin)))
     names = [p.name for p, _ in loaded]
@@ -293,6 +293,16 @@ def plugin_set(plugins: Sequence[NamedPlugin], policy: ErrorPolicy = "isolate") 
             f"two plugins share a name: {sorted(n for n in names if names.count(n) > 1)}"
         )
     return PluginSet(in_run_order(loaded), policy, faults)
+
+
+def _shown_name(plugin: object) -> str:
+    """What a fault of ``plugin`` is reported under: its ``name`` where reading it works
+    (a ``name`` property that raises is the plugin's fault, found by ``check_plugin``
+    inside its boundary), else its class's name."""
+    try:
+        return str(getattr(plugin, "name", type(plugin).__name__))
+    except Exception:  # the plugin's own code: its fault, found by check_plugin
+        return type(plugin).__name__
 
 
 def in_run_order(
