@@ -10,19 +10,23 @@ from typing import Any
 import torch
 
 
-def loader_generators(loader: object) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects a data loader draws its shuffling from.
+def loader_generators(*loaders: object) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects data loaders draw their shuffling from, each once.
 
-    A ``DataLoader`` built with ``generator=`` (or a sampler with its own generator)
-    does not use torch's global generator; these must be saved alongside it.
+    A ``DataLoader`` built with ``generator=`` (or a sampler with its own generator, as
+    torchdata's ``StatefulDataLoader`` gives a shuffled one) does not use torch's global
+    generator; these must be saved alongside it. The first loader's come first: a
+    checkpoint that holds fewer (written before the others were saved) still restores
+    them.
     """
     found: list[torch.Generator] = []
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    owners = [loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)]
-    for owner in owners:
-        candidate = getattr(owner, "generator", None)
-        if isinstance(candidate, torch.Generator) and all(candidate is not g for g in found):
-            found.append(candidate)
+    for loader in loaders:
+        batches = getattr(loader, "batch_sampler", None)
+        owners = [loader, getattr(loader, "sampler", None), getattr(batches, "sampler", None)]
+        for owner in owners:
+            candidate = getattr(owner, "generator", None)
+            if isinstance(candidate, torch.Generator) and all(candidate is not g for g in found):
+                found.append(candidate)
     return found
 
 

@@ -218,31 +218,6 @@ def test_the_loss_reaches_it_only_on_the_steps_it_asks_for(site: Path, tmp_path:
     assert steps == [3, 6]
 
 
-def test_tensorboard_in_its_process_writes_the_scalars_it_writes_in_process(
-    site: Path, tmp_path: Path
-) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars = []
-    for isolation in ("in-process", "process"):
-        folder = tmp_path / isolation
-        options = {"isolation": isolation, "log_dir": "tb", "step_interval": 2}
-        done = _train(folder, site, [{"tensorboard": options}])
-        assert done.returncode == 0, done.stderr[-3000:]
-        events = EventAccumulator(str(folder / "tb"), size_guidance={"scalars": 0}).Reload()
-        scalars.append(
-            {
-                tag: [(e.step, e.value) for e in events.Scalars(tag)]
-                for tag in events.Tags()["scalars"]
-                if tag != "time/epoch_seconds"
-            }
-        )
-    in_process, isolated = scalars
-    assert "step/loss" in in_process
-    assert "loss/validation" in in_process
-    assert isolated == in_process
-
-
 @pytest.mark.parametrize(
     ("plugin", "reason"),
     [
@@ -295,26 +270,66 @@ def _timeless(row: Any) -> Any:
     return {key: _timeless(value) for key, value in row.items() if key not in _TIMES}
 
 
+@pytest.fixture(scope="module")
+def loggers(site: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same run twice with tensorboard, run_log and wandb, all three in the training
+    process, then all three in processes of their own: per isolation, the project folder.
+
+    One pair of runs serves the tests below (each compares what one plugin wrote in
+    process with what it wrote in its own process), instead of a pair per plugin.
+    """
+    root = tmp_path_factory.mktemp("loggers")
+    folders = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_SILENT", "true")
+        patch.delenv("WANDB_API_KEY", raising=False)
+        for isolation in ("in-process", "process"):
+            folder = root / isolation
+            for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+                patch.setenv(variable, str(folder / "wandb-home"))
+            plugins = [
+                {"tensorboard": {"isolation": isolation, "log_dir": "tb", "step_interval": 2}},
+                {"run_log": {"isolation": isolation, "log_dir": "rl", "step_interval": 2}},
+                {"wandb": {"isolation": isolation, "dir": "wb", "step_interval": 2}},
+            ]
+            done = _train(folder, site, plugins)
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert _failed(done.stdout) == []
+            folders[isolation] = folder
+    return folders
+
+
+def test_tensorboard_in_its_process_writes_the_scalars_it_writes_in_process(
+    loggers: dict[str, Path],
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = []
+    for isolation in ("in-process", "process"):
+        folder = loggers[isolation]
+        events = EventAccumulator(str(folder / "tb"), size_guidance={"scalars": 0}).Reload()
+        scalars.append(
+            {
+                tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                for tag in events.Tags()["scalars"]
+                if tag != "time/epoch_seconds"
+            }
+        )
+    in_process, isolated = scalars
+    assert "step/loss" in in_process
+    assert "loss/validation" in in_process
+    assert isolated == in_process
+
+
 def test_run_log_and_wandb_in_their_process_record_what_they_record_in_process(
-    site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    loggers: dict[str, Path],
 ) -> None:
     from tests.integration.test_integration_wandb import _history, _records
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     logs, histories = [], []
     for isolation in ("in-process", "process"):
-        folder = tmp_path / isolation
-        for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-            monkeypatch.setenv(variable, str(folder / "wandb-home"))
-        plugins = [
-            {"run_log": {"isolation": isolation, "log_dir": "rl", "step_interval": 2}},
-            {"wandb": {"isolation": isolation, "dir": "wb", "step_interval": 2}},
-        ]
-        done = _train(folder, site, plugins)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert _failed(done.stdout) == []
+        folder = loggers[isolation]
         lines = (folder / "rl" / "run_log.jsonl").read_text().splitlines()
         logs.append([_timeless(json.loads(line)) for line in lines])
         (run_file,) = folder.glob("wb/**/offline-run-*/run-*.wandb")

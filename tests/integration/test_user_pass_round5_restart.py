@@ -11,6 +11,7 @@ starts over as asked until the new run has a checkpoint, and resumes from that o
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,20 @@ from tests.integration.test_supervisor import _events, _model, _project, _train
 pytestmark = pytest.mark.slow
 
 
-def _finished_run(tmp_path: Path) -> Path:
-    """A project whose run has finished once, without plugins (its checkpoints remain)."""
-    folder = _project(tmp_path / "project", [])
+@pytest.fixture(scope="module")
+def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose run has finished once, without plugins (its checkpoints remain):
+    one ``bz train`` for the module, copied for each test (the run signature names no
+    path, so the copy resumes as the original would)."""
+    folder = _project(tmp_path_factory.mktemp("finished") / "project", [])
     done = _train(folder)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
+
+
+def _finished_run(finished_project: Path, tmp_path: Path) -> Path:
+    """A copy of the finished project of its own for this test."""
+    return Path(shutil.copytree(finished_project, tmp_path / "project"))
 
 
 def _with_plugins(folder: Path, plugins: list[object]) -> None:
@@ -37,9 +46,9 @@ def _with_plugins(folder: Path, plugins: list[object]) -> None:
 
 @pytest.mark.parametrize("start_over", [["--no-resume"], ["--set", "resume=false"]])
 def test_a_death_before_the_new_runs_first_checkpoint_starts_over_again(
-    tmp_path: Path, start_over: list[str]
+    finished_project: Path, tmp_path: Path, start_over: list[str]
 ) -> None:
-    folder = _finished_run(tmp_path)
+    folder = _finished_run(finished_project, tmp_path)
     clean = _model(folder)
     _with_plugins(folder, [{"dying": {"act": "segfault", "step": 2}}])  # in epoch 1
     done = _train(folder, *start_over)
@@ -53,8 +62,10 @@ def test_a_death_before_the_new_runs_first_checkpoint_starts_over_again(
     assert_same_weights(_model(folder), clean)
 
 
-def test_a_death_after_the_new_runs_first_checkpoint_resumes_from_it(tmp_path: Path) -> None:
-    folder = _finished_run(tmp_path)
+def test_a_death_after_the_new_runs_first_checkpoint_resumes_from_it(
+    finished_project: Path, tmp_path: Path
+) -> None:
+    folder = _finished_run(finished_project, tmp_path)
     clean = _model(folder)
     _with_plugins(folder, [{"dying": {"act": "segfault", "step": 9}}])  # in epoch 2
     done = _train(folder, "--no-resume")

@@ -11,6 +11,7 @@ ordinary object: every field can be set.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from operator import attrgetter
 from pathlib import Path
@@ -338,6 +339,20 @@ _CHANNELS = frozenset({"should_stop_training", "extra"})
 _METRIC_FIELDS = frozenset({"training_metrics", "validation_metrics"})
 
 
+def _channel_value(name: str, value: Any) -> Any:
+    """What a plugin assigns to a channel, as the loop reads it, decided in the plugin's
+    hook: ``should_stop_training`` becomes a ``bool`` there (a value whose truth cannot be
+    told, a tensor of several elements, is that plugin's fault, not the loop's), and
+    ``extra`` must stay a dict (the loop copies it for rewind's snapshots)."""
+    if name == "should_stop_training":
+        return value if type(value) is bool else bool(value)
+    if type(value) is dict:
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"context.extra must be a dict, got {type(value).__name__}")
+    return dict(value)
+
+
 def _read_only(name: str) -> NoReturn:
     raise AttributeError(
         f"context.{name} is the training loop's and read-only for plugins; share your "
@@ -368,8 +383,15 @@ class LoopMetrics(dict[str, float]):
                 "plugins; add your own value under a new key"
             )
 
-    def __setitem__(self, key: str, value: float) -> None:
+    def __setitem__(self, key: str, value: Any) -> None:  # float to mypy; checked at run time
         self._check(key)
+        if not isinstance(value, numbers.Real) and getattr(value, "ndim", None) != 0:
+            # Refused here, in the plugin that adds it: every logger formats the epoch's
+            # metrics as numbers, and would take the blame for it.
+            raise TypeError(
+                f"metric {key!r}: a metric is a number (or a 0-d tensor), "
+                f"got {type(value).__name__}"
+            )
         super().__setitem__(key, value)
 
     def __delitem__(self, key: str) -> None:
@@ -437,7 +459,7 @@ class LoopView(PluginContext):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _CHANNELS:
-            setattr(object.__getattribute__(self, "_source"), name, value)
+            setattr(object.__getattribute__(self, "_source"), name, _channel_value(name, value))
             return
         _read_only(name)
 

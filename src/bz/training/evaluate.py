@@ -25,6 +25,7 @@ from bz.metrics._set import MetricSet
 from bz.plugins._faults import RewindRequested
 from bz.training.device import resolve_device, to_device
 from bz.training.forward import Computed, Forward, forward_for
+from bz.training.position import started
 from bz.training.precision import Precision, precision_for
 from bz.training.state import Totals
 
@@ -71,7 +72,7 @@ class ValidationPass:
         failing = 0  # loading a batch comes before its index is known
         try:
             with torch.no_grad():
-                for index, batch in enumerate(limited(iter(loader), self.limit)):
+                for index, batch in enumerate(limited(started(loader), self.limit)):
                     failing = index
                     one(batch, index, metrics, totals)
                     failing = index + 1

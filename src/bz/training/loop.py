@@ -171,7 +171,9 @@ class Run(EpochLoop):
         self.train_forward = forward_for(setup, "train_loader", metrics=self.train_metrics.active)
         self.val_forward = forward_for(setup, "val_loader", metrics=self.val_metrics.active)
         self.step_scheduler = setup.scheduler if setup.scheduler_interval == "step" else None
-        self.generators = loader_generators(self.train_loader)
+        # The validation loader's too: its shuffle draws from them, and a resumed or
+        # rewound run validates on the order the uninterrupted one did.
+        self.generators = loader_generators(self.train_loader, self.val_loader)
         self.interrupt = InterruptGuard(plugins.interrupt_running, plugins.keep_handlers)
         self.vote: InterruptVote | None = None
         self.owns_process_group = False

@@ -24,6 +24,13 @@ the same whichever worker fetches it and whatever it fetched before, in the
 uninterrupted run and the resumed one alike. (Not for a stateful loader, which keeps
 its workers as it likes, and not across a resume with ``persistent_workers``, whose
 seed comes from the epoch the workers started in.)
+
+``persistent_workers``: torch draws the workers' base seed from the loader's random
+state when it starts them, which an uninterrupted run does once and a resumed one again
+in the epoch it resumes in: one draw more, and every later draw (the shuffle, dropout,
+the next epochs) would differ. So that draw is taken from a copy of that random state
+(:func:`started`), and the run's own stream never sees it, for the training and the
+validation loader alike.
 """
 
 from __future__ import annotations
@@ -118,10 +125,10 @@ def epoch_batches(
         # another kind may carry anything across epochs (a stream's position, an epoch).
         if state is not None and (skip or not isinstance(loader, DataLoader)):
             loader.load_state_dict(state)
-            return _capped(iter(loader), limit, skip)
+            return _capped(started(loader), limit, skip)
     elif isinstance(loader, DataLoader) and _map_style(loader):
         return _capped(_positioned(loader, skip, epoch), limit, skip)
-    iterator = iter(loader)
+    iterator = started(loader)
     if skip:
         _replay(iterator, skip, free=isinstance(loader, Sequence))
     return _capped(iterator, limit, skip)
@@ -137,6 +144,32 @@ def _map_style(loader: DataLoader[Any]) -> bool:
     if isinstance(loader.dataset, IterableDataset):
         return False
     return loader.num_workers == 0 or loader.batch_sampler is not None
+
+
+def started(loader: Iterable[Any]) -> Iterator[Any]:
+    """``iter(loader)``; a ``persistent_workers`` DataLoader that starts its workers now
+    draws their base seed from a copy of its random state, leaving the state itself as
+    an epoch of workers started earlier would (they draw nothing at ``iter()``).
+
+    Once per epoch at most, never per batch.
+    """
+    if not (
+        isinstance(loader, DataLoader)
+        and loader.persistent_workers
+        and getattr(loader, "_iterator", None) is None
+    ):
+        return iter(loader)
+    own = loader.generator
+    copy = torch.Generator()
+    copy.set_state(torch.get_rng_state() if own is None else own.get_state())
+    # The copy's first number is the one a shuffling sampler draws next from the real
+    # state: the workers get the second, not the permutation's seed.
+    torch.empty((), dtype=torch.int64).random_(generator=copy)
+    loader.generator = copy
+    try:
+        return iter(loader)
+    finally:
+        loader.generator = own
 
 
 # -- map-style DataLoaders -------------------------------------------------------------
@@ -275,7 +308,7 @@ def _positioned(loader: DataLoader[Any], skip: int, epoch: int) -> Iterator[Any]
     """
     workers = loader.num_workers > 0
     if skip == 0 and not workers:
-        return iter(loader)
+        return iter(loader)  # no workers: nothing persists
     name = "batch_sampler" if loader.batch_sampler is not None else "sampler"
     original = getattr(loader, name)
     sampler = _PositionedSampler(original, skip, epoch if workers else None)
@@ -288,12 +321,13 @@ def _positioned(loader: DataLoader[Any], skip: int, epoch: int) -> Iterator[Any]
     if reused and existing is not None:
         existing._index_sampler = sampler
     try:
-        iterator = iter(loader)
+        iterator = started(loader)
     finally:
         object.__setattr__(loader, name, original)
         object.__setattr__(loader, "dataset", dataset)
-    if getattr(iterator, "_index_sampler", None) is sampler:
-        iterator._index_sampler = original  # the next epoch starts at 0
+    own: Any = iterator  # torch's iterator class, which holds the index sampler
+    if getattr(own, "_index_sampler", None) is sampler:
+        own._index_sampler = original  # the next epoch starts at 0
     sampler.prime()  # a single-process iterator has drawn no index yet
     return iterator
 

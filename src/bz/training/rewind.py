@@ -12,16 +12,17 @@ fault quarantines one plugin, so a part is run at most once more than there are 
 What a snapshot holds: the model's and the loss module's state, the modules as objects
 (their attributes, the Parameter, buffer and submodule objects under each name,
 reparametrizations, hooks, each tensor's dtype and device: :mod:`bz.training.modules`),
-the torch hooks plugins registered during the part, which parameters require
-gradients, the optimizer's parameter groups and state, the scheduler's (learning rates
-included), every random state a step draws from (torch, CUDA, Python, NumPy, the
-loaders' generators), torch's process-wide settings a step depends on (default dtype,
-thread count, deterministic algorithms, float32 matmul precision, cuDNN's flags), the
-loop's counters and where the epoch starts, the stop flag and why the run stopped, the
-gradient scaler (``16-mixed``), ``extra`` (shallow) and the state of every stateful
-plugin. It costs one copy of those, on the device, per part: no
-per-batch work. Large models opt out with ``plugin_errors: "isolate"``, which keeps
-training from the point of the fault.
+the torch hooks plugins registered during the part, which parameters require gradients,
+the optimizer's parameter groups and state, the scheduler's (learning rates included),
+every random state a step draws from (torch, CUDA, Python, NumPy, the loaders'
+generators, the validation loader's included), the process-wide settings a step depends
+on (:mod:`bz.training.settings`: default dtype and device, threads, deterministic
+algorithms, anomaly mode, denormals, float32 precision, cuDNN's, oneDNN's and attention
+kernels' flags, the recursion limit), the loop's counters and where the epoch starts,
+the stop flag and why the run stopped, the gradient scaler (``16-mixed``), ``extra``
+(shallow) and the state of every stateful plugin. It costs one copy of those, on the
+device, per part: no per-batch work. Large models opt out with ``plugin_errors:
+"isolate"``, which keeps training from the point of the fault.
 
 Several processes do not rewind (one process going back alone would desynchronise the
 others): there ``rewind`` acts as ``isolate``.
@@ -33,14 +34,13 @@ import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import torch
-
 from bz._logging import get_logger
 from bz._rng import capture_rng, restore_rng
 from bz.plugins._sandbox import RewindRequested
 from bz.training.capture import capture, deep_copy, load_plugin_states, plugin_states, restore
 from bz.training.checkpoint.files import list_entries
 from bz.training.modules import ModuleSnapshot, model_modules
+from bz.training.settings import put_back_settings, read_settings
 from bz.training.state import RunParts
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class Snapshot:
         self.checkpoint = run.checkpoints.last
         self.checkpoints = _checkpoint_files(run)
         self.rng = capture_rng(run.generators)
-        self.settings = torch_settings()
+        self.settings = read_settings()
         context = run.context
         self.stop = context.should_stop_training
         self.extra = dict(context.extra)
@@ -106,7 +106,10 @@ class Snapshot:
 
     def put_back(self, run: RewindableRun) -> None:
         """Make ``run`` what it was when the snapshot was taken."""
-        self.modules.put_back()  # first: the state dicts load into these objects
+        # First: what follows makes tensors (the default dtype and device) and calls
+        # functions (the recursion limit) as it did when the snapshot was taken.
+        put_back_settings(self.settings)
+        self.modules.put_back()  # then: the state dicts load into these objects
         run.plugins.drop_hooks_since(self.hooks)
         frozen = {id(p) for p in self.frozen}  # the snapshot keeps them alive: ids hold
         for parameter in run.model.parameters():
@@ -120,7 +123,6 @@ class Snapshot:
         run.state.put_back(self.loop)
         self._drop_new_checkpoints(run)
         restore_rng(self.rng, run.generators)
-        put_back_torch_settings(self.settings)
         context = run.context
         context.should_stop_training = self.stop
         context.extra.clear()
@@ -139,38 +141,6 @@ class Snapshot:
         for path, written in _checkpoint_files(run).items():
             if store is not None and before.get(path) != written:
                 store.delete(path)
-
-
-def torch_settings() -> tuple[Any, ...]:
-    """torch's process-wide settings that change what a step computes (a plugin may set
-    them; after its fault they are put back with the rest)."""
-    cudnn = torch.backends.cudnn
-    return (
-        torch.get_default_dtype(),
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.get_float32_matmul_precision(),
-        cudnn.benchmark,
-        cudnn.deterministic,
-        cudnn.allow_tf32,
-        torch.backends.cuda.matmul.allow_tf32,
-    )
-
-
-def put_back_torch_settings(saved: tuple[Any, ...]) -> None:
-    """Make torch's settings what :func:`torch_settings` read (only those that moved)."""
-    if torch_settings() == saved:
-        return
-    dtype, threads, deterministic, warn_only, matmul, benchmark, cudnn_det, tf32, mm_tf32 = saved
-    torch.set_default_dtype(dtype)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    torch.set_float32_matmul_precision(matmul)
-    cudnn = torch.backends.cudnn
-    cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32 = benchmark, cudnn_det, tf32
-    torch.backends.cuda.matmul.allow_tf32 = mm_tf32
 
 
 def _checkpoint_files(run: RewindableRun) -> dict[Path, int]:

@@ -1,0 +1,165 @@
+"""A resumed run, and a rewound one, validate on exactly what the uninterrupted run
+validated on: the same validation loss, bit for bit, whatever shuffles ``val_loader``.
+
+A shuffled validation loader draws its order from torch's global generator (a plain
+``shuffle=True``), from a generator of its own (``DataLoader(generator=...)``, a
+sampler's ``generator``) or, for torchdata's ``StatefulDataLoader``, from the generator
+its ``RandomSampler`` makes for itself. The order changes which samples share a batch,
+so the loss (a sum of per-batch means) differs in its last digits when the order does.
+A run stopped in the middle of an epoch (``max_steps`` writes the checkpoint a kill
+would leave) or at an epoch's end, then resumed by a new ``fit`` with everything built
+again (as a new process does), must report the validation losses and end with the
+weights of the run never interrupted; so must a run whose plugin failed after
+validation (rewound), against the run without that plugin.
+
+``persistent_workers`` loaders are here too: torch draws their workers' base seed from
+the random state when it starts them, once in an uninterrupted run and once more in
+the epoch a resumed one starts in; that draw must not reach the run's random stream,
+for the validation loader and the training loader alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import torch
+from tests._support import assert_same_weights, quick_first, weights
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+import bz
+from bz.plugins import PluginContext
+
+EPOCHS, TRAIN_BATCHES = 3, 6
+CONFIG = bz.RunConfig(epochs=EPOCHS, device="cpu", seed=0, plugins=[])
+STOPS = {
+    "mid-epoch": attrs.evolve(CONFIG, max_steps=TRAIN_BATCHES + 3),
+    "epoch end": attrs.evolve(CONFIG, epochs=1, checkpoint_interval=1),
+}
+"""How the interrupted run stops: three batches into its second epoch (the checkpoint
+``max_steps`` writes there is what Ctrl-C or ``checkpoint_every_steps`` writes), or
+after its first epoch."""
+
+
+def _data(seed: int, samples: int) -> TensorDataset:
+    inputs = torch.randn(samples, 4, generator=torch.Generator().manual_seed(seed))
+    return TensorDataset(inputs, (inputs.sum(dim=1) > 0).long())
+
+
+def _val_loader(kind: str) -> Any:
+    data = _data(1, 23)  # batches of 5: the last one short, so order changes the sum
+    if kind == "shuffled":
+        return DataLoader(data, batch_size=5, shuffle=True)
+    if kind == "loader generator":
+        generator = torch.Generator().manual_seed(7)
+        return DataLoader(data, batch_size=5, shuffle=True, generator=generator)
+    if kind == "sampler generator":
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(7))
+        return DataLoader(data, batch_size=5, sampler=sampler)
+    if kind == "StatefulDataLoader":
+        return StatefulDataLoader(data, batch_size=5, shuffle=True)
+    assert kind == "persistent workers"
+    return DataLoader(data, batch_size=5, shuffle=True, num_workers=1, persistent_workers=True)
+
+
+def _setup(val_kind: str, *, persistent_train: bool = False) -> bz.TrainingSetup:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 2))
+    workers: dict[str, Any] = {"shuffle": True, "batch_size": 8}
+    if persistent_train:
+        workers.update(num_workers=1, persistent_workers=True)
+    return bz.TrainingSetup(
+        model=model,
+        loss_fn=nn.CrossEntropyLoss(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_loader=DataLoader(_data(0, 8 * TRAIN_BATCHES), **workers),
+        val_loader=_val_loader(val_kind),
+    )
+
+
+def _losses(result: bz.FitResult) -> list[float | None]:
+    return [record.validation_loss for record in result.history]
+
+
+_CLEAN: dict[tuple[str, bool], tuple[list[float | None], dict[str, torch.Tensor]]] = {}
+
+
+def _clean(kind: str, persistent_train: bool = False) -> tuple[list[float | None], Any]:
+    """The uninterrupted run's validation losses and final weights (once per kind)."""
+    key = (kind, persistent_train)
+    if key not in _CLEAN:
+        setup = _setup(kind, persistent_train=persistent_train)
+        result = bz.Trainer().fit(setup, CONFIG, [])
+        _CLEAN[key] = (_losses(result), weights(setup.model))
+    return _CLEAN[key]
+
+
+VAL_KINDS = (
+    "loader generator",
+    "sampler generator",
+    "StatefulDataLoader",
+    "shuffled",
+    "persistent workers",
+)
+
+
+@pytest.mark.parametrize("stop", sorted(STOPS))
+@pytest.mark.parametrize("kind", quick_first(*VAL_KINDS))
+def test_a_resumed_run_validates_as_the_uninterrupted_one(
+    kind: str, stop: str, tmp_path: Path
+) -> None:
+    expected_losses, expected_weights = _clean(kind)
+    bz.Trainer().fit(_setup(kind), STOPS[stop], [], checkpoint_dir=tmp_path)
+    setup = _setup(kind)  # built again, as `bz train` in a new process does
+    resumed = bz.Trainer().fit(setup, CONFIG, [], checkpoint_dir=tmp_path)
+    assert resumed.resumed_from is not None
+    losses = _losses(resumed)
+    assert len(losses) == EPOCHS - 1  # the resumed run validates epochs 2 and 3
+    assert losses == expected_losses[1:]  # ==, not approx: bit for bit
+    assert_same_weights(weights(setup.model), expected_weights)
+
+
+@pytest.mark.parametrize("stop", sorted(STOPS))
+def test_a_persistent_workers_training_loader_resumes_bit_identical(
+    stop: str, tmp_path: Path
+) -> None:
+    # Its workers start again in the resumed epoch: their base seed is drawn then, and
+    # must not move the shuffle or the dropout masks that follow.
+    expected_losses, expected_weights = _clean("shuffled", persistent_train=True)
+    bz.Trainer().fit(
+        _setup("shuffled", persistent_train=True), STOPS[stop], [], checkpoint_dir=tmp_path
+    )
+    setup = _setup("shuffled", persistent_train=True)
+    resumed = bz.Trainer().fit(setup, CONFIG, [], checkpoint_dir=tmp_path)
+    assert resumed.resumed_from is not None
+    assert _losses(resumed) == expected_losses[1:]
+    assert_same_weights(weights(setup.model), expected_weights)
+
+
+class FailsAfterValidation:
+    """Fails in the second epoch's ``end_validation_loop``: the epoch is rewound and its
+    validation runs again."""
+
+    name = "fails_after_validation"
+
+    def end_validation_loop(self, context: PluginContext) -> None:
+        if context.epoch == 1:
+            raise RuntimeError("after validating")
+
+
+@pytest.mark.parametrize("kind", quick_first("loader generator", "StatefulDataLoader"))
+def test_a_rewound_epoch_validates_as_the_run_without_the_plugin(kind: str) -> None:
+    expected_losses, expected_weights = _clean(kind)
+    setup = _setup(kind)
+    result = bz.Trainer().fit(
+        setup, attrs.evolve(CONFIG, plugin_errors="rewind"), [FailsAfterValidation()]
+    )
+    (report,) = result.plugins
+    assert report.fault is not None
+    assert report.fault.stage == "end_validation_loop"
+    assert _losses(result) == expected_losses
+    assert_same_weights(weights(setup.model), expected_weights)
