@@ -12,7 +12,8 @@ once before the plugins and once after, compares a few words of each live state 
 any draw changes (its fingerprint: for torch's CPU generator its seed, position and
 first word and its cached normal samples; for Python's and NumPy's Mersenne Twisters
 their index and a few words) with the same words of its copy. With no draw that is two
-comparisons of two tuples of memoryviews, made once, and no new object. A state (about
+comparisons of two memoryviews, made once, each gathering the words of every
+fingerprint wherever they lie (:mod:`bz.plugins._gathered`), and no new object. A state (about
 2.5 KB each) is copied only when its fingerprint moved before the plugins (the loop drew
 since the last copy), and written back only when a plugin really drew. torch's
 ``get_state``/``set_state`` pair, which the fence used before, cost several times more
@@ -42,6 +43,8 @@ import struct
 import sys
 from typing import Any
 
+from bz.plugins._gathered import WORD, Gathered, gathered
+
 _WORDS = 624
 _WORDS_BYTES = _WORDS * 4
 
@@ -57,12 +60,13 @@ class _Twister:
     per region, with nothing read into a new object.
     """
 
-    __slots__ = ("_copy", "_size", "_start", "prints")
+    __slots__ = ("_copy", "_size", "_start", "prints", "regions")
 
     def __init__(self, start: int, size: int, prints: tuple[tuple[int, int], ...]) -> None:
         self._start = start
         self._size = size
         self._copy = (ctypes.c_char * size)()
+        self.regions = prints
         self.prints = tuple(
             (
                 _words(ctypes.c_char * length, start + offset),
@@ -74,6 +78,19 @@ class _Twister:
     def moved(self) -> bool:
         """Whether the state differs from the copy (something drew since)."""
         return any(live != copy for live, copy in self.prints)
+
+    def words(self) -> list[tuple[int, int]]:
+        """The fingerprint as 8-byte words, ``(live address, copy address)``: every
+        region covered exactly (a region's last word overlaps the one before it where
+        its length is not a multiple of 8), for :func:`~bz.plugins._gathered.gathered`."""
+        copy = ctypes.addressof(self._copy)
+        found: list[tuple[int, int]] = []
+        for offset, length in self.regions:
+            starts = list(range(offset, offset + length - WORD + 1, WORD))
+            if length % WORD:
+                starts.append(offset + length - WORD)
+            found.extend((self._start + start, copy + start) for start in starts)
+        return found
 
     def refresh(self) -> None:
         """Copy the state."""
@@ -378,15 +395,24 @@ class _FastFence:
     a plugin's torch hook, uses :meth:`save` and :meth:`load`, which take whole snapshots.
     """
 
-    __slots__ = ("_twisters", "copies", "instance", "live")
+    __slots__ = ("_gathered", "_twisters", "copies", "instance", "live")
 
     def __init__(self, torch: _Twister, python: _Twister, *numpy: _Twister) -> None:
         # ``numpy``: none, or NumPy's Twister and its cached Gaussian.
-        self._twisters = (torch, python, *numpy)
-        self.live = tuple(live for twister in self._twisters for live, _ in twister.prints)
-        """The fingerprints' regions in the live states; ``copies``: in the copies. The
-        sandbox compares the two itself (inlined :meth:`mark` and :meth:`put_back`)."""
-        self.copies = tuple(copy for twister in self._twisters for _, copy in twister.prints)
+        self._twisters = twisters = (torch, python, *numpy)
+        self.live: Any = tuple(live for twister in twisters for live, _ in twister.prints)
+        """The fingerprints in the live states; ``copies``: in the copies. The sandbox
+        compares the two itself (inlined :meth:`mark` and :meth:`put_back`): where it
+        can be made, each is one memoryview gathering every fingerprint's words (one
+        comparison in C; :mod:`bz.plugins._gathered`), otherwise a tuple of a
+        memoryview per region."""
+        self.copies: Any = tuple(copy for twister in twisters for _, copy in twister.prints)
+        words = [pair for twister in twisters for pair in twister.words()]
+        live, copies = gathered([a for a, _ in words]), gathered([b for _, b in words])
+        self._gathered: tuple[Gathered, Gathered] | None = None
+        if live is not None and copies is not None:
+            self._gathered = (live, copies)
+            self.live, self.copies = live.view, copies.view
         self.instance: Any = random._inst
         """``random``'s generator, whose cached Gaussian (``gauss_next``) the round
         keeps aside and puts back."""

@@ -105,11 +105,13 @@ class PluginSet(TorchBoundary):
             Slot(plugin.name, plugin, hooks, number)
             for number, (plugin, hooks) in enumerate(plugins, start=1)
         ]
-        self._where = _supervision.where
-        """Which plugin and hook run now, for a supervising ``bz train`` (shared memory)."""
         self._supervised = _supervision.supervised()
-        """Whether anyone reads ``_where`` (elsewhere it is a scratch buffer, not written
-        on the common path)."""
+        """Whether anyone reads ``_where``."""
+        self._where: memoryview | list[int] = _supervision.where if self._supervised else [0, 0]
+        """Which plugin and hook run now, for a supervising ``bz train`` (shared memory);
+        elsewhere a list nobody reads: the rounds that store there (timed ones, the rest
+        of a round after a fault) pay a list's store, not a shared int32's (~200
+        instructions each, twelve per timed round of ten plugins)."""
         self._load_faults = list(load_faults)
         self._table: dict[str, Round | None] = {}
         self.callers: dict[str, Callable[[PluginContext], None]] = {}

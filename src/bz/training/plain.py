@@ -53,8 +53,6 @@ class PlainLoop(Protocol):
     metrics_take_outputs: bool
     step_scheduler: Any
 
-    def _call(self, hook: str) -> None: ...
-
     def after_step(self, index: int) -> tuple[bool, EndReason | None] | None: ...
 
 
@@ -92,9 +90,20 @@ def plain_batches(
     update = metrics.update if metrics.active else None
     attached = loop.metrics_take_outputs
     precision = loop.precision
-    call = loop._call
+    # The hooks' rounds are called as ``EpochLoop._call`` would, without its frame and
+    # without ``LoopState.show`` per round: the context is shown once here, and of what
+    # it shows only the batch's index, the step and the counts change within the loop,
+    # so the loop writes those to it too as they change (and shows it whole again after
+    # anything else ran hooks: ``after_step``). ``callers`` is kept current by the
+    # plugin set (read per call: a quarantine replaces a round).
+    callers = loop.plugins.callers
+    shows = starts or backward_hook or stepping or ends
+    if shows:
+        state.show(ctx)
     for index, batch in enumerate(iterator, start=skipped):
         state.batch_index = index
+        if shows:
+            ctx.batch_index = index
         if move:
             batch = to_device(batch, device)
         # Every way's ``prepare`` returns a pair as it is: a call saved per batch.
@@ -102,7 +111,7 @@ def plain_batches(
             batch = forward.prepare(batch)
         ctx.batch = batch
         if starts:
-            call("start_training_batch")
+            callers["start_training_batch"](ctx)
         optimizer.zero_grad(set_to_none=True)
         if pairs:
             # Pairs' ``compute`` inline (same sample rule: the inputs' first dimension).
@@ -125,9 +134,9 @@ def plain_batches(
             raise
         ctx.outputs, ctx.loss = outputs, loss
         if backward_hook:
-            call("after_backward")
+            callers["after_backward"](ctx)
         if stepping:
-            call("before_optimizer_step")
+            callers["before_optimizer_step"](ctx)
         optimizer.step()
         state.global_step += 1
         # ``EpochLoop._count`` inline, and ``DeviceSum.add``'s CPU case in it (a run of
@@ -144,8 +153,12 @@ def plain_batches(
         if update is not None:
             update(predictions if attached else for_metrics(predictions, precision), targets)
         train.batches += 1
+        if shows:
+            ctx.global_step = state.global_step
+            ctx.training_sample_count = train.samples
+            ctx.training_batch_count = train.batches
         if ends:
-            call("end_training_batch")
+            callers["end_training_batch"](ctx)
         if scheduler is not None:
             # After end_training_batch, which shows the rate this step used (step/lr).
             scheduler.step()
@@ -157,4 +170,6 @@ def plain_batches(
         ended = loop.after_step(index)
         if ended is not None:
             return ended
+        if shows:
+            state.show(ctx)
     return False, None
