@@ -39,7 +39,16 @@ def _run_py_command_lines() -> list[list[str]]:
         if text.count("`") == 0 and line.count("`") % 2 == 1:  # the command goes on
             text += " " + lines[i + 1].split("`", 1)[0]
         words = text.split("`", 1)[0].replace("#", " ").replace(",", " ").split()
-        found.append([w for w in words if w.startswith("--") or w.isdigit() or w == "tiny"])
+        kept: list[str] = []
+        for word in words:
+            if (
+                word.startswith("--")
+                or word.isdigit()
+                or word == "tiny"
+                or kept[-1:] == ["--only"]
+            ):
+                kept.append(word)
+        found.append(kept)
     return found
 
 
