@@ -59,7 +59,7 @@ def short_waits(supervises: bool) -> None:
     from bz.plugins import _faults, _watchdog
 
     _watchdog.EXIT_AFTER_S = EXIT_AFTER_S  # read when an escalation starts
-    _faults.EXIT_AFTER_S = EXIT_AFTER_S  # the message's copy (imported by name)
+    vars(_faults)["EXIT_AFTER_S"] = EXIT_AFTER_S  # the message's copy (imported by name)
 
 
 def _supervises(argv: list[str]) -> bool:
