@@ -1,9 +1,10 @@
 """``distributed.strategy: "fsdp"``: two processes on gloo, started as users start them.
 
 One uninterrupted FSDP run of the digits example (the module's ``reference``) is what
-the others are measured against: DDP's losses (``ddp_reference``, the same run under
-DDP), the weights after interruptions, and the checkpoint that one process resumes. Both
-reference runs also record their threads at exit, for the gloo-shutdown test.
+the interrupted runs' weights are measured against, and the checkpoint that one process
+resumes. FSDP is compared with DDP on one pair of runs with ema and clipping
+(``ema_and_norms``): the losses, ema's average, the gradient norms. All three runs also
+record their threads at exit, for the gloo-shutdown test.
 """
 
 from __future__ import annotations
@@ -188,14 +189,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     return _reference_run(tmp_path_factory.mktemp("fsdp") / "reference")
 
 
-@pytest.fixture(scope="module")
-def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    """The same run under DDP: what FSDP's losses are compared with."""
-    return _reference_run(
-        tmp_path_factory.mktemp("ddp") / "reference", distributed={"strategy": "ddp"}
-    )
-
-
 # -- before training -------------------------------------------------------------------
 
 
@@ -230,15 +223,53 @@ def test_fsdp_alone_is_one_line_and_exit_2_before_training(tmp_path: Path) -> No
 # -- two processes ------------------------------------------------------------------------
 
 
+@attrs.frozen
+class EmaAndNorms:
+    folder: Path
+    epochs: dict[int, dict[str, Any]]
+    model: dict[str, torch.Tensor]
+    norms: list[list[Any]]
+
+
+@pytest.fixture(scope="module")
+def ema_and_norms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, EmaAndNorms]:
+    """Per strategy: a run with ema and the gradient-norm probe, gradients clipped.
+
+    One pair of runs for the comparisons of FSDP with DDP: the losses, ema's average
+    (validated on, written as model.pt) and the gradient norm each step sees. Clipping
+    changes none of the comparisons' terms; the probes only read (``fsdp_probe``: each
+    process writes the names of its threads at exit, threads-RANK.json).
+    """
+    ema = {"ema": {"decay": 0.9, "validate_with_ema": True, "apply_at_end": True}}
+    runs = {}
+    for strategy in ("fsdp", "ddp"):
+        folder = tmp_path_factory.mktemp(strategy) / "ema-and-norms"
+        env = make_project(
+            folder,
+            plugins=[ema, "norm_probe", "fsdp_probe"],
+            gradient_clip={"max_norm": 0.5},
+            distributed={"strategy": strategy},
+        )
+        done, events = train(folder, {**env, "THREADS_AT_EXIT": "1"})
+        assert done.returncode == 0, done.stderr
+        assert not [e for e in events if e["event"] == "plugin_failed"]
+        norms = [json.loads(line) for line in (folder / "norms.jsonl").open()]
+        runs[strategy] = EmaAndNorms(folder, epochs(events), final_weights(folder), norms)
+    return runs
+
+
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp_with_half_the_parameters_on_each_process(
-    reference: Reference, ddp_reference: Reference
+    reference: Reference, ema_and_norms: dict[str, EmaAndNorms]
 ) -> None:
     for rank in (0, 1):
         local, full = json.loads((reference.folder / f"storage-{rank}.json").read_text())
         assert abs(local - full / 2) <= 0.05 * full, f"rank {rank} holds {local} of {full} bytes"
-    fsdp, ddp = epochs(reference.events), epochs(ddp_reference.events)
-    assert sorted(fsdp) == sorted(ddp) == [1, 2]
+    # The losses of the pair of runs with ema and clipping (ema_and_norms): the training
+    # losses are the trained weights' (ema only averages them), the validation losses
+    # the average's; clipped steps take the whole gradient's norm on both strategies.
+    fsdp, ddp = ema_and_norms["fsdp"].epochs, ema_and_norms["ddp"].epochs
+    assert sorted(fsdp) == sorted(ddp) == sorted(epochs(reference.events)) == [1, 2]
     for epoch, expected in ddp.items():
         got = fsdp[epoch]
         assert got["training_loss"] == pytest.approx(expected["training_loss"], rel=1e-5)
@@ -249,39 +280,6 @@ def test_fsdp_trains_like_ddp_with_half_the_parameters_on_each_process(
     # The final weights are whole (gathered on rank 0), for plain torch.load.
     shapes = {key: tuple(value.shape) for key, value in final_weights(reference.folder).items()}
     assert shapes == {"0.weight": (32, 64), "0.bias": (32,), "3.weight": (10, 32), "3.bias": (10,)}
-
-
-@attrs.frozen
-class EmaAndNorms:
-    epochs: dict[int, dict[str, Any]]
-    model: dict[str, torch.Tensor]
-    norms: list[list[Any]]
-
-
-@pytest.fixture(scope="module")
-def ema_and_norms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, EmaAndNorms]:
-    """Per strategy: a run with ema and the gradient-norm probe, gradients clipped.
-
-    One pair of runs for two comparisons: ema's average (validated on, written as
-    model.pt) and the gradient norm each step sees. Clipping changes neither
-    comparison's terms; the probe only reads.
-    """
-    ema = {"ema": {"decay": 0.9, "validate_with_ema": True, "apply_at_end": True}}
-    runs = {}
-    for strategy in ("fsdp", "ddp"):
-        folder = tmp_path_factory.mktemp(strategy) / "ema-and-norms"
-        env = make_project(
-            folder,
-            plugins=[ema, "norm_probe"],
-            gradient_clip={"max_norm": 0.5},
-            distributed={"strategy": strategy},
-        )
-        done, events = train(folder, env)
-        assert done.returncode == 0, done.stderr
-        assert not [e for e in events if e["event"] == "plugin_failed"]
-        norms = [json.loads(line) for line in (folder / "norms.jsonl").open()]
-        runs[strategy] = EmaAndNorms(epochs(events), final_weights(folder), norms)
-    return runs
 
 
 @pytest.mark.slow
@@ -302,18 +300,21 @@ def test_ema_averages_like_ddp_and_validates_on_the_average(
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names in /proc")
-@pytest.mark.parametrize("run", ["reference", "ddp_reference"], ids=["fsdp", "ddp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_no_gloo_thread_outlives_the_run_into_interpreter_shutdown(
-    request: pytest.FixtureRequest, run: str
+    reference: Reference, ema_and_norms: dict[str, EmaAndNorms], strategy: str
 ) -> None:
     # A gloo group still alive at shutdown joins its worker threads there; one that still
     # had a finished collective's tensors to free aborted the process (SIGABRT, "terminate
     # called without an active exception"), now and then, after a successful run. The
-    # reference runs (each a success) wrote their processes' thread names at exit.
-    folder = request.getfixturevalue(run).folder
-    for rank in (0, 1):
-        names = json.loads((folder / f"threads-{rank}.json").read_text())
-        assert [name for name in names if "gloo" in name] == [], (rank, names)
+    # module's runs (each a success) wrote their processes' thread names at exit.
+    folders = [ema_and_norms[strategy].folder]
+    if strategy == "fsdp":
+        folders.append(reference.folder)
+    for folder in folders:
+        for rank in (0, 1):
+            names = json.loads((folder / f"threads-{rank}.json").read_text())
+            assert [name for name in names if "gloo" in name] == [], (folder, rank, names)
 
 
 @pytest.mark.slow

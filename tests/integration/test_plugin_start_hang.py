@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests._child import BZ_CHILD, SHORT_WAITS_ENV
 from tests._plugin_packages_support import REPO, write_distribution
 from tests._support import TINY_TRAIN_PY, json_events
 
@@ -59,8 +60,15 @@ _ENTRIES = {
 
 
 def _train(
-    folder: Path, plugins: list[str], command: tuple[str, ...] = ("train", "--log-format", "json")
+    folder: Path,
+    plugins: list[str],
+    command: tuple[str, ...] = ("train", "--log-format", "json"),
+    *,
+    short_waits: bool = False,
 ) -> subprocess.CompletedProcess[str]:
+    """``bz COMMAND`` in its own process; ``short_waits``: through tests/_child.py with
+    ``BZ_TEST_SHORT_WAITS`` (a hook that never returns ends the process 2 s after its
+    interruption, not 10)."""
     site = write_distribution(folder / "site", "hanging-plugins", _ENTRIES, _MODULES)
     (folder / "train.py").write_text(TINY_TRAIN_PY, encoding="utf-8")
     config: dict[str, Any] = {
@@ -73,8 +81,12 @@ def _train(
     (folder / "bzconfig.json").write_text(json.dumps(config), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BZ_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(site)])
+    entry = ["-m", "bz"]
+    if short_waits:
+        env[SHORT_WAITS_ENV] = "1"
+        entry = ["-c", BZ_CHILD]
     return subprocess.run(
-        [sys.executable, "-m", "bz", *command],
+        [sys.executable, *entry, *command],
         cwd=folder,
         env=env,
         capture_output=True,
@@ -114,13 +126,14 @@ def test_bz_train_goes_on_without_a_plugin_that_hangs_while_loading(tmp_path: Pa
 def test_a_plugin_that_cannot_be_interrupted_while_loading_is_restarted_without(
     tmp_path: Path,
 ) -> None:
-    # Signals blocked (native code): 10 s after the interruption bz names it and ends the
-    # training process, which has trained nothing; `bz train` restarts without it.
-    done = _train(tmp_path, ["hang_native"])
+    # Signals blocked (native code): EXIT_AFTER_S after the interruption (10 s; 2 s
+    # here) bz names it and ends the training process, which has trained nothing;
+    # `bz train` restarts without it.
+    done = _train(tmp_path, ["hang_native"], short_waits=True)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("bz:")]
     assert lines[:2] == [
-        "bz: error: plugin 'hang_native' did not return 10 s after it was interrupted "
+        "bz: error: plugin 'hang_native' did not return 2 s after it was interrupted "
         "(plugin 'hang_native' ran longer than plugin_start_timeout (1 s)); ending the run "
         "while plugins load, before training started: nothing was trained",
         "bz: training exited with code 1 without finishing in plugin 'hang_native' "

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+from tests._child import BZ_CHILD, SHORT_WAITS_ENV
 from tests._fault_support import REPO_ROOT
 from tests._plugin_packages_support import write_distribution
 from tests._support import assert_same_weights, json_events
@@ -141,11 +142,21 @@ def _env(folder: Path) -> dict[str, str]:
     return env
 
 
-def _train(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _train(
+    folder: Path, *args: str, short_waits: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``bz train`` in its own process; ``short_waits``: through tests/_child.py with
+    ``BZ_TEST_SHORT_WAITS`` (a hook that never returns ends the training process 2 s
+    after its interruption, not 10; a hung one is killed 3 s past plugin_timeout, not 15)."""
+    env = _env(folder)
+    entry = ["-m", "bz"]
+    if short_waits:
+        env[SHORT_WAITS_ENV] = "1"
+        entry = ["-c", BZ_CHILD]
     return subprocess.run(
-        [sys.executable, "-m", "bz", "train", "--log-format", "json", *args],
+        [sys.executable, *entry, "train", "--log-format", "json", *args],
         cwd=folder,
-        env=_env(folder),
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,  # a safety net for a hung run, not a timing assertion
@@ -272,7 +283,7 @@ def test_a_hook_hung_past_plugin_timeout_restarts_without_the_plugin(
         [{"dying": {"act": act, "step": DEATH_STEP}}],
         plugin_timeout=1,
     )
-    done = _train(folder)
+    done = _train(folder, short_waits=True)
     assert done.returncode == 0, done.stderr[-3000:]
     (restart,) = _events(done.stdout, "restart")
     assert (restart["plugin"], restart["hook"]) == ("dying", "end_training_batch")
