@@ -149,6 +149,8 @@ def check_plugin_options(
     _check_names(specs, discovery, {})
     faults: list[PluginFault] = []
     checked: dict[str, object] = {}
+    # A supervising `bz check-config` is told which plugin loads, as `bz train` is.
+    _supervision.announce([spec.name for spec in specs if spec.enabled], ())
     for spec in specs:
         if not spec.enabled:
             continue
