@@ -130,11 +130,20 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     may open files or connections). Exits 2 when train_script is missing or a listed
     plugin cannot be imported or configured (one line each on stderr).
     """
+    from bz.config import find_config_file
+
+    file = find_config_file(config_path)
+    if supervise.may_supervise():
+        # Run as a program: the checks run in a child, so that a plugin hung in native
+        # code (which stops every thread of its process) is still named, within a bound.
+        # This process imports nothing more (torch, plugins): it only watches.
+        raise click.exceptions.Exit(supervise.supervise_check(str(file)))
+
     import structlog
 
     from bz import _supervision
     from bz._setup import missing_script_hint
-    from bz.config import find_config_file, load_config
+    from bz.config import load_config
     from bz.metrics import build_metrics
     from bz.plugins._entries import entry_paths
     from bz.plugins._loader import check_plugin_options, discover
@@ -142,11 +151,6 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     from bz.plugins._start_limit import start_limit
     from bz.training.checkpoint.best import check_monitor
 
-    file = find_config_file(config_path)
-    if supervise.may_supervise():
-        # Run as a program: the checks run in a child, so that a plugin hung in native
-        # code (which stops every thread of its process) is still named, within a bound.
-        raise click.exceptions.Exit(supervise.supervise_check(str(file)))
     _supervision.attach()  # that child: tell the supervisor which plugin loads
     config = load_config(file)
     script = file.resolve().parent / config.train_script
