@@ -45,6 +45,7 @@ _MODULES = {
         "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})\n"
         "ctypes.PyDLL(None).sleep(3600)\n"
     ),
+    "hanging_mod/exiting.py": "import os\n\nos._exit(0)\n",
     # As an import that waits in native code which ignores signals (SIGALRM blocked).
     "hanging_mod/blocked.py": (
         "import signal\nimport time\n\n"
@@ -71,6 +72,7 @@ _ENTRIES = {
     "hang_native": "hanging_mod.native:Native",
     "hang_blocked_import": "hanging_mod.blocked:Plugin",
     "hang_held_import": "hanging_mod.held:Plugin",
+    "exit_import": "hanging_mod.exiting:Plugin",
 }
 
 
@@ -188,3 +190,17 @@ def test_bz_check_config_names_an_import_stuck_holding_the_interpreter(tmp_path:
     )
     assert line.startswith(prefix), line
     assert line.endswith(" s (killed)"), line
+
+
+@pytest.mark.slow
+def test_bz_check_config_reports_a_plugin_that_ends_the_process_while_imported(
+    tmp_path: Path,
+) -> None:
+    # `os._exit(0)` in the plugin's import: no report of the checks was written, so the
+    # check did not succeed (it exited 0 with no output): the plugin is named, exit 2.
+    done = _train(tmp_path, ["exit_import"], ("check-config",))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        "bz: error: bzconfig.json: plugin 'exit_import' failed in import: the process "
+        "exited with code 0 without finishing"
+    ]
