@@ -238,3 +238,21 @@ def test_the_shown_configuration_equals_the_callers_and_no_table_in_it_changes(
                 change(container)
     assert config == before
     assert copy.deepcopy(shown) == config
+
+
+def test_a_plugin_in_its_own_process_sees_the_configuration_read_only_too() -> None:
+    from bz.plugins._isolated_child import _Server
+
+    class Changer:
+        name = "changer"
+
+        def end_epoch(self, context: PluginContext) -> None:
+            assert context.run_config is not None
+            context.run_config.hyperparameters["layers"].append(3)
+
+    config = _config()
+    server = _Server(Changer(), frozenset({"end_epoch"}), config)
+    snapshot = {"extra": {}, "hyperparameters": dict(config.hyperparameters)}
+    kind, (hook, error) = server.handle(("hook", "end_epoch", snapshot))
+    assert (kind, hook) == ("fault", "end_epoch")
+    assert error.startswith("TypeError: run_config.hyperparameters['layers'] is the run's")
