@@ -100,7 +100,11 @@ def _options(
 def _own_options(spec: PluginSpec) -> dict[str, Any]:
     """The options a plugin reads, as a copy of its own (its ``load_config``, ``create``
     or ``Config`` may keep or change them; the caller's config stays as it was)."""
-    return copy.deepcopy(without_isolation(spec.options))
+    options = without_isolation(spec.options)
+    try:
+        return copy.deepcopy(options)
+    except Exception:  # an object given in Python that cannot be copied: shared, as before
+        return options
 
 
 def _module_of(factory: object) -> str | None:
@@ -121,8 +125,8 @@ def _create(
     if callable(create):
         # The plugin guide's style: create(config_data, training_config) -> plugin | None
         # (its load_config runs inside, as the guide writes it).
+        shown = read_only_config(run_config)  # as the context shows it in hooks
         with LoadBoundary(spec.name, "create", policy, faults, module), named_under(spec):
-            shown = read_only_config(run_config)  # as the context shows it in hooks
             created: NamedPlugin | None = create(_own_options(spec), shown)
             return created
         return None
