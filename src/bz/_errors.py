@@ -12,8 +12,12 @@ import functools
 import os
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import traceback
 
 
 class BzError(Exception):
@@ -178,8 +182,16 @@ def package_frame(exc: BaseException, module: str) -> str:
     library's (torch's, say); the line of the plugin's own that led there is the one its
     author needs.
     """
-    import importlib.util
     import traceback
+
+    return package_line(traceback.extract_tb(exc.__traceback__), module)
+
+
+def package_line(frames: Iterable[traceback.FrameSummary], module: str) -> str:
+    """``file:line: ``: the innermost of ``frames`` (outermost first, as
+    ``traceback.extract_stack`` lists a running thread's) in the files of ``module``'s
+    top-level package, or "" (see :func:`package_frame`)."""
+    import importlib.util
 
     try:
         spec = importlib.util.find_spec(module.partition(".")[0])
@@ -190,7 +202,7 @@ def package_frame(exc: BaseException, module: str) -> str:
     folders = tuple(_folder(path) for path in spec.submodule_search_locations or ())
     single = _resolved(spec.origin) if spec.origin and not folders else None
     chosen = None
-    for frame in traceback.extract_tb(exc.__traceback__):
+    for frame in frames:
         resolved = _resolved(frame.filename)
         if resolved == single or (folders and resolved.startswith(folders)):
             chosen = frame

@@ -36,6 +36,8 @@ __all__ = [
     "LOADING",
     "LOAD_STAGES",
     "QUARANTINE_ENV",
+    "STACKS_ENV",
+    "STACKS_SIGNAL",
     "SUPERVISOR_ENV",
     "announce",
     "attach",
@@ -48,11 +50,19 @@ __all__ = [
     "restore",
     "resuming_from",
     "supervised",
+    "training_starts",
     "where",
 ]
 
 SUPERVISOR_ENV = "BZ_SUPERVISOR"
 """Set by the supervisor for its child: ``<block fd>,<wake-up fd>,<supervisor pid>``."""
+
+STACKS_ENV = "BZ_SUPERVISOR_STACKS"
+"""Set by a supervising ``bz check-config`` for its child: a file descriptor where the
+child's faulthandler writes every thread's stack on :data:`STACKS_SIGNAL` (from its
+signal handler, in C: it works while native code holds the interpreter), after a first
+line ``main 0x...``, the main thread's id as faulthandler writes it."""
+STACKS_SIGNAL = signal.SIGUSR1
 
 QUARANTINE_ENV = "BZ_SUPERVISOR_QUARANTINE"
 """Set by the supervisor for a restarted child: a JSON list of the plugins to leave out,
@@ -62,13 +72,18 @@ of :data:`LOAD_STAGES`) and how."""
 BLOCK_BYTES = 1 << 16
 """The shared block: 16 int32 slots, then the announced names (length-prefixed JSON)."""
 
-PLUGIN, HOOK, OUTCOME, NAMES_LENGTH, BEAT, TIMEOUT_MS, RESUMABLE = 0, 1, 2, 3, 4, 5, 6
+PLUGIN, HOOK, OUTCOME, NAMES_LENGTH, BEAT, TIMEOUT_MS, RESUMABLE, START = 0, 1, 2, 3, 4, 5, 6, 7
 """Slots of the block's int32 view: the plugin number (1-based, 0: none) and hook
 number (1-based) running now, the exit code + 1 once finished (0: not finished), the
 length of the names' JSON, the ``plugin_timeout`` watchdog's heartbeat and its timeout
-in milliseconds (0: not watching), and 1 once this run has a checkpoint of its own (a
+in milliseconds (0: not watching), 1 once this run has a checkpoint of its own (a
 restart may then resume; before it, a run started over with ``--no-resume`` starts over
-again instead of resuming the old run's checkpoints)."""
+again instead of resuming the old run's checkpoints), and where training starts, once
+decided (:func:`training_starts`; 0: not yet)."""
+STARTS_FRESH, STARTS_FROM_CHECKPOINT = 1, 2
+"""The values of ``START``: training starts from the beginning (no checkpoint to resume
+from, or ``--no-resume``), or resumes from a checkpoint (which the same command finds
+again)."""
 TIMEOUT_CAP_S = 0x7FFFFFFF // 1000
 """The longest ``plugin_timeout`` the block holds (its int32 slot, in ms): about 24.8 days."""
 NAMES_OFFSET = 64
@@ -110,6 +125,14 @@ def attach() -> bool:
     os.set_blocking(wake_fd, False)
     with contextlib.suppress(ValueError):  # only the main thread may set it
         signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+    stacks = os.environ.get(STACKS_ENV)
+    if stacks:
+        import faulthandler
+        import threading
+
+        fd = int(stacks)
+        os.write(fd, f"main {threading.main_thread().ident:#018x}\n".encode())
+        faulthandler.register(STACKS_SIGNAL, file=fd, all_threads=True)
     return True
 
 
@@ -179,6 +202,14 @@ def checkpoint_written(path: str | os.PathLike[str]) -> None:
     resuming_from(path)
     if _block is not None:
         where[RESUMABLE] = 1
+
+
+def training_starts(checkpoint: str | os.PathLike[str] | None) -> None:
+    """Training is about to start: from ``checkpoint`` (resumed), or from the beginning
+    (None). The supervisor then says where a restart starts (see ``START``)."""
+    if checkpoint is not None:
+        resuming_from(checkpoint)
+    where[START] = STARTS_FRESH if checkpoint is None else STARTS_FROM_CHECKPOINT
 
 
 def resuming_from(path: str | os.PathLike[str] | None) -> None:

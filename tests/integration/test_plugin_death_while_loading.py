@@ -66,7 +66,8 @@ def test_a_death_while_a_plugin_is_created_restarts_training_without_it(
     restarts = [line for line in done.stderr.splitlines() if "restarting" in line]
     assert restarts == [
         "bz: training exited with code 0 without finishing in plugin 'exits_when_created' "
-        "(while loading, in its create); restarting without it (restart 1 of 3)"
+        "(while loading, in its create); restarting from the run's newest checkpoint "
+        "(from the start if it has none) without it (restart 1 of 3)"
     ]
     events = json_events(done.stdout)
     (restart,) = [e for e in events if e["event"] == "restart"]

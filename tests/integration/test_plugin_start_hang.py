@@ -38,6 +38,21 @@ _MODULES = {
                 return cls()
     """,
     "hanging_mod/importing.py": "import time\n\ntime.sleep(3600)\n",
+    # As an import stuck in native code that holds the interpreter: no thread of the
+    # process runs Python again (libc's sleep, called without letting the GIL go; no
+    # signal wakes it, as a deadlocked lock would not wake).
+    "hanging_mod/held.py": (
+        "import ctypes\nimport signal\n\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})\n"
+        "ctypes.PyDLL(None).sleep(3600)\n"
+    ),
+    "hanging_mod/exiting.py": "import os\n\nos._exit(0)\n",
+    # As an import that waits in native code which ignores signals (SIGALRM blocked).
+    "hanging_mod/blocked.py": (
+        "import signal\nimport time\n\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+        "time.sleep(3600)\n"
+    ),
     "hanging_mod/native.py": """
         import signal
         import time
@@ -56,6 +71,9 @@ _ENTRIES = {
     "hang_create": "hanging_mod.creating:Hanging",
     "hang_import": "hanging_mod.importing:Plugin",
     "hang_native": "hanging_mod.native:Native",
+    "hang_blocked_import": "hanging_mod.blocked:Plugin",
+    "hang_held_import": "hanging_mod.held:Plugin",
+    "exit_import": "hanging_mod.exiting:Plugin",
 }
 
 
@@ -137,7 +155,8 @@ def test_a_plugin_that_cannot_be_interrupted_while_loading_is_restarted_without(
         "(plugin 'hang_native' ran longer than plugin_start_timeout (1 s)); ending the run "
         "while plugins load, before training started: nothing was trained",
         "bz: training exited with code 1 without finishing in plugin 'hang_native' "
-        "(while loading, in its create); restarting without it (restart 1 of 3)",
+        "(while loading, in its create); restarting from the run's newest checkpoint "
+        "(from the start if it has none) without it (restart 1 of 3)",
     ]
     (run,) = (tmp_path / ".bz" / "checkpoints").iterdir()
     assert (run / "model.pt").exists()  # trained to the end without it
@@ -153,3 +172,48 @@ def test_bz_check_config_names_a_plugin_that_hangs_while_it_imports(tmp_path: Pa
         "PluginStartTimeout: plugin 'hang_import' took longer than plugin_start_timeout "
         "(1 s) in its import"
     ) in done.stderr
+
+
+@pytest.mark.slow
+def test_bz_check_config_names_an_import_that_cannot_be_interrupted(tmp_path: Path) -> None:
+    # No supervisor here: 10 s after the interruption bz names the plugin and the line
+    # its import hangs at, as check-config names every plugin it cannot check; exit 2.
+    done = _train(tmp_path, ["hang_blocked_import"], ("check-config",))
+    assert done.returncode == 2, done.stderr[-3000:]
+    module = tmp_path / "site" / "hanging_mod" / "blocked.py"
+    assert done.stderr.splitlines() == [
+        f"bz: error: bzconfig.json: plugin 'hang_blocked_import' failed in import: "
+        f"{module}:5: PluginStartTimeout: plugin 'hang_blocked_import' took longer than "
+        "plugin_start_timeout (1 s) in its import, and did not return 10 s after it was "
+        "interrupted (native code that ignores signals?)"
+    ]
+
+
+@pytest.mark.slow
+def test_bz_check_config_names_an_import_stuck_holding_the_interpreter(tmp_path: Path) -> None:
+    # Nothing in that process runs: `bz check-config` checks in a child it watches, and
+    # names the plugin and its line once the limit and 15 s have passed; exit 2.
+    done = _train(tmp_path, ["hang_held_import"], ("check-config",))
+    assert done.returncode == 2, done.stderr[-3000:]
+    module = tmp_path / "site" / "hanging_mod" / "held.py"
+    (line,) = done.stderr.splitlines()
+    prefix = (
+        f"bz: error: bzconfig.json: plugin 'hang_held_import' failed in import: {module}:5: "
+        "PluginStartTimeout: plugin 'hang_held_import' hung in native code in its import for "
+    )
+    assert line.startswith(prefix), line
+    assert line.endswith(" s (killed)"), line
+
+
+@pytest.mark.slow
+def test_bz_check_config_reports_a_plugin_that_ends_the_process_while_imported(
+    tmp_path: Path,
+) -> None:
+    # `os._exit(0)` in the plugin's import: no report of the checks was written, so the
+    # check did not succeed (it exited 0 with no output): the plugin is named, exit 2.
+    done = _train(tmp_path, ["exit_import"], ("check-config",))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        "bz: error: bzconfig.json: plugin 'exit_import' failed in import: the process "
+        "exited with code 0 without finishing"
+    ]

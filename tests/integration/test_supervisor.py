@@ -252,6 +252,7 @@ def test_a_death_in_a_hook_restarts_without_the_plugin_and_ends_with_its_weights
     assert restart["hook"] == "end_training_batch"
     assert restart["ended"] == ended
     assert restart["restart"] == 1
+    assert restart["starts_from"] == "checkpoint"
     restart_lines = [line for line in _bz_lines(done.stderr) if "restarting" in line]
     assert restart_lines == [
         f"bz: training {ended} in plugin 'dying' (hook end_training_batch); restarting "
@@ -291,6 +292,40 @@ def test_a_hook_hung_past_plugin_timeout_restarts_without_the_plugin(
     assert_same_weights(_model(folder), clean_model)
 
 
+def test_a_death_before_the_first_checkpoint_restarts_from_the_start(
+    tmp_path: Path, clean_model: dict[str, torch.Tensor]
+) -> None:
+    # Step 2, in epoch 1: no checkpoint yet, and none from before to resume from.
+    folder = _project(tmp_path / "project", [{"dying": {"act": "sigkill", "step": 2}}])
+    done = _train(folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    restart_lines = [line for line in _bz_lines(done.stderr) if "restarting" in line]
+    assert restart_lines == [
+        "bz: training killed by SIGKILL in plugin 'dying' (hook end_training_batch); "
+        "restarting from the start without it (restart 1 of 3)"
+    ]
+    (restart,) = _events(done.stdout, "restart")
+    assert restart["starts_from"] == "start"
+    assert not _events(done.stdout, "resumed")
+    assert_same_weights(_model(folder), clean_model)
+
+
+def test_giving_up_before_the_first_checkpoint_says_bz_train_starts_over(
+    tmp_path: Path,
+) -> None:
+    folder = _project(tmp_path / "project", [{"dying": {"act": "exit0", "step": 2}}])
+    done = _train(folder, "--max-restarts", "0")
+    assert done.returncode == 1
+    message = (
+        "training exited with code 0 without finishing in plugin 'dying' (hook "
+        "end_training_batch); no restart left (--max-restarts 0); no checkpoint was "
+        "written: `bz train` starts it over"
+    )
+    assert _bz_lines(done.stderr) == [f"bz: error: {message}"]
+    (exit_event,) = _events(done.stdout, "exit")
+    assert exit_event["error"] == message
+
+
 def test_max_restarts_0_reports_the_death_and_fails(tmp_path: Path) -> None:
     folder = _project(tmp_path / "project", [{"dying": {"act": "exit0", "step": DEATH_STEP}}])
     done = _train(folder, "--max-restarts", "0")
@@ -316,9 +351,16 @@ def test_a_death_outside_any_hook_is_reported_not_retried(tmp_path: Path) -> Non
     )
     done = _train(folder)
     assert done.returncode == 1, done.stderr[-3000:]
+    # Its thread ends the process 0.3 s into training: after a checkpoint or before.
+    written = any((folder / ".bz" / "checkpoints").glob("*/epoch-*.pt"))
+    later = (
+        "`bz train` resumes from the last checkpoint"
+        if written
+        else "no checkpoint was written: `bz train` starts it over"
+    )
     message = (
         "training exited with code 0 without finishing outside any plugin's hook "
-        "(--restart-on-crash restarts it); `bz train` resumes from the last checkpoint"
+        f"(--restart-on-crash restarts it); {later}"
     )
     assert _bz_lines(done.stderr) == [f"bz: error: {message}"]
     (exit_event,) = _events(done.stdout, "exit")

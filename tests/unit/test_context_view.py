@@ -199,17 +199,24 @@ def test_the_view_shows_every_field_as_the_loop_holds_it_now(
     epoch: int, samples: int, batch: object
 ) -> None:
     """Each field read through the view is the source's current object, also after the
-    loop changes it (a plugin holding the view across hooks sees current values)."""
-    source = PluginContext(epochs=7, rank=1, world_size=2)
+    loop changes it (a plugin holding the view across hooks sees current values); the
+    configuration's two (``run_config``, ``hyperparameters``) are equal read-only copies
+    (tests/unit/test_context_config.py)."""
+    source = PluginContext(epochs=7, rank=1, world_size=2, hyperparameters={"lr": epoch})
     view = LoopView(source)
+    copied = {"run_config", "hyperparameters"}
     fields = [
-        name for name in vars(source) if name not in {"training_metrics", "validation_metrics"}
+        name
+        for name in vars(source)
+        if name not in {"training_metrics", "validation_metrics", *copied}
     ]
     assert {"epoch", "global_step", "batch", "extra", "_training_loss"} <= set(fields)
     source.epoch, source.training_sample_count, source.batch = epoch, samples, batch
     source.extra = {"shared": epoch}
     for name in fields:
         assert getattr(view, name) is getattr(source, name), name
+    source.run_config = bz.RunConfig(hyperparameters={"lr": samples})
+    assert (view.hyperparameters, view.run_config) == (source.hyperparameters, source.run_config)
     assert (view.epochs, view.rank, view.world_size) == (7, 1, 2)
     assert view.training_loss_total == source.training_loss_total
     assert view.is_main_process is False

@@ -1,5 +1,7 @@
 """The supervising ``bz train``: training runs in a child; a child that did not finish is
-reported, or restarted without the plugin it died in.
+reported, or restarted without the plugin it died in. ``bz check-config`` runs its checks
+in a child the same way (:func:`supervise_check`): a plugin hung in native code while it
+is imported or checked is named, not waited for.
 
 No in-process boundary stops ``os._exit``, a segfault or a signal, so ``bz train`` (run
 as a program) starts the same command again as its child and watches it. This process
@@ -7,10 +9,12 @@ never imports torch. The child writes into a shared block (see :mod:`bz._supervi
 which plugin hook it is in, and, once its command has finished, the exit code it chose:
 
 - finished: this process exits with that code (0, 1, 2, 130, 143, as always);
-- ended without finishing inside a plugin's hook: training starts again, resuming from
-  the last verified checkpoint, without that plugin (``restart`` event; at most
-  ``--max-restarts`` times); the same while a plugin loads (its import, options,
-  ``create``), before training: it starts again without that plugin;
+- ended without finishing inside a plugin's hook: training starts again without that
+  plugin, resuming from the last verified checkpoint, or from the start when the run has
+  none (``restart`` event; at most ``--max-restarts`` times); the same while a plugin
+  loads (its import, options, ``create``), before training: it starts again without that
+  plugin, where the command starts (the child had not looked for a checkpoint yet). The
+  line says which, as far as the children told (:class:`_Again`);
 - ended anywhere else: one ``bz: error:`` line (and the json ``exit`` event) saying how,
   exit 1; ``--restart-on-crash`` restarts it instead (no plugin left out).
 
@@ -49,11 +53,21 @@ from bz._supervision import (
     OUTCOME,
     PLUGIN,
     RESUMABLE,
+    START,
+    STARTS_FRESH,
+    STARTS_FROM_CHECKPOINT,
     TIMEOUT_MS,
     TORCH_HOOK,
 )
 
-__all__ = ["Supervision", "is_entry_point", "may_supervise", "options", "supervise"]
+__all__ = [
+    "Supervision",
+    "is_entry_point",
+    "may_supervise",
+    "options",
+    "supervise",
+    "supervise_check",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -96,8 +110,8 @@ def options(command: F) -> F:
         default=3,
         show_default=True,
         help="Restart training at most N times when its process dies inside a plugin's hook "
-        "or while a plugin loads (os._exit, a segfault, a signal): from the last checkpoint, "
-        "without that plugin. 0: report the death instead.",
+        "or while a plugin loads (os._exit, a segfault, a signal): from the last checkpoint "
+        "(from the start before the first), without that plugin. 0: report the death instead.",
     )
     restart_on_crash = click.option(
         "--restart-on-crash",
@@ -133,6 +147,9 @@ class _Ending:
     resumable: bool = False
     """Whether it wrote a checkpoint of this run (a run started over discards the old
     run's then): a restart resumes only after that."""
+    start: int = 0
+    """Where its training started, once decided (``bz._supervision.START``; 0: it ended
+    before that, loading plugins or running ``setup``)."""
 
     def how(self) -> str:
         if self.hung is not None:
@@ -161,6 +178,7 @@ def supervise(options: Supervision) -> int:
     quarantined: list[dict[str, str]] = []
     restarts = 0
     resumable = False
+    start = 0  # where the command as given starts training, once a child found out
     with _shared_block() as (block, fd), _stop_signals() as stops:
         while True:
             # Until the run has a checkpoint of its own, a restart runs the command as
@@ -168,6 +186,8 @@ def supervise(options: Supervision) -> int:
             command = _entry + (["--resume"] if resumable else [])
             ending = _run_child(command, block, fd, quarantined, stops)
             resumable = resumable or ending.resumable
+            start = max(start, ending.start)
+            again = _Again(resumable, start)
             if ending.outcome is not None:
                 return ending.outcome
             # A stop request while the child ran, or as it ended: no restart.
@@ -177,20 +197,59 @@ def supervise(options: Supervision) -> int:
             retry = ending.plugin is not None or options.restart_on_crash
             if retry and restarts < options.max_restarts:
                 restarts += 1
-                _restart(ending, restarts, options)
+                _restart(ending, restarts, options, again)
                 if ending.plugin is not None:
                     quarantined.append(_quarantine_entry(ending))
                 continue
-            _give_up(ending, options, retry)
+            _give_up(ending, options, retry, again)
             return 1
 
 
-def _restart(ending: _Ending, count: int, options: Supervision) -> None:
+@attrs.frozen
+class _Again:
+    """Where training starts when the command runs again, as far as its children told."""
+
+    resumable: bool
+    """A child wrote a checkpoint of this run: a restart resumes (``--resume``) from the
+    newest."""
+    start: int
+    """The furthest a child got in deciding where training starts (``START``)."""
+
+    def starts_from(self) -> str:
+        """The ``restart`` event's ``starts_from``: ``checkpoint``, ``start`` or
+        ``newest checkpoint if any`` (no child got as far as looking: it ended loading
+        plugins or in ``setup``, and the command decides)."""
+        if self.resumable or self.start == STARTS_FROM_CHECKPOINT:
+            return "checkpoint"
+        return "start" if self.start == STARTS_FRESH else "newest checkpoint if any"
+
+    def restart(self) -> str:
+        """Where a restart starts training (after "restarting")."""
+        return _RESTARTS[self.starts_from()]
+
+    def later(self) -> str:
+        """What running ``bz train`` again does (the end of the give-up line)."""
+        return _LATER[self.starts_from()]
+
+
+_RESTARTS = {
+    "checkpoint": "from the last checkpoint",
+    "start": "from the start",
+    "newest checkpoint if any": "from the run's newest checkpoint (from the start if it has none)",
+}
+_LATER = {
+    "checkpoint": "`bz train` resumes from the last checkpoint",
+    "start": "no checkpoint was written: `bz train` starts it over",
+    "newest checkpoint if any": (
+        "`bz train` resumes from the run's newest checkpoint if it has one, else starts it over"
+    ),
+}
+
+
+def _restart(ending: _Ending, count: int, options: Supervision, again: _Again) -> None:
     without = " without it" if ending.plugin is not None else ""
-    # Before training (a plugin loading) that process wrote no checkpoint to go back to.
-    since = "" if ending.loading else " from the last checkpoint"
     line = (
-        f"bz: training {ending.how()} {ending.where()}; restarting{since}{without} "
+        f"bz: training {ending.how()} {ending.where()}; restarting {again.restart()}{without} "
         f"(restart {count} of {options.max_restarts})"
     )
     click.echo(line, file=_stdio.stderr())
@@ -202,19 +261,17 @@ def _restart(ending: _Ending, count: int, options: Supervision) -> None:
             ended=ending.how(),
             restart=count,
             max_restarts=options.max_restarts,
+            starts_from=again.starts_from(),
         )
 
 
-def _give_up(ending: _Ending, options: Supervision, retried: bool) -> None:
+def _give_up(ending: _Ending, options: Supervision, retried: bool, again: _Again) -> None:
     why = ""
     if retried:
         why = f"; no restart left (--max-restarts {options.max_restarts})"
     elif ending.plugin is None:
         why = " (--restart-on-crash restarts it)"
-    message = (
-        f"training {ending.how()} {ending.where()}{why}; `bz train` resumes from the last "
-        "checkpoint"
-    )
+    message = f"training {ending.how()} {ending.where()}{why}; {again.later()}"
     click.echo(f"bz: error: {message}", file=_stdio.stderr())
     if options.json_events:
         _event("exit", exit_code=1, error=message, plugin=ending.plugin, hook=ending.hook)
@@ -256,6 +313,7 @@ def _run_child(
     fd: int,
     quarantined: list[dict[str, str]],
     stops: list[tuple[int, float]],
+    stacks: int | None = None,
 ) -> _Ending:
     block[:] = bytes(len(block))
     view = memoryview(block).cast("i")
@@ -264,19 +322,23 @@ def _run_child(
     env[_supervision.SUPERVISOR_ENV] = f"{fd},{wake_write},{os.getpid()}"
     if quarantined:
         env[_supervision.QUARANTINE_ENV] = json.dumps(quarantined)
+    passed: tuple[int, ...] = (fd, wake_write)
+    if stacks is not None:
+        env[_supervision.STACKS_ENV] = str(stacks)
+        passed += (stacks,)
     try:
-        child = subprocess.Popen(command, env=env, pass_fds=(fd, wake_write))
+        child = subprocess.Popen(command, env=env, pass_fds=passed)
         os.close(wake_write)
-        stopped_by, hung = _watch(child, wake_read, stops, view)
+        stopped_by, hung = _watch(child, wake_read, stops, view, stacks is not None)
     finally:
         os.close(wake_read)
         with contextlib.suppress(OSError):
             os.close(wake_write)
     outcome = view[OUTCOME] - 1 if view[OUTCOME] else None
     plugin, hook = _names(block, view[PLUGIN], view[HOOK])
-    resumable = bool(view[RESUMABLE])
+    resumable, start = bool(view[RESUMABLE]), view[START]
     view.release()
-    return _Ending(child.returncode, outcome, plugin, hook, stopped_by, hung, resumable)
+    return _Ending(child.returncode, outcome, plugin, hook, stopped_by, hung, resumable, start)
 
 
 def _watch(
@@ -284,10 +346,13 @@ def _watch(
     wake: int,
     stops: list[tuple[int, float]],
     view: memoryview,
+    stacks: bool = False,
 ) -> tuple[int | None, float | None]:
     """Wait for the child, passing on the stop signals it did not get itself; kill it
-    when it hangs in a plugin's hook holding the interpreter (see :class:`_Pulse`).
-    Returns the stop signal received, if any, and how long a hung child hung."""
+    when it hangs in a plugin's hook holding the interpreter (see :class:`_Pulse`),
+    first asking it for its threads' stacks when ``stacks`` (see
+    :data:`bz._supervision.STACKS_ENV`). Returns the stop signal received, if any, and
+    how long a hung child hung."""
     received: dict[int, float] = {}  # signal -> when the child last reported it
     pending: list[tuple[int, float]] = []
     stopped_by: int | None = None
@@ -296,6 +361,8 @@ def _watch(
     while child.poll() is None:
         hung = pulse.hung(time.monotonic())
         if hung is not None:
+            if stacks:
+                _ask_for_stacks(child)
             child.kill()
             child.wait()
             return stopped_by, hung
@@ -321,6 +388,19 @@ def _watch(
     if stops:
         stopped_by = stops[-1][0]
     return stopped_by, None
+
+
+def _ask_for_stacks(child: subprocess.Popen[bytes]) -> None:
+    # Its faulthandler writes them from its signal handler, in C: the interpreter it
+    # holds is not needed. Given a moment, not waited for (it may be past answering).
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child.pid, _supervision.STACKS_SIGNAL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(_STACKS_S)
+
+
+_STACKS_S = 1.0
+"""How long a hung child may take to write its stacks before it is killed."""
 
 
 HUNG_AFTER_S = 15.0
@@ -411,3 +491,79 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+# -- bz check-config ------------------------------------------------------------------
+
+
+def supervise_check(config_file: str) -> int:
+    """``bz check-config`` as a program: the checks run in a child, watched as training
+    is; returns the exit code.
+
+    Importing a plugin and checking its options may hang in native code that holds the
+    interpreter, where nothing in that process runs again (the in-process limit,
+    ``plugin_start_timeout``, and its escalation included). Hung past the limit plus
+    :data:`HUNG_AFTER_S`, the child is asked for its stacks and killed, and this process
+    reports it as check-config reports every plugin it cannot check: one line naming the
+    plugin, its stage and its own line where it hung; exit 2. A child that ends without
+    finishing while a plugin loads (``os._exit``, a segfault) is that plugin's too.
+    """
+    assert _entry is not None
+    with (
+        _shared_block() as (block, fd),
+        _stop_signals() as stops,
+        tempfile.TemporaryFile() as stacks,
+    ):
+        ending = _run_child(_entry, block, fd, [], stops, stacks.fileno())
+        if ending.outcome is not None:
+            return ending.outcome
+        stopped_by = ending.stopped_by or (stops[-1][0] if stops else None)
+        if stopped_by is not None:
+            click.echo(f"bz: interrupted: {ending.how()}", file=_stdio.stderr())
+            return 128 + stopped_by
+        stacks.seek(0)
+        dump = stacks.read().decode("utf-8", "replace")
+    if ending.plugin is None or not ending.loading:
+        click.echo(f"bz: error: check-config {ending.how()}", file=_stdio.stderr())
+        return 1
+    stage = str(ending.hook)
+    place = _hung_place(dump, ending.plugin)
+    if ending.hung is not None:
+        what = f"PluginStartTimeout: plugin {ending.plugin!r} hung in native code in its {stage}"
+        error = f"{what} for {ending.hung:.0f} s (killed)"
+    else:
+        error = f"the process {ending.how()}"
+    message = f"plugin {ending.plugin!r} failed in {stage}: {place}{error}"
+    click.echo(f"bz: error: {config_file}: {message}", file=_stdio.stderr())
+    return 2
+
+
+def _hung_place(dump: str, plugin: str) -> str:
+    """``file:line: ``: the plugin's own innermost line in the main thread's stack as the
+    child's faulthandler wrote it (see :data:`bz._supervision.STACKS_ENV`), or ""."""
+    import traceback
+
+    from bz._entry_points import discover
+    from bz._errors import package_line
+
+    first, _, rest = dump.partition("\n")
+    if not first.startswith("main "):
+        return ""
+    main = first.split()[1]
+    frames: list[traceback.FrameSummary] = []
+    in_main = False
+    for line in rest.splitlines():
+        if line.startswith(("Thread ", "Current thread ")):
+            in_main = main in line
+            continue
+        stripped = line.strip()
+        if in_main and stripped.startswith('File "'):
+            name, _, tail = stripped[len('File "') :].partition('", line ')
+            number = tail.split(" ", 1)[0]
+            if number.isdigit():
+                frames.append(traceback.FrameSummary(name, int(number), "", line=""))
+    source = discover("bz.plugins").sources.get(plugin)
+    if source is None or not frames:
+        return ""
+    # faulthandler lists the innermost frame first.
+    return package_line(reversed(frames), source.module)

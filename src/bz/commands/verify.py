@@ -7,11 +7,13 @@ are the group's (see :mod:`bz.commands.main`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,7 +25,11 @@ from bz._errors import (
     user_frame,
     validation_batch,
 )
+from bz.commands import supervise
 from bz.commands.options import config_option, traceback_option
+
+if TYPE_CHECKING:
+    from bz.plugins._faults import PluginFault
 
 __all__ = ["check_config", "validate"]
 
@@ -124,10 +130,20 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     may open files or connections). Exits 2 when train_script is missing or a listed
     plugin cannot be imported or configured (one line each on stderr).
     """
+    from bz.config import find_config_file
+
+    file = find_config_file(config_path)
+    if supervise.may_supervise():
+        # Run as a program: the checks run in a child, so that a plugin hung in native
+        # code (which stops every thread of its process) is still named, within a bound.
+        # This process imports nothing more (torch, plugins): it only watches.
+        raise click.exceptions.Exit(supervise.supervise_check(str(file)))
+
     import structlog
 
+    from bz import _supervision
     from bz._setup import missing_script_hint
-    from bz.config import find_config_file, load_config
+    from bz.config import load_config
     from bz.metrics import build_metrics
     from bz.plugins._entries import entry_paths
     from bz.plugins._loader import check_plugin_options, discover
@@ -135,15 +151,17 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
     from bz.plugins._start_limit import start_limit
     from bz.training.checkpoint.best import check_monitor
 
-    file = find_config_file(config_path)
+    _supervision.attach()  # that child: tell the supervisor which plugin loads
     config = load_config(file)
     script = file.resolve().parent / config.train_script
     try:
         metrics = build_metrics(config.metrics)
         # The faults are reported here, once each, not as plugin_failed events too.
         discovery = discover()
-        # Importing a plugin and checking its options is bounded as in `bz train`.
-        with structlog.testing.capture_logs(), start_limit(config.plugin_start_timeout):
+        # Importing a plugin and checking its options is bounded as in `bz train`; one
+        # that cannot be interrupted is named here as any other (no supervisor restarts).
+        limit = start_limit(config.plugin_start_timeout, functools.partial(_hung, file))
+        with structlog.testing.capture_logs(), limit:
             options, faults = check_plugin_options(config.plugins, config, discovery=discovery)
     except ConfigError as exc:
         raise exc.with_source(str(file)) from None
@@ -187,3 +205,19 @@ def check_config(config_path: str | None, show_traceback: bool) -> None:
             for line in exc.with_source(str(file)).render().splitlines():
                 click.echo(f"{line} (unless {unless} adds it)", err=True)
     click.echo(f"{file}: OK ({len(options)} plugin(s), {len(config.metrics)} metric(s))")
+
+
+def _hung(file: object, fault: PluginFault, exit_code: int) -> None:
+    """A plugin hung while check-config imported or checked it, beyond interrupting (see
+    ``start_limit``): its line, as the faults' above, and exit 2 (130 / 143 when a
+    second Ctrl-C or SIGTERM ended it). The main thread is stuck in the plugin: this
+    thread writes and ends the process."""
+    from bz import _stdio, _supervision
+
+    with contextlib.suppress(Exception):
+        stream = _stdio.stderr()
+        stream.write(f"bz: error: {file}: {fault.describe()}\n")
+        stream.flush()
+    code = UsageError.exit_code if exit_code == 1 else exit_code
+    _supervision.report_outcome(code)  # the command finished: a supervisor exits with it
+    os._exit(code)

@@ -11,6 +11,7 @@ ordinary object: every field can be set.
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from operator import attrgetter
@@ -434,6 +435,116 @@ class LoopMetrics(dict[str, float]):
             self._check(next(iter(self)))
 
 
+# -- the run's configuration, read-only ---------------------------------------------------
+
+
+def _not_yours(where: str) -> NoReturn:
+    raise TypeError(
+        f"{where} is the run's configuration and read-only for plugins (the program that "
+        "runs bz may use it again); change a copy of your own (copy.deepcopy)"
+    )
+
+
+class ConfigTable(dict[str, Any]):
+    """A table of the run's configuration as plugins see it: an ordinary ``dict`` to read
+    (``json.dumps``, ``dict(...)``, iteration, ``==``), read-only to change.
+
+    Changing it raises ``TypeError`` in the plugin that tried, which makes it that
+    plugin's fault; the caller's config is never touched. A copy (``copy.copy``,
+    ``copy.deepcopy``, ``dict(...)`` one level deep, a pickle) is a plain ``dict``, the
+    plugin's own.
+    """
+
+    __slots__ = ("_where",)
+
+    def __init__(self, items: Mapping[str, Any], where: str) -> None:
+        super().__init__(items)
+        self._where = where
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _not_yours(self._where)
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return {key: copy.deepcopy(value, memo) for key, value in self.items()}
+
+    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
+        return dict, (dict(self),)
+
+
+class ConfigList(list[Any]):
+    """A list of the run's configuration as plugins see it (see :class:`ConfigTable`):
+    an ordinary ``list`` to read, read-only to change; a copy is a plain ``list``."""
+
+    __slots__ = ("_where",)
+
+    def __init__(self, items: Iterable[Any], where: str) -> None:
+        super().__init__(items)
+        self._where = where
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _not_yours(self._where)
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return [copy.deepcopy(value, memo) for value in self]
+
+    def __reduce__(self) -> tuple[type[list[Any]], tuple[list[Any]]]:
+        return list, (list(self),)
+
+
+def read_only_value(value: Any, where: str, _seen: dict[int, Any] | None = None) -> Any:
+    """``value`` with its tables and lists (at any depth, inside tuples too) read-only,
+    named ``where`` in the error a change raises; other values as they are (shared)."""
+    seen = {} if _seen is None else _seen
+    if id(value) in seen:  # a table that holds itself, built in Python
+        return seen[id(value)]
+    if isinstance(value, Mapping):
+        table = seen[id(value)] = ConfigTable({}, where)
+        for key, item in value.items():
+            dict.__setitem__(table, key, read_only_value(item, f"{where}[{key!r}]", seen))
+        return table
+    if isinstance(value, list):
+        items = seen[id(value)] = ConfigList((), where)
+        shown = (read_only_value(v, f"{where}[{i}]", seen) for i, v in enumerate(value))
+        list.extend(items, shown)
+        return items
+    if type(value) is tuple:
+        return tuple(read_only_value(v, f"{where}[{i}]", seen) for i, v in enumerate(value))
+    return value
+
+
+def read_only_config(config: RunConfig) -> RunConfig:
+    """``config`` as plugins see it (the context's ``run_config``, ``create``'s
+    ``training_config``): equal to it, its ``hyperparameters`` and the options of its
+    ``metrics`` and ``plugins`` entries read-only. The rest of it is frozen already."""
+    import attrs
+
+    where = "run_config"
+    return attrs.evolve(
+        config,
+        hyperparameters=read_only_value(config.hyperparameters, f"{where}.hyperparameters"),
+        metrics=tuple(
+            attrs.evolve(m, options=read_only_value(m.options, f"{where}.metrics[{i}].options"))
+            for i, m in enumerate(config.metrics)
+        ),
+        plugins=tuple(
+            attrs.evolve(p, options=read_only_value(p.options, f"{where}.plugins[{i}].options"))
+            for i, p in enumerate(config.plugins)
+        ),
+    )
+
+
 class LoopView(PluginContext):
     """The loop's context as plugins see it during a run (see the module docstring).
 
@@ -446,6 +557,32 @@ class LoopView(PluginContext):
     def __init__(self, source: PluginContext) -> None:
         # Deliberately not PluginContext.__init__: every field lives on `source`.
         object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_configured", {})
+
+    def _configuration(self, name: str) -> Any:
+        """The source's ``run_config`` / ``hyperparameters`` made read-only (see
+        :func:`read_only_config`), once per object the source holds."""
+        value = getattr(object.__getattribute__(self, "_source"), name)
+        shown: dict[str, tuple[Any, Any]] = object.__getattribute__(self, "_configured")
+        seen = shown.get(name)
+        if seen is None or seen[0] is not value:
+            if name == "run_config":
+                made = None if value is None else read_only_config(value)
+            else:
+                made = read_only_value(value, f"context.{name}")
+            seen = shown[name] = (value, made)
+        return seen[1]
+
+    # Read-only properties over PluginContext's attributes: LoopView.__setattr__ decides.
+    @property
+    def run_config(self) -> RunConfig | None:  # type: ignore[override]  # read-only here
+        """The run's configuration, its tables and lists read-only (see the guide)."""
+        return self._configuration("run_config")  # type: ignore[no-any-return]
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:  # type: ignore[override]  # as run_config
+        """The ``hyperparameters`` table of the configuration, read-only."""
+        return self._configuration("hyperparameters")  # type: ignore[no-any-return]
 
     def __getattr__(self, name: str) -> Any:
         # Called only for names not found on the view itself: every field of the source.
@@ -476,7 +613,8 @@ class LoopView(PluginContext):
 # Python call first (~6.8 k). The metric dicts keep ``__getattr__`` (they are wrapped on
 # first read); assignments still go through ``__setattr__`` (this property has no setter
 # that anything reaches: ``LoopView.__setattr__`` decides).
+# The configuration's fields are made read-only on first read (LoopView's properties).
 for _field in vars(PluginContext()):
-    if _field not in _METRIC_FIELDS:
+    if _field not in _METRIC_FIELDS and _field not in {"run_config", "hyperparameters"}:
         setattr(LoopView, _field, property(attrgetter(f"_source.{_field}")))
 del _field

@@ -8,6 +8,7 @@ looking at a plugin is :mod:`bz.plugins._inspection`'s.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from bz._logging import get_logger, note_plugin_module
 from bz.config import PluginSpec, RunConfig, structure
 from bz.plugins import _isolated
 from bz.plugins._conflicts import check_specs
+from bz.plugins._context import read_only_config
 from bz.plugins._entries import named_under, options_path
 from bz.plugins._inspection import check_defaults, check_plugin, config_class, factory_problem
 from bz.plugins._isolated import isolated_starts, isolation_of, start_isolated, without_isolation
@@ -71,7 +73,7 @@ def _options(
     """A plugin's checked options, without creating it: its ``Config`` object, the dict
     its ``load_config`` returns (guide style), the raw options (``create`` without
     ``load_config``) or None (no options); :data:`_NOT_CHECKED` after a fault."""
-    options = without_isolation(spec.options)
+    options = _own_options(spec)
     module = _module_of(factory)
     if callable(getattr(factory, "create", None)):
         load_config = getattr(factory, "load_config", None)
@@ -95,6 +97,16 @@ def _options(
     return None
 
 
+def _own_options(spec: PluginSpec) -> dict[str, Any]:
+    """The options a plugin reads, as a copy of its own (its ``load_config``, ``create``
+    or ``Config`` may keep or change them; the caller's config stays as it was)."""
+    options = without_isolation(spec.options)
+    try:
+        return copy.deepcopy(options)
+    except Exception:  # an object given in Python that cannot be copied: shared, as before
+        return options
+
+
 def _module_of(factory: object) -> str | None:
     """The plugin's module: its faults while loading name its innermost line there."""
     module = getattr(factory, "__module__", None)
@@ -113,8 +125,9 @@ def _create(
     if callable(create):
         # The plugin guide's style: create(config_data, training_config) -> plugin | None
         # (its load_config runs inside, as the guide writes it).
+        shown = read_only_config(run_config)  # as the context shows it in hooks
         with LoadBoundary(spec.name, "create", policy, faults, module), named_under(spec):
-            created: NamedPlugin | None = create(without_isolation(spec.options), run_config)
+            created: NamedPlugin | None = create(_own_options(spec), shown)
             return created
         return None
     config = _options(factory, spec, faults, policy)
@@ -140,6 +153,8 @@ def check_plugin_options(
     _check_names(specs, discovery, {})
     faults: list[PluginFault] = []
     checked: dict[str, object] = {}
+    # A supervising `bz check-config` is told which plugin loads, as `bz train` is.
+    _supervision.announce([spec.name for spec in specs if spec.enabled], ())
     for spec in specs:
         if not spec.enabled:
             continue

@@ -10,20 +10,25 @@ frame (SIGALRM on the main thread: a ``time.sleep``, a socket or a lock wakes up
 the boundary records it as that plugin's fault, like any exception it raises while
 loading: it is reported by name with the limit, and training goes on without it (or
 stops, under ``plugin_errors: "raise"``). One that swallows the interruption is forced
-out, or the process ends, as a hook would be (:meth:`Watchdog.escalate`).
+out, or the process ends, as a hook would be (:meth:`Watchdog.escalate`); ``bz
+check-config``, which has no supervisor to restart anything, reports it as one line
+naming the plugin's line where it hung (``on_hung``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from bz import _errors
 from bz.plugins import _faults, _watchdog
-from bz.plugins._watchdog import PluginTimeout, Watchdog
+from bz.plugins._faults import PluginFault
+from bz.plugins._watchdog import EXIT_AFTER_S, PluginTimeout, Watchdog
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -34,12 +39,19 @@ class PluginStartTimeout(Exception):
 
 
 class _Loading:
-    """What the watchdog sees running while a plugin loads (it reads ``name``)."""
+    """What the watchdog sees running while a plugin loads (it reads ``name``); the stage
+    and the plugin's module name where it hung (see :func:`_report_hung`)."""
 
-    __slots__ = ("name",)
+    __slots__ = ("module", "name", "stage")
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, stage: str, module: str | None) -> None:
+        self.name, self.stage, self.module = name, stage, module
+
+
+OnHung = Callable[[PluginFault, int], None]
+"""Reports a plugin whose loading never returned from its interruption, as a fault
+(its line where it hung, when found), and ends the process (the second argument is the
+watchdog's exit code: 1, or 130 / 143 after a second stop signal)."""
 
 
 _limits: list[tuple[Watchdog, float]] = []
@@ -47,16 +59,20 @@ _limits: list[tuple[Watchdog, float]] = []
 
 
 @contextlib.contextmanager
-def start_limit(seconds: float | None) -> Iterator[None]:
+def start_limit(seconds: float | None, on_hung: OnHung | None = None) -> Iterator[None]:
     """Bound every :class:`LoadBoundary` entered inside by ``seconds`` (None: no limit).
 
-    Enforced on the main thread only (signals reach no other); elsewhere a no-op.
+    Enforced on the main thread only (signals reach no other); elsewhere a no-op. A
+    plugin that does not return from its interruption ends the process: with the
+    training run's words, or through ``on_hung``.
     """
     if seconds is None or threading.current_thread() is not threading.main_thread():
         yield
         return
     watchdog = Watchdog()
-    watchdog.give_up = _give_up
+    watchdog.give_up = (
+        _give_up if on_hung is None else functools.partial(_report_hung, on_hung, seconds)
+    )
     watchdog.arm(seconds)
     _limits.append((watchdog, seconds))
     try:
@@ -70,6 +86,26 @@ def _give_up(slot: object, exit_code: int, reason: str) -> None:
     # The watchdog words its reason for hooks; this limit is the start-up's.
     reason = reason.replace("plugin_timeout", "plugin_start_timeout")
     _faults.give_up(slot, exit_code, reason, loading=True)
+
+
+def _report_hung(
+    on_hung: OnHung, seconds: float, slot: object, exit_code: int, reason: str
+) -> None:
+    # The escalation thread, while the main thread is still stuck where the plugin hung.
+    name, stage = getattr(slot, "name", "?"), getattr(slot, "stage", "load")
+    module: str | None = getattr(slot, "module", None)
+    place = ""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    if frame is not None and module is not None:
+        with contextlib.suppress(Exception):  # a report without the line, never none
+            place = _errors.package_line(traceback.extract_stack(frame), module)
+    error = (
+        f"{place}PluginStartTimeout: plugin {name!r} took longer than plugin_start_timeout "
+        f"({seconds:g} s) in its {stage}, and did not return {EXIT_AFTER_S:g} s after it "
+        "was interrupted (native code that ignores signals?)"
+    )
+    on_hung(PluginFault(name, stage, error), exit_code)
+    _give_up(slot, exit_code, reason)  # on_hung ends the process; this if it did not
 
 
 class LoadBoundary(_faults.LoadBoundary):
@@ -87,7 +123,7 @@ class LoadBoundary(_faults.LoadBoundary):
             watchdog.boundaries = frozenset({sys._getframe(1).f_code})
             self._previous = watchdog.running
             watchdog.round = object()  # timed afresh from here
-            watchdog.running = _Loading(self._plugin)
+            watchdog.running = _Loading(self._plugin, self._stage, self._module)
 
     def __exit__(
         self,

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from bz import _supervision
 from bz._distributed import (
     choose_backend,
     control_group,
@@ -295,6 +296,8 @@ class Run(EpochLoop):
         started = time.perf_counter()
         checkpoints, state = self.checkpoints, self.state
         found = checkpoints.find()
+        # A supervising `bz train` says where a restart starts (the same command finds it).
+        _supervision.training_starts(found[0] if found is not None else None)
         if (
             found is not None
             and checkpoints.is_complete(found[1])
