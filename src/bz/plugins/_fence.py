@@ -37,10 +37,13 @@ back Python's ``random.gauss`` cache.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import random
 import struct
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 from bz.plugins._gathered import WORD, Gathered, gathered
@@ -236,6 +239,9 @@ class _GenericFence:
     live = (0,)
     copies = (1,)
     """Never equal: a round always marks (``refresh``) and puts back (``restore``)."""
+    grad = False
+    """Grad mode is not in the fingerprints: a round reads it itself."""
+    thread = 0
 
     def __init__(self) -> None:
         self.instance: Any = random._inst
@@ -382,6 +388,128 @@ def _torch_engine(torch: Any, probe: Any) -> int | None:
     return found - 20
 
 
+class _GradWord:
+    """Grad mode read in place: the 8-byte word of torch's thread-local
+    ``AutogradState`` that holds its grad-mode bit (found by :func:`_grad_word`), and a
+    copy of it, as the fence keeps of each generator's state. With it in the
+    fingerprint, the fence's two comparisons also tell whether grad mode changed, and a
+    round reads it no more (``torch.is_grad_enabled`` twice a round cost more than the
+    comparisons' share of a word). The word is the thread's that built the fence
+    (``thread``): the sandbox builds another where a run starts on another thread.
+
+    :meth:`restore` puts grad mode back through torch (never by writing the word); the
+    word's other bits (inference mode, forward grad mode and the like, which the sandbox
+    does not put back) are then taken as they are.
+    """
+
+    __slots__ = ("_copy", "_live", "_mask", "prints")
+
+    def __init__(self, address: int, mask: int) -> None:
+        self._live = ctypes.c_uint64.from_address(address)
+        self._copy = ctypes.c_uint64(self._live.value)
+        self._mask = mask
+        self.prints = (
+            (
+                memoryview(self._live).cast("B").cast("Q"),
+                memoryview(self._copy).cast("B").cast("Q"),
+            ),
+        )
+
+    def words(self) -> list[tuple[int, int]]:
+        """``(live address, copy address)`` of the word (see ``_Twister.words``)."""
+        return [(ctypes.addressof(self._live), ctypes.addressof(self._copy))]
+
+    def moved(self) -> bool:
+        """Whether the word differs from the copy (grad mode or a bit beside it changed)."""
+        return bool(self._live.value != self._copy.value)
+
+    def refresh(self) -> None:
+        """Copy the word."""
+        self._copy.value = self._live.value
+
+    def restore(self) -> None:
+        """Put grad mode back to the copy's, then take the word as it is."""
+        live, copy = self._live.value, self._copy.value
+        if (live ^ copy) & self._mask:
+            set_grad_mode(bool(copy & self._mask))
+        self._copy.value = self._live.value
+
+
+_TLS_STATE = "_ZN3c1013AutogradState13get_tls_stateEv"
+"""``c10::AutogradState::get_tls_state()``: the calling thread's autograd state."""
+
+
+def _grad_word(torch: Any) -> _GradWord | None:
+    """The calling thread's grad-mode word, where torch's c10 library exports
+    ``AutogradState::get_tls_state`` and exactly one bit near the address it returns
+    follows ``torch.set_grad_enabled``; checked by turning grad mode off and on, and by
+    running autograd between looks (the rest of the word must stay as it is, or each
+    round would take it for a change). None otherwise: the round reads grad mode then."""
+    if sys.implementation.name != "cpython" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    library = None
+    folder = Path(torch.__file__).parent / "lib"
+    for name in ("libc10.so", "libc10.dylib"):
+        with contextlib.suppress(OSError):
+            library = ctypes.CDLL(str(folder / name))
+            break
+    getter = getattr(library, _TLS_STATE, None) if library is not None else None
+    if getter is None:
+        return None
+    getter.restype = ctypes.c_void_p
+    getter.argtypes = ()
+    address = getter()
+    if not isinstance(address, int) or address == 0 or getter() != address:
+        return None
+    span = 40  # torch 2.13's AutogradState is 32 bytes; the bit lies in its first 40
+
+    def look(enabled: bool) -> bytes:
+        torch.set_grad_enabled(enabled)
+        if torch.is_grad_enabled() is not enabled:
+            raise ValueError("grad mode did not follow")
+        return ctypes.string_at(address, span)
+
+    was = torch.is_grad_enabled()
+    try:
+        on, off, again = look(True), look(False), look(True)
+        flips = [
+            (index, a ^ b) for index, (a, b) in enumerate(zip(on, off, strict=True)) if a != b
+        ]
+        if on != again or len(flips) != 1 or flips[0][1] & (flips[0][1] - 1):
+            return None
+        index, bit = flips[0]
+        for start in (index, index - 7):  # the word from the bit's byte on, else ending there
+            if start < 0:
+                continue
+            word = _GradWord(address + start, bit << (8 * (index - start)))
+            tensor = torch.ones(2, requires_grad=True)
+            with torch.no_grad():
+                tensor.mul(2)
+            (tensor * tensor).sum().backward()
+            with torch.inference_mode():
+                tensor.add(1)
+            if not word.moved() and _follows(torch, word):
+                return word
+    except ValueError:
+        return None
+    finally:
+        torch.set_grad_enabled(was)
+    return None
+
+
+def _follows(torch: Any, word: _GradWord) -> bool:
+    # Turning grad mode off is seen as a change, and put back by ``restore``.
+    was = torch.is_grad_enabled()
+    try:
+        torch.set_grad_enabled(not was)
+        if not word.moved():
+            return False
+        word.restore()
+        return torch.is_grad_enabled() is was and not word.moved()
+    finally:
+        torch.set_grad_enabled(was)
+
+
 class _FastFence:
     """The common case: torch's CPU generator, Python's and NumPy's twisters, all read in
     place, each with a copy of its state kept here between rounds.
@@ -395,19 +523,39 @@ class _FastFence:
     a plugin's torch hook, uses :meth:`save` and :meth:`load`, which take whole snapshots.
     """
 
-    __slots__ = ("_gathered", "_twisters", "copies", "instance", "live")
+    __slots__ = (
+        "_gathered",
+        "_twisters",
+        "_watched",
+        "copies",
+        "grad",
+        "instance",
+        "live",
+        "thread",
+    )
 
-    def __init__(self, torch: _Twister, python: _Twister, *numpy: _Twister) -> None:
+    def __init__(
+        self, torch: _Twister, python: _Twister, *numpy: _Twister, grad: _GradWord | None = None
+    ) -> None:
         # ``numpy``: none, or NumPy's Twister and its cached Gaussian.
         self._twisters = twisters = (torch, python, *numpy)
-        self.live: Any = tuple(live for twister in twisters for live, _ in twister.prints)
+        self.grad = grad is not None
+        """Whether the fingerprints include grad mode (:class:`_GradWord`): a round then
+        reads it no more."""
+        self.thread = threading.get_ident()
+        """The thread whose grad mode the fingerprints include."""
+        watched: tuple[_Twister | _GradWord, ...] = twisters
+        if grad is not None:
+            watched = (*twisters, grad)
+        self._watched = watched
+        self.live: Any = tuple(live for twister in watched for live, _ in twister.prints)
         """The fingerprints in the live states; ``copies``: in the copies. The sandbox
         compares the two itself (inlined :meth:`mark` and :meth:`put_back`): where it
         can be made, each is one memoryview gathering every fingerprint's words (one
         comparison in C; :mod:`bz.plugins._gathered`), otherwise a tuple of a
         memoryview per region."""
-        self.copies: Any = tuple(copy for twister in twisters for _, copy in twister.prints)
-        words = [pair for twister in twisters for pair in twister.words()]
+        self.copies: Any = tuple(copy for twister in watched for _, copy in twister.prints)
+        words = [pair for twister in watched for pair in twister.words()]
         live, copies = gathered([a for a, _ in words]), gathered([b for _, b in words])
         self._gathered: tuple[Gathered, Gathered] | None = None
         if live is not None and copies is not None:
@@ -418,14 +566,16 @@ class _FastFence:
         keeps aside and puts back."""
 
     def refresh(self) -> None:
-        """Copy the states that moved since their copies (the loop drew)."""
-        for twister in self._twisters:
+        """Copy the states that moved since their copies (the loop drew, or changed
+        grad mode)."""
+        for twister in self._watched:
             if twister.moved():
                 twister.refresh()
 
     def restore(self) -> None:
-        """Write back the copies of the states that moved since (a plugin drew)."""
-        for twister in self._twisters:
+        """Write back the copies of the states that moved since (a plugin drew), and
+        grad mode (a plugin changed it)."""
+        for twister in self._watched:
             if twister.moved():
                 twister.restore()
 
@@ -472,7 +622,12 @@ def random_fence() -> RandomFence:
     torch_twister = _torch_twister(torch)
     if torch_twister is None:
         return _GenericFence()
-    return _FastFence(torch_twister, python, *(t for t in numpy_twisters if t is not None))
+    return _FastFence(
+        torch_twister,
+        python,
+        *(t for t in numpy_twisters if t is not None),
+        grad=_grad_word(torch),
+    )
 
 
 # Grad mode is global state too, which the sandbox puts back after each round.

@@ -10,6 +10,7 @@ nothing stored per call.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import CodeType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -83,12 +84,12 @@ class Slot:
         self.dormant = False
         """True on ranks where the plugin does not run (see ``PluginSet.for_rank``)."""
 
-    def estimated_seconds(self, sampled_of: int) -> float:
+    def estimated_seconds(self, sampled_of: int, sampled_calls: int) -> float:
         """Exact time in the fully timed hooks plus the per-batch hooks' sampled time
-        scaled to all ``sampled_of`` per-batch calls."""
+        (``sampled_calls`` calls) scaled to all ``sampled_of`` per-batch calls."""
         sampled = self.sampled_seconds
-        if self.sampled_calls:
-            sampled *= sampled_of / self.sampled_calls
+        if sampled_calls:
+            sampled *= sampled_of / sampled_calls
         return self.seconds + sampled
 
 
@@ -116,6 +117,7 @@ class Round:
         "seed",
         "straight",
         "supervised",
+        "timed",
     )
 
     def __init__(
@@ -145,6 +147,9 @@ class Round:
         self.interval = 1
         self.countdown = 1
         """Rounds left in this interval: the round that brings it to 0 is timed."""
+        self.timed = 0
+        """Rounds whose every call a generated round (:func:`straight`) timed: each of
+        its plugins' timed calls, added to their slots with the round's count."""
 
     def done(self) -> int:
         """Rounds started so far."""
@@ -176,6 +181,7 @@ class Round:
             slot.calls += done
             if self.sampled:
                 slot.sampled_of += done
+                slot.sampled_calls += self.timed
 
 
 SAMPLE_EVERY = 16
@@ -209,36 +215,39 @@ class Boundary(NamedTuple):
 
 
 _ROUND = """\
-def make(hook, round_, shown, view, general, fault, interrupted, owner, fence, live, copies,
-         python, grad_mode, set_grad_mode, watchdog, straight, {hooks}):
-    def plugin_round(context):
-        if context is not shown or round_.countdown == 1:
-            return general(hook, context)
-        round_.countdown -= 1
+def plugin_round(context):
+    if context is not shown:
+        return general(hook, context)
+    if live != copies:
+        fence.refresh()
+    gauss = python["gauss_next"]
+{grad_before}    watchdog.running = straight
+    try:
+        if round_.countdown != 1:
+            round_.countdown -= 1
+{calls}        else:
+            round_.next_interval()
+            started = clock()
+{timed}{tally}            round_.timed += 1
+    except KeyboardInterrupt as exc:
+        interrupted(round_, exc)
+        raise
+    except BaseException as exc:
+        fault(round_, exc, context)
+    finally:
+        watchdog.running = None
         if live != copies:
-            fence.refresh()
-        gauss = python["gauss_next"]
-        grad = grad_mode()
-        watchdog.running = straight
-        try:
-{calls}
-        except KeyboardInterrupt as exc:
-            interrupted(round_, exc)
-            raise
-        except BaseException as exc:
-            fault(round_, exc, context)
-        finally:
-            watchdog.running = None
-            if live != copies:
-                fence.restore()
-            if python["gauss_next"] is not gauss:
-                python["gauss_next"] = gauss
-            if grad_mode() is not grad:
-                set_grad_mode(grad)
-            if owner._autocast is not None:
-                owner._put_back_autocast()
-    return plugin_round
+            fence.restore()
+        if python["gauss_next"] is not gauss:
+            python["gauss_next"] = gauss
+{grad_after}        if owner._autocast is not None:
+            owner._put_back_autocast()
 """
+"""A round as one function; ``{calls}``: a line per plugin, ``{timed}``: the same calls
+each with the clock read after it (the timed round), ``{tally}``: adding those times to
+the plugins' slots (their count of timed calls is the round's ``timed``, added to them
+when the round is flushed or reported); ``{grad_before}``, ``{grad_after}``: reading and
+putting back grad mode, where the fence does not (``fence.grad``)."""
 
 
 def straight(round_: Round, parts: Boundary) -> tuple[Callable[[PluginContext], None], Straight]:
@@ -249,41 +258,64 @@ def straight(round_: Round, parts: Boundary) -> tuple[Callable[[PluginContext], 
     and the watchdog read it there. A timed round, or a call for another context than
     ``parts.shown``, goes to ``parts.general``. Built when the active plugins, the
     context shown or the fence change; the text is made from indices only, never from
-    plugin names."""
-    names = [f"hook_{index}" for index in range(len(round_.entries))]
+    plugin names. What it reads are its module's globals (a namespace of its own), not
+    a closure's cells: a call copies no cells into its frame and releases none."""
+    count = len(round_.entries)
+    names = [f"hook_{index}" for index in range(count)]
+    slots = [f"slot_{index}" for index in range(count)]
     source = _ROUND.format(
-        hooks=", ".join(names),
         calls="".join(f"            {name}(view)\n" for name in names),
+        timed="".join(
+            f"            {name}(view); time_{index} = clock()\n"
+            for index, name in enumerate(names)
+        ),
+        tally="".join(
+            f"            {slot}.sampled_seconds += time_{index} - "
+            f"{'started' if index == 0 else f'time_{index - 1}'}\n"
+            for index, slot in enumerate(slots)
+        ),
+        grad_before="" if parts.fence.grad else "    grad = grad_mode()\n",
+        grad_after=""
+        if parts.fence.grad
+        else "        if grad_mode() is not grad:\n            set_grad_mode(grad)\n",
     )
-    namespace: dict[str, Any] = {}
-    exec(compile(source, ROUND_FILE, "exec"), namespace)  # our own text, from indices only
-    make = namespace["make"]
-    (code,) = (const for const in make.__code__.co_consts if isinstance(const, CodeType))
-    first = source.splitlines().index(f"            {names[0]}(view)") + 1
-    marker = Straight(code, tuple(slot for slot, _ in round_.entries), first)
     fence = parts.fence
-    run = make(
-        round_.hook,
-        round_,
-        parts.shown,
-        parts.view,
-        parts.general,
-        parts.fault,
-        parts.interrupted,
-        parts.owner,
-        fence,
-        fence.live,
-        fence.copies,
+    namespace: dict[str, Any] = {
+        "hook": round_.hook,
+        "round_": round_,
+        "shown": parts.shown,
+        "view": parts.view,
+        "general": parts.general,
+        "fault": parts.fault,
+        "interrupted": parts.interrupted,
+        "owner": parts.owner,
+        "fence": fence,
+        "live": fence.live,
+        "copies": fence.copies,
         # ``random``'s cached Gaussian, read from its instance's dict: its attribute is
         # not one the interpreter reads fast (a generic lookup, several times longer).
-        vars(fence.instance),
-        parts.grad_mode,
-        parts.set_grad_mode,
-        parts.watchdog,
-        marker,
-        *(method for _, method in round_.entries),
+        "python": vars(fence.instance),
+        "grad_mode": parts.grad_mode,
+        "set_grad_mode": parts.set_grad_mode,
+        "watchdog": parts.watchdog,
+        "KeyboardInterrupt": KeyboardInterrupt,
+        "BaseException": BaseException,
+        "clock": time.perf_counter,
+    }
+    namespace.update(zip(names, (method for _, method in round_.entries), strict=True))
+    namespace.update(zip(slots, (slot for slot, _ in round_.entries), strict=True))
+    code = compile(source, ROUND_FILE, "exec")
+    (function_code,) = (const for const in code.co_consts if isinstance(const, CodeType))
+    lines = source.splitlines()
+    firsts = (
+        lines.index(f"            {names[0]}(view)") + 1,
+        lines.index(f"            {names[0]}(view); time_0 = clock()") + 1,
     )
-    return run, marker
+    marker = namespace["straight"] = Straight(
+        function_code, tuple(slot for slot, _ in round_.entries), firsts
+    )
+    exec(code, namespace)  # our own text, from indices only
+    return namespace["plugin_round"], marker
 
 
 def build_table(
@@ -332,6 +364,7 @@ def report(
     """Time spent and faults, per plugin (loading faults included)."""
     calls = {id(slot): slot.calls for slot in slots}
     sampled_of = {id(slot): slot.sampled_of for slot in slots}
+    sampled_calls = {id(slot): slot.sampled_calls for slot in slots}
     for round_ in table.values():
         if round_ is not None:
             done = round_.done()
@@ -339,12 +372,13 @@ def report(
                 calls[id(slot)] += done
                 if round_.sampled:
                     sampled_of[id(slot)] += done
+                    sampled_calls[id(slot)] += round_.timed
     reports = [
         PluginReport(
             slot.name,
             slot.hooks,
             calls[id(slot)],
-            slot.estimated_seconds(sampled_of[id(slot)]),
+            slot.estimated_seconds(sampled_of[id(slot)], sampled_calls[id(slot)]),
             slot.fault,
         )
         for slot in slots

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -367,6 +368,11 @@ class PluginSet(TorchBoundary):
         # view; the view is kept, so plugins holding it across hooks keep a live one.
         self._shown = context
         self._view = LoopView(context)
+        fence = self._fence
+        if fence is not None and fence.grad and fence.thread != threading.get_ident():
+            # The fence reads the grad mode of the thread that built it: a run on another
+            # thread gets a fence of its own (built at the round that follows).
+            self._fence = None
         self._publish()
         config = context.run_config
         self._watchdog.arm(getattr(config, "plugin_timeout", None))

@@ -79,28 +79,39 @@ class PluginInterrupted(_Interruption):
 
 class Straight:
     """A round of calls run as one generated function, one call per line (see
-    :func:`bz.plugins._rounds.straight`): the line its frame is at names the plugin."""
+    :func:`bz.plugins._rounds.straight`): the line its frame is at names the plugin.
+    The function writes the calls out twice (untimed and timed), each block a line per
+    plugin in the same order."""
 
-    __slots__ = ("code", "first", "slots")
+    __slots__ = ("code", "firsts", "slots")
 
-    def __init__(self, code: CodeType, slots: tuple[object, ...], first: int) -> None:
+    def __init__(self, code: CodeType, slots: tuple[object, ...], firsts: tuple[int, ...]) -> None:
         self.code = code
-        self.first = first
-        """The line of the first plugin's call (the others follow, one per line)."""
+        self.firsts = firsts
+        """The line of the first plugin's call in each block (the others follow, one
+        per line)."""
         self.slots = slots
+
+    def position(self, line: int | None) -> int:
+        """Which plugin's call ``line`` holds (its position; -1: no call's line)."""
+        if line is not None:
+            count = len(self.slots)
+            for first in self.firsts:
+                if 0 <= line - first < count:
+                    return line - first
+        return -1
 
     def at(self, line: int | None) -> object | None:
         """The slot called on ``line`` of the round (None: no call's line)."""
-        index = -1 if line is None else line - self.first
-        return self.slots[index] if 0 <= index < len(self.slots) else None
+        index = self.position(line)
+        return self.slots[index] if index >= 0 else None
 
     def index(self, traceback: TracebackType | None) -> int:
         """Which plugin's call an exception that passed through the round came from
         (its position; -1 when the round had not called one)."""
         while traceback is not None:
             if traceback.tb_frame.f_code is self.code:
-                index = traceback.tb_lineno - self.first
-                return index if 0 <= index < len(self.slots) else -1
+                return self.position(traceback.tb_lineno)
             traceback = traceback.tb_next
         return -1
 
