@@ -20,6 +20,7 @@ for the validation loader and the training loader alike.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import pytest
 import torch
 from tests._support import assert_same_weights, quick_first, weights
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import bz
@@ -50,8 +51,88 @@ def _data(seed: int, samples: int) -> TensorDataset:
     return TensorDataset(inputs, (inputs.sum(dim=1) > 0).long())
 
 
+VAL_SAMPLES = 23
+
+
+def _window(epoch: int) -> list[int]:
+    """The samples a stateful validation loader validates on in its ``epoch``-th pass:
+    another 12 each time, so a pass that forgot its epoch reports another loss."""
+    return [(7 * epoch + i) % VAL_SAMPLES for i in range(12)]
+
+
+class EpochSampler(Sampler[int]):
+    """A sampler that keeps its own pass count (``state_dict()``), choosing by it."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return 12
+
+    def __iter__(self) -> Iterator[int]:
+        window = _window(self.passes)
+        self.passes += 1
+        yield from window
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"passes": self.passes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.passes = int(state["passes"])
+
+
+class EpochStream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A stream that keeps its own pass count (``state_dict()``, which torchdata's
+    ``StatefulDataLoader`` saves in its own), streaming other samples each pass."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        window = _window(self.passes)
+        self.passes += 1
+        for index in window:
+            yield self.data[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"passes": self.passes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.passes = int(state["passes"])
+
+
+class EpochLoader:
+    """A loader of the user's own (no DataLoader) that keeps its pass count."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        window = _window(self.passes)
+        self.passes += 1
+        for start in range(0, len(window), 5):
+            inputs, targets = self.data[window[start : start + 5]]
+            yield inputs, targets
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"passes": self.passes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.passes = int(state["passes"])
+
+
 def _val_loader(kind: str) -> Any:
-    data = _data(1, 23)  # batches of 5: the last one short, so order changes the sum
+    data = _data(1, VAL_SAMPLES)  # batches of 5: the last one short, so order changes the sum
+    if kind == "StatefulDataLoader, stateful dataset":
+        return StatefulDataLoader(EpochStream(data), batch_size=5)
+    if kind == "StatefulDataLoader, stateful sampler":
+        return StatefulDataLoader(data, batch_size=5, sampler=EpochSampler())
+    if kind == "DataLoader, stateful sampler":
+        return DataLoader(data, batch_size=5, sampler=EpochSampler())
+    if kind == "stateful loader":
+        return EpochLoader(data)
     if kind == "shuffled":
         return DataLoader(data, batch_size=5, shuffle=True)
     if kind == "loader generator":
@@ -104,7 +185,14 @@ VAL_KINDS = (
     "StatefulDataLoader",
     "shuffled",
     "persistent workers",
+    "StatefulDataLoader, stateful dataset",
+    "StatefulDataLoader, stateful sampler",
+    "DataLoader, stateful sampler",
+    "stateful loader",
 )
+"""The validation loaders; the last four keep state of their own from one pass to the
+next (a pass count they choose their samples by), which checkpoints hold through the
+loader's ``state_dict()`` (torchdata's and the user's loader) or its sampler's."""
 
 
 @pytest.mark.parametrize("stop", sorted(STOPS))
@@ -120,6 +208,29 @@ def test_a_resumed_run_validates_as_the_uninterrupted_one(
     losses = _losses(resumed)
     assert len(losses) == EPOCHS - 1  # the resumed run validates epochs 2 and 3
     assert losses == expected_losses[1:]  # ==, not approx: bit for bit
+    assert_same_weights(weights(setup.model), expected_weights)
+
+
+@pytest.mark.parametrize("kind", quick_first(*VAL_KINDS[-4:], "StatefulDataLoader"))
+def test_checkpoints_before_a_validation_pass_keep_the_loader_state(
+    kind: str, tmp_path: Path
+) -> None:
+    # Stopped and resumed three times: three batches into the first epoch (nothing
+    # validated yet: nothing to keep, and asking torchdata's loader for its state would
+    # draw from the random state), at the first epoch's end, and three batches into the
+    # second (the state resumed from is not handed back yet: the checkpoint keeps it).
+    expected_losses, expected_weights = _clean(kind)
+    stops = [
+        attrs.evolve(CONFIG, max_steps=3),
+        attrs.evolve(CONFIG, epochs=1),
+        attrs.evolve(CONFIG, max_steps=TRAIN_BATCHES + 3),
+    ]
+    for config in stops:
+        bz.Trainer().fit(_setup(kind), config, [], checkpoint_dir=tmp_path)
+    setup = _setup(kind)
+    resumed = bz.Trainer().fit(setup, CONFIG, [], checkpoint_dir=tmp_path)
+    assert resumed.resumed_from is not None
+    assert _losses(resumed) == expected_losses[1:]
     assert_same_weights(weights(setup.model), expected_weights)
 
 
@@ -151,7 +262,9 @@ class FailsAfterValidation:
             raise RuntimeError("after validating")
 
 
-@pytest.mark.parametrize("kind", quick_first("loader generator", "StatefulDataLoader"))
+@pytest.mark.parametrize(
+    "kind", quick_first("loader generator", "StatefulDataLoader", *VAL_KINDS[-4:])
+)
 def test_a_rewound_epoch_validates_as_the_run_without_the_plugin(kind: str) -> None:
     expected_losses, expected_weights = _clean(kind)
     setup = _setup(kind)

@@ -48,6 +48,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, get_work
 
 from bz._errors import describe_exception
 from bz._logging import get_logger
+from bz._rng import capture_rng, restore_rng
 from bz.training.checkpoint.files import loadable_problem
 
 _log = get_logger("bz")
@@ -95,12 +96,109 @@ def loader_states_by_rank(loader: Iterable[Any]) -> list[dict[str, Any] | None] 
     with a stateful loader calls."""
     if not isinstance(loader, StatefulLoader):
         return None
-    state = checkpointable_loader_state(loader)
+    return _by_rank(checkpointable_loader_state(loader))
+
+
+def _by_rank(state: dict[str, Any] | None) -> list[dict[str, Any] | None]:
+    """``state`` of every process, by rank (one collective when there are several)."""
     if not torch.distributed.is_initialized():
         return [state]
     states: list[dict[str, Any] | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, state)
     return states
+
+
+# -- the validation loader -------------------------------------------------------------
+#
+# Validation passes are whole (a checkpoint is never written inside one), and each pass
+# starts afresh from the loader's random state, which checkpoints hold. What a
+# validation loader may carry from one pass to the next besides its generators (a pass
+# count it chooses by, a stream's position) lives in the loader's own ``state_dict()``
+# (torchdata's ``StatefulDataLoader``, a loader of the user's) or, for a ``DataLoader``
+# without one, in its sampler's or batch sampler's: saved with every checkpoint, handed
+# back before the resumed run's first validation pass.
+
+
+def _stateful_parts(loader: DataLoader[Any]) -> list[tuple[str, StatefulLoader]]:
+    """A DataLoader's sampler and batch sampler that have ``state_dict()`` /
+    ``load_state_dict()``, by name."""
+    parts: list[tuple[str, object]] = [
+        ("sampler", loader.sampler),
+        ("batch_sampler", loader.batch_sampler),
+    ]
+    return [(name, part) for name, part in parts if isinstance(part, StatefulLoader)]
+
+
+def _keeps_state(loader: Iterable[Any]) -> bool:
+    if isinstance(loader, StatefulLoader):
+        return True
+    return isinstance(loader, DataLoader) and bool(_stateful_parts(loader))
+
+
+def validation_state(loader: Iterable[Any]) -> dict[str, Any] | None:
+    """What a checkpoint keeps of a validation loader between its passes: ``{"loader":
+    its state_dict()}``, or a DataLoader's stateful sampler's and batch sampler's states
+    by name; None when it keeps none."""
+    if isinstance(loader, StatefulLoader):
+        if isinstance(loader, DataLoader) and getattr(loader, "_iterator", None) is None:
+            # Never iterated: a new loader is the same. torchdata's state_dict() would
+            # start an iterator for it (drawing from the random state, starting workers).
+            return None
+        return {"loader": loader.state_dict()}
+    if isinstance(loader, DataLoader):
+        return {name: part.state_dict() for name, part in _stateful_parts(loader)} or None
+    return None
+
+
+def validation_states_by_rank(
+    loader: Iterable[Any] | None, pending: dict[str, Any] | None
+) -> list[dict[str, Any] | None] | None:
+    """Every process's validation loader state (:func:`validation_state`; ``pending``:
+    one resumed from and not yet handed back), by rank, when a checkpoint can hold it;
+    None for a loader that keeps none. One collective, which every process calls."""
+    if loader is None or not _keeps_state(loader):
+        return None
+    state = pending
+    if state is None:
+        try:
+            state = validation_state(loader)
+            problem = None if state is None else loadable_problem(state, "val_loader state")
+        except Exception as exc:  # the user's loader: reported, never fatal
+            state, problem = None, describe_exception(exc)
+        if problem is not None:
+            _log.warning("loader_state_skipped", loader="val_loader", error=problem)
+            state = None
+    return _by_rank(state)
+
+
+def restore_validation_state(
+    loader: Iterable[Any], state: dict[str, Any], generators: list[torch.Generator]
+) -> None:
+    """Hand a validation loader the state :func:`validation_state` saved, before its
+    next pass (which starts afresh, as the uninterrupted run's does).
+
+    torchdata's ``StatefulDataLoader`` takes a state at its next ``iter()``, in an
+    iterator of its own (it restores the sampler and the dataset; a pass that had ended
+    then makes another iterator): that ``iter()`` happens here, and the random draws it
+    makes (a base seed, a permutation) are put back, so that the pass's own ``iter()``
+    draws exactly what the uninterrupted run's did. Once per resume, never per pass.
+    """
+    own = state.get("loader")
+    if isinstance(loader, StatefulLoader):
+        if own is None:
+            return
+        loader.load_state_dict(own)
+        if isinstance(loader, DataLoader):
+            saved = capture_rng(generators)
+            try:
+                iter(loader)
+            finally:
+                restore_rng(saved, generators)
+        return
+    if isinstance(loader, DataLoader):
+        for name, part in _stateful_parts(loader):
+            if name in state:
+                part.load_state_dict(state[name])
 
 
 def epoch_batches(
