@@ -251,6 +251,28 @@ def test_a_persistent_workers_training_loader_resumes_bit_identical(
     assert_same_weights(weights(setup.model), expected_weights)
 
 
+@pytest.mark.parametrize(
+    "kind",
+    quick_first("StatefulDataLoader, stateful dataset", "StatefulDataLoader, stateful sampler"),
+)
+def test_a_stateful_training_loader_keeps_its_own_state_across_an_epoch_end(
+    kind: str, tmp_path: Path
+) -> None:
+    # The same loaders as training loaders: torchdata's loader, resumed at an epoch's
+    # end, starts the next epoch afresh from its sampler's or dataset's pass count.
+    def setup() -> bz.TrainingSetup:
+        made = _setup("shuffled")
+        return attrs.evolve(made, train_loader=_val_loader(kind))
+
+    expected = setup()
+    expected_losses = _losses(bz.Trainer().fit(expected, CONFIG, []))
+    bz.Trainer().fit(setup(), STOPS["epoch end"], [], checkpoint_dir=tmp_path)
+    resumed = setup()
+    losses = _losses(bz.Trainer().fit(resumed, CONFIG, [], checkpoint_dir=tmp_path))
+    assert losses == expected_losses[1:]
+    assert_same_weights(weights(resumed.model), weights(expected.model))
+
+
 class FailsAfterValidation:
     """Fails in the second epoch's ``end_validation_loop``: the epoch is rewound and its
     validation runs again."""

@@ -256,6 +256,7 @@ class EpochLoop(RunParts):
             skip=skip,
             state=None if point is None else point.loader,
             limit=self.limit,
+            generators=self.generators,
         )
         if point is None or point.batch == 0:
             return iterator, 0

@@ -171,29 +171,40 @@ def validation_states_by_rank(
     return _by_rank(state)
 
 
+def _load_between_passes(
+    loader: StatefulLoader, state: dict[str, Any], generators: Sequence[torch.Generator]
+) -> None:
+    """Hand a stateful DataLoader (torchdata's) a state saved between two passes, so
+    that its next ``iter()`` starts a pass afresh, as the uninterrupted run's did.
+
+    torchdata takes a state at its next ``iter()``, in an iterator of its own (which
+    restores its sampler and dataset; a pass that had ended then makes another iterator
+    at once): that ``iter()`` is made here, and its random draws (a base seed, a
+    permutation) are put back, so that the pass's own ``iter()`` draws exactly what the
+    uninterrupted run's did. Once per resume.
+    """
+    loader.load_state_dict(state)
+    saved = capture_rng(generators)
+    try:
+        iter(loader)  # type: ignore[call-overload]  # a DataLoader
+    finally:
+        restore_rng(saved, generators)
+
+
 def restore_validation_state(
-    loader: Iterable[Any], state: dict[str, Any], generators: list[torch.Generator]
+    loader: Iterable[Any], state: dict[str, Any], generators: Sequence[torch.Generator]
 ) -> None:
     """Hand a validation loader the state :func:`validation_state` saved, before its
-    next pass (which starts afresh, as the uninterrupted run's does).
-
-    torchdata's ``StatefulDataLoader`` takes a state at its next ``iter()``, in an
-    iterator of its own (it restores the sampler and the dataset; a pass that had ended
-    then makes another iterator): that ``iter()`` happens here, and the random draws it
-    makes (a base seed, a permutation) are put back, so that the pass's own ``iter()``
-    draws exactly what the uninterrupted run's did. Once per resume, never per pass.
-    """
+    next pass (which starts afresh, as the uninterrupted run's does; see
+    :func:`_load_between_passes`). Once per resume, never per pass."""
     own = state.get("loader")
     if isinstance(loader, StatefulLoader):
         if own is None:
             return
-        loader.load_state_dict(own)
         if isinstance(loader, DataLoader):
-            saved = capture_rng(generators)
-            try:
-                iter(loader)
-            finally:
-                restore_rng(saved, generators)
+            _load_between_passes(loader, own, generators)
+        else:
+            loader.load_state_dict(own)
         return
     if isinstance(loader, DataLoader):
         for name, part in _stateful_parts(loader):
@@ -208,20 +219,23 @@ def epoch_batches(
     skip: int = 0,
     state: dict[str, Any] | None = None,
     limit: int | None = None,
+    generators: Sequence[torch.Generator] = (),
 ) -> Iterator[Any]:
     """The epoch's training batches, from batch ``skip`` on (``skip`` already trained).
 
     ``state`` is the loader's saved ``state_dict()`` (a stateful loader), ``limit`` the
     epoch's batch cap (``--smoke``), counted from the epoch's first batch. Every random
-    state the loader draws from must be the epoch's starting one when this is called.
+    state the loader draws from must be the epoch's starting one when this is called;
+    ``generators``: the loaders' own (:func:`bz._rng.loader_generators`).
     """
     if isinstance(loader, StatefulLoader):
         # Left to itself: it saves and restores its own sampler's and workers' positions.
-        # A DataLoader's epoch starts where its sampler and random state say, so its own
-        # state matters only in the middle of an epoch (loaded at an epoch's end,
-        # torchdata's StatefulDataLoader would draw its base seed twice); a loader of
-        # another kind may carry anything across epochs (a stream's position, an epoch).
-        if state is not None and (skip or not isinstance(loader, DataLoader)):
+        if state is not None and skip == 0 and isinstance(loader, DataLoader):
+            # Saved at an epoch's end: the epoch starts afresh, as the uninterrupted
+            # run's does, from what the state carries across epochs (its sampler's and
+            # dataset's own state: a pass count, a stream's position).
+            _load_between_passes(loader, state, generators)
+        elif state is not None:
             loader.load_state_dict(state)
             return _capped(started(loader), limit, skip)
     elif isinstance(loader, DataLoader) and _map_style(loader):
