@@ -256,7 +256,6 @@ class EpochLoop(RunParts):
             skip=skip,
             state=None if point is None else point.loader,
             limit=self.limit,
-            generators=self.generators,
         )
         if point is None or point.batch == 0:
             return iterator, 0
@@ -404,7 +403,7 @@ class EpochLoop(RunParts):
         state.val = totals = Totals()
         saved, state.val_loader_state = state.val_loader_state, None
         if saved is not None:  # resumed: the loader's own state, before its first pass
-            restore_validation_state(self.val_loader, saved, self.generators)
+            restore_validation_state(self.val_loader, saved)
         self._hook("start_validation_loop")
         device = self.device if self.move_batches else None
         validation = ValidationPass(

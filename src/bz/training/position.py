@@ -48,7 +48,6 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, get_work
 
 from bz._errors import describe_exception
 from bz._logging import get_logger
-from bz._rng import capture_rng, restore_rng
 from bz.training.checkpoint.files import loadable_problem
 
 _log = get_logger("bz")
@@ -111,52 +110,41 @@ def _by_rank(state: dict[str, Any] | None) -> list[dict[str, Any] | None]:
 # -- the validation loader -------------------------------------------------------------
 #
 # Validation passes are whole (a checkpoint is never written inside one), and each pass
-# starts afresh from the loader's random state, which checkpoints hold. What a
-# validation loader may carry from one pass to the next besides its generators (a pass
-# count it chooses by, a stream's position) lives in the loader's own ``state_dict()``
-# (torchdata's ``StatefulDataLoader``, a loader of the user's) or, for a ``DataLoader``
-# without one, in its sampler's or batch sampler's: saved with every checkpoint, handed
-# back before the resumed run's first validation pass.
+# of a DataLoader starts afresh from the loader's random state, which checkpoints hold.
+# A validation loader of another kind with ``state_dict()`` / ``load_state_dict()`` may
+# carry anything from one pass to the next (a pass count it chooses by, a stream's
+# position): its state is saved with every checkpoint and handed back before the
+# resumed run's first validation pass, as a training loader of that kind gets its
+# state at an epoch's start.
+#
+# Not a DataLoader's (torchdata's ``StatefulDataLoader``), nor its sampler's or
+# dataset's: their ``state_dict()`` says where a pass stands, and one saved at a pass's
+# end, handed back, makes a dataset that keeps a loaded position for every later pass
+# (``datasets``' ``IterableDataset``) start each pass at its end: empty passes, where
+# the uninterrupted run starts each pass from the beginning.
 
 
-def _stateful_parts(loader: DataLoader[Any]) -> list[tuple[str, StatefulLoader]]:
-    """A DataLoader's sampler and batch sampler that have ``state_dict()`` /
-    ``load_state_dict()``, by name."""
-    parts: list[tuple[str, object]] = [
-        ("sampler", loader.sampler),
-        ("batch_sampler", loader.batch_sampler),
-    ]
-    return [(name, part) for name, part in parts if isinstance(part, StatefulLoader)]
+def _keeps_state(loader: object) -> bool:
+    """Whether a validation loader's own state is saved: a stateful loader that is not a
+    DataLoader."""
+    return isinstance(loader, StatefulLoader) and not isinstance(loader, DataLoader)
 
 
-def _keeps_state(loader: Iterable[Any]) -> bool:
-    if isinstance(loader, StatefulLoader):
-        return True
-    return isinstance(loader, DataLoader) and bool(_stateful_parts(loader))
-
-
-def validation_state(loader: Iterable[Any]) -> dict[str, Any] | None:
+def validation_state(loader: object) -> dict[str, Any] | None:
     """What a checkpoint keeps of a validation loader between its passes: ``{"loader":
-    its state_dict()}``, or a DataLoader's stateful sampler's and batch sampler's states
-    by name; None when it keeps none."""
-    if isinstance(loader, StatefulLoader):
-        if isinstance(loader, DataLoader) and getattr(loader, "_iterator", None) is None:
-            # Never iterated: a new loader is the same. torchdata's state_dict() would
-            # start an iterator for it (drawing from the random state, starting workers).
-            return None
+    its state_dict()}`` for a stateful loader that is not a DataLoader, else None."""
+    if isinstance(loader, StatefulLoader) and _keeps_state(loader):
         return {"loader": loader.state_dict()}
-    if isinstance(loader, DataLoader):
-        return {name: part.state_dict() for name, part in _stateful_parts(loader)} or None
     return None
 
 
 def validation_states_by_rank(
-    loader: Iterable[Any] | None, pending: dict[str, Any] | None
+    loader: object, pending: dict[str, Any] | None
 ) -> list[dict[str, Any] | None] | None:
     """Every process's validation loader state (:func:`validation_state`; ``pending``:
     one resumed from and not yet handed back), by rank, when a checkpoint can hold it;
     None for a loader that keeps none. One collective, which every process calls."""
-    if loader is None or not _keeps_state(loader):
+    if not _keeps_state(loader):
         return None
     state = pending
     if state is None:
@@ -171,45 +159,12 @@ def validation_states_by_rank(
     return _by_rank(state)
 
 
-def _load_between_passes(
-    loader: StatefulLoader, state: dict[str, Any], generators: Sequence[torch.Generator]
-) -> None:
-    """Hand a stateful DataLoader (torchdata's) a state saved between two passes, so
-    that its next ``iter()`` starts a pass afresh, as the uninterrupted run's did.
-
-    torchdata takes a state at its next ``iter()``, in an iterator of its own (which
-    restores its sampler and dataset; a pass that had ended then makes another iterator
-    at once): that ``iter()`` is made here, and its random draws (a base seed, a
-    permutation) are put back, so that the pass's own ``iter()`` draws exactly what the
-    uninterrupted run's did. Once per resume.
-    """
-    loader.load_state_dict(state)
-    saved = capture_rng(generators)
-    try:
-        iter(loader)  # type: ignore[call-overload]  # a DataLoader
-    finally:
-        restore_rng(saved, generators)
-
-
-def restore_validation_state(
-    loader: Iterable[Any], state: dict[str, Any], generators: Sequence[torch.Generator]
-) -> None:
+def restore_validation_state(loader: Iterable[Any], state: dict[str, Any]) -> None:
     """Hand a validation loader the state :func:`validation_state` saved, before its
-    next pass (which starts afresh, as the uninterrupted run's does; see
-    :func:`_load_between_passes`). Once per resume, never per pass."""
+    next pass. Once per resume, never per pass."""
     own = state.get("loader")
-    if isinstance(loader, StatefulLoader):
-        if own is None:
-            return
-        if isinstance(loader, DataLoader):
-            _load_between_passes(loader, own, generators)
-        else:
-            loader.load_state_dict(own)
-        return
-    if isinstance(loader, DataLoader):
-        for name, part in _stateful_parts(loader):
-            if name in state:
-                part.load_state_dict(state[name])
+    if own is not None and isinstance(loader, StatefulLoader):
+        loader.load_state_dict(own)
 
 
 def epoch_batches(
@@ -219,23 +174,20 @@ def epoch_batches(
     skip: int = 0,
     state: dict[str, Any] | None = None,
     limit: int | None = None,
-    generators: Sequence[torch.Generator] = (),
 ) -> Iterator[Any]:
     """The epoch's training batches, from batch ``skip`` on (``skip`` already trained).
 
     ``state`` is the loader's saved ``state_dict()`` (a stateful loader), ``limit`` the
     epoch's batch cap (``--smoke``), counted from the epoch's first batch. Every random
-    state the loader draws from must be the epoch's starting one when this is called;
-    ``generators``: the loaders' own (:func:`bz._rng.loader_generators`).
+    state the loader draws from must be the epoch's starting one when this is called.
     """
     if isinstance(loader, StatefulLoader):
         # Left to itself: it saves and restores its own sampler's and workers' positions.
-        if state is not None and skip == 0 and isinstance(loader, DataLoader):
-            # Saved at an epoch's end: the epoch starts afresh, as the uninterrupted
-            # run's does, from what the state carries across epochs (its sampler's and
-            # dataset's own state: a pass count, a stream's position).
-            _load_between_passes(loader, state, generators)
-        elif state is not None:
+        # A DataLoader's epoch starts where its sampler and random state say, so its own
+        # state matters only in the middle of an epoch (loaded at an epoch's end,
+        # torchdata's StatefulDataLoader would draw its base seed twice); a loader of
+        # another kind may carry anything across epochs (a stream's position, an epoch).
+        if state is not None and (skip or not isinstance(loader, DataLoader)):
             loader.load_state_dict(state)
             return _capped(started(loader), limit, skip)
     elif isinstance(loader, DataLoader) and _map_style(loader):
