@@ -14,8 +14,10 @@ validation (rewound), against the run without that plugin.
 
 ``persistent_workers`` loaders are here too: torch draws their workers' base seed from
 the random state when it starts them, once in an uninterrupted run and once more in
-the epoch a resumed one starts in; that draw must not reach the run's random stream,
-for the validation loader and the training loader alike.
+the epoch a resumed one starts in, and torchdata's ``StatefulDataLoader`` draws its
+permutation twice when it starts them (once when it resets them for a later epoch);
+neither must reach the run's random streams, for the validation loader and the
+training loader alike.
 """
 
 from __future__ import annotations
@@ -120,21 +122,31 @@ def _val_loader(kind: str) -> Any:
         return DataLoader(data, batch_size=5, sampler=sampler)
     if kind == "StatefulDataLoader":
         return StatefulDataLoader(data, batch_size=5, shuffle=True)
+    persistent: dict[str, Any] = {"num_workers": 1, "persistent_workers": True}
+    if kind == "StatefulDataLoader, persistent workers":
+        return StatefulDataLoader(data, batch_size=5, shuffle=True, **persistent)
     assert kind == "persistent workers"
-    return DataLoader(data, batch_size=5, shuffle=True, num_workers=1, persistent_workers=True)
+    return DataLoader(data, batch_size=5, shuffle=True, **persistent)
 
 
-def _setup(val_kind: str, *, persistent_train: bool = False) -> bz.TrainingSetup:
+def _setup(val_kind: str, *, persistent_train: str | None = None) -> bz.TrainingSetup:
+    """``persistent_train``: the class of a training loader with a persistent worker
+    (``DataLoader`` or ``StatefulDataLoader``); None: a DataLoader without workers."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 2))
     workers: dict[str, Any] = {"shuffle": True, "batch_size": 8}
-    if persistent_train:
+    data = _data(0, 8 * TRAIN_BATCHES)
+    if persistent_train is not None:
         workers.update(num_workers=1, persistent_workers=True)
+    if persistent_train == "StatefulDataLoader":
+        train_loader: Any = StatefulDataLoader(data, **workers)
+    else:
+        train_loader = DataLoader(data, **workers)
     return bz.TrainingSetup(
         model=model,
         loss_fn=nn.CrossEntropyLoss(),
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        train_loader=DataLoader(_data(0, 8 * TRAIN_BATCHES), **workers),
+        train_loader=train_loader,
         val_loader=_val_loader(val_kind),
     )
 
@@ -143,10 +155,10 @@ def _losses(result: bz.FitResult) -> list[float | None]:
     return [record.validation_loss for record in result.history]
 
 
-_CLEAN: dict[tuple[str, bool], tuple[list[float | None], dict[str, torch.Tensor]]] = {}
+_CLEAN: dict[tuple[str, str | None], tuple[list[float | None], dict[str, torch.Tensor]]] = {}
 
 
-def _clean(kind: str, persistent_train: bool = False) -> tuple[list[float | None], Any]:
+def _clean(kind: str, persistent_train: str | None = None) -> tuple[list[float | None], Any]:
     """The uninterrupted run's validation losses and final weights (once per kind)."""
     key = (kind, persistent_train)
     if key not in _CLEAN:
@@ -162,6 +174,7 @@ VAL_KINDS = (
     "StatefulDataLoader",
     "shuffled",
     "persistent workers",
+    "StatefulDataLoader, persistent workers",
     "stateful loader",
     "StatefulDataLoader, positioned stream",
 )
@@ -210,16 +223,18 @@ def test_checkpoints_before_a_validation_pass_keep_the_loader_state(
 
 
 @pytest.mark.parametrize("stop", sorted(STOPS))
+@pytest.mark.parametrize("loader", quick_first("DataLoader", "StatefulDataLoader"))
 def test_a_persistent_workers_training_loader_resumes_bit_identical(
-    stop: str, tmp_path: Path
+    loader: str, stop: str, tmp_path: Path
 ) -> None:
-    # Its workers start again in the resumed epoch: their base seed is drawn then, and
-    # must not move the shuffle or the dropout masks that follow.
-    expected_losses, expected_weights = _clean("shuffled", persistent_train=True)
+    # Its workers start again in the resumed epoch: their base seed is drawn then (and
+    # torchdata's loader draws its permutation twice where a reset draws it once), and
+    # neither must move the shuffle or the dropout masks that follow.
+    expected_losses, expected_weights = _clean("shuffled", persistent_train=loader)
     bz.Trainer().fit(
-        _setup("shuffled", persistent_train=True), STOPS[stop], [], checkpoint_dir=tmp_path
+        _setup("shuffled", persistent_train=loader), STOPS[stop], [], checkpoint_dir=tmp_path
     )
-    setup = _setup("shuffled", persistent_train=True)
+    setup = _setup("shuffled", persistent_train=loader)
     resumed = bz.Trainer().fit(setup, CONFIG, [], checkpoint_dir=tmp_path)
     assert resumed.resumed_from is not None
     assert _losses(resumed) == expected_losses[1:]

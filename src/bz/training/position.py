@@ -30,7 +30,9 @@ state when it starts them, which an uninterrupted run does once and a resumed on
 in the epoch it resumes in: one draw more, and every later draw (the shuffle, dropout,
 the next epochs) would differ. So that draw is taken from a copy of that random state
 (:func:`started`), and the run's own stream never sees it, for the training and the
-validation loader alike.
+validation loader alike; torchdata's ``StatefulDataLoader`` draws its permutation
+twice when it starts its workers and once when it resets them, so the workers are
+started with every draw put back, then reset, as a later epoch's are.
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ def epoch_batches(
         # another kind may carry anything across epochs (a stream's position, an epoch).
         if state is not None and (skip or not isinstance(loader, DataLoader)):
             loader.load_state_dict(state)
-            return _capped(started(loader), limit, skip)
+            return _capped(started(loader, loaded=True), limit, skip)
     elif isinstance(loader, DataLoader) and _map_style(loader):
         return _capped(_positioned(loader, skip, epoch), limit, skip)
     iterator = started(loader)
@@ -210,12 +212,18 @@ def _map_style(loader: DataLoader[Any]) -> bool:
     return loader.num_workers == 0 or loader.batch_sampler is not None
 
 
-def started(loader: Iterable[Any]) -> Iterator[Any]:
+def started(loader: Iterable[Any], *, loaded: bool = False) -> Iterator[Any]:
     """``iter(loader)``; a ``persistent_workers`` DataLoader that starts its workers now
-    draws their base seed from a copy of its random state, leaving the state itself as
-    an epoch of workers started earlier would (they draw nothing at ``iter()``).
+    begins its epoch as one whose workers started in an earlier epoch does: with a
+    reset of its iterator, drawing only what a reset draws.
 
-    Once per epoch at most, never per batch.
+    Starting the workers draws their base seed from the loader's random state, and
+    torchdata's ``StatefulDataLoader`` draws its sampler's permutation twice (a reset
+    draws it once): the iterator is made with every random state it draws from put
+    back afterwards (the workers' seed drawn from a copy of the loader's), then reset;
+    ``loaded``: the loader was just given a saved state,
+    which its new iterator resumes from (a reset would start the epoch over), so it is
+    not reset. Once per epoch at most, never per batch.
     """
     if not (
         isinstance(loader, DataLoader)
@@ -223,17 +231,40 @@ def started(loader: Iterable[Any]) -> Iterator[Any]:
         and getattr(loader, "_iterator", None) is None
     ):
         return iter(loader)
+    generators = _owned_generators(loader)
+    torch_state = torch.get_rng_state()
+    states = [generator.get_state() for generator in generators]
     own = loader.generator
     copy = torch.Generator()
-    copy.set_state(torch.get_rng_state() if own is None else own.get_state())
+    copy.set_state(torch_state if own is None else own.get_state())
     # The copy's first number is the one a shuffling sampler draws next from the real
     # state: the workers get the second, not the permutation's seed.
     torch.empty((), dtype=torch.int64).random_(generator=copy)
     loader.generator = copy
     try:
-        return iter(loader)
+        iterator = iter(loader)  # starts the workers
     finally:
         loader.generator = own
+        torch.set_rng_state(torch_state)
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
+    return iterator if loaded else iter(loader)  # the reset every later epoch makes
+
+
+def _owned_generators(loader: DataLoader[Any]) -> list[torch.Generator]:
+    """The generators a loader's ``iter()`` may draw from besides torch's global one:
+    its own, its samplers' (looking inside a sampler that wraps another)."""
+    found: list[torch.Generator] = []
+    owners: list[object] = [loader, loader.sampler, loader.batch_sampler]
+    while owners:
+        owner = owners.pop()
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+        inner = getattr(owner, "sampler", None)
+        if inner is not None and owner is not loader:
+            owners.append(inner)
+    return found
 
 
 # -- map-style DataLoaders -------------------------------------------------------------
