@@ -39,7 +39,7 @@ from bz.training.forward import explain_backward
 from bz.training.gradients import clip_norm, gradient_accumulators, group_size, total_norm, whole
 from bz.training.guards import check_step
 from bz.training.plain import plain_batches
-from bz.training.position import epoch_batches
+from bz.training.position import epoch_batches, restore_validation_state
 from bz.training.result import EpochRecord
 from bz.training.state import ResumePoint, RunParts, Totals
 
@@ -401,6 +401,9 @@ class EpochLoop(RunParts):
         state = self.state
         state.batch_index = 0
         state.val = totals = Totals()
+        saved, state.val_loader_state = state.val_loader_state, None
+        if saved is not None:  # resumed: the loader's own state, before its first pass
+            restore_validation_state(self.val_loader, saved)
         self._hook("start_validation_loop")
         device = self.device if self.move_batches else None
         validation = ValidationPass(

@@ -30,7 +30,9 @@ state when it starts them, which an uninterrupted run does once and a resumed on
 in the epoch it resumes in: one draw more, and every later draw (the shuffle, dropout,
 the next epochs) would differ. So that draw is taken from a copy of that random state
 (:func:`started`), and the run's own stream never sees it, for the training and the
-validation loader alike.
+validation loader alike; torchdata's ``StatefulDataLoader`` draws its permutation
+twice when it starts its workers and once when it resets them, so the workers are
+started with every draw put back, then reset, as a later epoch's are.
 """
 
 from __future__ import annotations
@@ -95,12 +97,78 @@ def loader_states_by_rank(loader: Iterable[Any]) -> list[dict[str, Any] | None] 
     with a stateful loader calls."""
     if not isinstance(loader, StatefulLoader):
         return None
-    state = checkpointable_loader_state(loader)
+    return _by_rank(checkpointable_loader_state(loader))
+
+
+def _by_rank(state: dict[str, Any] | None) -> list[dict[str, Any] | None]:
+    """``state`` of every process, by rank (one collective when there are several)."""
     if not torch.distributed.is_initialized():
         return [state]
     states: list[dict[str, Any] | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, state)
     return states
+
+
+# -- the validation loader -------------------------------------------------------------
+#
+# Validation passes are whole (a checkpoint is never written inside one), and each pass
+# of a DataLoader starts afresh from the loader's random state, which checkpoints hold.
+# A validation loader of another kind with ``state_dict()`` / ``load_state_dict()`` may
+# carry anything from one pass to the next (a pass count it chooses by, a stream's
+# position): its state is saved with every checkpoint and handed back before the
+# resumed run's first validation pass, as a training loader of that kind gets its
+# state at an epoch's start.
+#
+# Not a DataLoader's (torchdata's ``StatefulDataLoader``), nor its sampler's or
+# dataset's: their ``state_dict()`` says where a pass stands, and one saved at a pass's
+# end, handed back, makes a dataset that keeps a loaded position for every later pass
+# (``datasets``' ``IterableDataset``) start each pass at its end: empty passes, where
+# the uninterrupted run starts each pass from the beginning.
+
+
+def _keeps_state(loader: object) -> bool:
+    """Whether a validation loader's own state is saved: a stateful loader that is not a
+    DataLoader."""
+    if loader is None or isinstance(loader, DataLoader):
+        return False  # first: a runtime protocol's isinstance costs microseconds
+    return isinstance(loader, StatefulLoader)
+
+
+def validation_state(loader: object) -> dict[str, Any] | None:
+    """What a checkpoint keeps of a validation loader between its passes: ``{"loader":
+    its state_dict()}`` for a stateful loader that is not a DataLoader, else None."""
+    if isinstance(loader, StatefulLoader) and _keeps_state(loader):
+        return {"loader": loader.state_dict()}
+    return None
+
+
+def validation_states_by_rank(
+    loader: object, pending: dict[str, Any] | None
+) -> list[dict[str, Any] | None] | None:
+    """Every process's validation loader state (:func:`validation_state`; ``pending``:
+    one resumed from and not yet handed back), by rank, when a checkpoint can hold it;
+    None for a loader that keeps none. One collective, which every process calls."""
+    if not _keeps_state(loader):
+        return None
+    state = pending
+    if state is None:
+        try:
+            state = validation_state(loader)
+            problem = None if state is None else loadable_problem(state, "val_loader state")
+        except Exception as exc:  # the user's loader: reported, never fatal
+            state, problem = None, describe_exception(exc)
+        if problem is not None:
+            _log.warning("loader_state_skipped", loader="val_loader", error=problem)
+            state = None
+    return _by_rank(state)
+
+
+def restore_validation_state(loader: Iterable[Any], state: dict[str, Any]) -> None:
+    """Hand a validation loader the state :func:`validation_state` saved, before its
+    next pass. Once per resume, never per pass."""
+    own = state.get("loader")
+    if own is not None and isinstance(loader, StatefulLoader):
+        loader.load_state_dict(own)
 
 
 def epoch_batches(
@@ -125,7 +193,7 @@ def epoch_batches(
         # another kind may carry anything across epochs (a stream's position, an epoch).
         if state is not None and (skip or not isinstance(loader, DataLoader)):
             loader.load_state_dict(state)
-            return _capped(started(loader), limit, skip)
+            return _capped(started(loader, loaded=True), limit, skip)
     elif isinstance(loader, DataLoader) and _map_style(loader):
         return _capped(_positioned(loader, skip, epoch), limit, skip)
     iterator = started(loader)
@@ -146,12 +214,18 @@ def _map_style(loader: DataLoader[Any]) -> bool:
     return loader.num_workers == 0 or loader.batch_sampler is not None
 
 
-def started(loader: Iterable[Any]) -> Iterator[Any]:
+def started(loader: Iterable[Any], *, loaded: bool = False) -> Iterator[Any]:
     """``iter(loader)``; a ``persistent_workers`` DataLoader that starts its workers now
-    draws their base seed from a copy of its random state, leaving the state itself as
-    an epoch of workers started earlier would (they draw nothing at ``iter()``).
+    begins its epoch as one whose workers started in an earlier epoch does: with a
+    reset of its iterator, drawing only what a reset draws.
 
-    Once per epoch at most, never per batch.
+    Starting the workers draws their base seed from the loader's random state, and
+    torchdata's ``StatefulDataLoader`` draws its sampler's permutation twice (a reset
+    draws it once): the iterator is made with every random state it draws from put
+    back afterwards (the workers' seed drawn from a copy of the loader's), then reset;
+    ``loaded``: the loader was just given a saved state,
+    which its new iterator resumes from (a reset would start the epoch over), so it is
+    not reset. Once per epoch at most, never per batch.
     """
     if not (
         isinstance(loader, DataLoader)
@@ -159,17 +233,40 @@ def started(loader: Iterable[Any]) -> Iterator[Any]:
         and getattr(loader, "_iterator", None) is None
     ):
         return iter(loader)
+    generators = _owned_generators(loader)
+    torch_state = torch.get_rng_state()
+    states = [generator.get_state() for generator in generators]
     own = loader.generator
     copy = torch.Generator()
-    copy.set_state(torch.get_rng_state() if own is None else own.get_state())
+    copy.set_state(torch_state if own is None else own.get_state())
     # The copy's first number is the one a shuffling sampler draws next from the real
     # state: the workers get the second, not the permutation's seed.
     torch.empty((), dtype=torch.int64).random_(generator=copy)
     loader.generator = copy
     try:
-        return iter(loader)
+        iterator = iter(loader)  # starts the workers
     finally:
         loader.generator = own
+        torch.set_rng_state(torch_state)
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
+    return iterator if loaded else iter(loader)  # the reset every later epoch makes
+
+
+def _owned_generators(loader: DataLoader[Any]) -> list[torch.Generator]:
+    """The generators a loader's ``iter()`` may draw from besides torch's global one:
+    its own, its samplers' (looking inside a sampler that wraps another)."""
+    found: list[torch.Generator] = []
+    owners: list[object] = [loader, loader.sampler, loader.batch_sampler]
+    while owners:
+        owner = owners.pop()
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+        inner = getattr(owner, "sampler", None)
+        if inner is not None and owner is not loader:
+            owners.append(inner)
+    return found
 
 
 # -- map-style DataLoaders -------------------------------------------------------------

@@ -40,6 +40,7 @@ from bz.plugins._sandbox import RewindRequested
 from bz.training.capture import capture, deep_copy, load_plugin_states, plugin_states, restore
 from bz.training.checkpoint.files import list_entries
 from bz.training.modules import ModuleSnapshot, model_modules
+from bz.training.position import validation_state
 from bz.training.settings import put_back_settings, read_settings
 from bz.training.state import RunParts
 
@@ -78,6 +79,7 @@ class Snapshot:
         "settings",
         "stop",
         "training",
+        "val_loader",
     )
 
     def __init__(self, run: RewindableRun) -> None:
@@ -103,6 +105,10 @@ class Snapshot:
         self.stop = context.should_stop_training
         self.extra = dict(context.extra)
         self.plugins = plugin_states(run, _copied_state)
+        # What the validation loader carries from one pass to the next (a pass count, a
+        # stream's position): handed back before the replayed part's first pass.
+        pending = run.state.val_loader_state
+        self.val_loader = deep_copy(pending) if pending is not None else _val_state(run)
 
     def put_back(self, run: RewindableRun) -> None:
         """Make ``run`` what it was when the snapshot was taken."""
@@ -121,6 +127,8 @@ class Snapshot:
         restore(run, self.training, copies=True)
         optimizer.zero_grad(set_to_none=True)
         run.state.put_back(self.loop)
+        if self.val_loader is not None:  # a copy: a second rewind finds this one intact
+            run.state.val_loader_state = deep_copy(self.val_loader)
         self._drop_new_checkpoints(run)
         restore_rng(self.rng, run.generators)
         context = run.context
@@ -153,6 +161,18 @@ def _checkpoint_files(run: RewindableRun) -> dict[Path, int]:
         with contextlib.suppress(FileNotFoundError):
             files[entry.path] = entry.path.stat().st_mtime_ns
     return files
+
+
+def _val_state(run: RunParts) -> dict[str, Any] | None:
+    """A copy of the validation loader's own state (None: it keeps none). A loader whose
+    ``state_dict()`` fails is replayed without it: checkpoints report that failure."""
+    if run.val_loader is None:
+        return None
+    try:
+        state = validation_state(run.val_loader)
+        return None if state is None else dict(deep_copy(state))
+    except Exception:  # the user's loader; never a reason to stop training
+        return None
 
 
 def _copied_state(plugin: StatefulPlugin) -> Any:

@@ -103,6 +103,9 @@ class LoopState:
     """Random states at the start of this epoch (kept only when checkpoints are written)."""
     stopped_by: EndReason | None = None
     """Why the run stopped before its last epoch (None: it did not)."""
+    val_loader_state: dict[str, Any] | None = None
+    """The validation loader's state a checkpoint held, until it is handed back before
+    the next validation pass (:func:`~bz.training.position.restore_validation_state`)."""
 
     def copy(self) -> LoopState:
         """A copy to :meth:`put_back` later (totals are replaced, never changed, once
@@ -148,6 +151,7 @@ class RunParts(Protocol):
     model: torch.nn.Module
     train_metrics: MetricSet
     train_loader: Iterable[Any]
+    val_loader: Iterable[Any] | None
     generators: list[torch.Generator]
     state: LoopState
 

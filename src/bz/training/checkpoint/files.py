@@ -139,6 +139,9 @@ class CheckpointPayload(ModelPayload):
     """The training loader's ``state_dict()``, for a loader that has one (rank 0's)."""
     loaders: NotRequired[list[dict[str, Any] | None]]
     """With several processes: each rank's loader ``state_dict()``, by rank."""
+    val_loaders: NotRequired[list[dict[str, Any] | None]]
+    """Each rank's validation loader state, by rank, for a loader that keeps one
+    between its passes (:func:`bz.training.position.validation_state`)."""
 
 
 def rank_loader_state(payload: CheckpointPayload, rank: int) -> dict[str, Any] | None:
@@ -148,6 +151,12 @@ def rank_loader_state(payload: CheckpointPayload, rank: int) -> dict[str, Any] |
     if loaders is not None and rank < len(loaders):
         return loaders[rank]
     return payload.get("loader")
+
+
+def rank_validation_state(payload: CheckpointPayload, rank: int) -> dict[str, Any] | None:
+    """The validation loader state process ``rank`` hands back (None: none saved)."""
+    states = payload.get("val_loaders")
+    return states[rank] if states is not None and rank < len(states) else None
 
 
 # -- the run signature -----------------------------------------------------------------

@@ -41,12 +41,13 @@ from bz.training.checkpoint.files import (
     list_entries,
     loadable_problem,
     rank_loader_state,
+    rank_validation_state,
     unusable_reason,
 )
 from bz.training.checkpoint.lock import RunLocked
 from bz.training.checkpoint.store import CheckpointStore, writable_problem
 from bz.training.checkpoint.writes import CheckpointWrites
-from bz.training.position import loader_states_by_rank
+from bz.training.position import loader_states_by_rank, validation_states_by_rank
 from bz.training.result import FitResult
 from bz.training.state import ResumePoint
 
@@ -294,6 +295,11 @@ class CheckpointPolicy(CheckpointWrites):
             batch_loss_total=batch_loss_total(payload, batch) if carries else 0.0,
         )
         run.state.resume_at(payload["epoch"], payload["global_step"], point)
+        # Handed back before the next validation pass (another world size validates
+        # on other shares: each loader then starts as a new one).
+        run.state.val_loader_state = (
+            rank_validation_state(payload, run.topology.rank) if same_world else None
+        )
         states: Mapping[str, Any] = payload.get("plugins") or {}
         if self.fsdp:
             from bz.training.fsdp import shard_like_model
@@ -332,6 +338,7 @@ class CheckpointPolicy(CheckpointWrites):
         # its loader's own state (each rank is at its own place in its own share).
         partial = self._partial_epoch() if batch else (0.0, 0, {}, 0.0)
         loaders = loader_states_by_rank(run.train_loader)
+        val_loaders = validation_states_by_rank(run.val_loader, run.state.val_loader_state)
         shards = plugins = None
         if self.fsdp:
             from bz.training.checkpoint.sharded import shard_state, sharded_name
@@ -346,7 +353,7 @@ class CheckpointPolicy(CheckpointWrites):
         payload = None
         if run.topology.is_main:
             self._position = (epoch, batch, run.state.global_step)
-            payload = self._payload(epoch, batch, stopped, *partial, plugins, loaders)
+            payload = self._payload(epoch, batch, stopped, *partial, plugins, loaders, val_loaders)
             if payload is None and shards is None:
                 return
         elif shards is None:
@@ -374,12 +381,14 @@ class CheckpointPolicy(CheckpointWrites):
         batch_loss_total: float,
         plugins: dict[str, Any] | None,
         loaders: list[dict[str, Any] | None] | None,
+        val_loaders: list[dict[str, Any] | None] | None = None,
     ) -> CheckpointPayload | None:
         """What rank 0 writes, or None when something in it could not be read back.
 
         ``plugins``: the plugins' states, already gathered under FSDP, whose model and
         optimizer are then in the shards; None: a single-file checkpoint, whole.
-        ``loaders``: every rank's loader state (:func:`loader_states_by_rank`).
+        ``loaders``: every rank's loader state (:func:`loader_states_by_rank`);
+        ``val_loaders`` the validation loader's (:func:`validation_states_by_rank`).
         """
         run, state = self.run, self.run.state
         training = capture(run, whole=plugins is None)
@@ -417,6 +426,8 @@ class CheckpointPolicy(CheckpointWrites):
         payload["plugins"] = self._plugin_states() if plugins is None else plugins
         if loaders is not None and loaders[0] is not None:
             payload["loader"], payload["loaders"] = loaders[0], loaders  # rank 0's, all
+        if val_loaders is not None and any(state is not None for state in val_loaders):
+            payload["val_loaders"] = val_loaders
         # In the background, the live tensors change under the write: it gets copies.
         return cpu_copy(payload) if self._writer is not None else payload
 
