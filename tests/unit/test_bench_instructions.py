@@ -257,3 +257,16 @@ def test_a_process_counted_again_counts_the_same_to_the_instruction() -> None:
     first = instructions.per_step(instructions.callgrind(["-c", CHILD], dumps), steps=200)
     again = instructions.per_step(instructions.callgrind(["-c", CHILD], dumps), steps=200)
     assert again == first
+
+
+def test_the_rounds_benchmark_counts_every_per_batch_training_hook() -> None:
+    # benchmarks/rounds.py stands for a training step's plugin rounds: its hooks must be
+    # the table's per-batch training hooks, each a no-op its plugin really implements.
+    from benchmarks import rounds
+
+    from bz.plugins._hooks import HOOKS
+
+    per_batch = {spec.name for spec in HOOKS if spec.per_batch and spec.phase == "train"}
+    assert set(rounds.HOOKS) == per_batch
+    plugin = rounds.NoOp(0)
+    assert all(callable(getattr(plugin, hook)) for hook in rounds.HOOKS)

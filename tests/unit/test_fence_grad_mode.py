@@ -138,3 +138,20 @@ def test_without_the_exported_state_the_round_reads_grad_mode_itself(
     assert round_ is not None
     assert plugin_set.callers[HOOK] is round_.run
     assert seen == [True] * 40
+
+
+def test_what_the_watchdog_runs_while_it_forces_a_call_out_is_never_traced() -> None:
+    # While a hook is forced out, a trace function raises in every new frame that is
+    # not the watchdog's own; telling which plugin a generated round runs (Straight's
+    # methods) happens inside that check, so each must be one of its own (a method
+    # left out made the forced call never end: the process exited after EXIT_AFTER_S).
+    import inspect
+
+    from bz.plugins._watchdog import _OWN_CODES, Straight
+
+    methods = [m for m in vars(Straight).values() if inspect.isfunction(m)]
+    assert {"at", "position", "index"} <= {m.__name__ for m in methods}
+    # ``index`` reads a traceback once the exception has left the call; the others are
+    # what ``Watchdog.current`` calls to tell the running plugin.
+    asked = {m.__code__ for m in methods if m.__name__ not in ("__init__", "index")}
+    assert asked <= _OWN_CODES

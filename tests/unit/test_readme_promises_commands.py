@@ -73,7 +73,7 @@ def test_gpu_sh_has_its_dry_run() -> None:
     assert "gpu.py" in (ROOT / "benchmarks" / "gpu.sh").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("script", ["distributed.py", "startup.py"])
+@pytest.mark.parametrize("script", ["distributed.py", "startup.py", "rounds.py"])
 def test_the_other_scripts_flags_are_theirs(script: str) -> None:
     source = (ROOT / "benchmarks" / script).read_text(encoding="utf-8")
     shown = set()

@@ -3,9 +3,11 @@
 :func:`build_table` makes, for every hook, the :class:`Round` of the active plugins that
 implement it (None where none does: calling such a hook costs one lookup). A round counts
 its calls itself (one countdown per round, not a counter per plugin) and times its
-plugins in a sample of rounds; :func:`report` adds it all up per plugin. The rounds that
-are not timed run as one generated function (:func:`straight`): one line per plugin,
-nothing stored per call.
+plugins in a sample of rounds; :func:`report` adds it all up per plugin. A per-batch
+hook's rounds run as one generated function (:func:`straight`): one line per plugin,
+nothing stored per call, and in the sampled rounds the clock read after each call on
+that call's line. Under a supervisor, for another context than the run's, and after a
+fault, the sandbox's general loop runs them.
 """
 
 from __future__ import annotations

@@ -344,6 +344,7 @@ _OWN_CODES = frozenset(
         Watchdog._rearm,
         Watchdog.current,
         Straight.at,
+        Straight.position,
         _Interruption.__del__,
     )
 )
