@@ -96,6 +96,30 @@ def _is_callable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) ->
         )
 
 
+_CALLED_AS = {"loss_fn": "loss_fn(outputs, targets)", "step": "step(model, batch)"}
+"""How bz calls each function of a ``TrainingSetup`` (two positional arguments)."""
+
+
+def _takes_two_arguments(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A ``loss_fn`` or ``step`` bz cannot call with its two arguments is refused when the
+    setup is built (exit 2, at train.py's line), not a TypeError inside bz at the first
+    batch."""
+    if value is None:
+        return
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin or extension callable: let the call tell
+        return
+    try:
+        signature.bind(object(), object())
+    except TypeError:
+        name = getattr(value, "__name__", type(value).__name__)
+        raise UsageError(
+            f"TrainingSetup: {attribute.name} cannot be called as "
+            f"{_CALLED_AS[attribute.name]}: {name}{signature} takes other arguments"
+        ) from None
+
+
 def _is_module_class(value: type) -> bool:
     import torch
 
@@ -163,14 +187,14 @@ class TrainingSetup:
 
     model: torch.nn.Module = attrs.field(validator=_is_module)
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = attrs.field(
-        default=None, validator=_is_callable
+        default=None, validator=[_is_callable, _takes_two_arguments]
     )
     optimizer: torch.optim.Optimizer = attrs.field(validator=_is_optimizer)
     train_loader: Iterable[Batch] = attrs.field(validator=_is_loader)
     val_loader: Iterable[Batch] | None = attrs.field(default=None, validator=_is_iterable)
     scheduler: Any = None
     metrics: Mapping[str, Metric] = attrs.field(factory=dict)
-    step: Step | None = attrs.field(default=None, validator=_is_callable)
+    step: Step | None = attrs.field(default=None, validator=[_is_callable, _takes_two_arguments])
     scheduler_interval: SchedulerInterval = attrs.field(default="epoch", validator=_is_interval)
 
     def __attrs_post_init__(self) -> None:

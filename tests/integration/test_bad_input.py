@@ -442,6 +442,16 @@ _STEP_MISUSES = {
         'step="x",',
         r"train\.py:\d+: TrainingSetup: step must be callable, got str$",
     ),
+    "a_step_of_one_argument": (
+        "step=lambda batch: batch['x'].sum(),",
+        r"train\.py:\d+: TrainingSetup: step cannot be called as step\(model, batch\): "
+        r"<lambda>\(batch\) takes",
+    ),
+    "a_loss_fn_of_three_arguments": (
+        "loss_fn=lambda outputs, targets, weights: outputs.sum(),",
+        r"train\.py:\d+: TrainingSetup: loss_fn cannot be called as loss_fn\(outputs, "
+        r"targets\): <lambda>\(outputs, targets, weights\) takes",
+    ),
     "a_loader_that_is_not_iterable": (
         "val_loader=3,",
         r"train\.py:\d+: TrainingSetup: val_loader must be iterable, got int$",
