@@ -257,6 +257,7 @@ def load_setup_function(path: Path, train_script: str = DEFAULT_TRAIN_SCRIPT) ->
     if folder not in sys.path:
         sys.path.insert(0, folder)
     sys.modules[module_name] = module
+    _importable_in_workers(module_name, path.resolve())
     from bz.training.interrupts import StopSignalWitness
 
     with StopSignalWitness() as witness:  # as in call_setup: a signal stops the import
@@ -288,6 +289,46 @@ def load_setup_function(path: Path, train_script: str = DEFAULT_TRAIN_SCRIPT) ->
     _check_takes_the_config(setup, path)
     checked: SetupFunction = setup
     return checked
+
+
+_SHIM = """\
+# Written by bz: imports the train script below under the name bz imported it, for the
+# processes that unpickle its objects (DataLoader workers started by spawn or forkserver).
+import importlib.util
+import sys
+
+_spec = importlib.util.spec_from_file_location(__name__, {script!r})
+_module = importlib.util.module_from_spec(_spec)
+sys.modules[__name__] = _module
+_spec.loader.exec_module(_module)
+"""
+
+_shims: Path | None = None
+"""The folder of this process's shims (on ``sys.path``, removed at exit)."""
+
+
+def _importable_in_workers(module_name: str, script: Path) -> None:
+    """Make ``module_name`` importable in processes this one starts fresh.
+
+    A class or function of train.py (a ``Dataset``, a ``collate_fn``) reaches a DataLoader
+    worker pickled by reference to ``module_name``. A forked worker has the module; one
+    started by ``spawn`` or ``forkserver`` (macOS's and Windows' default, Linux's from
+    Python 3.14) imports it, and finds it through a one-file shim that imports train.py
+    under that name (running its top level there, as a spawned worker runs any script's).
+    Such processes are given this process's ``sys.path``; the shim's folder is last on it.
+    """
+    global _shims
+    if _shims is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _shims = Path(tempfile.mkdtemp(prefix="bz-train-script-"))
+        atexit.register(shutil.rmtree, _shims, ignore_errors=True)
+        sys.path.append(str(_shims))
+    shim = _shims / f"{module_name}.py"
+    if not shim.exists():
+        shim.write_text(_SHIM.format(script=str(script)), encoding="utf-8")
 
 
 def _check_takes_the_config(setup: Callable[..., object], path: Path) -> None:
