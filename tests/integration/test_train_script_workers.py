@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._support import quick_first
 
 import bz
 from bz._setup import load_setup_function
@@ -45,7 +46,7 @@ TRAIN_PY = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+@pytest.mark.parametrize("context", quick_first("spawn", "forkserver"))
 def test_a_dataset_of_train_py_loads_in_spawned_workers(context: str, tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(TRAIN_PY.format(context=context), encoding="utf-8")
