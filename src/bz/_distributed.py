@@ -200,7 +200,8 @@ def shard_loader(
     instance of the loader's own class keeping every other setting it was built with
     (:func:`loader_settings`): torchdata's ``StatefulDataLoader`` stays one, with its
     ``state_dict()`` resume. A plain sequence of batches (a list) is dealt out
-    round-robin, truncated so that every rank has as many batches.
+    round-robin, truncated so that every rank has as many batches (the first process
+    logs ``batches_left_out`` when that leaves some out).
     """
     if not topology.distributed:
         return loader
@@ -223,6 +224,18 @@ def shard_loader(
         )
         return type(loader)(loader.dataset, sampler=sampler, **settings)
     if isinstance(loader, Sequence):
+        left_out = len(loader) % topology.world_size
+        if left_out and topology.rank == 0:
+            _log.warning(
+                "batches_left_out",
+                loader="train_loader" if training else "val_loader",
+                left_out=left_out,
+                batches=len(loader),
+                processes=topology.world_size,
+                hint="every process takes as many batches of a list, so the last ones are "
+                "used by none; give a DataLoader (its DistributedSampler uses every sample) "
+                "or a multiple of the process count",
+            )
         return _Shard(loader, topology)
     raise UsageError(
         f"cannot split a {type(loader).__name__} between processes; return a DataLoader "

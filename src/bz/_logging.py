@@ -297,7 +297,12 @@ def configure(
 # batch: a record or a print costs only when a plugin makes one.
 
 _PLUGIN_LOGGERS: dict[str, str] = {}
-"""Logger-name prefix (a plugin's top-level package) -> the plugin's name."""
+"""Logger-name prefix (a plugin's top-level package) -> the plugin's name, or "" when
+that package holds several plugins (its loggers are shown, attributed to none)."""
+
+_PLUGIN_MODULES: dict[str, str] = {}
+"""A plugin's own module -> the plugin's name: with several plugins in one package, the
+module tells them apart."""
 
 
 class _Hosting:
@@ -327,13 +332,23 @@ def note_plugin_module(module: str, plugin: str) -> None:
     prefix = module.split(".", 1)[0]
     if prefix == "bz" or not prefix:
         return  # bz's own modules log through bz's route
-    _PLUGIN_LOGGERS.setdefault(prefix, plugin)
+    _PLUGIN_MODULES.setdefault(module, plugin)
+    if _PLUGIN_LOGGERS.setdefault(prefix, plugin) != plugin:
+        _PLUGIN_LOGGERS[prefix] = ""
     if _hosting is not None:
         _hosting.let_through(prefix)
 
 
 def _plugin_of(name: str) -> str | None:
-    """The plugin a module or logger name belongs to, if any."""
+    """The plugin a module or logger name belongs to: the plugin whose module it is or is
+    under, else its package's only plugin; "" in a package of several plugins, None
+    outside every plugin's package."""
+    module = name
+    while module:
+        plugin = _PLUGIN_MODULES.get(module)
+        if plugin is not None:
+            return plugin
+        module = module.rpartition(".")[0]
     return _PLUGIN_LOGGERS.get(name.split(".", 1)[0])
 
 
@@ -352,7 +367,7 @@ class _ForeignRecords(logging.Handler):
             return  # other libraries' chatter stays as quiet as Python keeps it
         try:
             fields: dict[str, Any] = {"logger": record.name}
-            if plugin is not None:
+            if plugin:
                 fields["plugin"] = plugin
             if record.exc_info:
                 fields["exc_info"] = record.exc_info
@@ -409,7 +424,7 @@ def _printing_plugin(frame: Any) -> str | None:
         if frame is None:
             return None
         plugin = _plugin_of(str(frame.f_globals.get("__name__", "")))
-        if plugin is not None:
+        if plugin:
             return plugin
         frame = frame.f_back
     return None

@@ -184,6 +184,7 @@ def _check_monitors(
     from bz.plugins._entries import entry_paths
     from bz.plugins._names import check_monitors
     from bz.training.checkpoint.best import check_monitor
+    from bz.training.control import check_validation_steps
 
     names = [*metrics, *setup.metrics]
     validates = setup.val_loader is not None
@@ -193,6 +194,8 @@ def _check_monitors(
         check_monitors(watchers, names, validates=validates, paths=paths)
     with _attributed_to(blamed_source(config, overrides, "keep_best")):
         check_monitor(run_config.keep_best, names, validates=validates)
+    with _attributed_to(blamed_source(config, overrides, "validate_every_steps")):
+        check_validation_steps(run_config, validates)
 
 
 def _watching(active: Iterable[object], run_config: RunConfig) -> list[object]:

@@ -96,6 +96,30 @@ def _is_callable(_instance: Any, attribute: attrs.Attribute[Any], value: Any) ->
         )
 
 
+_CALLED_AS = {"loss_fn": "loss_fn(outputs, targets)", "step": "step(model, batch)"}
+"""How bz calls each function of a ``TrainingSetup`` (two positional arguments)."""
+
+
+def _takes_two_arguments(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A ``loss_fn`` or ``step`` bz cannot call with its two arguments is refused when the
+    setup is built (exit 2, at train.py's line), not a TypeError inside bz at the first
+    batch."""
+    if value is None:
+        return
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin or extension callable: let the call tell
+        return
+    try:
+        signature.bind(object(), object())
+    except TypeError:
+        name = getattr(value, "__name__", type(value).__name__)
+        raise UsageError(
+            f"TrainingSetup: {attribute.name} cannot be called as "
+            f"{_CALLED_AS[attribute.name]}: {name}{signature} takes other arguments"
+        ) from None
+
+
 def _is_module_class(value: type) -> bool:
     import torch
 
@@ -163,14 +187,14 @@ class TrainingSetup:
 
     model: torch.nn.Module = attrs.field(validator=_is_module)
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = attrs.field(
-        default=None, validator=_is_callable
+        default=None, validator=[_is_callable, _takes_two_arguments]
     )
     optimizer: torch.optim.Optimizer = attrs.field(validator=_is_optimizer)
     train_loader: Iterable[Batch] = attrs.field(validator=_is_loader)
     val_loader: Iterable[Batch] | None = attrs.field(default=None, validator=_is_iterable)
     scheduler: Any = None
     metrics: Mapping[str, Metric] = attrs.field(factory=dict)
-    step: Step | None = attrs.field(default=None, validator=_is_callable)
+    step: Step | None = attrs.field(default=None, validator=[_is_callable, _takes_two_arguments])
     scheduler_interval: SchedulerInterval = attrs.field(default="epoch", validator=_is_interval)
 
     def __attrs_post_init__(self) -> None:
@@ -233,6 +257,7 @@ def load_setup_function(path: Path, train_script: str = DEFAULT_TRAIN_SCRIPT) ->
     if folder not in sys.path:
         sys.path.insert(0, folder)
     sys.modules[module_name] = module
+    _importable_in_workers(module_name, path.resolve())
     from bz.training.interrupts import StopSignalWitness
 
     with StopSignalWitness() as witness:  # as in call_setup: a signal stops the import
@@ -264,6 +289,46 @@ def load_setup_function(path: Path, train_script: str = DEFAULT_TRAIN_SCRIPT) ->
     _check_takes_the_config(setup, path)
     checked: SetupFunction = setup
     return checked
+
+
+_SHIM = """\
+# Written by bz: imports the train script below under the name bz imported it, for the
+# processes that unpickle its objects (DataLoader workers started by spawn or forkserver).
+import importlib.util
+import sys
+
+_spec = importlib.util.spec_from_file_location(__name__, {script!r})
+_module = importlib.util.module_from_spec(_spec)
+sys.modules[__name__] = _module
+_spec.loader.exec_module(_module)
+"""
+
+_shims: Path | None = None
+"""The folder of this process's shims (on ``sys.path``, removed at exit)."""
+
+
+def _importable_in_workers(module_name: str, script: Path) -> None:
+    """Make ``module_name`` importable in processes this one starts fresh.
+
+    A class or function of train.py (a ``Dataset``, a ``collate_fn``) reaches a DataLoader
+    worker pickled by reference to ``module_name``. A forked worker has the module; one
+    started by ``spawn`` or ``forkserver`` (macOS's and Windows' default, Linux's from
+    Python 3.14) imports it, and finds it through a one-file shim that imports train.py
+    under that name (running its top level there, as a spawned worker runs any script's).
+    Such processes are given this process's ``sys.path``; the shim's folder is last on it.
+    """
+    global _shims
+    if _shims is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _shims = Path(tempfile.mkdtemp(prefix="bz-train-script-"))
+        atexit.register(shutil.rmtree, _shims, ignore_errors=True)
+        sys.path.append(str(_shims))
+    shim = _shims / f"{module_name}.py"
+    if not shim.exists():
+        shim.write_text(_SHIM.format(script=str(script)), encoding="utf-8")
 
 
 def _check_takes_the_config(setup: Callable[..., object], path: Path) -> None:

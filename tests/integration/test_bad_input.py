@@ -442,6 +442,16 @@ _STEP_MISUSES = {
         'step="x",',
         r"train\.py:\d+: TrainingSetup: step must be callable, got str$",
     ),
+    "a_step_of_one_argument": (
+        "step=lambda batch: batch['x'].sum(),",
+        r"train\.py:\d+: TrainingSetup: step cannot be called as step\(model, batch\): "
+        r"<lambda>\(batch\) takes",
+    ),
+    "a_loss_fn_of_three_arguments": (
+        "loss_fn=lambda outputs, targets, weights: outputs.sum(),",
+        r"train\.py:\d+: TrainingSetup: loss_fn cannot be called as loss_fn\(outputs, "
+        r"targets\): <lambda>\(outputs, targets, weights\) takes",
+    ),
     "a_loader_that_is_not_iterable": (
         "val_loader=3,",
         r"train\.py:\d+: TrainingSetup: val_loader must be iterable, got int$",
@@ -485,3 +495,30 @@ def test_a_misused_step_or_schedule_is_one_line_and_exit_2(case: str, tmp_path: 
     assert result.exit_code == 2, result.output
     line = _one_error_line(result)
     assert re.search(message, line), line
+
+
+# -- validate_every_steps without validation data -------------------------------------------
+
+
+def test_validate_every_steps_without_a_val_loader_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    # It failed at the Nth step with an AssertionError inside bz's epoch loop (exit 1).
+    train_py = TINY_TRAIN_PY.replace("val_loader=DataLoader(data, batch_size=32),", "")
+    assert train_py != TINY_TRAIN_PY
+    config = _project(tmp_path, train_py, validate_every_steps=2)
+    result, events = _bz("train", "--config", str(config))
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    assert line == (
+        f"bz: error: {config}: validate_every_steps: 2, and setup() returns no val_loader: "
+        "nothing to validate (give TrainingSetup a val_loader, or leave validate_every_steps "
+        "out)"
+    )
+    assert not [e for e in events if e["event"] == "epoch_finished"]
+
+
+def test_fit_refuses_validate_every_steps_without_a_val_loader() -> None:
+    config = RunConfig(epochs=1, plugins=[], validate_every_steps=2)
+    with pytest.raises(ConfigError, match=r"validate_every_steps: 2, and .* no val_loader"):
+        bz.Trainer().fit(tiny_setup(validation=False), config)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 from tests._support import json_events, run_bz
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -65,6 +66,19 @@ def test_a_list_of_batches_is_dealt_out_evenly() -> None:
     batches = list(range(7))
     shards = [list(shard_loader(batches, Topology(r, 3, r), 0, training=True)) for r in range(3)]
     assert shards == [[0, 3], [1, 4], [2, 5]]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batches_a_list_leaves_out_are_said_once_by_the_first_process(training: bool) -> None:
+    # 7 batches over 3 processes: batch 6 is trained (or validated) by no one.
+    with capture_logs() as events:
+        for rank in range(3):
+            shard_loader(list(range(7)), Topology(rank, 3, rank), 0, training=training)
+        shard_loader(list(range(6)), Topology(0, 3, 0), 0, training=training)
+    left_out = [e for e in events if e["event"] == "batches_left_out"]
+    assert [(e["loader"], e["left_out"], e["batches"]) for e in left_out] == [
+        ("train_loader" if training else "val_loader", 1, 7)
+    ]
 
 
 def test_alone_nothing_changes() -> None:

@@ -31,6 +31,7 @@ from sklearn.metrics import (
 )
 from tests._examples import examples
 
+from bz import MetricInputError
 from bz.metrics import (
     Accuracy,
     F1Score,
@@ -42,6 +43,7 @@ from bz.metrics import (
     Recall,
     TopKAccuracy,
 )
+from bz.metrics._fused import batch_update
 
 Average = Literal["macro", "micro", "weighted"]
 AVERAGES: tuple[Average, ...] = ("macro", "micro", "weighted")
@@ -431,3 +433,26 @@ def test_top_k_accuracy_needs_scores() -> None:
 def test_regression_refuses_shapes_that_would_broadcast() -> None:
     with pytest.raises(ValueError, match="same shape"):
         MeanSquaredError().update(torch.randn(4, 2), torch.randn(4))
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [[Accuracy], [F1Score, TopKAccuracy], [MeanSquaredError], [MeanAbsoluteError]],
+    ids=["accuracy", "f1+top-k", "mse", "mae"],
+)
+@pytest.mark.parametrize(
+    ("preds", "targets", "message"),
+    [
+        ({"logits": torch.randn(4, 3)}, torch.tensor([0, 1, 2, 0]), "predictions .* got dict"),
+        ((torch.randn(4, 3), torch.randn(4, 3)), torch.tensor([0, 1, 2, 0]), "got tuple"),
+        (torch.randn(4, 3), [0, 1, 2, 0], "targets .* got list"),
+    ],
+)
+def test_predictions_or_targets_that_are_no_tensor_are_refused_naming_their_type(
+    kinds: list[type[Metric]], preds: object, targets: object, message: str
+) -> None:
+    # A model that returns a dict or a tuple, trained with a loss_fn: metrics read its
+    # output as it is, and must say so rather than fail inside bz on `.shape`.
+    with pytest.raises(MetricInputError, match=message) as caught:
+        batch_update([kind() for kind in kinds])(preds, targets)  # type: ignore[arg-type]  # the user's mistake
+    assert "\n" not in str(caught.value)

@@ -358,6 +358,23 @@ def test_a_plugins_stdlib_records_become_bz_events_while_bz_hosts(
     assert logger.level == logging.NOTSET  # put back
 
 
+def test_two_plugins_of_one_package_each_get_their_own_records(
+    rendered: io.StringIO,
+) -> None:
+    # One distribution often ships several plugins (one module each) and a helper module.
+    _logging.note_plugin_module("tests_two_plugin_pkg.first", "first")
+    _logging.note_plugin_module("tests_two_plugin_pkg.second", "second")
+    with _logging.host_plugin_output("json", "info"):
+        logging.getLogger("tests_two_plugin_pkg.second").info("from the second")
+        logging.getLogger("tests_two_plugin_pkg.first.inner").info("from the first")
+        logging.getLogger("tests_two_plugin_pkg.shared").info("from the helper")
+    assert [(e["event"], e.get("plugin")) for e in _lines(rendered)] == [
+        ("from the second", "second"),
+        ("from the first", "first"),
+        ("from the helper", None),  # shown (a plugin package's), but whose is unknown
+    ]
+
+
 def test_printing_under_json_output_becomes_an_event(
     rendered: io.StringIO, capsys: pytest.CaptureFixture[str]
 ) -> None:

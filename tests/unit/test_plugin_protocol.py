@@ -9,6 +9,7 @@ import pytest
 from tests._support import Events, tiny_setup
 
 import bz
+from bz._entry_points import Discovery, EntrySource
 from bz.config import PluginSpec, RunConfig
 from bz.plugins import HOOK_NAMES, NamedPlugin, Plugin, PluginContext, StatefulPlugin
 from bz.plugins._hooks import HOOKS
@@ -212,6 +213,26 @@ def test_enabled_false_creates_nothing() -> None:
     )
     assert plugins.active == []
     assert plugins.faults == []
+
+
+def test_enabled_false_keeps_an_installed_plugin_that_cannot_import_listed_but_not_a_typo() -> (
+    None
+):
+    # What the plugin guide says of "enabled": false: bz neither imports the plugin (so an
+    # installed one whose dependencies are missing can stay listed, off) nor forgets the
+    # name (one no installed distribution provides is refused, off or on: a typo).
+    broken = EntrySource("needs_gone", "tests_no_such_module_anywhere:Plugin", "gone", "1.0")
+    discovery = Discovery({"needs_gone": broken}, {})
+    plugins = load_plugins(
+        [PluginSpec("needs_gone", {"enabled": False})], CONFIG, discovery=discovery
+    )
+    assert (plugins.active, plugins.faults) == ([], [])
+    with pytest.raises(bz.ConfigError, match="unknown plugin 'needs_gon'"):
+        load_plugins(
+            [PluginSpec("needs_gon", {"enabled": False}, "plugins[0]")],
+            CONFIG,
+            discovery=discovery,
+        )
 
 
 def test_unknown_plugins_are_config_errors_with_suggestions() -> None:

@@ -5,7 +5,7 @@ The model records, at every forward, the global state its step runs under (grad 
 autocast, default dtype, thread count, deterministic algorithms); a plugin that changes
 one of them in every hook, and returns or fails, must leave both that record and the
 final weights equal to those of the run without it. Every process-wide setting a rewind
-puts back (``bz.training.settings.SETTINGS``, the list docs/plugins.md gives) is moved
+puts back (``bz.training.settings.SETTINGS``, the list docs/plugin-guide.md gives) is moved
 alone and put back, and the ones a plugin is likeliest to touch (the recursion limit,
 anomaly mode, denormals, the default device, torch's fp32 precision trees, the backends'
 switches) are set by a plugin that then fails: after the replay and after the run they
@@ -272,7 +272,7 @@ def _another(value: object) -> object:
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda setting: setting.name)
 def test_each_setting_changed_alone_is_put_back(setting: Setting) -> None:
-    # docs/plugins.md lists these names: each one moved, then put back with the rest.
+    # docs/plugin-guide.md lists these names: each one moved, then put back with the rest.
     saved = read_settings()
     try:
         setting.write(_another(setting.read()))

@@ -79,13 +79,18 @@ def usage_message(exc: click.UsageError) -> str:
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` as ``(key, value)``; VALUE is JSON, or a bare string (``device=cpu``)."""
+    """``KEY=VALUE`` as ``(key, value)``; VALUE is JSON, or a bare string (``device=cpu``).
+    A VALUE that opens a list or table (``[``, ``{``) must be JSON."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="--set")
     try:
         value: Any = json.loads(raw)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as exc:
+        if raw.lstrip()[:1] in ("[", "{"):  # meant as a list or table, not as a string
+            raise click.BadParameter(
+                f"{key}: invalid JSON at column {exc.colno}: {exc.msg}", param_hint="--set"
+            ) from None
         value = raw  # a bare word is a string: --set device=cpu
     except RecursionError:  # the parser recurses per level: far past MAX_DEPTH
         raise click.BadParameter(f"{key}: {too_deep_message()}", param_hint="--set") from None

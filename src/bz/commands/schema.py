@@ -38,7 +38,7 @@ _ENABLED: dict[str, dict[str, Any]] = {
         "enum": ["in-process", "process"],
         "default": "in-process",
         "description": '"process": the plugin runs in a process of its own, seeing the '
-        "run's values, never the model (docs/plugins.md)",
+        "run's values, never the model (docs/plugin-guide.md)",
     },
 }
 

@@ -152,7 +152,11 @@ class ClassificationGroup:
     def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
         """Count one batch for every member."""
         # Each tensor attribute read builds a Python object: every shape is read once.
-        shape, target_shape = preds.shape, targets.shape
+        try:
+            shape, target_shape = preds.shape, targets.shape
+        except AttributeError:  # not tensors: each member refuses them with its message
+            self._update_each(preds, targets)
+            return
         if not (
             len(shape) == 2
             and len(target_shape) == 1

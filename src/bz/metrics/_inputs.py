@@ -20,6 +20,19 @@ def _describe(tensor: torch.Tensor) -> str:
     return f"shape {tuple(tensor.shape)} ({tensor.dtype})"
 
 
+def check_tensors(metric: str, preds: object, targets: object) -> None:
+    """Refuse predictions or targets that are not tensors (a model's dict or tuple output,
+    a list of labels), naming their type, before anything reads a shape."""
+    for what, value in (("predictions", preds), ("targets", targets)):
+        if not isinstance(value, torch.Tensor):
+            raise MetricInputError(
+                f"{metric}: {what} must be a tensor, got {type(value).__name__} (metrics read "
+                "the model's output and the batch's targets as they are: for a model that "
+                "returns several values, give TrainingSetup a step that returns "
+                "bz.StepResult(loss, predictions=..., targets=...))"
+            )
+
+
 def predicted_classes(
     metric: str, preds: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
@@ -30,6 +43,7 @@ def predicted_classes(
     ``(N,)`` and an integer dtype, for which the class count is unknown (``None``).
     ``targets`` are class indices of shape ``(N,)``.
     """
+    check_tensors(metric, preds, targets)
     if targets.ndim != 1 or not _is_integer(targets):
         raise MetricInputError(
             f"{metric}: targets must be class indices of shape (N,) with an integer dtype, "
@@ -60,6 +74,7 @@ def predicted_classes(
 
 def class_scores(metric: str, preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Check that ``preds`` are per-class scores ``(N, C)`` matching targets ``(N,)``."""
+    check_tensors(metric, preds, targets)
     if preds.ndim != 2 or preds.shape[1] < 2 or not preds.is_floating_point():
         raise MetricInputError(
             f"{metric}: predictions must be floating-point scores of shape (N, C) with C >= 2, "
@@ -86,6 +101,7 @@ def matching_values(
     Broadcasting is refused on purpose: ``(N, 1) - (N,)`` would silently compare every
     prediction with every target.
     """
+    check_tensors(metric, preds, targets)
     preds, targets = preds.detach(), targets.detach()
     if preds.shape == targets.shape:
         return preds, targets

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
+from bz._errors import ConfigError
+
 if TYPE_CHECKING:
     from bz.config import RunConfig
     from bz.plugins._context import PluginContext
@@ -42,6 +44,22 @@ class Decision:
 _NOTHING = Decision()
 _INTERRUPT = Decision(interrupt=True)
 _PLUGIN_STOP = Decision(stop="plugin")
+
+
+def check_validation_steps(config: RunConfig, validates: bool) -> None:
+    """Refuse, before training, ``validate_every_steps`` in a run without validation data
+    (``validates``: the setup has a ``val_loader``): there is nothing to validate."""
+    if config.validate_every_steps is not None and not validates:
+        raise ConfigError(
+            [
+                (
+                    "validate_every_steps",
+                    f"{config.validate_every_steps}, and setup() returns no val_loader: "
+                    "nothing to validate (give TrainingSetup a val_loader, or "
+                    "leave validate_every_steps out)",
+                )
+            ]
+        )
 
 
 class StepControl:

@@ -16,6 +16,7 @@ from bz.plugins._conflicts import check_plugins
 from bz.plugins._loader import plugin_set
 from bz.plugins._names import check_monitors
 from bz.plugins._sandbox import PluginSet
+from bz.training.control import check_validation_steps
 from bz.training.device import deterministic_algorithms, seed_everything
 from bz.training.interrupts import TrainingInterrupted
 from bz.training.loop import Run
@@ -118,6 +119,7 @@ def fit_seeded(
     check_monitors(
         plugins.active, [*metrics, *setup.metrics], validates=setup.val_loader is not None
     )
+    check_validation_steps(config, setup.val_loader is not None)
     # run_started / run_finished frame every fit, library or CLI, whatever its outcome,
     # so a host reading bz's events always sees how a run ended.
     _log.info(
