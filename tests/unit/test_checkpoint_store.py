@@ -376,3 +376,27 @@ def test_a_filesystem_without_locks_warns_and_still_trains(
         "run_lock_unavailable"
     ]
     assert stray.exists(), "without the lock nothing is cleaned up"
+
+
+def test_a_file_bz_did_not_write_is_never_written_over(tmp_path: Path) -> None:
+    # "Left alone": a file named like the next checkpoint (or the final model) but
+    # without bz's sidecar, a checkpoint whose sidecar was deleted or a file of the
+    # user's, is not replaced; the write fails as a full disk's would (an OSError the
+    # run reports and goes on from), and the checkpoints before it stay.
+    store = _store(tmp_path, 2, 1, 2)
+    for name in ("epoch-0003.pt", "model.pt"):
+        (tmp_path / name).write_text("my own file", encoding="utf-8")
+    with pytest.raises(FileExistsError, match=r"epoch-0003\.pt is a file bz did not write"):
+        store.save(_payload(3), 3, 0)
+    with pytest.raises(FileExistsError, match=r"model\.pt is a file bz did not write"):
+        store.save_final(_payload(3))
+    for name in ("epoch-0003.pt", "model.pt"):
+        assert (tmp_path / name).read_text(encoding="utf-8") == "my own file"
+    assert [entry.path.name for entry in store.verified()] == ["epoch-0002.pt", "epoch-0001.pt"]
+    store.save(_payload(4), 4, 0)  # the next one is written, and keep_last counts bz's only
+    assert sorted(entry.path.name for entry in store.verified()) == [
+        "epoch-0002.pt",
+        "epoch-0004.pt",
+    ]
+    assert (tmp_path / "epoch-0003.pt").read_text(encoding="utf-8") == "my own file"
+    store.save(_payload(2), 2, 0)  # bz's own file of that name is replaced as before

@@ -159,6 +159,16 @@ def write_tmp(path: Path, write: Callable[[_HashingWriter], None]) -> tuple[Path
     return tmp, writer.size, writer.digest.hexdigest()
 
 
+def _not_in_the_way(path: Path) -> None:
+    """Raise ``FileExistsError`` if ``path`` is a file bz did not write (no sidecar of
+    bz's describing it): bz leaves such files alone, so it does not write over one."""
+    if path.exists() and read_entry(path) is None:
+        raise FileExistsError(
+            f"{path} is a file bz did not write (no sidecar of bz's): it is left alone, "
+            "and this checkpoint is not written; move it away to have bz write there"
+        )
+
+
 def atomic_save(payload: Mapping[str, Any], path: Path) -> Entry:
     """Write ``payload`` to ``path`` with its sidecar, so that a kill at any instant
     leaves either what was there before or the complete new file.
@@ -413,8 +423,13 @@ class CheckpointStore:
     # -- writing (only while holding the lock) ------------------------------------------------
 
     def save(self, payload: Mapping[str, Any], epoch: int, batch: int) -> Path:
-        """Write a checkpoint atomically, then drop all but the newest ``keep_last``."""
+        """Write a checkpoint atomically, then drop all but the newest ``keep_last``.
+
+        Raises ``FileExistsError`` (an ``OSError``: the write is reported as failed, the
+        run goes on) where a file bz did not write already has the checkpoint's name.
+        """
         path = self.folder / checkpoint_name(epoch, batch)
+        _not_in_the_way(path)
         self.adopt(atomic_save(payload, path))
         return path
 
@@ -426,8 +441,10 @@ class CheckpointStore:
         self.prune(keep=path)
 
     def save_final(self, payload: Mapping[str, Any]) -> Path:
-        """Write the run's final model (:data:`FINAL_MODEL`) atomically."""
+        """Write the run's final model (:data:`FINAL_MODEL`) atomically (refused, as
+        :meth:`save` refuses, over a file of that name that bz did not write)."""
         path = self.folder / FINAL_MODEL
+        _not_in_the_way(path)
         atomic_save(payload, path)
         return path
 
