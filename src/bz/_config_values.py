@@ -63,6 +63,26 @@ class AtLeast:
 
 
 @attrs.frozen
+class GreaterThan:
+    """An attrs validator: a number is ``> minimum`` (None and other types pass), for a
+    value whose bound itself means nothing useful (a clipping threshold of 0 zeroes
+    every gradient)."""
+
+    minimum: float
+
+    def __call__(self, _instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        """Raise :class:`ConfigValueError` for a number at or below the bound (or NaN)."""
+        if not _is_number(value):
+            return
+        if not value > self.minimum:  # "not >" refuses NaN too
+            raise ConfigValueError(attribute.name, f"must be > {self.minimum}, got {value!r}")
+
+    def json_schema(self) -> dict[str, Any]:
+        """The bound as JSON Schema keywords."""
+        return {"exclusiveMinimum": self.minimum}
+
+
+@attrs.frozen
 class Between:
     """An attrs validator: a number lies in ``[low, high]`` (None and other types pass)."""
 
@@ -84,6 +104,11 @@ class Between:
 def at_least(minimum: float) -> AtLeast:
     """An attrs validator: the value (when not None) is ``>= minimum``."""
     return AtLeast(minimum)
+
+
+def greater_than(minimum: float) -> GreaterThan:
+    """An attrs validator: the value (when not None) is ``> minimum``."""
+    return GreaterThan(minimum)
 
 
 def between(low: float, high: float) -> Between:

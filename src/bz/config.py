@@ -27,6 +27,7 @@ from bz._config_values import (
     _max_time,
     at_least,
     between,
+    greater_than,
     metric_specs,
     plugin_specs,
 )
@@ -148,11 +149,11 @@ _one_clipping = ExactlyOne(
 class GradientClip:
     """How gradients are clipped before each optimizer step."""
 
-    max_norm: float | None = attrs.field(default=None, validator=at_least(0.0))
+    max_norm: float | None = attrs.field(default=None, validator=greater_than(0.0))
     """Rescale all gradients together so that their total norm is at most this."""
     norm_type: float = attrs.field(default=2.0, validator=at_least(0.0))
     """The p of the p-norm ``max_norm`` measures (2.0: Euclidean)."""
-    value: float | None = attrs.field(default=None, validator=[at_least(0.0), _one_clipping])
+    value: float | None = attrs.field(default=None, validator=[greater_than(0.0), _one_clipping])
     """Clamp every gradient element to ``[-value, value]`` (instead of ``max_norm``)."""
 
     def __attrs_post_init__(self) -> None:

@@ -151,6 +151,14 @@ def test_max_time_refuses_what_is_not_a_duration(value: object) -> None:
         structure({"max_time": value}, RunConfig)
 
 
+@pytest.mark.parametrize("table", [{"max_norm": 0}, {"value": 0.0}, {"max_norm": -1.0}])
+def test_a_clipping_threshold_of_zero_or_less_is_refused(table: dict[str, float]) -> None:
+    # 0 would zero every gradient: a run that trains nothing, silently.
+    (key,) = table
+    with pytest.raises(bz.ConfigError, match=rf"^gradient_clip\.{key}: must be > 0\.0, got"):
+        structure({"gradient_clip": table}, RunConfig)
+
+
 @given(
     max_norm=st.one_of(st.none(), st.floats(0.0, 1e6)),
     value=st.one_of(st.none(), st.floats(0.0, 1e6)),
@@ -160,7 +168,11 @@ def test_gradient_clip_takes_exactly_one_of_max_norm_and_value(
 ) -> None:
     data = {key: v for key, v in (("max_norm", max_norm), ("value", value)) if v is not None}
     if (max_norm is None) == (value is None):
-        with pytest.raises(bz.ConfigError, match="exactly one"):
+        # Both given: "exactly one", unless a 0 is refused first.
+        with pytest.raises(bz.ConfigError, match=r"exactly one|must be > 0\.0, got 0\.0"):
+            structure({"gradient_clip": data}, RunConfig)
+    elif 0.0 in data.values():  # a threshold of 0 would zero every gradient
+        with pytest.raises(bz.ConfigError, match=r"must be > 0\.0, got 0\.0"):
             structure({"gradient_clip": data}, RunConfig)
     else:
         clip = structure({"gradient_clip": data}, RunConfig).gradient_clip
@@ -632,7 +644,7 @@ def test_nested_tables_may_be_dicts_in_python_and_nan_is_not_a_number_here() -> 
     assert config.gradient_clip == GradientClip(max_norm=1.0)
     assert config.distributed.backend == "gloo"
     for table in ({"max_norm": float("nan")}, {"value": float("nan")}):
-        with pytest.raises(bz.ConfigError, match=r"must be >= 0\.0, got nan"):
+        with pytest.raises(bz.ConfigError, match=r"must be > 0\.0, got nan"):
             RunConfig(gradient_clip=table)
     with pytest.raises(bz.ConfigError, match=r"plugin_timeout: must be >= 0\.001, got nan"):
         structure({"plugin_timeout": float("nan")}, RunConfig)
