@@ -33,36 +33,19 @@ STEPS = 2000
 """N: the runs are N and 2N steps of four rounds each."""
 
 
-class NoOp:
-    """A plugin whose four per-batch hooks do nothing."""
-
-    def __init__(self, index: int) -> None:
-        self.name = f"noop_{index}"
-
-    def start_training_batch(self, context: object) -> None:
-        """No-op."""
-
-    def after_backward(self, context: object) -> None:
-        """No-op."""
-
-    def before_optimizer_step(self, context: object) -> None:
-        """No-op."""
-
-    def end_training_batch(self, context: object) -> None:
-        """No-op."""
-
-
 def _child(plugins: int, steps: int) -> None:
     """Under callgrind: the rounds, N and 2N steps between marks."""
     import numpy  # noqa: F401  # the fence covers NumPy's generator where it is imported
     import torch
     from benchmarks.loop.instructions import instrumented, mark
+    from benchmarks.loop.variants import NoOpPlugin
 
     from bz.plugins._context import PluginContext
     from bz.plugins._sandbox import PluginSet
 
     torch.set_num_threads(1)
-    plugin_set = PluginSet([(NoOp(index), HOOKS) for index in range(plugins)])
+    # run.py's no-op plugin, which implements every hook: given these four only.
+    plugin_set = PluginSet([(NoOpPlugin(index), HOOKS) for index in range(plugins)])
     context = PluginContext()
     plugin_set.call(HOOKS[1], context)  # the fence and the view, as a run's first round
     callers = plugin_set.callers

@@ -394,8 +394,9 @@ class _GradWord:
     copy of it, as the fence keeps of each generator's state. With it in the
     fingerprint, the fence's two comparisons also tell whether grad mode changed, and a
     round reads it no more (``torch.is_grad_enabled`` twice a round cost more than the
-    comparisons' share of a word). The word is the thread's that built the fence
-    (``thread``): the sandbox builds another where a run starts on another thread.
+    comparisons' share of a word). The word is that of the thread that built the fence
+    (``_FastFence.thread``): the sandbox builds another where a run starts on another
+    thread.
 
     :meth:`restore` puts grad mode back through torch (never by writing the word); the
     word's other bits (inference mode, forward grad mode and the like, which the sandbox

@@ -204,7 +204,7 @@ class Boundary(NamedTuple):
     view: PluginContext
     """What plugins see of ``shown``."""
     general: Callable[[str, PluginContext], None]
-    """The sandbox's general round ``(hook, context)``: timed rounds, another context."""
+    """The sandbox's general round ``(hook, context)``: a call for another context."""
     fault: Callable[[Round, BaseException, PluginContext], None]
     """Called with what a plugin's call raised: blames it, goes on with the round."""
     interrupted: Callable[[Round, BaseException], None]
@@ -257,11 +257,13 @@ def straight(round_: Round, parts: Boundary) -> tuple[Callable[[PluginContext], 
     one per line: the boundary's common path (the fence's marks, grad mode, the
     countdown) inline, no loop and nothing stored per call. Which plugin it is calling
     is its frame's line (:class:`~bz.plugins._watchdog.Straight`): a fault's traceback
-    and the watchdog read it there. A timed round, or a call for another context than
-    ``parts.shown``, goes to ``parts.general``. Built when the active plugins, the
+    and the watchdog read it there. The sampled timed round is written out the same way,
+    each call with the clock read after it on its own line; a call for another context
+    than ``parts.shown`` goes to ``parts.general``. Built when the active plugins, the
     context shown or the fence change; the text is made from indices only, never from
     plugin names. What it reads are its module's globals (a namespace of its own), not
     a closure's cells: a call copies no cells into its frame and releases none."""
+    fence = parts.fence
     count = len(round_.entries)
     names = [f"hook_{index}" for index in range(count)]
     slots = [f"slot_{index}" for index in range(count)]
@@ -276,12 +278,11 @@ def straight(round_: Round, parts: Boundary) -> tuple[Callable[[PluginContext], 
             f"{'started' if index == 0 else f'time_{index - 1}'}\n"
             for index, slot in enumerate(slots)
         ),
-        grad_before="" if parts.fence.grad else "    grad = grad_mode()\n",
+        grad_before="" if fence.grad else "    grad = grad_mode()\n",
         grad_after=""
-        if parts.fence.grad
+        if fence.grad
         else "        if grad_mode() is not grad:\n            set_grad_mode(grad)\n",
     )
-    fence = parts.fence
     namespace: dict[str, Any] = {
         "hook": round_.hook,
         "round_": round_,
@@ -300,8 +301,6 @@ def straight(round_: Round, parts: Boundary) -> tuple[Callable[[PluginContext], 
         "grad_mode": parts.grad_mode,
         "set_grad_mode": parts.set_grad_mode,
         "watchdog": parts.watchdog,
-        "KeyboardInterrupt": KeyboardInterrupt,
-        "BaseException": BaseException,
         "clock": time.perf_counter,
     }
     namespace.update(zip(names, (method for _, method in round_.entries), strict=True))

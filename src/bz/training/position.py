@@ -79,13 +79,22 @@ def checkpointable_loader_state(loader: Iterable[Any]) -> dict[str, Any] | None:
     """:func:`loader_state`, when a checkpoint can hold it (``weights_only``); a loader
     whose ``state_dict()`` fails or holds anything else is reported and resumed by the
     other means."""
+    return _checkpointable(lambda: loader_state(loader), "loader state_dict()")
+
+
+def _checkpointable(
+    read: Callable[[], dict[str, Any] | None], what: str, **where: str
+) -> dict[str, Any] | None:
+    """``read()``'s state, when a checkpoint can hold it (``weights_only``); one that
+    cannot be read or holds anything else is reported (``loader_state_skipped``, with
+    ``where``) and left out: the user's loader, never fatal."""
     try:
-        state = loader_state(loader)
-        problem = None if state is None else loadable_problem(state, "loader state_dict()")
-    except Exception as exc:  # the user's loader: reported, never fatal
+        state = read()
+        problem = None if state is None else loadable_problem(state, what)
+    except Exception as exc:
         state, problem = None, describe_exception(exc)
     if problem is not None:
-        _log.warning("loader_state_skipped", error=problem)
+        _log.warning("loader_state_skipped", **where, error=problem)
         return None
     return state
 
@@ -152,14 +161,9 @@ def validation_states_by_rank(
         return None
     state = pending
     if state is None:
-        try:
-            state = validation_state(loader)
-            problem = None if state is None else loadable_problem(state, "val_loader state")
-        except Exception as exc:  # the user's loader: reported, never fatal
-            state, problem = None, describe_exception(exc)
-        if problem is not None:
-            _log.warning("loader_state_skipped", loader="val_loader", error=problem)
-            state = None
+        state = _checkpointable(
+            lambda: validation_state(loader), "val_loader state", loader="val_loader"
+        )
     return _by_rank(state)
 
 
